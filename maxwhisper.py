@@ -825,7 +825,7 @@ class _CompileProgress:
 
     def __enter__(self):
         self.start = time.perf_counter()
-        log.info("compiling %s (cold: tens of seconds; cached afterwards)", self.what)
+        log.info("loading %s (the first load of a model size compiles it: tens of seconds)", self.what)
         threading.Thread(target=self._tick, daemon=True).start()
         return self
 
@@ -915,12 +915,19 @@ class Model:
         return out[0].to_numpy(), [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.dims["n_text_layer"])]
 
     def new_cache(self, cross: list, batch: int = 1) -> KVCache:
-        """A fresh ``KVCache`` for ``batch`` sequences attending to the given cross K/V."""
+        """A fresh ``KVCache`` for ``batch`` sequences attending to the given cross K/V.
+
+        Cross K/V of one window (batch 1) are repeated for every row when ``batch`` > 1, as
+        when several samples of the same window are decoded together.
+        """
         from max.driver import Buffer
         h, ctx = self.dims["n_text_head"], self.dims["n_text_ctx"]
         dh = self.dims["n_text_state"] // h
         zeros = lambda shape: Buffer.from_numpy(np.zeros(shape, np.float32)).to(self.device)  # noqa: E731
         L = self.dims["n_text_layer"]
+        if batch > 1 and cross[0][0].shape[0] == 1:
+            cross = [tuple(Buffer.from_numpy(np.repeat(b.to_numpy(), batch, axis=0)).to(self.device)
+                           for b in kv) for kv in cross]
         return KVCache(self_k=[zeros((batch, h, dh, ctx)) for _ in range(L)],
                        self_v=[zeros((batch, h, ctx, dh)) for _ in range(L)],
                        cross=cross, batch=batch, capacity=ctx)
@@ -1281,18 +1288,14 @@ def transcribe(model: Model, audio, *, verbose: bool | None = None,
         remaining_prompt_length -= len(initial_prompt_tokens)
 
     def decode_with_fallback(seg_mel: np.ndarray, prompt: list[int]) -> DecodingResult:
-        features, cross = model.encode(seg_mel)
+        cross = model.encode(seg_mel)[1]
         caches: dict[int, KVCache] = {}
         result = None
         for t in temperatures:
             opts = DecodingOptions(**decode_options, temperature=t, prompt=prompt)
             n = (opts.best_of or 1) if t > 0 else 1
             if n not in caches:
-                from max.driver import Buffer
-                rep = cross if n == 1 else [
-                    tuple(Buffer.from_numpy(np.repeat(b.to_numpy(), n, axis=0)).to(model.device) for b in kv)
-                    for kv in cross]
-                caches[n] = model.new_cache(rep, batch=n)
+                caches[n] = model.new_cache(cross, batch=n)
             result = decode_window(model, caches[n], opts, tokenizer, rng)
             fallback = ((compression_ratio_threshold is not None
                          and result.compression_ratio > compression_ratio_threshold)
@@ -1390,3 +1393,118 @@ def _timestamp(seconds: float) -> str:
     m, ms = divmod(ms, 60_000)
     s, ms = divmod(ms, 1000)
     return (f"{h:02d}:" if h else "") + f"{m:02d}:{s:02d}.{ms:03d}"
+
+
+# =============================================================================================
+# 9. CLI
+# =============================================================================================
+
+def _str2bool(s: str) -> bool:
+    v = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}.get(s.lower())
+    if v is None:
+        import argparse
+        raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
+    return v
+
+
+def _optional(kind):
+    return lambda s: None if s == "None" else kind(s)
+
+
+def _cli_parser():
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python -m maxwhisper",
+        description="Transcribe audio files with Whisper running on MAX (openai-whisper's flags).")
+    p.add_argument("audio", nargs="+", help="audio file(s) to transcribe")
+    p.add_argument("--model", default="tiny.en",
+                   help="model name (tiny.en, base, or ~/.cache/whisper/<name>.pt), a CTranslate2 "
+                        "folder, or a .pt checkpoint")
+    p.add_argument("--device", default="auto", help="auto, cpu or gpu")
+    p.add_argument("--output_dir", "-o", default=".", help="directory to save the outputs")
+    p.add_argument("--output_format", "-f", default="all",
+                   choices=["txt", "vtt", "srt", "tsv", "json", "all"], help="output file format")
+    p.add_argument("--verbose", type=_str2bool, default=True,
+                   help="print segments as each file finishes, and progress messages")
+    p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    p.add_argument("--language", default=None, help="spoken language; None detects it")
+    p.add_argument("--temperature", type=float, default=0.0, help="first sampling temperature")
+    p.add_argument("--best_of", type=_optional(int), default=5,
+                   help="candidates when sampling at non-zero temperature")
+    p.add_argument("--length_penalty", type=_optional(float), default=None,
+                   help="length penalty alpha for ranking samples; None = length normalisation")
+    p.add_argument("--suppress_tokens", default="-1", help="comma-separated token ids to suppress")
+    p.add_argument("--initial_prompt", default=None, help="text to prompt the first window with")
+    p.add_argument("--carry_initial_prompt", type=_str2bool, default=False,
+                   help="prepend initial_prompt to every window's prompt")
+    p.add_argument("--condition_on_previous_text", type=_str2bool, default=True,
+                   help="prompt each window with the previous window's text")
+    p.add_argument("--temperature_increment_on_fallback", type=_optional(float), default=0.2,
+                   help="temperature step when a window's decoding fails the thresholds")
+    p.add_argument("--compression_ratio_threshold", type=_optional(float), default=2.4)
+    p.add_argument("--logprob_threshold", type=_optional(float), default=-1.0)
+    p.add_argument("--no_speech_threshold", type=_optional(float), default=0.6)
+    p.add_argument("--clip_timestamps", default="0",
+                   help="comma-separated start,end,... seconds of the clips to process")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``python -m maxwhisper`` command; returns the process exit code.
+
+    0: every file transcribed; 2: a user error (bad option, unreadable audio, missing model),
+    reported in one line, other files still processed; 1: an internal error.
+    """
+    from whisper.utils import get_writer
+
+    args = _cli_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("maxwhisper: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    temperature = args.temperature
+    if args.temperature_increment_on_fallback is not None:
+        temperature = tuple(np.arange(temperature, 1.0 + 1e-6, args.temperature_increment_on_fallback))
+    options = dict(task=args.task, language=None if args.language in (None, "None") else args.language,
+                   temperature=temperature, best_of=args.best_of, length_penalty=args.length_penalty,
+                   suppress_tokens=args.suppress_tokens, initial_prompt=args.initial_prompt,
+                   carry_initial_prompt=args.carry_initial_prompt,
+                   condition_on_previous_text=args.condition_on_previous_text,
+                   compression_ratio_threshold=args.compression_ratio_threshold,
+                   logprob_threshold=args.logprob_threshold,
+                   no_speech_threshold=args.no_speech_threshold,
+                   clip_timestamps=args.clip_timestamps)
+    try:
+        model = load(args.model, device=args.device)
+        os.makedirs(args.output_dir, exist_ok=True)
+    except MaxWhisperError as e:
+        sys.stderr.write(f"maxwhisper: error: {e}\n")
+        return 2
+    except OSError as e:
+        sys.stderr.write(f"maxwhisper: error: --output_dir {args.output_dir}: {e.strerror}\n")
+        return 2
+    writer = get_writer(args.output_format, args.output_dir)
+    status = 0
+    for path in args.audio:
+        try:
+            result = transcribe(model, path, **options)
+        except MaxWhisperError as e:
+            sys.stderr.write(f"maxwhisper: error: {e}\n")
+            status = max(status, 2)
+            continue
+        except Exception as e:  # an internal failure: keep going with the other files
+            log.debug("internal error", exc_info=True)
+            sys.stderr.write(f"maxwhisper: internal error on {path}: {type(e).__name__}: {e}\n")
+            status = 1 if status == 0 else status
+            continue
+        if args.verbose:
+            for seg in result["segments"]:
+                sys.stdout.write(f"[{_timestamp(seg['start'])} --> {_timestamp(seg['end'])}] {seg['text']}\n")
+            sys.stdout.flush()
+        writer(result, path, {"highlight_words": False, "max_line_count": None,
+                              "max_line_width": None, "max_words_per_line": None})
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The MAX graphs against openai-whisper's PyTorch modules: log-mel, encoder, cross K/V."""
+
+import unittest
+
+import numpy as np
+
+import support
+from support import mw
+
+
+class GraphTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = support.model("tiny.en")
+        cls.ref = support.reference("tiny.en")
+        wav, _ = support.samples("en")[0]
+        cls.audio = mw.load_audio(wav)
+
+    def test_log_mel_matches_whisper(self):
+        import torch
+        import whisper
+        for what, audio in (("clip", self.audio), ("clip+30s", self.audio),
+                            ("long", mw.load_audio(support.long_clip()))):
+            pad = mw.N_SAMPLES if what != "clip" else 0
+            with self.subTest(what):
+                ours = self.model.log_mel(audio, padding=pad)
+                theirs = whisper.log_mel_spectrogram(torch.from_numpy(audio), padding=pad).numpy()
+                self.assertEqual(ours.shape, theirs.shape)
+                self.assertLessEqual(np.abs(ours - theirs).max(), 1e-3)
+
+    def test_encoder_and_cross_kv_match_whisper(self):
+        import torch
+        mel = self.model.log_mel(self.audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
+        features, cross = self.model.encode(mel)
+        with torch.no_grad():
+            ref = self.ref.encoder(torch.from_numpy(mel))
+            ref_kv = [(b.cross_attn.key(ref), b.cross_attn.value(ref)) for b in self.ref.decoder.blocks]
+        ref = ref.numpy()
+        cos = float((features * ref).sum() / np.linalg.norm(features) / np.linalg.norm(ref))
+        self.assertGreaterEqual(cos, 0.9999)
+        h = self.model.dims["n_text_head"]
+        for (k_t, v), (rk, rv) in zip(cross, ref_kv):
+            rk = rk.numpy().reshape(1, -1, h, 64).transpose(0, 2, 3, 1)    # [B, h, 64, 1500]
+            rv = rv.numpy().reshape(1, -1, h, 64).transpose(0, 2, 1, 3)    # [B, h, 1500, 64]
+            np.testing.assert_allclose(k_t.to_numpy(), rk, atol=2e-3)
+            np.testing.assert_allclose(v.to_numpy(), rv, atol=2e-3)
+
+    def test_batched_encoder_equals_single(self):
+        mel = self.model.log_mel(self.audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
+        single, _ = self.model.encode(mel)
+        pair, _ = self.model.encode(np.concatenate([mel, mel[:, :, ::-1].copy()]))
+        np.testing.assert_allclose(pair[0], single[0], atol=1e-4)
+
+    def test_graph_builders_are_plain_functions_of_dims(self):
+        from max.graph import DeviceRef
+        dims = dict(self.model.dims, n_text_layer=2, n_audio_layer=1)
+        enc = mw.build_encoder_graph(dims, DeviceRef.CPU())
+        dec = mw.build_decoder_graph(dims, DeviceRef.CPU())
+        self.assertEqual(len(enc.inputs), 1 + len(mw.encoder_param_names(dims)))
+        self.assertEqual(len(dec.inputs), 5 + len(mw.decoder_param_names(dims)) + 4 * 2)
+
+
+if __name__ == "__main__":
+    unittest.main()

