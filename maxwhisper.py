@@ -480,8 +480,7 @@ def load_weights(model: str | os.PathLike) -> Weights:
 # 4. graphs
 # =============================================================================================
 # Every builder is a plain function of the model dimensions. Weights are graph inputs, in the
-# order their ``*_param_names`` function lists them, in the layout ``_graph_layout`` gives:
-# linear weights as [in, out] so a layer is one ``x @ W``, convolution filters as RSCF.
+# order their ``*_param_names`` function lists them, in the layout ``_graph_layout`` gives.
 
 def _mel_filters(n_mels: int) -> np.ndarray:
     """openai-whisper's mel filterbank [n_mels, 201] (librosa's slaney filters, shipped as data)."""
@@ -555,28 +554,90 @@ def decoder_param_names(dims: dict) -> list[str]:
     return names + ["decoder.ln.weight", "decoder.ln.bias"]
 
 
-def _graph_layout(name: str, array: np.ndarray) -> np.ndarray:
-    """Put one state-dict array into the layout the graphs take (see the section comment)."""
-    if name.startswith("encoder.conv"):
-        if name.endswith("weight"):                               # [out, in, k] -> [1, k, in, out]
-            return np.ascontiguousarray(array.transpose(2, 1, 0)[None])
-        return array
-    if array.ndim == 2 and "embedding" not in name:               # linear [out, in] -> [in, out]
-        return np.ascontiguousarray(array.T)
-    return array
+def _graph_layout(name: str) -> tuple | None:
+    """The axis permutation that puts a state-dict array into its graph input layout.
+
+    Convolution filters [out, in, k] become [k, in, out]; linear weights [out, in] used by the
+    encoder graph (a 1500-row activation) become [in, out] so a layer is one ``x @ W``; the
+    decoder graph keeps [out, in] and multiplies in gemv form, ``W @ x^T``, which MAX runs
+    faster for the few rows of a decoding step when the weights are graph inputs.
+    """
+    if name.startswith("encoder.conv") and name.endswith("weight"):
+        return (2, 1, 0)
+    on_encoder = name.startswith("encoder.") or ".cross_attn.key" in name or ".cross_attn.value" in name
+    if on_encoder and name.endswith(".weight") and "_ln" not in name and "ln_post" not in name:
+        return (1, 0)
+    return None
+
+
+def _state_shapes(dims: dict) -> dict:
+    """openai-whisper's parameter shapes, derived from the model dimensions alone."""
+    da, dt = dims["n_audio_state"], dims["n_text_state"]
+    shapes = {"encoder.conv1.weight": (da, dims["n_mels"], 3), "encoder.conv1.bias": (da,),
+              "encoder.conv2.weight": (da, da, 3), "encoder.conv2.bias": (da,),
+              "encoder.positional_embedding": (dims["n_audio_ctx"], da),
+              "decoder.token_embedding.weight": (dims["n_vocab"], dt),
+              "decoder.positional_embedding": (dims["n_text_ctx"], dt)}
+    blocks = [(f"encoder.blocks.{i}", da, False) for i in range(dims["n_audio_layer"])]
+    blocks += [(f"decoder.blocks.{i}", dt, True) for i in range(dims["n_text_layer"])]
+    for prefix, d, cross in blocks:
+        for name in _block_param_names(prefix, cross):
+            if "_ln." in name or name.endswith(".bias"):
+                shapes[name] = (4 * d,) if name.endswith("mlp.0.bias") else (d,)
+            else:
+                shapes[name] = {"mlp.0": (4 * d, d), "mlp.2": (d, 4 * d)}.get(name[-12:-7], (d, d))
+    for i in range(dims["n_text_layer"]):
+        p = f"decoder.blocks.{i}.cross_attn"
+        shapes[f"{p}.key.weight"] = shapes[f"{p}.value.weight"] = (dt, da)
+        shapes[f"{p}.value.bias"] = (dt,)
+    for ln in ("encoder.ln_post", "decoder.ln"):
+        shapes[f"{ln}.weight"] = shapes[f"{ln}.bias"] = (da if ln.startswith("enc") else dt,)
+    return shapes
+
+
+def graph_weights(weights: Weights, names: list[str]) -> list[np.ndarray]:
+    """The arrays to feed a graph's weight inputs, in ``names`` order and graph layout."""
+    out = []
+    for n in names:
+        perm = _graph_layout(n)
+        out.append(weights.state[n] if perm is None else np.ascontiguousarray(weights.state[n].transpose(perm)))
+    return out
+
+
+def _param_types(names: list[str], dims: dict, device) -> list:
+    from max.dtype import DType
+    from max.graph import TensorType
+    shapes = _state_shapes(dims)
+    types = []
+    for n in names:
+        perm = _graph_layout(n)
+        shape = shapes[n] if perm is None else tuple(shapes[n][i] for i in perm)
+        types.append(TensorType(DType.float32, list(shape), device=device))
+    return types
+
+
+def _gemv(w, x):
+    """x @ W^T computed as (W @ x^T)^T for W [out, in] and x [..., T, in]."""
+    from max.graph import ops
+    *lead, d_in = x.shape
+    rows = ops.transpose(ops.reshape(x, [-1, d_in]), 0, 1)
+    y = ops.transpose(w @ rows, 0, 1)
+    return ops.reshape(y, [*lead, w.shape[0]])
 
 
 class _Params:
-    """Hands out a graph's weight inputs by name, in the order the name list fixed."""
+    """Hands out a graph's weight inputs by name; ``gemv`` says how its linear layers multiply."""
 
-    def __init__(self, names: list[str], values):
+    def __init__(self, names: list[str], values, gemv: bool):
         self._by_name = dict(zip(names, values))
+        self.gemv = gemv
 
     def __getitem__(self, name: str):
         return self._by_name[name].tensor
 
     def linear(self, x, prefix: str, bias: bool = True):
-        y = x @ self[f"{prefix}.weight"]
+        w = self[f"{prefix}.weight"]
+        y = _gemv(w, x) if self.gemv else x @ w
         return y + self[f"{prefix}.bias"] if bias else y
 
     def norm(self, x, prefix: str):
@@ -587,45 +648,6 @@ class _Params:
         from max.graph import ops
         h = self.norm(x, f"{prefix}.mlp_ln")
         return self.linear(ops.gelu(self.linear(h, f"{prefix}.mlp.0")), f"{prefix}.mlp.2")
-
-
-def _param_types(names: list[str], dims: dict, device) -> list:
-    from max.dtype import DType
-    from max.graph import TensorType
-    shapes = _param_shapes(dims)
-    return [TensorType(DType.float32, shapes[n], device=device) for n in names]
-
-
-def _param_shapes(dims: dict) -> dict:
-    """Shape of every graph weight input (after ``_graph_layout``), derived from ``dims``."""
-    shapes: dict = {}
-    da, dt = dims["n_audio_state"], dims["n_text_state"]
-    shapes["encoder.conv1.weight"] = [1, 3, dims["n_mels"], da]
-    shapes["encoder.conv2.weight"] = [1, 3, da, da]
-    shapes["encoder.conv1.bias"] = shapes["encoder.conv2.bias"] = [da]
-    shapes["encoder.positional_embedding"] = [dims["n_audio_ctx"], da]
-    shapes["encoder.ln_post.weight"] = shapes["encoder.ln_post.bias"] = [da]
-    shapes["decoder.token_embedding.weight"] = [dims["n_vocab"], dt]
-    shapes["decoder.positional_embedding"] = [dims["n_text_ctx"], dt]
-    shapes["decoder.ln.weight"] = shapes["decoder.ln.bias"] = [dt]
-    for side, d, n in (("encoder", da, dims["n_audio_layer"]), ("decoder", dt, dims["n_text_layer"])):
-        for i in range(n):
-            for name in _block_param_names(f"{side}.blocks.{i}", cross=side == "decoder"):
-                if name.endswith("mlp.0.weight"):
-                    shapes[name] = [d, 4 * d]
-                elif name.endswith("mlp.2.weight"):
-                    shapes[name] = [4 * d, d]
-                elif name.endswith("mlp.0.bias"):
-                    shapes[name] = [4 * d]
-                elif name.endswith("weight") and "_ln" not in name:
-                    shapes[name] = [d, d]
-                else:
-                    shapes[name] = [d]
-    for i in range(dims["n_text_layer"]):
-        p = f"decoder.blocks.{i}.cross_attn"
-        shapes[f"{p}.key.weight"] = shapes[f"{p}.value.weight"] = [da, dt]
-        shapes[f"{p}.value.bias"] = [dt]
-    return shapes
 
 
 def _heads(x, n_head: int):
@@ -667,11 +689,12 @@ def build_encoder_graph(dims: dict, device):
     with Graph(f"whisper_encoder_{_dims_key(dims)}",
                input_types=[mel_type] + _param_types(names, dims, device)) as g:
         mel, *weights = g.inputs
-        p = _Params(names, weights)
+        p = _Params(names, weights, gemv=False)
         x = ops.unsqueeze(ops.permute(mel.tensor, [0, 2, 1]), 1)              # NHWC [B,1,3000,m]
-        x = ops.gelu(ops.conv2d(x, p["encoder.conv1.weight"], padding=(0, 0, 1, 1),
+        rscf = lambda w: ops.unsqueeze(p[w], 0)                                # noqa: E731
+        x = ops.gelu(ops.conv2d(x, rscf("encoder.conv1.weight"), padding=(0, 0, 1, 1),
                                 bias=p["encoder.conv1.bias"]))
-        x = ops.gelu(ops.conv2d(x, p["encoder.conv2.weight"], stride=(1, 2), padding=(0, 0, 1, 1),
+        x = ops.gelu(ops.conv2d(x, rscf("encoder.conv2.weight"), stride=(1, 2), padding=(0, 0, 1, 1),
                                 bias=p["encoder.conv2.bias"]))
         x = ops.squeeze(x, 1) + p["encoder.positional_embedding"]               # [B,1500,d]
         scale = (d // n_head) ** -0.5
@@ -724,7 +747,7 @@ def build_decoder_graph(dims: dict, device):
         tokens, span, positions, out_idx, mask = (v.tensor for v in g.inputs[:5])
         mask = ops.unsqueeze(mask, 1)                                            # over heads
         rest = g.inputs[5:]
-        p = _Params(names, rest[:len(names)])
+        p = _Params(names, rest[:len(names)], gemv=True)
         cross_kv = [v.tensor for v in rest[len(names):len(names) + 2 * L]]
         self_kv = rest[len(names) + 2 * L:]
         start, stop = span[0], span[1]
@@ -749,7 +772,7 @@ def build_decoder_graph(dims: dict, device):
             x = x + p.linear(_merge_heads(att), f"{b}.cross_attn.out")
             x = x + p.mlp(x, b)
         x = ops.gather(p.norm(x, "decoder.ln"), out_idx, axis=1)                   # [B, n_out, d]
-        g.output(x @ ops.transpose(p["decoder.token_embedding.weight"], 0, 1))
+        g.output(_gemv(p["decoder.token_embedding.weight"], x))
     return g
 
 
@@ -869,8 +892,8 @@ class Model:
                 self._graphs[name] = self._session.load(build())
             self.compile_seconds[name] = p.seconds
         to_dev = lambda a: Buffer.from_numpy(a).to(self.device)                    # noqa: E731
-        self._enc_w = [to_dev(_graph_layout(n, weights.state[n])) for n in encoder_param_names(self.dims)]
-        self._dec_w = [to_dev(_graph_layout(n, weights.state[n])) for n in decoder_param_names(self.dims)]
+        self._enc_w = [to_dev(a) for a in graph_weights(weights, encoder_param_names(self.dims))]
+        self._dec_w = [to_dev(a) for a in graph_weights(weights, decoder_param_names(self.dims))]
 
     @property
     def is_multilingual(self) -> bool:

@@ -1,0 +1,55 @@
+"""transcribe(): options, fallback, language handling and typed errors."""
+
+import unittest
+
+import numpy as np
+
+import support
+from support import mw
+
+
+class TranscribeTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = support.model("tiny.en")
+        cls.wav, cls.text = support.samples("en")[-1]
+
+    def test_path_and_array_agree(self):
+        a = self.model.transcribe(str(self.wav))
+        b = mw.transcribe(self.model, mw.load_audio(self.wav))
+        self.assertEqual(a, b)
+        self.assertEqual(a["language"], "en")
+        self.assertEqual(a["text"].strip().lower().rstrip("."), self.text.lower().rstrip("."))
+
+    def test_silence_gives_no_text(self):
+        result = self.model.transcribe(np.zeros(mw.SAMPLE_RATE * 5, np.float32))
+        self.assertEqual(result["text"].strip(), "")
+
+    def test_temperature_fallback_samples_best_of(self):
+        # an impossible compression threshold forces every temperature to be tried
+        result = self.model.transcribe(str(self.wav), temperature=(0.0, 0.5, 1.0),
+                                       compression_ratio_threshold=0.0, best_of=3, seed=7)
+        self.assertEqual({s["temperature"] for s in result["segments"]}, {1.0})
+        self.assertTrue(all(np.isfinite(s["avg_logprob"]) for s in result["segments"]))
+
+    def test_without_timestamps_and_clips(self):
+        plain = self.model.transcribe(str(self.wav), without_timestamps=True)
+        self.assertFalse(any(t >= 50363 for s in plain["segments"] for t in s["tokens"]))
+        self.assertIn("fox", plain["text"].lower())
+        clipped = self.model.transcribe(str(self.wav), clip_timestamps="0,1.2")
+        self.assertLessEqual(max(s["end"] for s in clipped["segments"]), 1.2 + 1e-6)
+
+    def test_bad_options_raise_config_errors(self):
+        for options in ({"beam_size": 5}, {"task": "summarise"}, {"language": "fr"},
+                        {"no_such_option": 1}):
+            with self.subTest(**options), self.assertRaises(mw.ConfigError) as ctx:
+                self.model.transcribe(str(self.wav), **options)
+            self.assertIn(next(iter(options)) if "beam" not in str(options) else "beam", str(ctx.exception))
+
+    def test_english_only_model_cannot_detect_language(self):
+        with self.assertRaises(mw.ConfigError):
+            self.model.detect_language(np.zeros((80, mw.N_FRAMES), np.float32))
+
+
+if __name__ == "__main__":
+    unittest.main()
