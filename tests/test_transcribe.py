@@ -21,9 +21,11 @@ class TranscribeTest(unittest.TestCase):
         self.assertEqual(a["language"], "en")
         self.assertEqual(a["text"].strip().lower().rstrip("."), self.text.lower().rstrip("."))
 
-    def test_silence_gives_no_text(self):
+    def test_silence_and_empty_give_no_text(self):
         result = self.model.transcribe(np.zeros(mw.SAMPLE_RATE * 5, np.float32))
         self.assertEqual(result["text"].strip(), "")
+        self.assertEqual(self.model.transcribe(np.zeros(0, np.float32)),
+                         {"text": "", "segments": [], "language": "en"})
 
     def test_temperature_fallback_samples_best_of(self):
         # an impossible compression threshold forces every temperature to be tried
