@@ -1006,6 +1006,8 @@ class Model:
 def load(model: str | os.PathLike = "tiny.en", device: str = "auto") -> Model:
     """Load a Whisper model and compile its graphs on ``device`` (``auto``, ``cpu``, ``gpu``).
 
+    MAX runs on every core the process may use; to cap it, restrict the process's CPU
+    affinity (``taskset``, ``os.sched_setaffinity``) before loading.
     ``model`` is a name (``tiny.en`` ships with the package, ``base`` with the test extra,
     others come from ``~/.cache/whisper/<name>.pt``), a CTranslate2 model folder, or an
     openai-whisper ``.pt`` checkpoint. The first load of a model size compiles three graphs

@@ -1,0 +1,493 @@
+"""Side-by-side benchmarks of maxwhisper against openai-whisper and faster-whisper.
+
+    python bench.py compare   --model tiny.en --engines maxwhisper,openai,faster-whisper-fp32,faster-whisper-int8
+    python bench.py coldstart --model tiny.en
+    python bench.py scaling   --model tiny.en,base --json scaling.json
+    python bench.py stress    --model tiny.en
+
+Every engine runs in its own subprocess (PyTorch timed right after MAX in one process runs
+slower), on the same audio, the same weights and greedy decoding with the same temperature
+fallback; engines are interleaved A B A B over the repeats and medians are reported, with
+ratios to the first engine. Numbers are printed as a table and written as JSON; a PNG chart is
+drawn when matplotlib is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import maxwhisper as mw
+
+ROOT = Path(__file__).resolve().parent
+ENGINES = ("maxwhisper", "openai", "faster-whisper-fp32", "faster-whisper-int8")
+
+LONG_TEXT = (
+    "The history of the written word begins in the ancient river valleys, where farmers and "
+    "traders needed a way to keep track of grain, cattle and debts. At first they pressed small "
+    "tokens of clay into soft tablets. Over many centuries these marks became signs for sounds, "
+    "and the signs became alphabets. Writing spread along the trade routes of the Mediterranean "
+    "sea. Merchants carried letters across the water, and scribes copied laws, poems and prayers "
+    "onto papyrus and parchment. Libraries grew in the great cities, and scholars travelled for "
+    "weeks to read a single rare book. When the printing press arrived, a page that once took a "
+    "month to copy could be made a thousand times in a day. Newspapers, pamphlets and novels "
+    "followed. Today most writing is read on glowing screens, yet the old habit remains the "
+    "same: one person leaves marks, and another person, far away in space or time, reads them "
+    "and understands. Every message we send is a small part of that long conversation."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# audio sets
+# ---------------------------------------------------------------------------------------------
+
+def speech_clip(path: Path, text: str = LONG_TEXT, repeat: int = 1) -> Path:
+    """Speak ``text`` (``repeat`` times) into a WAV with espeak-ng, with its .txt reference."""
+    if shutil.which("espeak-ng") is None:
+        raise mw.MaxWhisperError("espeak-ng is not installed (apt-get install espeak-ng)")
+    full = " ".join([text] * repeat)
+    subprocess.run(["espeak-ng", "-s", "140", "-w", str(path), full], check=True)
+    path.with_suffix(".txt").write_text(full)
+    return path
+
+
+def sample_files(lang: str = "en") -> list[Path]:
+    """pytest-audioeval's spoken samples for one language (empty when it is not installed)."""
+    try:
+        import pytest_audioeval
+    except ImportError:
+        return []
+    return sorted((Path(pytest_audioeval.__path__[0]) / "samples" / "audio" / lang).glob("*.wav"))
+
+
+def default_audio(workdir: Path, long_form: bool = True) -> list[Path]:
+    """The English samples, plus a ~70 s and a ~3.5 min generated clip when espeak-ng exists."""
+    files = sample_files("en")
+    if long_form and shutil.which("espeak-ng"):
+        files += [speech_clip(workdir / "long_70s.wav"), speech_clip(workdir / "long_3min.wav", repeat=3)]
+    return files
+
+
+def audio_arg(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(q for q in p.iterdir() if q.suffix.lower() in (".wav", ".mp3", ".flac", ".ogg", ".m4a")) \
+            if p.is_dir() else [p]
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# engines (each runs inside a worker subprocess)
+# ---------------------------------------------------------------------------------------------
+
+def _ct2_folder(model: str) -> Path | None:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    return mw._packaged_model(model)
+
+
+def make_engine(engine: str, model: str, threads: int):
+    """Return transcribe(audio array) -> (text, n_tokens) for one engine, loaded and ready."""
+    if engine == "maxwhisper":
+        m = mw.load(model, device="cpu")
+
+        def run(audio):
+            r = m.transcribe(audio)
+            return r["text"], sum(len(s["tokens"]) for s in r["segments"])
+        return run
+    if engine == "openai":
+        import torch
+        import whisper
+        from whisper.model import ModelDimensions, Whisper
+        torch.set_num_threads(threads)
+        w = mw.load_weights(model)
+        ref = Whisper(ModelDimensions(**w.dims))
+        ref.load_state_dict(w.torch_state_dict())
+        ref.eval()
+
+        def run(audio):
+            r = whisper.transcribe(ref, audio, fp16=False)
+            return r["text"], sum(len(s["tokens"]) for s in r["segments"])
+        return run
+    if engine.startswith("faster-whisper-"):
+        from faster_whisper import WhisperModel
+        folder = _ct2_folder(model)
+        if folder is None:
+            raise mw.ModelError(f"{model}: faster-whisper needs a CTranslate2 folder")
+        fw = WhisperModel(str(folder), device="cpu", compute_type=engine.rsplit("-", 1)[1],
+                          cpu_threads=threads)
+
+        def run(audio):
+            segments, _ = fw.transcribe(audio, beam_size=1, best_of=1, vad_filter=False,
+                                        condition_on_previous_text=True)
+            segments = list(segments)
+            return "".join(s.text for s in segments), sum(len(s.tokens) for s in segments)
+        return run
+    raise mw.ConfigError(f"--engines: unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+
+
+def engine_available(engine: str) -> str | None:
+    """None when the engine can run here, else why not."""
+    import importlib.util
+    if engine.startswith("faster-whisper-") and importlib.util.find_spec("faster_whisper") is None:
+        return "faster-whisper is not installed (pip install faster-whisper)"
+    if engine not in ENGINES:
+        return f"unknown engine; choose from {', '.join(ENGINES)}"
+    return None
+
+
+def worker(args) -> None:
+    """Load one engine, warm it up, time each file once; print one JSON line."""
+    t0 = time.perf_counter()
+    run = make_engine(args.engine, args.model, args.threads)
+    load_s = time.perf_counter() - t0
+    audio = [mw.load_audio(f) for f in args.files]
+    run(audio[0][:mw.SAMPLE_RATE * 5])                                     # warm-up
+    files = []
+    for f, a in zip(args.files, audio):
+        t = time.perf_counter()
+        text, n_tokens = run(a)
+        files.append({"file": f, "audio_s": len(a) / mw.SAMPLE_RATE, "wall_s": time.perf_counter() - t,
+                      "text": text, "tokens": n_tokens})
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"engine": args.engine, "load_s": load_s, "files": files, "peak_rss_mb": rss}))
+
+
+def run_worker(engine: str, model: str, files: list[Path], threads: int, env=None) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench.py"), "_worker", "--engine", engine, "--model", model,
+           "--threads", str(threads), "--files", *map(str, files)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# accuracy
+# ---------------------------------------------------------------------------------------------
+
+def word_errors(reference: str, hypothesis: str, english: bool) -> tuple[int, int]:
+    """(edit distance in words, reference length) after openai-whisper's text normalizer."""
+    from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
+    norm = EnglishTextNormalizer() if english else BasicTextNormalizer()
+    ref, hyp = norm(reference).split(), norm(hypothesis).split()
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1], len(ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+# ---------------------------------------------------------------------------------------------
+
+def compare(args) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-bench-"))
+    files = audio_arg(args.audio) if args.audio else default_audio(workdir, not args.no_long_form)
+    if not files:
+        raise mw.ConfigError("no audio: pass --audio, or install pytest-audioeval / espeak-ng")
+    engines, skipped = [], {}
+    for e in args.engines.split(","):
+        why = engine_available(e)
+        if why:
+            skipped[e] = why
+        else:
+            engines.append(e)
+    for e, why in skipped.items():
+        print(f"note: skipping {e}: {why}", file=sys.stderr)
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for r in range(args.repeats):                         # interleaved: A B C A B C ...
+        for e in list(engines):
+            print(f"repeat {r + 1}/{args.repeats}: {e} ...", file=sys.stderr)
+            try:
+                runs[e].append(run_worker(e, args.model, files, args.threads))
+            except RuntimeError as err:
+                print(f"note: {err}", file=sys.stderr)
+                skipped[e] = str(err).splitlines()[-1]
+                engines.remove(e)
+                runs.pop(e)
+    audio_s = sum(f["audio_s"] for f in next(iter(runs.values()))[0]["files"]) if runs else 0.0
+    summary = {}
+    for e, rs in runs.items():
+        walls = [sum(f["wall_s"] for f in r["files"]) for r in rs]
+        wall = statistics.median(walls)
+        last = rs[-1]["files"]
+        words = sum(len(f["text"].split()) for f in last)
+        tokens = sum(f["tokens"] for f in last)
+        errs = refs = 0
+        for f in last:
+            ref = Path(f["file"]).with_suffix(".txt")
+            if ref.exists():
+                e_, n_ = word_errors(ref.read_text(), f["text"], english=args.normalizer == "english")
+                errs, refs = errs + e_, refs + n_
+        summary[e] = {"wall_s": wall, "wall_s_all": walls, "rtf": wall / audio_s,
+                      "words_per_s": words / wall, "tokens_per_s": tokens / wall,
+                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                      "load_s": statistics.median(r["load_s"] for r in rs),
+                      "wer": errs / refs if refs else None,
+                      "texts": {Path(f["file"]).name: f["text"] for f in last}}
+    first = engines[0] if engines else None
+    for e in summary:
+        summary[e]["wall_ratio_to_first"] = summary[e]["wall_s"] / summary[first]["wall_s"]
+    result = {"command": "compare", "model": args.model, "threads": args.threads,
+              "repeats": args.repeats, "files": [str(f) for f in files], "audio_s": audio_s,
+              "engines": summary, "skipped": skipped, "machine": machine()}
+    print_table(f"compare: {args.model}, {len(files)} files, {audio_s:.1f} s of audio, "
+                f"{args.threads} threads, median of {args.repeats}",
+                ["engine", "wall s", "× first", "RTF", "words/s", "tokens/s", "peak RSS MB", "load s", "WER"],
+                [[e, f"{s['wall_s']:.2f}", f"{s['wall_ratio_to_first']:.2f}", f"{s['rtf']:.3f}",
+                  f"{s['words_per_s']:.1f}", f"{s['tokens_per_s']:.1f}", f"{s['peak_rss_mb']:.0f}",
+                  f"{s['load_s']:.1f}", "-" if s["wer"] is None else f"{100 * s['wer']:.1f}%"]
+                 for e, s in summary.items()])
+    if args.png:
+        chart(args.png, "real-time factor (lower is faster)", list(summary), [s["rtf"] for s in summary.values()])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# coldstart
+# ---------------------------------------------------------------------------------------------
+
+FIRST_TRANSCRIPT = """
+import sys, time, json
+import maxwhisper as mw
+m = mw.load(sys.argv[1], device="cpu")
+r = m.transcribe(sys.argv[2])
+print(json.dumps({"compile_s": m.compile_seconds, "text": r["text"]}))
+"""
+
+
+def coldstart(args) -> dict:
+    clip = sample_files("en")[:1] or [speech_clip(Path(tempfile.mkdtemp()) / "clip.wav", "Hello world.")]
+    out = {"command": "coldstart", "model": args.model, "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="maxwhisper-cache-") as cache:
+        env = {**os.environ, "MODULAR_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
+        for label, n in (("cold", 1), ("warm", args.repeats)):
+            times, compiles = [], []
+            for _ in range(n):
+                t = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-c", FIRST_TRANSCRIPT, args.model, str(clip[0])],
+                                      capture_output=True, text=True, env=env, check=True)
+                times.append(time.perf_counter() - t)
+                compiles.append(json.loads(proc.stdout.strip().splitlines()[-1])["compile_s"])
+            out[label] = {"first_transcript_s": statistics.median(times), "compile_s": compiles[-1]}
+        out["cache_mb"] = sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file()) / 2**20
+    print_table(f"coldstart: {args.model}, process start to first transcript",
+                ["cache", "first transcript s", "mel s", "encoder s", "decoder s"],
+                [[k, f"{out[k]['first_transcript_s']:.1f}"] + [f"{out[k]['compile_s'][g]:.1f}"
+                                                              for g in ("mel", "encoder", "decoder")]
+                 for k in ("cold", "warm")])
+    print(f"compile cache: {out['cache_mb']:.0f} MB")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# scaling and stress (in-process: they time maxwhisper's own decoder)
+# ---------------------------------------------------------------------------------------------
+
+def memory_bandwidth_gbs() -> float:
+    """Read bandwidth of this machine, from a numpy sum over 256 MB (best of 5)."""
+    a = np.ones(64 * 2**20, np.float32)
+    best = min(_timed(lambda: a.sum()) for _ in range(5))
+    return a.nbytes / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def step_bytes(dims: dict, batch: int, position: int) -> int:
+    """Bytes one decoder step must read: decoder weights, embedding, cross K/V, self K/V."""
+    d, L = dims["n_text_state"], dims["n_text_layer"]
+    weights = L * (12 * d * d) + dims["n_vocab"] * d          # per layer: 4d² self, 2d² cross q/out, 8d² mlp
+    cross = batch * L * 2 * dims["n_audio_ctx"] * d
+    own = batch * L * 2 * (position + 1) * d
+    return 4 * (weights + cross + own)
+
+
+def scaling(args) -> dict:
+    bandwidth = memory_bandwidth_gbs()
+    positions = [int(p) for p in args.positions.split(",")]
+    results = []
+    for name in args.model.split(","):
+        m = mw.load(name, device="cpu")
+        audio = mw.load_audio(sample_files("en")[0]) if sample_files("en") else np.zeros(mw.N_SAMPLES, np.float32)
+        mel = m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
+        cross = m.encode(mel)[1]
+        cache = m.new_cache(cross, batch=args.batch)
+        tokens = np.full((args.batch, max(positions)), 262, np.int64)           # " the"
+        step_ms = {}
+        for p in positions:
+            cache.reset()
+            m.decode(cache, tokens[:, :p])
+            times = []
+            for _ in range(args.steps):
+                cache.length = p                                   # re-run the step at position p
+                times.append(_timed(lambda: m.decode(cache, tokens[:, :1])))
+            step_ms[str(p)] = 1000 * statistics.median(times)
+        limit_ms = {str(p): 1000 * step_bytes(m.dims, args.batch, p) / (bandwidth * 1e9) for p in positions}
+        results.append({"model": name, "batch": args.batch, "kernels": False, "step_ms": step_ms,
+                        "tokens_per_s": {p: args.batch * 1000 / v for p, v in step_ms.items()},
+                        "bandwidth_limit_ms": limit_ms,
+                        "fraction_of_bandwidth_limit": {p: limit_ms[p] / step_ms[p] for p in step_ms}})
+    for r in results:
+        print_table(f"scaling: {r['model']}, batch {r['batch']}, fp32, memory bandwidth {bandwidth:.1f} GB/s",
+                    ["position", "step ms", "tokens/s", "bandwidth-limit ms", "% of limit"],
+                    [[p, f"{r['step_ms'][p]:.2f}", f"{r['tokens_per_s'][p]:.0f}",
+                      f"{r['bandwidth_limit_ms'][p]:.2f}", f"{100 * r['fraction_of_bandwidth_limit'][p]:.0f}%"]
+                     for p in r["step_ms"]])
+    if args.png:
+        chart(args.png, "decoder step ms by position",
+              [f"{r['model']}@{p}" for r in results for p in r["step_ms"]],
+              [v for r in results for v in r["step_ms"].values()])
+    out = {"command": "scaling", "memory_bandwidth_gbs": bandwidth, "machine": machine(), "models": results}
+    if len(results) == 1:
+        out.update(results[0])
+    return out
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def stress(args) -> dict:
+    m = mw.load(args.model, device="cpu")
+    audio = mw.load_audio(sample_files("en")[0]) if sample_files("en") else np.zeros(mw.N_SAMPLES, np.float32)
+    cross = m.encode(m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES])[1]
+    cache = m.new_cache(cross)
+    tok = m.tokenizer(language="en")
+    decodes = {}
+    for n in (50, 100, 200, 440):
+        cache.reset()
+        m.decode(cache, np.array([list(tok.sot_sequence)]))
+        t = time.perf_counter()
+        while cache.length < n:
+            m.decode(cache, np.array([[262]]))
+        decodes[str(n)] = {"length": cache.length, "seconds": time.perf_counter() - t,
+                           "within_capacity": cache.length <= cache.capacity}
+    overflow = False
+    try:
+        cache.length = cache.capacity
+        m.decode(cache, np.array([[262]]))
+    except mw.CapacityError:
+        overflow = True
+    rss = []
+    for i in range(args.repeats):
+        m.transcribe(audio)
+        if i % 10 == 0 or i == args.repeats - 1:
+            rss.append(rss_mb())
+    out = {"command": "stress", "model": args.model, "decodes": decodes,
+           "capacity_error_past_448": overflow, "rss_mb_samples": rss,
+           "rss_drift_mb": rss[-1] - rss[0], "repeats": args.repeats, "machine": machine()}
+    print_table(f"stress: {args.model}", ["tokens", "cache length", "seconds"],
+                [[n, d["length"], f"{d['seconds']:.2f}"] for n, d in decodes.items()])
+    print(f"CapacityError past 448: {overflow}; RSS over {args.repeats} transcriptions: "
+          f"{rss[0]:.0f} -> {rss[-1]:.0f} MB (drift {rss[-1] - rss[0]:+.1f} MB)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+
+def machine() -> dict:
+    import platform
+    cpu = ""
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def print_table(title: str, header: list, rows: list) -> None:
+    """A GitHub-markdown table on stdout."""
+    print(f"\n{title}\n")
+    print("| " + " | ".join(map(str, header)) + " |")
+    print("|" + "|".join(" --- " for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
+
+
+def chart(path: str, title: str, labels: list, values: list) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"note: matplotlib is not installed; no chart at {path}", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 0.9), 4))
+    ax.bar(labels, values)
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default="tiny.en")
+    common.add_argument("--threads", type=int, default=os.cpu_count())
+    common.add_argument("--json", help="write the results here")
+    common.add_argument("--png", help="draw a chart here (needs matplotlib)")
+    c = sub.add_parser("compare", parents=[common], help="engines side by side on the same audio")
+    c.add_argument("--audio", nargs="*", help="files or folders (default: English samples + generated clips)")
+    c.add_argument("--engines", default=",".join(ENGINES))
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--no-long-form", action="store_true", help="skip the generated long clips")
+    c.add_argument("--normalizer", choices=["english", "basic"], default="english",
+                   help="openai-whisper text normalizer used before WER")
+    cs = sub.add_parser("coldstart", parents=[common], help="process start to first transcript")
+    cs.add_argument("--repeats", type=int, default=3)
+    s = sub.add_parser("scaling", parents=[common], help="decoder step latency by position")
+    s.add_argument("--positions", default="10,50,100,200,400")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--steps", type=int, default=30)
+    st = sub.add_parser("stress", parents=[common], help="long decodes, capacity, memory drift")
+    st.add_argument("--repeats", type=int, default=100)
+    w = sub.add_parser("_worker")
+    w.add_argument("--engine")
+    w.add_argument("--model")
+    w.add_argument("--threads", type=int)
+    w.add_argument("--files", nargs="+")
+    args = p.parse_args(argv)
+    # MAX sizes its thread pool by the cores the process may use (its num_threads option
+    # aborts on CPU in MAX 26.7), so --threads pins the process (and its workers) to that
+    # many cores; the peers also get the count through their own thread options.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
+    if args.command == "_worker":
+        worker(args)
+        return 0
+    try:
+        result = {"compare": compare, "coldstart": coldstart, "scaling": scaling, "stress": stress}[args.command](args)
+    except mw.MaxWhisperError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""bench.py smoke tests: each command runs end to end on a short clip (no timing assertions)."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import support
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise AssertionError(f"bench.py {' '.join(map(str, args))} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+class BenchSmokeTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="maxwhisper-bench-test-"))
+        self.addCleanup(shutil.rmtree, self.dir)
+        support.model("tiny.en")                                 # compile before the workers start
+
+    def test_compare_one_clip(self):
+        wav, text = support.samples("en")[-1]
+        out = self.dir / "compare.json"
+        proc = bench("compare", "--audio", wav, "--engines", "maxwhisper,openai,faster-whisper-int8",
+                     "--repeats", "1", "--threads", "2", "--json", out)
+        result = json.loads(out.read_text())
+        engines = result["engines"]
+        self.assertIn("maxwhisper", engines)
+        self.assertIn("openai", engines)
+        if importlib.util.find_spec("faster_whisper") is None:
+            self.assertIn("faster-whisper-int8", result["skipped"])
+            self.assertIn("skipping faster-whisper-int8", proc.stderr)
+        for name, e in engines.items():
+            with self.subTest(engine=name):
+                self.assertGreater(e["wall_s"], 0)
+                self.assertEqual(e["wer"], 0.0, e["texts"])
+                self.assertGreater(e["tokens_per_s"], 0)
+                self.assertGreater(e["peak_rss_mb"], 0)
+        self.assertEqual(engines["maxwhisper"]["wall_ratio_to_first"], 1.0)
+        self.assertIn("| maxwhisper |", proc.stdout)
+
+    def test_scaling_and_stress(self):
+        out = self.dir / "scaling.json"
+        bench("scaling", "--positions", "10,50", "--steps", "3", "--json", out)
+        result = json.loads(out.read_text())
+        self.assertEqual(set(result["step_ms"]), {"10", "50"})
+        self.assertIs(result["kernels"], False)
+        out = self.dir / "stress.json"
+        bench("stress", "--repeats", "2", "--json", out)
+        result = json.loads(out.read_text())
+        self.assertEqual({k: v["length"] for k, v in result["decodes"].items()},
+                         {"50": 50, "100": 100, "200": 200, "440": 440})
+        self.assertTrue(result["capacity_error_past_448"])
+
+    def test_word_error_rate(self):
+        import bench as b
+        self.assertEqual(b.word_errors("The quick brown fox.", "the quick, brown fox", english=True), (0, 4))
+        self.assertEqual(b.word_errors("the quick brown fox", "the slow brown dog cat", english=False), (3, 4))
+
+
+if __name__ == "__main__":
+    unittest.main()
