@@ -126,8 +126,8 @@ def make_engine(engine: str, model: str, threads: int):
         folder = _ct2_folder(model)
         if folder is None:
             raise mw.ModelError(f"{model}: faster-whisper needs a CTranslate2 folder")
-        fw = WhisperModel(str(folder), device="cpu", compute_type=engine.rsplit("-", 1)[1],
-                          cpu_threads=threads)
+        compute_type = {"fp32": "float32", "int8": "int8"}[engine.rsplit("-", 1)[1]]
+        fw = WhisperModel(str(folder), device="cpu", compute_type=compute_type, cpu_threads=threads)
 
         def run(audio):
             segments, _ = fw.transcribe(audio, beam_size=1, best_of=1, vad_filter=False,

@@ -3,14 +3,15 @@
 One module, meant to be vendored. Sections, in order:
 
     1. errors        typed exceptions, each message names the culprit and the fix
-    2. audio I/O     WAV reader (PCM 8/16/24/32-bit, float32), ffmpeg fallback, resampler
-    3. weights       openai-whisper ``.pt`` checkpoints, CTranslate2 folders, model names
-    4. graphs        MAX graph builders: log-mel, encoder (+ cross K/V), cached decoder
-    5. KVCache       the decoder's explicit key/value cache
-    6. Model         ``load()``: weights + compiled graphs on one device
-    7. decoding      logit filters and the greedy decoder for one 30 s window
-    8. transcribe    openai-whisper's long-form algorithm: windows, seeking, fallback
-    9. CLI           ``python -m maxwhisper audio.wav``
+    2. config        settings from defaults < maxwhisper.cfg < MAXWHISPER_* < arguments
+    3. audio I/O     WAV reader (PCM 8/16/24/32-bit, float32), ffmpeg fallback, resampler
+    4. weights       openai-whisper ``.pt`` checkpoints, CTranslate2 folders, model names
+    5. graphs        MAX graph builders: log-mel, encoder (+ cross K/V), cached decoder
+    6. KVCache       the decoder's explicit key/value cache
+    7. Model         ``load()``: weights + compiled graphs on one device, metrics
+    8. decoding      logit filters and the greedy decoder for one 30 s window
+    9. transcribe    openai-whisper's long-form algorithm: windows, seeking, fallback
+   10. CLI           ``python -m maxwhisper audio.wav``
 
 Truth is openai-whisper: with the same weights and options the greedy transcript is the same
 tokens. The tokenizer and output writers are openai-whisper's own; everything that computes
@@ -41,13 +42,15 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 __all__ = [
-    "MaxWhisperError", "AudioError", "ModelError", "ConfigError", "CapacityError",
+    "MaxWhisperError", "AudioError", "ModelError", "ConfigError", "CapacityError", "DeviceError",
+    "Config", "SETTINGS",
     "load_audio", "Weights", "load_weights", "KVCache", "Model", "load", "transcribe",
     "DecodingOptions", "DecodingResult", "build_mel_graph", "build_encoder_graph",
     "build_decoder_graph",
 ]
 
 log = logging.getLogger("maxwhisper")
+log.addHandler(logging.NullHandler())          # a library is silent until its user configures logging
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -84,8 +87,127 @@ class CapacityError(MaxWhisperError):
     """A request past a fixed capacity, such as the decoder's 448-token context."""
 
 
+class DeviceError(MaxWhisperError):
+    """A graph failed to compile or run on the device; the ``Model`` stays usable."""
+
+
 # =============================================================================================
-# 2. audio I/O
+# 2. config
+# =============================================================================================
+# One table of settings. Each value comes from, in rising precedence: the default here, the
+# [maxwhisper] section of a config file (``config=`` / ``--config`` / $MAXWHISPER_CONFIG), a
+# MAXWHISPER_<NAME> environment variable, then a keyword argument or CLI flag.
+
+def _parse_bool(s: str) -> bool:
+    v = {"true": True, "yes": True, "on": True, "1": True,
+         "false": False, "no": False, "off": False, "0": False}.get(s.strip().lower())
+    if v is None:
+        raise ValueError("expected true or false")
+    return v
+
+
+def _parse_optional(kind):
+    return lambda s: None if s.strip().lower() in ("", "none") else kind(s)
+
+
+def _parse_choice(*choices):
+    def parse(s: str) -> str:
+        if s.strip() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return s.strip()
+    return parse
+
+
+def _parse_temperatures(s) -> tuple:
+    vals = tuple(float(t) for t in (s.split(",") if isinstance(s, str) else s))
+    if not vals or any(t < 0 for t in vals):
+        raise ValueError("expected comma-separated temperatures >= 0")
+    return vals
+
+
+# name: (default, parser from text, where it applies, help)
+SETTINGS: dict[str, tuple] = {
+    "model": ("tiny.en", str, "load", "model name, CTranslate2 folder or .pt checkpoint"),
+    "device": ("auto", _parse_choice("auto", "cpu", "gpu", "cuda"), "load", "auto, cpu or gpu"),
+    "language": (None, _parse_optional(str), "transcribe", "spoken language; none detects it"),
+    "task": ("transcribe", _parse_choice("transcribe", "translate"), "transcribe", "transcribe or translate"),
+    "temperature": ((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), _parse_temperatures, "transcribe",
+                    "temperature schedule for fallback, comma-separated"),
+    "best_of": (None, _parse_optional(int), "transcribe", "samples per temperature > 0"),
+    "compression_ratio_threshold": (2.4, _parse_optional(float), "transcribe", "gzip ratio that triggers fallback"),
+    "logprob_threshold": (-1.0, _parse_optional(float), "transcribe", "mean log-prob that triggers fallback"),
+    "no_speech_threshold": (0.6, _parse_optional(float), "transcribe", "no-speech probability for silence"),
+    "condition_on_previous_text": (True, _parse_bool, "transcribe", "prompt each window with the last"),
+    "initial_prompt": (None, _parse_optional(str), "transcribe", "text prompt for the first window"),
+    "max_audio_seconds": (None, _parse_optional(float), "transcribe", "refuse longer audio (CapacityError)"),
+    "output_format": ("all", _parse_choice("txt", "vtt", "srt", "tsv", "json", "all"), "cli", "CLI output files"),
+    "output_dir": (".", str, "cli", "CLI output folder"),
+    "log_format": ("text", _parse_choice("text", "json"), "cli", "CLI log lines: text or json"),
+    "log_level": ("info", _parse_choice("debug", "info", "warning", "error"), "cli", "CLI log level"),
+}
+
+
+class Config:
+    """Resolved settings: ``config[name]`` is the value, ``config.sources[name]`` where it came from."""
+
+    def __init__(self, values: dict, sources: dict):
+        self.values, self.sources = values, sources
+
+    def __getitem__(self, name: str):
+        return self.values[name]
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike | None = None, env: dict | None = None,
+                origin: str = "argument", **overrides) -> "Config":
+        """Defaults < config file < MAXWHISPER_* environment < ``overrides`` (None is skipped).
+
+        ``origin`` names where the overrides came from, for messages and ``describe()``.
+        """
+        env = os.environ if env is None else env
+        values = {k: v[0] for k, v in SETTINGS.items()}
+        sources = {k: "default" for k in SETTINGS}
+
+        def put(name, raw, source):
+            if name not in SETTINGS:
+                raise ConfigError(f"{source}: unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+            try:
+                values[name] = SETTINGS[name][1](raw) if isinstance(raw, str) else raw
+            except ValueError as e:
+                raise ConfigError(f"{source}: bad value {raw!r} for {name!r} ({e})") from None
+            sources[name] = source
+
+        path = path or env.get("MAXWHISPER_CONFIG")
+        if path:
+            import configparser
+            parser = configparser.ConfigParser(interpolation=None)
+            try:
+                if not parser.read(path):
+                    raise ConfigError(f"{path}: config file not found")
+            except configparser.Error as e:
+                raise ConfigError(f"{path}: not a valid config file ({e.__class__.__name__})") from None
+            if not parser.has_section("maxwhisper"):
+                raise ConfigError(f"{path}: has no [maxwhisper] section")
+            for name, raw in parser.items("maxwhisper"):
+                put(name, raw, f"{path} [maxwhisper] {name}")
+        for key, raw in env.items():
+            if key.startswith("MAXWHISPER_") and key != "MAXWHISPER_CONFIG":
+                put(key[len("MAXWHISPER_"):].lower(), raw, f"${key}")
+        for name, raw in overrides.items():
+            if raw is not None:
+                put(name, raw, origin)
+        return cls(values, sources)
+
+    def scope(self, where: str) -> dict:
+        """The settings that apply to ``load``, ``transcribe`` or ``cli``."""
+        return {k: self.values[k] for k, v in SETTINGS.items() if v[2] == where}
+
+    def describe(self) -> str:
+        """One line per setting: name = value  # source."""
+        return "\n".join(f"{k} = {self.values[k]!r}  # {self.sources[k]}" for k in SETTINGS)
+
+
+# =============================================================================================
+# 3. audio I/O
 # =============================================================================================
 
 _WAVE_PCM, _WAVE_FLOAT, _WAVE_EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
@@ -208,6 +330,8 @@ def load_audio(audio: str | os.PathLike | np.ndarray) -> np.ndarray:
             data = path.read_bytes()
         except OSError as e:
             raise AudioError(f"{path}: cannot read ({e.strerror})") from None
+        if not data:
+            raise AudioError(f"{path}: empty file (0 bytes)")
         if data[:4] in (b"RIFF", b"RIFX"):
             frames, rate = _parse_wav(path, data)
             x = resample(frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0], rate)
@@ -220,7 +344,7 @@ def load_audio(audio: str | os.PathLike | np.ndarray) -> np.ndarray:
 
 
 # =============================================================================================
-# 3. weights
+# 4. weights
 # =============================================================================================
 
 @dataclasses.dataclass
@@ -477,7 +601,7 @@ def load_weights(model: str | os.PathLike) -> Weights:
 
 
 # =============================================================================================
-# 4. graphs
+# 5. graphs
 # =============================================================================================
 # Every builder is a plain function of the model dimensions. Weights are graph inputs, in the
 # order their ``*_param_names`` function lists them, in the layout ``_graph_layout`` gives.
@@ -783,7 +907,7 @@ def _dims_key(dims: dict) -> str:
 
 
 # =============================================================================================
-# 5. KVCache
+# 6. KVCache
 # =============================================================================================
 
 @dataclasses.dataclass
@@ -820,7 +944,7 @@ class KVCache:
 
 
 # =============================================================================================
-# 6. Model
+# 7. Model
 # =============================================================================================
 
 def _pick_device(device: str):
@@ -862,38 +986,103 @@ class _CompileProgress:
         log.info("%s ready in %.1f s", self.what, self.seconds)
 
 
+_COUNTERS = {   # name: (Prometheus type, help); per-call records carry the same names
+    "requests": ("counter", "transcribe calls completed"),
+    "audio_seconds": ("counter", "seconds of audio transcribed"),
+    "windows": ("counter", "30 s windows decoded"),
+    "tokens": ("counter", "tokens decoded"),
+    "fallbacks": ("counter", "windows decoded again at a higher temperature"),
+    "encoder_seconds": ("counter", "time in the encoder graph"),
+    "decode_seconds": ("counter", "time decoding tokens"),
+    "compile_seconds": ("counter", "time compiling graphs"),
+}
+
+
 class Model:
-    """Whisper weights on one MAX device with the three compiled graphs (mel, encoder, decoder).
+    """Whisper weights on one MAX device with the three graphs (mel, encoder, decoder).
 
     Build one with ``load()``. ``transcribe()`` is the main entry point; ``log_mel``,
-    ``encode``, ``new_cache`` and ``decode`` are the building blocks it uses. A ``Model`` is
-    safe to share between threads: each call gets its own ``KVCache``, and graph execution is
-    serialised by a lock.
+    ``encode``, ``new_cache`` and ``decode`` are the building blocks it uses.
+
+    Concurrency contract: a ``Model`` may be shared by any number of threads. Each
+    ``transcribe`` call owns its ``KVCache``; graph executions take turns under one lock, so
+    concurrent calls are correct and each is as fast as alone, but throughput does not grow
+    with threads. A graph that fails to compile or run raises ``DeviceError`` and leaves the
+    model usable: a graph not compiled yet is compiled again by the next call that needs it.
     """
 
-    def __init__(self, weights: Weights, device: str = "auto"):
+    _GRAPHS = ("mel", "encoder", "decoder")
+
+    def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,
+                 warmup: bool = True):
         from max import engine
         from max.driver import Buffer, CPU
-        from max.graph import DeviceRef
 
         self.weights, self.dims = weights, weights.dims
+        self.config = config or Config.resolve()
         self.device = _pick_device(device)
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
-        ref = DeviceRef.from_device(self.device)
         self._session = engine.InferenceSession(devices=[self.device])
         self._lock = threading.Lock()
+        self._graphs: dict = {}
         self.compile_seconds: dict[str, float] = {}
-        graphs = {"mel": lambda: build_mel_graph(self.dims["n_mels"], ref),
-                  "encoder": lambda: build_encoder_graph(self.dims, ref),
-                  "decoder": lambda: build_decoder_graph(self.dims, ref)}
-        self._graphs = {}
-        for name, build in graphs.items():
-            with _CompileProgress(f"{name} graph") as p:
-                self._graphs[name] = self._session.load(build())
-            self.compile_seconds[name] = p.seconds
+        self._totals = dict.fromkeys(_COUNTERS, 0.0)
         to_dev = lambda a: Buffer.from_numpy(a).to(self.device)                    # noqa: E731
         self._enc_w = [to_dev(a) for a in graph_weights(weights, encoder_param_names(self.dims))]
         self._dec_w = [to_dev(a) for a in graph_weights(weights, decoder_param_names(self.dims))]
+        if warmup:
+            with self._lock:
+                for name in self._GRAPHS:
+                    self._compiled(name)
+
+    def _compiled(self, name: str):
+        """The compiled graph ``name``, compiling it now if needed (call with the lock held)."""
+        if name not in self._graphs:
+            from max.graph import DeviceRef
+            ref = DeviceRef.from_device(self.device)
+            build = {"mel": lambda: build_mel_graph(self.dims["n_mels"], ref),
+                     "encoder": lambda: build_encoder_graph(self.dims, ref),
+                     "decoder": lambda: build_decoder_graph(self.dims, ref)}[name]
+            with _CompileProgress(f"{name} graph") as p:
+                try:
+                    self._graphs[name] = self._session.load(build())
+                except Exception as e:  # MAX raises several types; the user gets one
+                    raise DeviceError(f"compiling the {name} graph for {self.weights.source} on "
+                                      f"{self.device_name} failed ({type(e).__name__}: {e}); the "
+                                      "next call retries; check free memory and the MAX install") from e
+            self.compile_seconds[name] = p.seconds
+            self._totals["compile_seconds"] += p.seconds
+        return self._graphs[name]
+
+    def _run(self, name: str, *inputs) -> list:
+        """Execute graph ``name`` on device buffers, under the lock; errors become DeviceError."""
+        with self._lock:
+            graph = self._compiled(name)
+            try:
+                return graph.execute(*inputs)
+            except Exception as e:  # a device error must not leak as a bare RuntimeError
+                raise DeviceError(f"running the {name} graph on {self.device_name} failed "
+                                  f"({type(e).__name__}: {e}); the model stays usable") from e
+
+    def _count(self, metrics: dict) -> None:
+        with self._lock:
+            for k in _COUNTERS:
+                self._totals[k] += metrics.get(k, 0)
+
+    def metrics(self, format: str = "dict"):
+        """Cumulative counters over every call: a dict, or ``format="prometheus"`` text."""
+        with self._lock:
+            totals = dict(self._totals)
+        if format == "dict":
+            return totals
+        if format != "prometheus":
+            raise ConfigError(f"metrics(format={format!r}): use 'dict' or 'prometheus'")
+        lines = []
+        for k, (kind, help_text) in _COUNTERS.items():
+            name = f"maxwhisper_{k}" + ("_total" if kind == "counter" else "")
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
+                      f'{name}{{device="{self.device_name}"}} {totals[k]:.6g}']
+        return "\n".join(lines) + "\n"
 
     @property
     def is_multilingual(self) -> bool:
@@ -921,8 +1110,7 @@ class Model:
         n_frames = len(x) // HOP_LENGTH
         step = xp.strides[0]
         frames = np.lib.stride_tricks.as_strided(xp, (n_frames, N_FFT), (step * HOP_LENGTH, step))
-        with self._lock:
-            out = self._graphs["mel"].execute(Buffer.from_numpy(np.ascontiguousarray(frames)).to(self.device))
+        out = self._run("mel", Buffer.from_numpy(np.ascontiguousarray(frames)).to(self.device))
         return out[0].to_numpy()
 
     def encode(self, mel: np.ndarray) -> tuple[np.ndarray, list]:
@@ -932,9 +1120,8 @@ class Model:
         (K^T, V) device buffers for a ``KVCache``.
         """
         from max.driver import Buffer
-        with self._lock:
-            out = self._graphs["encoder"].execute(
-                Buffer.from_numpy(np.ascontiguousarray(mel, np.float32)).to(self.device), *self._enc_w)
+        out = self._run("encoder", Buffer.from_numpy(np.ascontiguousarray(mel, np.float32)).to(self.device),
+                        *self._enc_w)
         return out[0].to_numpy(), [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.dims["n_text_layer"])]
 
     def new_cache(self, cross: list, batch: int = 1) -> KVCache:
@@ -975,10 +1162,8 @@ class Model:
         dev = lambda a: Buffer.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         cross = [b for kv in cache.cross for b in kv]
         kv = [b for pair in zip(cache.self_k, cache.self_v) for b in pair]
-        with self._lock:
-            out = self._graphs["decoder"].execute(
-                dev(tokens), dev(np.array([start, start + n], np.int64)), dev(positions), dev(idx),
-                dev(mask), *self._dec_w, *cross, *kv)
+        out = self._run("decoder", dev(tokens), dev(np.array([start, start + n], np.int64)),
+                        dev(positions), dev(idx), dev(mask), *self._dec_w, *cross, *kv)
         cache.length += n
         return out[0].to_numpy()
 
@@ -1003,8 +1188,14 @@ class Model:
         return transcribe(self, audio, **options)
 
 
-def load(model: str | os.PathLike = "tiny.en", device: str = "auto") -> Model:
+def load(model: str | os.PathLike | None = None, device: str | None = None, *,
+         config: str | os.PathLike | Config | None = None, warmup: bool = True) -> Model:
     """Load a Whisper model and compile its graphs on ``device`` (``auto``, ``cpu``, ``gpu``).
+
+    Unset arguments come from the configuration (``config`` is a ``Config`` or a config file
+    path; see ``SETTINGS``): by default ``tiny.en`` on ``auto``. The configuration's
+    transcribe settings become this model's ``transcribe`` defaults. ``warmup=False`` defers
+    each graph's compile to its first use.
 
     MAX runs on every core the process may use; to cap it, restrict the process's CPU
     affinity (``taskset``, ``os.sched_setaffinity``) before loading.
@@ -1013,11 +1204,12 @@ def load(model: str | os.PathLike = "tiny.en", device: str = "auto") -> Model:
     openai-whisper ``.pt`` checkpoint. The first load of a model size compiles three graphs
     (tens of seconds); later processes reuse MAX's compile cache and start in about a second.
     """
-    return Model(load_weights(model), device=device)
+    cfg = config if isinstance(config, Config) else Config.resolve(config, model=model, device=device)
+    return Model(load_weights(cfg["model"]), device=cfg["device"], config=cfg, warmup=warmup)
 
 
 # =============================================================================================
-# 7. decoding
+# 8. decoding
 # =============================================================================================
 # The same rules as openai-whisper's whisper/decoding.py, on numpy logits: each logit filter is
 # its own small object, the greedy/sampling decoder extends the token rows, the ranker picks
@@ -1222,22 +1414,13 @@ def decode_window(model: Model, cache: KVCache, options: DecodingOptions, tokeni
 
 
 # =============================================================================================
-# 8. transcribe
+# 9. transcribe
 # =============================================================================================
 
 _DECODE_KEYS = {f.name for f in dataclasses.fields(DecodingOptions)} - {"temperature", "prompt"}
 
 
-def transcribe(model: Model, audio, *, verbose: bool | None = None,
-               temperature: float | Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-               compression_ratio_threshold: float | None = 2.4,
-               logprob_threshold: float | None = -1.0,
-               no_speech_threshold: float | None = 0.6,
-               condition_on_previous_text: bool = True,
-               initial_prompt: str | None = None,
-               carry_initial_prompt: bool = False,
-               clip_timestamps: str | Sequence[float] = "0",
-               **decode_options) -> dict:
+def transcribe(model: Model, audio, **options) -> dict:
     """Transcribe (or translate) audio of any length with openai-whisper's algorithm.
 
     ``audio``: a file path or 1-D float32 samples at 16 kHz. The audio is cut into 30 s
@@ -1245,26 +1428,47 @@ def transcribe(model: Model, audio, *, verbose: bool | None = None,
     text is too repetitive (gzip ratio > ``compression_ratio_threshold``) or too unlikely
     (average log-probability < ``logprob_threshold``); a window whose no-speech probability
     passes ``no_speech_threshold`` with low confidence is skipped as silence. Timestamp tokens
-    decide where the next window starts. ``decode_options`` are ``DecodingOptions`` fields:
-    ``language`` (None detects it from the first 30 s), ``task`` ("transcribe" or
-    "translate"), ``best_of``, ``length_penalty``, ``prefix``, ``suppress_tokens``,
-    ``suppress_blank``, ``without_timestamps``, ``max_initial_timestamp``, ``sample_len``,
-    ``seed``.
+    decide where the next window starts.
 
-    Returns ``{"text", "segments", "language"}`` exactly shaped as openai-whisper's result:
-    each segment has id, seek, start, end, text, tokens, temperature, avg_logprob,
-    compression_ratio and no_speech_prob.
+    Options, with defaults from ``model.config`` (see ``SETTINGS``): ``language`` (None
+    detects it from the first 30 s), ``task`` ("transcribe" or "translate"), ``temperature``,
+    ``best_of``, ``compression_ratio_threshold``, ``logprob_threshold``,
+    ``no_speech_threshold``, ``condition_on_previous_text``, ``initial_prompt``,
+    ``max_audio_seconds``; and ``verbose``, ``carry_initial_prompt``, ``clip_timestamps``, and
+    the other ``DecodingOptions`` fields (``length_penalty``, ``prefix``, ``suppress_tokens``,
+    ``suppress_blank``, ``without_timestamps``, ``max_initial_timestamp``, ``sample_len``,
+    ``seed``).
+
+    Returns ``{"text", "segments", "language"}`` shaped as openai-whisper's result (each
+    segment has id, seek, start, end, text, tokens, temperature, avg_logprob,
+    compression_ratio and no_speech_prob), plus ``"metrics"``: audio_seconds, windows, tokens,
+    fallbacks, encoder/decode/compile seconds, tokens_per_second, real_time_factor, device.
     """
+    return _transcribe(model, audio, **{**model.config.scope("transcribe"), **options})
+
+
+def _transcribe(model: Model, audio, *, temperature, compression_ratio_threshold, logprob_threshold,
+                no_speech_threshold, condition_on_previous_text, initial_prompt, max_audio_seconds,
+                verbose: bool | None = None, carry_initial_prompt: bool = False,
+                clip_timestamps: str | Sequence[float] = "0", **decode_options) -> dict:
+    started = time.perf_counter()
+    compiled_before = model.metrics()["compile_seconds"]
     unknown = set(decode_options) - _DECODE_KEYS
     if unknown:
         hint = ("; beam search and word timestamps are not implemented yet"
                 if unknown & {"beam_size", "patience", "word_timestamps"} else "")
         raise ConfigError(f"unknown transcribe option(s) {sorted(unknown)}{hint}; "
-                          f"known: {sorted(_DECODE_KEYS)}")
+                          f"known: {sorted(_DECODE_KEYS | set(SETTINGS))}")
     if decode_options.get("task", "transcribe") not in ("transcribe", "translate"):
         raise ConfigError(f"task={decode_options['task']!r}: use 'transcribe' or 'translate'")
     samples = load_audio(audio)
     name = audio if not isinstance(audio, np.ndarray) else "audio array"
+    audio_seconds = len(samples) / SAMPLE_RATE
+    if max_audio_seconds is not None and audio_seconds > max_audio_seconds:
+        raise CapacityError(f"{name}: {audio_seconds:.1f} s of audio is over max_audio_seconds="
+                            f"{max_audio_seconds:g}; split the file or raise the limit")
+    metrics = {"audio_seconds": audio_seconds, "windows": 0, "tokens": 0, "fallbacks": 0,
+               "encoder_seconds": 0.0, "decode_seconds": 0.0}
     mel = model.log_mel(samples, padding=N_SAMPLES)
     content_frames = mel.shape[-1] - N_FRAMES
 
@@ -1313,10 +1517,15 @@ def transcribe(model: Model, audio, *, verbose: bool | None = None,
         remaining_prompt_length -= len(initial_prompt_tokens)
 
     def decode_with_fallback(seg_mel: np.ndarray, prompt: list[int]) -> DecodingResult:
+        t0 = time.perf_counter()
         cross = model.encode(seg_mel)[1]
+        t1 = time.perf_counter()
+        metrics["encoder_seconds"] += t1 - t0
+        metrics["windows"] += 1
         caches: dict[int, KVCache] = {}
         result = None
-        for t in temperatures:
+        for i, t in enumerate(temperatures):
+            metrics["fallbacks"] += i > 0
             opts = DecodingOptions(**decode_options, temperature=t, prompt=prompt)
             n = (opts.best_of or 1) if t > 0 else 1
             if n not in caches:
@@ -1331,6 +1540,7 @@ def transcribe(model: Model, audio, *, verbose: bool | None = None,
                 fallback = False                                   # silence: keep it
             if not fallback:
                 break
+        metrics["decode_seconds"] += time.perf_counter() - t1
         return result
 
     clip_idx, seek = 0, clips[0][0]
@@ -1407,8 +1617,16 @@ def transcribe(model: Model, audio, *, verbose: bool | None = None,
         if not condition_on_previous_text or result.temperature > 0.5:
             prompt_reset_since = len(all_tokens)
 
+    metrics["tokens"] = sum(len(s["tokens"]) for s in segments)
+    metrics["requests"] = 1
+    metrics["compile_seconds"] = model.metrics()["compile_seconds"] - compiled_before
+    model._count(metrics)
+    wall = time.perf_counter() - started
+    metrics.update(wall_seconds=wall, device=model.device_name,
+                   tokens_per_second=metrics["tokens"] / metrics["decode_seconds"] if metrics["decode_seconds"] else 0.0,
+                   real_time_factor=wall / audio_seconds if audio_seconds else 0.0)
     return {"text": tokenizer.decode(all_tokens[len(initial_prompt_tokens):]),
-            "segments": segments, "language": language}
+            "segments": segments, "language": language, "metrics": metrics}
 
 
 def _timestamp(seconds: float) -> str:
@@ -1421,54 +1639,45 @@ def _timestamp(seconds: float) -> str:
 
 
 # =============================================================================================
-# 9. CLI
+# 10. CLI
 # =============================================================================================
 
-def _str2bool(s: str) -> bool:
-    v = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}.get(s.lower())
-    if v is None:
-        import argparse
-        raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-    return v
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and the exception, if any)."""
 
-
-def _optional(kind):
-    return lambda s: None if s == "None" else kind(s)
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": round(record.created, 3), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
 
 
 def _cli_parser():
     import argparse
     p = argparse.ArgumentParser(
         prog="python -m maxwhisper",
-        description="Transcribe audio files with Whisper running on MAX (openai-whisper's flags).")
-    p.add_argument("audio", nargs="+", help="audio file(s) to transcribe")
-    p.add_argument("--model", default="tiny.en",
-                   help="model name (tiny.en, base, or ~/.cache/whisper/<name>.pt), a CTranslate2 "
-                        "folder, or a .pt checkpoint")
-    p.add_argument("--device", default="auto", help="auto, cpu or gpu")
-    p.add_argument("--output_dir", "-o", default=".", help="directory to save the outputs")
-    p.add_argument("--output_format", "-f", default="all",
-                   choices=["txt", "vtt", "srt", "tsv", "json", "all"], help="output file format")
-    p.add_argument("--verbose", type=_str2bool, default=True,
+        description="Transcribe audio files with Whisper running on MAX. Flags are named as "
+                    "openai-whisper's; each setting also reads from --config and MAXWHISPER_<NAME>.")
+    p.add_argument("audio", nargs="*", help="audio file(s) to transcribe")
+    p.add_argument("--config", help="config file with a [maxwhisper] section (or $MAXWHISPER_CONFIG)")
+    p.add_argument("--print-config", "--print_config", action="store_true",
+                   help="print the effective settings and where each came from, then exit")
+    p.add_argument("--warmup", action="store_true",
+                   help="load the model and compile its graphs into MAX's cache, then exit")
+    short = {"output_dir": ["-o"], "output_format": ["-f"]}
+    for name, (default, _, _, help_text) in SETTINGS.items():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else []) + short.get(name, [])
+        p.add_argument(*flags, dest=name, default=None, help=f"{help_text} (default: {default!r})")
+    p.add_argument("--verbose", type=_parse_bool, default=True,
                    help="print segments as each file finishes, and progress messages")
-    p.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
-    p.add_argument("--language", default=None, help="spoken language; None detects it")
-    p.add_argument("--temperature", type=float, default=0.0, help="first sampling temperature")
-    p.add_argument("--best_of", type=_optional(int), default=5,
-                   help="candidates when sampling at non-zero temperature")
-    p.add_argument("--length_penalty", type=_optional(float), default=None,
+    p.add_argument("--temperature_increment_on_fallback", type=_parse_optional(float), default=0.2,
+                   help="with a single --temperature, the step of the fallback schedule up to 1.0")
+    p.add_argument("--length_penalty", type=_parse_optional(float), default=None,
                    help="length penalty alpha for ranking samples; None = length normalisation")
     p.add_argument("--suppress_tokens", default="-1", help="comma-separated token ids to suppress")
-    p.add_argument("--initial_prompt", default=None, help="text to prompt the first window with")
-    p.add_argument("--carry_initial_prompt", type=_str2bool, default=False,
+    p.add_argument("--carry_initial_prompt", type=_parse_bool, default=False,
                    help="prepend initial_prompt to every window's prompt")
-    p.add_argument("--condition_on_previous_text", type=_str2bool, default=True,
-                   help="prompt each window with the previous window's text")
-    p.add_argument("--temperature_increment_on_fallback", type=_optional(float), default=0.2,
-                   help="temperature step when a window's decoding fails the thresholds")
-    p.add_argument("--compression_ratio_threshold", type=_optional(float), default=2.4)
-    p.add_argument("--logprob_threshold", type=_optional(float), default=-1.0)
-    p.add_argument("--no_speech_threshold", type=_optional(float), default=0.6)
     p.add_argument("--clip_timestamps", default="0",
                    help="comma-separated start,end,... seconds of the clips to process")
     return p
@@ -1477,50 +1686,65 @@ def _cli_parser():
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``python -m maxwhisper`` command; returns the process exit code.
 
-    0: every file transcribed; 2: a user error (bad option, unreadable audio, missing model),
-    reported in one line, other files still processed; 1: an internal error.
+    0: every file transcribed; 2: a user error (bad option or config, unreadable audio, missing
+    model), reported in one line, other files still processed; 1: an internal error.
     """
-    from whisper.utils import get_writer
-
     args = _cli_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("maxwhisper: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     temperature = args.temperature
-    if args.temperature_increment_on_fallback is not None:
-        temperature = tuple(np.arange(temperature, 1.0 + 1e-6, args.temperature_increment_on_fallback))
-    options = dict(task=args.task, language=None if args.language in (None, "None") else args.language,
-                   temperature=temperature, best_of=args.best_of, length_penalty=args.length_penalty,
-                   suppress_tokens=args.suppress_tokens, initial_prompt=args.initial_prompt,
-                   carry_initial_prompt=args.carry_initial_prompt,
-                   condition_on_previous_text=args.condition_on_previous_text,
-                   compression_ratio_threshold=args.compression_ratio_threshold,
-                   logprob_threshold=args.logprob_threshold,
-                   no_speech_threshold=args.no_speech_threshold,
-                   clip_timestamps=args.clip_timestamps)
+    if temperature is not None and "," not in temperature and args.temperature_increment_on_fallback:
+        try:
+            temperature = tuple(np.arange(float(temperature), 1.0 + 1e-6,
+                                          args.temperature_increment_on_fallback).round(6).tolist())
+        except ValueError:
+            pass                                       # Config reports the bad value
     try:
-        model = load(args.model, device=args.device)
-        os.makedirs(args.output_dir, exist_ok=True)
+        cfg = Config.resolve(args.config, origin="command line",
+                             **{**{k: getattr(args, k) for k in SETTINGS}, "temperature": temperature})
+    except ConfigError as e:
+        sys.stderr.write(f"maxwhisper: error: {e}\n")
+        return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if cfg["log_format"] == "json"
+                         else logging.Formatter("maxwhisper: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(getattr(logging, cfg["log_level"].upper()) if args.verbose else logging.WARNING)
+    if args.print_config:
+        sys.stdout.write(cfg.describe() + "\n")
+        return 0
+    if not args.audio and not args.warmup:
+        sys.stderr.write("maxwhisper: error: no audio files given (see --help)\n")
+        return 2
+    try:
+        model = load(config=cfg)
+        if args.warmup:
+            log.info("%s graphs compiled and cached for %s", cfg["model"], model.device_name)
+            return 0
+        os.makedirs(cfg["output_dir"], exist_ok=True)
+    except DeviceError as e:
+        sys.stderr.write(f"maxwhisper: internal error: {e}\n")
+        return 1
     except MaxWhisperError as e:
         sys.stderr.write(f"maxwhisper: error: {e}\n")
         return 2
     except OSError as e:
-        sys.stderr.write(f"maxwhisper: error: --output_dir {args.output_dir}: {e.strerror}\n")
+        sys.stderr.write(f"maxwhisper: error: output_dir {cfg['output_dir']}: {e.strerror}\n")
         return 2
-    writer = get_writer(args.output_format, args.output_dir)
+    from whisper.utils import get_writer
+    writer = get_writer(cfg["output_format"], cfg["output_dir"])
     status = 0
     for path in args.audio:
         try:
-            result = transcribe(model, path, **options)
-        except MaxWhisperError as e:
-            sys.stderr.write(f"maxwhisper: error: {e}\n")
-            status = max(status, 2)
-            continue
-        except Exception as e:  # an internal failure: keep going with the other files
-            log.debug("internal error", exc_info=True)
-            sys.stderr.write(f"maxwhisper: internal error on {path}: {type(e).__name__}: {e}\n")
-            status = 1 if status == 0 else status
+            result = transcribe(model, path, length_penalty=args.length_penalty,
+                                suppress_tokens=args.suppress_tokens, clip_timestamps=args.clip_timestamps,
+                                carry_initial_prompt=args.carry_initial_prompt)
+        except Exception as e:  # one bad file must not stop the others
+            if isinstance(e, MaxWhisperError) and not isinstance(e, DeviceError):
+                sys.stderr.write(f"maxwhisper: error: {e}\n")
+                status = 2
+            else:
+                log.debug("internal error on %s", path, exc_info=True)
+                sys.stderr.write(f"maxwhisper: internal error on {path}: {type(e).__name__}: {e}\n")
+                status = status or 1
             continue
         if args.verbose:
             for seg in result["segments"]:

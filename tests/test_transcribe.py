@@ -17,6 +17,7 @@ class TranscribeTest(unittest.TestCase):
     def test_path_and_array_agree(self):
         a = self.model.transcribe(str(self.wav))
         b = mw.transcribe(self.model, mw.load_audio(self.wav))
+        a.pop("metrics"), b.pop("metrics")
         self.assertEqual(a, b)
         self.assertEqual(a["language"], "en")
         self.assertEqual(a["text"].strip().lower().rstrip("."), self.text.lower().rstrip("."))
@@ -24,8 +25,8 @@ class TranscribeTest(unittest.TestCase):
     def test_silence_and_empty_give_no_text(self):
         result = self.model.transcribe(np.zeros(mw.SAMPLE_RATE * 5, np.float32))
         self.assertEqual(result["text"].strip(), "")
-        self.assertEqual(self.model.transcribe(np.zeros(0, np.float32)),
-                         {"text": "", "segments": [], "language": "en"})
+        empty = self.model.transcribe(np.zeros(0, np.float32))
+        self.assertEqual((empty["text"], empty["segments"], empty["metrics"]["windows"]), ("", [], 0))
 
     def test_temperature_fallback_samples_best_of(self):
         # an impossible compression threshold forces every temperature to be tried

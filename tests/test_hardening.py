@@ -1,0 +1,287 @@
+"""Production hardening: a bad-input corpus, recovery, threads, config, logs and metrics."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+
+import support
+from support import mw
+from test_audio import wav_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class BadInputTest(unittest.TestCase):
+    """Each bad input has one documented outcome: a result, or a typed error naming the file."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model = support.model("tiny.en")
+        cls.wav, cls.text = support.samples("en")[-1]           # "The quick brown fox ..."
+        cls.speech = mw.load_audio(cls.wav)
+        cls.dir = Path(tempfile.mkdtemp(prefix="maxwhisper-bad-"))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir)
+
+    def write(self, name, data: bytes) -> Path:
+        path = self.dir / name
+        path.write_bytes(data)
+        return path
+
+    def resampled(self, rate: int) -> np.ndarray:
+        """The speech sample at another rate (numpy interpolation, independent of ours)."""
+        t = np.arange(int(len(self.speech) * rate / mw.SAMPLE_RATE)) / rate
+        return np.interp(t, np.arange(len(self.speech)) / mw.SAMPLE_RATE, self.speech)
+
+    def assert_text(self, result, words=("quick", "brown", "fox")):
+        text = result["text"].lower()
+        self.assertNotIn("nan", text)
+        for w in words:
+            self.assertIn(w, text)
+
+    def test_readable_variants_transcribe(self):
+        stereo = np.stack([self.resampled(44100), self.resampled(44100)], axis=1) * 0.9
+        cases = {
+            "stereo 44.1 kHz 16-bit": wav_bytes(stereo, 44100, 16),
+            "8-bit 8 kHz": wav_bytes(self.resampled(8000)[:, None], 8000, 8),
+            "24-bit PCM 16 kHz": wav_bytes(self.speech[:, None], 16000, 24),
+        }
+        for what, data in cases.items():
+            with self.subTest(what):
+                self.assert_text(self.model.transcribe(self.write(f"{what}.wav", data)))
+
+    def test_truncated_wav_transcribes_what_is_there_with_a_warning(self):
+        data = wav_bytes(self.speech[:, None], 16000, 16)
+        path = self.write("truncated.wav", data[:44 + 2 * int(1.6 * mw.SAMPLE_RATE)])
+        with self.assertLogs("maxwhisper", "WARNING") as logs:
+            result = self.model.transcribe(path)
+        self.assertIn("truncated.wav", logs.output[0])
+        self.assert_text(result, words=("quick",))
+
+    def test_absurd_data_size_is_read_as_truncated(self):
+        data = bytearray(wav_bytes(self.speech[:, None], 16000, 16))
+        data[40:44] = (0xFFFFFFF0).to_bytes(4, "little")               # "4 GB" of data
+        with self.assertLogs("maxwhisper", "WARNING"):
+            self.assert_text(self.model.transcribe(self.write("huge.wav", bytes(data))))
+
+    def test_empty_outcomes(self):
+        zero = self.write("zero_frames.wav", wav_bytes(np.zeros((0, 1)), 16000, 16))
+        ten_ms = self.write("ten_ms.wav", wav_bytes(self.speech[:160, None], 16000, 16))
+        for path in (zero, ten_ms):
+            with self.subTest(path.name):
+                result = self.model.transcribe(path)
+                self.assertEqual(result["text"].strip(), "")
+                self.assertTrue(all(np.isfinite(s["avg_logprob"]) for s in result["segments"]))
+
+    def test_unreadable_inputs_raise_audio_errors_naming_the_file(self):
+        rng = np.random.default_rng(0)
+        bad = wav_bytes(np.array([[0.1], [np.nan], [np.inf]]), 16000, 32, 3)
+        zero_hz = bytearray(wav_bytes(self.speech[:1000, None], 16000, 16))
+        zero_hz[24:28] = (0).to_bytes(4, "little")
+        cases = {
+            "empty file": self.write("empty.wav", b""),
+            "random bytes": self.write("random.bin", rng.bytes(4096)),
+            "text named .mp3": self.write("notes.mp3", b"meeting notes, not audio\n" * 20),
+            "NaN/inf float WAV": self.write("nan.wav", bad),
+            "0 Hz header": self.write("zero_hz.wav", bytes(zero_hz)),
+            "directory": self.dir,
+            "missing path": self.dir / "missing.wav",
+        }
+        for what, path in cases.items():
+            with self.subTest(what), self.assertRaises(mw.AudioError) as ctx:
+                self.model.transcribe(path)
+            self.assertIn(str(path), str(ctx.exception))
+
+    def test_wrong_arrays(self):
+        for bad in (np.zeros((2, 16000), np.float32), np.zeros(16000, np.int16), np.zeros((), np.float32)):
+            with self.subTest(shape=bad.shape, dtype=str(bad.dtype)), self.assertRaises(mw.AudioError):
+                self.model.transcribe(bad)
+
+    def test_too_long_audio_is_a_capacity_error(self):
+        with self.assertRaises(mw.CapacityError) as ctx:
+            self.model.transcribe(self.speech, max_audio_seconds=1.0)
+        self.assertIn("max_audio_seconds", str(ctx.exception))
+
+    def test_library_prints_nothing_by_default(self):
+        data = wav_bytes(self.speech[:, None], 16000, 16)
+        path = self.write("quiet.wav", data[:-1000])
+        code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import maxwhisper as mw; "
+                f"mw.load_audio({str(path)!r})")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        self.assertEqual((proc.returncode, proc.stderr, proc.stdout), (0, "", ""))
+
+
+class RecoveryAndThreadsTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = support.model("tiny.en")
+        cls.clips = [wav for wav, _ in support.samples("en")]
+        cls.expected = {c: cls.model.transcribe(c)["text"] for c in cls.clips}
+
+    def test_failed_compile_then_recovery(self):
+        m = mw.Model(self.model.weights, device="cpu", warmup=False)
+        real_load, calls = m._session.load, []
+
+        def flaky_load(graph):
+            calls.append(graph)
+            if len(calls) == 1:
+                raise RuntimeError("simulated compiler crash")
+            return real_load(graph)
+
+        m._session = mock.Mock(load=flaky_load)
+        with self.assertRaises(mw.DeviceError) as ctx:
+            m.transcribe(self.clips[0])
+        self.assertIn("mel graph", str(ctx.exception))
+        self.assertEqual(m.transcribe(self.clips[0])["text"], self.expected[self.clips[0]])
+
+    def test_device_error_then_recovery(self):
+        real = self.model._graphs["decoder"]
+        broken = mock.Mock(wraps=real)
+        broken.execute.side_effect = RuntimeError("simulated device fault")
+        self.model._graphs["decoder"] = broken
+        try:
+            with self.assertRaises(mw.DeviceError):
+                self.model.transcribe(self.clips[0])
+        finally:
+            self.model._graphs["decoder"] = real
+        self.assertEqual(self.model.transcribe(self.clips[0])["text"], self.expected[self.clips[0]])
+
+    def test_eight_threads_five_files_each(self):
+        results, errors = {}, []
+
+        def work(k):
+            try:
+                for j in range(5):
+                    clip = self.clips[(k + j) % len(self.clips)]
+                    results[(k, j)] = (clip, self.model.transcribe(clip)["text"])
+            except Exception as e:  # collected and reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.assertEqual(errors, [])
+        self.assertEqual(len(results), 40)
+        for clip, text in results.values():
+            self.assertEqual(text, self.expected[clip])
+
+
+class ConfigTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="maxwhisper-cfg-"))
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.cfg = self.dir / "maxwhisper.cfg"
+        self.cfg.write_text("[maxwhisper]\nbest_of = 2\nlanguage = en\nno_speech_threshold = 0.5\n"
+                            "temperature = 0, 0.5\n")
+
+    def test_precedence_default_file_env_argument(self):
+        env = {"MAXWHISPER_BEST_OF": "3", "MAXWHISPER_LANGUAGE": "fr"}
+        c = mw.Config.resolve(self.cfg, env=env, best_of=4)
+        self.assertEqual((c["best_of"], c.sources["best_of"]), (4, "argument"))
+        self.assertEqual((c["language"], c.sources["language"]), ("fr", "$MAXWHISPER_LANGUAGE"))
+        self.assertEqual(c["no_speech_threshold"], 0.5)
+        self.assertIn("maxwhisper.cfg", c.sources["no_speech_threshold"])
+        self.assertEqual(c["temperature"], (0.0, 0.5))
+        self.assertEqual((c["task"], c.sources["task"]), ("transcribe", "default"))
+        via_env = mw.Config.resolve(env={"MAXWHISPER_CONFIG": str(self.cfg)})
+        self.assertEqual(via_env["best_of"], 2)
+
+    def test_unknown_keys_and_bad_values_name_the_key(self):
+        cases = [({"MAXWHISPER_COLOUR": "red"}, "colour"), ({"MAXWHISPER_BEST_OF": "many"}, "best_of"),
+                 ({"MAXWHISPER_DEVICE": "tpu"}, "device"), ({"MAXWHISPER_TEMPERATURE": "-1"}, "temperature")]
+        for env, key in cases:
+            with self.subTest(key=key), self.assertRaises(mw.ConfigError) as ctx:
+                mw.Config.resolve(env=env)
+            self.assertIn(key, str(ctx.exception))
+        self.cfg.write_text("[maxwhisper]\nbeam = 5\n")
+        with self.assertRaises(mw.ConfigError) as ctx:
+            mw.Config.resolve(self.cfg, env={})
+        self.assertIn("beam", str(ctx.exception))
+        with self.assertRaises(mw.ConfigError):
+            mw.Config.resolve(self.dir / "absent.cfg", env={})
+
+    def test_model_takes_transcribe_defaults_from_config(self):
+        base = support.model("tiny.en")
+        cfg = mw.Config.resolve(env={"MAXWHISPER_MAX_AUDIO_SECONDS": "0.5"})
+        m = mw.Model(base.weights, device="cpu", config=cfg)
+        wav, _ = support.samples("en")[0]
+        with self.assertRaises(mw.CapacityError):
+            m.transcribe(wav)
+        self.assertTrue(m.transcribe(wav, max_audio_seconds=None)["text"])        # argument wins
+
+    def test_print_config_shows_every_source(self):
+        env = {**os.environ, "MAXWHISPER_CONFIG": str(self.cfg), "MAXWHISPER_LANGUAGE": "de",
+               "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, "-m", "maxwhisper", "--print-config", "--best_of", "7"],
+                              capture_output=True, text=True, env=env, cwd=self.dir)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        lines = dict(l.split(" = ", 1) for l in proc.stdout.splitlines())
+        self.assertEqual(lines["best_of"], "7  # command line")
+        self.assertEqual(lines["language"], "'de'  # $MAXWHISPER_LANGUAGE")
+        self.assertIn("maxwhisper.cfg [maxwhisper] no_speech_threshold", lines["no_speech_threshold"])
+        self.assertEqual(lines["task"], "'transcribe'  # default")
+        bad = subprocess.run([sys.executable, "-m", "maxwhisper", "--print-config", "--device", "tpu"],
+                             capture_output=True, text=True, env=env, cwd=self.dir)
+        self.assertEqual(bad.returncode, 2)
+        self.assertEqual(len(bad.stderr.strip().splitlines()), 1)
+        self.assertIn("device", bad.stderr)
+
+
+class LogsAndMetricsTest(unittest.TestCase):
+    PROM_LINE = re.compile(r'^(# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+|'
+                           r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? '
+                           r'-?[0-9.]+(e[+-]?[0-9]+)?)$')
+
+    def test_per_call_and_cumulative_metrics(self):
+        m = support.model("tiny.en")
+        wav, _ = support.samples("en")[0]
+        before = m.metrics()
+        result = m.transcribe(wav)
+        rec = result["metrics"]
+        for key in ("audio_seconds", "windows", "tokens", "encoder_seconds", "decode_seconds",
+                    "tokens_per_second", "real_time_factor", "compile_seconds", "fallbacks", "device"):
+            self.assertIn(key, rec)
+        self.assertEqual(rec["windows"], 1)
+        self.assertEqual(rec["tokens"], sum(len(s["tokens"]) for s in result["segments"]))
+        self.assertEqual(rec["device"], "cpu")
+        after = m.metrics()
+        self.assertEqual(after["requests"] - before["requests"], 1)
+        self.assertAlmostEqual(after["audio_seconds"] - before["audio_seconds"], rec["audio_seconds"])
+        text = m.metrics(format="prometheus")
+        for line in text.strip().splitlines():
+            self.assertRegex(line, self.PROM_LINE)
+        self.assertIn("# TYPE maxwhisper_tokens_total counter", text)
+
+    def test_cli_json_logs_parse_and_warmup(self):
+        support.model("tiny.en")
+        wav, _ = support.samples("en")[0]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with tempfile.TemporaryDirectory() as out:
+            proc = subprocess.run([sys.executable, "-m", "maxwhisper", str(wav), "--log-format", "json",
+                                   "-f", "txt", "-o", out], capture_output=True, text=True, env=env)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        entries = [json.loads(line) for line in proc.stderr.splitlines()]
+        self.assertTrue(entries)
+        self.assertTrue(all({"time", "level", "logger", "message"} <= set(e) for e in entries))
+        warm = subprocess.run([sys.executable, "-m", "maxwhisper", "--warmup"], capture_output=True,
+                              text=True, env=env)
+        self.assertEqual(warm.returncode, 0, warm.stderr)
+        self.assertIn("compiled and cached", warm.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
