@@ -421,6 +421,8 @@ def _read_ct2_model_bin(path: Path) -> dict:
             (nbytes,) = take("<I")
             raw = data[pos:pos + nbytes]
             pos += nbytes
+            if len(raw) < nbytes:
+                raise struct.error("variable data runs past the end of the file")
             if code == 5:                                # bfloat16: widen the top 16 bits
                 arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
             elif code in _CT2_DTYPES:
@@ -432,8 +434,9 @@ def _read_ct2_model_bin(path: Path) -> dict:
         for _ in range(n_alias):
             alias, target = string(), string()
             out[alias] = out[target]
-    except struct.error:
-        raise ModelError(f"{path}: truncated or corrupt CTranslate2 model file") from None
+    except (struct.error, ValueError):
+        raise ModelError(f"{path}: truncated or corrupt CTranslate2 model file; download or "
+                         "convert it again") from None
     return out
 
 

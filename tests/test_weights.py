@@ -65,6 +65,11 @@ class WeightsTest(unittest.TestCase):
         with self.assertRaises(mw.ModelError) as ctx:
             mw.load_weights(folder)
         self.assertIn("model.bin", str(ctx.exception))
+        whole = Path(mw._packaged_model("tiny.en")) / "model.bin"
+        (folder / "model.bin").write_bytes(whole.read_bytes()[:5_000_000])      # cut mid-variable
+        with self.assertRaises(mw.ModelError) as ctx:
+            mw.load_weights(folder)
+        self.assertIn("truncated", str(ctx.exception))
         pt = self.dir / "bad.pt"
         pt.write_bytes(b"not a checkpoint")
         with self.assertRaises(mw.ModelError) as ctx:
