@@ -191,6 +191,17 @@ def word_errors(reference: str, hypothesis: str, english: bool) -> tuple[int, in
     return row[-1], len(ref)
 
 
+def corpus_wer(files: list[dict], english: bool) -> float | None:
+    """Word error rate over the files that have a reference .txt beside them."""
+    errs = refs = 0
+    for f in files:
+        ref = Path(f["file"]).with_suffix(".txt")
+        if ref.exists():
+            e, n = word_errors(ref.read_text(), f["text"], english)
+            errs, refs = errs + e, refs + n
+    return errs / refs if refs else None
+
+
 # ---------------------------------------------------------------------------------------------
 # compare
 # ---------------------------------------------------------------------------------------------
@@ -228,17 +239,12 @@ def compare(args) -> dict:
         last = rs[-1]["files"]
         words = sum(len(f["text"].split()) for f in last)
         tokens = sum(f["tokens"] for f in last)
-        errs = refs = 0
-        for f in last:
-            ref = Path(f["file"]).with_suffix(".txt")
-            if ref.exists():
-                e_, n_ = word_errors(ref.read_text(), f["text"], english=args.normalizer == "english")
-                errs, refs = errs + e_, refs + n_
+        wers = [w for w in (corpus_wer(r["files"], args.normalizer == "english") for r in rs) if w is not None]
         summary[e] = {"wall_s": wall, "wall_s_all": walls, "rtf": wall / audio_s,
                       "words_per_s": words / wall, "tokens_per_s": tokens / wall,
                       "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                       "load_s": statistics.median(r["load_s"] for r in rs),
-                      "wer": errs / refs if refs else None,
+                      "wer": statistics.median(wers) if wers else None, "wer_all": wers,
                       "texts": {Path(f["file"]).name: f["text"] for f in last}}
     first = engines[0] if engines else None
     for e in summary:
@@ -248,7 +254,7 @@ def compare(args) -> dict:
               "engines": summary, "skipped": skipped, "machine": machine()}
     print_table(f"compare: {args.model}, {len(files)} files, {audio_s:.1f} s of audio, "
                 f"{args.threads} threads, median of {args.repeats}",
-                ["engine", "wall s", "× first", "RTF", "words/s", "tokens/s", "peak RSS MB", "load s", "WER"],
+                ["engine", "wall s", "× first", "RTF", "words/s", "tokens/s", "peak RSS MB", "load s", "WER (median)"],
                 [[e, f"{s['wall_s']:.2f}", f"{s['wall_ratio_to_first']:.2f}", f"{s['rtf']:.3f}",
                   f"{s['words_per_s']:.1f}", f"{s['tokens_per_s']:.1f}", f"{s['peak_rss_mb']:.0f}",
                   f"{s['load_s']:.1f}", "-" if s["wer"] is None else f"{100 * s['wer']:.1f}%"]
@@ -398,11 +404,14 @@ def stress(args) -> dict:
             rss.append(rss_mb())
     out = {"command": "stress", "model": args.model, "decodes": decodes,
            "capacity_error_past_448": overflow, "rss_mb_samples": rss,
-           "rss_drift_mb": rss[-1] - rss[0], "repeats": args.repeats, "machine": machine()}
+           "rss_drift_mb": rss[-1] - rss[0],
+           "rss_drift_after_warmup_mb": rss[-1] - rss[min(1, len(rss) - 1)],
+           "repeats": args.repeats, "machine": machine()}
     print_table(f"stress: {args.model}", ["tokens", "cache length", "seconds"],
                 [[n, d["length"], f"{d['seconds']:.2f}"] for n, d in decodes.items()])
     print(f"CapacityError past 448: {overflow}; RSS over {args.repeats} transcriptions: "
-          f"{rss[0]:.0f} -> {rss[-1]:.0f} MB (drift {rss[-1] - rss[0]:+.1f} MB)")
+          f"{rss[0]:.0f} -> {rss[-1]:.0f} MB (drift {out['rss_drift_mb']:+.1f} MB; "
+          f"{out['rss_drift_after_warmup_mb']:+.1f} MB after the first 10)")
     return out
 
 

@@ -19,13 +19,12 @@ tokens. The tokenizer and output writers are openai-whisper's own; everything th
 
 Weights enter every graph as *inputs*, never as baked-in constants, so one compiled graph
 serves every checkpoint of the same dimensions and MAX's compile cache (``~/.cache/modular``,
-or ``MODULAR_CACHE_DIR``) makes the second process start in about a second.
+or ``MODULAR_CACHE_DIR``) lets the next process skip compiling (a few seconds to load).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -37,7 +36,7 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import maxwhisper as mw  # noqa: E402
-from bench import LONG_TEXT, sample_files, speech_clip  # noqa: E402,F401
+from bench import LONG_TEXT, sample_files, speech_clip  # noqa: E402,F401  (re-exported)
 
 # openai-whisper's tokenizer leaves its vocabulary file open; not ours to fix, only noise here.
 warnings.filterwarnings("ignore", category=ResourceWarning, message=r"unclosed file .*tiktoken")

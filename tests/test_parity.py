@@ -3,8 +3,6 @@
 import math
 import unittest
 
-import numpy as np
-
 import support
 from support import mw
 
