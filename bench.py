@@ -327,42 +327,53 @@ def step_bytes(dims: dict, batch: int, position: int) -> int:
     return 4 * (weights + cross + own)
 
 
+def step_latencies(m: mw.Model, cross: list, batch: int, positions: list[int], steps: int) -> dict:
+    """Median ms of one decoder step at each position, for ``batch`` sequences."""
+    cache = m.new_cache(cross, batch=batch)
+    tokens = np.full((batch, max(positions)), 262, np.int64)                    # " the"
+    step_ms = {}
+    for p in positions:
+        cache.reset()
+        m.decode(cache, tokens[:, :p])
+        times = []
+        for _ in range(steps):
+            cache.length = p                                       # re-run the step at position p
+            times.append(_timed(lambda: m.decode(cache, tokens[:, :1])))
+        step_ms[str(p)] = 1000 * statistics.median(times)
+    return step_ms
+
+
 def scaling(args) -> dict:
     bandwidth = memory_bandwidth_gbs()
     positions = [int(p) for p in args.positions.split(",")]
+    modes = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[args.kernels]
     results = []
     for name in args.model.split(","):
-        m = mw.load(name, device="cpu")
-        audio = mw.load_audio(sample_files("en")[0]) if sample_files("en") else np.zeros(mw.N_SAMPLES, np.float32)
-        mel = m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
-        cross = m.encode(mel)[1]
-        cache = m.new_cache(cross, batch=args.batch)
-        tokens = np.full((args.batch, max(positions)), 262, np.int64)           # " the"
-        step_ms = {}
-        for p in positions:
-            cache.reset()
-            m.decode(cache, tokens[:, :p])
-            times = []
-            for _ in range(args.steps):
-                cache.length = p                                   # re-run the step at position p
-                times.append(_timed(lambda: m.decode(cache, tokens[:, :1])))
-            step_ms[str(p)] = 1000 * statistics.median(times)
-        limit_ms = {str(p): 1000 * step_bytes(m.dims, args.batch, p) / (bandwidth * 1e9) for p in positions}
-        results.append({"model": name, "batch": args.batch, "kernels": False, "step_ms": step_ms,
-                        "tokens_per_s": {p: args.batch * 1000 / v for p, v in step_ms.items()},
-                        "bandwidth_limit_ms": limit_ms,
-                        "fraction_of_bandwidth_limit": {p: limit_ms[p] / step_ms[p] for p in step_ms}})
-    for r in results:
-        print_table(f"scaling: {r['model']}, batch {r['batch']}, fp32, memory bandwidth {bandwidth:.1f} GB/s",
-                    ["position", "step ms", "tokens/s", "bandwidth-limit ms", "% of limit"],
-                    [[p, f"{r['step_ms'][p]:.2f}", f"{r['tokens_per_s'][p]:.0f}",
-                      f"{r['bandwidth_limit_ms'][p]:.2f}", f"{100 * r['fraction_of_bandwidth_limit'][p]:.0f}%"]
-                     for p in r["step_ms"]])
+        weights = mw.load_weights(name)
+        for mode in modes:
+            m = mw.Model(weights, device="cpu", kernels=mode)
+            audio = mw.load_audio(sample_files("en")[0]) if sample_files("en") else np.zeros(mw.N_SAMPLES, np.float32)
+            cross = m.encode(m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES])[1]
+            for batch in [int(b) for b in args.batch.split(",")]:
+                step_ms = step_latencies(m, cross, batch, positions, args.steps)
+                limit_ms = {str(p): 1000 * step_bytes(m.dims, batch, p) / (bandwidth * 1e9) for p in positions}
+                results.append({"model": name, "batch": batch, "kernels": m.kernels is not None,
+                                "step_ms": step_ms,
+                                "tokens_per_s": {p: batch * 1000 / v for p, v in step_ms.items()},
+                                "bandwidth_limit_ms": limit_ms,
+                                "fraction_of_bandwidth_limit": {p: limit_ms[p] / step_ms[p] for p in step_ms}})
+    print_table(f"scaling: decoder step ms by position, fp32, memory bandwidth {bandwidth:.1f} GB/s "
+                f"(tokens/s and % of the bandwidth bound at the last position)",
+                ["model", "batch", "kernels"] + positions + ["tokens/s", "% of bound"],
+                [[r["model"], r["batch"], "on" if r["kernels"] else "off"]
+                 + [f"{r['step_ms'][str(p)]:.2f}" for p in positions]
+                 + [f"{r['tokens_per_s'][str(positions[-1])]:.0f}",
+                    f"{100 * r['fraction_of_bandwidth_limit'][str(positions[-1])]:.0f}%"] for r in results])
     if args.png:
         chart(args.png, "decoder step ms by position",
-              [f"{r['model']}@{p}" for r in results for p in r["step_ms"]],
+              [f"{r['model']} b{r['batch']} {'k' if r['kernels'] else 'ops'} @{p}" for r in results for p in r["step_ms"]],
               [v for r in results for v in r["step_ms"].values()])
-    out = {"command": "scaling", "memory_bandwidth_gbs": bandwidth, "machine": machine(), "models": results}
+    out = {"command": "scaling", "memory_bandwidth_gbs": bandwidth, "machine": machine(), "runs": results}
     if len(results) == 1:
         out.update(results[0])
     return out
@@ -471,7 +482,9 @@ def main(argv=None) -> int:
     cs.add_argument("--repeats", type=int, default=3)
     s = sub.add_parser("scaling", parents=[common], help="decoder step latency by position")
     s.add_argument("--positions", default="10,50,100,200,400")
-    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    s.add_argument("--kernels", choices=["both", "on", "off"], default="both",
+                   help="decoder attention: the Mojo kernels, MAX ops, or both side by side")
     s.add_argument("--steps", type=int, default=30)
     st = sub.add_parser("stress", parents=[common], help="long decodes, capacity, memory drift")
     st.add_argument("--repeats", type=int, default=100)

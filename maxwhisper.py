@@ -128,6 +128,8 @@ def _parse_temperatures(s) -> tuple:
 SETTINGS: dict[str, tuple] = {
     "model": ("tiny.en", str, "load", "model name, CTranslate2 folder or .pt checkpoint"),
     "device": ("auto", _parse_choice("auto", "cpu", "gpu", "cuda"), "load", "auto, cpu or gpu"),
+    "kernels": ("auto", _parse_choice("auto", "on", "off"), "load",
+                "Mojo attention kernels from kernels/: auto uses them when present"),
     "language": (None, _parse_optional(str), "transcribe", "spoken language; none detects it"),
     "task": ("transcribe", _parse_choice("transcribe", "translate"), "transcribe", "transcribe or translate"),
     "temperature": ((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), _parse_temperatures, "transcribe",
@@ -842,8 +844,12 @@ def build_encoder_graph(dims: dict, device):
     return g
 
 
-def build_decoder_graph(dims: dict, device):
+def build_decoder_graph(dims: dict, device, kernels: Path | None = None):
     """Cached decoder graph: one graph serves the prompt prefill and every one-token step.
+
+    With ``kernels`` (the ``kernels/`` Mojo package), self- and cross-attention are the fused
+    ``whisper_attention`` op, which reads only the filled cache rows; without it attention is
+    built from MAX ops over all 448 cache slots with the mask.
 
     Inputs: ``tokens`` [batch, n_tok] int64; ``span`` [2] int64 = (offset, offset + n_tok), the
     positions these tokens take; ``positions`` [n_tok] int64 (offset .. offset+n_tok-1);
@@ -867,9 +873,10 @@ def build_decoder_graph(dims: dict, device):
     cache = [BufferType(DType.float32, ["batch", n_head, dh, ctx], device=device),
              BufferType(DType.float32, ["batch", n_head, ctx, dh], device=device)] * L
     mask_type = TensorType(DType.float32, ["batch", "n_tok", ctx], device=device)
-    with Graph(f"whisper_decoder_{_dims_key(dims)}",
+    with Graph(f"whisper_decoder_{_dims_key(dims)}{'_k' if kernels else ''}",
                input_types=[i64(["batch", "n_tok"]), i64([2]), i64(["n_tok"]), i64(["n_out"]),
-                            mask_type] + _param_types(names, dims, device) + cross + cache) as g:
+                            mask_type] + _param_types(names, dims, device) + cross + cache,
+               custom_extensions=[kernels] if kernels else []) as g:
         tokens, span, positions, out_idx, mask = (v.tensor for v in g.inputs[:5])
         mask = ops.unsqueeze(mask, 1)                                            # over heads
         rest = g.inputs[5:]
@@ -880,6 +887,17 @@ def build_decoder_graph(dims: dict, device):
         x = ops.gather(p["decoder.token_embedding.weight"], tokens, axis=0) \
             + ops.gather(p["decoder.positional_embedding"], positions, axis=0)
         scale = dh ** -0.5
+        if kernels:
+            self_len, cross_len = positions + 1, positions * 0 + n_audio     # keys each query sees
+
+            def attend(q, k_t, v, lengths, _mask=None):
+                return ops.custom(name="whisper_attention", device=device, values=[q, k_t, v, lengths],
+                                  out_types=[TensorType(DType.float32, q.shape, device=device)])[0].tensor
+        else:
+            self_len = cross_len = None
+
+            def attend(q, k_t, v, _lengths, mask=None):
+                return _attend(q, k_t, v, scale, mask)
         for i in range(L):
             b = f"decoder.blocks.{i}"
             h = p.norm(x, f"{b}.attn_ln")
@@ -890,11 +908,11 @@ def build_decoder_graph(dims: dict, device):
             ops.buffer_store_slice(k_cache, k_new, [slice(None), slice(None), slice(None), new])
             ops.buffer_store_slice(v_cache, _heads(p.linear(h, f"{b}.attn.value"), n_head),
                                    [slice(None), slice(None), new, slice(None)])
-            att = _attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), scale, mask)
+            att = attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), self_len, mask)
             x = x + p.linear(_merge_heads(att), f"{b}.attn.out")
             h = p.norm(x, f"{b}.cross_attn_ln")
             q = _heads(p.linear(h, f"{b}.cross_attn.query"), n_head)
-            att = _attend(q, cross_kv[2 * i], cross_kv[2 * i + 1], scale)
+            att = attend(q, cross_kv[2 * i], cross_kv[2 * i + 1], cross_len)
             x = x + p.linear(_merge_heads(att), f"{b}.cross_attn.out")
             x = x + p.mlp(x, b)
         x = ops.gather(p.norm(x, "decoder.ln"), out_idx, axis=1)                   # [B, n_out, d]
@@ -965,6 +983,27 @@ def _pick_device(device: str):
     raise ConfigError(f"device={device!r}: use 'auto', 'cpu' or 'gpu'")
 
 
+KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+
+
+def _kernels_dir(mode: str, device_name: str) -> Path | None:
+    """The Mojo kernel package to compile into the decoder, or None for MAX-ops attention."""
+    present = (KERNELS_DIR / "attention.mojo").is_file()
+    if mode == "off":
+        return None
+    if mode == "on" and not present:
+        raise ConfigError(f"kernels=on but {KERNELS_DIR} has no attention.mojo; vendor the kernels/ "
+                          "folder beside maxwhisper.py or set kernels=auto")
+    if mode == "on" and device_name != "cpu":
+        raise ConfigError("kernels=on: the Mojo attention kernels have a CPU path only so far; "
+                          "set kernels=auto or off on a GPU")
+    if not present or device_name != "cpu":
+        log.info("%s: decoder attention is built from MAX ops",
+                 f"no {KERNELS_DIR}" if not present else "Mojo kernels are CPU-only")
+        return None
+    return KERNELS_DIR
+
+
 class _CompileProgress:
     """Logs a line every few seconds while a graph compiles, so a cold start is not silent."""
 
@@ -1016,7 +1055,7 @@ class Model:
     _GRAPHS = ("mel", "encoder", "decoder")
 
     def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,
-                 warmup: bool = True):
+                 warmup: bool = True, kernels: str = "auto"):
         from max import engine
         from max.driver import Buffer, CPU
 
@@ -1024,6 +1063,7 @@ class Model:
         self.config = config or Config.resolve()
         self.device = _pick_device(device)
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
+        self.kernels = _kernels_dir(kernels, self.device_name)
         self._session = engine.InferenceSession(devices=[self.device])
         self._lock = threading.Lock()
         self._graphs: dict = {}
@@ -1044,7 +1084,7 @@ class Model:
             ref = DeviceRef.from_device(self.device)
             build = {"mel": lambda: build_mel_graph(self.dims["n_mels"], ref),
                      "encoder": lambda: build_encoder_graph(self.dims, ref),
-                     "decoder": lambda: build_decoder_graph(self.dims, ref)}[name]
+                     "decoder": lambda: build_decoder_graph(self.dims, ref, self.kernels)}[name]
             with _CompileProgress(f"{name} graph") as p:
                 try:
                     self._graphs[name] = self._session.load(build())
@@ -1207,7 +1247,8 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     (tens of seconds); later processes reuse MAX's compile cache and start in about a second.
     """
     cfg = config if isinstance(config, Config) else Config.resolve(config, model=model, device=device)
-    return Model(load_weights(cfg["model"]), device=cfg["device"], config=cfg, warmup=warmup)
+    return Model(load_weights(cfg["model"]), device=cfg["device"], config=cfg, warmup=warmup,
+                 kernels=cfg["kernels"])
 
 
 # =============================================================================================

@@ -51,7 +51,7 @@ class BenchSmokeTest(unittest.TestCase):
 
     def test_scaling_and_stress(self):
         out = self.dir / "scaling.json"
-        bench("scaling", "--positions", "10,50", "--steps", "3", "--json", out)
+        bench("scaling", "--positions", "10,50", "--steps", "3", "--kernels", "off", "--json", out)
         result = json.loads(out.read_text())
         self.assertEqual(set(result["step_ms"]), {"10", "50"})
         self.assertIs(result["kernels"], False)
