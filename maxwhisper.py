@@ -1050,6 +1050,8 @@ class Model:
     concurrent calls are correct and each is as fast as alone, but throughput does not grow
     with threads. A graph that fails to compile or run raises ``DeviceError`` and leaves the
     model usable: a graph not compiled yet is compiled again by the next call that needs it.
+    ``kernels`` (``auto``, ``on``, ``off``): the decoder's attention from the Mojo kernels in
+    ``kernels/`` (CPU) or from MAX ops; ``self.kernels`` is the package used, or None.
     """
 
     _GRAPHS = ("mel", "encoder", "decoder")
@@ -1231,22 +1233,25 @@ class Model:
 
 
 def load(model: str | os.PathLike | None = None, device: str | None = None, *,
-         config: str | os.PathLike | Config | None = None, warmup: bool = True) -> Model:
+         config: str | os.PathLike | Config | None = None, warmup: bool = True,
+         kernels: str | None = None) -> Model:
     """Load a Whisper model and compile its graphs on ``device`` (``auto``, ``cpu``, ``gpu``).
 
-    Unset arguments come from the configuration (``config`` is a ``Config`` or a config file
-    path; see ``SETTINGS``): by default ``tiny.en`` on ``auto``. The configuration's
-    transcribe settings become this model's ``transcribe`` defaults. ``warmup=False`` defers
-    each graph's compile to its first use.
-
-    MAX runs on every core the process may use; to cap it, restrict the process's CPU
-    affinity (``taskset``, ``os.sched_setaffinity``) before loading.
     ``model`` is a name (``tiny.en`` ships with the package, ``base`` with the test extra,
     others come from ``~/.cache/whisper/<name>.pt``), a CTranslate2 model folder, or an
-    openai-whisper ``.pt`` checkpoint. The first load of a model size compiles three graphs
-    (tens of seconds); later processes reuse MAX's compile cache and start in about a second.
+    openai-whisper ``.pt`` checkpoint. ``kernels`` (``auto``, ``on``, ``off``) chooses the Mojo
+    attention kernels from ``kernels/`` over MAX-ops attention. Unset arguments come from the
+    configuration (``config`` is a ``Config`` or a config file path; see ``SETTINGS``): by
+    default ``tiny.en`` on ``auto`` with ``kernels=auto``. The configuration's transcribe
+    settings become this model's ``transcribe`` defaults.
+
+    The first load of a model size compiles three graphs (tens of seconds each); later
+    processes reuse MAX's compile cache and load in a few seconds. ``warmup=False`` defers each
+    graph's compile to its first use. MAX runs on every core the process may use; to cap it,
+    restrict the process's CPU affinity (``taskset``, ``os.sched_setaffinity``) first.
     """
-    cfg = config if isinstance(config, Config) else Config.resolve(config, model=model, device=device)
+    cfg = config if isinstance(config, Config) else Config.resolve(config, model=model, device=device,
+                                                                      kernels=kernels)
     return Model(load_weights(cfg["model"]), device=cfg["device"], config=cfg, warmup=warmup,
                  kernels=cfg["kernels"])
 
