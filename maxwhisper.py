@@ -1755,6 +1755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(_JsonFormatter() if cfg["log_format"] == "json"
                          else logging.Formatter("maxwhisper: %(message)s"))
     log.addHandler(handler)
+    log.propagate = False           # MAX may configure the root logger; the CLI owns its stderr
     log.setLevel(getattr(logging, cfg["log_level"].upper()) if args.verbose else logging.WARNING)
     if args.print_config:
         sys.stdout.write(cfg.describe() + "\n")
