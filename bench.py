@@ -327,6 +327,17 @@ def step_bytes(dims: dict, batch: int, position: int) -> int:
     return 4 * (weights + cross + own)
 
 
+def sample_audio() -> np.ndarray:
+    """The first English sample (30 s of silence when the samples are absent)."""
+    files = sample_files("en")
+    return mw.load_audio(files[0]) if files else np.zeros(mw.N_SAMPLES, np.float32)
+
+
+def window_cross(m: mw.Model, audio: np.ndarray) -> list:
+    """Cross K/V of the first 30 s window of ``audio``."""
+    return m.encode(m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES])[1]
+
+
 def step_latencies(m: mw.Model, cross: list, batch: int, positions: list[int], steps: int) -> dict:
     """Median ms of one decoder step at each position, for ``batch`` sequences."""
     cache = m.new_cache(cross, batch=batch)
@@ -352,8 +363,7 @@ def scaling(args) -> dict:
         weights = mw.load_weights(name)
         for mode in modes:
             m = mw.Model(weights, device="cpu", kernels=mode)
-            audio = mw.load_audio(sample_files("en")[0]) if sample_files("en") else np.zeros(mw.N_SAMPLES, np.float32)
-            cross = m.encode(m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES])[1]
+            cross = window_cross(m, sample_audio())
             for batch in [int(b) for b in args.batch.split(",")]:
                 step_ms = step_latencies(m, cross, batch, positions, args.steps)
                 limit_ms = {str(p): 1000 * step_bytes(m.dims, batch, p) / (bandwidth * 1e9) for p in positions}
@@ -389,9 +399,8 @@ def rss_mb() -> float:
 
 def stress(args) -> dict:
     m = mw.load(args.model, device="cpu")
-    audio = mw.load_audio(sample_files("en")[0]) if sample_files("en") else np.zeros(mw.N_SAMPLES, np.float32)
-    cross = m.encode(m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES])[1]
-    cache = m.new_cache(cross)
+    audio = sample_audio()
+    cache = m.new_cache(window_cross(m, audio))
     tok = m.tokenizer(language="en")
     decodes = {}
     for n in (50, 100, 200, 440):

@@ -1059,7 +1059,7 @@ class Model:
     def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,
                  warmup: bool = True, kernels: str = "auto"):
         from max import engine
-        from max.driver import Buffer, CPU
+        from max.driver import CPU
 
         self.weights, self.dims = weights, weights.dims
         self.config = config or Config.resolve()
@@ -1071,13 +1071,17 @@ class Model:
         self._graphs: dict = {}
         self.compile_seconds: dict[str, float] = {}
         self._totals = dict.fromkeys(_COUNTERS, 0.0)
-        to_dev = lambda a: Buffer.from_numpy(a).to(self.device)                    # noqa: E731
-        self._enc_w = [to_dev(a) for a in graph_weights(weights, encoder_param_names(self.dims))]
-        self._dec_w = [to_dev(a) for a in graph_weights(weights, decoder_param_names(self.dims))]
+        self._enc_w = [self._put(a) for a in graph_weights(weights, encoder_param_names(self.dims))]
+        self._dec_w = [self._put(a) for a in graph_weights(weights, decoder_param_names(self.dims))]
         if warmup:
             with self._lock:
                 for name in self._GRAPHS:
                     self._compiled(name)
+
+    def _put(self, array: np.ndarray):
+        """A numpy array as a MAX buffer on this model's device (no copy on CPU)."""
+        from max.driver import Buffer
+        return Buffer.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def _compiled(self, name: str):
         """The compiled graph ``name``, compiling it now if needed (call with the lock held)."""
@@ -1143,7 +1147,6 @@ class Model:
 
     def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:
         """Log-mel spectrogram [n_mels, frames] of 16 kHz audio, as ``whisper.log_mel_spectrogram``."""
-        from max.driver import Buffer
         x = np.concatenate([audio.astype(np.float32), np.zeros(padding, np.float32)])
         if len(x) == 0:
             return np.zeros((self.dims["n_mels"], 0), np.float32)
@@ -1154,7 +1157,7 @@ class Model:
         n_frames = len(x) // HOP_LENGTH
         step = xp.strides[0]
         frames = np.lib.stride_tricks.as_strided(xp, (n_frames, N_FFT), (step * HOP_LENGTH, step))
-        out = self._run("mel", Buffer.from_numpy(np.ascontiguousarray(frames)).to(self.device))
+        out = self._run("mel", self._put(frames))
         return out[0].to_numpy()
 
     def encode(self, mel: np.ndarray) -> tuple[np.ndarray, list]:
@@ -1163,9 +1166,7 @@ class Model:
         Returns the audio features [batch, 1500, d] as numpy and the per-layer cross-attention
         (K^T, V) device buffers for a ``KVCache``.
         """
-        from max.driver import Buffer
-        out = self._run("encoder", Buffer.from_numpy(np.ascontiguousarray(mel, np.float32)).to(self.device),
-                        *self._enc_w)
+        out = self._run("encoder", self._put(mel.astype(np.float32, copy=False)), *self._enc_w)
         return out[0].to_numpy(), [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.dims["n_text_layer"])]
 
     def new_cache(self, cross: list, batch: int = 1) -> KVCache:
@@ -1174,16 +1175,13 @@ class Model:
         Cross K/V of one window (batch 1) are repeated for every row when ``batch`` > 1, as
         when several samples of the same window are decoded together.
         """
-        from max.driver import Buffer
         h, ctx = self.dims["n_text_head"], self.dims["n_text_ctx"]
         dh = self.dims["n_text_state"] // h
-        zeros = lambda shape: Buffer.from_numpy(np.zeros(shape, np.float32)).to(self.device)  # noqa: E731
         L = self.dims["n_text_layer"]
         if batch > 1 and cross[0][0].shape[0] == 1:
-            cross = [tuple(Buffer.from_numpy(np.repeat(b.to_numpy(), batch, axis=0)).to(self.device)
-                           for b in kv) for kv in cross]
-        return KVCache(self_k=[zeros((batch, h, dh, ctx)) for _ in range(L)],
-                       self_v=[zeros((batch, h, ctx, dh)) for _ in range(L)],
+            cross = [tuple(self._put(np.repeat(b.to_numpy(), batch, axis=0)) for b in kv) for kv in cross]
+        return KVCache(self_k=[self._put(np.zeros((batch, h, dh, ctx), np.float32)) for _ in range(L)],
+                       self_v=[self._put(np.zeros((batch, h, ctx, dh), np.float32)) for _ in range(L)],
                        cross=cross, batch=batch, capacity=ctx)
 
     def decode(self, cache: KVCache, tokens: np.ndarray, out_idx: Sequence[int] = (-1,)) -> np.ndarray:
@@ -1192,7 +1190,6 @@ class Model:
         ``out_idx`` picks which of the n positions to return logits for (negative counts from
         the end). The cache grows by n. Returns float32 logits [batch, len(out_idx), n_vocab].
         """
-        from max.driver import Buffer
         tokens = np.ascontiguousarray(tokens, np.int64)
         batch, n = tokens.shape
         cache.check_room(n)
@@ -1203,11 +1200,11 @@ class Model:
         mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
         mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
         idx = np.array([i % n for i in out_idx], np.int64)
-        dev = lambda a: Buffer.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         cross = [b for kv in cache.cross for b in kv]
         kv = [b for pair in zip(cache.self_k, cache.self_v) for b in pair]
-        out = self._run("decoder", dev(tokens), dev(np.array([start, start + n], np.int64)),
-                        dev(positions), dev(idx), dev(mask), *self._dec_w, *cross, *kv)
+        put = self._put
+        out = self._run("decoder", put(tokens), put(np.array([start, start + n], np.int64)),
+                        put(positions), put(idx), put(mask), *self._dec_w, *cross, *kv)
         cache.length += n
         return out[0].to_numpy()
 

