@@ -6,11 +6,13 @@ One module, meant to be vendored. Sections, in order:
     2. config        settings from defaults < maxwhisper.cfg < MAXWHISPER_* < arguments
     3. audio I/O     WAV reader (PCM 8/16/24/32-bit, float32), ffmpeg fallback, resampler
     4. weights       openai-whisper ``.pt`` checkpoints, CTranslate2 folders, model names
-    5. graphs        MAX graph builders: log-mel, encoder (+ cross K/V), cached decoder
+    5. graphs        MAX graph builders: log-mel, encoder (+ cross K/V), cached decoder,
+                     beam reorder, alignment (cross-attention for word timing)
     6. KVCache       the decoder's explicit key/value cache
     7. Model         ``load()``: weights + compiled graphs on one device, metrics
-    8. decoding      logit filters and the greedy decoder for one 30 s window
-    9. transcribe    openai-whisper's long-form algorithm: windows, seeking, fallback
+    8. decoding      logit filters, greedy/sampling and beam search over a batch of windows
+    9. transcribe    openai-whisper's long-form algorithm: windows, seeking, fallback, word
+                     timing, batches of audios, voice activity, hallucination guards
    10. CLI           ``python -m maxwhisper audio.wav``
 
 Truth is openai-whisper: with the same weights and options the greedy transcript is the same
@@ -43,9 +45,10 @@ import numpy as np
 __all__ = [
     "MaxWhisperError", "AudioError", "ModelError", "ConfigError", "CapacityError", "DeviceError",
     "Config", "SETTINGS",
-    "load_audio", "Weights", "load_weights", "KVCache", "Model", "load", "transcribe",
-    "DecodingOptions", "DecodingResult", "build_mel_graph", "build_encoder_graph",
-    "build_decoder_graph",
+    "load_audio", "speech_regions", "Weights", "load_weights", "KVCache", "Model", "load",
+    "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions", "DecodingResult",
+    "build_mel_graph", "build_encoder_graph", "build_decoder_graph", "build_reorder_graph",
+    "build_alignment_graph",
 ]
 
 log = logging.getLogger("maxwhisper")
@@ -135,6 +138,14 @@ SETTINGS: dict[str, tuple] = {
     "temperature": ((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), _parse_temperatures, "transcribe",
                     "temperature schedule for fallback, comma-separated"),
     "best_of": (None, _parse_optional(int), "transcribe", "samples per temperature > 0"),
+    "beam_size": (None, _parse_optional(int), "transcribe", "beams at temperature 0; none is greedy"),
+    "patience": (None, _parse_optional(float), "transcribe", "beam search patience (finished beams / beam_size)"),
+    "word_timestamps": (False, _parse_bool, "transcribe", "word start/end times from cross-attention"),
+    "vad_filter": (False, _parse_bool, "transcribe", "skip long silences (frame energy) before decoding"),
+    "repetition_limit": (None, _parse_optional(int), "transcribe",
+                         "cut a window whose text repeats one n-gram this many times; retry hotter"),
+    "silence_threshold_db": (None, _parse_optional(float), "transcribe",
+                             "skip a no-speech window whose loudest 100 ms is below this dBFS"),
     "compression_ratio_threshold": (2.4, _parse_optional(float), "transcribe", "gzip ratio that triggers fallback"),
     "logprob_threshold": (-1.0, _parse_optional(float), "transcribe", "mean log-prob that triggers fallback"),
     "no_speech_threshold": (0.6, _parse_optional(float), "transcribe", "no-speech probability for silence"),
@@ -920,6 +931,80 @@ def build_decoder_graph(dims: dict, device, kernels: Path | None = None):
     return g
 
 
+def build_reorder_graph(dims: dict, device):
+    """KV-cache reordering graph for beam search: row r of every self-attention buffer becomes
+    old row ``rows[r]``, over the first ``length`` positions only, in place on the device.
+
+    Inputs: ``rows`` [batch] int64; ``span`` [2] int64 = (0, length); then the cache buffers
+    as the decoder graph takes them. No outputs: the buffers are updated.
+    """
+    from max.dtype import DType
+    from max.graph import BufferType, Graph, TensorType, ops
+
+    L, n_head, d, ctx = dims["n_text_layer"], dims["n_text_head"], dims["n_text_state"], dims["n_text_ctx"]
+    dh = d // n_head
+    cache = [BufferType(DType.float32, ["batch", n_head, dh, ctx], device=device),
+             BufferType(DType.float32, ["batch", n_head, ctx, dh], device=device)] * L
+    with Graph(f"whisper_reorder_{_dims_key(dims)}",
+               input_types=[TensorType(DType.int64, ["batch"], device=device),
+                            TensorType(DType.int64, [2], device=device)] + cache) as g:
+        rows, span = g.inputs[0].tensor, g.inputs[1].tensor
+        filled = (slice(span[0], span[1]), "length")
+        for i, buf in enumerate(g.inputs[2:]):
+            axis = 3 if i % 2 == 0 else 2                        # K^T: positions last; V: third
+            index = [slice(None)] * 4
+            index[axis] = filled
+            moved = ops.gather(ops.slice_tensor(ops.buffer_load(buf), index), rows, axis=0)
+            ops.buffer_store_slice(buf, moved, index)
+        g.output()
+    return g
+
+
+def build_alignment_graph(dims: dict, device):
+    """Decoder over a whole token sequence, returning the cross-attention weights for word timing.
+
+    The decoder without a cache (as openai-whisper's ``find_alignment`` runs it): inputs
+    ``tokens`` [batch, n_tok] int64, ``positions`` [n_tok] int64 (0 .. n_tok-1), ``mask``
+    [n_tok, n_tok] float32 (causal, made on the host), ``heads`` [n_heads] int64 (alignment heads as ``layer * n_text_head + head``), the decoder
+    weights and each layer's cross K^T/V. Outputs: logits [batch, n_tok, n_vocab] and the
+    chosen heads' scaled cross-attention scores q·k/8 [batch, n_heads, n_tok, 1500].
+    """
+    from max.dtype import DType
+    from max.graph import Graph, TensorType, ops
+
+    names = decoder_param_names(dims)
+    L, n_head, d = dims["n_text_layer"], dims["n_text_head"], dims["n_text_state"]
+    dh, n_audio = d // n_head, dims["n_audio_ctx"]
+    cross = [TensorType(DType.float32, ["batch", n_head, dh, n_audio], device=device),
+             TensorType(DType.float32, ["batch", n_head, n_audio, dh], device=device)] * L
+    with Graph(f"whisper_alignment_{_dims_key(dims)}",
+               input_types=[TensorType(DType.int64, ["batch", "n_tok"], device=device),
+                            TensorType(DType.int64, ["n_tok"], device=device),
+                            TensorType(DType.float32, ["n_tok", "n_tok"], device=device),
+                            TensorType(DType.int64, ["n_heads"], device=device)]
+               + _param_types(names, dims, device) + cross) as g:
+        tokens, positions, mask, heads = (v.tensor for v in g.inputs[:4])
+        p = _Params(names, g.inputs[4:4 + len(names)], gemv=True)
+        cross_kv = [v.tensor for v in g.inputs[4 + len(names):]]
+        x = ops.gather(p["decoder.token_embedding.weight"], tokens, axis=0) \
+            + ops.gather(p["decoder.positional_embedding"], positions, axis=0)
+        scale, scores = dh ** -0.5, []
+        for i in range(L):
+            b = f"decoder.blocks.{i}"
+            h = p.norm(x, f"{b}.attn_ln")
+            q, v = _heads(p.linear(h, f"{b}.attn.query"), n_head), _heads(p.linear(h, f"{b}.attn.value"), n_head)
+            k_t = ops.permute(_heads(p.linear(h, f"{b}.attn.key", bias=False), n_head), [0, 1, 3, 2])
+            x = x + p.linear(_merge_heads(_attend(q, k_t, v, scale, mask)), f"{b}.attn.out")
+            q = _heads(p.linear(p.norm(x, f"{b}.cross_attn_ln"), f"{b}.cross_attn.query"), n_head)
+            qk = (q @ cross_kv[2 * i]) * scale
+            scores.append(qk)
+            x = x + p.linear(_merge_heads(ops.softmax(qk, axis=-1) @ cross_kv[2 * i + 1]), f"{b}.cross_attn.out")
+            x = x + p.mlp(x, b)
+        g.output(_gemv(p["decoder.token_embedding.weight"], p.norm(x, "decoder.ln")),
+                 ops.gather(ops.concat(scores, axis=1), heads, axis=1))
+    return g
+
+
 def _dims_key(dims: dict) -> str:
     """A short name for a set of model dimensions, used in graph names."""
     return (f"m{dims['n_mels']}_a{dims['n_audio_state']}x{dims['n_audio_layer']}"
@@ -1033,6 +1118,7 @@ _COUNTERS = {   # name: (Prometheus type, help); per-call records carry the same
     "windows": ("counter", "30 s windows decoded"),
     "tokens": ("counter", "tokens decoded"),
     "fallbacks": ("counter", "windows decoded again at a higher temperature"),
+    "silence_skips": ("counter", "windows skipped by silence_threshold_db"),
     "encoder_seconds": ("counter", "time in the encoder graph"),
     "decode_seconds": ("counter", "time decoding tokens"),
     "compile_seconds": ("counter", "time compiling graphs"),
@@ -1090,7 +1176,9 @@ class Model:
             ref = DeviceRef.from_device(self.device)
             build = {"mel": lambda: build_mel_graph(self.dims["n_mels"], ref),
                      "encoder": lambda: build_encoder_graph(self.dims, ref),
-                     "decoder": lambda: build_decoder_graph(self.dims, ref, self.kernels)}[name]
+                     "decoder": lambda: build_decoder_graph(self.dims, ref, self.kernels),
+                     "reorder": lambda: build_reorder_graph(self.dims, ref),
+                     "alignment": lambda: build_alignment_graph(self.dims, ref)}[name]
             with _CompileProgress(f"{name} graph") as p:
                 try:
                     self._graphs[name] = self._session.load(build())
@@ -1172,14 +1260,18 @@ class Model:
     def new_cache(self, cross: list, batch: int = 1) -> KVCache:
         """A fresh ``KVCache`` for ``batch`` sequences attending to the given cross K/V.
 
-        Cross K/V of one window (batch 1) are repeated for every row when ``batch`` > 1, as
-        when several samples of the same window are decoded together.
+        With n windows' cross K/V and ``batch`` = n * g, each window's rows are repeated g
+        times in place (window 0 g times, then window 1 ...), as when several samples or beams
+        of each window are decoded together.
         """
         h, ctx = self.dims["n_text_head"], self.dims["n_text_ctx"]
         dh = self.dims["n_text_state"] // h
         L = self.dims["n_text_layer"]
-        if batch > 1 and cross[0][0].shape[0] == 1:
-            cross = [tuple(self._put(np.repeat(b.to_numpy(), batch, axis=0)) for b in kv) for kv in cross]
+        n = cross[0][0].shape[0]
+        if batch % n:
+            raise ConfigError(f"new_cache: batch {batch} is not a multiple of the {n} windows' cross K/V")
+        if batch > n:
+            cross = [tuple(self._put(np.repeat(b.to_numpy(), batch // n, axis=0)) for b in kv) for kv in cross]
         return KVCache(self_k=[self._put(np.zeros((batch, h, dh, ctx), np.float32)) for _ in range(L)],
                        self_v=[self._put(np.zeros((batch, h, ctx, dh), np.float32)) for _ in range(L)],
                        cross=cross, batch=batch, capacity=ctx)
@@ -1207,6 +1299,37 @@ class Model:
                         put(positions), put(idx), put(mask), *self._dec_w, *cross, *kv)
         cache.length += n
         return out[0].to_numpy()
+
+    def reorder(self, cache: KVCache, rows: Sequence[int]) -> None:
+        """Make row r of ``cache`` a copy of its old row ``rows[r]`` (beam search), on the device."""
+        rows = np.asarray(rows, np.int64)
+        if rows.shape != (cache.batch,):
+            raise ConfigError(f"reorder: {len(rows)} rows given for a KVCache of batch {cache.batch}")
+        if cache.length == 0 or (rows == np.arange(cache.batch)).all():
+            return
+        kv = [b for pair in zip(cache.self_k, cache.self_v) for b in pair]
+        self._run("reorder", self._put(rows), self._put(np.array([0, cache.length], np.int64)), *kv)
+
+    @property
+    def alignment_heads(self) -> list[tuple[int, int]]:
+        """(layer, head) pairs whose cross-attention follows the audio: the checkpoint's own
+        list, else every head of the upper half of the layers (openai-whisper's default)."""
+        L, h = self.dims["n_text_layer"], self.dims["n_text_head"]
+        return [tuple(x) for x in self.weights.alignment_heads or
+                [(i, j) for i in range(L // 2, L) for j in range(h)]]
+
+    def alignment(self, cross: list, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Run the decoder over one window's whole token sequence (``cross``: that window's
+        cross K/V, batch 1). Returns logits [n_tok, n_vocab] and the alignment heads'
+        cross-attention scores [n_heads, n_tok, 1500], as openai-whisper's ``find_alignment``
+        reads them."""
+        n = len(tokens)
+        mask = np.triu(np.full((n, n), -np.inf, np.float32), 1)
+        heads = np.array([i * self.dims["n_text_head"] + j for i, j in self.alignment_heads], np.int64)
+        put = self._put
+        out = self._run("alignment", put(np.array([tokens], np.int64)), put(np.arange(n, dtype=np.int64)),
+                        put(mask), put(heads), *self._dec_w, *(b for kv in cross for b in kv))
+        return out[0].to_numpy()[0], out[1].to_numpy()[0]
 
     def detect_language(self, mel_segment: np.ndarray, cache: KVCache | None = None) -> dict:
         """Language probabilities {code: p} for one log-mel window [n_mels, 3000]."""
@@ -1257,18 +1380,26 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
 # 8. decoding
 # =============================================================================================
 # The same rules as openai-whisper's whisper/decoding.py, on numpy logits: each logit filter is
-# its own small object, the greedy/sampling decoder extends the token rows, the ranker picks
-# the best of a group of samples.
+# its own small object; a token decoder (greedy/sampling or beam search) extends the token rows;
+# the ranker picks the best candidate of each audio's group. A batch holds n_audio windows,
+# each decoded as a group of n_group rows (1, best_of samples, or beam_size beams).
 
 @dataclasses.dataclass(frozen=True)
 class DecodingOptions:
-    """Options for decoding one 30 s window (openai-whisper's names and defaults)."""
+    """Options for decoding one 30 s window (openai-whisper's names and defaults).
+
+    ``repetition_limit`` (maxwhisper's own, off by default): a row whose text ends in the same
+    n-gram (1 to 50 tokens) repeated this many times back to back is ended there, and the
+    window counts as failed, so ``transcribe`` decodes it again at the next temperature.
+    """
 
     task: str = "transcribe"
     language: str | None = None
     temperature: float = 0.0
     sample_len: int | None = None
     best_of: int | None = None
+    beam_size: int | None = None
+    patience: float | None = None
     length_penalty: float | None = None
     prompt: str | list | None = None
     prefix: str | list | None = None
@@ -1276,12 +1407,34 @@ class DecodingOptions:
     suppress_blank: bool = True
     without_timestamps: bool = False
     max_initial_timestamp: float | None = 1.0
+    repetition_limit: int | None = None
     seed: int | None = None
+
+    def group_size(self) -> int:
+        """Rows decoded per audio: beams at temperature 0, samples above it, else 1."""
+        if self.temperature == 0:
+            return self.beam_size or 1
+        return self.best_of or 1
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` for combinations openai-whisper refuses too."""
+        if self.beam_size is not None and self.best_of is not None:
+            raise ConfigError("beam_size and best_of can't be given together: beam_size applies at "
+                              "temperature 0 and best_of above it (transcribe() picks for you)")
+        if self.temperature == 0 and self.best_of is not None:
+            raise ConfigError("best_of needs temperature > 0 (greedy decoding has one candidate)")
+        if self.patience is not None and self.beam_size is None:
+            raise ConfigError("patience needs beam_size")
+        if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:
+            raise ConfigError(f"length_penalty={self.length_penalty}: use a value from 0 to 1")
+        if (self.beam_size is not None and self.beam_size < 1) or (self.best_of is not None and self.best_of < 1):
+            raise ConfigError("beam_size and best_of must be at least 1")
 
 
 @dataclasses.dataclass
 class DecodingResult:
-    """What decoding one window produced (openai-whisper's ``DecodingResult`` fields)."""
+    """What decoding one window produced (openai-whisper's ``DecodingResult`` fields, and
+    ``looped``: the repetition guard cut the text)."""
 
     language: str
     tokens: list
@@ -1290,6 +1443,7 @@ class DecodingResult:
     no_speech_prob: float
     temperature: float
     compression_ratio: float
+    looped: bool = False
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -1365,6 +1519,123 @@ class ApplyTimestampRules:
                 logits[k, :ts_begin] = -np.inf
 
 
+class RepetitionGuard:
+    """Ends a row whose text tokens end in one n-gram (n = 1 .. 50) repeated ``limit`` times
+    back to back: a decoding loop. Only end-of-text stays allowed for that row."""
+
+    def __init__(self, tokenizer, sample_begin: int, limit: int):
+        self.eot, self.sample_begin, self.limit = tokenizer.eot, sample_begin, limit
+
+    def loops(self, tokens: Sequence[int]) -> bool:
+        """True when ``tokens`` (a row's sampled tokens) end in a loop."""
+        text = [t for t in tokens if t < self.eot]
+        for n in range(1, min(50, len(text) // self.limit) + 1):
+            tail = text[-n:]
+            if all(text[-(r + 1) * n:len(text) - r * n] == tail for r in range(1, self.limit)):
+                return True
+        return False
+
+    def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        for k in range(tokens.shape[0]):
+            if tokens[k, -1] != self.eot and self.loops(tokens[k, self.sample_begin:].tolist()):
+                eot_logit = logits[k, self.eot]
+                logits[k] = -np.inf
+                logits[k, self.eot] = eot_logit if np.isfinite(eot_logit) else 0.0
+
+
+class TokenSampler:
+    """Greedy (temperature 0) or sampling decoder: every row gains one token per step."""
+
+    def __init__(self, temperature: float, eot: int, n_group: int, rngs: Sequence[np.random.Generator]):
+        self.temperature, self.eot, self.n_group, self.rngs = temperature, eot, n_group, rngs
+
+    def update(self, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray):
+        """Append a token to every row; returns (tokens, every row has ended)."""
+        if self.temperature == 0:
+            nxt = logits.argmax(axis=-1)
+        else:
+            p = np.exp(_log_softmax(logits.astype(np.float64) / self.temperature))
+            nxt = np.array([self.rngs[k // self.n_group].choice(len(row), p=row / row.sum())
+                            for k, row in enumerate(p)])
+        logprobs = _log_softmax(logits)
+        finished = tokens[:, -1] == self.eot
+        sum_logprobs += np.where(finished, 0.0, logprobs[np.arange(len(nxt)), nxt]).astype(np.float32)
+        nxt[finished] = self.eot
+        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
+        return tokens, bool((tokens[:, -1] == self.eot).all())
+
+    def finalize(self, tokens: np.ndarray, sum_logprobs: np.ndarray):
+        """Per audio: its group's token rows (each ending in end-of-text) and their scores."""
+        tokens = np.pad(tokens, ((0, 0), (0, 1)), constant_values=self.eot)
+        g = self.n_group
+        return ([list(tokens[i:i + g]) for i in range(0, len(tokens), g)],
+                [sum_logprobs[i:i + g].tolist() for i in range(0, len(tokens), g)])
+
+
+class BeamSearchDecoder:
+    """openai-whisper's beam search: each audio keeps ``beam_size`` live beams; a beam that
+    ends joins the finished list until ``beam_size * patience`` have finished. ``reorder``
+    is called with the source row of every new beam, to reorder the KV cache on the device."""
+
+    def __init__(self, beam_size: int, eot: int, patience: float | None, reorder):
+        self.beam_size, self.eot, self.reorder = beam_size, eot, reorder
+        self.max_candidates = round(beam_size * (patience or 1.0))
+        self.finished: list[dict] | None = None
+        if self.max_candidates <= 0:
+            raise ConfigError(f"patience={patience} leaves no beam candidates; use a value > 0")
+
+    def update(self, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray):
+        """Extend every audio's beams by the best continuations; returns (tokens, done)."""
+        n_audio = tokens.shape[0] // self.beam_size
+        if self.finished is None:
+            self.finished = [{} for _ in range(n_audio)]
+        logprobs = _log_softmax(logits)
+        next_tokens, sources, newly_finished = [], [], []
+        for i in range(n_audio):
+            scores, origin, finished = {}, {}, {}
+            for j in range(self.beam_size):
+                row = i * self.beam_size + j
+                prefix = tuple(tokens[row].tolist())
+                top = np.argpartition(-logprobs[row], self.beam_size)[:self.beam_size + 1]
+                for token in top[np.argsort(-logprobs[row, top], kind="stable")]:
+                    seq = prefix + (int(token),)
+                    scores[seq] = float(np.float32(sum_logprobs[row]) + logprobs[row, token])
+                    origin[seq] = row
+            kept = 0
+            for seq in sorted(scores, key=scores.get, reverse=True):
+                if seq[-1] == self.eot:
+                    finished[seq] = scores[seq]
+                else:
+                    sum_logprobs[len(next_tokens)] = scores[seq]
+                    next_tokens.append(seq)
+                    sources.append(origin[seq])
+                    kept += 1
+                    if kept == self.beam_size:
+                        break
+            newly_finished.append(finished)
+        self.reorder(sources)
+        for done, new in zip(self.finished, newly_finished):
+            for seq in sorted(new, key=new.get, reverse=True):
+                if len(done) >= self.max_candidates:
+                    break
+                done[seq] = new[seq]
+        completed = all(len(done) >= self.max_candidates for done in self.finished)
+        return np.array(next_tokens, np.int64), completed
+
+    def finalize(self, tokens: np.ndarray, sum_logprobs: np.ndarray):
+        """Per audio: finished sequences, topped up with the best live beams if too few."""
+        groups = tokens.reshape(-1, self.beam_size, tokens.shape[1])
+        scores = sum_logprobs.reshape(-1, self.beam_size)
+        finished = self.finished or [{} for _ in range(len(groups))]
+        for i, done in enumerate(finished):
+            for j in np.argsort(scores[i])[::-1]:
+                if len(done) >= self.beam_size:
+                    break
+                done[tuple(groups[i, j].tolist()) + (self.eot,)] = float(scores[i, j])
+        return ([[np.array(s) for s in done] for done in finished],
+                [list(done.values()) for done in finished])
+
+
 def _suppress_ids(options: DecodingOptions, tokenizer) -> list[int]:
     ids = options.suppress_tokens
     if isinstance(ids, str):
@@ -1393,285 +1664,574 @@ def _initial_tokens(options: DecodingOptions, tokenizer, n_ctx: int, sample_len:
     return tokens
 
 
-def decode_window(model: Model, cache: KVCache, options: DecodingOptions, tokenizer,
-                  rng: np.random.Generator | None = None) -> DecodingResult:
-    """Decode one window whose cross K/V are in ``cache``: greedy at temperature 0, else
-    ``best_of`` samples ranked by length-normalised log probability."""
-    n_ctx = model.dims["n_text_ctx"]
-    sample_len = options.sample_len or n_ctx // 2
-    initial = _initial_tokens(options, tokenizer, n_ctx, sample_len)
-    sample_begin, sot_index = len(initial), initial.index(tokenizer.sot)
-    n_group = (options.best_of or 1) if options.temperature > 0 else 1
-    if n_group != cache.batch:
-        raise ConfigError(f"best_of={n_group} needs a KVCache of batch {n_group}")
-    filters = []
-    if options.suppress_blank:
-        filters.append(SuppressBlank(tokenizer, sample_begin))
-    filters.append(SuppressTokens(_suppress_ids(options, tokenizer)))
-    if not options.without_timestamps:
-        max_initial = None
-        if options.max_initial_timestamp:
-            max_initial = round(options.max_initial_timestamp / TIME_PRECISION)
-        filters.append(ApplyTimestampRules(tokenizer, sample_begin, max_initial))
+def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions],
+                 rngs: Sequence[np.random.Generator] | None = None) -> list[DecodingResult]:
+    """Decode windows whose cross K/V are in ``cache``, one ``DecodingOptions`` per window.
 
-    eot = tokenizer.eot
-    tokens = np.tile(np.array(initial, np.int64), (n_group, 1))
-    sum_logprobs = np.zeros(n_group)
+    The windows may differ in language and prompt but not in the other options, and their
+    initial tokens (start-of-transcript sequence, prompt, prefix) must have the same length
+    and layout: the rows share cache positions. Each window is decoded as a group of
+    ``options.group_size()`` rows — ``cache.batch`` must be the windows times that — greedily,
+    by beam search (``beam_size``) at temperature 0, or as ``best_of`` samples above it, drawn
+    from ``rngs[window]``. Returns one ``DecodingResult`` per window.
+    """
+    first = options[0]
+    first.check()
+    if any(dataclasses.replace(o, language=first.language, prompt=first.prompt, prefix=first.prefix) != first
+           for o in options):
+        raise ConfigError("decode_batch: windows may differ only in language, prompt and prefix")
+    n_ctx = model.dims["n_text_ctx"]
+    sample_len = first.sample_len or n_ctx // 2
+    tokenizers = [model.tokenizer(o.language, o.task) for o in options]
+    initials = [_initial_tokens(o, t, n_ctx, sample_len) for o, t in zip(options, tokenizers)]
+    tokenizer, eot = tokenizers[0], tokenizers[0].eot
+    layouts = {(len(i), i.index(t.sot)) for i, t in zip(initials, tokenizers)}
+    if len(layouts) > 1:
+        raise ConfigError("decode_batch: the windows' prompts differ in length; decode them apart")
+    sample_begin, sot_index = layouts.pop()
+    n_group = first.group_size()
+    if cache.batch != n_group * len(options):
+        raise ConfigError(f"decode_batch: {len(options)} window(s) x {n_group} rows need a KVCache "
+                          f"of batch {n_group * len(options)}, not {cache.batch}")
+    filters = []
+    if first.suppress_blank:
+        filters.append(SuppressBlank(tokenizer, sample_begin))
+    filters.append(SuppressTokens(_suppress_ids(first, tokenizer)))
+    if not first.without_timestamps:
+        max_initial = None
+        if first.max_initial_timestamp:
+            max_initial = round(first.max_initial_timestamp / TIME_PRECISION)
+        filters.append(ApplyTimestampRules(tokenizer, sample_begin, max_initial))
+    guard = RepetitionGuard(tokenizer, sample_begin, first.repetition_limit) if first.repetition_limit else None
+    if guard:
+        filters.append(guard)
+    if first.temperature == 0 and first.beam_size:
+        decoder = BeamSearchDecoder(first.beam_size, eot, first.patience,
+                                    lambda rows: model.reorder(cache, rows))
+    else:
+        rngs = rngs or [np.random.default_rng(first.seed) for _ in options]
+        decoder = TokenSampler(first.temperature, eot, n_group, rngs)
+
+    tokens = np.repeat(np.array(initials, np.int64), n_group, axis=0)
+    sum_logprobs = np.zeros(len(tokens), np.float32)
     cache.reset()
     logits = model.decode(cache, tokens, out_idx=(sot_index, -1))
-    no_speech_prob = np.nan
+    no_speech_probs = [np.nan] * len(options)
     if tokenizer.no_speech is not None:
-        at_sot = logits[0, 0].astype(np.float64)
-        p = np.exp(at_sot - at_sot.max())
-        no_speech_prob = float(p[tokenizer.no_speech] / p.sum())
+        probs = np.exp(_log_softmax(logits[::n_group, 0].astype(np.float64)))
+        no_speech_probs = probs[:, tokenizer.no_speech].tolist()
     logits = logits[:, -1].copy()
     for i in range(sample_len):
         for f in filters:
             f.apply(logits, tokens)
-        logprobs = _log_softmax(logits.astype(np.float64))
-        if options.temperature == 0:
-            nxt = logits.argmax(axis=-1)
-        else:
-            rng = rng or np.random.default_rng(options.seed)
-            p = np.exp(_log_softmax(logits.astype(np.float64) / options.temperature))
-            nxt = np.array([rng.choice(len(row), p=row / row.sum()) for row in p])
-        finished = tokens[:, -1] == eot
-        sum_logprobs += np.where(finished, 0.0, logprobs[np.arange(n_group), nxt])
-        nxt[finished] = eot
-        tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
-        if (tokens[:, -1] == eot).all() or tokens.shape[1] > n_ctx or i == sample_len - 1:
+        tokens, completed = decoder.update(tokens, logits, sum_logprobs)
+        if completed or tokens.shape[1] > n_ctx or i == sample_len - 1:
             break
         logits = model.decode(cache, tokens[:, -1:])[:, 0].copy()
 
-    candidates = []
-    for row in tokens:
-        row = list(row[sample_begin:]) + [eot]
-        candidates.append([int(t) for t in row[:row.index(eot)]])
-    lengths = np.array([len(c) for c in candidates], np.float64)
-    penalty = lengths if options.length_penalty is None else ((5 + lengths) / 6) ** options.length_penalty
-    best = int(np.argmax(sum_logprobs / penalty))
-    text = tokenizer.decode(candidates[best]).strip()
-    return DecodingResult(
-        language=options.language or "en", tokens=candidates[best], text=text,
-        avg_logprob=float(sum_logprobs[best] / (len(candidates[best]) + 1)),
-        no_speech_prob=no_speech_prob, temperature=options.temperature,
-        compression_ratio=compression_ratio(text))
+    groups, scores = decoder.finalize(tokens, sum_logprobs)
+    results = []
+    for k, (rows, row_scores) in enumerate(zip(groups, scores)):
+        candidates = []
+        for row in rows:
+            row = list(row)
+            candidates.append([int(t) for t in row[sample_begin:row.index(eot, sample_begin)]])
+        lengths = np.array([len(c) for c in candidates], np.float64)
+        penalty = lengths if first.length_penalty is None else ((5 + lengths) / 6) ** first.length_penalty
+        best = int(np.argmax(np.array(row_scores) / penalty))
+        text = tokenizer.decode(candidates[best]).strip()
+        results.append(DecodingResult(
+            language=options[k].language or "en", tokens=candidates[best], text=text,
+            avg_logprob=float(row_scores[best] / (len(candidates[best]) + 1)),
+            no_speech_prob=no_speech_probs[k], temperature=first.temperature,
+            compression_ratio=compression_ratio(text),
+            looped=bool(guard and guard.loops(candidates[best]))))
+    return results
 
 
 # =============================================================================================
 # 9. transcribe
 # =============================================================================================
+# openai-whisper's long-form algorithm (whisper/transcribe.py), written as a per-audio state
+# machine that yields one 30 s window at a time: ``transcribe_batch`` encodes and decodes the
+# current windows of several audios together, and ``transcribe`` is the batch of one. Word
+# timing follows whisper/timing.py; silence skipping (VAD) and the hallucination guards are
+# maxwhisper's own and off unless asked for.
 
 _DECODE_KEYS = {f.name for f in dataclasses.fields(DecodingOptions)} - {"temperature", "prompt"}
+_TRANSCRIBE_KEYS = {"verbose", "carry_initial_prompt", "clip_timestamps", "vad_parameters",
+                    "prepend_punctuations", "append_punctuations"} | set(SETTINGS)
+_PREPEND = "\"'“¿([{-"
+_APPEND = "\"'.。,，!！?？:：”)]}、"
+
+
+def speech_regions(samples: np.ndarray, *, threshold_db: float | None = None,
+                   min_silence_seconds: float = 2.0, speech_pad_seconds: float = 0.4) -> list[tuple[int, int]]:
+    """Voice activity by frame energy: the (start, end) sample ranges that are not long silence.
+
+    The audio is cut into 20 ms frames and each frame's energy taken in dB. A frame is loud when
+    its energy is above ``threshold_db`` (dBFS); by default the threshold adapts to the
+    recording: 15 dB over its noise floor (the 10th-percentile frame) but no lower than 45 dB
+    under its loudest frame. Quiet stretches of at least ``min_silence_seconds`` are silence;
+    every loud stretch is kept with ``speech_pad_seconds`` of margin on each side, and ranges
+    that then touch are merged. Returns [] for audio with no loud frame.
+    """
+    frame = SAMPLE_RATE // 50
+    n = len(samples) // frame
+    if n == 0:
+        return [(0, len(samples))] if len(samples) else []
+    power = np.mean(samples[:n * frame].astype(np.float64).reshape(n, frame) ** 2, axis=1)
+    db = 10 * np.log10(power + 1e-12)
+    if threshold_db is None:
+        threshold_db = max(np.percentile(db, 10) + 15.0, db.max() - 45.0)
+    loud = np.flatnonzero(db > threshold_db)
+    if len(loud) == 0:
+        return []
+    gap = max(1, round(min_silence_seconds * 50))
+    pad = round(speech_pad_seconds * SAMPLE_RATE)
+    breaks = np.flatnonzero(np.diff(loud) > gap)
+    firsts, lasts = np.r_[loud[0], loud[breaks + 1]], np.r_[loud[breaks], loud[-1]]
+    regions: list[tuple[int, int]] = []
+    for a, b in zip(firsts, lasts):
+        start, end = max(0, a * frame - pad), min(len(samples), (b + 1) * frame + pad)
+        if regions and start <= regions[-1][1]:
+            regions[-1] = (regions[-1][0], end)
+        else:
+            regions.append((start, end))
+    return regions
+
+
+class _TimeMap:
+    """Maps times in audio made of concatenated kept regions back to the original audio."""
+
+    def __init__(self, regions: list[tuple[int, int]]):
+        self.starts = np.array([a for a, _ in regions], np.float64) / SAMPLE_RATE
+        lengths = np.array([b - a for a, b in regions], np.float64) / SAMPLE_RATE
+        self.offsets = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
+
+    def __call__(self, t: float, is_end: bool = False) -> float:
+        if len(self.starts) == 0:
+            return t
+        side = "left" if is_end else "right"       # an end on a boundary belongs to the region before
+        i = max(0, int(np.searchsorted(self.offsets, t, side=side)) - 1)
+        return round(float(self.starts[i] + t - self.offsets[i]), 3)
+
+
+def _median_filter(x: np.ndarray, width: int) -> np.ndarray:
+    """Median over a sliding window of odd ``width`` along the last axis, reflect-padded."""
+    if x.shape[-1] <= width // 2:
+        return x
+    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(width // 2, width // 2)], mode="reflect")
+    return np.median(np.lib.stride_tricks.sliding_window_view(padded, width, axis=-1), axis=-1)
+
+
+def _find_alignment(model: Model, tokenizer, text_tokens: list[int], cross: list, num_frames: int,
+                    medfilt_width: int = 7, qk_scale: float = 1.0) -> list:
+    """Word start/end times in one window by dynamic time warping over the alignment heads'
+    cross-attention (openai-whisper's ``find_alignment``, its DTW and word splitting)."""
+    from whisper.timing import WordTiming, dtw_cpu
+    if not text_tokens:
+        return []
+    sot = list(tokenizer.sot_sequence)
+    logits, weights = model.alignment(cross, [*sot, tokenizer.no_timestamps, *text_tokens, tokenizer.eot])
+    probs = np.exp(_log_softmax(logits[len(sot):, :tokenizer.eot]))
+    text_probs = probs[np.arange(len(text_tokens)), text_tokens].tolist()
+    weights = np.exp(_log_softmax(weights[:, :, :num_frames // 2] * qk_scale))
+    weights = (weights - weights.mean(axis=-2, keepdims=True)) / weights.std(axis=-2, keepdims=True)
+    matrix = _median_filter(weights, medfilt_width).mean(axis=0)[len(sot):-1]
+    text_idx, time_idx = dtw_cpu(-matrix.astype(np.float64))
+    words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
+    if len(word_tokens) <= 1:
+        return []
+    bounds = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
+    jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
+    jump_times = time_idx[jumps] / (FRAMES_PER_SECOND / INPUT_STRIDE)
+    return [WordTiming(w, t, s, e, float(np.mean(text_probs[i:j])))
+            for w, t, s, e, i, j in zip(words, word_tokens, jump_times[bounds[:-1]],
+                                        jump_times[bounds[1:]], bounds[:-1], bounds[1:])]
+
+
+def _add_word_timestamps(model: Model, tokenizer, segments: list[dict], cross: list, num_frames: int,
+                         last_speech: float, prepend: str, append: str) -> None:
+    """Give each of one window's segments its ``words`` (openai-whisper's rules: long words
+    at sentence and segment boundaries are shortened, punctuation joins its word, segment
+    bounds follow the words)."""
+    from whisper.timing import merge_punctuations
+    per_segment = [[t for t in s["tokens"] if t < tokenizer.eot] for s in segments]
+    alignment = _find_alignment(model, tokenizer, [t for ts in per_segment for t in ts], cross, num_frames)
+    durations = np.array([w.end - w.start for w in alignment])
+    durations = durations[durations.nonzero()]
+    median = min(0.7, float(np.median(durations))) if len(durations) else 0.0
+    longest = median * 2
+    if len(durations):
+        for i in range(1, len(alignment)):
+            if alignment[i].end - alignment[i].start > longest:
+                if alignment[i].word in ".。!！?？":
+                    alignment[i].end = alignment[i].start + longest
+                elif alignment[i - 1].word in ".。!！?？":
+                    alignment[i].start = alignment[i].end - longest
+    merge_punctuations(alignment, prepend, append)
+    offset = segments[0]["seek"] * HOP_LENGTH / SAMPLE_RATE
+    index = 0
+    for segment, text_tokens in zip(segments, per_segment):
+        saved, words = 0, []
+        while index < len(alignment) and saved < len(text_tokens):
+            w = alignment[index]
+            if w.word:
+                words.append({"word": w.word, "start": round(offset + w.start, 2),
+                              "end": round(offset + w.end, 2), "probability": w.probability})
+            saved += len(w.tokens)
+            index += 1
+        if words:
+            first_long = words[0]["end"] - words[0]["start"] > longest
+            if words[0]["end"] - last_speech > median * 4 and (
+                    first_long or (len(words) > 1 and words[1]["end"] - words[0]["start"] > longest * 2)):
+                if len(words) > 1 and words[1]["end"] - words[1]["start"] > longest:
+                    boundary = max(words[1]["end"] / 2, words[1]["end"] - longest)
+                    words[0]["end"] = words[1]["start"] = boundary
+                words[0]["start"] = max(0, words[0]["end"] - longest)
+            if segment["start"] < words[0]["end"] and segment["start"] - 0.5 > words[0]["start"]:
+                words[0]["start"] = max(0, min(words[0]["end"] - median, segment["start"]))
+            else:
+                segment["start"] = words[0]["start"]
+            if segment["end"] > words[-1]["start"] and segment["end"] + 0.5 < words[-1]["end"]:
+                words[-1]["end"] = max(words[-1]["start"] + median, segment["end"])
+            else:
+                segment["end"] = words[-1]["end"]
+            last_speech = segment["end"]
+        segment["words"] = words
+
+
+def _cross_rows(model: Model, cross: list, rows: list[int]) -> list:
+    """Some batch rows of the per-layer cross K/V (the same buffers when all rows, in order)."""
+    if rows == list(range(cross[0][0].shape[0])):
+        return cross
+    return [tuple(model._put(b.to_numpy()[rows]) for b in kv) for kv in cross]
+
+
+class _Transcription:
+    """One audio going through openai-whisper's long-form algorithm a window at a time.
+
+    ``next_window()`` gives the log-mel of the next 30 s window (None when done), ``options(t)``
+    its decoding options at temperature t, ``accept(result, cross)`` turns its decoding into
+    segments and moves the seek, ``result()`` is the finished transcript.
+    """
+
+    def __init__(self, model: Model, audio, s: dict):
+        self.model, self.s = model, s
+        self.started = time.perf_counter()
+        samples = load_audio(audio)
+        self.name = audio if not isinstance(audio, np.ndarray) else "audio array"
+        self.audio_seconds = len(samples) / SAMPLE_RATE
+        if s["max_audio_seconds"] is not None and self.audio_seconds > s["max_audio_seconds"]:
+            raise CapacityError(f"{self.name}: {self.audio_seconds:.1f} s of audio is over max_audio_seconds="
+                                f"{s['max_audio_seconds']:g}; split the file or raise the limit")
+        self.metrics = {"audio_seconds": self.audio_seconds, "windows": 0, "tokens": 0, "fallbacks": 0,
+                        "silence_skips": 0, "encoder_seconds": 0.0, "decode_seconds": 0.0}
+        self.time_map = None
+        if s["vad_filter"]:
+            regions = speech_regions(samples, **(s["vad_parameters"] or {}))
+            self.time_map = _TimeMap(regions)
+            samples = np.concatenate([samples[a:b] for a, b in regions] or [np.zeros(0, np.float32)])
+            log.info("%s: voice activity keeps %.1f s of %.1f s", self.name, len(samples) / SAMPLE_RATE,
+                     self.audio_seconds)
+        self.samples = samples
+        self.mel = model.log_mel(samples, padding=N_SAMPLES)
+        self.content_frames = self.mel.shape[-1] - N_FRAMES
+        self.language = self._language(s.get("language"))
+        self.tokenizer = model.tokenizer(language=self.language, task=s.get("task") or "transcribe")
+        clip = s["clip_timestamps"]
+        if isinstance(clip, str):
+            clip = [float(t) for t in clip.split(",") if t.strip()]
+        points = [round(t * FRAMES_PER_SECOND) for t in clip] or [0]
+        if len(points) % 2:
+            points.append(self.content_frames)
+        self.clips = list(zip(points[::2], points[1::2]))
+        self.clip_idx, self.seek = 0, self.clips[0][0]
+        self.rng = np.random.default_rng(s.get("seed"))
+        self.all_tokens: list[int] = []
+        self.segments: list[dict] = []
+        self.prompt_reset_since = 0
+        self.last_speech = 0.0
+        self.remaining_prompt = model.dims["n_text_ctx"] // 2 - 1
+        self.initial_prompt: list[int] = []
+        if s["initial_prompt"] is not None:
+            self.initial_prompt = self.tokenizer.encode(" " + s["initial_prompt"].strip())
+            self.all_tokens.extend(self.initial_prompt)
+            self.remaining_prompt -= len(self.initial_prompt)
+
+    def _language(self, language: str | None) -> str:
+        model = self.model
+        if language is None:
+            if not model.is_multilingual:
+                return "en"
+            probs = model.detect_language(self.window(0)[0])
+            language = max(probs, key=probs.get)
+            log.info("%s: detected language %s (p=%.2f)", self.name, language, probs[language])
+            return language
+        if model.is_multilingual:
+            from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+            code = TO_LANGUAGE_CODE.get(str(language).lower(), str(language).lower())
+            if code not in LANGUAGES:
+                raise ConfigError(f"language={language!r} is not a Whisper language; use a code "
+                                  "such as 'en', 'fr' or a name such as 'French'")
+            return code
+        if language != "en":
+            raise ConfigError(f"language={language!r}: {model.weights.source} is English-only")
+        return language
+
+    def window(self, seek: int, size: int = N_FRAMES) -> np.ndarray:
+        """Log-mel frames [1, n_mels, 3000] from ``seek``: ``size`` frames, zero-padded."""
+        seg = self.mel[:, seek:seek + size]
+        return np.pad(seg, ((0, 0), (0, N_FRAMES - seg.shape[1])))[None]
+
+    def next_window(self) -> np.ndarray | None:
+        while self.clip_idx < len(self.clips):
+            clip_start, clip_end = self.clips[self.clip_idx]
+            self.seek = max(self.seek, clip_start)
+            if self.seek >= clip_end:
+                self.clip_idx += 1
+                if self.clip_idx < len(self.clips):
+                    self.seek = self.clips[self.clip_idx][0]
+                continue
+            self.time_offset = self.seek * HOP_LENGTH / SAMPLE_RATE
+            self.segment_size = min(N_FRAMES, self.content_frames - self.seek, clip_end - self.seek)
+            log.info("%s: window at %.1f s of %.1f s", self.name, self.time_offset,
+                     self.content_frames / FRAMES_PER_SECOND)
+            if self.s["carry_initial_prompt"]:
+                ignored = max(len(self.initial_prompt), self.prompt_reset_since)
+                self.prompt = self.initial_prompt + self.all_tokens[ignored:][-self.remaining_prompt:]
+            else:
+                self.prompt = self.all_tokens[self.prompt_reset_since:]
+            return self.window(self.seek, self.segment_size)
+        return None
+
+    def options(self, temperature: float) -> DecodingOptions:
+        """The decoding options of the current window at ``temperature``."""
+        kw = {k: v for k, v in self.s.items() if k in _DECODE_KEYS}
+        if temperature > 0:
+            kw.update(beam_size=None, patience=None)
+        else:
+            kw.update(best_of=None)
+        return DecodingOptions(**{**kw, "language": self.language}, temperature=temperature, prompt=self.prompt)
+
+    def loudness_db(self) -> float:
+        """The current window's loudest 100 ms, in dBFS."""
+        a = self.seek * HOP_LENGTH
+        x = self.samples[a:a + self.segment_size * HOP_LENGTH].astype(np.float64)
+        n = len(x) // 1600
+        if n == 0:
+            return -120.0
+        return float(10 * np.log10(np.mean(x[:n * 1600].reshape(n, 1600) ** 2, axis=1).max() + 1e-12))
+
+    def accept(self, result: DecodingResult, cross: list | None) -> None:
+        """Turn the current window's decoding into segments and move to the next window."""
+        s, tokenizer = self.s, self.tokenizer
+        seek, segment_size, time_offset = self.seek, self.segment_size, self.time_offset
+        if s["no_speech_threshold"] is not None and result.no_speech_prob > s["no_speech_threshold"]:
+            quiet = s["silence_threshold_db"] is not None and self.loudness_db() < s["silence_threshold_db"]
+            confident = s["logprob_threshold"] is not None and result.avg_logprob > s["logprob_threshold"]
+            if quiet or not confident:
+                self.metrics["silence_skips"] += quiet and confident
+                self.seek += segment_size
+                return
+
+        def new_segment(start: float, end: float, toks: np.ndarray) -> dict:
+            toks = [int(t) for t in toks]
+            return {"seek": seek, "start": start, "end": end,
+                    "text": tokenizer.decode([t for t in toks if t < tokenizer.eot]),
+                    "tokens": toks, "temperature": result.temperature, "avg_logprob": result.avg_logprob,
+                    "compression_ratio": result.compression_ratio, "no_speech_prob": result.no_speech_prob}
+
+        tokens = np.array(result.tokens, np.int64)
+        current = []
+        ts_begin = tokenizer.timestamp_begin
+        is_ts = tokens >= ts_begin
+        single_ending = is_ts[-2:].tolist() == [False, True]
+        consecutive = (np.where(is_ts[:-1] & is_ts[1:])[0] + 1).tolist()
+        if consecutive:
+            last = 0
+            for cur in consecutive + ([len(tokens)] if single_ending else []):
+                part = tokens[last:cur]
+                current.append(new_segment(time_offset + (part[0] - ts_begin) * TIME_PRECISION,
+                                           time_offset + (part[-1] - ts_begin) * TIME_PRECISION, part))
+                last = cur
+            self.seek += segment_size if single_ending else int(tokens[last - 1] - ts_begin) * INPUT_STRIDE
+        else:
+            duration = segment_size * HOP_LENGTH / SAMPLE_RATE
+            stamps = tokens[is_ts]
+            if len(stamps) and stamps[-1] != ts_begin:
+                duration = (stamps[-1] - ts_begin) * TIME_PRECISION
+            current.append(new_segment(time_offset, time_offset + duration, tokens))
+            self.seek += segment_size
+
+        if s["word_timestamps"]:
+            _add_word_timestamps(self.model, tokenizer, current, cross, segment_size, self.last_speech,
+                                 s.get("prepend_punctuations") or _PREPEND, s.get("append_punctuations") or _APPEND)
+            last_word_end = next((w["end"] for seg in reversed(current) for w in reversed(seg["words"])),
+                                 current[-1]["end"] if current else None)
+            if not single_ending and last_word_end is not None and last_word_end > time_offset:
+                self.seek = round(last_word_end * FRAMES_PER_SECOND)
+            if last_word_end is not None:
+                self.last_speech = last_word_end
+
+        for seg in current:
+            if seg["start"] == seg["end"] or not seg["text"].strip():
+                seg["text"], seg["tokens"] = "", []
+                if s["word_timestamps"]:
+                    seg["words"] = []
+            if s.get("verbose"):
+                log.info("[%s --> %s] %s", _timestamp(seg["start"]), _timestamp(seg["end"]), seg["text"])
+        self.segments.extend({"id": i, **seg} for i, seg in enumerate(current, start=len(self.segments)))
+        self.all_tokens.extend(t for seg in current for t in seg["tokens"])
+        if not s["condition_on_previous_text"] or result.temperature > 0.5:
+            self.prompt_reset_since = len(self.all_tokens)
+
+    def result(self) -> dict:
+        """The transcript: openai-whisper's result shape plus ``metrics``."""
+        m = self.metrics
+        m["tokens"] = sum(len(seg["tokens"]) for seg in self.segments)
+        m["requests"] = 1
+        self.model._count(m)
+        if self.time_map:
+            for seg in self.segments:
+                seg["start"], seg["end"] = self.time_map(seg["start"]), self.time_map(seg["end"], is_end=True)
+                for w in seg.get("words", []):
+                    w["start"], w["end"] = self.time_map(w["start"]), self.time_map(w["end"], is_end=True)
+        wall = time.perf_counter() - self.started
+        m.update(wall_seconds=wall, device=self.model.device_name,
+                 tokens_per_second=m["tokens"] / m["decode_seconds"] if m["decode_seconds"] else 0.0,
+                 real_time_factor=wall / self.audio_seconds if self.audio_seconds else 0.0)
+        return {"text": self.tokenizer.decode(self.all_tokens[len(self.initial_prompt):]),
+                "segments": self.segments, "language": self.language, "metrics": m}
+
+
+def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]], s: dict) -> None:
+    """Encode the given windows together, decode them with temperature fallback (windows
+    whose prompts have the same length share a batch), and hand each its result."""
+    jobs = [job for job, _ in work]
+    t0 = time.perf_counter()
+    cross = model.encode(np.concatenate([mel for _, mel in work]))[1]
+    t1 = time.perf_counter()
+    temperatures = [s["temperature"]] if isinstance(s["temperature"], (int, float)) else list(s["temperature"])
+    results: list = [None] * len(jobs)
+    todo = list(range(len(jobs)))
+    half_ctx = model.dims["n_text_ctx"] // 2 - 1
+    for i, t in enumerate(temperatures):
+        groups: dict[int, list[int]] = {}
+        for k in todo:
+            groups.setdefault(len(jobs[k].prompt[-half_ctx:]), []).append(k)
+        for ks in groups.values():
+            opts = [jobs[k].options(t) for k in ks]
+            cache = model.new_cache(_cross_rows(model, cross, ks), batch=len(ks) * opts[0].group_size())
+            for k, r in zip(ks, decode_batch(model, cache, opts, [jobs[k].rng for k in ks])):
+                results[k] = r
+        retry = []
+        for k in todo:
+            r = results[k]
+            fallback = ((s["compression_ratio_threshold"] is not None
+                         and r.compression_ratio > s["compression_ratio_threshold"])
+                        or (s["logprob_threshold"] is not None and r.avg_logprob < s["logprob_threshold"])
+                        or r.looped)
+            if (s["no_speech_threshold"] is not None and s["logprob_threshold"] is not None
+                    and r.no_speech_prob > s["no_speech_threshold"] and r.avg_logprob < s["logprob_threshold"]):
+                fallback = False                                           # silence: keep it
+            if fallback and i + 1 < len(temperatures):
+                jobs[k].metrics["fallbacks"] += 1
+                retry.append(k)
+        todo = retry
+        if not todo:
+            break
+    t2 = time.perf_counter()
+    for k, job in enumerate(jobs):
+        job.metrics["windows"] += 1
+        job.metrics["encoder_seconds"] += (t1 - t0) / len(jobs)
+        job.metrics["decode_seconds"] += (t2 - t1) / len(jobs)
+        job.accept(results[k], _cross_rows(model, cross, [k]) if s["word_timestamps"] else None)
+
+
+def _settings(model: Model, options: dict) -> dict:
+    """The call's options over the model's configured defaults, checked."""
+    unknown = set(options) - _DECODE_KEYS - _TRANSCRIBE_KEYS
+    if unknown:
+        raise ConfigError(f"unknown transcribe option(s) {sorted(unknown)}; "
+                          f"known: {sorted(_DECODE_KEYS | _TRANSCRIBE_KEYS)}")
+    s = {**model.config.scope("transcribe"), **options}
+    if s.get("task", "transcribe") not in ("transcribe", "translate"):
+        raise ConfigError(f"task={s['task']!r}: use 'transcribe' or 'translate'")
+    s.setdefault("clip_timestamps", "0")
+    s.setdefault("carry_initial_prompt", False)
+    s.setdefault("vad_parameters", None)
+    if s["vad_filter"] and s["clip_timestamps"] not in ("0", [0], (0,), [], ()):
+        raise ConfigError("vad_filter and clip_timestamps can't be combined: choose the clips or "
+                          "let voice activity find them")
+    bad = set(s["vad_parameters"] or {}) - {"threshold_db", "min_silence_seconds", "speech_pad_seconds"}
+    if bad:
+        raise ConfigError(f"vad_parameters {sorted(bad)}: known are threshold_db, "
+                          "min_silence_seconds, speech_pad_seconds")
+    DecodingOptions(**{k: v for k, v in s.items() if k in _DECODE_KEYS - {"best_of"}}).check()
+    return s
 
 
 def transcribe(model: Model, audio, **options) -> dict:
     """Transcribe (or translate) audio of any length with openai-whisper's algorithm.
 
     ``audio``: a file path or 1-D float32 samples at 16 kHz. The audio is cut into 30 s
-    windows; each is decoded greedily, and decoded again at the next ``temperature`` when the
-    text is too repetitive (gzip ratio > ``compression_ratio_threshold``) or too unlikely
-    (average log-probability < ``logprob_threshold``); a window whose no-speech probability
-    passes ``no_speech_threshold`` with low confidence is skipped as silence. Timestamp tokens
-    decide where the next window starts.
+    windows; each is decoded (greedy, or ``beam_size`` beams), and decoded again at the next
+    ``temperature`` (``best_of`` samples) when the text is too repetitive (gzip ratio >
+    ``compression_ratio_threshold``) or too unlikely (average log-probability <
+    ``logprob_threshold``); a window whose no-speech probability passes
+    ``no_speech_threshold`` with low confidence is skipped as silence. Timestamp tokens decide
+    where the next window starts.
 
     Options, with defaults from ``model.config`` (see ``SETTINGS``): ``language`` (None
     detects it from the first 30 s), ``task`` ("transcribe" or "translate"), ``temperature``,
-    ``best_of``, ``compression_ratio_threshold``, ``logprob_threshold``,
-    ``no_speech_threshold``, ``condition_on_previous_text``, ``initial_prompt``,
-    ``max_audio_seconds``; and ``verbose``, ``carry_initial_prompt``, ``clip_timestamps``, and
-    the other ``DecodingOptions`` fields (``length_penalty``, ``prefix``, ``suppress_tokens``,
-    ``suppress_blank``, ``without_timestamps``, ``max_initial_timestamp``, ``sample_len``,
-    ``seed``).
+    ``best_of``, ``beam_size``, ``patience``, ``compression_ratio_threshold``,
+    ``logprob_threshold``, ``no_speech_threshold``, ``condition_on_previous_text``,
+    ``initial_prompt``, ``word_timestamps`` (segments get ``words``: word, start, end,
+    probability), ``vad_filter`` (skip long silences before decoding; ``vad_parameters`` tunes
+    ``speech_regions``), ``repetition_limit`` (cut a decoding loop and retry hotter),
+    ``silence_threshold_db`` (skip a window that the model calls silent and whose loudest
+    100 ms is under this level, however confident the text), ``max_audio_seconds``; and
+    ``verbose``, ``carry_initial_prompt``, ``clip_timestamps``, ``prepend_punctuations``,
+    ``append_punctuations``, and the other ``DecodingOptions`` fields (``length_penalty``,
+    ``prefix``, ``suppress_tokens``, ``suppress_blank``, ``without_timestamps``,
+    ``max_initial_timestamp``, ``sample_len``, ``seed``).
 
     Returns ``{"text", "segments", "language"}`` shaped as openai-whisper's result (each
     segment has id, seek, start, end, text, tokens, temperature, avg_logprob,
-    compression_ratio and no_speech_prob), plus ``"metrics"``: audio_seconds, windows, tokens,
-    fallbacks, encoder/decode/compile seconds, tokens_per_second, real_time_factor, device.
+    compression_ratio and no_speech_prob, and words with ``word_timestamps``), plus
+    ``"metrics"``: audio_seconds, windows, tokens, fallbacks, silence_skips, encoder/decode
+    seconds, tokens_per_second, real_time_factor, device.
     """
-    return _transcribe(model, audio, **{**model.config.scope("transcribe"), **options})
+    return transcribe_batch(model, [audio], batch_size=1, **options)[0]
 
 
-def _transcribe(model: Model, audio, *, temperature, compression_ratio_threshold, logprob_threshold,
-                no_speech_threshold, condition_on_previous_text, initial_prompt, max_audio_seconds,
-                verbose: bool | None = None, carry_initial_prompt: bool = False,
-                clip_timestamps: str | Sequence[float] = "0", **decode_options) -> dict:
-    started = time.perf_counter()
+def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **options) -> list[dict]:
+    """Transcribe several audios together: the current window of up to ``batch_size`` audios
+    is encoded as one batch and decoded through one batched ``KVCache``.
+
+    Each result is the one ``transcribe`` gives for that audio with the same options (the
+    same tokens: every audio keeps its own prompt, seek and random generator). Windows whose
+    prompts differ in length are decoded in separate batches, so batching pays most with
+    ``condition_on_previous_text=False`` or audios of one window each. Options as in
+    ``transcribe``. An unreadable audio raises before any decoding, naming the file.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: use 1 or more")
+    s = _settings(model, options)
     compiled_before = model.metrics()["compile_seconds"]
-    unknown = set(decode_options) - _DECODE_KEYS
-    if unknown:
-        hint = ("; beam search and word timestamps are not implemented yet"
-                if unknown & {"beam_size", "patience", "word_timestamps"} else "")
-        raise ConfigError(f"unknown transcribe option(s) {sorted(unknown)}{hint}; "
-                          f"known: {sorted(_DECODE_KEYS | set(SETTINGS))}")
-    if decode_options.get("task", "transcribe") not in ("transcribe", "translate"):
-        raise ConfigError(f"task={decode_options['task']!r}: use 'transcribe' or 'translate'")
-    samples = load_audio(audio)
-    name = audio if not isinstance(audio, np.ndarray) else "audio array"
-    audio_seconds = len(samples) / SAMPLE_RATE
-    if max_audio_seconds is not None and audio_seconds > max_audio_seconds:
-        raise CapacityError(f"{name}: {audio_seconds:.1f} s of audio is over max_audio_seconds="
-                            f"{max_audio_seconds:g}; split the file or raise the limit")
-    metrics = {"audio_seconds": audio_seconds, "windows": 0, "tokens": 0, "fallbacks": 0,
-               "encoder_seconds": 0.0, "decode_seconds": 0.0}
-    mel = model.log_mel(samples, padding=N_SAMPLES)
-    content_frames = mel.shape[-1] - N_FRAMES
-
-    def window(seek: int, size: int = N_FRAMES) -> np.ndarray:
-        seg = mel[:, seek:seek + size]
-        return np.pad(seg, ((0, 0), (0, N_FRAMES - seg.shape[1])))[None]
-
-    language = decode_options.get("language")
-    if language is None:
-        if not model.is_multilingual:
-            language = "en"
-        else:
-            probs = model.detect_language(window(0)[0])
-            language = max(probs, key=probs.get)
-            log.info("%s: detected language %s (p=%.2f)", name, language, probs[language])
-    elif model.is_multilingual:
-        from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
-        code = TO_LANGUAGE_CODE.get(str(language).lower(), str(language).lower())
-        if code not in LANGUAGES:
-            raise ConfigError(f"language={language!r} is not a Whisper language; use a code "
-                              "such as 'en', 'fr' or a name such as 'French'")
-        language = code
-    elif language != "en":
-        raise ConfigError(f"language={language!r}: {model.weights.source} is English-only")
-    decode_options["language"] = language
-    task = decode_options.get("task", "transcribe")
-    tokenizer = model.tokenizer(language=language, task=task)
-
-    if isinstance(clip_timestamps, str):
-        clip_timestamps = [float(t) for t in clip_timestamps.split(",") if t.strip()]
-    points = [round(t * FRAMES_PER_SECOND) for t in clip_timestamps] or [0]
-    if len(points) % 2:
-        points.append(content_frames)
-    clips = list(zip(points[::2], points[1::2]))
-    temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
-    rng = np.random.default_rng(decode_options.get("seed"))
-
-    all_tokens: list[int] = []
-    segments: list[dict] = []
-    prompt_reset_since = 0
-    remaining_prompt_length = model.dims["n_text_ctx"] // 2 - 1
-    initial_prompt_tokens: list[int] = []
-    if initial_prompt is not None:
-        initial_prompt_tokens = tokenizer.encode(" " + initial_prompt.strip())
-        all_tokens.extend(initial_prompt_tokens)
-        remaining_prompt_length -= len(initial_prompt_tokens)
-
-    def decode_with_fallback(seg_mel: np.ndarray, prompt: list[int]) -> DecodingResult:
-        t0 = time.perf_counter()
-        cross = model.encode(seg_mel)[1]
-        t1 = time.perf_counter()
-        metrics["encoder_seconds"] += t1 - t0
-        metrics["windows"] += 1
-        caches: dict[int, KVCache] = {}
-        result = None
-        for i, t in enumerate(temperatures):
-            metrics["fallbacks"] += i > 0
-            opts = DecodingOptions(**decode_options, temperature=t, prompt=prompt)
-            n = (opts.best_of or 1) if t > 0 else 1
-            if n not in caches:
-                caches[n] = model.new_cache(cross, batch=n)
-            result = decode_window(model, caches[n], opts, tokenizer, rng)
-            fallback = ((compression_ratio_threshold is not None
-                         and result.compression_ratio > compression_ratio_threshold)
-                        or (logprob_threshold is not None and result.avg_logprob < logprob_threshold))
-            if (no_speech_threshold is not None and logprob_threshold is not None
-                    and result.no_speech_prob > no_speech_threshold
-                    and result.avg_logprob < logprob_threshold):
-                fallback = False                                   # silence: keep it
-            if not fallback:
-                break
-        metrics["decode_seconds"] += time.perf_counter() - t1
-        return result
-
-    clip_idx, seek = 0, clips[0][0]
-    while clip_idx < len(clips):
-        clip_start, clip_end = clips[clip_idx]
-        seek = max(seek, clip_start)
-        if seek >= clip_end:
-            clip_idx += 1
-            if clip_idx < len(clips):
-                seek = clips[clip_idx][0]
-            continue
-        time_offset = seek * HOP_LENGTH / SAMPLE_RATE
-        segment_size = min(N_FRAMES, content_frames - seek, clip_end - seek)
-        segment_duration = segment_size * HOP_LENGTH / SAMPLE_RATE
-        log.info("%s: window at %.1f s of %.1f s", name, time_offset, content_frames / FRAMES_PER_SECOND)
-        if carry_initial_prompt:
-            ignored = max(len(initial_prompt_tokens), prompt_reset_since)
-            prompt = initial_prompt_tokens + all_tokens[ignored:][-remaining_prompt_length:]
-        else:
-            prompt = all_tokens[prompt_reset_since:]
-        result = decode_with_fallback(window(seek, segment_size), prompt)
-        tokens = np.array(result.tokens, np.int64)
-
-        if no_speech_threshold is not None:
-            skip = result.no_speech_prob > no_speech_threshold
-            if logprob_threshold is not None and result.avg_logprob > logprob_threshold:
-                skip = False
-            if skip:
-                seek += segment_size
-                continue
-
-        current = []
-
-        def new_segment(start: float, end: float, toks: np.ndarray) -> dict:
-            toks = [int(t) for t in toks]
-            return {"seek": seek, "start": start, "end": end,
-                    "text": tokenizer.decode([t for t in toks if t < tokenizer.eot]),
-                    "tokens": toks, "temperature": result.temperature,
-                    "avg_logprob": result.avg_logprob,
-                    "compression_ratio": result.compression_ratio,
-                    "no_speech_prob": result.no_speech_prob}
-
-        ts_begin = tokenizer.timestamp_begin
-        is_ts = tokens >= ts_begin
-        single_ending = is_ts[-2:].tolist() == [False, True]
-        consecutive = (np.where(is_ts[:-1] & is_ts[1:])[0] + 1).tolist()
-        if consecutive:
-            slices = consecutive + ([len(tokens)] if single_ending else [])
-            last = 0
-            for cur in slices:
-                part = tokens[last:cur]
-                current.append(new_segment(time_offset + (part[0] - ts_begin) * TIME_PRECISION,
-                                           time_offset + (part[-1] - ts_begin) * TIME_PRECISION, part))
-                last = cur
-            if single_ending:
-                seek += segment_size
-            else:
-                seek += int(tokens[last - 1] - ts_begin) * INPUT_STRIDE
-        else:
-            duration = segment_duration
-            stamps = tokens[is_ts]
-            if len(stamps) and stamps[-1] != ts_begin:
-                duration = (stamps[-1] - ts_begin) * TIME_PRECISION
-            current.append(new_segment(time_offset, time_offset + duration, tokens))
-            seek += segment_size
-
-        for seg in current:
-            if seg["start"] == seg["end"] or not seg["text"].strip():
-                seg["text"], seg["tokens"] = "", []
-            if verbose:
-                log.info("[%s --> %s] %s", _timestamp(seg["start"]), _timestamp(seg["end"]), seg["text"])
-        segments.extend({"id": i, **s} for i, s in enumerate(current, start=len(segments)))
-        all_tokens.extend(t for s in current for t in s["tokens"])
-        if not condition_on_previous_text or result.temperature > 0.5:
-            prompt_reset_since = len(all_tokens)
-
-    metrics["tokens"] = sum(len(s["tokens"]) for s in segments)
-    metrics["requests"] = 1
-    metrics["compile_seconds"] = model.metrics()["compile_seconds"] - compiled_before
-    model._count(metrics)
-    wall = time.perf_counter() - started
-    metrics.update(wall_seconds=wall, device=model.device_name,
-                   tokens_per_second=metrics["tokens"] / metrics["decode_seconds"] if metrics["decode_seconds"] else 0.0,
-                   real_time_factor=wall / audio_seconds if audio_seconds else 0.0)
-    return {"text": tokenizer.decode(all_tokens[len(initial_prompt_tokens):]),
-            "segments": segments, "language": language, "metrics": metrics}
+    jobs = [_Transcription(model, audio, s) for audio in audios]
+    pending = list(jobs)
+    while pending:
+        work = [(job, mel) for job in pending for mel in [job.next_window()] if mel is not None]
+        pending = [job for job, _ in work]
+        for i in range(0, len(work), batch_size):
+            _decode_round(model, work[i:i + batch_size], s)
+    results = [job.result() for job in jobs]
+    for r in results:
+        r["metrics"]["compile_seconds"] = model.metrics()["compile_seconds"] - compiled_before
+    return results
 
 
 def _timestamp(seconds: float) -> str:
