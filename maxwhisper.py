@@ -2285,6 +2285,18 @@ def _cli_parser():
                    help="prepend initial_prompt to every window's prompt")
     p.add_argument("--clip_timestamps", default="0",
                    help="comma-separated start,end,... seconds of the clips to process")
+    p.add_argument("--highlight_words", type=_parse_bool, default=False,
+                   help="(needs --word_timestamps) underline each word as it is spoken in srt and vtt")
+    p.add_argument("--max_line_width", type=_parse_optional(int), default=None,
+                   help="(needs --word_timestamps) characters in a subtitle line before it breaks")
+    p.add_argument("--max_line_count", type=_parse_optional(int), default=None,
+                   help="(needs --word_timestamps) lines in a subtitle segment")
+    p.add_argument("--max_words_per_line", type=_parse_optional(int), default=None,
+                   help="(needs --word_timestamps, not with --max_line_width) words in a subtitle line")
+    p.add_argument("--prepend_punctuations", default=_PREPEND,
+                   help="with --word_timestamps, punctuation merged into the next word")
+    p.add_argument("--append_punctuations", default=_APPEND,
+                   help="with --word_timestamps, punctuation merged into the previous word")
     return p
 
 
@@ -2317,6 +2329,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(cfg.describe() + "\n")
         return 0
+    layout = {k: getattr(args, k) for k in ("highlight_words", "max_line_width", "max_line_count",
+                                            "max_words_per_line")}
+    needs_words = [f"--{k}" for k, v in layout.items() if v]
+    if needs_words and not cfg["word_timestamps"]:
+        sys.stderr.write(f"maxwhisper: error: {', '.join(needs_words)} need(s) --word_timestamps True\n")
+        return 2
+    if args.max_line_count and not args.max_line_width:
+        sys.stderr.write("maxwhisper: error: --max_line_count needs --max_line_width\n")
+        return 2
     if not args.audio and not args.warmup:
         sys.stderr.write("maxwhisper: error: no audio files given (see --help)\n")
         return 2
@@ -2342,7 +2363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             result = transcribe(model, path, length_penalty=args.length_penalty,
                                 suppress_tokens=args.suppress_tokens, clip_timestamps=args.clip_timestamps,
-                                carry_initial_prompt=args.carry_initial_prompt)
+                                carry_initial_prompt=args.carry_initial_prompt,
+                                prepend_punctuations=args.prepend_punctuations,
+                                append_punctuations=args.append_punctuations)
         except Exception as e:  # one bad file must not stop the others
             if isinstance(e, MaxWhisperError) and not isinstance(e, DeviceError):
                 sys.stderr.write(f"maxwhisper: error: {e}\n")
@@ -2356,8 +2379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for seg in result["segments"]:
                 sys.stdout.write(f"[{_timestamp(seg['start'])} --> {_timestamp(seg['end'])}] {seg['text']}\n")
             sys.stdout.flush()
-        writer(result, path, {"highlight_words": False, "max_line_count": None,
-                              "max_line_width": None, "max_words_per_line": None})
+        writer(result, path, layout)
     return status
 
 

@@ -47,11 +47,16 @@ def model(name):
 
 @functools.lru_cache(maxsize=None)
 def reference(name):
-    """openai-whisper's own ``Whisper`` module with the same weights, fp32, for parity."""
+    """openai-whisper's own ``Whisper`` module with the same weights and alignment heads, fp32."""
+    import torch
     from whisper.model import ModelDimensions, Whisper
-    w = model(name).weights
-    ref = Whisper(ModelDimensions(**w.dims))
-    ref.load_state_dict(w.torch_state_dict())
+    m = model(name)
+    ref = Whisper(ModelDimensions(**m.dims))
+    ref.load_state_dict(m.weights.torch_state_dict())
+    heads = torch.zeros(m.dims["n_text_layer"], m.dims["n_text_head"], dtype=torch.bool)
+    for layer, head in m.alignment_heads:
+        heads[layer, head] = True
+    ref.register_buffer("alignment_heads", heads.to_sparse(), persistent=False)
     return ref.eval()
 
 
