@@ -13,7 +13,8 @@ One module, meant to be vendored. Sections, in order:
     8. decoding      logit filters, greedy/sampling and beam search over a batch of windows
     9. transcribe    openai-whisper's long-form algorithm: windows, seeking, fallback, word
                      timing, batches of audios, voice activity, hallucination guards
-   10. CLI           ``python -m maxwhisper audio.wav``
+   10. server        ``python -m maxwhisper serve``: OpenAI's transcription API, batched
+   11. CLI           ``python -m maxwhisper audio.wav``
 
 Truth is openai-whisper: with the same weights and options the greedy transcript is the same
 tokens. The tokenizer and output writers are openai-whisper's own; everything that computes
@@ -37,6 +38,7 @@ import sys
 import threading
 import time
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -48,7 +50,7 @@ __all__ = [
     "load_audio", "speech_regions", "Weights", "load_weights", "KVCache", "Model", "load",
     "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions", "DecodingResult",
     "build_mel_graph", "build_encoder_graph", "build_decoder_graph", "build_reorder_graph",
-    "build_alignment_graph",
+    "build_alignment_graph", "Scheduler", "Server", "serve",
 ]
 
 log = logging.getLogger("maxwhisper")
@@ -1917,11 +1919,14 @@ class _Transcription:
     segments and moves the seek, ``result()`` is the finished transcript.
     """
 
-    def __init__(self, model: Model, audio, s: dict):
+    def __init__(self, model: Model, audio, s: dict, name: str | None = None):
         self.model, self.s = model, s
         self.started = time.perf_counter()
-        samples = load_audio(audio)
-        self.name = audio if not isinstance(audio, np.ndarray) else "audio array"
+        self.name = name or (audio if not isinstance(audio, np.ndarray) else "audio array")
+        try:
+            samples = load_audio(audio)
+        except AudioError as e:
+            raise AudioError(str(e).replace(str(audio), self.name)) if name else e
         self.audio_seconds = len(samples) / SAMPLE_RATE
         if s["max_audio_seconds"] is not None and self.audio_seconds > s["max_audio_seconds"]:
             raise CapacityError(f"{self.name}: {self.audio_seconds:.1f} s of audio is over max_audio_seconds="
@@ -1956,7 +1961,10 @@ class _Transcription:
         self.remaining_prompt = model.dims["n_text_ctx"] // 2 - 1
         self.initial_prompt: list[int] = []
         if s["initial_prompt"] is not None:
-            self.initial_prompt = self.tokenizer.encode(" " + s["initial_prompt"].strip())
+            try:
+                self.initial_prompt = self.tokenizer.encode(" " + s["initial_prompt"].strip())
+            except ValueError as e:                         # tiktoken refuses special tokens
+                raise ConfigError(f"initial_prompt: {e}; remove the <|...|> markers") from None
             self.all_tokens.extend(self.initial_prompt)
             self.remaining_prompt -= len(self.initial_prompt)
 
@@ -2244,7 +2252,545 @@ def _timestamp(seconds: float) -> str:
 
 
 # =============================================================================================
-# 10. CLI
+# 10. server
+# =============================================================================================
+# ``python -m maxwhisper serve``: OpenAI's /v1/audio/transcriptions and /translations over the
+# standard library's ThreadingHTTPServer. Request threads parse the upload and wait; one
+# scheduler thread owns decoding: it keeps up to ``max_batch`` transcriptions active, and each
+# round encodes and decodes their current windows together (windows with the same settings and
+# prompt length share a batch). A transcription that finishes frees its slot for the next
+# queued request at the next round.
+
+_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+class _Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, buckets: Sequence[float]):
+        self.buckets, self.counts, self.sum, self.count = tuple(buckets), [0] * len(buckets), 0.0, 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, edge in enumerate(self.buckets):
+            if value <= edge:
+                self.counts[i] += 1
+
+    def lines(self, name: str) -> list[str]:
+        out = [f'{name}_bucket{{le="{edge:g}"}} {n}' for edge, n in zip(self.buckets, self.counts)]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6g}",
+                      f"{name}_count {self.count}"]
+
+
+class _Job:
+    """One request's transcription as the scheduler sees it."""
+
+    def __init__(self, transcription: _Transcription):
+        self.transcription = transcription
+        s = transcription.s
+        self.key = repr(sorted((k, repr(v)) for k, v in s.items() if k not in ("language", "initial_prompt")))
+        self.done = threading.Event()
+        self.result: dict | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+
+    def finish(self, result: dict | None = None, error: Exception | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+class Scheduler:
+    """Decodes queued transcriptions on one model, batching windows across requests.
+
+    ``submit(job)`` raises ``queue.Full`` when ``queue_size`` requests already wait. With
+    ``max_batch=1`` requests are decoded one window at a time (no batching), for comparison.
+    """
+
+    def __init__(self, model: Model, max_batch: int = 8, queue_size: int = 64):
+        import queue
+        self.model, self.max_batch = model, max_batch
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.active: list[_Job] = []
+        self.batch_sizes = _Histogram(_BATCH_BUCKETS)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="maxwhisper-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        """Queue a job (``queue.Full`` when the queue is full)."""
+        self.queue.put_nowait(job)
+
+    def depth(self) -> int:
+        """Requests waiting plus requests being decoded."""
+        return self.queue.qsize() + len(self.active)
+
+    def stop(self) -> None:
+        """Finish the active and queued jobs, then stop the scheduler thread."""
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        import queue
+        while not (self._stop.is_set() and not self.active and self.queue.empty()):
+            while len(self.active) < self.max_batch:
+                try:
+                    self.active.append(self.queue.get(timeout=0.05 if not self.active else 0))
+                except queue.Empty:
+                    break
+            self.active = [j for j in self.active if not j.cancelled]
+            groups: dict[str, list] = {}
+            for job in self.active:
+                mel = job.transcription.next_window()
+                if mel is None:
+                    job.finish(result=job.transcription.result())
+                else:
+                    groups.setdefault(job.key, []).append((job.transcription, mel))
+            self.active = [j for j in self.active if not j.done.is_set()]
+            for work in groups.values():
+                self._round(work)
+
+    def _round(self, work: list) -> None:
+        """Decode one round of windows; when it fails, each job alone, so only the culprit fails."""
+        self.batch_sizes.observe(len(work))
+        try:
+            _decode_round(self.model, work, work[0][0].s)
+            return
+        except Exception:  # isolate: retry one by one below
+            if len(work) == 1:
+                self._fail(work[0][0], sys.exc_info()[1])
+                return
+        for transcription, mel in work:
+            try:
+                _decode_round(self.model, [(transcription, mel)], transcription.s)
+            except Exception as e:  # this request fails; the others go on
+                self._fail(transcription, e)
+
+    def _fail(self, transcription: _Transcription, error: Exception) -> None:
+        log.error("decoding %s failed: %s: %s", transcription.name, type(error).__name__, error)
+        for job in self.active:
+            if job.transcription is transcription:
+                job.finish(error=error)
+        self.active = [j for j in self.active if not j.done.is_set()]
+
+
+class _ApiError(Exception):
+    """An error answered to the client in OpenAI's error JSON shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers or {}
+
+
+class Server:
+    """The HTTP service: the model (loaded in the background), the scheduler, limits, metrics.
+
+    It answers from a background thread as soon as it is made (``port=0`` picks a free port,
+    see ``address``); /ready says 503 until a model is given (``model=``) or ``load()`` has
+    loaded the configured one. ``shutdown()`` stops accepting, then ``drain(grace)`` waits for
+    the requests in flight. Settings: ``api_key`` (bearer token for /v1/*, or None),
+    ``max_upload_bytes`` (413 above it), ``request_timeout`` (504 past it), ``max_batch``,
+    ``queue_size`` (503 when full).
+    """
+
+    def __init__(self, config: Config, host: str = "127.0.0.1", port: int = 8000, *,
+                 model: Model | None = None, api_key: str | None = None, max_batch: int = 8,
+                 queue_size: int = 64, max_upload_bytes: int = 25 * 1024 * 1024,
+                 request_timeout: float = 300.0):
+        self.config, self.api_key = config, api_key
+        self.max_batch, self.queue_size = max_batch, queue_size
+        self.max_upload_bytes, self.request_timeout = max_upload_bytes, request_timeout
+        self.model: Model | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: Exception | None = None
+        self._lock = threading.Condition()
+        self.in_flight = 0
+        self.stopping = False
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency = _Histogram(_LATENCY_BUCKETS)
+        handler = type("Handler", (_Handler,), {"app": self})
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), handler)
+        except OSError as e:
+            raise ConfigError(f"serve: cannot listen on {host}:{port} ({e.strerror}); "
+                              "pick another --port or --host") from e
+        self.address = self.httpd.server_address[:2]
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="maxwhisper-http", daemon=True).start()
+        if model is not None:
+            self._serve_model(model)
+
+    def load(self) -> None:
+        """Load and compile the configured model in this thread, then start serving it."""
+        try:
+            self._serve_model(load(config=self.config))
+        except Exception as e:  # requests get a 500 that names it
+            self.load_error = e
+            raise
+
+    def _serve_model(self, model: Model) -> None:
+        self.model = model
+        self.scheduler = Scheduler(model, self.max_batch, self.queue_size)
+        log.info("serving %s on http://%s:%d", model.weights.source, *self.address)
+
+    def shutdown(self) -> None:
+        """Stop accepting connections; requests in flight go on (see ``drain``)."""
+        self.stopping = True
+        self.httpd.shutdown()
+
+    def drain(self, grace: float = 30.0) -> bool:
+        """Wait up to ``grace`` s for requests in flight, stop the scheduler; True if all ended."""
+        with self._lock:
+            ended = self._lock.wait_for(lambda: self.in_flight == 0, timeout=grace)
+        if self.scheduler and ended:
+            self.scheduler.stop()
+        self.httpd.server_close()
+        return ended
+
+    def count(self, route: str, status: int, seconds: float | None = None) -> None:
+        with self._lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+            if seconds is not None:
+                self.latency.observe(seconds)
+
+    def metrics_text(self) -> str:
+        """Prometheus text: requests by route and status, queue depth, latency, batch sizes,
+        and the model's own counters (audio seconds, tokens, ...)."""
+        with self._lock:
+            lines = ["# HELP maxwhisper_http_requests_total HTTP requests answered",
+                     "# TYPE maxwhisper_http_requests_total counter"]
+            lines += [f'maxwhisper_http_requests_total{{route="{r}",status="{s}"}} {n}'
+                      for (r, s), n in sorted(self.requests.items())]
+            lines += ["# HELP maxwhisper_request_seconds transcription request latency",
+                      "# TYPE maxwhisper_request_seconds histogram"] + self.latency.lines("maxwhisper_request_seconds")
+        lines += ["# HELP maxwhisper_queue_depth requests queued or being decoded",
+                  "# TYPE maxwhisper_queue_depth gauge",
+                  f"maxwhisper_queue_depth {self.scheduler.depth() if self.scheduler else 0}"]
+        if self.scheduler:
+            lines += ["# HELP maxwhisper_batch_windows windows decoded together per round",
+                      "# TYPE maxwhisper_batch_windows histogram"] + self.scheduler.batch_sizes.lines(
+                          "maxwhisper_batch_windows")
+        text = "\n".join(lines) + "\n"
+        return text + (self.model.metrics(format="prometheus") if self.model else "")
+
+    def transcribe(self, fields: dict, audio: bytes, filename: str, task: str) -> tuple[dict, float]:
+        """Run one request's transcription through the scheduler; (result, audio seconds)."""
+        import queue
+        import tempfile
+        if self.model is None or self.scheduler is None:
+            if self.load_error:
+                raise _ApiError(500, f"the model failed to load: {self.load_error}", kind="server_error")
+            raise _ApiError(503, "the model is still loading; retry shortly", kind="server_error",
+                            headers={"Retry-After": "5"})
+        options: dict = {"task": task}
+        if fields.get("language") and task == "transcribe":
+            options["language"] = fields["language"]
+        if fields.get("prompt"):
+            options["initial_prompt"] = fields["prompt"]
+        if fields.get("temperature") not in (None, ""):
+            try:
+                t = float(fields["temperature"])
+            except ValueError:
+                raise _ApiError(400, f"temperature={fields['temperature']!r} is not a number", "temperature")
+            if not 0 <= t <= 1:
+                raise _ApiError(400, "temperature must be between 0 and 1", "temperature")
+            if t > 0:
+                options["temperature"] = (t,)
+        if "word" in fields.get("timestamp_granularities[]", []):
+            options["word_timestamps"] = True
+        suffix = Path(filename or "audio.wav").suffix or ".wav"
+        with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+            f.write(audio)
+            f.flush()
+            try:
+                job = _Job(_Transcription(self.model, f.name, _settings(self.model, options),
+                                          name=filename or "upload"))
+            except (AudioError, CapacityError) as e:
+                raise _ApiError(400, str(e), "file")
+            except ConfigError as e:
+                raise _ApiError(400, str(e), next((k for k in ("language", "prompt") if k in str(e)), None))
+        try:
+            self.scheduler.submit(job)
+        except queue.Full:
+            raise _ApiError(503, f"the server is busy ({self.queue_size} requests queued); retry later",
+                            kind="server_error", headers={"Retry-After": "1"})
+        if not job.done.wait(self.request_timeout):
+            job.cancelled = True
+            raise _ApiError(504, f"the transcription took longer than {self.request_timeout:g} s",
+                            kind="server_error")
+        if job.error is not None:
+            raise _ApiError(500, f"decoding failed: {type(job.error).__name__}: {job.error}", kind="server_error")
+        return job.result, job.transcription.audio_seconds
+
+
+def _response_body(result: dict, fmt: str, task: str, duration: float) -> tuple[str, str]:
+    """(content type, body) of a transcription in one of OpenAI's response formats."""
+    import io
+    if fmt == "json":
+        return "application/json", json.dumps({"text": result["text"].strip()})
+    if fmt == "text":
+        return "text/plain; charset=utf-8", result["text"].strip() + "\n"
+    if fmt in ("srt", "vtt"):
+        from whisper.utils import WriteSRT, WriteVTT
+        buf = io.StringIO()
+        (WriteSRT if fmt == "srt" else WriteVTT)(".").write_result(result, buf)
+        return ("text/vtt" if fmt == "vtt" else "application/x-subrip") + "; charset=utf-8", buf.getvalue()
+    from whisper.tokenizer import LANGUAGES
+    keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
+            "compression_ratio", "no_speech_prob")
+    body = {"task": task, "language": LANGUAGES.get(result["language"], result["language"]),
+            "duration": round(duration, 3), "text": result["text"].strip(),
+            "segments": [{k: (float(s[k]) if isinstance(s[k], np.floating) else s[k]) for k in keys}
+                         for s in result["segments"]]}
+    if any("words" in s for s in result["segments"]):
+        body["words"] = [{"word": w["word"].strip(), "start": float(w["start"]), "end": float(w["end"])}
+                         for s in result["segments"] for w in s["words"]]
+    return "application/json", json.dumps(body)
+
+
+_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+
+
+def _parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None, str | None]:
+    """(form fields, file bytes, file name) of a multipart/form-data body; repeated fields
+    ending in ``[]`` become lists. Raises ``_ApiError`` 400 when it is not valid multipart."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+    if not content_type.startswith("multipart/form-data") or "boundary=" not in content_type:
+        raise _ApiError(400, "expected a multipart/form-data body with a boundary")
+    msg = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body)
+    parts = list(msg.iter_parts()) if msg.is_multipart() else []
+    if not parts or msg.defects:
+        raise _ApiError(400, "the multipart body is malformed (no parts, or a broken boundary)")
+    fields: dict = {}
+    audio = filename = None
+    for part in parts:
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True) or b""
+        if name == "file":
+            audio, filename = payload, part.get_filename()
+        elif name and name.endswith("[]"):
+            fields.setdefault(name, []).append(payload.decode("utf-8", "replace"))
+        elif name:
+            fields[name] = payload.decode("utf-8", "replace")
+    return fields, audio, filename
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """HTTP routes; ``app`` (the ``Server``) is set on a subclass per server."""
+
+    app: Server
+    protocol_version = "HTTP/1.1"
+    server_version = "maxwhisper"
+
+    def log_message(self, fmt: str, *args) -> None:
+        log.debug("%s " + fmt, self.address_string(), *args)
+
+    def _send(self, status: int, body: str | bytes, content_type: str = "application/json",
+              headers: dict | None = None) -> None:
+        data = body.encode("utf-8") if isinstance(body, str) else body
+        self.status = status
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if self.app.stopping or status >= 400:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, e: _ApiError) -> None:
+        body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
+        self._send(e.status, json.dumps(body), headers=e.headers)
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized upload before the client sends it (curl sends Expect: 100-continue)."""
+        if self._too_large():
+            self._error(self._too_large())
+            return False
+        return super().handle_expect_100()
+
+    def _too_large(self) -> _ApiError | None:
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            return _ApiError(400, f"Content-Length {length!r} is not a byte count")
+        length = int(length)
+        if length > self.app.max_upload_bytes:
+            return _ApiError(413, f"the upload is {length} bytes; the limit is {self.app.max_upload_bytes}",
+                             "file")
+        return None
+
+    def _authorized(self) -> bool:
+        import hmac
+        if not self.app.api_key:
+            return True
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.app.api_key}".encode())
+
+    def do_GET(self) -> None:
+        app, route = self.app, self.path.split("?")[0]
+        if route == "/health":
+            self._send(200, json.dumps({"status": "ok"}))
+        elif route == "/ready":
+            ready = app.scheduler is not None and not app.stopping
+            self._send(200 if ready else 503, json.dumps({"ready": ready}))
+        elif route == "/metrics":
+            self._send(200, app.metrics_text(), "text/plain; version=0.0.4")
+        elif route == "/v1/models":
+            if not self._authorized():
+                self._error(_ApiError(401, "missing or wrong API key (Authorization: Bearer …)",
+                                      kind="authentication_error"))
+                return app.count(route, 401)
+            models = [{"id": m, "object": "model", "created": 0, "owned_by": "maxwhisper"}
+                      for m in dict.fromkeys([app.config["model"], "whisper-1"])]
+            self._send(200, json.dumps({"object": "list", "data": models}))
+        else:
+            self._error(_ApiError(404, f"no route {route}"))
+        app.count(route, self.status)
+
+    def do_POST(self) -> None:
+        app, route = self.app, self.path.split("?")[0]
+        started = time.perf_counter()
+        with app._lock:
+            app.in_flight += 1
+        try:
+            self._post(route)
+        finally:
+            with app._lock:
+                app.in_flight -= 1
+                app._lock.notify_all()
+        app.count(route, self.status, time.perf_counter() - started if self.status == 200 else None)
+
+    def _post(self, route: str) -> None:
+        tasks = {"/v1/audio/transcriptions": "transcribe", "/v1/audio/translations": "translate"}
+        try:
+            if route not in tasks:
+                raise _ApiError(404, f"no route {route}")
+            if not self._authorized():
+                raise _ApiError(401, "missing or wrong API key (Authorization: Bearer …)",
+                                kind="authentication_error")
+            if self.app.stopping:
+                raise _ApiError(503, "the server is shutting down", kind="server_error")
+            too_large = self._too_large()
+            if too_large:
+                self._discard_body()
+                raise too_large
+            if not self.headers.get("Content-Length"):
+                raise _ApiError(411, "a Content-Length header is required")
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            fields, audio, filename = _parse_multipart(self.headers.get("Content-Type", ""), body)
+            if not audio:
+                raise _ApiError(400, "the form has no 'file' part with audio", "file")
+            fmt = fields.get("response_format") or "json"
+            if fmt not in _FORMATS:
+                raise _ApiError(400, f"response_format={fmt!r}: use one of {', '.join(_FORMATS)}",
+                                "response_format")
+            bad = set(fields.get("timestamp_granularities[]", [])) - {"segment", "word"}
+            if bad:
+                raise _ApiError(400, f"timestamp_granularities {sorted(bad)}: use segment or word",
+                                "timestamp_granularities[]")
+            model = fields.get("model") or "whisper-1"
+            if model not in (self.app.config["model"], "whisper-1"):
+                raise _ApiError(400, f"model {model!r} is not served here; use "
+                                     f"{self.app.config['model']!r} or 'whisper-1'", "model")
+            result, duration = self.app.transcribe(fields, audio, filename, tasks[route])
+            content_type, text = _response_body(result, fmt, tasks[route], duration)
+            self._send(200, text, content_type)
+        except _ApiError as e:
+            self._error(e)
+        except Exception as e:  # answer 500 for this request; the server keeps serving
+            log.exception("internal error on %s", route)
+            self._error(_ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+
+    def _discard_body(self, limit: int = 64 * 1024 * 1024) -> None:
+        """Read and drop an unwanted body (up to ``limit``) so the client gets our answer,
+        not a connection reset."""
+        left = min(int(self.headers.get("Content-Length") or 0), limit)
+        self.connection.settimeout(5)
+        try:
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
+
+def serve(argv: Sequence[str] | None = None) -> int:
+    """``python -m maxwhisper serve``: run the HTTP server until SIGTERM/SIGINT; exit code."""
+    import argparse
+    import signal
+    p = argparse.ArgumentParser(prog="python -m maxwhisper serve",
+                                description="OpenAI-compatible speech-to-text server (POST /v1/audio/transcriptions).")
+    p.add_argument("--model", default=None, help="model name, CTranslate2 folder or .pt checkpoint")
+    p.add_argument("--device", default=None, help="auto, cpu or gpu")
+    p.add_argument("--config", help="config file with a [maxwhisper] section (or $MAXWHISPER_CONFIG)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MAXWHISPER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (or $MAXWHISPER_API_KEY)")
+    p.add_argument("--max-batch", "--max_batch", dest="max_batch", type=int, default=8,
+                   help="transcriptions decoded together (1 turns batching off)")
+    p.add_argument("--queue-size", "--queue_size", dest="queue_size", type=int, default=64,
+                   help="requests waiting before 503")
+    p.add_argument("--max-upload-mb", "--max_upload_mb", dest="max_upload_mb", type=float, default=25.0)
+    p.add_argument("--request-timeout", "--request_timeout", dest="request_timeout", type=float, default=300.0)
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
+    p.add_argument("--log-format", "--log_format", dest="log_format", choices=["text", "json"], default=None)
+    args = p.parse_args(argv)
+    try:
+        cfg = Config.resolve(args.config, origin="command line", model=args.model, device=args.device,
+                             log_format=args.log_format)
+    except ConfigError as e:
+        sys.stderr.write(f"maxwhisper: error: {e}\n")
+        return 2
+    _cli_logging(cfg, verbose=True)
+    if args.max_batch < 1 or args.queue_size < 1:
+        sys.stderr.write("maxwhisper: error: --max-batch and --queue-size must be at least 1\n")
+        return 2
+    try:
+        server = Server(cfg, args.host, args.port, api_key=args.api_key, max_batch=args.max_batch,
+                        queue_size=args.queue_size, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                        request_timeout=args.request_timeout)
+    except ConfigError as e:
+        sys.stderr.write(f"maxwhisper: error: {e}\n")
+        return 2
+
+    stopping = threading.Event()
+
+    def stop(signum, _frame):
+        log.info("%s: finishing requests in flight (up to %g s), then exiting",
+                 signal.Signals(signum).name, args.grace)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("listening on http://%s:%d (loading %s; /ready answers 200 once loaded)",
+             *server.address, cfg["model"])
+    try:
+        server.load()
+    except MaxWhisperError as e:
+        sys.stderr.write(f"maxwhisper: error: {e}\n")
+        server.shutdown()
+        server.drain(0)
+        return 1 if isinstance(e, DeviceError) else 2
+    while not stopping.wait(0.5):
+        pass
+    server.shutdown()
+    if not server.drain(args.grace):
+        log.warning("grace period over with requests still in flight")
+    return 0
+
+
+# =============================================================================================
+# 11. CLI
 # =============================================================================================
 
 class _JsonFormatter(logging.Formatter):
@@ -2300,12 +2846,26 @@ def _cli_parser():
     return p
 
 
+def _cli_logging(cfg: Config, verbose: bool) -> None:
+    """Send the library's log lines to stderr, as text or JSON lines, at the configured level."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if cfg["log_format"] == "json"
+                         else logging.Formatter("maxwhisper: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False           # MAX may configure the root logger; the CLI owns its stderr
+    log.setLevel(getattr(logging, cfg["log_level"].upper()) if verbose else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``python -m maxwhisper`` command; returns the process exit code.
 
-    0: every file transcribed; 2: a user error (bad option or config, unreadable audio, missing
-    model), reported in one line, other files still processed; 1: an internal error.
+    ``python -m maxwhisper serve …`` runs the HTTP server (see ``serve``). Otherwise: 0, every
+    file transcribed; 2, a user error (bad option or config, unreadable audio, missing model),
+    reported in one line, other files still processed; 1, an internal error.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
     args = _cli_parser().parse_args(argv)
     temperature = args.temperature
     if temperature is not None and "," not in temperature and args.temperature_increment_on_fallback:
@@ -2320,12 +2880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"maxwhisper: error: {e}\n")
         return 2
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if cfg["log_format"] == "json"
-                         else logging.Formatter("maxwhisper: %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False           # MAX may configure the root logger; the CLI owns its stderr
-    log.setLevel(getattr(logging, cfg["log_level"].upper()) if args.verbose else logging.WARNING)
+    _cli_logging(cfg, args.verbose)
     if args.print_config:
         sys.stdout.write(cfg.describe() + "\n")
         return 0

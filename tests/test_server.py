@@ -1,0 +1,249 @@
+"""The OpenAI-compatible HTTP server: formats, errors, limits, auth, batching, shutdown."""
+
+import http.client
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import unittest
+import uuid
+
+import numpy as np
+
+import support
+from support import mw
+
+
+def multipart(fields: dict, file: bytes | None, filename: str = "clip.wav") -> tuple[bytes, str]:
+    """(body, content type) of a multipart/form-data upload; list values repeat the field."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        for v in value if isinstance(value, list) else [value]:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{v}\r\n'.encode())
+    if file is not None:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + file + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def request(address, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+    """(status, headers, body bytes) of one HTTP request."""
+    conn = http.client.HTTPConnection(*address, timeout=120)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
+
+
+def transcribe(address, audio: bytes, headers: dict | None = None, path="/v1/audio/transcriptions", **fields):
+    body, ctype = multipart(fields, audio)
+    return request(address, "POST", path, body, {"Content-Type": ctype, **(headers or {})})
+
+
+class ServerTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = support.model("tiny.en")
+        cls.wavs = [w for w, _ in support.samples("en")]
+        cls.audio = {w.stem: w.read_bytes() for w in cls.wavs}
+        cls.server = mw.Server(mw.Config.resolve(model="tiny.en"), port=0, model=cls.model, max_batch=8)
+        cls.addr = cls.server.address
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.shutdown()
+        cls.server.drain(10)
+
+    def test_every_response_format(self):
+        fox = self.audio["quick_brown_fox"]
+        status, headers, body = transcribe(self.addr, fox, model="whisper-1")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body), {"text": "The quick brown fox jumps over the lazy dog."})
+        status, headers, body = transcribe(self.addr, fox, response_format="text")
+        self.assertEqual((status, body.decode().strip()), (200, "The quick brown fox jumps over the lazy dog."))
+        self.assertTrue(headers["Content-Type"].startswith("text/plain"))
+        _, _, srt = transcribe(self.addr, fox, response_format="srt")
+        self.assertRegex(srt.decode(), r"^1\n00:00:00,000 --> 00:00:02,\d{3}\nThe quick brown fox")
+        _, _, vtt = transcribe(self.addr, fox, response_format="vtt")
+        self.assertTrue(vtt.decode().startswith("WEBVTT\n\n00:00.000 --> 00:02."))
+        status, _, body = transcribe(self.addr, fox, response_format="verbose_json",
+                                     **{"timestamp_granularities[]": ["segment", "word"]})
+        verbose = json.loads(body)
+        self.assertEqual((verbose["task"], verbose["language"]), ("transcribe", "english"))
+        self.assertAlmostEqual(verbose["duration"], 2.889, places=2)
+        self.assertEqual(set(verbose["segments"][0]), {"id", "seek", "start", "end", "text", "tokens", "temperature",
+                                                       "avg_logprob", "compression_ratio", "no_speech_prob"})
+        self.assertEqual([w["word"] for w in verbose["words"]][:3], ["The", "quick", "brown"])
+        status, _, body = transcribe(self.addr, fox, path="/v1/audio/translations")
+        self.assertEqual((status, json.loads(body)["text"][:9]), (200, "The quick"))
+
+    def test_info_routes_and_metrics(self):
+        self.assertEqual(request(self.addr, "GET", "/health")[0], 200)
+        self.assertEqual(request(self.addr, "GET", "/ready")[0], 200)
+        status, _, body = request(self.addr, "GET", "/v1/models")
+        self.assertEqual({m["id"] for m in json.loads(body)["data"]}, {"tiny.en", "whisper-1"})
+        transcribe(self.addr, self.audio["hello_world"])
+        text = request(self.addr, "GET", "/metrics")[2].decode()
+        self.assertRegex(text, r'maxwhisper_http_requests_total\{route="/v1/audio/transcriptions",status="200"\} \d+')
+        for name in ("maxwhisper_queue_depth", "maxwhisper_request_seconds_bucket", "maxwhisper_batch_windows_count",
+                     "maxwhisper_audio_seconds_total", "maxwhisper_tokens_total"):
+            self.assertIn(name, text)
+
+    def test_errors_in_openai_shape(self):
+        fox = self.audio["quick_brown_fox"]
+        cases = [
+            ("malformed multipart", 400, request(self.addr, "POST", "/v1/audio/transcriptions", b"garbage",
+                                                 {"Content-Type": "multipart/form-data; boundary=x"})),
+            ("no file part", 400, transcribe(self.addr, None, model="whisper-1")),
+            ("bad response_format", 400, transcribe(self.addr, fox, response_format="docx")),
+            ("unreadable audio", 400, transcribe(self.addr, b"RIFF\x00\x00 not a wav")),
+            ("unknown model", 400, transcribe(self.addr, fox, model="large-v9")),
+            ("special token in prompt", 400, transcribe(self.addr, fox, prompt="<|endoftext|>")),
+            ("unknown route", 404, request(self.addr, "GET", "/v2/nothing")),
+        ]
+        for what, expected, (status, headers, body) in cases:
+            with self.subTest(what):
+                self.assertEqual(status, expected, body)
+                error = json.loads(body)["error"]
+                self.assertEqual(set(error), {"message", "type", "param", "code"})
+                self.assertTrue(error["message"])
+        self.assertEqual(transcribe(self.addr, fox)[0], 200)            # still serving
+
+    def test_batched_concurrent_requests_are_exact(self):
+        expected = {name: json.loads(transcribe(self.addr, data)[2])["text"] for name, data in self.audio.items()}
+        before = self.server.scheduler.batch_sizes.sum, self.server.scheduler.batch_sizes.count
+        jobs = list(self.audio.items()) * 4
+        out = [None] * len(jobs)
+
+        def call(i, name, data):
+            out[i] = (name, transcribe(self.addr, data))
+        threads = [threading.Thread(target=call, args=(i, n, d)) for i, (n, d) in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for name, (status, _, body) in out:
+            self.assertEqual((status, json.loads(body)["text"]), (200, expected[name]))
+        rounds = self.server.scheduler.batch_sizes.count - before[1]
+        windows = self.server.scheduler.batch_sizes.sum - before[0]
+        self.assertLess(rounds, windows, "some windows must have been decoded together")
+
+    def test_a_failing_transcription_fails_alone(self):
+        scheduler = self.server.scheduler
+        s = mw._settings(self.model, {})
+        good = mw._Job(mw._Transcription(self.model, self.wavs[0], s))
+        bad = mw._Job(mw._Transcription(self.model, self.wavs[1], s))
+        bad.transcription.mel = np.zeros((128, 6000), np.float32)      # not this model's features
+        for job in (bad, good):
+            scheduler.submit(job)
+        self.assertTrue(good.done.wait(60) and bad.done.wait(60))
+        self.assertIsNone(good.error)
+        self.assertEqual(good.result["text"], self.model.transcribe(self.wavs[0])["text"])
+        self.assertIsNotNone(bad.error)
+        self.assertEqual(transcribe(self.addr, self.audio["hello_world"])[0], 200)
+
+
+class ServerLimitsTest(unittest.TestCase):
+    def setUp(self):
+        self.model = support.model("tiny.en")
+        self.fox = [w for w, _ in support.samples("en")][-1].read_bytes()
+
+    def serve(self, **options):
+        server = mw.Server(mw.Config.resolve(model="tiny.en"), port=0, model=self.model, **options)
+        self.addCleanup(lambda: (server.shutdown(), server.drain(10)))
+        return server.address
+
+    def test_auth(self):
+        addr = self.serve(api_key="s3cret")
+        self.assertEqual(transcribe(addr, self.fox)[0], 401)
+        self.assertEqual(transcribe(addr, self.fox, {"Authorization": "Bearer wrong"})[0], 401)
+        self.assertEqual(transcribe(addr, self.fox, {"Authorization": "Bearer s3cret"})[0], 200)
+        self.assertEqual(request(addr, "GET", "/v1/models")[0], 401)
+        self.assertEqual(request(addr, "GET", "/health")[0], 200)
+
+    def test_upload_limit_is_answered_not_reset(self):
+        addr = self.serve(max_upload_bytes=50_000)
+        status, _, body = transcribe(addr, bytes(200_000))             # sent whole, no Expect header
+        self.assertEqual(status, 413)
+        self.assertIn("limit", json.loads(body)["error"]["message"])
+        conn = http.client.HTTPConnection(*addr, timeout=30)
+        conn.putrequest("POST", "/v1/audio/transcriptions")
+        for k, v in {"Content-Length": "900000000", "Expect": "100-continue",
+                     "Content-Type": "multipart/form-data; boundary=x"}.items():
+            conn.putheader(k, v)
+        conn.endheaders()                                              # no body: refused from the headers
+        self.assertEqual(conn.getresponse().status, 413)
+        conn.close()
+
+    def test_queue_full_and_deadline(self):
+        addr = self.serve(max_batch=1, queue_size=1, request_timeout=60)
+        long_audio = support.long_clip().read_bytes()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(transcribe(addr, long_audio))) for _ in range(4)]
+        for t in threads:
+            t.start()
+            time.sleep(0.3)
+        for t in threads:
+            t.join()
+        statuses = sorted(r[0] for r in results)
+        self.assertIn(503, statuses)
+        self.assertIn(200, statuses)
+        busy = next(r for r in results if r[0] == 503)
+        self.assertEqual(busy[1]["Retry-After"], "1")
+        addr = self.serve(request_timeout=0.05)
+        status, _, body = transcribe(addr, long_audio)
+        self.assertEqual(status, 504, body)
+
+
+class ServeProcessTest(unittest.TestCase):
+    def test_sigterm_finishes_the_request_in_flight(self):
+        proc = subprocess.Popen([sys.executable, "-m", "maxwhisper", "serve", "--port", "0", "--model", "tiny.en"],
+                                cwd=support.ROOT, stderr=subprocess.PIPE, text=True,
+                                env={**__import__("os").environ, "PYTHONPATH": str(support.ROOT)})
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(proc.kill)
+        line = proc.stderr.readline()
+        addr = ("127.0.0.1", int(re.search(r"http://[\d.]+:(\d+)", line).group(1)))
+        deadline = time.time() + 600
+        while request(addr, "GET", "/ready")[0] != 200:
+            self.assertLess(time.time(), deadline)
+            time.sleep(0.5)
+        result = []
+        t = threading.Thread(target=lambda: result.append(transcribe(addr, support.long_clip().read_bytes(),
+                                                                     response_format="text")))
+        t.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        t.join()
+        self.assertEqual(proc.wait(timeout=60), 0)
+        status, _, body = result[0]
+        self.assertEqual(status, 200)
+        self.assertIn("printing press", body.decode())        # the second of its three windows
+
+    def test_openai_client(self):
+        try:
+            from openai import OpenAI
+        except ImportError:
+            self.skipTest("the openai package is not installed (pip install -e '.[test]')")
+        server = mw.Server(mw.Config.resolve(model="tiny.en"), port=0, model=support.model("tiny.en"),
+                           api_key="k")
+        self.addCleanup(lambda: (server.shutdown(), server.drain(10)))
+        client = OpenAI(base_url="http://%s:%d/v1" % server.address, api_key="k")
+        wav = [w for w, _ in support.samples("en")][-1]
+        with open(wav, "rb") as f:
+            text = client.audio.transcriptions.create(model="whisper-1", file=f).text
+        self.assertEqual(text, "The quick brown fox jumps over the lazy dog.")
+        with open(wav, "rb") as f:
+            verbose = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json",
+                                                         timestamp_granularities=["word"])
+        self.assertEqual(verbose.words[1].word, "quick")
+
+
+if __name__ == "__main__":
+    unittest.main()
