@@ -517,7 +517,10 @@ def _load_run(args, clips: list[Path], max_batch: int) -> dict:
             while time.perf_counter() < stop_at:
                 name = clips[i % len(clips)].name
                 t = time.perf_counter()
-                status, text = _post_clip(port, name, data[name])
+                try:
+                    status, text = _post_clip(port, name, data[name])
+                except OSError as e:                    # a reset or refused connection is a failure
+                    status, text = 0, str(e)
                 records.append((name, status, text == expected[name], time.perf_counter() - t, t))
                 i += 1
         started = time.perf_counter()

@@ -2385,6 +2385,11 @@ class _ApiError(Exception):
         self.headers = headers or {}
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    request_queue_size = 256        # the listen backlog: bursts of clients queue, not reset
+    daemon_threads = True
+
+
 class Server:
     """The HTTP service: the model (loaded in the background), the scheduler, limits, metrics.
 
@@ -2413,7 +2418,7 @@ class Server:
         self.latency = _Histogram(_LATENCY_BUCKETS)
         handler = type("Handler", (_Handler,), {"app": self})
         try:
-            self.httpd = ThreadingHTTPServer((host, port), handler)
+            self.httpd = _HTTPServer((host, port), handler)
         except OSError as e:
             raise ConfigError(f"serve: cannot listen on {host}:{port} ({e.strerror}); "
                               "pick another --port or --host") from e
