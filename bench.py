@@ -6,6 +6,7 @@
     python bench.py stress    --model tiny.en
     python bench.py batch     --model tiny.en --batch 1,4,8,16
     python bench.py serve-load --model tiny.en --clients 32 --seconds 60
+    python bench.py decode    --model tiny.en
 
 Every engine runs in its own subprocess (PyTorch timed right after MAX in one process runs
 slower), on the same audio, the same weights and greedy decoding with the same temperature
@@ -307,11 +308,20 @@ def coldstart(args) -> dict:
 # scaling and stress (in-process: they time maxwhisper's own decoder)
 # ---------------------------------------------------------------------------------------------
 
-def memory_bandwidth_gbs() -> float:
-    """Read bandwidth of this machine, from a numpy sum over 256 MB (best of 5)."""
-    a = np.ones(64 * 2**20, np.float32)
-    best = min(_timed(lambda: a.sum()) for _ in range(5))
-    return a.nbytes / best / 1e9
+def memory_bandwidth_gbs() -> dict:
+    """Read bandwidth of this machine in GB/s, best of 5 over 512 MB: a MAX graph summing it
+    on every core MAX uses (the decoder's own engine and threads), and numpy's one-core sum."""
+    from max import engine
+    from max.driver import CPU, Buffer
+    from max.dtype import DType
+    from max.graph import DeviceRef, Graph, TensorType, ops
+    a = np.ones((128, 2**20), np.float32)
+    with Graph("bandwidth_probe", input_types=[TensorType(DType.float32, list(a.shape), device=DeviceRef.CPU())]) as g:
+        g.output(ops.sum(ops.sum(g.inputs[0].tensor, axis=1), axis=0))
+    probe, buf = engine.InferenceSession(devices=[CPU()]).load(g), Buffer.from_numpy(a)
+    probe.execute(buf)
+    return {"max_all_cores": a.nbytes / min(_timed(lambda: probe.execute(buf)) for _ in range(5)) / 1e9,
+            "numpy_one_core": a.nbytes / min(_timed(lambda: a.sum()) for _ in range(5)) / 1e9}
 
 
 def _timed(fn) -> float:
@@ -357,7 +367,8 @@ def step_latencies(m: mw.Model, cross: list, batch: int, positions: list[int], s
 
 
 def scaling(args) -> dict:
-    bandwidth = memory_bandwidth_gbs()
+    rates = memory_bandwidth_gbs()
+    bandwidth = max(rates.values())
     positions = [int(p) for p in args.positions.split(",")]
     modes = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[args.kernels]
     results = []
@@ -385,7 +396,8 @@ def scaling(args) -> dict:
         chart(args.png, "decoder step ms by position",
               [f"{r['model']} b{r['batch']} {'k' if r['kernels'] else 'ops'} @{p}" for r in results for p in r["step_ms"]],
               [v for r in results for v in r["step_ms"].values()])
-    out = {"command": "scaling", "memory_bandwidth_gbs": bandwidth, "machine": machine(), "runs": results}
+    out = {"command": "scaling", "memory_bandwidth_gbs": bandwidth, "bandwidth_probes_gbs": rates,
+           "machine": machine(), "runs": results}
     if len(results) == 1:
         out.update(results[0])
     return out
@@ -467,6 +479,66 @@ def batch(args) -> dict:
                   f"{r['files_per_second'] / base:.2f}", r["same_tokens_as_batch_1"]] for b, r in rows.items()])
     return {"command": "batch", "model": args.model, "files": len(audios), "repeats": args.repeats,
             "options": options, "by_batch": rows, "machine": machine()}
+
+
+DECODERS = ("maxwhisper-fp32", "maxwhisper-bf16", "faster-whisper-fp32", "faster-whisper-int8")
+
+
+def _decode_worker(args) -> None:
+    """In its own process: greedy decode of one encoded 30 s window, repeated; prints JSON."""
+    audio = mw.load_audio(args.files[0])
+    engine = args.engine
+    if engine.startswith("maxwhisper"):
+        m = mw.load(args.model, device="cpu", dtype="bfloat16" if engine.endswith("bf16") else "float32")
+        cross = window_cross(m, audio)
+        options = [mw.DecodingOptions(language="en" if m.is_multilingual else None)]
+
+        def run():
+            return len(mw.decode_batch(m, m.new_cache(cross), options)[0].tokens)
+    else:
+        import ctranslate2
+        m = mw.load(args.model, device="cpu", warmup=False)
+        mel = m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
+        compute_type = {"fp32": "float32", "int8": "int8"}[engine.rsplit("-", 1)[1]]
+        ct2 = ctranslate2.models.Whisper(str(_ct2_folder(args.model)), device="cpu", compute_type=compute_type,
+                                         intra_threads=args.threads)
+        encoded = ct2.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)))
+        prompt = list(m.tokenizer(language="en" if m.is_multilingual else None).sot_sequence)
+
+        def run():
+            return len(ct2.generate(encoded, [prompt], beam_size=1, max_length=448)[0].sequences_ids[0])
+    run()
+    rates, counts = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        n = run()
+        rates.append(n / (time.perf_counter() - t))
+        counts.append(n)
+    print(json.dumps({"engine": engine, "tokens_per_second": statistics.median(rates), "tokens": counts}))
+
+
+def decode(args) -> dict:
+    """Greedy decoding throughput of one stream (the encoder excluded), engines side by side."""
+    workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-bench-"))
+    clip = Path(args.audio) if args.audio else speech_clip(workdir / "long_70s.wav")
+    rows = []
+    for engine in args.engines.split(","):
+        if engine.startswith("faster-whisper") and (engine_available(engine) or _ct2_folder(args.model) is None):
+            print(f"note: {engine} skipped", file=sys.stderr)
+            continue
+        done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "_decode", "--engine", engine, "--model",
+                               args.model, "--threads", str(args.threads), "--repeats", str(args.repeats),
+                               "--files", str(clip)], capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            raise mw.MaxWhisperError(f"{engine} failed: {done.stderr[-2000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    ref = next((r["tokens_per_second"] for r in rows if r["engine"] == "faster-whisper-fp32"), None)
+    print_table(f"greedy decode, one stream, {args.model}: first 30 s window of {clip.name}, "
+                f"median of {args.repeats}", ["engine", "tokens", "tokens/s", "x faster-whisper fp32"],
+                [[r["engine"], r["tokens"][0], f"{r['tokens_per_second']:.0f}",
+                  f"{r['tokens_per_second'] / ref:.2f}" if ref else "-"] for r in rows])
+    return {"command": "decode", "model": args.model, "clip": clip.name, "repeats": args.repeats,
+            "engines": rows, "machine": machine()}
 
 
 def _post_clip(port: int, name: str, data: bytes) -> tuple[int, str]:
@@ -633,6 +705,14 @@ def main(argv=None) -> int:
     sl.add_argument("--clients", type=int, default=32)
     sl.add_argument("--seconds", type=float, default=60.0)
     sl.add_argument("--max-batch", type=int, default=8, help="the batched run's --max-batch")
+    dc = sub.add_parser("decode", parents=[common], help="greedy decode tokens/s of one stream")
+    dc.add_argument("--audio", help="a clip (default: a generated 70 s clip); its first 30 s are decoded")
+    dc.add_argument("--engines", default=",".join(DECODERS))
+    dc.add_argument("--repeats", type=int, default=5)
+    dw = sub.add_parser("_decode")
+    for flag, kind in (("--engine", str), ("--model", str), ("--threads", int), ("--repeats", int)):
+        dw.add_argument(flag, type=kind)
+    dw.add_argument("--files", nargs=1)
     w = sub.add_parser("_worker")
     w.add_argument("--engine")
     w.add_argument("--model")
@@ -643,12 +723,12 @@ def main(argv=None) -> int:
     # aborts on CPU in MAX 26.7), so --threads pins the process (and its workers) to that
     # many cores; the peers also get the count through their own thread options.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-    if args.command == "_worker":
-        worker(args)
+    if args.command in ("_worker", "_decode"):
+        (worker if args.command == "_worker" else _decode_worker)(args)
         return 0
     try:
         result = {"compare": compare, "coldstart": coldstart, "scaling": scaling, "stress": stress,
-                  "batch": batch, "serve-load": serve_load}[args.command](args)
+                  "batch": batch, "serve-load": serve_load, "decode": decode}[args.command](args)
     except mw.MaxWhisperError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
