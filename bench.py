@@ -34,7 +34,7 @@ import numpy as np
 import maxwhisper as mw
 
 ROOT = Path(__file__).resolve().parent
-ENGINES = ("maxwhisper", "openai", "faster-whisper-fp32", "faster-whisper-int8")
+ENGINES = ("maxwhisper", "maxwhisper-bf16", "openai", "faster-whisper-fp32", "faster-whisper-int8")
 
 LONG_TEXT = (
     "The history of the written word begins in the ancient river valleys, where farmers and "
@@ -103,8 +103,8 @@ def _ct2_folder(model: str) -> Path | None:
 
 def make_engine(engine: str, model: str, threads: int):
     """Return transcribe(audio array) -> (text, n_tokens) for one engine, loaded and ready."""
-    if engine == "maxwhisper":
-        m = mw.load(model, device="cpu")
+    if engine in ("maxwhisper", "maxwhisper-bf16"):
+        m = mw.load(model, device="cpu", dtype="bfloat16" if engine.endswith("bf16") else "float32")
 
         def run(audio):
             r = m.transcribe(audio)

@@ -751,7 +751,7 @@ def _low_precision(name: str) -> bool:
     """Whether a decoder weight is stored in the model's ``dtype``: the matrices of the linear
     layers and the token embedding; norms, biases and positional embeddings stay float32.
     (The encoder stays float32: it is compute-bound, bfloat16 did not speed it up here.)"""
-    return name.endswith(".weight") and not any(k in name for k in ("_ln.", "ln_post", "decoder.ln", "conv"))
+    return name.endswith(".weight") and not any(k in name for k in ("_ln.", "decoder.ln."))
 
 
 def _param_types(names: list[str], dims: dict, device, dtype=None) -> list:
