@@ -2045,6 +2045,7 @@ class _Transcription:
         return np.pad(seg, ((0, 0), (0, N_FRAMES - seg.shape[1])))[None]
 
     def next_window(self) -> np.ndarray | None:
+        """The next window's log-mel [1, n_mels, 3000], or None when the audio is done."""
         while self.clip_idx < len(self.clips):
             clip_start, clip_end = self.clips[self.clip_idx]
             self.seek = max(self.seek, clip_start)
@@ -2507,6 +2508,7 @@ class Server:
         return ended
 
     def count(self, route: str, status: int, seconds: float | None = None) -> None:
+        """Record an answered request (and its latency, for transcriptions) for /metrics."""
         with self._lock:
             self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
             if seconds is not None:
