@@ -1813,7 +1813,8 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
 
 _DECODE_KEYS = {f.name for f in dataclasses.fields(DecodingOptions)} - {"temperature", "prompt"}
 _TRANSCRIBE_KEYS = {"verbose", "carry_initial_prompt", "clip_timestamps", "vad_parameters",
-                    "prepend_punctuations", "append_punctuations"} | set(SETTINGS)
+                    "prepend_punctuations", "append_punctuations",
+                    "hallucination_silence_threshold"} | set(SETTINGS)
 _PREPEND = "\"'“¿([{-"
 _APPEND = "\"'.。,，!！?？:：”)]}、"
 
@@ -1953,6 +1954,25 @@ def _add_word_timestamps(model: Model, tokenizer, segments: list[dict], cross: l
                 segment["end"] = words[-1]["end"]
             last_speech = segment["end"]
         segment["words"] = words
+
+
+def _last_word_end(segments: list[dict]) -> float | None:
+    """End of the last word of the last segment that has words, else of the last segment."""
+    return next((w["end"] for seg in reversed(segments) for w in reversed(seg["words"])),
+                segments[-1]["end"] if segments else None)
+
+
+def _is_anomaly(segment: dict | None) -> bool:
+    """Whether a segment's first 8 words look hallucinated (openai-whisper's score: improbable,
+    shorter than 0.133 s or longer than 2 s)."""
+    if segment is None or not segment["words"]:
+        return False
+    words = [w for w in segment["words"] if w["word"] not in _PREPEND + _APPEND][:8]
+    score = 0.0
+    for w in words:
+        duration = w["end"] - w["start"]
+        score += (w["probability"] < 0.15) + max(0.0, (0.133 - duration) * 15) + max(0.0, duration - 2.0)
+    return score >= 3 or score + 0.01 >= len(words)
 
 
 def _cross_rows(model: Model, cross: list, rows: list[int]) -> list:
@@ -2128,10 +2148,13 @@ class _Transcription:
         if s["word_timestamps"]:
             _add_word_timestamps(self.model, tokenizer, current, cross, segment_size, self.last_speech,
                                  s.get("prepend_punctuations") or _PREPEND, s.get("append_punctuations") or _APPEND)
-            last_word_end = next((w["end"] for seg in reversed(current) for w in reversed(seg["words"])),
-                                 current[-1]["end"] if current else None)
+            last_word_end = _last_word_end(current)
             if not single_ending and last_word_end is not None and last_word_end > time_offset:
                 self.seek = round(last_word_end * FRAMES_PER_SECOND)
+            threshold = s.get("hallucination_silence_threshold")
+            if threshold is not None and self._skip_hallucination(current, threshold, seek, segment_size, single_ending):
+                return
+            last_word_end = _last_word_end(current)
             if last_word_end is not None:
                 self.last_speech = last_word_end
 
@@ -2146,6 +2169,45 @@ class _Transcription:
         self.all_tokens.extend(t for seg in current for t in seg["tokens"])
         if not s["condition_on_previous_text"] or result.temperature > 0.5:
             self.prompt_reset_since = len(self.all_tokens)
+
+    def _skip_hallucination(self, current: list[dict], threshold: float, seek: int, segment_size: int,
+                            single_ending: bool) -> bool:
+        """openai-whisper's ``hallucination_silence_threshold``: after a silence longer than
+        ``threshold`` s, a segment of anomalous words (improbable, very short or very long) is
+        taken for a hallucination; the seek skips the silence and the segments from there are
+        dropped. Returns True when the whole window is to be decoded again from later on."""
+        time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+        window_end = (seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE
+        if not single_ending:
+            end = _last_word_end(current)
+            if end is not None and end > time_offset:
+                self.seek = round(end * FRAMES_PER_SECOND) if window_end - end > threshold else seek + segment_size
+        first = next((seg for seg in current if seg["words"]), None)
+        if first is not None and _is_anomaly(first):
+            gap = first["start"] - time_offset
+            if gap > threshold:
+                self.seek = seek + round(gap * FRAMES_PER_SECOND)
+                return True
+        last_end = self.last_speech
+        for i, seg in enumerate(current):
+            if not seg["words"]:
+                continue
+            if _is_anomaly(seg):
+                following = next((x for x in current[i + 1:] if x["words"]), None)
+                next_start = (following["words"][0]["start"] if following
+                              else time_offset + segment_size * HOP_LENGTH / SAMPLE_RATE)
+                before = (seg["start"] - last_end > threshold or seg["start"] < threshold
+                          or seg["start"] - time_offset < 2.0)
+                after = (next_start - seg["end"] > threshold or _is_anomaly(following)
+                         or window_end - seg["end"] < 2.0)
+                if before and after:
+                    self.seek = round(max(time_offset + 1, seg["start"]) * FRAMES_PER_SECOND)
+                    if self.content_frames * HOP_LENGTH / SAMPLE_RATE - seg["end"] < threshold:
+                        self.seek = self.content_frames
+                    del current[i:]
+                    break
+            last_end = seg["end"]
+        return False
 
     def result(self) -> dict:
         """The transcript: openai-whisper's result shape plus ``metrics``."""
@@ -2222,6 +2284,8 @@ def _settings(model: Model, options: dict) -> dict:
     s.setdefault("clip_timestamps", "0")
     s.setdefault("carry_initial_prompt", False)
     s.setdefault("vad_parameters", None)
+    if s.get("hallucination_silence_threshold") is not None and not s["word_timestamps"]:
+        raise ConfigError("hallucination_silence_threshold needs word_timestamps=True (it reads word timings)")
     if s["vad_filter"] and s["clip_timestamps"] not in ("0", [0], (0,), [], ()):
         raise ConfigError("vad_filter and clip_timestamps can't be combined: choose the clips or "
                           "let voice activity find them")
@@ -2254,7 +2318,8 @@ def transcribe(model: Model, audio, **options) -> dict:
     ``silence_threshold_db`` (skip a window that the model calls silent and whose loudest
     100 ms is under this level, however confident the text), ``max_audio_seconds``; and
     ``verbose``, ``carry_initial_prompt``, ``clip_timestamps``, ``prepend_punctuations``,
-    ``append_punctuations``, and the other ``DecodingOptions`` fields (``length_penalty``,
+    ``append_punctuations``, ``hallucination_silence_threshold`` (with word timestamps: skip
+    silences longer than this many seconds before anomalous words, as openai-whisper), and the other ``DecodingOptions`` fields (``length_penalty``,
     ``prefix``, ``suppress_tokens``, ``suppress_blank``, ``without_timestamps``,
     ``max_initial_timestamp``, ``sample_len``, ``seed``).
 
@@ -2897,6 +2962,9 @@ def _cli_parser():
                    help="(needs --word_timestamps) lines in a subtitle segment")
     p.add_argument("--max_words_per_line", type=_parse_optional(int), default=None,
                    help="(needs --word_timestamps, not with --max_line_width) words in a subtitle line")
+    p.add_argument("--hallucination_silence_threshold", type=_parse_optional(float), default=None,
+                   help="(needs --word_timestamps) skip silences longer than this (s) before a "
+                        "possible hallucination")
     p.add_argument("--prepend_punctuations", default=_PREPEND,
                    help="with --word_timestamps, punctuation merged into the next word")
     p.add_argument("--append_punctuations", default=_APPEND,
@@ -2978,7 +3046,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 suppress_tokens=args.suppress_tokens, clip_timestamps=args.clip_timestamps,
                                 carry_initial_prompt=args.carry_initial_prompt,
                                 prepend_punctuations=args.prepend_punctuations,
-                                append_punctuations=args.append_punctuations)
+                                append_punctuations=args.append_punctuations,
+                                hallucination_silence_threshold=args.hallucination_silence_threshold)
         except Exception as e:  # one bad file must not stop the others
             if isinstance(e, MaxWhisperError) and not isinstance(e, DeviceError):
                 sys.stderr.write(f"maxwhisper: error: {e}\n")

@@ -150,6 +150,20 @@ class HallucinationGuardTest(unittest.TestCase):
         self.assertGreaterEqual(guarded["metrics"]["fallbacks"], 1)
         self.assertLessEqual(run(guarded["text"]), 4)
 
+    def test_hallucination_silence_threshold_matches_openai(self):
+        clips = {w.stem: mw.load_audio(w) for w, _ in support.samples("en")}
+        hiss = (np.random.default_rng(0).standard_normal(20 * mw.SAMPLE_RATE) * 1e-3).astype(np.float32)
+        audio = np.concatenate([clips["quick_brown_fox"], hiss, clips["counting"], hiss])
+        results = {}
+        for threshold in (None, 2.0):
+            ours, theirs = transcribe_both("tiny.en", audio, word_timestamps=True,
+                                           hallucination_silence_threshold=threshold)
+            self.assertEqual(tokens(ours), tokens(theirs), threshold)
+            results[threshold] = tokens(ours)
+        self.assertNotEqual(results[None], results[2.0], "the threshold changed where windows start")
+        with self.assertRaises(mw.ConfigError):
+            support.model("tiny.en").transcribe(audio, hallucination_silence_threshold=2.0)
+
     def test_loop_detector(self):
         tok = support.model("tiny.en").tokenizer()
         guard = mw.RepetitionGuard(tok, 0, limit=3)
