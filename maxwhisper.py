@@ -2889,6 +2889,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     stopping = threading.Event()
 
     def stop(signum, _frame):
+        if stopping.is_set():
+            return
         log.info("%s: finishing requests in flight (up to %g s), then exiting",
                  signal.Signals(signum).name, args.grace)
         stopping.set()
