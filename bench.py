@@ -101,10 +101,20 @@ def _ct2_folder(model: str) -> Path | None:
     return mw._packaged_model(model)
 
 
+def _mw_dtype(engine: str) -> str:
+    """The weight dtype of a maxwhisper engine name (``…-bf16`` is bfloat16)."""
+    return "bfloat16" if engine.endswith("bf16") else "float32"
+
+
+def _ct2_compute_type(engine: str) -> str:
+    """CTranslate2's compute type for a faster-whisper engine name (``…-fp32``, ``…-int8``)."""
+    return {"fp32": "float32", "int8": "int8"}[engine.rsplit("-", 1)[1]]
+
+
 def make_engine(engine: str, model: str, threads: int):
     """Return transcribe(audio array) -> (text, n_tokens) for one engine, loaded and ready."""
     if engine in ("maxwhisper", "maxwhisper-bf16"):
-        m = mw.load(model, device="cpu", dtype="bfloat16" if engine.endswith("bf16") else "float32")
+        m = mw.load(model, device="cpu", dtype=_mw_dtype(engine))
 
         def run(audio):
             r = m.transcribe(audio)
@@ -129,8 +139,7 @@ def make_engine(engine: str, model: str, threads: int):
         folder = _ct2_folder(model)
         if folder is None:
             raise mw.ModelError(f"{model}: faster-whisper needs a CTranslate2 folder")
-        compute_type = {"fp32": "float32", "int8": "int8"}[engine.rsplit("-", 1)[1]]
-        fw = WhisperModel(str(folder), device="cpu", compute_type=compute_type, cpu_threads=threads)
+        fw = WhisperModel(str(folder), device="cpu", compute_type=_ct2_compute_type(engine), cpu_threads=threads)
 
         def run(audio):
             segments, _ = fw.transcribe(audio, beam_size=1, best_of=1, vad_filter=False,
@@ -489,7 +498,7 @@ def _decode_worker(args) -> None:
     audio = mw.load_audio(args.files[0])
     engine = args.engine
     if engine.startswith("maxwhisper"):
-        m = mw.load(args.model, device="cpu", dtype="bfloat16" if engine.endswith("bf16") else "float32")
+        m = mw.load(args.model, device="cpu", dtype=_mw_dtype(engine))
         cross = window_cross(m, audio)
         options = [mw.DecodingOptions(language="en" if m.is_multilingual else None)]
 
@@ -499,9 +508,8 @@ def _decode_worker(args) -> None:
         import ctranslate2
         m = mw.load(args.model, device="cpu", warmup=False)
         mel = m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
-        compute_type = {"fp32": "float32", "int8": "int8"}[engine.rsplit("-", 1)[1]]
-        ct2 = ctranslate2.models.Whisper(str(_ct2_folder(args.model)), device="cpu", compute_type=compute_type,
-                                         intra_threads=args.threads)
+        ct2 = ctranslate2.models.Whisper(str(_ct2_folder(args.model)), device="cpu",
+                                         compute_type=_ct2_compute_type(engine), intra_threads=args.threads)
         encoded = ct2.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)))
         prompt = list(m.tokenizer(language="en" if m.is_multilingual else None).sot_sequence)
 
@@ -541,17 +549,27 @@ def decode(args) -> dict:
             "engines": rows, "machine": machine()}
 
 
+def multipart(fields: dict, file: bytes | None, filename: str = "clip.wav") -> tuple[bytes, str]:
+    """(body, content type) of a multipart/form-data upload; list values repeat the field."""
+    import uuid
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        for v in value if isinstance(value, list) else [value]:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{v}\r\n'.encode())
+    if file is not None:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + file + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
 def _post_clip(port: int, name: str, data: bytes) -> tuple[int, str]:
     """POST one clip to a local server's /v1/audio/transcriptions; (status, text)."""
     import http.client
-    import uuid
-    boundary = uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
-            + data + f"\r\n--{boundary}--\r\n".encode())
+    body, content_type = multipart({}, data, name)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
-        conn.request("POST", "/v1/audio/transcriptions", body,
-                     {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        conn.request("POST", "/v1/audio/transcriptions", body, {"Content-Type": content_type})
         r = conn.getresponse()
         payload = r.read()
         return r.status, json.loads(payload).get("text", "") if r.status == 200 else payload.decode()

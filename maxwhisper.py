@@ -1070,6 +1070,10 @@ class KVCache:
         if cross is not None:
             self.cross = cross
 
+    def self_buffers(self) -> list:
+        """Each layer's self-attention K^T then V buffer, in the order the graphs take them."""
+        return [b for pair in zip(self.self_k, self.self_v) for b in pair]
+
     def check_room(self, n_new: int) -> None:
         """Raise ``CapacityError`` when ``n_new`` more tokens would overrun the context."""
         if self.length + n_new > self.capacity:
@@ -1343,10 +1347,9 @@ class Model:
         mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
         idx = np.array([i % n for i in out_idx], np.int64)
         cross = [b for kv in cache.cross for b in kv]
-        kv = [b for pair in zip(cache.self_k, cache.self_v) for b in pair]
         put = self._put
         out = self._run("decoder", put(tokens), put(np.array([start, start + n], np.int64)),
-                        put(positions), put(idx), put(mask), *self._dec_w, *cross, *kv)
+                        put(positions), put(idx), put(mask), *self._dec_w, *cross, *cache.self_buffers())
         cache.length += n
         return out[0].to_numpy()
 
@@ -1357,8 +1360,8 @@ class Model:
             raise ConfigError(f"reorder: {len(rows)} rows given for a KVCache of batch {cache.batch}")
         if cache.length == 0 or (rows == np.arange(cache.batch)).all():
             return
-        kv = [b for pair in zip(cache.self_k, cache.self_v) for b in pair]
-        self._run("reorder", self._put(rows), self._put(np.array([0, cache.length], np.int64)), *kv)
+        self._run("reorder", self._put(rows), self._put(np.array([0, cache.length], np.int64)),
+                  *cache.self_buffers())
 
     @property
     def alignment_heads(self) -> list[tuple[int, int]]:
@@ -2228,10 +2231,12 @@ class _Transcription:
                 "segments": self.segments, "language": self.language, "metrics": m}
 
 
-def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]], s: dict) -> None:
+def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -> None:
     """Encode the given windows together, decode them with temperature fallback (windows
-    whose prompts have the same length share a batch), and hand each its result."""
+    whose prompts have the same length share a batch), and hand each its result. The
+    transcriptions share their settings."""
     jobs = [job for job, _ in work]
+    s = jobs[0].s
     t0 = time.perf_counter()
     cross = model.encode(np.concatenate([mel for _, mel in work]))[1]
     t1 = time.perf_counter()
@@ -2352,10 +2357,11 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
         work = [(job, mel) for job in pending for mel in [job.next_window()] if mel is not None]
         pending = [job for job, _ in work]
         for i in range(0, len(work), batch_size):
-            _decode_round(model, work[i:i + batch_size], s)
+            _decode_round(model, work[i:i + batch_size])
     results = [job.result() for job in jobs]
+    compiled = model.metrics()["compile_seconds"] - compiled_before
     for r in results:
-        r["metrics"]["compile_seconds"] = model.metrics()["compile_seconds"] - compiled_before
+        r["metrics"]["compile_seconds"] = compiled
     return results
 
 
@@ -2472,17 +2478,17 @@ class Scheduler:
         """Decode one round of windows; when it fails, each job alone, so only the culprit fails."""
         self.batch_sizes.observe(len(work))
         try:
-            _decode_round(self.model, work, work[0][0].s)
+            _decode_round(self.model, work)
             return
-        except Exception:  # isolate: retry one by one below
+        except Exception as e:  # isolate: retry one by one below
             if len(work) == 1:
-                self._fail(work[0][0], sys.exc_info()[1])
+                self._fail(work[0][0], e)
                 return
-        for transcription, mel in work:
+        for one in work:
             try:
-                _decode_round(self.model, [(transcription, mel)], transcription.s)
+                _decode_round(self.model, [one])
             except Exception as e:  # this request fails; the others go on
-                self._fail(transcription, e)
+                self._fail(one[0], e)
 
     def _fail(self, transcription: _Transcription, error: Exception) -> None:
         log.error("decoding %s failed: %s: %s", transcription.name, type(error).__name__, error)
@@ -2508,7 +2514,7 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class Server:
-    """The HTTP service: the model (loaded in the background), the scheduler, limits, metrics.
+    """The HTTP service: the model, the scheduler, limits, metrics.
 
     It answers from a background thread as soon as it is made (``port=0`` picks a free port,
     see ``address``); /ready says 503 until a model is given (``model=``) or ``load()`` has
@@ -2734,8 +2740,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         """Refuse an oversized upload before the client sends it (curl sends Expect: 100-continue)."""
-        if self._too_large():
-            self._error(self._too_large())
+        too_large = self._too_large()
+        if too_large:
+            self._error(too_large)
             return False
         return super().handle_expect_100()
 
@@ -2749,12 +2756,13 @@ class _Handler(BaseHTTPRequestHandler):
                              "file")
         return None
 
-    def _authorized(self) -> bool:
+    def _auth_error(self) -> _ApiError | None:
+        """The 401 to answer when an API key is required and this request lacks it."""
         import hmac
-        if not self.app.api_key:
-            return True
         given = self.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {self.app.api_key}".encode())
+        if not self.app.api_key or hmac.compare_digest(given.encode(), f"Bearer {self.app.api_key}".encode()):
+            return None
+        return _ApiError(401, "missing or wrong API key (Authorization: Bearer …)", kind="authentication_error")
 
     def do_GET(self) -> None:
         app, route = self.app, self.path.split("?")[0]
@@ -2766,9 +2774,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == "/metrics":
             self._send(200, app.metrics_text(), "text/plain; version=0.0.4")
         elif route == "/v1/models":
-            if not self._authorized():
-                self._error(_ApiError(401, "missing or wrong API key (Authorization: Bearer …)",
-                                      kind="authentication_error"))
+            denied = self._auth_error()
+            if denied:
+                self._error(denied)
                 return app.count(route, 401)
             models = [{"id": m, "object": "model", "created": 0, "owned_by": "maxwhisper"}
                       for m in dict.fromkeys([app.config["model"], "whisper-1"])]
@@ -2795,9 +2803,9 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if route not in tasks:
                 raise _ApiError(404, f"no route {route}")
-            if not self._authorized():
-                raise _ApiError(401, "missing or wrong API key (Authorization: Bearer …)",
-                                kind="authentication_error")
+            denied = self._auth_error()
+            if denied:
+                raise denied
             if self.app.stopping:
                 raise _ApiError(503, "the server is shutting down", kind="server_error")
             too_large = self._too_large()

@@ -9,25 +9,12 @@ import sys
 import threading
 import time
 import unittest
-import uuid
 
 import numpy as np
 
 import support
 from support import mw
-
-
-def multipart(fields: dict, file: bytes | None, filename: str = "clip.wav") -> tuple[bytes, str]:
-    """(body, content type) of a multipart/form-data upload; list values repeat the field."""
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        for v in value if isinstance(value, list) else [value]:
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{v}\r\n'.encode())
-    if file is not None:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + file + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+from bench import multipart
 
 
 def request(address, method: str, path: str, body: bytes = b"", headers: dict | None = None):
