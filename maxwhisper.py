@@ -137,6 +137,8 @@ SETTINGS: dict[str, tuple] = {
                 "Mojo attention kernels from kernels/: auto uses them when present"),
     "dtype": ("float32", _parse_choice("float32", "bfloat16"), "load",
               "weight precision of the linear layers: float32 (exact) or bfloat16 (half the bytes)"),
+    "graph_cache": ("auto", str, "load", "folder keeping compiled graphs for fast starts: "
+                    "auto = $XDG_CACHE_HOME or ~/.cache, then maxwhisper/graphs; off = none"),
     "language": (None, _parse_optional(str), "transcribe", "spoken language; none detects it"),
     "task": ("transcribe", _parse_choice("transcribe", "translate"), "transcribe", "transcribe or translate"),
     "temperature": ((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), _parse_temperatures, "transcribe",
@@ -1146,6 +1148,73 @@ class _CompileProgress:
         log.info("%s ready in %.1f s", self.what, self.seconds)
 
 
+class _GraphStore:
+    """Compiled graphs kept as MAX ``.mef`` files, so a warm start skips building and compiling.
+
+    MAX's own compile cache still needs each graph built in Python and looked up (2-3 s per
+    graph here); loading a stored artifact takes milliseconds. A file is named by the graph,
+    the model dimensions and a digest of everything that decides what it computes: this
+    module's source, the kernel package, the MAX version and the device. Any change gives a
+    new name, and writing it removes the stale files of that graph. A file that fails to load
+    is deleted and the graph compiled again.
+    """
+
+    def __init__(self, setting: str, device, kernels: Path | None):
+        if setting == "off":
+            self.folder = None
+            return
+        if setting == "auto":
+            base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+            self.folder = Path(base) / "maxwhisper" / "graphs"
+        else:
+            self.folder = Path(setting).expanduser()
+        from importlib.metadata import version
+        import hashlib
+        import platform
+        h = hashlib.sha256(Path(__file__).read_bytes())
+        for f in sorted(kernels.glob("*.mojo")) if kernels else ():
+            h.update(f.name.encode() + f.read_bytes())
+        h.update(f"max {version('max')} {platform.machine()} {device}".encode())
+        try:
+            h.update(device.architecture_name.encode())       # accelerators
+        except Exception:                                      # CPUs: the instruction sets
+            cpuinfo = Path("/proc/cpuinfo")
+            flags = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith(("flags", "Features"))] \
+                if cpuinfo.exists() else [platform.processor()]
+            h.update("".join(flags[:1]).encode())
+        self.digest = h.hexdigest()[:16]
+
+    def load(self, session, name: str, build):
+        """The compiled graph ``name`` (a file-name-safe tag), from its file or built by ``build()``.
+
+        Returns (model, where) with where ``"stored"`` or ``"compiled"``."""
+        if self.folder is None:
+            return session.load(build()), "compiled"
+        path = self.folder / f"{name}-{self.digest}.mef"
+        if path.exists():
+            try:
+                return session.load(path), "stored"
+            except Exception as e:  # a truncated or foreign file: rebuild it
+                log.warning("compiled graph %s does not load (%s: %s); compiling it again",
+                            path, type(e).__name__, e)
+                path.unlink(missing_ok=True)
+        compiled = session.compile(build())
+        model = session.init(compiled)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            compiled.export_mef(tmp)
+            os.replace(tmp, path)                              # atomic: readers see whole files
+            for stale in self.folder.glob(f"{name}-*.mef"):
+                if stale != path:
+                    stale.unlink(missing_ok=True)
+        except Exception as e:  # OSError, or MAX failing to write: the model still runs
+            log.warning("cannot keep the compiled %s graph in %s (%s: %s); set graph_cache to a "
+                        "writable folder or 'off'", name, self.folder, type(e).__name__, e)
+            tmp.unlink(missing_ok=True)
+        return model, "compiled"
+
+
 _COUNTERS = {   # name: (Prometheus type, help); per-call records carry the same names
     "requests": ("counter", "transcribe calls completed"),
     "audio_seconds": ("counter", "seconds of audio transcribed"),
@@ -1193,9 +1262,11 @@ class Model:
         self.dtype = dtype
         self._wdtype = DType.bfloat16 if dtype == "bfloat16" else None
         self._session = engine.InferenceSession(devices=[self.device])
+        self._store = _GraphStore(self.config["graph_cache"], self.device, self.kernels)
         self._lock = threading.Lock()
         self._graphs: dict = {}
         self.compile_seconds: dict[str, float] = {}
+        self.graph_sources: dict[str, str] = {}         # name -> "stored" or "compiled"
         self._totals = dict.fromkeys(_COUNTERS, 0.0)
         self._enc_w = [self._put(a) for a in graph_weights(weights, encoder_param_names(self.dims))]
         self._dec_w = self._decoder_weights()
@@ -1233,9 +1304,10 @@ class Model:
                      "decoder": lambda: build_decoder_graph(self.dims, ref, self.kernels, dt),
                      "reorder": lambda: build_reorder_graph(self.dims, ref),
                      "alignment": lambda: build_alignment_graph(self.dims, ref, dt)}[name]
+            tag = f"{name}_{_dims_key(self.dims, dt if name in ('decoder', 'alignment') else None)}"
             with _CompileProgress(f"{name} graph") as p:
                 try:
-                    self._graphs[name] = self._session.load(build())
+                    self._graphs[name], self.graph_sources[name] = self._store.load(self._session, tag, build)
                 except Exception as e:  # MAX raises several types; the user gets one
                     raise DeviceError(f"compiling the {name} graph for {self.weights.source} on "
                                       f"{self.device_name} failed ({type(e).__name__}: {e}); the "

@@ -1,6 +1,9 @@
-"""The MAX graphs against openai-whisper's PyTorch modules: log-mel, encoder, cross K/V."""
+"""The MAX graphs against openai-whisper's PyTorch modules: log-mel, encoder, cross K/V; the
+store of compiled graphs that makes warm starts fast."""
 
+import tempfile
 import unittest
+from pathlib import Path
 
 import numpy as np
 
@@ -58,6 +61,34 @@ class GraphTest(unittest.TestCase):
         dec = mw.build_decoder_graph(dims, DeviceRef.CPU())
         self.assertEqual(len(enc.inputs), 1 + len(mw.encoder_param_names(dims)))
         self.assertEqual(len(dec.inputs), 5 + len(mw.decoder_param_names(dims)) + 4 * 2)
+
+
+class GraphStoreTest(unittest.TestCase):
+    """Compiled graphs kept as .mef files: written on the first load, loaded by the next."""
+
+    def test_store_round_trip_and_a_corrupt_file(self):
+        wav, _ = support.samples("en")[0]
+        want = support.model("tiny.en").transcribe(wav)["text"]
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = mw.Config.resolve(model="tiny.en", device="cpu", graph_cache=tmp)
+            first = mw.load(config=cfg)
+            self.assertEqual(set(first.graph_sources.values()), {"compiled"})
+            files = sorted(Path(tmp).glob("*.mef"))
+            self.assertEqual(len(files), 3, files)
+            second = mw.load(config=cfg)
+            self.assertEqual(set(second.graph_sources.values()), {"stored"})
+            self.assertEqual(second.transcribe(wav)["text"], want)
+            decoder = next(f for f in files if f.name.startswith("decoder_"))
+            decoder.write_bytes(b"not a graph")
+            with self.assertLogs("maxwhisper", "WARNING") as logs:
+                third = mw.load(config=cfg)
+            self.assertIn(str(decoder), "\n".join(logs.output))
+            self.assertEqual(third.graph_sources["decoder"], "compiled")
+            self.assertGreater(decoder.stat().st_size, 1_000_000)        # written again
+            self.assertEqual(third.transcribe(wav)["text"], want)
+            self.assertEqual(mw.load(config=mw.Config.resolve(model="tiny.en", device="cpu",
+                                                               graph_cache="off")).graph_sources,
+                             dict.fromkeys(["mel", "encoder", "decoder"], "compiled"))
 
 
 if __name__ == "__main__":
