@@ -293,7 +293,8 @@ def coldstart(args) -> dict:
     clip = sample_files("en")[:1] or [speech_clip(Path(tempfile.mkdtemp()) / "clip.wav", "Hello world.")]
     out = {"command": "coldstart", "model": args.model, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="maxwhisper-cache-") as cache:
-        env = {**os.environ, "MODULAR_CACHE_DIR": cache, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "MODULAR_CACHE_DIR": cache, "MAXWHISPER_GRAPH_CACHE": str(Path(cache) / "graphs"),
+               "PYTHONPATH": str(ROOT)}
         for label, n in (("cold", 1), ("warm", args.repeats)):
             times, compiles = [], []
             for _ in range(n):

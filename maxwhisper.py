@@ -49,7 +49,7 @@ __all__ = [
     "Config", "SETTINGS",
     "load_audio", "speech_regions", "Weights", "load_weights", "KVCache", "Model", "load",
     "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions", "DecodingResult",
-    "build_mel_graph", "build_encoder_graph", "build_decoder_graph", "build_reorder_graph",
+    "build_mel_graph", "build_encoder_graph", "build_decoder_graph", "build_step_graph", "build_reorder_graph",
     "build_alignment_graph", "Scheduler", "Server", "serve",
 ]
 
@@ -665,12 +665,17 @@ def build_mel_graph(n_mels: int, device):
     return g
 
 
-def _block_param_names(prefix: str, cross: bool) -> list[str]:
+def _block_param_names(prefix: str, cross: bool, fused: bool = False) -> list[str]:
+    """A residual block's parameter names; ``fused`` names the self-attention's query, key and
+    value projections as one ``attn.qkv`` matrix [3d, d] and bias [3d] (one matmul, not three)."""
     names = []
     for mod in ("attn", "cross_attn") if cross else ("attn",):
-        names += [f"{prefix}.{mod}_ln.weight", f"{prefix}.{mod}_ln.bias",
-                  f"{prefix}.{mod}.query.weight", f"{prefix}.{mod}.query.bias"]
-        if mod == "attn":
+        names += [f"{prefix}.{mod}_ln.weight", f"{prefix}.{mod}_ln.bias"]
+        if mod == "attn" and fused:
+            names += [f"{prefix}.attn.qkv.weight", f"{prefix}.attn.qkv.bias"]
+        else:
+            names += [f"{prefix}.{mod}.query.weight", f"{prefix}.{mod}.query.bias"]
+        if mod == "attn" and not fused:
             names += [f"{prefix}.attn.key.weight", f"{prefix}.attn.value.weight",
                       f"{prefix}.attn.value.bias"]
         names += [f"{prefix}.{mod}.out.weight", f"{prefix}.{mod}.out.bias"]
@@ -692,10 +697,10 @@ def encoder_param_names(dims: dict) -> list[str]:
 
 
 def decoder_param_names(dims: dict) -> list[str]:
-    """Names of the decoder graph's weight inputs, in order."""
+    """Names of the decoder graphs' weight inputs, in order (self-attention's q/k/v fused)."""
     names = ["decoder.token_embedding.weight", "decoder.positional_embedding"]
     for i in range(dims["n_text_layer"]):
-        names += _block_param_names(f"decoder.blocks.{i}", cross=True)
+        names += _block_param_names(f"decoder.blocks.{i}", cross=True, fused=True)
     return names + ["decoder.ln.weight", "decoder.ln.bias"]
 
 
@@ -735,6 +740,8 @@ def _state_shapes(dims: dict) -> dict:
         p = f"decoder.blocks.{i}.cross_attn"
         shapes[f"{p}.key.weight"] = shapes[f"{p}.value.weight"] = (dt, da)
         shapes[f"{p}.value.bias"] = (dt,)
+        shapes[f"decoder.blocks.{i}.attn.qkv.weight"] = (3 * dt, dt)
+        shapes[f"decoder.blocks.{i}.attn.qkv.bias"] = (3 * dt,)
     for ln in ("encoder.ln_post", "decoder.ln"):
         shapes[f"{ln}.weight"] = shapes[f"{ln}.bias"] = (da if ln.startswith("enc") else dt,)
     return shapes
@@ -745,7 +752,12 @@ def graph_weights(weights: Weights, names: list[str]) -> list[np.ndarray]:
     out = []
     for n in names:
         perm = _graph_layout(n)
-        out.append(weights.state[n] if perm is None else np.ascontiguousarray(weights.state[n].transpose(perm)))
+        if n.endswith(".attn.qkv.weight") or n.endswith(".attn.qkv.bias"):
+            prefix, kind = n.rsplit(".qkv.", 1)
+            parts = [weights.state.get(f"{prefix}.{p}.{kind}") for p in ("query", "key", "value")]
+            out.append(np.concatenate([np.zeros_like(parts[0]) if a is None else a for a in parts]))
+        else:
+            out.append(weights.state[n] if perm is None else np.ascontiguousarray(weights.state[n].transpose(perm)))
     return out
 
 
@@ -886,78 +898,125 @@ def build_encoder_graph(dims: dict, device):
     return g
 
 
-def build_decoder_graph(dims: dict, device, kernels: Path | None = None, dtype=None):
-    """Cached decoder graph: one graph serves the prompt prefill and every one-token step.
+def _decoder_types(dims: dict, device, dtype=None) -> tuple:
+    """Weight names and the input types shared by the cached decoder graphs: the weights,
+    each layer's cross K^T [batch, h, 64, 1500] and V [batch, h, 1500, 64], and the
+    self-attention cache buffers K^T [batch, h, 64, n_text_ctx] and V [batch, h, n_text_ctx, 64]."""
+    from max.dtype import DType
+    from max.graph import BufferType, TensorType
+    names = decoder_param_names(dims)
+    L, n_head, ctx = dims["n_text_layer"], dims["n_text_head"], dims["n_text_ctx"]
+    dh, n_audio = dims["n_text_state"] // n_head, dims["n_audio_ctx"]
+    cross = [TensorType(DType.float32, ["batch", n_head, dh, n_audio], device=device),
+             TensorType(DType.float32, ["batch", n_head, n_audio, dh], device=device)] * L
+    cache = [BufferType(DType.float32, ["batch", n_head, dh, ctx], device=device),
+             BufferType(DType.float32, ["batch", n_head, ctx, dh], device=device)] * L
+    return names, _param_types(names, dims, device, dtype) + cross + cache
 
-    With ``kernels`` (the ``kernels/`` Mojo package), self- and cross-attention are the fused
-    ``whisper_attention`` op, which reads only the filled cache rows; without it attention is
-    built from MAX ops over all 448 cache slots with the mask.
+
+def _decoder_blocks(p: "_Params", x, dims: dict, self_attend, cross_attend):
+    """The decoder's residual blocks and final norm over x [B, T, d] — one definition for every
+    decoder graph; they differ only in how attention reads keys and values.
+
+    ``self_attend(i, q, k, v)`` gets layer i's new query/key/value heads [B, h, T, 64] and
+    returns its self-attention [B, h, T, 64]; ``cross_attend(i, q)`` returns its attention
+    over the audio frames.
+    """
+    from max.graph import ops
+    n_head, d = dims["n_text_head"], dims["n_text_state"]
+    for i in range(dims["n_text_layer"]):
+        b = f"decoder.blocks.{i}"
+        q, k, v = ops.split(p.linear(p.norm(x, f"{b}.attn_ln"), f"{b}.attn.qkv"), [d, d, d], axis=-1)
+        att = self_attend(i, _heads(q, n_head), _heads(k, n_head), _heads(v, n_head))
+        x = x + p.linear(_merge_heads(att), f"{b}.attn.out")
+        q = _heads(p.linear(p.norm(x, f"{b}.cross_attn_ln"), f"{b}.cross_attn.query"), n_head)
+        x = x + p.linear(_merge_heads(cross_attend(i, q)), f"{b}.cross_attn.out")
+        x = x + p.mlp(x, b)
+    return p.norm(x, "decoder.ln")
+
+
+def _cache_append(cache: list, i: int, k, v, span) -> tuple:
+    """Write layer i's new keys (transposed) and values into its cache buffers at
+    ``span`` = (offset, offset + n_tok), in place; returns the two buffers."""
+    from max.graph import ops
+    k_cache, v_cache = cache[2 * i], cache[2 * i + 1]
+    new = (slice(span[0], span[1]), k.shape[2])
+    ops.buffer_store_slice(k_cache, ops.permute(k, [0, 1, 3, 2]), [slice(None), slice(None), slice(None), new])
+    ops.buffer_store_slice(v_cache, v, [slice(None), slice(None), new, slice(None)])
+    return k_cache, v_cache
+
+
+def build_decoder_graph(dims: dict, device, dtype=None):
+    """Cached decoder graph for any number of new tokens: the prompt prefill (and, without the
+    Mojo kernels, every one-token step). Attention is built from MAX ops over all
+    ``n_text_ctx`` cache slots with a mask; for many queries MAX's matmuls beat the kernel.
 
     Inputs: ``tokens`` [batch, n_tok] int64; ``span`` [2] int64 = (offset, offset + n_tok), the
     positions these tokens take; ``positions`` [n_tok] int64 (offset .. offset+n_tok-1);
     ``out_idx`` [n_out] int64, the rows of ``tokens`` whose logits to return; ``mask``
     [batch, n_tok, n_text_ctx] float32, 0 where a token may attend to a cache slot and -inf
-    elsewhere (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); the
-    weights; per decoder layer the cross K^T [batch, h, 64, 1500] and V [batch, h, 1500, 64];
-    then per layer the self-attention cache buffers K^T [batch, h, 64, n_text_ctx] and
-    V [batch, h, n_text_ctx, 64], which the graph extends in place at ``offset``.
-    Output: logits [batch, n_out, n_vocab], float32. ``dtype`` (a MAX ``DType``, default
-    float32) is the type of the linear-layer and token-embedding weight inputs.
+    elsewhere (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); then
+    the inputs of ``_decoder_types`` (weights, cross K/V, cache buffers, which the graph extends
+    in place at ``offset``). Output: logits [batch, n_out, n_vocab], float32. ``dtype`` (a MAX
+    ``DType``, default float32) is the type of the linear-layer and token-embedding weights.
     """
     from max.dtype import DType
-    from max.graph import BufferType, Graph, TensorType, ops
+    from max.graph import Graph, TensorType, ops
 
-    names = decoder_param_names(dims)
-    L, n_head, d, ctx = dims["n_text_layer"], dims["n_text_head"], dims["n_text_state"], dims["n_text_ctx"]
-    dh, n_audio = d // n_head, dims["n_audio_ctx"]
+    L, ctx, scale = dims["n_text_layer"], dims["n_text_ctx"], (dims["n_text_state"] // dims["n_text_head"]) ** -0.5
+    names, types = _decoder_types(dims, device, dtype)
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
-    cross = [TensorType(DType.float32, ["batch", n_head, dh, n_audio], device=device),
-             TensorType(DType.float32, ["batch", n_head, n_audio, dh], device=device)] * L
-    cache = [BufferType(DType.float32, ["batch", n_head, dh, ctx], device=device),
-             BufferType(DType.float32, ["batch", n_head, ctx, dh], device=device)] * L
-    mask_type = TensorType(DType.float32, ["batch", "n_tok", ctx], device=device)
-    with Graph(f"whisper_decoder_{_dims_key(dims, dtype)}{'_k' if kernels else ''}",
+    with Graph(f"whisper_decoder_{_dims_key(dims, dtype)}",
                input_types=[i64(["batch", "n_tok"]), i64([2]), i64(["n_tok"]), i64(["n_out"]),
-                            mask_type] + _param_types(names, dims, device, dtype) + cross + cache,
-               custom_extensions=[kernels] if kernels else []) as g:
+                            TensorType(DType.float32, ["batch", "n_tok", ctx], device=device)] + types) as g:
         tokens, span, positions, out_idx, mask = (v.tensor for v in g.inputs[:5])
+        p = _Params(names, g.inputs[5:5 + len(names)], gemv=True)
+        cross = [v.tensor for v in g.inputs[5 + len(names):5 + len(names) + 2 * L]]
+        cache = g.inputs[5 + len(names) + 2 * L:]
         mask = ops.unsqueeze(mask, 1)                                            # over heads
-        rest = g.inputs[5:]
-        p = _Params(names, rest[:len(names)], gemv=True)
-        cross_kv = [v.tensor for v in rest[len(names):len(names) + 2 * L]]
-        self_kv = rest[len(names) + 2 * L:]
-        start, stop = span[0], span[1]
-        x = _embed(p, tokens, positions)
-        scale = dh ** -0.5
-        if kernels:
-            self_len, cross_len = positions + 1, positions * 0 + n_audio     # keys each query sees
 
-            def attend(q, k_t, v, lengths, _mask=None):
-                return ops.custom(name="whisper_attention", device=device, values=[q, k_t, v, lengths],
-                                  out_types=[TensorType(DType.float32, q.shape, device=device)])[0].tensor
-        else:
-            self_len = cross_len = None
+        def self_attend(i, q, k, v):
+            k_cache, v_cache = _cache_append(cache, i, k, v, span)
+            return _attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), scale, mask)
 
-            def attend(q, k_t, v, _lengths, mask=None):
-                return _attend(q, k_t, v, scale, mask)
-        for i in range(L):
-            b = f"decoder.blocks.{i}"
-            h = p.norm(x, f"{b}.attn_ln")
-            q = _heads(p.linear(h, f"{b}.attn.query"), n_head)
-            k_cache, v_cache = self_kv[2 * i], self_kv[2 * i + 1]
-            new = (slice(start, stop), "n_tok")
-            k_new = ops.permute(_heads(p.linear(h, f"{b}.attn.key", bias=False), n_head), [0, 1, 3, 2])
-            ops.buffer_store_slice(k_cache, k_new, [slice(None), slice(None), slice(None), new])
-            ops.buffer_store_slice(v_cache, _heads(p.linear(h, f"{b}.attn.value"), n_head),
-                                   [slice(None), slice(None), new, slice(None)])
-            att = attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), self_len, mask)
-            x = x + p.linear(_merge_heads(att), f"{b}.attn.out")
-            h = p.norm(x, f"{b}.cross_attn_ln")
-            q = _heads(p.linear(h, f"{b}.cross_attn.query"), n_head)
-            att = attend(q, cross_kv[2 * i], cross_kv[2 * i + 1], cross_len)
-            x = x + p.linear(_merge_heads(att), f"{b}.cross_attn.out")
-            x = x + p.mlp(x, b)
-        x = ops.gather(p.norm(x, "decoder.ln"), out_idx, axis=1)                   # [B, n_out, d]
+        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend,
+                            lambda i, q: _attend(q, cross[2 * i], cross[2 * i + 1], scale))
+        g.output(_gemv(p["decoder.token_embedding.weight"], ops.gather(x, out_idx, axis=1)))
+    return g
+
+
+def build_step_graph(dims: dict, device, kernels: Path, dtype=None):
+    """One-token decoding step with the Mojo kernels (``kernels/``): self-attention reads only
+    the filled cache rows and cross-attention the audio frames, each in one fused op.
+
+    Inputs: ``tokens`` [batch, 1] int64, ``span`` [2] int64 = (offset, offset + 1),
+    ``positions`` [1] int64 (= offset), then the inputs of ``_decoder_types`` as in
+    ``build_decoder_graph``. Output: logits [batch, 1, n_vocab], float32.
+    """
+    from max.dtype import DType
+    from max.graph import Graph, TensorType, ops
+
+    L, n_audio = dims["n_text_layer"], dims["n_audio_ctx"]
+    names, types = _decoder_types(dims, device, dtype)
+    i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
+    with Graph(f"whisper_step_{_dims_key(dims, dtype)}",
+               input_types=[i64(["batch", 1]), i64([2]), i64([1])] + types, custom_extensions=[kernels]) as g:
+        tokens, span, positions = (v.tensor for v in g.inputs[:3])
+        p = _Params(names, g.inputs[3:3 + len(names)], gemv=True)
+        cross = [v.tensor for v in g.inputs[3 + len(names):3 + len(names) + 2 * L]]
+        cache = g.inputs[3 + len(names) + 2 * L:]
+
+        def attend(q, k_t, v, lengths):               # query t sees the first lengths[t] keys
+            return ops.custom(name="whisper_attention", device=device, values=[q, k_t, v, lengths],
+                              out_types=[TensorType(DType.float32, q.shape, device=device)])[0].tensor
+
+        def self_attend(i, q, k, v):
+            k_cache, v_cache = _cache_append(cache, i, k, v, span)
+            return attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), positions + 1)
+
+        frames = positions * 0 + n_audio
+        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend,
+                            lambda i, q: attend(q, cross[2 * i], cross[2 * i + 1], frames))
         g.output(_gemv(p["decoder.token_embedding.weight"], x))
     return g
 
@@ -996,42 +1055,35 @@ def build_alignment_graph(dims: dict, device, dtype=None):
 
     The decoder without a cache (as openai-whisper's ``find_alignment`` runs it): inputs
     ``tokens`` [batch, n_tok] int64, ``positions`` [n_tok] int64 (0 .. n_tok-1), ``mask``
-    [n_tok, n_tok] float32 (causal, made on the host), ``heads`` [n_heads] int64 (alignment heads as ``layer * n_text_head + head``), the decoder
-    weights and each layer's cross K^T/V. Outputs: logits [batch, n_tok, n_vocab] and the
-    chosen heads' scaled cross-attention scores q·k/8 [batch, n_heads, n_tok, 1500]. ``dtype``
-    as for ``build_decoder_graph`` (the two graphs take the same weight buffers).
+    [n_tok, n_tok] float32 (causal, made on the host), ``heads`` [n_heads] int64 (alignment
+    heads as ``layer * n_text_head + head``), the decoder weights and each layer's cross K^T/V.
+    Outputs: logits [batch, n_tok, n_vocab] and the chosen heads' scaled cross-attention scores
+    q·k/8 [batch, n_heads, n_tok, 1500]. ``dtype`` as for ``build_decoder_graph`` (the graphs
+    take the same weight buffers).
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
 
-    names = decoder_param_names(dims)
-    L, n_head, d = dims["n_text_layer"], dims["n_text_head"], dims["n_text_state"]
-    dh, n_audio = d // n_head, dims["n_audio_ctx"]
-    cross = [TensorType(DType.float32, ["batch", n_head, dh, n_audio], device=device),
-             TensorType(DType.float32, ["batch", n_head, n_audio, dh], device=device)] * L
+    L, scale = dims["n_text_layer"], (dims["n_text_state"] // dims["n_text_head"]) ** -0.5
+    names, types = _decoder_types(dims, device, dtype)
     with Graph(f"whisper_alignment_{_dims_key(dims, dtype)}",
                input_types=[TensorType(DType.int64, ["batch", "n_tok"], device=device),
                             TensorType(DType.int64, ["n_tok"], device=device),
                             TensorType(DType.float32, ["n_tok", "n_tok"], device=device),
                             TensorType(DType.int64, ["n_heads"], device=device)]
-               + _param_types(names, dims, device, dtype) + cross) as g:
+               + types[:len(names) + 2 * L]) as g:
         tokens, positions, mask, heads = (v.tensor for v in g.inputs[:4])
         p = _Params(names, g.inputs[4:4 + len(names)], gemv=True)
-        cross_kv = [v.tensor for v in g.inputs[4 + len(names):]]
-        x = _embed(p, tokens, positions)
-        scale, scores = dh ** -0.5, []
-        for i in range(L):
-            b = f"decoder.blocks.{i}"
-            h = p.norm(x, f"{b}.attn_ln")
-            q, v = _heads(p.linear(h, f"{b}.attn.query"), n_head), _heads(p.linear(h, f"{b}.attn.value"), n_head)
-            k_t = ops.permute(_heads(p.linear(h, f"{b}.attn.key", bias=False), n_head), [0, 1, 3, 2])
-            x = x + p.linear(_merge_heads(_attend(q, k_t, v, scale, mask)), f"{b}.attn.out")
-            q = _heads(p.linear(p.norm(x, f"{b}.cross_attn_ln"), f"{b}.cross_attn.query"), n_head)
-            qk = (q @ cross_kv[2 * i]) * scale
-            scores.append(qk)
-            x = x + p.linear(_merge_heads(ops.softmax(qk, axis=-1) @ cross_kv[2 * i + 1]), f"{b}.cross_attn.out")
-            x = x + p.mlp(x, b)
-        g.output(_gemv(p["decoder.token_embedding.weight"], p.norm(x, "decoder.ln")),
+        cross, scores = [v.tensor for v in g.inputs[4 + len(names):]], []
+
+        def cross_attend(i, q):
+            scores.append((q @ cross[2 * i]) * scale)
+            return ops.softmax(scores[-1], axis=-1) @ cross[2 * i + 1]
+
+        x = _decoder_blocks(p, _embed(p, tokens, positions), dims,
+                            lambda i, q, k, v: _attend(q, ops.permute(k, [0, 1, 3, 2]), v, scale, mask),
+                            cross_attend)
+        g.output(_gemv(p["decoder.token_embedding.weight"], x),
                  ops.gather(ops.concat(scores, axis=1), heads, axis=1))
     return g
 
@@ -1239,8 +1291,9 @@ class Model:
     concurrent calls are correct and each is as fast as alone, but throughput does not grow
     with threads. A graph that fails to compile or run raises ``DeviceError`` and leaves the
     model usable: a graph not compiled yet is compiled again by the next call that needs it.
-    ``kernels`` (``auto``, ``on``, ``off``): the decoder's attention from the Mojo kernels in
-    ``kernels/`` (CPU) or from MAX ops; ``self.kernels`` is the package used, or None.
+    ``kernels`` (``auto``, ``on``, ``off``): one-token decoding steps with the Mojo attention
+    kernels in ``kernels/`` (CPU; a fourth graph, "step") or, like prompts, with attention
+    from MAX ops; ``self.kernels`` is the package used, or None.
     ``dtype`` (``float32``, ``bfloat16``): the precision of the decoder's weight matrices.
     """
 
@@ -1272,7 +1325,7 @@ class Model:
         self._dec_w = self._decoder_weights()
         if warmup:
             with self._lock:
-                for name in self._GRAPHS:
+                for name in self._GRAPHS + (("step",) if self.kernels else ()):
                     self._compiled(name)
 
     def _put(self, array: np.ndarray):
@@ -1301,10 +1354,11 @@ class Model:
             dt = self._wdtype
             build = {"mel": lambda: build_mel_graph(self.dims["n_mels"], ref),
                      "encoder": lambda: build_encoder_graph(self.dims, ref),
-                     "decoder": lambda: build_decoder_graph(self.dims, ref, self.kernels, dt),
+                     "decoder": lambda: build_decoder_graph(self.dims, ref, dt),
+                     "step": lambda: build_step_graph(self.dims, ref, self.kernels, dt),
                      "reorder": lambda: build_reorder_graph(self.dims, ref),
                      "alignment": lambda: build_alignment_graph(self.dims, ref, dt)}[name]
-            tag = f"{name}_{_dims_key(self.dims, dt if name in ('decoder', 'alignment') else None)}"
+            tag = f"{name}_{_dims_key(self.dims, None if name in ('mel', 'encoder', 'reorder') else dt)}"
             with _CompileProgress(f"{name} graph") as p:
                 try:
                     self._graphs[name], self.graph_sources[name] = self._store.load(self._session, tag, build)
@@ -1415,13 +1469,16 @@ class Model:
             raise ConfigError(f"tokens have batch {batch} but the KVCache was made for {cache.batch}")
         start = cache.length
         positions = np.arange(start, start + n, dtype=np.int64)
-        mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
-        mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
-        idx = np.array([i % n for i in out_idx], np.int64)
-        cross = [b for kv in cache.cross for b in kv]
+        idx = [i % n for i in out_idx]
         put = self._put
-        out = self._run("decoder", put(tokens), put(np.array([start, start + n], np.int64)),
-                        put(positions), put(idx), put(mask), *self._dec_w, *cross, *cache.self_buffers())
+        head = [put(tokens), put(np.array([start, start + n], np.int64)), put(positions)]
+        if self.kernels and n == 1 and idx == [0]:      # a one-token step: the Mojo kernel graph
+            graph = "step"
+        else:
+            mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
+            mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
+            graph, head = "decoder", head + [put(np.array(idx, np.int64)), put(mask)]
+        out = self._run(graph, *head, *self._dec_w, *(b for kv in cache.cross for b in kv), *cache.self_buffers())
         cache.length += n
         return out[0].to_numpy()
 

@@ -6,58 +6,131 @@ from std.math import exp
 
 comptime W = 16          # SIMD width over key positions (float32: one AVX-512 register)
 comptime D = 64          # head dimension of every released Whisper size
+comptime QB = 4          # queries per work item in prefill: each key vector loaded serves 4
 
 
 @extensibility.register("whisper_attention")
 struct WhisperAttention:
+    """Attention softmax(q . K / 8) . V where query t sees only the first lengths[t] keys.
+
+    q [B, h, T, 64] float32; K given transposed, k_t [B, h, 64, S], and v [B, h, S, 64], both
+    float32 or bfloat16 (read and widened to float32); output [B, h, T, 64] float32.
+    One work item per (batch, head, block of QB queries). A one-query step streams each row
+    of K^T once (the step is memory-bound); a block of queries keeps QB score vectors in
+    registers while it walks K^T, so each key is read once per block, not once per query.
+    """
+
     @staticmethod
     def execute[target: StaticString](
         output: OutputTensor[dtype=DType.float32, rank=4, ...],
         q: InputTensor[dtype=DType.float32, rank=4, ...],
-        k_t: InputTensor[dtype=DType.float32, rank=4, ...],
-        v: InputTensor[dtype=DType.float32, rank=4, ...],
+        k_t: InputTensor[rank=4, ...],
+        v: InputTensor[dtype=k_t.dtype, rank=4, ...],
         lengths: InputTensor[dtype=DType.int64, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
         var qs = q.shape()
         var n_tok = qs[2]
         var keys = k_t.shape()[3]
-        var n_items = qs[0] * qs[1] * n_tok
+        var n_blocks = (n_tok + QB - 1) // QB
         var qp = q.unsafe_ptr()
         var kp = k_t.unsafe_ptr()
         var vp = v.unsafe_ptr()
         var op = output.unsafe_ptr()
         var lp = lengths.unsafe_ptr()
 
-        def work(i: Int) raises {var qp, var kp, var vp, var op, var lp, var n_tok, var keys}:
-            var t = i % n_tok
-            var bh = i // n_tok
-            var length = Int(lp[unsafe_offset=t])
-            var n_vec = length // W * W
-            var scores = List[Float32](length=keys, fill=0.0)
+        def work(i: Int) raises {var qp, var kp, var vp, var op, var lp, var n_tok, var keys, var n_blocks}:
+            var bh = i // n_blocks
+            var t0 = (i % n_blocks) * QB
+            var nq = min(QB, n_tok - t0)
+            var lens = List[Int](length=QB, fill=0)
+            var longest = 0
+            for r in range(QB):                      # rows past the block's end repeat its last
+                var n = Int(lp[unsafe_offset=t0 + min(r, nq - 1)])
+                lens[r] = n
+                longest = max(longest, n)
+            var scores = List[Float32](length=QB * keys, fill=0.0)
             var sp = scores.unsafe_ptr()
-            var qrow = qp.unsafe_offset(i * D)
             var kbase = kp.unsafe_offset(bh * D * keys)
-            for d in range(D):
-                var qd = qrow[unsafe_offset=d] * 0.125
-                var krow = kbase.unsafe_offset(d * keys)
+            var qrow = qp.unsafe_offset((bh * n_tok + t0) * D)
+            var n_vec = longest // W * W
+            if nq == 1:
+                for d in range(D):
+                    var qd = qrow[unsafe_offset=d] * 0.125
+                    var krow = kbase.unsafe_offset(d * keys)
+                    for j in range(0, n_vec, W):
+                        var acc = sp.unsafe_offset(j).unsafe_load[width=W]()
+                        var kv = krow.unsafe_offset(j).unsafe_load[width=W]().cast[DType.float32]()
+                        sp.unsafe_offset(j).unsafe_store(acc + kv * qd)
+                    for j in range(n_vec, longest):
+                        sp[unsafe_offset=j] += qd * krow[unsafe_offset=j].cast[DType.float32]()
+            else:
+                var q1 = qrow.unsafe_offset(min(1, nq - 1) * D)
+                var q2 = qrow.unsafe_offset(min(2, nq - 1) * D)
+                var q3 = qrow.unsafe_offset(min(3, nq - 1) * D)
                 for j in range(0, n_vec, W):
-                    var acc = sp.unsafe_offset(j).unsafe_load[width=W]()
-                    sp.unsafe_offset(j).unsafe_store(acc + krow.unsafe_offset(j).unsafe_load[width=W]() * qd)
-                for j in range(n_vec, length):
-                    sp[unsafe_offset=j] = sp[unsafe_offset=j] + qd * krow[unsafe_offset=j]
-            var m = sp[unsafe_offset=0]
-            for j in range(1, length):
-                m = max(m, sp[unsafe_offset=j])
-            var total: Float32 = 0.0
-            for j in range(length):
-                var e = exp(sp[unsafe_offset=j] - m)
-                sp[unsafe_offset=j] = e
-                total += e
+                    var a0 = SIMD[DType.float32, W](0)
+                    var a1 = SIMD[DType.float32, W](0)
+                    var a2 = SIMD[DType.float32, W](0)
+                    var a3 = SIMD[DType.float32, W](0)
+                    for d in range(D):
+                        var kv = kbase.unsafe_offset(d * keys + j).unsafe_load[width=W]().cast[DType.float32]()
+                        a0 += kv * qrow[unsafe_offset=d]
+                        a1 += kv * q1[unsafe_offset=d]
+                        a2 += kv * q2[unsafe_offset=d]
+                        a3 += kv * q3[unsafe_offset=d]
+                    sp.unsafe_offset(j).unsafe_store(a0 * 0.125)
+                    sp.unsafe_offset(keys + j).unsafe_store(a1 * 0.125)
+                    sp.unsafe_offset(2 * keys + j).unsafe_store(a2 * 0.125)
+                    sp.unsafe_offset(3 * keys + j).unsafe_store(a3 * 0.125)
+                for j in range(n_vec, longest):
+                    for r in range(QB):
+                        var qr = qrow.unsafe_offset(min(r, nq - 1) * D)
+                        var s: Float32 = 0.0
+                        for d in range(D):
+                            s += qr[unsafe_offset=d] * kbase[unsafe_offset=d * keys + j].cast[DType.float32]()
+                        sp[unsafe_offset=r * keys + j] = s * 0.125
+            # softmax of each row over its own length; weights past it are zero
+            var rows = 1 if nq == 1 else QB
+            for r in range(rows):
+                var row = sp.unsafe_offset(r * keys)
+                var n = lens[r]
+                var m = row[unsafe_offset=0]
+                for j in range(1, n):
+                    m = max(m, row[unsafe_offset=j])
+                var total: Float32 = 0.0
+                for j in range(n):
+                    var e = exp(row[unsafe_offset=j] - m)
+                    row[unsafe_offset=j] = e
+                    total += e
+                for j in range(n):
+                    row[unsafe_offset=j] = row[unsafe_offset=j] / total
+                for j in range(n, longest):
+                    row[unsafe_offset=j] = 0.0
             var vbase = vp.unsafe_offset(bh * keys * D)
-            var acc = SIMD[DType.float32, D](0)
-            for j in range(length):
-                acc += vbase.unsafe_offset(j * D).unsafe_load[width=D]() * sp[unsafe_offset=j]
-            op.unsafe_offset(i * D).unsafe_store(acc / total)
+            if nq == 1:
+                var acc = SIMD[DType.float32, D](0)
+                for j in range(longest):
+                    acc += vbase.unsafe_offset(j * D).unsafe_load[width=D]().cast[DType.float32]() * sp[unsafe_offset=j]
+                op.unsafe_offset((bh * n_tok + t0) * D).unsafe_store(acc)
+            else:
+                var c0 = SIMD[DType.float32, D](0)
+                var c1 = SIMD[DType.float32, D](0)
+                var c2 = SIMD[DType.float32, D](0)
+                var c3 = SIMD[DType.float32, D](0)
+                for j in range(longest):
+                    var vv = vbase.unsafe_offset(j * D).unsafe_load[width=D]().cast[DType.float32]()
+                    c0 += vv * sp[unsafe_offset=j]
+                    c1 += vv * sp[unsafe_offset=keys + j]
+                    c2 += vv * sp[unsafe_offset=2 * keys + j]
+                    c3 += vv * sp[unsafe_offset=3 * keys + j]
+                var out = op.unsafe_offset((bh * n_tok + t0) * D)
+                out.unsafe_store(c0)
+                if nq > 1:
+                    out.unsafe_offset(D).unsafe_store(c1)
+                if nq > 2:
+                    out.unsafe_offset(2 * D).unsafe_store(c2)
+                if nq > 3:
+                    out.unsafe_offset(3 * D).unsafe_store(c3)
 
-        sync_parallelize(work, n_items)
+        sync_parallelize(work, qs[0] * qs[1] * n_blocks)

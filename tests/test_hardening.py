@@ -129,30 +129,31 @@ class RecoveryAndThreadsTest(unittest.TestCase):
 
     def test_failed_compile_then_recovery(self):
         m = mw.Model(self.model.weights, device="cpu", warmup=False)
-        real_load, calls = m._session.load, []
+        real_load, calls = m._store.load, []
 
-        def flaky_load(graph):
-            calls.append(graph)
+        def flaky_load(session, name, build):
+            calls.append(name)
             if len(calls) == 1:
                 raise RuntimeError("simulated compiler crash")
-            return real_load(graph)
+            return real_load(session, name, build)
 
-        m._session = mock.Mock(load=flaky_load)
+        m._store = mock.Mock(load=flaky_load)
         with self.assertRaises(mw.DeviceError) as ctx:
             m.transcribe(self.clips[0])
         self.assertIn("mel graph", str(ctx.exception))
         self.assertEqual(m.transcribe(self.clips[0])["text"], self.expected[self.clips[0]])
 
     def test_device_error_then_recovery(self):
-        real = self.model._graphs["decoder"]
-        broken = mock.Mock(wraps=real)
-        broken.execute.side_effect = RuntimeError("simulated device fault")
-        self.model._graphs["decoder"] = broken
+        real = {name: self.model._graphs[name] for name in ("decoder", "step") if name in self.model._graphs}
+        for name, graph in real.items():
+            broken = mock.Mock(wraps=graph)
+            broken.execute.side_effect = RuntimeError("simulated device fault")
+            self.model._graphs[name] = broken
         try:
             with self.assertRaises(mw.DeviceError):
                 self.model.transcribe(self.clips[0])
         finally:
-            self.model._graphs["decoder"] = real
+            self.model._graphs.update(real)
         self.assertEqual(self.model.transcribe(self.clips[0])["text"], self.expected[self.clips[0]])
 
     def test_eight_threads_five_files_each(self):

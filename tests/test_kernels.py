@@ -30,46 +30,55 @@ class AttentionOpTest(unittest.TestCase):
         dev = DeviceRef.CPU()
         cls.graphs = {}
         session = engine.InferenceSession(devices=[CPU()])
-        for heads in (6, 20):
-            for keys in (448, 1500):
-                f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
-                with Graph(f"attention_op_{heads}_{keys}",
-                           input_types=[f32(["b", heads, "t", 64]), f32(["b", heads, 64, keys]),
-                                        f32(["b", heads, keys, 64]),
-                                        TensorType(DType.int64, ["t"], device=dev)],
-                           custom_extensions=[mw.KERNELS_DIR]) as g:
-                    q, k_t, v, n = (x.tensor for x in g.inputs)
-                    g.output(ops.custom(name="whisper_attention", device=dev, values=[q, k_t, v, n],
-                                        out_types=[f32(q.shape)])[0].tensor)
-                cls.graphs[heads, keys] = session.load(g)
+        f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
+        for kv in (DType.float32, DType.bfloat16):
+            with Graph(f"attention_op_{kv}",
+                       input_types=[f32(["b", "h", "t", 64]), TensorType(kv, ["b", "h", 64, "s"], device=dev),
+                                    TensorType(kv, ["b", "h", "s", 64], device=dev),
+                                    TensorType(DType.int64, ["t"], device=dev)],
+                       custom_extensions=[mw.KERNELS_DIR]) as g:
+                q, k_t, v, n = (x.tensor for x in g.inputs)
+                g.output(ops.custom(name="whisper_attention", device=dev, values=[q, k_t, v, n],
+                                    out_types=[f32(q.shape)])[0].tensor)
+            cls.graphs[str(kv).split(".")[-1]] = session.load(g)
 
-    def run_op(self, batch, heads, keys, lengths):
+    def run_op(self, batch, heads, keys, lengths, kv="float32"):
+        """The op's output and numpy's for random inputs; bfloat16 K/V are compared with
+        numpy on the same rounded values (the op widens them to float32 exactly)."""
+        import torch
         from max.driver import Buffer
         rng = np.random.default_rng(batch * 1000 + heads + keys + lengths[0])
         q = rng.standard_normal((batch, heads, len(lengths), 64), dtype=np.float32)
         k_t = rng.standard_normal((batch, heads, 64, keys), dtype=np.float32) * 3   # peaky softmax
         v = rng.standard_normal((batch, heads, keys, 64), dtype=np.float32)
         n = np.array(lengths, np.int64)
-        out = self.graphs[heads, keys].execute(*[Buffer.from_numpy(a) for a in (q, k_t, v, n)])[0]
+        dev_kv = [torch.from_numpy(a).to(getattr(torch, kv)) for a in (k_t, v)]
+        k_t, v = (t.float().numpy() for t in dev_kv)
+        out = self.graphs[kv].execute(Buffer.from_numpy(q), *map(Buffer.from_dlpack, dev_kv), Buffer.from_numpy(n))[0]
         return out.to_numpy(), reference(q, k_t, v, n)
 
     def test_self_attention_cache_lengths(self):
-        for batch in (1, 4):
-            for heads in (6, 20):
-                for length in (1, 2, 63, 64, 65, 447, 448):
-                    with self.subTest(batch=batch, heads=heads, length=length):
-                        ours, ref = self.run_op(batch, heads, 448, [length])
-                        np.testing.assert_allclose(ours, ref, atol=2e-5)
+        for kv in ("float32", "bfloat16"):
+            for batch in (1, 4):
+                for heads in (6, 20):
+                    for length in (1, 2, 63, 64, 65, 447, 448):
+                        with self.subTest(kv=kv, batch=batch, heads=heads, length=length):
+                            ours, ref = self.run_op(batch, heads, 448, [length], kv)
+                            np.testing.assert_allclose(ours, ref, atol=2e-5)
 
     def test_prefill_rows_are_causal(self):
-        ours, ref = self.run_op(4, 6, 448, list(range(1, 66)))
-        np.testing.assert_allclose(ours, ref, atol=2e-5)
+        for kv in ("float32", "bfloat16"):
+            for first, tokens in ((1, 65), (0, 4), (10, 3), (440, 8)):      # whole and partial blocks
+                with self.subTest(kv=kv, first=first, tokens=tokens):
+                    ours, ref = self.run_op(4, 6, 448, list(range(first + 1, first + tokens + 1)), kv)
+                    np.testing.assert_allclose(ours, ref, atol=2e-5)
 
     def test_cross_attention_all_frames(self):
-        for batch, heads, tokens in ((1, 6, 1), (4, 20, 1), (1, 6, 9)):
-            with self.subTest(batch=batch, heads=heads, tokens=tokens):
-                ours, ref = self.run_op(batch, heads, 1500, [1500] * tokens)
-                np.testing.assert_allclose(ours, ref, atol=2e-5)
+        for kv in ("float32", "bfloat16"):
+            for batch, heads, tokens in ((1, 6, 1), (4, 20, 1), (1, 6, 9), (2, 8, 6), (1, 20, 7)):
+                with self.subTest(kv=kv, batch=batch, heads=heads, tokens=tokens):
+                    ours, ref = self.run_op(batch, heads, 1500, [1500] * tokens, kv)
+                    np.testing.assert_allclose(ours, ref, atol=2e-5)
 
 
 @unittest.skipUnless((mw.KERNELS_DIR / "attention.mojo").is_file(), "kernels/ is not present")
