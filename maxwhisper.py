@@ -49,8 +49,8 @@ __all__ = [
     "Config", "SETTINGS",
     "load_audio", "speech_regions", "Weights", "load_weights", "KVCache", "Model", "load",
     "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions", "DecodingResult",
-    "build_mel_graph", "build_encoder_graph", "build_decoder_graph", "build_step_graph", "build_reorder_graph",
-    "build_alignment_graph", "Scheduler", "Server", "serve",
+    "build_mel_graph", "build_encoder_graph", "build_decoder_graph", "build_step_graph",
+    "build_reorder_graph", "build_gather_graph", "build_alignment_graph", "Scheduler", "Server", "serve",
 ]
 
 log = logging.getLogger("maxwhisper")
@@ -855,12 +855,13 @@ def _attend(q, k_t, v, scale: float, mask=None):
     return ops.softmax(scores, axis=-1) @ v
 
 
-def build_encoder_graph(dims: dict, device):
+def build_encoder_graph(dims: dict, device, kv_dtype=None):
     """Encoder graph: log-mel [batch, n_mels, 3000] -> audio features and cross-attention K/V.
 
     Outputs: the encoder output [batch, 1500, d], then for each decoder layer its
     cross-attention keys, transposed, [batch, heads, 64, 1500] and values
-    [batch, heads, 1500, 64] — computed once per window and kept in the ``KVCache``.
+    [batch, heads, 1500, 64] — computed once per window and kept in the ``KVCache``, in
+    ``kv_dtype`` (a MAX ``DType``; default float32).
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
@@ -868,7 +869,8 @@ def build_encoder_graph(dims: dict, device):
     names = encoder_param_names(dims)
     mel_type = TensorType(DType.float32, ["batch", dims["n_mels"], N_FRAMES], device=device)
     n_head, d = dims["n_audio_head"], dims["n_audio_state"]
-    with Graph(f"whisper_encoder_{_dims_key(dims)}",
+    kv_dtype = kv_dtype or DType.float32
+    with Graph(f"whisper_encoder_{_dims_key(dims, None, None if kv_dtype == DType.float32 else kv_dtype)}",
                input_types=[mel_type] + _param_types(names, dims, device)) as g:
         mel, *weights = g.inputs
         p = _Params(names, weights, gemv=False)
@@ -893,25 +895,35 @@ def build_encoder_graph(dims: dict, device):
         for i in range(dims["n_text_layer"]):
             c = f"decoder.blocks.{i}.cross_attn"
             k = _heads(p.linear(x, f"{c}.key", bias=False), dims["n_text_head"])
-            outputs += [ops.permute(k, [0, 1, 3, 2]), _heads(p.linear(x, f"{c}.value"), dims["n_text_head"])]
+            outputs += [ops.cast(ops.permute(k, [0, 1, 3, 2]), kv_dtype),
+                        ops.cast(_heads(p.linear(x, f"{c}.value"), dims["n_text_head"]), kv_dtype)]
         g.output(*outputs)
     return g
 
 
-def _decoder_types(dims: dict, device, dtype=None) -> tuple:
-    """Weight names and the input types shared by the cached decoder graphs: the weights,
-    each layer's cross K^T [batch, h, 64, 1500] and V [batch, h, 1500, 64], and the
-    self-attention cache buffers K^T [batch, h, 64, n_text_ctx] and V [batch, h, n_text_ctx, 64]."""
+def _decoder_types(dims: dict, device, dtype=None, kv_dtype=None) -> tuple:
+    """Weight names and the input types shared by the cached decoder graphs: the weights (their
+    matrices in ``dtype``), each layer's cross K^T [batch, h, 64, 1500] and V [batch, h, 1500,
+    64] in ``kv_dtype``, and the self-attention cache buffers K^T [batch, h, 64, n_text_ctx] and
+    V [batch, h, n_text_ctx, 64]."""
     from max.dtype import DType
     from max.graph import BufferType, TensorType
     names = decoder_param_names(dims)
     L, n_head, ctx = dims["n_text_layer"], dims["n_text_head"], dims["n_text_ctx"]
     dh, n_audio = dims["n_text_state"] // n_head, dims["n_audio_ctx"]
-    cross = [TensorType(DType.float32, ["batch", n_head, dh, n_audio], device=device),
-             TensorType(DType.float32, ["batch", n_head, n_audio, dh], device=device)] * L
+    kv = kv_dtype or DType.float32
+    cross = [TensorType(kv, ["batch", n_head, dh, n_audio], device=device),
+             TensorType(kv, ["batch", n_head, n_audio, dh], device=device)] * L
     cache = [BufferType(DType.float32, ["batch", n_head, dh, ctx], device=device),
              BufferType(DType.float32, ["batch", n_head, ctx, dh], device=device)] * L
     return names, _param_types(names, dims, device, dtype) + cross + cache
+
+
+def _float32(x):
+    """x as float32 (a no-op when it already is): MAX-ops attention reads bfloat16 cross K/V so."""
+    from max.dtype import DType
+    from max.graph import ops
+    return x if x.dtype == DType.float32 else ops.cast(x, DType.float32)
 
 
 def _decoder_blocks(p: "_Params", x, dims: dict, self_attend, cross_attend):
@@ -946,7 +958,7 @@ def _cache_append(cache: list, i: int, k, v, span) -> tuple:
     return k_cache, v_cache
 
 
-def build_decoder_graph(dims: dict, device, dtype=None):
+def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     """Cached decoder graph for any number of new tokens: the prompt prefill (and, without the
     Mojo kernels, every one-token step). Attention is built from MAX ops over all
     ``n_text_ctx`` cache slots with a mask; for many queries MAX's matmuls beat the kernel.
@@ -958,15 +970,16 @@ def build_decoder_graph(dims: dict, device, dtype=None):
     elsewhere (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); then
     the inputs of ``_decoder_types`` (weights, cross K/V, cache buffers, which the graph extends
     in place at ``offset``). Output: logits [batch, n_out, n_vocab], float32. ``dtype`` (a MAX
-    ``DType``, default float32) is the type of the linear-layer and token-embedding weights.
+    ``DType``, default float32) is the type of the linear-layer and token-embedding weights,
+    ``kv_dtype`` that of the cross K/V (widened to float32 for attention here).
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
 
     L, ctx, scale = dims["n_text_layer"], dims["n_text_ctx"], (dims["n_text_state"] // dims["n_text_head"]) ** -0.5
-    names, types = _decoder_types(dims, device, dtype)
+    names, types = _decoder_types(dims, device, dtype, kv_dtype)
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
-    with Graph(f"whisper_decoder_{_dims_key(dims, dtype)}",
+    with Graph(f"whisper_decoder_{_dims_key(dims, dtype, kv_dtype)}",
                input_types=[i64(["batch", "n_tok"]), i64([2]), i64(["n_tok"]), i64(["n_out"]),
                             TensorType(DType.float32, ["batch", "n_tok", ctx], device=device)] + types) as g:
         tokens, span, positions, out_idx, mask = (v.tensor for v in g.inputs[:5])
@@ -980,26 +993,28 @@ def build_decoder_graph(dims: dict, device, dtype=None):
             return _attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), scale, mask)
 
         x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend,
-                            lambda i, q: _attend(q, cross[2 * i], cross[2 * i + 1], scale))
+                            lambda i, q: _attend(q, _float32(cross[2 * i]), _float32(cross[2 * i + 1]), scale))
         g.output(_gemv(p["decoder.token_embedding.weight"], ops.gather(x, out_idx, axis=1)))
     return g
 
 
-def build_step_graph(dims: dict, device, kernels: Path, dtype=None):
+def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=None):
     """One-token decoding step with the Mojo kernels (``kernels/``): self-attention reads only
     the filled cache rows and cross-attention the audio frames, each in one fused op.
 
     Inputs: ``tokens`` [batch, 1] int64, ``span`` [2] int64 = (offset, offset + 1),
     ``positions`` [1] int64 (= offset), then the inputs of ``_decoder_types`` as in
-    ``build_decoder_graph``. Output: logits [batch, 1, n_vocab], float32.
+    ``build_decoder_graph``. Output: logits [batch, 1, n_vocab], float32. The kernel reads
+    bfloat16 cross K/V (``kv_dtype``) directly: half the bytes of the step's largest read
+    after the weights.
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
 
     L, n_audio = dims["n_text_layer"], dims["n_audio_ctx"]
-    names, types = _decoder_types(dims, device, dtype)
+    names, types = _decoder_types(dims, device, dtype, kv_dtype)
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
-    with Graph(f"whisper_step_{_dims_key(dims, dtype)}",
+    with Graph(f"whisper_step_{_dims_key(dims, dtype, kv_dtype)}",
                input_types=[i64(["batch", 1]), i64([2]), i64([1])] + types, custom_extensions=[kernels]) as g:
         tokens, span, positions = (v.tensor for v in g.inputs[:3])
         p = _Params(names, g.inputs[3:3 + len(names)], gemv=True)
@@ -1050,7 +1065,28 @@ def build_reorder_graph(dims: dict, device):
     return g
 
 
-def build_alignment_graph(dims: dict, device, dtype=None):
+def build_gather_graph(dims: dict, device, kv_dtype=None):
+    """Cross K/V row selection on the device: every output is its input's rows ``rows``
+    (repeated for the samples or beams of a window, or one window picked out of a batch).
+
+    Inputs: ``rows`` [n] int64, then each layer's cross K^T [batch, h, 64, 1500] and V
+    [batch, h, 1500, 64] in ``kv_dtype``; outputs the same tensors with batch n.
+    """
+    from max.dtype import DType
+    from max.graph import Graph, TensorType, ops
+
+    L, n_head, n_audio = dims["n_text_layer"], dims["n_text_head"], dims["n_audio_ctx"]
+    dh, kv = dims["n_text_state"] // n_head, kv_dtype or DType.float32
+    cross = [TensorType(kv, ["batch", n_head, dh, n_audio], device=device),
+             TensorType(kv, ["batch", n_head, n_audio, dh], device=device)] * L
+    with Graph(f"whisper_gather_{_dims_key(dims, None, kv_dtype)}",
+               input_types=[TensorType(DType.int64, ["n"], device=device)] + cross) as g:
+        rows = g.inputs[0].tensor
+        g.output(*(ops.gather(x.tensor, rows, axis=0) for x in g.inputs[1:]))
+    return g
+
+
+def build_alignment_graph(dims: dict, device, dtype=None, kv_dtype=None):
     """Decoder over a whole token sequence, returning the cross-attention weights for word timing.
 
     The decoder without a cache (as openai-whisper's ``find_alignment`` runs it): inputs
@@ -1058,15 +1094,15 @@ def build_alignment_graph(dims: dict, device, dtype=None):
     [n_tok, n_tok] float32 (causal, made on the host), ``heads`` [n_heads] int64 (alignment
     heads as ``layer * n_text_head + head``), the decoder weights and each layer's cross K^T/V.
     Outputs: logits [batch, n_tok, n_vocab] and the chosen heads' scaled cross-attention scores
-    q·k/8 [batch, n_heads, n_tok, 1500]. ``dtype`` as for ``build_decoder_graph`` (the graphs
-    take the same weight buffers).
+    q·k/8 [batch, n_heads, n_tok, 1500]. ``dtype`` and ``kv_dtype`` as for
+    ``build_decoder_graph`` (the graphs take the same buffers).
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
 
     L, scale = dims["n_text_layer"], (dims["n_text_state"] // dims["n_text_head"]) ** -0.5
-    names, types = _decoder_types(dims, device, dtype)
-    with Graph(f"whisper_alignment_{_dims_key(dims, dtype)}",
+    names, types = _decoder_types(dims, device, dtype, kv_dtype)
+    with Graph(f"whisper_alignment_{_dims_key(dims, dtype, kv_dtype)}",
                input_types=[TensorType(DType.int64, ["batch", "n_tok"], device=device),
                             TensorType(DType.int64, ["n_tok"], device=device),
                             TensorType(DType.float32, ["n_tok", "n_tok"], device=device),
@@ -1074,7 +1110,7 @@ def build_alignment_graph(dims: dict, device, dtype=None):
                + types[:len(names) + 2 * L]) as g:
         tokens, positions, mask, heads = (v.tensor for v in g.inputs[:4])
         p = _Params(names, g.inputs[4:4 + len(names)], gemv=True)
-        cross, scores = [v.tensor for v in g.inputs[4 + len(names):]], []
+        cross, scores = [_float32(v.tensor) for v in g.inputs[4 + len(names):]], []
 
         def cross_attend(i, q):
             scores.append((q @ cross[2 * i]) * scale)
@@ -1088,11 +1124,14 @@ def build_alignment_graph(dims: dict, device, dtype=None):
     return g
 
 
-def _dims_key(dims: dict, dtype=None) -> str:
-    """A short name for a set of model dimensions (and weight dtype), used in graph names."""
+def _dims_key(dims: dict, dtype=None, kv_dtype=None) -> str:
+    """A short name for a set of model dimensions (and the weight and cross K/V dtypes, when
+    given), used in graph names."""
+    name = lambda t: str(t).split(".")[-1]                                       # noqa: E731
     return (f"m{dims['n_mels']}_a{dims['n_audio_state']}x{dims['n_audio_layer']}"
             f"_t{dims['n_text_state']}x{dims['n_text_layer']}_v{dims['n_vocab']}"
-            + (f"_{str(dtype).split('.')[-1]}" if dtype is not None else ""))
+            + (f"_{name(dtype)}" if dtype is not None else "")
+            + (f"_kv{name(kv_dtype)}" if kv_dtype is not None else ""))
 
 
 # =============================================================================================
@@ -1314,6 +1353,9 @@ class Model:
             raise ConfigError(f"dtype={dtype!r}: use 'float32' or 'bfloat16'")
         self.dtype = dtype
         self._wdtype = DType.bfloat16 if dtype == "bfloat16" else None
+        # cross K/V in bfloat16 too where the Mojo kernel reads them (MAX-ops attention would
+        # widen them on every step, costing more than the bytes saved)
+        self._kvdtype = self._wdtype if self.kernels else None
         self._session = engine.InferenceSession(devices=[self.device])
         self._store = _GraphStore(self.config["graph_cache"], self.device, self.kernels)
         self._lock = threading.Lock()
@@ -1351,14 +1393,16 @@ class Model:
         if name not in self._graphs:
             from max.graph import DeviceRef
             ref = DeviceRef.from_device(self.device)
-            dt = self._wdtype
+            dt, kv = self._wdtype, self._kvdtype
             build = {"mel": lambda: build_mel_graph(self.dims["n_mels"], ref),
-                     "encoder": lambda: build_encoder_graph(self.dims, ref),
-                     "decoder": lambda: build_decoder_graph(self.dims, ref, dt),
-                     "step": lambda: build_step_graph(self.dims, ref, self.kernels, dt),
+                     "encoder": lambda: build_encoder_graph(self.dims, ref, kv),
+                     "decoder": lambda: build_decoder_graph(self.dims, ref, dt, kv),
+                     "step": lambda: build_step_graph(self.dims, ref, self.kernels, dt, kv),
                      "reorder": lambda: build_reorder_graph(self.dims, ref),
-                     "alignment": lambda: build_alignment_graph(self.dims, ref, dt)}[name]
-            tag = f"{name}_{_dims_key(self.dims, None if name in ('mel', 'encoder', 'reorder') else dt)}"
+                     "gather": lambda: build_gather_graph(self.dims, ref, kv),
+                     "alignment": lambda: build_alignment_graph(self.dims, ref, dt, kv)}[name]
+            dtypes = {"mel": (), "reorder": (), "encoder": (None, kv), "gather": (None, kv)}.get(name, (dt, kv))
+            tag = f"{name}_{_dims_key(self.dims, *dtypes)}"
             with _CompileProgress(f"{name} graph") as p:
                 try:
                     self._graphs[name], self.graph_sources[name] = self._store.load(self._session, tag, build)
@@ -1451,7 +1495,7 @@ class Model:
         if batch % n:
             raise ConfigError(f"new_cache: batch {batch} is not a multiple of the {n} windows' cross K/V")
         if batch > n:
-            cross = [tuple(self._put(np.repeat(b.to_numpy(), batch // n, axis=0)) for b in kv) for kv in cross]
+            cross = self.cross_rows(cross, np.repeat(np.arange(n), batch // n))
         return KVCache(self_k=[self._put(np.zeros((batch, h, dh, ctx), np.float32)) for _ in range(L)],
                        self_v=[self._put(np.zeros((batch, h, ctx, dh), np.float32)) for _ in range(L)],
                        cross=cross, batch=batch, capacity=ctx)
@@ -1481,6 +1525,11 @@ class Model:
         out = self._run(graph, *head, *self._dec_w, *(b for kv in cache.cross for b in kv), *cache.self_buffers())
         cache.length += n
         return out[0].to_numpy()
+
+    def cross_rows(self, cross: list, rows: Sequence[int]) -> list:
+        """New cross K/V holding the given rows of ``cross`` (any may repeat), on the device."""
+        out = self._run("gather", self._put(np.asarray(rows, np.int64)), *(b for kv in cross for b in kv))
+        return [(out[2 * i], out[2 * i + 1]) for i in range(len(cross))]
 
     def reorder(self, cache: KVCache, rows: Sequence[int]) -> None:
         """Make row r of ``cache`` a copy of its old row ``rows[r]`` (beam search), on the device."""
@@ -2107,11 +2156,9 @@ def _is_anomaly(segment: dict | None) -> bool:
     return score >= 3 or score + 0.01 >= len(words)
 
 
-def _cross_rows(model: Model, cross: list, rows: list[int]) -> list:
-    """Some batch rows of the per-layer cross K/V (the same buffers when all rows, in order)."""
-    if rows == list(range(cross[0][0].shape[0])):
-        return cross
-    return [tuple(model._put(b.to_numpy()[rows]) for b in kv) for kv in cross]
+def _cross_part(model: Model, cross: list, rows: list[int]) -> list:
+    """The cross K/V of some of a batch's windows (all of them: the same buffers)."""
+    return cross if rows == list(range(cross[0][0].shape[0])) else model.cross_rows(cross, rows)
 
 
 class _Transcription:
@@ -2379,7 +2426,7 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
             groups.setdefault(len(jobs[k].prompt[-half_ctx:]), []).append(k)
         for ks in groups.values():
             opts = [jobs[k].options(t) for k in ks]
-            cache = model.new_cache(_cross_rows(model, cross, ks), batch=len(ks) * opts[0].group_size())
+            cache = model.new_cache(_cross_part(model, cross, ks), batch=len(ks) * opts[0].group_size())
             for k, r in zip(ks, decode_batch(model, cache, opts, [jobs[k].rng for k in ks])):
                 results[k] = r
         retry = []
@@ -2403,7 +2450,7 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
         job.metrics["windows"] += 1
         job.metrics["encoder_seconds"] += (t1 - t0) / len(jobs)
         job.metrics["decode_seconds"] += (t2 - t1) / len(jobs)
-        job.accept(results[k], _cross_rows(model, cross, [k]) if s["word_timestamps"] else None)
+        job.accept(results[k], _cross_part(model, cross, [k]) if s["word_timestamps"] else None)
 
 
 def _settings(model: Model, options: dict) -> dict:
