@@ -50,7 +50,8 @@ __all__ = [
     "load_audio", "speech_regions", "Weights", "load_weights", "KVCache", "Model", "load",
     "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions", "DecodingResult",
     "build_mel_graph", "build_encoder_graph", "build_decoder_graph", "build_step_graph",
-    "build_reorder_graph", "build_gather_graph", "build_alignment_graph", "Scheduler", "Server", "serve",
+    "build_reorder_graph", "build_gather_graph", "build_repack_graph", "build_alignment_graph",
+    "quantize_q4_0", "Scheduler", "Server", "serve",
 ]
 
 log = logging.getLogger("maxwhisper")
@@ -135,8 +136,9 @@ SETTINGS: dict[str, tuple] = {
     "device": ("auto", _parse_choice("auto", "cpu", "gpu", "cuda"), "load", "auto, cpu or gpu"),
     "kernels": ("auto", _parse_choice("auto", "on", "off"), "load",
                 "Mojo attention kernels from kernels/: auto uses them when present"),
-    "dtype": ("float32", _parse_choice("float32", "bfloat16"), "load",
-              "weight precision of the linear layers: float32 (exact) or bfloat16 (half the bytes)"),
+    "dtype": ("float32", _parse_choice("float32", "bfloat16", "q4_0"), "load",
+              "decoder weight precision: float32 (exact), bfloat16 (half the bytes) or q4_0 "
+              "(4-bit blocks, an eighth)"),
     "graph_cache": ("auto", str, "load", "folder keeping compiled graphs for fast starts: "
                     "auto = $XDG_CACHE_HOME or ~/.cache, then maxwhisper/graphs; off = none"),
     "language": (None, _parse_optional(str), "transcribe", "spoken language; none detects it"),
@@ -696,12 +698,14 @@ def encoder_param_names(dims: dict) -> list[str]:
     return names
 
 
-def decoder_param_names(dims: dict) -> list[str]:
-    """Names of the decoder graphs' weight inputs, in order (self-attention's q/k/v fused)."""
+def decoder_param_names(dims: dict, quantized: bool = False) -> list[str]:
+    """Names of the decoder graphs' weight inputs, in order (self-attention's q/k/v fused).
+    ``quantized`` (``dtype="q4_0"``) adds ``decoder.logits.weight``, the token embedding in
+    Q4_0 blocks for the logits, beside the bfloat16 table the input embedding gathers from."""
     names = ["decoder.token_embedding.weight", "decoder.positional_embedding"]
     for i in range(dims["n_text_layer"]):
         names += _block_param_names(f"decoder.blocks.{i}", cross=True, fused=True)
-    return names + ["decoder.ln.weight", "decoder.ln.bias"]
+    return names + ["decoder.ln.weight", "decoder.ln.bias"] + (["decoder.logits.weight"] if quantized else [])
 
 
 def _graph_layout(name: str) -> tuple | None:
@@ -727,6 +731,7 @@ def _state_shapes(dims: dict) -> dict:
               "encoder.conv2.weight": (da, da, 3), "encoder.conv2.bias": (da,),
               "encoder.positional_embedding": (dims["n_audio_ctx"], da),
               "decoder.token_embedding.weight": (dims["n_vocab"], dt),
+              "decoder.logits.weight": (dims["n_vocab"], dt),
               "decoder.positional_embedding": (dims["n_text_ctx"], dt)}
     blocks = [(f"encoder.blocks.{i}", da, False) for i in range(dims["n_audio_layer"])]
     blocks += [(f"decoder.blocks.{i}", dt, True) for i in range(dims["n_text_layer"])]
@@ -752,7 +757,9 @@ def graph_weights(weights: Weights, names: list[str]) -> list[np.ndarray]:
     out = []
     for n in names:
         perm = _graph_layout(n)
-        if n.endswith(".attn.qkv.weight") or n.endswith(".attn.qkv.bias"):
+        if n == "decoder.logits.weight":
+            out.append(weights.state["decoder.token_embedding.weight"])
+        elif n.endswith(".attn.qkv.weight") or n.endswith(".attn.qkv.bias"):
             prefix, kind = n.rsplit(".qkv.", 1)
             parts = [weights.state.get(f"{prefix}.{p}.{kind}") for p in ("query", "key", "value")]
             out.append(np.concatenate([np.zeros_like(parts[0]) if a is None else a for a in parts]))
@@ -768,7 +775,36 @@ def _low_precision(name: str) -> bool:
     return name.endswith(".weight") and not any(k in name for k in ("_ln.", "decoder.ln."))
 
 
+Q4_0 = "q4_0"      # the dtype name of llama.cpp's Q4_0 blocks (MAX's quantized matmul encoding)
+
+
+def _q4_0_shape(rows: int, cols: int) -> tuple[int, int]:
+    """Bytes of a [rows, cols] matrix in Q4_0 blocks: rows padded to a multiple of 32 (MAX's
+    kernel needs it), each 32 weights of a row as a float16 scale and 16 bytes of nibbles."""
+    return -(-rows // 32) * 32, cols // 32 * 18
+
+
+def quantize_q4_0(w: np.ndarray) -> np.ndarray:
+    """A float matrix [rows, cols] (cols a multiple of 32) in llama.cpp's Q4_0 layout, uint8
+    [padded rows, cols / 32 * 18]: per block of 32, d = (the value of largest magnitude) / -8
+    as float16, then q = clamp(floor(w / d + 8.5), 0, 15), two per byte (element j low, j+16
+    high). Padded rows are zero."""
+    rows, cols = w.shape
+    padded = np.zeros((_q4_0_shape(rows, cols)[0], cols), np.float32)
+    padded[:rows] = w
+    blocks = padded.reshape(len(padded), cols // 32, 32)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    d = (peak / -8).astype(np.float16)
+    inv = np.divide(1.0, d.astype(np.float32), out=np.zeros_like(peak), where=d != 0)
+    q = np.clip(np.floor(blocks * inv[..., None] + 8.5), 0, 15).astype(np.uint8)
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    return np.concatenate([d[..., None].view(np.uint8), packed], -1).reshape(len(padded), -1)
+
+
 def _param_types(names: list[str], dims: dict, device, dtype=None) -> list:
+    """Graph input types of the named weights; ``dtype`` (a MAX ``DType`` or ``Q4_0``) is that
+    of the ``_low_precision`` ones — with Q4_0 the matrices are uint8 blocks and the token
+    embedding table (gathered, not multiplied) bfloat16."""
     from max.dtype import DType
     from max.graph import TensorType
     shapes = _state_shapes(dims)
@@ -777,6 +813,9 @@ def _param_types(names: list[str], dims: dict, device, dtype=None) -> list:
         perm = _graph_layout(n)
         shape = shapes[n] if perm is None else tuple(shapes[n][i] for i in perm)
         kind = dtype if dtype is not None and _low_precision(n) else DType.float32
+        if kind == Q4_0:
+            kind, shape = (DType.bfloat16, shape) if n == "decoder.token_embedding.weight" \
+                else (DType.uint8, _q4_0_shape(*shape))
         types.append(TensorType(kind, list(shape), device=device))
     return types
 
@@ -785,16 +824,34 @@ def _gemv(w, x):
     """x @ W^T computed as (W @ x^T)^T for W [out, in] and x [..., T, in] (float32 out).
 
     A bfloat16 ``W`` multiplies a bfloat16 copy of x: measured on this CPU, casting W up to
-    float32 inside the graph instead doubled the step time."""
+    float32 inside the graph instead doubled the step time. A uint8 ``W`` is Q4_0 blocks
+    repacked by ``build_repack_graph``: MAX's quantized matmul (it rounds x to 8 bits per
+    block and multiplies in integers)."""
     from max.dtype import DType
-    from max.graph import ops
+    from max.graph import TensorType, ops
     *lead, d_in = x.shape
+    if w.dtype == DType.uint8:
+        rows = ops.reshape(x, [-1, d_in])
+        y = ops.custom("vroom_q4_0_matmul", x.device, [rows, w],
+                       out_types=[TensorType(DType.float32, [rows.shape[0], w.shape[0]], device=x.device)])[0].tensor
+        return ops.reshape(y, [*lead, w.shape[0]])
     rows = ops.transpose(ops.reshape(x, [-1, d_in]), 0, 1)
     if w.dtype == DType.float32:
         y = w @ rows
     else:                   # bf16 x bf16 -> bf16 reads half the bytes; cast back for the rest
         y = ops.cast(w @ ops.cast(rows, w.dtype), DType.float32)
     return ops.reshape(ops.transpose(y, 0, 1), [*lead, w.shape[0]])
+
+
+def _logits(p: "_Params", x, n_vocab: int):
+    """Logits [..., n_vocab] of decoder states x: x times the token embedding (its Q4_0 copy
+    when there is one, whose padding rows are cut off)."""
+    from max.graph import ops
+    w = p["decoder.logits.weight"] if "decoder.logits.weight" in p else p["decoder.token_embedding.weight"]
+    y = _gemv(w, x)
+    if int(w.shape[0]) != n_vocab:
+        y = ops.slice_tensor(y, [slice(None)] * (y.rank - 1) + [slice(0, n_vocab)])
+    return y
 
 
 class _Params:
@@ -806,6 +863,9 @@ class _Params:
 
     def __getitem__(self, name: str):
         return self._by_name[name].tensor
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
 
     def linear(self, x, prefix: str, bias: bool = True):
         w = self[f"{prefix}.weight"]
@@ -908,7 +968,7 @@ def _decoder_types(dims: dict, device, dtype=None, kv_dtype=None) -> tuple:
     V [batch, h, n_text_ctx, 64]."""
     from max.dtype import DType
     from max.graph import BufferType, TensorType
-    names = decoder_param_names(dims)
+    names = decoder_param_names(dims, quantized=dtype == Q4_0)
     L, n_head, ctx = dims["n_text_layer"], dims["n_text_head"], dims["n_text_ctx"]
     dh, n_audio = dims["n_text_state"] // n_head, dims["n_audio_ctx"]
     kv = kv_dtype or DType.float32
@@ -994,7 +1054,7 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
 
         x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend,
                             lambda i, q: _attend(q, _float32(cross[2 * i]), _float32(cross[2 * i + 1]), scale))
-        g.output(_gemv(p["decoder.token_embedding.weight"], ops.gather(x, out_idx, axis=1)))
+        g.output(_logits(p, ops.gather(x, out_idx, axis=1), dims["n_vocab"]))
     return g
 
 
@@ -1032,7 +1092,7 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
         frames = positions * 0 + n_audio
         x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend,
                             lambda i, q: attend(q, cross[2 * i], cross[2 * i + 1], frames))
-        g.output(_gemv(p["decoder.token_embedding.weight"], x))
+        g.output(_logits(p, x, dims["n_vocab"]))
     return g
 
 
@@ -1062,6 +1122,17 @@ def build_reorder_graph(dims: dict, device):
             moved = ops.gather(ops.slice_tensor(ops.buffer_load(buf), index), rows, axis=0)
             ops.buffer_store_slice(buf, moved, index)
         g.output()
+    return g
+
+
+def build_repack_graph(device):
+    """Q4_0 weight blocks [rows, bytes] uint8 into the layout MAX's quantized matmul reads
+    (``_gemv``); run once per matrix when a ``dtype="q4_0"`` model loads."""
+    from max.dtype import DType
+    from max.graph import Graph, TensorType, ops
+    blocks = TensorType(DType.uint8, ["rows", "bytes"], device=device)
+    with Graph("whisper_q4_0_repack", input_types=[blocks]) as g:
+        g.output(ops.custom("vroom_q4_0_repack_weights", device, [g.inputs[0].tensor], out_types=[blocks])[0].tensor)
     return g
 
 
@@ -1119,7 +1190,7 @@ def build_alignment_graph(dims: dict, device, dtype=None, kv_dtype=None):
         x = _decoder_blocks(p, _embed(p, tokens, positions), dims,
                             lambda i, q, k, v: _attend(q, ops.permute(k, [0, 1, 3, 2]), v, scale, mask),
                             cross_attend)
-        g.output(_gemv(p["decoder.token_embedding.weight"], x),
+        g.output(_logits(p, x, dims["n_vocab"]),
                  ops.gather(ops.concat(scores, axis=1), heads, axis=1))
     return g
 
@@ -1250,7 +1321,7 @@ class _GraphStore:
     is deleted and the graph compiled again.
     """
 
-    def __init__(self, setting: str, device, kernels: Path | None):
+    def __init__(self, setting: str, device):
         if setting == "off":
             self.folder = None
             return
@@ -1263,7 +1334,7 @@ class _GraphStore:
         import hashlib
         import platform
         h = hashlib.sha256(Path(__file__).read_bytes())
-        for f in sorted(kernels.glob("*.mojo")) if kernels else ():
+        for f in sorted(KERNELS_DIR.glob("*.mojo")):    # whether this model uses them or not
             h.update(f.name.encode() + f.read_bytes())
         h.update(f"max {version('max')} {platform.machine()} {device}".encode())
         try:
@@ -1333,7 +1404,8 @@ class Model:
     ``kernels`` (``auto``, ``on``, ``off``): one-token decoding steps with the Mojo attention
     kernels in ``kernels/`` (CPU; a fourth graph, "step") or, like prompts, with attention
     from MAX ops; ``self.kernels`` is the package used, or None.
-    ``dtype`` (``float32``, ``bfloat16``): the precision of the decoder's weight matrices.
+    ``dtype`` (``float32``, ``bfloat16``, ``q4_0``): the precision of the decoder's weight
+    matrices (see ``load``).
     """
 
     _GRAPHS = ("mel", "encoder", "decoder")
@@ -1349,15 +1421,15 @@ class Model:
         self.device = _pick_device(device)
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
         self.kernels = _kernels_dir(kernels, self.device_name)
-        if dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype={dtype!r}: use 'float32' or 'bfloat16'")
+        if dtype not in ("float32", "bfloat16", Q4_0):
+            raise ConfigError(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'q4_0'")
         self.dtype = dtype
-        self._wdtype = DType.bfloat16 if dtype == "bfloat16" else None
-        # cross K/V in bfloat16 too where the Mojo kernel reads them (MAX-ops attention would
+        self._wdtype = {"bfloat16": DType.bfloat16, Q4_0: Q4_0}.get(dtype)
+        # cross K/V in bfloat16 where the Mojo kernel reads them (MAX-ops attention would
         # widen them on every step, costing more than the bytes saved)
-        self._kvdtype = self._wdtype if self.kernels else None
+        self._kvdtype = DType.bfloat16 if self._wdtype is not None and self.kernels else None
         self._session = engine.InferenceSession(devices=[self.device])
-        self._store = _GraphStore(self.config["graph_cache"], self.device, self.kernels)
+        self._store = _GraphStore(self.config["graph_cache"], self.device)
         self._lock = threading.Lock()
         self._graphs: dict = {}
         self.compile_seconds: dict[str, float] = {}
@@ -1378,14 +1450,16 @@ class Model:
     def _decoder_weights(self) -> list:
         """The decoder's weight inputs as device buffers, its matrices in ``dtype``."""
         out = []
-        names = decoder_param_names(self.dims)
+        names = decoder_param_names(self.dims, quantized=self._wdtype == Q4_0)
         for name, array in zip(names, graph_weights(self.weights, names)):
-            if self._wdtype is not None and _low_precision(name):
+            if self._wdtype is None or not _low_precision(name):
+                out.append(self._put(array))
+            elif self._wdtype == Q4_0 and name != "decoder.token_embedding.weight":
+                out.append(self._run("repack", self._put(quantize_q4_0(array)))[0])
+            else:
                 import torch
                 from max.driver import Buffer
                 out.append(Buffer.from_dlpack(torch.from_numpy(array).to(torch.bfloat16)).to(self.device))
-            else:
-                out.append(self._put(array))
         return out
 
     def _compiled(self, name: str):
@@ -1400,8 +1474,10 @@ class Model:
                      "step": lambda: build_step_graph(self.dims, ref, self.kernels, dt, kv),
                      "reorder": lambda: build_reorder_graph(self.dims, ref),
                      "gather": lambda: build_gather_graph(self.dims, ref, kv),
+                     "repack": lambda: build_repack_graph(ref),
                      "alignment": lambda: build_alignment_graph(self.dims, ref, dt, kv)}[name]
-            dtypes = {"mel": (), "reorder": (), "encoder": (None, kv), "gather": (None, kv)}.get(name, (dt, kv))
+            dtypes = {"mel": (), "reorder": (), "repack": (), "encoder": (None, kv),
+                      "gather": (None, kv)}.get(name, (dt, kv))
             tag = f"{name}_{_dims_key(self.dims, *dtypes)}"
             with _CompileProgress(f"{name} graph") as p:
                 try:
@@ -1594,7 +1670,9 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     attention kernels from ``kernels/`` over MAX-ops attention. ``dtype="bfloat16"`` stores
     the decoder's weight matrices (and token embedding) in bfloat16: half the bytes each
     decoding step reads, so steps are faster, at a small cost in exactness (float32, the
-    default, gives openai-whisper's tokens). Unset arguments come from the
+    default, gives openai-whisper's tokens). ``dtype="q4_0"`` stores those matrices and the
+    logits projection in llama.cpp's Q4_0 4-bit blocks (MAX's quantized matmul, which also
+    rounds the activations to 8 bits): the fastest steps, tokens further from float32's. Unset arguments come from the
     configuration (``config`` is a ``Config`` or a config file path; see ``SETTINGS``): by
     default ``tiny.en`` on ``auto`` with ``kernels=auto``. The configuration's transcribe
     settings become this model's ``transcribe`` defaults.
@@ -3124,7 +3202,7 @@ def _cli_parser():
     p.add_argument("--print-config", "--print_config", action="store_true",
                    help="print the effective settings and where each came from, then exit")
     p.add_argument("--warmup", action="store_true",
-                   help="load the model and compile its graphs into MAX's cache, then exit")
+                   help="load the model, compile its graphs and keep them in graph_cache, then exit")
     short = {"output_dir": ["-o"], "output_format": ["-f"]}
     for name, (default, _, _, help_text) in SETTINGS.items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else []) + short.get(name, [])
