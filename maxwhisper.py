@@ -21,8 +21,9 @@ tokens. The tokenizer and output writers are openai-whisper's own; everything th
 (mel spectrogram, encoder, decoder) runs as MAX graphs.
 
 Weights enter every graph as *inputs*, never as baked-in constants, so one compiled graph
-serves every checkpoint of the same dimensions and MAX's compile cache (``~/.cache/modular``,
-or ``MODULAR_CACHE_DIR``) lets the next process skip compiling (a few seconds to load).
+serves every checkpoint of the same dimensions; compiled graphs are kept as MAX ``.mef`` files
+(``graph_cache``, default ``~/.cache/maxwhisper/graphs``) so the next process loads them in
+milliseconds instead of compiling.
 """
 
 from __future__ import annotations
@@ -1030,8 +1031,9 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     elsewhere (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); then
     the inputs of ``_decoder_types`` (weights, cross K/V, cache buffers, which the graph extends
     in place at ``offset``). Output: logits [batch, n_out, n_vocab], float32. ``dtype`` (a MAX
-    ``DType``, default float32) is the type of the linear-layer and token-embedding weights,
-    ``kv_dtype`` that of the cross K/V (widened to float32 for attention here).
+    ``DType``, default float32, or ``Q4_0``) is the type of the linear-layer and
+    token-embedding weights (see ``_param_types``), ``kv_dtype`` that of the cross K/V
+    (widened to float32 for attention here).
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
@@ -1391,7 +1393,8 @@ _COUNTERS = {   # name: (Prometheus type, help); per-call records carry the same
 
 
 class Model:
-    """Whisper weights on one MAX device with the three graphs (mel, encoder, decoder).
+    """Whisper weights on one MAX device with their graphs (mel, encoder, decoder, and the
+    Mojo-kernel step; beam reorder, cross K/V gather, alignment and Q4_0 repack on first use).
 
     Build one with ``load()``. ``transcribe()`` is the main entry point; ``log_mel``,
     ``encode``, ``new_cache`` and ``decode`` are the building blocks it uses.
@@ -1677,8 +1680,9 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     default ``tiny.en`` on ``auto`` with ``kernels=auto``. The configuration's transcribe
     settings become this model's ``transcribe`` defaults.
 
-    The first load of a model size compiles three graphs (tens of seconds each); later
-    processes reuse MAX's compile cache and load in a few seconds. ``warmup=False`` defers each
+    The first load of a model size compiles its graphs (tens of seconds each) and keeps them
+    in the ``graph_cache`` folder; later processes load them from there in a fraction of a
+    second (``graph_cache="off"``: from MAX's compile cache, a few seconds). ``warmup=False`` defers each
     graph's compile to its first use. MAX runs on every core the process may use; to cap it,
     restrict the process's CPU affinity (``taskset``, ``os.sched_setaffinity``) first.
     """
