@@ -676,11 +676,11 @@ def _block_param_names(prefix: str, cross: bool, fused: bool = False) -> list[st
         names += [f"{prefix}.{mod}_ln.weight", f"{prefix}.{mod}_ln.bias"]
         if mod == "attn" and fused:
             names += [f"{prefix}.attn.qkv.weight", f"{prefix}.attn.qkv.bias"]
+        elif mod == "attn":
+            names += [f"{prefix}.attn.query.weight", f"{prefix}.attn.query.bias", f"{prefix}.attn.key.weight",
+                      f"{prefix}.attn.value.weight", f"{prefix}.attn.value.bias"]
         else:
             names += [f"{prefix}.{mod}.query.weight", f"{prefix}.{mod}.query.bias"]
-        if mod == "attn" and not fused:
-            names += [f"{prefix}.attn.key.weight", f"{prefix}.attn.value.weight",
-                      f"{prefix}.attn.value.bias"]
         names += [f"{prefix}.{mod}.out.weight", f"{prefix}.{mod}.out.bias"]
     return names + [f"{prefix}.mlp_ln.weight", f"{prefix}.mlp_ln.bias", f"{prefix}.mlp.0.weight",
                     f"{prefix}.mlp.0.bias", f"{prefix}.mlp.2.weight", f"{prefix}.mlp.2.bias"]
@@ -962,22 +962,34 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None):
     return g
 
 
+def _cross_types(dims: dict, device, kv_dtype=None) -> list:
+    """Each layer's cross K^T [batch, h, 64, 1500] and V [batch, h, 1500, 64] in ``kv_dtype``
+    (default float32), as graph input types."""
+    from max.dtype import DType
+    from max.graph import TensorType
+    n_head, n_audio, kv = dims["n_text_head"], dims["n_audio_ctx"], kv_dtype or DType.float32
+    dh = dims["n_text_state"] // n_head
+    return [TensorType(kv, ["batch", n_head, dh, n_audio], device=device),
+            TensorType(kv, ["batch", n_head, n_audio, dh], device=device)] * dims["n_text_layer"]
+
+
+def _cache_types(dims: dict, device) -> list:
+    """Each layer's self-attention cache buffers K^T [batch, h, 64, n_text_ctx] and
+    V [batch, h, n_text_ctx, 64], float32, as graph input types (mutable in place)."""
+    from max.dtype import DType
+    from max.graph import BufferType
+    n_head, ctx = dims["n_text_head"], dims["n_text_ctx"]
+    dh = dims["n_text_state"] // n_head
+    return [BufferType(DType.float32, ["batch", n_head, dh, ctx], device=device),
+            BufferType(DType.float32, ["batch", n_head, ctx, dh], device=device)] * dims["n_text_layer"]
+
+
 def _decoder_types(dims: dict, device, dtype=None, kv_dtype=None) -> tuple:
     """Weight names and the input types shared by the cached decoder graphs: the weights (their
-    matrices in ``dtype``), each layer's cross K^T [batch, h, 64, 1500] and V [batch, h, 1500,
-    64] in ``kv_dtype``, and the self-attention cache buffers K^T [batch, h, 64, n_text_ctx] and
-    V [batch, h, n_text_ctx, 64]."""
-    from max.dtype import DType
-    from max.graph import BufferType, TensorType
+    matrices in ``dtype``), the cross K/V in ``kv_dtype`` and the self-attention cache buffers."""
     names = decoder_param_names(dims, quantized=dtype == Q4_0)
-    L, n_head, ctx = dims["n_text_layer"], dims["n_text_head"], dims["n_text_ctx"]
-    dh, n_audio = dims["n_text_state"] // n_head, dims["n_audio_ctx"]
-    kv = kv_dtype or DType.float32
-    cross = [TensorType(kv, ["batch", n_head, dh, n_audio], device=device),
-             TensorType(kv, ["batch", n_head, n_audio, dh], device=device)] * L
-    cache = [BufferType(DType.float32, ["batch", n_head, dh, ctx], device=device),
-             BufferType(DType.float32, ["batch", n_head, ctx, dh], device=device)] * L
-    return names, _param_types(names, dims, device, dtype) + cross + cache
+    return names, _param_types(names, dims, device, dtype) + _cross_types(dims, device, kv_dtype) \
+        + _cache_types(dims, device)
 
 
 def _float32(x):
@@ -1106,15 +1118,11 @@ def build_reorder_graph(dims: dict, device):
     as the decoder graph takes them. No outputs: the buffers are updated.
     """
     from max.dtype import DType
-    from max.graph import BufferType, Graph, TensorType, ops
+    from max.graph import Graph, TensorType, ops
 
-    L, n_head, d, ctx = dims["n_text_layer"], dims["n_text_head"], dims["n_text_state"], dims["n_text_ctx"]
-    dh = d // n_head
-    cache = [BufferType(DType.float32, ["batch", n_head, dh, ctx], device=device),
-             BufferType(DType.float32, ["batch", n_head, ctx, dh], device=device)] * L
     with Graph(f"whisper_reorder_{_dims_key(dims)}",
                input_types=[TensorType(DType.int64, ["batch"], device=device),
-                            TensorType(DType.int64, [2], device=device)] + cache) as g:
+                            TensorType(DType.int64, [2], device=device)] + _cache_types(dims, device)) as g:
         rows, span = g.inputs[0].tensor, g.inputs[1].tensor
         filled = (slice(span[0], span[1]), "length")
         for i, buf in enumerate(g.inputs[2:]):
@@ -1148,12 +1156,9 @@ def build_gather_graph(dims: dict, device, kv_dtype=None):
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
 
-    L, n_head, n_audio = dims["n_text_layer"], dims["n_text_head"], dims["n_audio_ctx"]
-    dh, kv = dims["n_text_state"] // n_head, kv_dtype or DType.float32
-    cross = [TensorType(kv, ["batch", n_head, dh, n_audio], device=device),
-             TensorType(kv, ["batch", n_head, n_audio, dh], device=device)] * L
     with Graph(f"whisper_gather_{_dims_key(dims, None, kv_dtype)}",
-               input_types=[TensorType(DType.int64, ["n"], device=device)] + cross) as g:
+               input_types=[TensorType(DType.int64, ["n"], device=device)]
+               + _cross_types(dims, device, kv_dtype)) as g:
         rows = g.inputs[0].tensor
         g.output(*(ops.gather(x.tensor, rows, axis=0) for x in g.inputs[1:]))
     return g

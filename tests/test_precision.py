@@ -20,6 +20,14 @@ def q4(name):
     return mw.load(name, device="cpu", dtype="q4_0")
 
 
+def dequantize(blocks, cols):
+    """Q4_0 blocks back to floats, by llama.cpp's definition ((q - 8) * d); also each weight's d."""
+    b = blocks.reshape(len(blocks), cols // 32, 18)
+    d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = np.concatenate([b[..., 2:] & 15, b[..., 2:] >> 4], -1).astype(np.float32)
+    return ((q - 8) * d[..., None]).reshape(len(blocks), cols), np.repeat(d, 32, 1)
+
+
 class BFloat16Test(unittest.TestCase):
     def test_english_samples_match_float32(self):
         for wav, _ in support.samples("en"):
@@ -51,11 +59,8 @@ class BFloat16Test(unittest.TestCase):
         w = np.random.default_rng(0).standard_normal((70, 96)).astype(np.float32)
         blocks = mw.quantize_q4_0(w)
         self.assertEqual(blocks.shape, (96, 3 * 18))                   # rows padded to 96
-        b = blocks.reshape(96, 3, 18)
-        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = np.concatenate([b[..., 2:] & 15, b[..., 2:] >> 4], -1).astype(np.float32)
-        back = ((q - 8) * d[..., None]).reshape(96, 96)
-        self.assertTrue(np.all(np.abs(back[:70] - w) <= np.repeat(np.abs(d[:70]), 32, 1) * 1.001))
+        back, d = dequantize(blocks, 96)
+        self.assertTrue(np.all(np.abs(back[:70] - w) <= np.abs(d[:70]) * 1.001))
         self.assertFalse(back[70:].any())
 
     def test_q4_0_matmul_matches_dequantized_weights(self):
@@ -72,10 +77,7 @@ class BFloat16Test(unittest.TestCase):
                                                TensorType(DType.uint8, [1152, 216], device=cpu)]) as g:
             g.output(mw._gemv(g.inputs[1].tensor, g.inputs[0].tensor))
         out = m._session.load(g).execute(Buffer.from_numpy(x), packed)[0].to_numpy()
-        b = mw.quantize_q4_0(w).reshape(1152, 12, 18)
-        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = np.concatenate([b[..., 2:] & 15, b[..., 2:] >> 4], -1).astype(np.float32)
-        ref = x @ ((q - 8) * d[..., None]).reshape(1152, 384).T
+        ref = x @ dequantize(mw.quantize_q4_0(w), 384)[0].T
         self.assertLess(np.abs(out - ref).max() / np.abs(ref).max(), 2e-2)
 
     def test_q4_0_transcripts(self):
