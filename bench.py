@@ -34,8 +34,8 @@ import numpy as np
 import maxwhisper as mw
 
 ROOT = Path(__file__).resolve().parent
-ENGINES = ("maxwhisper", "maxwhisper-bf16", "maxwhisper-q4_0", "openai", "faster-whisper-fp32",
-           "faster-whisper-int8")
+ENGINES = ("maxwhisper", "maxwhisper-bf16", "maxwhisper-q4_0", "maxwhisper-q4_0x2", "openai",
+           "faster-whisper-fp32", "faster-whisper-int8")
 
 LONG_TEXT = (
     "The history of the written word begins in the ancient river valleys, where farmers and "
@@ -103,8 +103,9 @@ def _ct2_folder(model: str) -> Path | None:
 
 
 def _mw_dtype(engine: str) -> str:
-    """The weight dtype of a maxwhisper engine name (``…-bf16`` bfloat16, ``…-q4_0`` Q4_0)."""
-    return {"bf16": "bfloat16", "q4_0": "q4_0"}.get(engine.rpartition("-")[2], "float32")
+    """The weight dtype of a maxwhisper engine name (``…-bf16`` bfloat16, ``…-q4_0`` Q4_0,
+    ``…-q4_0x2`` two Q4_0 terms)."""
+    return {"bf16": "bfloat16", "q4_0": "q4_0", "q4_0x2": "q4_0x2"}.get(engine.rpartition("-")[2], "float32")
 
 
 def _ct2_compute_type(engine: str) -> str:
@@ -492,7 +493,8 @@ def batch(args) -> dict:
             "options": options, "by_batch": rows, "machine": machine()}
 
 
-DECODERS = ("maxwhisper-fp32", "maxwhisper-bf16", "maxwhisper-q4_0", "faster-whisper-fp32", "faster-whisper-int8")
+DECODERS = ("maxwhisper-fp32", "maxwhisper-bf16", "maxwhisper-q4_0", "maxwhisper-q4_0x2", "faster-whisper-fp32",
+            "faster-whisper-int8")
 
 
 def _decode_worker(args) -> None:

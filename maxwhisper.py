@@ -137,9 +137,10 @@ SETTINGS: dict[str, tuple] = {
     "device": ("auto", _parse_choice("auto", "cpu", "gpu", "cuda"), "load", "auto, cpu or gpu"),
     "kernels": ("auto", _parse_choice("auto", "on", "off"), "load",
                 "Mojo attention kernels from kernels/: auto uses them when present"),
-    "dtype": ("float32", _parse_choice("float32", "bfloat16", "q4_0"), "load",
-              "decoder weight precision: float32 (exact), bfloat16 (half the bytes) or q4_0 "
-              "(4-bit blocks, an eighth)"),
+    "dtype": ("float32", _parse_choice("float32", "bfloat16", "q4_0", "q4_0x2"), "load",
+              "weight precision: float32 (exact), bfloat16 (decoder, half the bytes), q4_0 "
+              "(4-bit blocks, encoder too; fastest, least exact) or q4_0x2 (two 4-bit terms, "
+              "about bfloat16's accuracy)"),
     "graph_cache": ("auto", str, "load", "folder keeping compiled graphs for fast starts: "
                     "auto = $XDG_CACHE_HOME or ~/.cache, then maxwhisper/graphs; off = none"),
     "language": (None, _parse_optional(str), "transcribe", "spoken language; none detects it"),
@@ -701,7 +702,7 @@ def encoder_param_names(dims: dict) -> list[str]:
 
 def decoder_param_names(dims: dict, quantized: bool = False) -> list[str]:
     """Names of the decoder graphs' weight inputs, in order (self-attention's q/k/v fused).
-    ``quantized`` (``dtype="q4_0"``) adds ``decoder.logits.weight``, the token embedding in
+    ``quantized`` (``q4_0``, ``q4_0x2``) adds ``decoder.logits.weight``, the token embedding in
     Q4_0 blocks for the logits, beside the bfloat16 table the input embedding gathers from."""
     names = ["decoder.token_embedding.weight", "decoder.positional_embedding"]
     for i in range(dims["n_text_layer"]):
@@ -770,26 +771,32 @@ def graph_weights(weights: Weights, names: list[str]) -> list[np.ndarray]:
 
 
 def _low_precision(name: str) -> bool:
-    """Whether a decoder weight is stored in the model's ``dtype``: the matrices of the linear
-    layers and the token embedding; norms, biases and positional embeddings stay float32.
-    (The encoder stays float32: it is compute-bound, bfloat16 did not speed it up here.)"""
-    return name.endswith(".weight") and not any(k in name for k in ("_ln.", "decoder.ln."))
+    """Whether a weight is stored in the model's ``dtype``: the matrices of the linear layers
+    and the token embedding; norms, biases, convolutions and positional embeddings stay
+    float32. (The encoder takes only ``q4_0``: it is compute-bound, and bfloat16 matmuls were
+    no faster here, while Q4_0 multiplies in 8-bit integers.)"""
+    return name.endswith(".weight") and not any(k in name for k in ("_ln.", "ln_post.", "decoder.ln.", ".conv"))
 
 
 Q4_0 = "q4_0"      # the dtype name of llama.cpp's Q4_0 blocks (MAX's quantized matmul encoding)
+Q4_0X2 = "q4_0x2"  # two Q4_0 terms per matrix: the weights, then the error the first term left
+_Q4_TERMS = {Q4_0: 1, Q4_0X2: 2}
 
 
-def _q4_0_shape(rows: int, cols: int) -> tuple[int, int]:
+def _q4_0_shape(rows: int, cols: int, terms: int = 1) -> tuple[int, int]:
     """Bytes of a [rows, cols] matrix in Q4_0 blocks: rows padded to a multiple of 32 (MAX's
-    kernel needs it), each 32 weights of a row as a float16 scale and 16 bytes of nibbles."""
-    return -(-rows // 32) * 32, cols // 32 * 18
+    kernel needs it), each 32 weights of a row as a float16 scale and 16 bytes of nibbles;
+    ``terms`` such matrices stacked."""
+    return -(-rows // 32) * 32 * terms, cols // 32 * 18
 
 
-def quantize_q4_0(w: np.ndarray) -> np.ndarray:
+def quantize_q4_0(w: np.ndarray, terms: int = 1) -> np.ndarray:
     """A float matrix [rows, cols] (cols a multiple of 32) in llama.cpp's Q4_0 layout, uint8
     [padded rows, cols / 32 * 18]: per block of 32, d = (the value of largest magnitude) / -8
     as float16, then q = clamp(floor(w / d + 8.5), 0, 15), two per byte (element j low, j+16
-    high). Padded rows are zero."""
+    high). Padded rows are zero. With ``terms`` = 2, the blocks of w - (q - 8) d follow (the
+    rounding error, quantized the same way): their sum is w to about 8 bits, and a matmul
+    with both is two Q4_0 matmuls, still a third of bfloat16's bytes."""
     rows, cols = w.shape
     padded = np.zeros((_q4_0_shape(rows, cols)[0], cols), np.float32)
     padded[:rows] = w
@@ -799,13 +806,18 @@ def quantize_q4_0(w: np.ndarray) -> np.ndarray:
     inv = np.divide(1.0, d.astype(np.float32), out=np.zeros_like(peak), where=d != 0)
     q = np.clip(np.floor(blocks * inv[..., None] + 8.5), 0, 15).astype(np.uint8)
     packed = q[..., :16] | (q[..., 16:] << 4)
-    return np.concatenate([d[..., None].view(np.uint8), packed], -1).reshape(len(padded), -1)
+    out = np.concatenate([d[..., None].view(np.uint8), packed], -1).reshape(len(padded), -1)
+    if terms == 1:
+        return out
+    rest = w - ((q.astype(np.float32) - 8) * d.astype(np.float32)[..., None]).reshape(len(padded), cols)[:rows]
+    return np.concatenate([out, quantize_q4_0(rest, terms - 1)])
 
 
 def _param_types(names: list[str], dims: dict, device, dtype=None) -> list:
-    """Graph input types of the named weights; ``dtype`` (a MAX ``DType`` or ``Q4_0``) is that
-    of the ``_low_precision`` ones — with Q4_0 the matrices are uint8 blocks and the token
-    embedding table (gathered, not multiplied) bfloat16."""
+    """Graph input types of the named weights; ``dtype`` (a MAX ``DType``, ``Q4_0`` or
+    ``Q4_0X2``) is that of the ``_low_precision`` ones — quantized, the matrices are uint8
+    blocks of their [out, in] form and the token embedding table (gathered, not multiplied)
+    bfloat16."""
     from max.dtype import DType
     from max.graph import TensorType
     shapes = _state_shapes(dims)
@@ -814,20 +826,21 @@ def _param_types(names: list[str], dims: dict, device, dtype=None) -> list:
         perm = _graph_layout(n)
         shape = shapes[n] if perm is None else tuple(shapes[n][i] for i in perm)
         kind = dtype if dtype is not None and _low_precision(n) else DType.float32
-        if kind == Q4_0:
+        if kind in _Q4_TERMS:
             kind, shape = (DType.bfloat16, shape) if n == "decoder.token_embedding.weight" \
-                else (DType.uint8, _q4_0_shape(*shape))
+                else (DType.uint8, _q4_0_shape(*shapes[n], _Q4_TERMS[kind]))
         types.append(TensorType(kind, list(shape), device=device))
     return types
 
 
-def _gemv(w, x):
+def _gemv(w, x, terms: int = 1):
     """x @ W^T computed as (W @ x^T)^T for W [out, in] and x [..., T, in] (float32 out).
 
     A bfloat16 ``W`` multiplies a bfloat16 copy of x: measured on this CPU, casting W up to
     float32 inside the graph instead doubled the step time. A uint8 ``W`` is Q4_0 blocks
     repacked by ``build_repack_graph``: MAX's quantized matmul (it rounds x to 8 bits per
-    block and multiplies in integers)."""
+    block and multiplies in integers); with ``terms`` > 1 it holds that many matrices stacked
+    (``quantize_q4_0``), multiplied in one call and summed."""
     from max.dtype import DType
     from max.graph import TensorType, ops
     *lead, d_in = x.shape
@@ -835,7 +848,13 @@ def _gemv(w, x):
         rows = ops.reshape(x, [-1, d_in])
         y = ops.custom("vroom_q4_0_matmul", x.device, [rows, w],
                        out_types=[TensorType(DType.float32, [rows.shape[0], w.shape[0]], device=x.device)])[0].tensor
-        return ops.reshape(y, [*lead, w.shape[0]])
+        out = int(w.shape[0]) // terms
+        if terms > 1:
+            parts = [y[:, k * out:(k + 1) * out] for k in range(terms)]
+            y = parts[0]
+            for part in parts[1:]:
+                y = y + part
+        return ops.reshape(y, [*lead, out])
     rows = ops.transpose(ops.reshape(x, [-1, d_in]), 0, 1)
     if w.dtype == DType.float32:
         y = w @ rows
@@ -849,18 +868,23 @@ def _logits(p: "_Params", x, n_vocab: int):
     when there is one, whose padding rows are cut off)."""
     from max.graph import ops
     w = p["decoder.logits.weight"] if "decoder.logits.weight" in p else p["decoder.token_embedding.weight"]
-    y = _gemv(w, x)
-    if int(w.shape[0]) != n_vocab:
+    y = p.gemv(w, x)
+    if int(y.shape[-1]) != n_vocab:
         y = ops.slice_tensor(y, [slice(None)] * (y.rank - 1) + [slice(0, n_vocab)])
     return y
 
 
 class _Params:
-    """Hands out a graph's weight inputs by name; ``gemv`` says how its linear layers multiply."""
+    """Hands out a graph's weight inputs by name; ``gemv`` says how its linear layers multiply,
+    ``dtype`` is that of its quantized matrices (``Q4_0`` or ``Q4_0X2``), if any."""
 
-    def __init__(self, names: list[str], values, gemv: bool):
+    def __init__(self, names: list[str], values, gemv: bool, dtype=None):
         self._by_name = dict(zip(names, values))
-        self.gemv = gemv
+        self._gemv, self.terms = gemv, _Q4_TERMS.get(dtype, 1)
+
+    def gemv(self, w, x):
+        """x @ W^T for a [out, in] matrix W of this graph (``_gemv``)."""
+        return _gemv(w, x, self.terms)
 
     def __getitem__(self, name: str):
         return self._by_name[name].tensor
@@ -869,8 +893,9 @@ class _Params:
         return name in self._by_name
 
     def linear(self, x, prefix: str, bias: bool = True):
+        from max.dtype import DType
         w = self[f"{prefix}.weight"]
-        y = _gemv(w, x) if self.gemv else x @ w
+        y = self.gemv(w, x) if self._gemv or w.dtype == DType.uint8 else x @ w
         return y + self[f"{prefix}.bias"] if bias else y
 
     def norm(self, x, prefix: str):
@@ -916,7 +941,7 @@ def _attend(q, k_t, v, scale: float, mask=None):
     return ops.softmax(scores, axis=-1) @ v
 
 
-def build_encoder_graph(dims: dict, device, kv_dtype=None):
+def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None):
     """Encoder graph: log-mel [batch, n_mels, 3000] -> audio features and cross-attention K/V.
 
     Outputs: the encoder output [batch, 1500, d], then for each decoder layer its
@@ -931,10 +956,10 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None):
     mel_type = TensorType(DType.float32, ["batch", dims["n_mels"], N_FRAMES], device=device)
     n_head, d = dims["n_audio_head"], dims["n_audio_state"]
     kv_dtype = kv_dtype or DType.float32
-    with Graph(f"whisper_encoder_{_dims_key(dims, None, None if kv_dtype == DType.float32 else kv_dtype)}",
-               input_types=[mel_type] + _param_types(names, dims, device)) as g:
+    with Graph(f"whisper_encoder_{_dims_key(dims, dtype, None if kv_dtype == DType.float32 else kv_dtype)}",
+               input_types=[mel_type] + _param_types(names, dims, device, dtype)) as g:
         mel, *weights = g.inputs
-        p = _Params(names, weights, gemv=False)
+        p = _Params(names, weights, gemv=False, dtype=dtype)
         x = ops.unsqueeze(ops.permute(mel.tensor, [0, 2, 1]), 1)              # NHWC [B,1,3000,m]
         rscf = lambda w: ops.unsqueeze(p[w], 0)                                # noqa: E731
         x = ops.gelu(ops.conv2d(x, rscf("encoder.conv1.weight"), padding=(0, 0, 1, 1),
@@ -987,7 +1012,7 @@ def _cache_types(dims: dict, device) -> list:
 def _decoder_types(dims: dict, device, dtype=None, kv_dtype=None) -> tuple:
     """Weight names and the input types shared by the cached decoder graphs: the weights (their
     matrices in ``dtype``), the cross K/V in ``kv_dtype`` and the self-attention cache buffers."""
-    names = decoder_param_names(dims, quantized=dtype == Q4_0)
+    names = decoder_param_names(dims, quantized=dtype in _Q4_TERMS)
     return names, _param_types(names, dims, device, dtype) + _cross_types(dims, device, kv_dtype) \
         + _cache_types(dims, device)
 
@@ -1057,7 +1082,7 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
                input_types=[i64(["batch", "n_tok"]), i64([2]), i64(["n_tok"]), i64(["n_out"]),
                             TensorType(DType.float32, ["batch", "n_tok", ctx], device=device)] + types) as g:
         tokens, span, positions, out_idx, mask = (v.tensor for v in g.inputs[:5])
-        p = _Params(names, g.inputs[5:5 + len(names)], gemv=True)
+        p = _Params(names, g.inputs[5:5 + len(names)], gemv=True, dtype=dtype)
         cross = [v.tensor for v in g.inputs[5 + len(names):5 + len(names) + 2 * L]]
         cache = g.inputs[5 + len(names) + 2 * L:]
         mask = ops.unsqueeze(mask, 1)                                            # over heads
@@ -1091,7 +1116,7 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
     with Graph(f"whisper_step_{_dims_key(dims, dtype, kv_dtype)}",
                input_types=[i64(["batch", 1]), i64([2]), i64([1])] + types, custom_extensions=[kernels]) as g:
         tokens, span, positions = (v.tensor for v in g.inputs[:3])
-        p = _Params(names, g.inputs[3:3 + len(names)], gemv=True)
+        p = _Params(names, g.inputs[3:3 + len(names)], gemv=True, dtype=dtype)
         cross = [v.tensor for v in g.inputs[3 + len(names):3 + len(names) + 2 * L]]
         cache = g.inputs[3 + len(names) + 2 * L:]
 
@@ -1137,7 +1162,7 @@ def build_reorder_graph(dims: dict, device):
 
 def build_repack_graph(device):
     """Q4_0 weight blocks [rows, bytes] uint8 into the layout MAX's quantized matmul reads
-    (``_gemv``); run once per matrix when a ``dtype="q4_0"`` model loads."""
+    (``_gemv``); run once per matrix when a quantized (``q4_0``, ``q4_0x2``) model loads."""
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
     blocks = TensorType(DType.uint8, ["rows", "bytes"], device=device)
@@ -1187,7 +1212,7 @@ def build_alignment_graph(dims: dict, device, dtype=None, kv_dtype=None):
                             TensorType(DType.int64, ["n_heads"], device=device)]
                + types[:len(names) + 2 * L]) as g:
         tokens, positions, mask, heads = (v.tensor for v in g.inputs[:4])
-        p = _Params(names, g.inputs[4:4 + len(names)], gemv=True)
+        p = _Params(names, g.inputs[4:4 + len(names)], gemv=True, dtype=dtype)
         cross, scores = [_float32(v.tensor) for v in g.inputs[4 + len(names):]], []
 
         def cross_attend(i, q):
@@ -1412,7 +1437,7 @@ class Model:
     ``kernels`` (``auto``, ``on``, ``off``): one-token decoding steps with the Mojo attention
     kernels in ``kernels/`` (CPU; a fourth graph, "step") or, like prompts, with attention
     from MAX ops; ``self.kernels`` is the package used, or None.
-    ``dtype`` (``float32``, ``bfloat16``, ``q4_0``): the precision of the decoder's weight
+    ``dtype`` (``float32``, ``bfloat16``, ``q4_0``, ``q4_0x2``): the precision of the weight
     matrices (see ``load``).
     """
 
@@ -1429,10 +1454,11 @@ class Model:
         self.device = _pick_device(device)
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
         self.kernels = _kernels_dir(kernels, self.device_name)
-        if dtype not in ("float32", "bfloat16", Q4_0):
-            raise ConfigError(f"dtype={dtype!r}: use 'float32', 'bfloat16' or 'q4_0'")
+        if dtype not in ("float32", "bfloat16", Q4_0, Q4_0X2):
+            raise ConfigError(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'q4_0' or 'q4_0x2'")
         self.dtype = dtype
-        self._wdtype = {"bfloat16": DType.bfloat16, Q4_0: Q4_0}.get(dtype)
+        self._wdtype = {"bfloat16": DType.bfloat16, Q4_0: Q4_0, Q4_0X2: Q4_0X2}.get(dtype)
+        self._edtype = dtype if dtype in _Q4_TERMS else None     # bfloat16 encoders were no faster
         # cross K/V in bfloat16 where the Mojo kernel reads them (MAX-ops attention would
         # widen them on every step, costing more than the bytes saved)
         self._kvdtype = DType.bfloat16 if self._wdtype is not None and self.kernels else None
@@ -1443,7 +1469,7 @@ class Model:
         self.compile_seconds: dict[str, float] = {}
         self.graph_sources: dict[str, str] = {}         # name -> "stored" or "compiled"
         self._totals = dict.fromkeys(_COUNTERS, 0.0)
-        self._enc_w = [self._put(a) for a in graph_weights(weights, encoder_param_names(self.dims))]
+        self._enc_w = self._encoder_weights()
         self._dec_w = self._decoder_weights()
         if warmup:
             with self._lock:
@@ -1455,15 +1481,24 @@ class Model:
         from max.driver import Buffer
         return Buffer.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
+    def _encoder_weights(self) -> list:
+        """The encoder's weight inputs as device buffers (its linear layers in Q4_0 blocks when
+        ``dtype`` is ``q4_0`` or ``q4_0x2``)."""
+        names = encoder_param_names(self.dims)
+        if self._edtype is None:
+            return [self._put(a) for a in graph_weights(self.weights, names)]
+        return [self._run("repack", self._put(quantize_q4_0(self.weights.state[n], _Q4_TERMS[self._edtype])))[0]
+                if _low_precision(n) else self._put(a) for n, a in zip(names, graph_weights(self.weights, names))]
+
     def _decoder_weights(self) -> list:
         """The decoder's weight inputs as device buffers, its matrices in ``dtype``."""
         out = []
-        names = decoder_param_names(self.dims, quantized=self._wdtype == Q4_0)
+        names = decoder_param_names(self.dims, quantized=self._wdtype in _Q4_TERMS)
         for name, array in zip(names, graph_weights(self.weights, names)):
             if self._wdtype is None or not _low_precision(name):
                 out.append(self._put(array))
-            elif self._wdtype == Q4_0 and name != "decoder.token_embedding.weight":
-                out.append(self._run("repack", self._put(quantize_q4_0(array)))[0])
+            elif self._wdtype in _Q4_TERMS and name != "decoder.token_embedding.weight":
+                out.append(self._run("repack", self._put(quantize_q4_0(array, _Q4_TERMS[self._wdtype])))[0])
             else:
                 import torch
                 from max.driver import Buffer
@@ -1477,14 +1512,14 @@ class Model:
             ref = DeviceRef.from_device(self.device)
             dt, kv = self._wdtype, self._kvdtype
             build = {"mel": lambda: build_mel_graph(self.dims["n_mels"], ref),
-                     "encoder": lambda: build_encoder_graph(self.dims, ref, kv),
+                     "encoder": lambda: build_encoder_graph(self.dims, ref, kv, self._edtype),
                      "decoder": lambda: build_decoder_graph(self.dims, ref, dt, kv),
                      "step": lambda: build_step_graph(self.dims, ref, self.kernels, dt, kv),
                      "reorder": lambda: build_reorder_graph(self.dims, ref),
                      "gather": lambda: build_gather_graph(self.dims, ref, kv),
                      "repack": lambda: build_repack_graph(ref),
                      "alignment": lambda: build_alignment_graph(self.dims, ref, dt, kv)}[name]
-            dtypes = {"mel": (), "reorder": (), "repack": (), "encoder": (None, kv),
+            dtypes = {"mel": (), "reorder": (), "repack": (), "encoder": (self._edtype, kv),
                       "gather": (None, kv)}.get(name, (dt, kv))
             tag = f"{name}_{_dims_key(self.dims, *dtypes)}"
             with _CompileProgress(f"{name} graph") as p:
@@ -1678,9 +1713,12 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     attention kernels from ``kernels/`` over MAX-ops attention. ``dtype="bfloat16"`` stores
     the decoder's weight matrices (and token embedding) in bfloat16: half the bytes each
     decoding step reads, so steps are faster, at a small cost in exactness (float32, the
-    default, gives openai-whisper's tokens). ``dtype="q4_0"`` stores those matrices and the
-    logits projection in llama.cpp's Q4_0 4-bit blocks (MAX's quantized matmul, which also
-    rounds the activations to 8 bits): the fastest steps, tokens further from float32's. Unset arguments come from the
+    default, gives openai-whisper's tokens). ``dtype="q4_0"`` stores those matrices, the
+    logits projection and the encoder's linear layers in llama.cpp's Q4_0 4-bit blocks (MAX's
+    quantized matmul, which also rounds the activations to 8 bits and multiplies in integers):
+    the fastest encoder and steps, tokens furthest from float32's. ``dtype="q4_0x2"`` adds a
+    second Q4_0 term per matrix holding the first one's rounding error: about bfloat16's
+    accuracy, still faster than bfloat16 (``quantize_q4_0``). Unset arguments come from the
     configuration (``config`` is a ``Config`` or a config file path; see ``SETTINGS``): by
     default ``tiny.en`` on ``auto`` with ``kernels=auto``. The configuration's transcribe
     settings become this model's ``transcribe`` defaults.
@@ -2280,6 +2318,7 @@ class _Transcription:
         self.samples = samples
         self.mel = model.log_mel(samples, padding=N_SAMPLES)
         self.content_frames = self.mel.shape[-1] - N_FRAMES
+        self.encoded: tuple | None = None      # (log-mel, cross K/V) of the window language detection encoded
         self.language = self._language(s.get("language"))
         self.tokenizer = model.tokenizer(language=self.language, task=s.get("task") or "transcribe")
         clip = s["clip_timestamps"]
@@ -2310,7 +2349,9 @@ class _Transcription:
         if language is None:
             if not model.is_multilingual:
                 return "en"
-            probs = model.detect_language(self.window(0)[0])
+            mel = self.window(0)
+            self.encoded = (mel, model.encode(mel)[1])
+            probs = model.detect_language(mel[0], model.new_cache(self.encoded[1]))
             language = max(probs, key=probs.get)
             log.info("%s: detected language %s (p=%.2f)", self.name, language, probs[language])
             return language
@@ -2501,7 +2542,13 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
     jobs = [job for job, _ in work]
     s = jobs[0].s
     t0 = time.perf_counter()
-    cross = model.encode(np.concatenate([mel for _, mel in work]))[1]
+    first = jobs[0].encoded
+    if len(work) == 1 and first is not None and np.array_equal(first[0], work[0][1]):
+        cross = first[1]           # audio of 30 s or more: language detection encoded this window
+    else:
+        cross = model.encode(np.concatenate([mel for _, mel in work]))[1]
+    for job in jobs:
+        job.encoded = None
     t1 = time.perf_counter()
     temperatures = [s["temperature"]] if isinstance(s["temperature"], (int, float)) else list(s["temperature"])
     results: list = [None] * len(jobs)
