@@ -773,8 +773,8 @@ def graph_weights(weights: Weights, names: list[str]) -> list[np.ndarray]:
 def _low_precision(name: str) -> bool:
     """Whether a weight is stored in the model's ``dtype``: the matrices of the linear layers
     and the token embedding; norms, biases, convolutions and positional embeddings stay
-    float32. (The encoder takes only ``q4_0``: it is compute-bound, and bfloat16 matmuls were
-    no faster here, while Q4_0 multiplies in 8-bit integers.)"""
+    float32. (The encoder's are only quantized, never bfloat16: it is compute-bound, and
+    bfloat16 matmuls were no faster here, while Q4_0 multiplies in 8-bit integers.)"""
     return name.endswith(".weight") and not any(k in name for k in ("_ln.", "ln_post.", "decoder.ln.", ".conv"))
 
 
@@ -1485,10 +1485,13 @@ class Model:
         """The encoder's weight inputs as device buffers (its linear layers in Q4_0 blocks when
         ``dtype`` is ``q4_0`` or ``q4_0x2``)."""
         names = encoder_param_names(self.dims)
-        if self._edtype is None:
-            return [self._put(a) for a in graph_weights(self.weights, names)]
-        return [self._run("repack", self._put(quantize_q4_0(self.weights.state[n], _Q4_TERMS[self._edtype])))[0]
-                if _low_precision(n) else self._put(a) for n, a in zip(names, graph_weights(self.weights, names))]
+        return [self._quantized(self.weights.state[n]) if self._edtype and _low_precision(n) else self._put(a)
+                for n, a in zip(names, graph_weights(self.weights, names))]
+
+    def _quantized(self, matrix: np.ndarray):
+        """A float matrix [out, in] as repacked Q4_0 blocks (``quantize_q4_0``, as many terms
+        as ``dtype`` has) on the device."""
+        return self._run("repack", self._put(quantize_q4_0(matrix, _Q4_TERMS[self.dtype])))[0]
 
     def _decoder_weights(self) -> list:
         """The decoder's weight inputs as device buffers, its matrices in ``dtype``."""
@@ -1498,7 +1501,7 @@ class Model:
             if self._wdtype is None or not _low_precision(name):
                 out.append(self._put(array))
             elif self._wdtype in _Q4_TERMS and name != "decoder.token_embedding.weight":
-                out.append(self._run("repack", self._put(quantize_q4_0(array, _Q4_TERMS[self._wdtype])))[0])
+                out.append(self._quantized(array))
             else:
                 import torch
                 from max.driver import Buffer

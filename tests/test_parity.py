@@ -75,6 +75,21 @@ class BaseMultilingualParityTest(unittest.TestCase):
         ours, theirs = transcribe_both("base", mw.load_audio(wav), task="translate", language="es")
         self.assertEqual(tokens(ours), tokens(theirs))
 
+    def test_detection_encoding_is_reused_for_the_first_window(self):
+        """Audio of 30 s or more: the window language detection encoded is the first one
+        decoded, so it is encoded once, and the transcript is the one a given language gets."""
+        m, audio = support.model("base"), mw.load_audio(support.long_clip())
+        calls = []
+        m.encode = lambda mel, encode=m.encode: calls.append(len(mel)) or encode(mel)
+        try:
+            detected = m.transcribe(audio, temperature=0.0)
+            self.assertEqual(sum(calls), detected["metrics"]["windows"])
+            given = m.transcribe(audio, temperature=0.0, language="en")
+        finally:
+            del m.encode
+        self.assertEqual(detected["language"], "en")
+        self.assertEqual(tokens(detected), tokens(given))
+
     def test_language_detection_probabilities(self):
         import torch
         wav = [w for w, _ in support.samples("fr")][0]

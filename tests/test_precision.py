@@ -1,4 +1,4 @@
-"""Lower-precision decoder weights (bfloat16, Q4_0 blocks): checked against float32."""
+"""Lower-precision weights (bfloat16, Q4_0 blocks, two-term Q4_0): checked against float32."""
 
 import functools
 import unittest
@@ -18,6 +18,19 @@ def bf16(name):
 @functools.lru_cache(maxsize=None)
 def q4(name):
     return mw.load(name, device="cpu", dtype="q4_0")
+
+
+@functools.lru_cache(maxsize=None)
+def q4x2(name):
+    """Prompts and steps both through the MAX-ops decoder graph (no step graph to compile):
+    the quantized matmuls are the same in both."""
+    return mw.load(name, device="cpu", dtype="q4_0x2", kernels="off")
+
+
+def teacher_forced(m, mel, seq, first):
+    """Log-probabilities [len(seq) - first, n_vocab] of m after each token of seq from ``first``."""
+    logits = m.decode(m.new_cache(m.encode(mel)[1]), np.array([seq]), out_idx=list(range(first, len(seq))))[0]
+    return logits - np.logaddexp.reduce(logits, -1, keepdims=True)
 
 
 def dequantize(blocks, cols):
@@ -63,6 +76,19 @@ class BFloat16Test(unittest.TestCase):
         self.assertTrue(np.all(np.abs(back[:70] - w) <= np.abs(d[:70]) * 1.001))
         self.assertFalse(back[70:].any())
 
+    def test_two_term_q4_0_blocks(self):
+        """terms=2: the Q4_0 blocks, then those of their rounding error; the sum is within one
+        step of the second term's block, an order of magnitude closer than one term."""
+        w = np.random.default_rng(2).standard_normal((70, 96)).astype(np.float32)
+        blocks = mw.quantize_q4_0(w, terms=2)
+        self.assertEqual(blocks.shape, (192, 3 * 18))
+        np.testing.assert_array_equal(blocks[:96], mw.quantize_q4_0(w))
+        first, _ = dequantize(blocks[:96], 96)
+        second, d = dequantize(blocks[96:], 96)
+        error = np.abs(first[:70] + second[:70] - w)
+        self.assertTrue(np.all(error <= np.abs(d[:70]) * 1.01))
+        self.assertLess(error.mean(), np.abs(first[:70] - w).mean() / 8)
+
     def test_q4_0_matmul_matches_dequantized_weights(self):
         from max.driver import Buffer
         from max.dtype import DType
@@ -71,32 +97,66 @@ class BFloat16Test(unittest.TestCase):
         rng = np.random.default_rng(1)
         w = rng.standard_normal((1152, 384)).astype(np.float32) * 0.05
         x = rng.standard_normal((3, 384)).astype(np.float32)
-        packed = m._run("repack", m._put(mw.quantize_q4_0(w)))[0]
         cpu = DeviceRef.CPU()
-        with Graph("q4_gemv_test", input_types=[TensorType(DType.float32, [3, 384], device=cpu),
-                                               TensorType(DType.uint8, [1152, 216], device=cpu)]) as g:
-            g.output(mw._gemv(g.inputs[1].tensor, g.inputs[0].tensor))
-        out = m._session.load(g).execute(Buffer.from_numpy(x), packed)[0].to_numpy()
-        ref = x @ dequantize(mw.quantize_q4_0(w), 384)[0].T
-        self.assertLess(np.abs(out - ref).max() / np.abs(ref).max(), 2e-2)
+        for terms in (1, 2):
+            blocks = mw.quantize_q4_0(w, terms)
+            packed = m._run("repack", m._put(blocks))[0]
+            with Graph(f"q4_gemv_test_{terms}", input_types=[
+                    TensorType(DType.float32, [3, 384], device=cpu),
+                    TensorType(DType.uint8, [1152 * terms, 216], device=cpu)]) as g:
+                g.output(mw._gemv(g.inputs[1].tensor, g.inputs[0].tensor, terms))
+            out = m._session.load(g).execute(Buffer.from_numpy(x), packed)[0].to_numpy()
+            weights = sum(dequantize(blocks[k * 1152:(k + 1) * 1152], 384)[0] for k in range(terms))
+            ref = x @ weights.T
+            with self.subTest(terms=terms):
+                self.assertEqual(out.shape, (3, 1152))
+                self.assertLess(np.abs(out - ref).max() / np.abs(ref).max(), 2e-2)
 
     def test_q4_0_transcripts(self):
-        """Q4_0 is not exact: on the English samples and the long clip its WER is held to
-        float32's (plus 5 points on the long clip), and its weights are uint8 blocks."""
+        """Q4_0 is not exact: on each English sample it may make one word error more than
+        float32 (the counting sample's reference normalises to one word, "12345678910"), on
+        the long clip 5 points of WER more; and its weights are uint8 blocks."""
         from bench import LONG_TEXT, word_errors
         from max.dtype import DType
         clips = [(mw.load_audio(wav), text) for wav, text in support.samples("en")]
-        clips.append((mw.load_audio(support.long_clip()), LONG_TEXT))
-        for (audio, text), slack in zip(clips, [0.0] * (len(clips) - 1) + [0.05]):
-            errors = [word_errors(text, m.transcribe(audio, temperature=0.0)["text"], True)
-                      for m in (support.model("tiny.en"), q4("tiny.en"))]
+        for audio, text in clips + [(mw.load_audio(support.long_clip()), LONG_TEXT)]:
+            (ref, n), (ours, _) = [word_errors(text, m.transcribe(audio, temperature=0.0)["text"], True)
+                                   for m in (support.model("tiny.en"), q4("tiny.en"))]
             with self.subTest(text=text[:20]):
-                self.assertLessEqual(errors[1][0] / errors[1][1], errors[0][0] / errors[0][1] + slack, errors)
+                self.assertLessEqual(ours, ref + (1 if n < 50 else 0.05 * n), (ours, ref, n))
         m = q4("tiny.en")
         kinds = {n: b.dtype for n, b in zip(mw.decoder_param_names(m.dims, quantized=True), m._dec_w)}
+        kinds.update((n, b.dtype) for n, b in zip(mw.encoder_param_names(m.dims), m._enc_w))
         self.assertEqual(kinds["decoder.logits.weight"], DType.uint8)
         self.assertEqual(kinds["decoder.blocks.0.attn.qkv.weight"], DType.uint8)
         self.assertEqual(kinds["decoder.token_embedding.weight"], DType.bfloat16)
+        self.assertEqual(kinds["encoder.blocks.0.mlp.0.weight"], DType.uint8)
+        self.assertEqual(kinds["decoder.blocks.0.cross_attn.key.weight"], DType.uint8)
+        self.assertEqual(kinds["encoder.conv1.weight"], DType.float32)
+
+    def test_q4_0x2_follows_float32(self):
+        """Teacher-forced on float32's greedy tokens for the long clip's first window, two-term
+        Q4_0 (encoder and decoder) picks float32's next token at >= 97% of the positions with
+        a mean KL divergence under 0.01 (measured: 99.6%, 0.0005; one-term q4_0: 89%, 0.16)."""
+        ref, m = support.model("tiny.en"), q4x2("tiny.en")
+        mel = ref.log_mel(mw.load_audio(support.long_clip()), padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
+        tok = ref.tokenizer()
+        greedy = mw.decode_batch(ref, ref.new_cache(ref.encode(mel)[1]), [mw.DecodingOptions()])[0]
+        seq, first = list(tok.sot_sequence) + list(greedy.tokens), len(tok.sot_sequence) - 1
+        a, b = teacher_forced(ref, mel, seq, first), teacher_forced(m, mel, seq, first)
+        agree = np.mean(a.argmax(-1) == b.argmax(-1))
+        kl = np.mean((np.exp(a) * (a - b)).sum(-1))
+        self.assertGreater(len(a), 50)
+        self.assertGreaterEqual(agree, 0.97, (agree, kl))
+        self.assertLess(kl, 0.01, (agree, kl))
+
+    def test_q4_0x2_transcripts(self):
+        """On the English samples, two-term Q4_0's transcripts are float32's."""
+        for wav, _ in support.samples("en"):
+            with self.subTest(clip=wav.name):
+                audio = mw.load_audio(wav)
+                self.assertEqual(tokens(q4x2("tiny.en").transcribe(audio, temperature=0.0)),
+                                 tokens(support.model("tiny.en").transcribe(audio, temperature=0.0)))
 
     def test_unknown_dtype_is_a_config_error(self):
         with self.assertRaises(mw.ConfigError) as ctx:
