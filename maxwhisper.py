@@ -28,6 +28,7 @@ milliseconds instead of compiling.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -1350,8 +1351,12 @@ class _GraphStore:
     the model dimensions and a digest of everything that decides what it computes: this
     module's source, the kernel package, the MAX version and the device. Any change gives a
     new name, and writing it removes the stale files of that graph. A file that fails to load
-    is deleted and the graph compiled again.
+    is deleted and the graph compiled again. Loading a file marks it used (its mtime); files
+    of other versions unused for ``max_idle_days`` are removed whenever a graph is written
+    (another install sharing the folder keeps its files while it runs).
     """
+
+    max_idle_days = 30
 
     def __init__(self, setting: str, device):
         if setting == "off":
@@ -1387,7 +1392,10 @@ class _GraphStore:
         path = self.folder / f"{name}-{self.digest}.mef"
         if path.exists():
             try:
-                return session.load(path), "stored"
+                model = session.load(path)
+                with contextlib.suppress(OSError):              # a read-only store still loads
+                    os.utime(path)
+                return model, "stored"
             except Exception as e:  # a truncated or foreign file: rebuild it
                 log.warning("compiled graph %s does not load (%s: %s); compiling it again",
                             path, type(e).__name__, e)
@@ -1399,14 +1407,20 @@ class _GraphStore:
             self.folder.mkdir(parents=True, exist_ok=True)
             compiled.export_mef(tmp)
             os.replace(tmp, path)                              # atomic: readers see whole files
-            for stale in self.folder.glob(f"{name}-*.mef"):
-                if stale != path:
-                    stale.unlink(missing_ok=True)
+            self._prune(path, name)
         except Exception as e:  # OSError, or MAX failing to write: the model still runs
             log.warning("cannot keep the compiled %s graph in %s (%s: %s); set graph_cache to a "
                         "writable folder or 'off'", name, self.folder, type(e).__name__, e)
             tmp.unlink(missing_ok=True)
         return model, "compiled"
+
+    def _prune(self, kept: Path, name: str) -> None:
+        """Remove the other files of graph ``name`` and any file unused for ``max_idle_days``."""
+        idle = time.time() - self.max_idle_days * 86400
+        for f in self.folder.glob("*.mef"):
+            with contextlib.suppress(OSError):                 # gone already: another process
+                if f != kept and (f.name.startswith(f"{name}-") or f.stat().st_mtime < idle):
+                    f.unlink()
 
 
 _COUNTERS = {   # name: (Prometheus type, help); per-call records carry the same names

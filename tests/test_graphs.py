@@ -1,7 +1,9 @@
 """The MAX graphs against openai-whisper's PyTorch modules: log-mel, encoder, cross K/V; the
 store of compiled graphs that makes warm starts fast."""
 
+import os
 import tempfile
+import time
 import unittest
 from pathlib import Path
 
@@ -73,9 +75,16 @@ class GraphStoreTest(unittest.TestCase):
         wav, _ = support.samples("en")[0]
         want = support.model("tiny.en").transcribe(wav)["text"]
         with tempfile.TemporaryDirectory() as tmp:
+            old, recent = Path(tmp) / "decoder_other-0123456789abcdef.mef", Path(tmp) / "step_other-0123.mef"
+            old.write_bytes(b"an old version's graph")
+            recent.write_bytes(b"another install's graph, in use")
+            os.utime(old, (time.time() - 40 * 86400,) * 2)
             cfg = mw.Config.resolve(model="tiny.en", device="cpu", graph_cache=tmp)
             first = mw.load(config=cfg)
             self.assertEqual(set(first.graph_sources.values()), {"compiled"})
+            self.assertFalse(old.exists())                                # unused for 40 days
+            self.assertTrue(recent.exists())
+            recent.unlink()
             files = sorted(Path(tmp).glob("*.mef"))
             self.assertEqual(len(files), len(first.graph_sources), files)
             second = mw.load(config=cfg)
