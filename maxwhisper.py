@@ -1498,9 +1498,8 @@ class Model:
     def _encoder_weights(self) -> list:
         """The encoder's weight inputs as device buffers (its linear layers in Q4_0 blocks when
         ``dtype`` is ``q4_0`` or ``q4_0x2``)."""
-        names = encoder_param_names(self.dims)
-        return [self._quantized(self.weights.state[n]) if self._edtype and _low_precision(n) else self._put(a)
-                for n, a in zip(names, graph_weights(self.weights, names))]
+        return [self._quantized(self.weights.state[n]) if self._edtype and _low_precision(n)
+                else self._put(graph_weights(self.weights, [n])[0]) for n in encoder_param_names(self.dims)]
 
     def _quantized(self, matrix: np.ndarray):
         """A float matrix [out, in] as repacked Q4_0 blocks (``quantize_q4_0``, as many terms
