@@ -1069,7 +1069,7 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     elsewhere (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); then
     the inputs of ``_decoder_types`` (weights, cross K/V, cache buffers, which the graph extends
     in place at ``offset``). Output: logits [batch, n_out, n_vocab], float32. ``dtype`` (a MAX
-    ``DType``, default float32, or ``Q4_0``) is the type of the linear-layer and
+    ``DType``, default float32, ``Q4_0`` or ``Q4_0X2``) is the type of the linear-layer and
     token-embedding weights (see ``_param_types``), ``kv_dtype`` that of the cross K/V
     (widened to float32 for attention here).
     """

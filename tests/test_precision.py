@@ -42,12 +42,16 @@ def dequantize(blocks, cols):
 
 
 class BFloat16Test(unittest.TestCase):
-    def test_english_samples_match_float32(self):
+    def assert_samples_match_float32(self, model):
+        """model's greedy tokens equal float32's on every English sample."""
         for wav, _ in support.samples("en"):
             with self.subTest(clip=wav.name):
                 audio = mw.load_audio(wav)
-                self.assertEqual(tokens(bf16("tiny.en").transcribe(audio, temperature=0.0)),
+                self.assertEqual(tokens(model.transcribe(audio, temperature=0.0)),
                                  tokens(support.model("tiny.en").transcribe(audio, temperature=0.0)))
+
+    def test_english_samples_match_float32(self):
+        self.assert_samples_match_float32(bf16("tiny.en"))
 
     def test_long_form_accuracy_holds(self):
         from bench import LONG_TEXT, word_errors
@@ -152,11 +156,7 @@ class BFloat16Test(unittest.TestCase):
 
     def test_q4_0x2_transcripts(self):
         """On the English samples, two-term Q4_0's transcripts are float32's."""
-        for wav, _ in support.samples("en"):
-            with self.subTest(clip=wav.name):
-                audio = mw.load_audio(wav)
-                self.assertEqual(tokens(q4x2("tiny.en").transcribe(audio, temperature=0.0)),
-                                 tokens(support.model("tiny.en").transcribe(audio, temperature=0.0)))
+        self.assert_samples_match_float32(q4x2("tiny.en"))
 
     def test_unknown_dtype_is_a_config_error(self):
         with self.assertRaises(mw.ConfigError) as ctx:
