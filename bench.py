@@ -320,20 +320,25 @@ def coldstart(args) -> dict:
 # scaling and stress (in-process: they time maxwhisper's own decoder)
 # ---------------------------------------------------------------------------------------------
 
-def memory_bandwidth_gbs() -> dict:
-    """Read bandwidth of this machine in GB/s, best of 5 over 512 MB: a MAX graph summing it
-    on every core MAX uses (the decoder's own engine and threads), and numpy's one-core sum."""
+def memory_bandwidth_gbs(device: str = "cpu") -> dict:
+    """Read bandwidth of ``device`` in GB/s, best of 5 over 512 MB: a MAX graph summing it (on
+    a CPU, on every core MAX uses: the decoder's own engine and threads), and on a CPU also
+    numpy's one-core sum."""
     from max import engine
-    from max.driver import CPU, Buffer
+    from max.driver import Buffer
     from max.dtype import DType
     from max.graph import DeviceRef, Graph, TensorType, ops
+    dev = mw._pick_device(device)
     a = np.ones((128, 2**20), np.float32)
-    with Graph("bandwidth_probe", input_types=[TensorType(DType.float32, list(a.shape), device=DeviceRef.CPU())]) as g:
+    with Graph("bandwidth_probe", input_types=[TensorType(DType.float32, list(a.shape), device=DeviceRef.from_device(dev))]) as g:
         g.output(ops.sum(ops.sum(g.inputs[0].tensor, axis=1), axis=0))
-    probe, buf = engine.InferenceSession(devices=[CPU()]).load(g), Buffer.from_numpy(a)
+    probe, buf = engine.InferenceSession(devices=[dev]).load(g), Buffer.from_numpy(a).to(dev)
     probe.execute(buf)
-    return {"max_all_cores": a.nbytes / min(_timed(lambda: probe.execute(buf)) for _ in range(5)) / 1e9,
-            "numpy_one_core": a.nbytes / min(_timed(lambda: a.sum()) for _ in range(5)) / 1e9}
+    rates = {"max_all_cores" if device == "cpu" else "max_" + device:
+             a.nbytes / min(_timed(lambda: probe.execute(buf)[0].to_numpy()) for _ in range(5)) / 1e9}
+    if device == "cpu":
+        rates["numpy_one_core"] = a.nbytes / min(_timed(lambda: a.sum()) for _ in range(5)) / 1e9
+    return rates
 
 
 def _timed(fn) -> float:
@@ -379,7 +384,7 @@ def step_latencies(m: mw.Model, cross: list, batch: int, positions: list[int], s
 
 
 def scaling(args) -> dict:
-    rates = memory_bandwidth_gbs()
+    rates = memory_bandwidth_gbs(args.device)
     bandwidth = max(rates.values())
     positions = [int(p) for p in args.positions.split(",")]
     modes = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[args.kernels]
@@ -387,7 +392,7 @@ def scaling(args) -> dict:
     for name in args.model.split(","):
         weights = mw.load_weights(name)
         for mode in modes:
-            m = mw.Model(weights, device="cpu", kernels=mode)
+            m = mw.Model(weights, device=args.device, kernels=mode)
             cross = window_cross(m, sample_audio())
             for batch in [int(b) for b in args.batch.split(",")]:
                 step_ms = step_latencies(m, cross, batch, positions, args.steps)
@@ -397,7 +402,7 @@ def scaling(args) -> dict:
                                 "tokens_per_s": {p: batch * 1000 / v for p, v in step_ms.items()},
                                 "bandwidth_limit_ms": limit_ms,
                                 "fraction_of_bandwidth_limit": {p: limit_ms[p] / step_ms[p] for p in step_ms}})
-    print_table(f"scaling: decoder step ms by position, fp32, memory bandwidth {bandwidth:.1f} GB/s "
+    print_table(f"scaling on {args.device}: decoder step ms by position, fp32, memory bandwidth {bandwidth:.1f} GB/s "
                 f"(tokens/s and % of the bandwidth bound at the last position)",
                 ["model", "batch", "kernels"] + positions + ["tokens/s", "% of bound"],
                 [[r["model"], r["batch"], "on" if r["kernels"] else "off"]
@@ -408,7 +413,7 @@ def scaling(args) -> dict:
         chart(args.png, "decoder step ms by position",
               [f"{r['model']} b{r['batch']} {'k' if r['kernels'] else 'ops'} @{p}" for r in results for p in r["step_ms"]],
               [v for r in results for v in r["step_ms"].values()])
-    out = {"command": "scaling", "memory_bandwidth_gbs": bandwidth, "bandwidth_probes_gbs": rates,
+    out = {"command": "scaling", "device": args.device, "memory_bandwidth_gbs": bandwidth, "bandwidth_probes_gbs": rates,
            "machine": machine(), "runs": results}
     if len(results) == 1:
         out.update(results[0])
@@ -715,6 +720,7 @@ def main(argv=None) -> int:
     s.add_argument("--kernels", choices=["both", "on", "off"], default="both",
                    help="decoder attention: the Mojo kernels, MAX ops, or both side by side")
     s.add_argument("--steps", type=int, default=30)
+    s.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where the decoder runs")
     st = sub.add_parser("stress", parents=[common], help="long decodes, capacity, memory drift")
     st.add_argument("--repeats", type=int, default=100)
     b = sub.add_parser("batch", parents=[common], help="transcribe_batch files/s by batch size")

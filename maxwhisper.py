@@ -1302,7 +1302,7 @@ def _pick_device(device: str):
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 
 
-def _kernels_dir(mode: str, device_name: str) -> Path | None:
+def _kernels_dir(mode: str) -> Path | None:
     """The Mojo kernel package to compile into the decoder, or None for MAX-ops attention."""
     present = (KERNELS_DIR / "attention.mojo").is_file()
     if mode == "off":
@@ -1310,12 +1310,8 @@ def _kernels_dir(mode: str, device_name: str) -> Path | None:
     if mode == "on" and not present:
         raise ConfigError(f"kernels=on but {KERNELS_DIR} has no attention.mojo; vendor the kernels/ "
                           "folder beside maxwhisper.py or set kernels=auto")
-    if mode == "on" and device_name != "cpu":
-        raise ConfigError("kernels=on: the Mojo attention kernels have a CPU path only so far; "
-                          "set kernels=auto or off on a GPU")
-    if not present or device_name != "cpu":
-        log.info("%s: decoder attention is built from MAX ops",
-                 f"no {KERNELS_DIR}" if not present else "Mojo kernels are CPU-only")
+    if not present:
+        log.info("no %s: decoder attention is built from MAX ops", KERNELS_DIR)
         return None
     return KERNELS_DIR
 
@@ -1449,7 +1445,7 @@ class Model:
     with threads. A graph that fails to compile or run raises ``DeviceError`` and leaves the
     model usable: a graph not compiled yet is compiled again by the next call that needs it.
     ``kernels`` (``auto``, ``on``, ``off``): one-token decoding steps with the Mojo attention
-    kernels in ``kernels/`` (CPU; a fourth graph, "step") or, like prompts, with attention
+    kernels in ``kernels/`` (CPU and GPU; a fourth graph, "step") or, like prompts, with attention
     from MAX ops; ``self.kernels`` is the package used, or None.
     ``dtype`` (``float32``, ``bfloat16``, ``q4_0``, ``q4_0x2``): the precision of the weight
     matrices (see ``load``).
@@ -1467,9 +1463,12 @@ class Model:
         self.config = config or Config.resolve()
         self.device = _pick_device(device)
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
-        self.kernels = _kernels_dir(kernels, self.device_name)
+        self.kernels = _kernels_dir(kernels)
         if dtype not in ("float32", "bfloat16", Q4_0, Q4_0X2):
             raise ConfigError(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'q4_0' or 'q4_0x2'")
+        if dtype in _Q4_TERMS and self.device_name != "cpu":
+            raise ConfigError(f"dtype={dtype!r}: the Q4_0 matmul (MAX's vroom_q4_0 op) is CPU-only; use "
+                              "dtype='bfloat16' or 'float32' on a GPU, or device='cpu'")
         self.dtype = dtype
         self._wdtype = {"bfloat16": DType.bfloat16, Q4_0: Q4_0, Q4_0X2: Q4_0X2}.get(dtype)
         self._edtype = dtype if dtype in _Q4_TERMS else None     # bfloat16 encoders were no faster

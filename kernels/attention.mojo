@@ -1,12 +1,95 @@
 import extensibility
+from max.gpu import WARP_SIZE, barrier, block_idx, thread_idx
 from max.gpu.host import DeviceContext
+from max.gpu.memory import AddressSpace
+from max.gpu.primitives import warp
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from std.math import exp
+from std.memory import stack_allocation
+from std.utils.numerics import min_or_neg_inf
 
 comptime W = 16          # SIMD width over key positions (float32: one AVX-512 register)
 comptime D = 64          # head dimension of every released Whisper size
 comptime QB = 4          # queries per work item in prefill: each key vector loaded serves 4
+comptime GPU_THREADS = 256       # threads per GPU block; one block per (batch, head, query)
+comptime GPU_MAX_KEYS = 2048     # a block keeps its scores in shared memory (Whisper: <= 1500)
+
+
+def _attend_gpu[kv: DType](
+    o: Pointer[Float32, MutAnyOrigin],
+    q: Pointer[Float32, MutAnyOrigin],
+    k_t: Pointer[Scalar[kv], MutAnyOrigin],
+    v: Pointer[Scalar[kv], MutAnyOrigin],
+    lengths: Pointer[Int64, MutAnyOrigin],
+    n_tok32: Int32,
+    keys32: Int32,
+):
+    """One GPU block computes one query row (block index = (batch * heads + head) * n_tok + t).
+
+    Scores: thread i takes keys i, i + 256, ...; for each of the 64 dims a warp reads 32
+    consecutive entries of a K^T row (coalesced). Block-wide max and sum go through warp
+    shuffles and one shared slot per warp. Values: the 256 threads split as 4 key strides x 64
+    dims, so a warp reads 32 consecutive floats of a V row; the 4 partial sums meet in shared
+    memory.
+    """
+    comptime WARPS = GPU_THREADS // WARP_SIZE
+    comptime PARTS = GPU_THREADS // D
+    var n_tok = Int(n_tok32)
+    var keys = Int(keys32)
+    var row = Int(block_idx.x)
+    var bh = row // n_tok
+    var tid = Int(thread_idx.x)
+    var lane = tid % WARP_SIZE
+    var w = tid // WARP_SIZE
+    var qs = stack_allocation[D, Float32, address_space=AddressSpace.SHARED]()
+    var scores = stack_allocation[GPU_MAX_KEYS, Float32, address_space=AddressSpace.SHARED]()
+    var red = stack_allocation[WARPS, Float32, address_space=AddressSpace.SHARED]()
+    var parts = stack_allocation[GPU_THREADS, Float32, address_space=AddressSpace.SHARED]()
+    var n = min(Int(lengths[unsafe_offset=row % n_tok]), keys)
+    if tid < D:
+        qs[unsafe_offset=tid] = q[unsafe_offset=row * D + tid] * 0.125
+    barrier()
+    var kbase = k_t.unsafe_offset(bh * D * keys)
+    var m = min_or_neg_inf[DType.float32]()
+    for j in range(tid, n, GPU_THREADS):
+        var s: Float32 = 0.0
+        for d in range(D):
+            s += qs[unsafe_offset=d] * kbase[unsafe_offset=d * keys + j].cast[DType.float32]()
+        scores[unsafe_offset=j] = s
+        m = max(m, s)
+    m = warp.max(m)
+    if lane == 0:
+        red[unsafe_offset=w] = m
+    barrier()
+    m = red[unsafe_offset=0]
+    for i in range(1, WARPS):
+        m = max(m, red[unsafe_offset=i])
+    barrier()                                   # every thread has read the maxima
+    var total: Float32 = 0.0
+    for j in range(tid, n, GPU_THREADS):
+        var e = exp(scores[unsafe_offset=j] - m)
+        scores[unsafe_offset=j] = e
+        total += e
+    total = warp.sum(total)
+    if lane == 0:
+        red[unsafe_offset=w] = total
+    barrier()
+    total = 0.0
+    for i in range(WARPS):
+        total += red[unsafe_offset=i]
+    var vbase = v.unsafe_offset(bh * keys * D)
+    var d = tid % D
+    var acc: Float32 = 0.0
+    for j in range(tid // D, n, PARTS):
+        acc += scores[unsafe_offset=j] * vbase[unsafe_offset=j * D + d].cast[DType.float32]()
+    parts[unsafe_offset=tid] = acc
+    barrier()
+    if tid < D:
+        var r: Float32 = 0.0
+        for p in range(PARTS):
+            r += parts[unsafe_offset=p * D + tid]
+        o[unsafe_offset=row * D + tid] = r / total
 
 
 @extensibility.register("whisper_attention")
@@ -15,9 +98,10 @@ struct WhisperAttention:
 
     q [B, h, T, 64] float32; K given transposed, k_t [B, h, 64, S], and v [B, h, S, 64], both
     float32 or bfloat16 (read and widened to float32); output [B, h, T, 64] float32.
-    One work item per (batch, head, block of QB queries). A one-query step streams each row
-    of K^T once (the step is memory-bound); a block of queries keeps QB score vectors in
+    CPU: one work item per (batch, head, block of QB queries). A one-query step streams each
+    row of K^T once (the step is memory-bound); a block of queries keeps QB score vectors in
     registers while it walks K^T, so each key is read once per block, not once per query.
+    GPU: one block of GPU_THREADS threads per (batch, head, query), see `_attend_gpu`.
     """
 
     @staticmethod
@@ -38,6 +122,13 @@ struct WhisperAttention:
         var vp = v.unsafe_ptr()
         var op = output.unsafe_ptr()
         var lp = lengths.unsafe_ptr()
+        comptime if target == "gpu":
+            if keys > GPU_MAX_KEYS:
+                raise Error("whisper_attention on a GPU takes at most 2048 keys, got ", keys)
+            ctx.enqueue_function[_attend_gpu[k_t.dtype]](
+                op, qp, kp, vp, lp, Int32(n_tok), Int32(keys),
+                grid_dim=qs[0] * qs[1] * n_tok, block_dim=GPU_THREADS)
+            return
 
         def work(i: Int) raises {var qp, var kp, var vp, var op, var lp, var n_tok, var keys, var n_blocks}:
             var bh = i // n_blocks

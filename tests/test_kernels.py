@@ -24,12 +24,12 @@ class AttentionOpTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         from max import engine
-        from max.driver import CPU
         from max.dtype import DType
         from max.graph import DeviceRef, Graph, TensorType, ops
-        dev = DeviceRef.CPU()
+        cls.device = mw._pick_device(support.DEVICE)
+        dev = DeviceRef.from_device(cls.device)
         cls.graphs = {}
-        session = engine.InferenceSession(devices=[CPU()])
+        session = engine.InferenceSession(devices=[cls.device])
         f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
         for kv in (DType.float32, DType.bfloat16):
             with Graph(f"attention_op_{kv}",
@@ -54,7 +54,8 @@ class AttentionOpTest(unittest.TestCase):
         n = np.array(lengths, np.int64)
         dev_kv = [torch.from_numpy(a).to(getattr(torch, kv)) for a in (k_t, v)]
         k_t, v = (t.float().numpy() for t in dev_kv)
-        out = self.graphs[kv].execute(Buffer.from_numpy(q), *map(Buffer.from_dlpack, dev_kv), Buffer.from_numpy(n))[0]
+        inputs = [Buffer.from_numpy(q), *map(Buffer.from_dlpack, dev_kv), Buffer.from_numpy(n)]
+        out = self.graphs[kv].execute(*(x.to(self.device) for x in inputs))[0]
         return out.to_numpy(), reference(q, k_t, v, n)
 
     def test_self_attention_cache_lengths(self):
@@ -86,7 +87,7 @@ class KernelsOnOffTest(unittest.TestCase):
     def test_transcripts_identical(self):
         on = support.model("tiny.en")
         self.assertEqual(on.kernels, mw.KERNELS_DIR)
-        off = mw.Model(on.weights, device="cpu", kernels="off")
+        off = mw.Model(on.weights, device=support.DEVICE, kernels="off")
         self.assertIsNone(off.kernels)
         clips = [wav for wav, _ in support.samples("en")] + [support.long_clip()]
         for clip in clips:
@@ -97,13 +98,11 @@ class KernelsOnOffTest(unittest.TestCase):
     def test_missing_kernels_fall_back_with_one_log_line(self):
         with mock.patch.object(mw, "KERNELS_DIR", mw.KERNELS_DIR.parent / "no-kernels-here"):
             with self.assertLogs("maxwhisper", "INFO") as logs:
-                self.assertIsNone(mw._kernels_dir("auto", "cpu"))
+                self.assertIsNone(mw._kernels_dir("auto"))
             self.assertEqual(len(logs.output), 1)
             self.assertIn("MAX ops", logs.output[0])
             with self.assertRaises(mw.ConfigError):
-                mw._kernels_dir("on", "cpu")
-        with self.assertLogs("maxwhisper", "INFO"):
-            self.assertIsNone(mw._kernels_dir("auto", "gpu"))
+                mw._kernels_dir("on")
 
 
 if __name__ == "__main__":
