@@ -1046,6 +1046,13 @@ def _decoder_blocks(p: "_Params", x, dims: dict, self_attend, cross_attend):
     return p.norm(x, "decoder.ln")
 
 
+def _span_type():
+    """``span`` inputs [2] int64 live on the host: MAX takes slice bounds from CPU tensors."""
+    from max.dtype import DType
+    from max.graph import DeviceRef, TensorType
+    return TensorType(DType.int64, [2], device=DeviceRef.CPU())
+
+
 def _cache_append(cache: list, i: int, k, v, span) -> tuple:
     """Write layer i's new keys (transposed) and values into its cache buffers at
     ``span`` = (offset, offset + n_tok), in place; returns the two buffers."""
@@ -1080,7 +1087,7 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     names, types = _decoder_types(dims, device, dtype, kv_dtype)
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
     with Graph(f"whisper_decoder_{_dims_key(dims, dtype, kv_dtype)}",
-               input_types=[i64(["batch", "n_tok"]), i64([2]), i64(["n_tok"]), i64(["n_out"]),
+               input_types=[i64(["batch", "n_tok"]), _span_type(), i64(["n_tok"]), i64(["n_out"]),
                             TensorType(DType.float32, ["batch", "n_tok", ctx], device=device)] + types) as g:
         tokens, span, positions, out_idx, mask = (v.tensor for v in g.inputs[:5])
         p = _Params(names, g.inputs[5:5 + len(names)], gemv=True, dtype=dtype)
@@ -1115,7 +1122,7 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
     names, types = _decoder_types(dims, device, dtype, kv_dtype)
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
     with Graph(f"whisper_step_{_dims_key(dims, dtype, kv_dtype)}",
-               input_types=[i64(["batch", 1]), i64([2]), i64([1])] + types, custom_extensions=[kernels]) as g:
+               input_types=[i64(["batch", 1]), _span_type(), i64([1])] + types, custom_extensions=[kernels]) as g:
         tokens, span, positions = (v.tensor for v in g.inputs[:3])
         p = _Params(names, g.inputs[3:3 + len(names)], gemv=True, dtype=dtype)
         cross = [v.tensor for v in g.inputs[3 + len(names):3 + len(names) + 2 * L]]
@@ -1147,8 +1154,8 @@ def build_reorder_graph(dims: dict, device):
     from max.graph import Graph, TensorType, ops
 
     with Graph(f"whisper_reorder_{_dims_key(dims)}",
-               input_types=[TensorType(DType.int64, ["batch"], device=device),
-                            TensorType(DType.int64, [2], device=device)] + _cache_types(dims, device)) as g:
+               input_types=[TensorType(DType.int64, ["batch"], device=device), _span_type()]
+               + _cache_types(dims, device)) as g:
         rows, span = g.inputs[0].tensor, g.inputs[1].tensor
         filled = (slice(span[0], span[1]), "length")
         for i, buf in enumerate(g.inputs[2:]):
@@ -1297,6 +1304,12 @@ def _pick_device(device: str):
                               "use device='cpu' or 'auto'")
         return Accelerator()
     raise ConfigError(f"device={device!r}: use 'auto', 'cpu' or 'gpu'")
+
+
+def _host(array: np.ndarray):
+    """A numpy array as a MAX buffer in host memory (graph inputs typed on the CPU), no copy."""
+    from max.driver import Buffer
+    return Buffer.from_numpy(np.ascontiguousarray(array))
 
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
@@ -1649,7 +1662,7 @@ class Model:
         positions = np.arange(start, start + n, dtype=np.int64)
         idx = [i % n for i in out_idx]
         put = self._put
-        head = [put(tokens), put(np.array([start, start + n], np.int64)), put(positions)]
+        head = [put(tokens), _host(np.array([start, start + n], np.int64)), put(positions)]
         if self.kernels and n == 1 and idx == [0]:      # a one-token step: the Mojo kernel graph
             graph = "step"
         else:
@@ -1672,7 +1685,7 @@ class Model:
             raise ConfigError(f"reorder: {len(rows)} rows given for a KVCache of batch {cache.batch}")
         if cache.length == 0 or (rows == np.arange(cache.batch)).all():
             return
-        self._run("reorder", self._put(rows), self._put(np.array([0, cache.length], np.int64)),
+        self._run("reorder", self._put(rows), _host(np.array([0, cache.length], np.int64)),
                   *cache.self_buffers())
 
     @property

@@ -16,9 +16,9 @@ sys.path.insert(0, str(ROOT))
 import maxwhisper as mw  # noqa: E402
 from bench import LONG_TEXT, sample_files, speech_clip  # noqa: E402,F401  (re-exported)
 
-# The device the model tests run on: cpu here and in CI; MAXWHISPER_TEST_DEVICE=gpu runs the
-# kernel op tests, the parity set and kernels on/off on a GPU machine.
-DEVICE = os.environ.get("MAXWHISPER_TEST_DEVICE", "cpu")
+# The device the model tests run on: cpu here and in CI; MW_TEST_DEVICE=gpu runs the kernel op
+# tests, the parity set and kernels on/off on a GPU machine. (Not MAXWHISPER_*: those are settings.)
+DEVICE = os.environ.get("MW_TEST_DEVICE", "cpu")
 
 # openai-whisper's tokenizer leaves its vocabulary file open; not ours to fix, only noise here.
 warnings.filterwarnings("ignore", category=ResourceWarning, message=r"unclosed file .*tiktoken")
@@ -35,9 +35,9 @@ def samples(lang):
 @functools.lru_cache(maxsize=None)
 def long_clip():
     """A >60 s spoken clip made with espeak-ng (22.05 kHz 16-bit WAV), cached per process;
-    ``MAXWHISPER_TEST_LONG_CLIP`` names one made earlier (a machine without espeak-ng)."""
-    if os.environ.get("MAXWHISPER_TEST_LONG_CLIP"):
-        return Path(os.environ["MAXWHISPER_TEST_LONG_CLIP"])
+    ``MW_TEST_LONG_CLIP`` names one made earlier (a machine without espeak-ng)."""
+    if os.environ.get("MW_TEST_LONG_CLIP"):
+        return Path(os.environ["MW_TEST_LONG_CLIP"])
     if shutil.which("espeak-ng") is None:
         raise unittest.SkipTest("espeak-ng is not installed (apt-get install espeak-ng)")
     return speech_clip(Path(tempfile.mkdtemp(prefix="maxwhisper-test-")) / "long.wav")
