@@ -67,6 +67,23 @@ class GraphTest(unittest.TestCase):
             step = mw.build_step_graph(dims, DeviceRef.CPU(), mw.KERNELS_DIR)
             self.assertEqual(len(step.inputs), 3 + len(mw.decoder_param_names(dims)) + 4 * 2)
 
+    def test_every_graph_builds_for_a_gpu(self):
+        """Graph construction checks devices (no GPU needed): MAX takes slice bounds from host
+        tensors, so a cache offset typed on the GPU failed here before it reached one."""
+        from max.dtype import DType
+        from max.graph import DeviceRef
+        dims, gpu = dict(self.model.dims, n_text_layer=2, n_audio_layer=1), DeviceRef.GPU()
+        for dtype, kv in ((None, None), (DType.bfloat16, DType.bfloat16)):
+            with self.subTest(dtype=dtype):
+                mw.build_mel_graph(dims["n_mels"], gpu)
+                mw.build_encoder_graph(dims, gpu, kv)
+                mw.build_decoder_graph(dims, gpu, dtype, kv)
+                mw.build_reorder_graph(dims, gpu)
+                mw.build_gather_graph(dims, gpu, kv)
+                mw.build_alignment_graph(dims, gpu, dtype, kv)
+                if (mw.KERNELS_DIR / "attention.mojo").is_file():
+                    mw.build_step_graph(dims, gpu, mw.KERNELS_DIR, dtype, kv)
+
 
 class GraphStoreTest(unittest.TestCase):
     """Compiled graphs kept as .mef files: written on the first load, loaded by the next."""

@@ -2,6 +2,7 @@
 
 import functools
 import unittest
+from unittest import mock
 
 import numpy as np
 
@@ -162,6 +163,14 @@ class BFloat16Test(unittest.TestCase):
         with self.assertRaises(mw.ConfigError) as ctx:
             mw.load("tiny.en", device="cpu", dtype="float16", warmup=False)
         self.assertIn("dtype", str(ctx.exception))
+
+    def test_q4_dtypes_are_refused_on_a_gpu(self):
+        """MAX's Q4_0 matmul is a CPU op: a GPU model says so instead of failing to compile."""
+        weights = support.model("tiny.en").weights
+        with mock.patch.object(mw, "_pick_device", return_value=object()):       # not a CPU
+            for dtype in (mw.Q4_0, mw.Q4_0X2):
+                with self.subTest(dtype=dtype), self.assertRaisesRegex(mw.ConfigError, "CPU-only"):
+                    mw.Model(weights, device="gpu", dtype=dtype, warmup=False)
 
 
 if __name__ == "__main__":
