@@ -1070,7 +1070,7 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     ``n_text_ctx`` cache slots with a mask; for many queries MAX's matmuls beat the kernel.
 
     Inputs: ``tokens`` [batch, n_tok] int64; ``span`` [2] int64 = (offset, offset + n_tok), the
-    positions these tokens take; ``positions`` [n_tok] int64 (offset .. offset+n_tok-1);
+    positions these tokens take, on the host (``_span_type``); ``positions`` [n_tok] int64 (offset .. offset+n_tok-1);
     ``out_idx`` [n_out] int64, the rows of ``tokens`` whose logits to return; ``mask``
     [batch, n_tok, n_text_ctx] float32, 0 where a token may attend to a cache slot and -inf
     elsewhere (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); then
@@ -1109,7 +1109,7 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
     """One-token decoding step with the Mojo kernels (``kernels/``): self-attention reads only
     the filled cache rows and cross-attention the audio frames, each in one fused op.
 
-    Inputs: ``tokens`` [batch, 1] int64, ``span`` [2] int64 = (offset, offset + 1),
+    Inputs: ``tokens`` [batch, 1] int64, ``span`` [2] int64 = (offset, offset + 1) on the host,
     ``positions`` [1] int64 (= offset), then the inputs of ``_decoder_types`` as in
     ``build_decoder_graph``. Output: logits [batch, 1, n_vocab], float32. The kernel reads
     bfloat16 cross K/V (``kv_dtype``) directly: half the bytes of the step's largest read
@@ -1147,8 +1147,8 @@ def build_reorder_graph(dims: dict, device):
     """KV-cache reordering graph for beam search: row r of every self-attention buffer becomes
     old row ``rows[r]``, over the first ``length`` positions only, in place on the device.
 
-    Inputs: ``rows`` [batch] int64; ``span`` [2] int64 = (0, length); then the cache buffers
-    as the decoder graph takes them. No outputs: the buffers are updated.
+    Inputs: ``rows`` [batch] int64; ``span`` [2] int64 = (0, length) on the host; then the
+    cache buffers as the decoder graph takes them. No outputs: the buffers are updated.
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
