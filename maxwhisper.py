@@ -936,7 +936,7 @@ def _merge_heads(x):
 def _attend(q, k_t, v, scale: float, mask=None):
     """softmax(q k^T * scale + mask) v with k already transposed: q [B,h,T,64], k_t [B,h,64,S].
     q is scaled before the product: T x 64 multiplies instead of T x S (the encoder's 1500 x
-    1500 scores per head), 2-3% of a tiny.en encoder window."""
+    1500 scores per head)."""
     from max.graph import ops
     scores = (q * scale) @ k_t
     if mask is not None:
