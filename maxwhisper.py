@@ -1072,8 +1072,8 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     ``n_text_ctx`` cache slots with a mask; for many queries MAX's matmuls beat the kernel.
 
     Inputs: ``tokens`` [batch, n_tok] int64; ``span`` [2] int64 = (offset, offset + n_tok), the
-    positions these tokens take, on the host (``_span_type``); ``positions`` [n_tok] int64 (offset .. offset+n_tok-1);
-    ``out_idx`` [n_out] int64, the rows of ``tokens`` whose logits to return; ``mask``
+    positions these tokens take, on the host (``_span_type``); ``positions`` [n_tok] int64
+    (offset .. offset+n_tok-1); ``out_idx`` [n_out] int64, the rows of ``tokens`` whose logits to return; ``mask``
     [batch, n_tok, n_text_ctx] float32, 0 where a token may attend to a cache slot and -inf
     elsewhere (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); then
     the inputs of ``_decoder_types`` (weights, cross K/V, cache buffers, which the graph extends
@@ -1506,8 +1506,7 @@ class Model:
 
     def _put(self, array: np.ndarray):
         """A numpy array as a MAX buffer on this model's device (no copy on CPU)."""
-        from max.driver import Buffer
-        return Buffer.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        return _host(array).to(self.device)
 
     def _encoder_weights(self) -> list:
         """The encoder's weight inputs as device buffers (its linear layers in Q4_0 blocks when
