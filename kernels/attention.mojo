@@ -92,6 +92,34 @@ def _attend_gpu[kv: DType](
         o[unsafe_offset=row * D + tid] = r / total
 
 
+def _softmax_row(row: Pointer[mut=True, Float32, _], n: Int, longest: Int):
+    """row[:n] = softmax(row[:n]) in place, W lanes at a time; row[n:longest] = 0."""
+    var n_vec = n // W * W
+    var mv = SIMD[DType.float32, W](min_or_neg_inf[DType.float32]())
+    for j in range(0, n_vec, W):
+        mv = max(mv, row.unsafe_offset(j).unsafe_load[width=W]())
+    var m = mv.reduce_max()
+    for j in range(n_vec, n):
+        m = max(m, row[unsafe_offset=j])
+    var tv = SIMD[DType.float32, W](0)
+    for j in range(0, n_vec, W):
+        var e = exp(row.unsafe_offset(j).unsafe_load[width=W]() - m)
+        row.unsafe_offset(j).unsafe_store(e)
+        tv += e
+    var total = tv.reduce_add()
+    for j in range(n_vec, n):
+        var e = exp(row[unsafe_offset=j] - m)
+        row[unsafe_offset=j] = e
+        total += e
+    var inv = 1.0 / total
+    for j in range(0, n_vec, W):
+        row.unsafe_offset(j).unsafe_store(row.unsafe_offset(j).unsafe_load[width=W]() * inv)
+    for j in range(n_vec, n):
+        row[unsafe_offset=j] = row[unsafe_offset=j] * inv
+    for j in range(n, longest):
+        row[unsafe_offset=j] = 0.0
+
+
 @extensibility.register("whisper_attention")
 struct WhisperAttention:
     """Attention softmax(q . K / 8) . V where query t sees only the first lengths[t] keys.
@@ -184,20 +212,7 @@ struct WhisperAttention:
             # softmax of each row over its own length; weights past it are zero
             var rows = 1 if nq == 1 else QB
             for r in range(rows):
-                var row = sp.unsafe_offset(r * keys)
-                var n = lens[r]
-                var m = row[unsafe_offset=0]
-                for j in range(1, n):
-                    m = max(m, row[unsafe_offset=j])
-                var total: Float32 = 0.0
-                for j in range(n):
-                    var e = exp(row[unsafe_offset=j] - m)
-                    row[unsafe_offset=j] = e
-                    total += e
-                for j in range(n):
-                    row[unsafe_offset=j] = row[unsafe_offset=j] / total
-                for j in range(n, longest):
-                    row[unsafe_offset=j] = 0.0
+                _softmax_row(sp.unsafe_offset(r * keys), lens[r], longest)
             var vbase = vp.unsafe_offset(bh * keys * D)
             if nq == 1:
                 var acc = SIMD[DType.float32, D](0)
