@@ -1031,21 +1031,25 @@ def _decoder_blocks(p: "_Params", x, dims: dict, self_attend, cross_attend):
     """The decoder's residual blocks and final norm over x [B, T, d] — one definition for every
     decoder graph; they differ only in how attention reads keys and values.
 
-    ``self_attend(i, q, k, v)`` gets layer i's new query/key/value heads [B, h, T, 64] and
-    returns its self-attention [B, h, T, 64]; ``cross_attend(i, q)`` returns its attention
-    over the audio frames.
+    ``self_attend(i, qkv)`` gets layer i's fused query|key|value projection [B, T, 3d] and
+    returns its self-attention [B, T, d]; ``cross_attend(i, q)`` gets its query [B, T, d] and
+    returns its attention over the audio frames [B, T, d] (heads side by side, as the Mojo ops
+    take and give them; ``_qkv_heads``/``_heads`` and ``_merge_heads`` adapt MAX-ops attention).
     """
-    from max.graph import ops
-    n_head, d = dims["n_text_head"], dims["n_text_state"]
     for i in range(dims["n_text_layer"]):
         b = f"decoder.blocks.{i}"
-        q, k, v = ops.split(p.linear(p.norm(x, f"{b}.attn_ln"), f"{b}.attn.qkv"), [d, d, d], axis=-1)
-        att = self_attend(i, _heads(q, n_head), _heads(k, n_head), _heads(v, n_head))
-        x = x + p.linear(_merge_heads(att), f"{b}.attn.out")
-        q = _heads(p.linear(p.norm(x, f"{b}.cross_attn_ln"), f"{b}.cross_attn.query"), n_head)
-        x = x + p.linear(_merge_heads(cross_attend(i, q)), f"{b}.cross_attn.out")
+        x = x + p.linear(self_attend(i, p.linear(p.norm(x, f"{b}.attn_ln"), f"{b}.attn.qkv")), f"{b}.attn.out")
+        q = p.linear(p.norm(x, f"{b}.cross_attn_ln"), f"{b}.cross_attn.query")
+        x = x + p.linear(cross_attend(i, q), f"{b}.cross_attn.out")
         x = x + p.mlp(x, b)
     return p.norm(x, "decoder.ln")
+
+
+def _qkv_heads(qkv, n_head: int) -> list:
+    """A fused projection [B, T, 3d] -> its query, key and value heads, [B, h, T, 64] each."""
+    from max.graph import ops
+    d = int(qkv.shape[-1]) // 3
+    return [_heads(t, n_head) for t in ops.split(qkv, [d, d, d], axis=-1)]
 
 
 def _span_type():
@@ -1095,27 +1099,30 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
         p = _Params(names, g.inputs[5:5 + len(names)], gemv=True, dtype=dtype)
         cross = [v.tensor for v in g.inputs[5 + len(names):5 + len(names) + 2 * L]]
         cache = g.inputs[5 + len(names) + 2 * L:]
-        mask = ops.unsqueeze(mask, 1)                                            # over heads
+        mask, n_head = ops.unsqueeze(mask, 1), dims["n_text_head"]              # mask over heads
 
-        def self_attend(i, q, k, v):
+        def self_attend(i, qkv):
+            q, k, v = _qkv_heads(qkv, n_head)
             k_cache, v_cache = _cache_append(cache, i, k, v, span)
-            return _attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), scale, mask)
+            return _merge_heads(_attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), scale, mask))
 
-        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend,
-                            lambda i, q: _attend(q, _float32(cross[2 * i]), _float32(cross[2 * i + 1]), scale))
+        def cross_attend(i, q):
+            return _merge_heads(_attend(_heads(q, n_head), _float32(cross[2 * i]), _float32(cross[2 * i + 1]), scale))
+
+        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend, cross_attend)
         g.output(_logits(p, ops.gather(x, out_idx, axis=1), dims["n_vocab"]))
     return g
 
 
 def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=None):
-    """One-token decoding step with the Mojo kernels (``kernels/``): self-attention reads only
-    the filled cache rows and cross-attention the audio frames, each in one fused op.
+    """One-token decoding step with the Mojo kernels (``kernels/``): self-attention appends the
+    token's key and value to the cache and reads only the filled rows, cross-attention reads the
+    audio frames, each one op on the projections' own [batch, 1, heads x 64] layout.
 
-    Inputs: ``tokens`` [batch, 1] int64, ``span`` [2] int64 = (offset, offset + 1) on the host,
-    ``positions`` [1] int64 (= offset), then the inputs of ``_decoder_types`` as in
-    ``build_decoder_graph``. Output: logits [batch, 1, n_vocab], float32. The kernel reads
-    bfloat16 cross K/V (``kv_dtype``) directly: half the bytes of the step's largest read
-    after the weights.
+    Inputs: ``tokens`` [batch, 1] int64, ``positions`` [1] int64 (= the cache offset), then the
+    inputs of ``_decoder_types`` as in ``build_decoder_graph``. Output: logits
+    [batch, 1, n_vocab], float32. The kernel reads bfloat16 cross K/V (``kv_dtype``) directly:
+    half the bytes of the step's largest read after the weights.
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
@@ -1124,23 +1131,23 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
     names, types = _decoder_types(dims, device, dtype, kv_dtype)
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
     with Graph(f"whisper_step_{_dims_key(dims, dtype, kv_dtype)}",
-               input_types=[i64(["batch", 1]), _span_type(), i64([1])] + types, custom_extensions=[kernels]) as g:
-        tokens, span, positions = (v.tensor for v in g.inputs[:3])
-        p = _Params(names, g.inputs[3:3 + len(names)], gemv=True, dtype=dtype)
-        cross = [v.tensor for v in g.inputs[3 + len(names):3 + len(names) + 2 * L]]
-        cache = g.inputs[3 + len(names) + 2 * L:]
+               input_types=[i64(["batch", 1]), i64([1])] + types, custom_extensions=[kernels]) as g:
+        tokens, positions = (v.tensor for v in g.inputs[:2])
+        p = _Params(names, g.inputs[2:2 + len(names)], gemv=True, dtype=dtype)
+        cross = [v.tensor for v in g.inputs[2 + len(names):2 + len(names) + 2 * L]]
+        cache = g.inputs[2 + len(names) + 2 * L:]
+        out_type = TensorType(DType.float32, [tokens.shape[0], 1, dims["n_text_state"]], device=device)
+        lengths, frames = positions + 1, positions * 0 + n_audio      # keys each query sees
 
-        def attend(q, k_t, v, lengths):               # query t sees the first lengths[t] keys
-            return ops.custom(name="whisper_attention", device=device, values=[q, k_t, v, lengths],
-                              out_types=[TensorType(DType.float32, q.shape, device=device)])[0].tensor
+        def self_attend(i, qkv):                      # appends the token's K/V, then attends
+            return ops.inplace_custom("whisper_self_attention", device, [qkv, cache[2 * i], cache[2 * i + 1], lengths],
+                                      out_types=[out_type])[0].tensor
 
-        def self_attend(i, q, k, v):
-            k_cache, v_cache = _cache_append(cache, i, k, v, span)
-            return attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), positions + 1)
+        def cross_attend(i, q):
+            return ops.custom("whisper_attention", device, [q, cross[2 * i], cross[2 * i + 1], frames],
+                              out_types=[out_type])[0].tensor
 
-        frames = positions * 0 + n_audio
-        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend,
-                            lambda i, q: attend(q, cross[2 * i], cross[2 * i + 1], frames))
+        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend, cross_attend)
         g.output(_logits(p, x, dims["n_vocab"]))
     return g
 
@@ -1225,13 +1232,17 @@ def build_alignment_graph(dims: dict, device, dtype=None, kv_dtype=None):
         p = _Params(names, g.inputs[4:4 + len(names)], gemv=True, dtype=dtype)
         cross, scores = [_float32(v.tensor) for v in g.inputs[4 + len(names):]], []
 
-        def cross_attend(i, q):
-            scores.append((q @ cross[2 * i]) * scale)
-            return ops.softmax(scores[-1], axis=-1) @ cross[2 * i + 1]
+        n_head = dims["n_text_head"]
 
-        x = _decoder_blocks(p, _embed(p, tokens, positions), dims,
-                            lambda i, q, k, v: _attend(q, ops.permute(k, [0, 1, 3, 2]), v, scale, mask),
-                            cross_attend)
+        def self_attend(i, qkv):
+            q, k, v = _qkv_heads(qkv, n_head)
+            return _merge_heads(_attend(q, ops.permute(k, [0, 1, 3, 2]), v, scale, mask))
+
+        def cross_attend(i, q):
+            scores.append((_heads(q, n_head) @ cross[2 * i]) * scale)
+            return _merge_heads(ops.softmax(scores[-1], axis=-1) @ cross[2 * i + 1])
+
+        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend, cross_attend)
         g.output(_logits(p, x, dims["n_vocab"]),
                  ops.gather(ops.concat(scores, axis=1), heads, axis=1))
     return g
@@ -1663,13 +1674,13 @@ class Model:
         positions = np.arange(start, start + n, dtype=np.int64)
         idx = [i % n for i in out_idx]
         put = self._put
-        head = [put(tokens), _host(np.array([start, start + n], np.int64)), put(positions)]
         if self.kernels and n == 1 and idx == [0]:      # a one-token step: the Mojo kernel graph
-            graph = "step"
+            graph, head = "step", [put(tokens), put(positions)]
         else:
             mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
             mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
-            graph, head = "decoder", head + [put(np.array(idx, np.int64)), put(mask)]
+            graph, head = "decoder", [put(tokens), _host(np.array([start, start + n], np.int64)), put(positions),
+                                      put(np.array(idx, np.int64)), put(mask)]
         out = self._run(graph, *head, *self._dec_w, *(b for kv in cache.cross for b in kv), *cache.self_buffers())
         cache.length += n
         return out[0].to_numpy()

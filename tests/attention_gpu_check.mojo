@@ -1,12 +1,13 @@
-# Standalone GPU check of the whisper_attention op (kernels/attention.mojo), no MAX graph:
-# random q, K^T, V (a fixed LCG) copied to the GPU, the op's GPU path run, the output compared
-# with a float64 softmax(q.K/8).V on the host, then the mean time of a call with the launches
-# pipelined. Built on a machine without a GPU for the card that runs it, e.g. an H100/H200:
+# Standalone GPU check of the attention ops (kernels/attention.mojo), no MAX graph: random
+# inputs (a fixed LCG) copied to the GPU, each op's GPU path run, the output compared with a
+# float64 softmax(q.K/8).V on the host (whisper_self_attention: also the key and value it
+# appended to the cache), then the mean time of a call with the launches pipelined. Built on a
+# machine without a GPU for the card that runs it, e.g. an H100/H200:
 #   mojo build --target-accelerator sm_90 -I . tests/attention_gpu_check.mojo -o attention_gpu_check
 # and run there with the MAX libraries on LD_LIBRARY_PATH. MW_TEST_DEVICE=gpu runs the unittest
 # op tests (tests/test_kernels.py) through MAX graphs instead.
-from kernels.attention import WhisperAttention
-from extensibility import InputTensor, OutputTensor
+from kernels.attention import WhisperAttention, WhisperSelfAttention
+from extensibility import InputTensor, OutputTensor, _MutableInputTensor
 from extensibility.managed_tensor_slice import StaticTensorSpec
 from max.gpu.host import DeviceContext
 from std.utils.index import IndexList
@@ -14,54 +15,30 @@ from std.math import exp
 from std.time import perf_counter_ns
 
 
-def check[kv: DType](ctx: DeviceContext, b: Int, h: Int, t: Int, s: Int, lens: List[Int], reps: Int) raises:
-    """One shape: batch b, h heads, t queries of lengths lens over s keys; prints the error and µs/call."""
-    var nq = b * h * t * 64
-    var nk = b * h * 64 * s
-    var hq = ctx.enqueue_create_host_buffer[DType.float32](nq)
-    var hk = ctx.enqueue_create_host_buffer[kv](nk)
-    var hv = ctx.enqueue_create_host_buffer[kv](nk)
-    var hl = ctx.enqueue_create_host_buffer[DType.int64](t)
-    var ho = ctx.enqueue_create_host_buffer[DType.float32](nq)
-    ctx.synchronize()
-    var seed: UInt64 = 12345
-    for i in range(nq):
+def random_list(n: Int, scale: Float32, mut seed: UInt64) -> List[Float32]:
+    """Returns n values in [-1000, 1000) / scale from a 64-bit LCG."""
+    var out = List[Float32](length=n, fill=0.0)
+    for i in range(n):
         seed = seed * 6364136223846793005 + 1442695040888963407
-        hq[i] = Float32(Int((seed >> 40) % 2000) - 1000) / 500.0
-    for i in range(nk):
-        seed = seed * 6364136223846793005 + 1442695040888963407
-        hk[i] = Scalar[kv](Float32(Int((seed >> 40) % 2000) - 1000) / 300.0)
-        seed = seed * 6364136223846793005 + 1442695040888963407
-        hv[i] = Scalar[kv](Float32(Int((seed >> 40) % 2000) - 1000) / 1000.0)
-    for i in range(t):
-        hl[i] = Int64(lens[i])
-    var dq = ctx.enqueue_create_buffer[DType.float32](nq)
-    var dk = ctx.enqueue_create_buffer[kv](nk)
-    var dv = ctx.enqueue_create_buffer[kv](nk)
-    var dl = ctx.enqueue_create_buffer[DType.int64](t)
-    var do = ctx.enqueue_create_buffer[DType.float32](nq)
-    ctx.enqueue_copy(dq, hq)
-    ctx.enqueue_copy(dk, hk)
-    ctx.enqueue_copy(dv, hv)
-    ctx.enqueue_copy(dl, hl)
-    var o = OutputTensor[static_spec=StaticTensorSpec[DType.float32, 4, ...].get_unknown()](do.unsafe_ptr(), IndexList[4](b, h, t, 64))
-    var q = InputTensor[static_spec=StaticTensorSpec[DType.float32, 4, ...].get_unknown()](dq.unsafe_ptr(), IndexList[4](b, h, t, 64))
-    var k = InputTensor[static_spec=StaticTensorSpec[kv, 4, ...].get_unknown()](dk.unsafe_ptr(), IndexList[4](b, h, 64, s))
-    var v = InputTensor[static_spec=StaticTensorSpec[kv, 4, ...].get_unknown()](dv.unsafe_ptr(), IndexList[4](b, h, s, 64))
-    var l = InputTensor[static_spec=StaticTensorSpec[DType.int64, 1, ...].get_unknown()](dl.unsafe_ptr(), IndexList[1](t))
-    WhisperAttention.execute["gpu"](o, q, k, v, l, ctx)
-    ctx.enqueue_copy(ho, do)
-    ctx.synchronize()
+        out[i] = Float32(Int((seed >> 40) % 2000) - 1000) / scale
+    return out^
+
+
+def worst_error(q: List[Float32], q_stride: Int, k: List[Float32], v: List[Float32], o: List[Float32],
+                b: Int, h: Int, t: Int, s: Int, lens: List[Int]) -> Float64:
+    """Largest |o - softmax(q.K/8).V| in float64; q rows of q_stride floats (heads side by side
+    first), K^T [b,h,64,s], V [b,h,s,64], o [b,t,h*64]."""
     var worst: Float64 = 0.0
     for bh in range(b * h):
         for tt in range(t):
             var n = lens[tt]
+            var row = (bh // h) * t + tt
             var sc = List[Float64](length=n, fill=0.0)
             var mx: Float64 = -1e30
             for j in range(n):
                 var acc: Float64 = 0.0
                 for d in range(64):
-                    acc += Float64(hq[(bh * t + tt) * 64 + d]) * Float64(hk[bh * 64 * s + d * s + j].cast[DType.float32]())
+                    acc += Float64(q[row * q_stride + (bh % h) * 64 + d]) * Float64(k[bh * 64 * s + d * s + j])
                 sc[j] = acc / 8.0
                 mx = max(mx, sc[j])
             var tot: Float64 = 0.0
@@ -71,14 +48,114 @@ def check[kv: DType](ctx: DeviceContext, b: Int, h: Int, t: Int, s: Int, lens: L
             for d in range(64):
                 var r: Float64 = 0.0
                 for j in range(n):
-                    r += sc[j] * Float64(hv[bh * s * 64 + j * 64 + d].cast[DType.float32]())
-                worst = max(worst, abs(r / tot - Float64(ho[(bh * t + tt) * 64 + d])))
+                    r += sc[j] * Float64(v[bh * s * 64 + j * 64 + d])
+                worst = max(worst, abs(r / tot - Float64(o[(row * h + bh % h) * 64 + d])))
+    return worst
+
+
+def to_device[dt: DType](ctx: DeviceContext, values: List[Float32]) raises -> type_of(ctx.enqueue_create_buffer[dt](1)):
+    """Returns the values (rounded to dt) in a new GPU buffer."""
+    var host = ctx.enqueue_create_host_buffer[dt](len(values))
+    ctx.synchronize()
+    for i in range(len(values)):
+        host[i] = Scalar[dt](values[i])
+    var dev = ctx.enqueue_create_buffer[dt](len(values))
+    ctx.enqueue_copy(dev, host)
+    return dev^
+
+
+def from_device[dt: DType](ctx: DeviceContext, dev: type_of(ctx.enqueue_create_buffer[dt](1)), n: Int) raises -> List[Float32]:
+    """The first n values of a GPU buffer, as float32."""
+    var host = ctx.enqueue_create_host_buffer[dt](n)
+    ctx.enqueue_copy(host, dev)
+    ctx.synchronize()
+    var out = List[Float32](length=n, fill=0.0)
+    for i in range(n):
+        out[i] = host[i].cast[DType.float32]()
+    return out^
+
+
+def rounded[dt: DType](values: List[Float32]) -> List[Float32]:
+    """Returns the values as the GPU holds them in dt."""
+    var out = List[Float32](length=len(values), fill=0.0)
+    for i in range(len(values)):
+        out[i] = Scalar[dt](values[i]).cast[DType.float32]()
+    return out^
+
+
+def check[kv: DType](ctx: DeviceContext, b: Int, h: Int, t: Int, s: Int, lens: List[Int], reps: Int) raises:
+    """Checks whisper_attention: batch b, h heads, t queries of lengths lens over s keys."""
+    var seed: UInt64 = 12345
+    var hq = random_list(b * t * h * 64, 500.0, seed)
+    var hk = rounded[kv](random_list(b * h * 64 * s, 300.0, seed))
+    var hv = rounded[kv](random_list(b * h * 64 * s, 1000.0, seed))
+    var hl = ctx.enqueue_create_host_buffer[DType.int64](t)
+    ctx.synchronize()
+    for i in range(t):
+        hl[i] = Int64(lens[i])
+    var dq = to_device[DType.float32](ctx, hq)
+    var dk = to_device[kv](ctx, hk)
+    var dv = to_device[kv](ctx, hv)
+    var dl = ctx.enqueue_create_buffer[DType.int64](t)
+    ctx.enqueue_copy(dl, hl)
+    var do = ctx.enqueue_create_buffer[DType.float32](b * t * h * 64)
+    var o = OutputTensor[static_spec=StaticTensorSpec[DType.float32, 3, ...].get_unknown()](do.unsafe_ptr(), IndexList[3](b, t, h * 64))
+    var q = InputTensor[static_spec=StaticTensorSpec[DType.float32, 3, ...].get_unknown()](dq.unsafe_ptr(), IndexList[3](b, t, h * 64))
+    var k = InputTensor[static_spec=StaticTensorSpec[kv, 4, ...].get_unknown()](dk.unsafe_ptr(), IndexList[4](b, h, 64, s))
+    var v = InputTensor[static_spec=StaticTensorSpec[kv, 4, ...].get_unknown()](dv.unsafe_ptr(), IndexList[4](b, h, s, 64))
+    var l = InputTensor[static_spec=StaticTensorSpec[DType.int64, 1, ...].get_unknown()](dl.unsafe_ptr(), IndexList[1](t))
+    WhisperAttention.execute["gpu"](o, q, k, v, l, ctx)
+    var worst = worst_error(hq, h * 64, hk, hv, from_device[DType.float32](ctx, do, b * t * h * 64), b, h, t, s, lens)
     var t0 = perf_counter_ns()
     for _ in range(reps):
         WhisperAttention.execute["gpu"](o, q, k, v, l, ctx)
     ctx.synchronize()
     var us = Float64(perf_counter_ns() - t0) / 1000.0 / Float64(reps)
-    print("kv", kv, "b", b, "h", h, "t", t, "s", s, "max abs err", worst, "us/call", us)
+    print("attention kv", kv, "b", b, "h", h, "t", t, "s", s, "max abs err", worst, "us/call", us)
+
+
+def check_self(ctx: DeviceContext, b: Int, h: Int, length: Int, reps: Int) raises:
+    """Checks whisper_self_attention: batch b, h heads, appending at position length - 1 of 448."""
+    comptime S = 448
+    var seed: UInt64 = 777
+    var d = h * 64
+    var hqkv = random_list(b * 3 * d, 500.0, seed)
+    var hk = random_list(b * h * 64 * S, 300.0, seed)
+    var hv = random_list(b * h * 64 * S, 1000.0, seed)
+    var hl = ctx.enqueue_create_host_buffer[DType.int64](1)
+    ctx.synchronize()
+    hl[0] = Int64(length)
+    var dqkv = to_device[DType.float32](ctx, hqkv)
+    var dk = to_device[DType.float32](ctx, hk)
+    var dv = to_device[DType.float32](ctx, hv)
+    var dl = ctx.enqueue_create_buffer[DType.int64](1)
+    ctx.enqueue_copy(dl, hl)
+    var do = ctx.enqueue_create_buffer[DType.float32](b * d)
+    var o = OutputTensor[static_spec=StaticTensorSpec[DType.float32, 3, ...].get_unknown()](do.unsafe_ptr(), IndexList[3](b, 1, d))
+    var qkv = InputTensor[static_spec=StaticTensorSpec[DType.float32, 3, ...].get_unknown()](dqkv.unsafe_ptr(), IndexList[3](b, 1, 3 * d))
+    var k = _MutableInputTensor[static_spec=StaticTensorSpec[DType.float32, 4, ...].get_unknown()](dk.unsafe_ptr(), IndexList[4](b, h, 64, S))
+    var v = _MutableInputTensor[static_spec=StaticTensorSpec[DType.float32, 4, ...].get_unknown()](dv.unsafe_ptr(), IndexList[4](b, h, S, 64))
+    var l = InputTensor[static_spec=StaticTensorSpec[DType.int64, 1, ...].get_unknown()](dl.unsafe_ptr(), IndexList[1](1))
+    WhisperSelfAttention.execute["gpu"](o, qkv, k, v, l, ctx)
+    var pos = length - 1
+    for bh in range(b * h):                       # the cache as the op should have left it
+        for c in range(64):
+            var src = (bh // h) * 3 * d + (bh % h) * 64 + c
+            hk[(bh * 64 + c) * S + pos] = hqkv[src + d]
+            hv[(bh * S + pos) * 64 + c] = hqkv[src + 2 * d]
+    var worst: Float64 = 0.0
+    var got_k = from_device[DType.float32](ctx, dk, len(hk))
+    var got_v = from_device[DType.float32](ctx, dv, len(hv))
+    for i in range(len(hk)):
+        worst = max(worst, Float64(abs(got_k[i] - hk[i])), Float64(abs(got_v[i] - hv[i])))
+    var lens: List[Int] = [length]
+    worst = max(worst, worst_error(hqkv, 3 * d, hk, hv, from_device[DType.float32](ctx, do, b * d), b, h, 1, S, lens))
+    var t0 = perf_counter_ns()
+    for _ in range(reps):
+        WhisperSelfAttention.execute["gpu"](o, qkv, k, v, l, ctx)
+    ctx.synchronize()
+    var us = Float64(perf_counter_ns() - t0) / 1000.0 / Float64(reps)
+    print("self_attention b", b, "h", h, "length", length, "max abs err", worst, "us/call", us)
 
 
 def main() raises:
@@ -89,3 +166,5 @@ def main() raises:
     check[DType.float32](ctx, 1, 6, 1, 1500, [1500], 500)
     check[DType.bfloat16](ctx, 8, 20, 1, 1500, [1500], 200)
     check[DType.float32](ctx, 8, 20, 1, 448, [64], 500)
+    check_self(ctx, 1, 6, 1, 500)
+    check_self(ctx, 4, 20, 448, 200)

@@ -14,13 +14,16 @@ from support import mw
 
 
 def reference(q, k_t, v, lengths):
-    """softmax(q k / 8) v over the first lengths[t] keys, for q [B,h,T,64], k_t [B,h,64,S]."""
-    out = np.zeros_like(q)
+    """softmax(q k / 8) v over the first lengths[t] keys, for q [B,T,>=h*64] (heads side by side
+    in the first h*64 columns), k_t [B,h,64,S], v [B,h,S,64]; [B,T,h*64] like the ops."""
+    b, h = k_t.shape[:2]
+    heads = q[:, :, :h * 64].reshape(b, -1, h, 64)
+    out = np.zeros((b, len(lengths), h, 64))
     for t, n in enumerate(lengths):
-        s = np.einsum("bhd,bhdj->bhj", q[:, :, t].astype(np.float64), k_t[..., :n]) / 8.0
+        s = np.einsum("bhd,bhdj->bhj", heads[:, t].astype(np.float64), k_t[..., :n]) / 8.0
         p = np.exp(s - s.max(-1, keepdims=True))
-        out[:, :, t] = np.einsum("bhj,bhjd->bhd", p / p.sum(-1, keepdims=True), v[:, :, :n])
-    return out
+        out[:, t] = np.einsum("bhj,bhjd->bhd", p / p.sum(-1, keepdims=True), v[:, :, :n])
+    return out.reshape(b, len(lengths), h * 64)
 
 
 @unittest.skipUnless((mw.KERNELS_DIR / "attention.mojo").is_file(), "kernels/ is not present")
@@ -29,7 +32,7 @@ class AttentionOpTest(unittest.TestCase):
     def setUpClass(cls):
         from max import engine
         from max.dtype import DType
-        from max.graph import DeviceRef, Graph, TensorType, ops
+        from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
         cls.device = mw._pick_device(support.DEVICE)
         dev = DeviceRef.from_device(cls.device)
         cls.graphs = {}
@@ -37,22 +40,34 @@ class AttentionOpTest(unittest.TestCase):
         f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
         for kv in (DType.float32, DType.bfloat16):
             with Graph(f"attention_op_{kv}",
-                       input_types=[f32(["b", "h", "t", 64]), TensorType(kv, ["b", "h", 64, "s"], device=dev),
+                       input_types=[f32(["b", "t", "c"]), TensorType(kv, ["b", "h", 64, "s"], device=dev),
                                     TensorType(kv, ["b", "h", "s", 64], device=dev),
                                     TensorType(DType.int64, ["t"], device=dev)],
                        custom_extensions=[mw.KERNELS_DIR]) as g:
                 q, k_t, v, n = (x.tensor for x in g.inputs)
+                out = f32([q.shape[0], q.shape[1], k_t.shape[1] * 64])
                 g.output(ops.custom(name="whisper_attention", device=dev, values=[q, k_t, v, n],
-                                    out_types=[f32(q.shape)])[0].tensor)
+                                    out_types=[out])[0].tensor)
             cls.graphs[str(kv).split(".")[-1]] = session.load(g)
+        with Graph("self_attention_op",
+                   input_types=[f32(["b", 1, "c"]), BufferType(DType.float32, ["b", "h", 64, "s"], device=dev),
+                                BufferType(DType.float32, ["b", "h", "s", 64], device=dev),
+                                TensorType(DType.int64, [1], device=dev)],
+                   custom_extensions=[mw.KERNELS_DIR]) as g:
+            qkv, k_cache, v_cache, n = g.inputs
+            out = f32([qkv.tensor.shape[0], 1, k_cache.shape[1] * 64])
+            g.output(ops.inplace_custom("whisper_self_attention", dev, [qkv, k_cache, v_cache, n],
+                                        out_types=[out])[0].tensor)
+        cls.graphs["self"] = session.load(g)
 
-    def run_op(self, batch, heads, keys, lengths, kv="float32"):
-        """The op's output and numpy's for random inputs; bfloat16 K/V are compared with
-        numpy on the same rounded values (the op widens them to float32 exactly)."""
+    def run_op(self, batch, heads, keys, lengths, kv="float32", columns=None):
+        """The op's output and numpy's for random inputs (q rows of ``columns`` floats, heads *
+        64 by default); bfloat16 K/V are compared with numpy on the same rounded values (the
+        op widens them to float32 exactly)."""
         import torch
         from max.driver import Buffer
         rng = np.random.default_rng(batch * 1000 + heads + keys + lengths[0])
-        q = rng.standard_normal((batch, heads, len(lengths), 64), dtype=np.float32)
+        q = rng.standard_normal((batch, len(lengths), columns or heads * 64), dtype=np.float32)
         k_t = rng.standard_normal((batch, heads, 64, keys), dtype=np.float32) * 3   # peaky softmax
         v = rng.standard_normal((batch, heads, keys, 64), dtype=np.float32)
         n = np.array(lengths, np.int64)
@@ -84,6 +99,35 @@ class AttentionOpTest(unittest.TestCase):
                 with self.subTest(kv=kv, batch=batch, heads=heads, tokens=tokens):
                     ours, ref = self.run_op(batch, heads, 1500, [1500] * tokens, kv)
                     np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+    def test_queries_in_wider_rows(self):
+        """q rows wider than the heads (a fused q|k|v projection): only the first h*64 count."""
+        for tokens in (1, 6):
+            with self.subTest(tokens=tokens):
+                ours, ref = self.run_op(2, 6, 448, list(range(40, 40 + tokens)), columns=3 * 6 * 64)
+                np.testing.assert_allclose(ours, ref, atol=2e-5)
+
+    def test_self_attention_appends_then_attends(self):
+        """whisper_self_attention writes the token's key and value into the cache at position
+        length - 1 (nothing else changes) and attends over the first length rows."""
+        from max.driver import Buffer
+        for batch in (1, 4):
+            for heads in (6, 20):
+                for length in (1, 2, 63, 64, 65, 447, 448):
+                    with self.subTest(batch=batch, heads=heads, length=length):
+                        rng = np.random.default_rng(batch * 1000 + heads + length)
+                        d = heads * 64
+                        qkv = rng.standard_normal((batch, 1, 3 * d), dtype=np.float32)
+                        k_cache = rng.standard_normal((batch, heads, 64, 448), dtype=np.float32) * 3
+                        v_cache = rng.standard_normal((batch, heads, 448, 64), dtype=np.float32)
+                        k_want, v_want = k_cache.copy(), v_cache.copy()
+                        k_want[..., length - 1] = qkv[:, 0, d:2 * d].reshape(batch, heads, 64)
+                        v_want[:, :, length - 1] = qkv[:, 0, 2 * d:].reshape(batch, heads, 64)
+                        bufs = [Buffer.from_numpy(a).to(self.device) for a in (qkv, k_cache, v_cache)]
+                        out = self.graphs["self"].execute(*bufs, Buffer.from_numpy(np.array([length])).to(self.device))[0]
+                        np.testing.assert_allclose(out.to_numpy(), reference(qkv, k_want, v_want, [length]), atol=2e-5)
+                        np.testing.assert_array_equal(bufs[1].to_numpy(), k_want)
+                        np.testing.assert_array_equal(bufs[2].to_numpy(), v_want)
 
 
 @unittest.skipUnless((mw.KERNELS_DIR / "attention.mojo").is_file(), "kernels/ is not present")
