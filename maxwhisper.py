@@ -1231,7 +1231,6 @@ def build_alignment_graph(dims: dict, device, dtype=None, kv_dtype=None):
         tokens, positions, mask, heads = (v.tensor for v in g.inputs[:4])
         p = _Params(names, g.inputs[4:4 + len(names)], gemv=True, dtype=dtype)
         cross, scores = [_float32(v.tensor) for v in g.inputs[4 + len(names):]], []
-
         n_head = dims["n_text_head"]
 
         def self_attend(i, qkv):
