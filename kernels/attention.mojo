@@ -24,8 +24,8 @@ def _append_gpu(
     heads32: Int32,
     ctx32: Int32,
 ):
-    """Block (batch * heads + head), thread d: writes the new token's key and value (columns d
-    and 2d of its qkv row) into the cache at position lengths[0] - 1."""
+    """Block (batch * heads + head), thread d: writes dim d of the new token's key and value
+    (the middle and last thirds of its q|k|v row) into the cache at position lengths[0] - 1."""
     var heads = Int(heads32)
     var n_ctx = Int(ctx32)
     var bh = Int(block_idx.x)
@@ -265,6 +265,8 @@ struct WhisperAttention:
         lengths: InputTensor[dtype=DType.int64, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
+        if q.shape()[0] != k_t.shape()[0] or q.shape()[2] < k_t.shape()[1] * D:
+            raise Error("whisper_attention: q [B, T, C] needs the B of k_t and C >= heads * ", D)
         _attention[target](output.unsafe_ptr(), q.unsafe_ptr(), k_t.unsafe_ptr(), v.unsafe_ptr(),
                            lengths.unsafe_ptr(), k_t.shape()[0], k_t.shape()[1], q.shape()[1],
                            q.shape()[2], k_t.shape()[3], ctx)
