@@ -384,8 +384,9 @@ def step_latencies(m: mw.Model, cross: list, batch: int, positions: list[int], s
 
 
 def scaling(args) -> dict:
-    rates = memory_bandwidth_gbs(args.device)
-    bandwidth = max(rates.values())
+    """Step latency by position, kernels on/off; the bandwidth bound uses the highest read rate
+    probed before and after the steps (the machine's rate drifts with its load)."""
+    probes = {"before": memory_bandwidth_gbs(args.device)}
     positions = [int(p) for p in args.positions.split(",")]
     modes = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[args.kernels]
     results = []
@@ -396,13 +397,16 @@ def scaling(args) -> dict:
             cross = window_cross(m, sample_audio())
             for batch in [int(b) for b in args.batch.split(",")]:
                 step_ms = step_latencies(m, cross, batch, positions, args.steps)
-                limit_ms = {str(p): 1000 * step_bytes(m.dims, batch, p) / (bandwidth * 1e9) for p in positions}
                 results.append({"model": name, "batch": batch, "kernels": m.kernels is not None,
-                                "step_ms": step_ms,
-                                "tokens_per_s": {p: batch * 1000 / v for p, v in step_ms.items()},
-                                "bandwidth_limit_ms": limit_ms,
-                                "fraction_of_bandwidth_limit": {p: limit_ms[p] / step_ms[p] for p in step_ms}})
+                                "step_ms": step_ms, "step_bytes": {str(p): step_bytes(m.dims, batch, p) for p in positions},
+                                "tokens_per_s": {p: batch * 1000 / v for p, v in step_ms.items()}})
+    probes["after"] = memory_bandwidth_gbs(args.device)
+    bandwidth = max(v for rates in probes.values() for v in rates.values())
+    for r in results:
+        r["bandwidth_limit_ms"] = {p: 1000 * n / (bandwidth * 1e9) for p, n in r.pop("step_bytes").items()}
+        r["fraction_of_bandwidth_limit"] = {p: r["bandwidth_limit_ms"][p] / r["step_ms"][p] for p in r["step_ms"]}
     print_table(f"scaling on {args.device}: decoder step ms by position, fp32, memory bandwidth {bandwidth:.1f} GB/s "
+                f"(highest probe; before {max(probes['before'].values()):.1f}, after {max(probes['after'].values()):.1f}) "
                 f"(tokens/s and % of the bandwidth bound at the last position)",
                 ["model", "batch", "kernels"] + positions + ["tokens/s", "% of bound"],
                 [[r["model"], r["batch"], "on" if r["kernels"] else "off"]
@@ -413,7 +417,7 @@ def scaling(args) -> dict:
         chart(args.png, "decoder step ms by position",
               [f"{r['model']} b{r['batch']} {'k' if r['kernels'] else 'ops'} @{p}" for r in results for p in r["step_ms"]],
               [v for r in results for v in r["step_ms"].values()])
-    out = {"command": "scaling", "device": args.device, "memory_bandwidth_gbs": bandwidth, "bandwidth_probes_gbs": rates,
+    out = {"command": "scaling", "device": args.device, "memory_bandwidth_gbs": bandwidth, "bandwidth_probes_gbs": probes,
            "machine": machine(), "runs": results}
     if len(results) == 1:
         out.update(results[0])
