@@ -865,23 +865,29 @@ def _gemv(w, x, terms: int = 1):
 
 
 def _logits(p: "_Params", x, n_vocab: int):
-    """Logits [..., n_vocab] of decoder states x: x times the token embedding (its Q4_0 copy
-    when there is one, whose padding rows are cut off)."""
+    """Logits [..., n_vocab] of the decoder's residual stream x: its final norm, then times the
+    token embedding (its Q4_0 copy when there is one, whose padding rows are cut off)."""
     from max.graph import ops
-    w = p["decoder.logits.weight"] if "decoder.logits.weight" in p else p["decoder.token_embedding.weight"]
-    y = p.gemv(w, x)
+    table = "decoder.logits" if "decoder.logits.weight" in p else "decoder.token_embedding"
+    y = p.norm_linear(x, "decoder.ln", table)
     if int(y.shape[-1]) != n_vocab:
         y = ops.slice_tensor(y, [slice(None)] * (y.rank - 1) + [slice(0, n_vocab)])
     return y
 
 
 class _Params:
-    """Hands out a graph's weight inputs by name; ``gemv`` says how its linear layers multiply,
-    ``dtype`` is that of its quantized matrices (``Q4_0`` or ``Q4_0X2``), if any."""
+    """Hands out a graph's weight inputs by name and builds its linear layers from them.
 
-    def __init__(self, names: list[str], values, gemv: bool, dtype=None):
+    ``gemv``: multiply in gemv form (``_gemv``; the decoder's few rows) rather than ``x @ W``
+    (the encoder's weights are stored [in, out]). ``dtype`` is that of its quantized matrices
+    (``Q4_0`` or ``Q4_0X2``), if any. ``fused``: a norm with the linear layer after it, and a
+    linear layer with the residual add after it, are each one Mojo op (``kernels/linear.mojo``;
+    the CPU step graph, for float32 and bfloat16 matrices); otherwise they are MAX ops.
+    """
+
+    def __init__(self, names: list[str], values, gemv: bool, dtype=None, fused: bool = False):
         self._by_name = dict(zip(names, values))
-        self._gemv, self.terms = gemv, _Q4_TERMS.get(dtype, 1)
+        self._gemv, self.terms, self._fused = gemv, _Q4_TERMS.get(dtype, 1), fused
 
     def gemv(self, w, x):
         """x @ W^T for a [out, in] matrix W of this graph (``_gemv``)."""
@@ -893,20 +899,56 @@ class _Params:
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 
-    def linear(self, x, prefix: str, bias: bool = True):
+    def _fuses(self, prefix: str) -> bool:
+        from max.dtype import DType
+        return self._fused and self[f"{prefix}.weight"].dtype != DType.uint8
+
+    def _bias(self, prefix: str, n: int, device):
+        """The layer's bias, or zeros [n] for one without (the fused ops always add one)."""
+        from max.dtype import DType
+        from max.graph import ops
+        if f"{prefix}.bias" in self:
+            return self[f"{prefix}.bias"]
+        return ops.broadcast_to(ops.constant(0.0, DType.float32, device), [n])
+
+    def linear(self, x, prefix: str):
+        """x W^T (+ bias, where the layer has one)."""
         from max.dtype import DType
         w = self[f"{prefix}.weight"]
         y = self.gemv(w, x) if self._gemv or w.dtype == DType.uint8 else x @ w
-        return y + self[f"{prefix}.bias"] if bias else y
+        return y + self[f"{prefix}.bias"] if f"{prefix}.bias" in self else y
 
     def norm(self, x, prefix: str):
         from max.graph import ops
         return ops.layer_norm(x, self[f"{prefix}.weight"], self[f"{prefix}.bias"], epsilon=1e-5)
 
-    def mlp(self, x, prefix: str):
+    def norm_linear(self, x, norm: str, prefix: str, gelu: bool = False):
+        """act(LayerNorm(x) W^T + bias) for x [B, T, in]; act is the GELU when ``gelu``."""
+        from max.dtype import DType
+        from max.graph import TensorType, ops
+        if self._fuses(prefix):
+            n = int(self[f"{prefix}.weight"].shape[0])
+            return ops.custom("whisper_norm_linear", x.device,
+                              [x, self[f"{norm}.weight"], self[f"{norm}.bias"], self[f"{prefix}.weight"],
+                               self._bias(prefix, n, x.device)],
+                              out_types=[TensorType(DType.float32, [*x.shape[:-1], n], device=x.device)],
+                              parameters={"gelu": gelu})[0].tensor
+        y = self.linear(self.norm(x, norm), prefix)
+        return ops.gelu(y) if gelu else y
+
+    def linear_residual(self, x, prefix: str, residual):
+        """residual + x W^T + bias: the linear layer that closes a residual block."""
         from max.graph import ops
-        h = self.norm(x, f"{prefix}.mlp_ln")
-        return self.linear(ops.gelu(self.linear(h, f"{prefix}.mlp.0")), f"{prefix}.mlp.2")
+        if self._fuses(prefix):
+            w, b = self[f"{prefix}.weight"], self[f"{prefix}.bias"]
+            return ops.custom("whisper_linear_residual", x.device, [x, w, b, residual],
+                              out_types=[residual.type])[0].tensor
+        return residual + self.linear(x, prefix)
+
+    def mlp(self, x, prefix: str):
+        """The block's MLP with its residual: x + W2 GELU(W1 LayerNorm(x) + b1) + b2."""
+        h = self.norm_linear(x, f"{prefix}.mlp_ln", f"{prefix}.mlp.0", gelu=True)
+        return self.linear_residual(h, f"{prefix}.mlp.2", x)
 
 
 def _embed(p: "_Params", tokens, positions):
@@ -975,15 +1017,15 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None):
             b = f"encoder.blocks.{i}"
             h = p.norm(x, f"{b}.attn_ln")
             q = _heads(p.linear(h, f"{b}.attn.query"), n_head)
-            k_t = ops.permute(_heads(p.linear(h, f"{b}.attn.key", bias=False), n_head), [0, 1, 3, 2])
+            k_t = ops.permute(_heads(p.linear(h, f"{b}.attn.key"), n_head), [0, 1, 3, 2])
             v = _heads(p.linear(h, f"{b}.attn.value"), n_head)
             x = x + p.linear(_merge_heads(_attend(q, k_t, v, scale)), f"{b}.attn.out")
-            x = x + p.mlp(x, b)
+            x = p.mlp(x, b)
         x = p.norm(x, "encoder.ln_post")
         outputs = [x]
         for i in range(dims["n_text_layer"]):
             c = f"decoder.blocks.{i}.cross_attn"
-            k = _heads(p.linear(x, f"{c}.key", bias=False), dims["n_text_head"])
+            k = _heads(p.linear(x, f"{c}.key"), dims["n_text_head"])
             outputs += [ops.cast(ops.permute(k, [0, 1, 3, 2]), kv_dtype),
                         ops.cast(_heads(p.linear(x, f"{c}.value"), dims["n_text_head"]), kv_dtype)]
         g.output(*outputs)
@@ -1028,8 +1070,9 @@ def _float32(x):
 
 
 def _decoder_blocks(p: "_Params", x, dims: dict, self_attend, cross_attend):
-    """The decoder's residual blocks and final norm over x [B, T, d] — one definition for every
-    decoder graph; they differ only in how attention reads keys and values.
+    """The decoder's residual blocks over x [B, T, d] (``_logits`` applies the final norm) — one
+    definition for every decoder graph; they differ only in how attention reads keys and values
+    (and, in the CPU step graph, in the fused linear layers of ``_Params``).
 
     ``self_attend(i, qkv)`` gets layer i's fused query|key|value projection [B, T, 3d] and
     returns its self-attention [B, T, d]; ``cross_attend(i, q)`` gets its query [B, T, d] and
@@ -1038,11 +1081,11 @@ def _decoder_blocks(p: "_Params", x, dims: dict, self_attend, cross_attend):
     """
     for i in range(dims["n_text_layer"]):
         b = f"decoder.blocks.{i}"
-        x = x + p.linear(self_attend(i, p.linear(p.norm(x, f"{b}.attn_ln"), f"{b}.attn.qkv")), f"{b}.attn.out")
-        q = p.linear(p.norm(x, f"{b}.cross_attn_ln"), f"{b}.cross_attn.query")
-        x = x + p.linear(cross_attend(i, q), f"{b}.cross_attn.out")
-        x = x + p.mlp(x, b)
-    return p.norm(x, "decoder.ln")
+        x = p.linear_residual(self_attend(i, p.norm_linear(x, f"{b}.attn_ln", f"{b}.attn.qkv")), f"{b}.attn.out", x)
+        q = p.norm_linear(x, f"{b}.cross_attn_ln", f"{b}.cross_attn.query")
+        x = p.linear_residual(cross_attend(i, q), f"{b}.cross_attn.out", x)
+        x = p.mlp(x, b)
+    return x
 
 
 def _qkv_heads(qkv, n_head: int) -> list:
@@ -1117,7 +1160,9 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
 def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=None):
     """One-token decoding step with the Mojo kernels (``kernels/``): self-attention appends the
     token's key and value to the cache and reads only the filled rows, cross-attention reads the
-    audio frames, each one op on the projections' own [batch, 1, heads x 64] layout.
+    audio frames, each one op on the projections' own [batch, 1, heads x 64] layout. On a CPU
+    each norm and the linear layer after it, and each linear layer and its residual add, are
+    one Mojo op too (``_Params``): a step is then about ten ops per layer, not dozens.
 
     Inputs: ``tokens`` [batch, 1] int64, ``positions`` [1] int64 (= the cache offset), then the
     inputs of ``_decoder_types`` as in ``build_decoder_graph``. Output: logits
@@ -1133,7 +1178,7 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
     with Graph(f"whisper_step_{_dims_key(dims, dtype, kv_dtype)}",
                input_types=[i64(["batch", 1]), i64([1])] + types, custom_extensions=[kernels]) as g:
         tokens, positions = (v.tensor for v in g.inputs[:2])
-        p = _Params(names, g.inputs[2:2 + len(names)], gemv=True, dtype=dtype)
+        p = _Params(names, g.inputs[2:2 + len(names)], gemv=True, dtype=dtype, fused=device.is_cpu())
         cross = [v.tensor for v in g.inputs[2 + len(names):2 + len(names) + 2 * L]]
         cache = g.inputs[2 + len(names) + 2 * L:]
         out_type = TensorType(DType.float32, [tokens.shape[0], 1, dims["n_text_state"]], device=device)

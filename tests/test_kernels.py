@@ -1,4 +1,4 @@
-"""The Mojo attention kernel (kernels/attention.mojo) against numpy, and kernels on vs off."""
+"""The Mojo kernels (kernels/attention.mojo, kernels/linear.mojo) against numpy, and kernels on vs off."""
 
 import subprocess
 import sys
@@ -128,6 +128,94 @@ class AttentionOpTest(unittest.TestCase):
                         np.testing.assert_allclose(out.to_numpy(), reference(qkv, k_want, v_want, [length]), atol=2e-5)
                         np.testing.assert_array_equal(bufs[1].to_numpy(), k_want)
                         np.testing.assert_array_equal(bufs[2].to_numpy(), v_want)
+
+
+def _layer_norm(x):
+    x = x.astype(np.float64)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+
+
+def _gelu(y):
+    from math import erf
+    return 0.5 * y * (1 + np.vectorize(erf)(y / np.sqrt(2)))
+
+
+@unittest.skipUnless((mw.KERNELS_DIR / "linear.mojo").is_file(), "kernels/ is not present")
+@unittest.skipUnless(support.DEVICE == "cpu", "the fused linear ops are the CPU step graph's")
+class LinearOpTest(unittest.TestCase):
+    """whisper_norm_linear and whisper_linear_residual: float32 or bfloat16 weights (widened as
+    read), any batch (groups of four rows and the rest), output widths not a multiple of the
+    four-row store."""
+
+    @classmethod
+    def setUpClass(cls):
+        from max import engine
+        from max.dtype import DType
+        from max.graph import DeviceRef, Graph, TensorType, ops
+        cls.device = mw._pick_device("cpu")
+        dev = DeviceRef.from_device(cls.device)
+        session = engine.InferenceSession(devices=[cls.device])
+        f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
+        cls.graphs = {}
+        for wt in (DType.float32, DType.bfloat16):
+            w_type = TensorType(wt, ["n", "k"], device=dev)
+            for gelu in (False, True):
+                with Graph(f"norm_linear_{wt}_{gelu}",
+                           input_types=[f32(["b", "t", "k"]), f32(["k"]), f32(["k"]), w_type, f32(["n"])],
+                           custom_extensions=[mw.KERNELS_DIR]) as g:
+                    x, gamma, beta, w, bias = (v.tensor for v in g.inputs)
+                    g.output(ops.custom("whisper_norm_linear", dev, [x, gamma, beta, w, bias],
+                                        out_types=[f32([x.shape[0], x.shape[1], w.shape[0]])],
+                                        parameters={"gelu": gelu})[0].tensor)
+                cls.graphs[str(wt).split(".")[-1], gelu] = session.load(g)
+            with Graph(f"linear_residual_{wt}",
+                       input_types=[f32(["b", "t", "k"]), w_type, f32(["n"]), f32(["b", "t", "n"])],
+                       custom_extensions=[mw.KERNELS_DIR]) as g:
+                x, w, bias, res = (v.tensor for v in g.inputs)
+                g.output(ops.custom("whisper_linear_residual", dev, [x, w, bias, res], out_types=[res.type])[0].tensor)
+            cls.graphs[str(wt).split(".")[-1], "residual"] = session.load(g)
+
+    def inputs(self, batch, k, n, wt):
+        """Random x [batch, 1, k], gamma, beta, W [n, k] (rounded to ``wt``, as numpy sees it
+        too) and bias, as numpy arrays and as the op's buffers."""
+        import torch
+        from max.driver import Buffer
+        rng = np.random.default_rng(batch * 7 + k + n)
+        x = rng.standard_normal((batch, 1, k), dtype=np.float32) * 2 + 0.5
+        gamma = 1 + 0.1 * rng.standard_normal(k, dtype=np.float32)
+        beta = 0.1 * rng.standard_normal(k, dtype=np.float32)
+        w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).to(getattr(torch, wt))
+        bias = rng.standard_normal(n, dtype=np.float32)
+        arrays = dict(x=x, gamma=gamma, beta=beta, w=w.float().numpy().astype(np.float64), bias=bias)
+        return arrays, dict(x=Buffer.from_numpy(x), gamma=Buffer.from_numpy(gamma), beta=Buffer.from_numpy(beta),
+                            w=Buffer.from_dlpack(w), bias=Buffer.from_numpy(bias))
+
+    def test_norm_linear(self):
+        for wt in ("float32", "bfloat16"):
+            for gelu in (False, True):
+                for batch, k, n in ((1, 384, 1152), (4, 384, 50), (5, 1536, 384), (9, 64, 1537)):
+                    with self.subTest(wt=wt, gelu=gelu, batch=batch, k=k, n=n):
+                        a, b = self.inputs(batch, k, n, wt)
+                        out = self.graphs[wt, gelu].execute(b["x"], b["gamma"], b["beta"], b["w"], b["bias"])[0]
+                        want = (_layer_norm(a["x"]) * a["gamma"] + a["beta"]) @ a["w"].T + a["bias"]
+                        np.testing.assert_allclose(out.to_numpy(), _gelu(want) if gelu else want, atol=2e-5, rtol=1e-5)
+
+    def test_linear_residual(self):
+        from max.driver import Buffer
+        for wt in ("float32", "bfloat16"):
+            for batch, k, n in ((1, 384, 384), (4, 1536, 384), (6, 384, 1538)):
+                with self.subTest(wt=wt, batch=batch, k=k, n=n):
+                    a, b = self.inputs(batch, k, n, wt)
+                    res = np.random.default_rng(n).standard_normal((batch, 1, n), dtype=np.float32)
+                    out = self.graphs[wt, "residual"].execute(b["x"], b["w"], b["bias"], Buffer.from_numpy(res))[0]
+                    want = res + a["x"].astype(np.float64) @ a["w"].T + a["bias"]
+                    np.testing.assert_allclose(out.to_numpy(), want, atol=2e-5, rtol=1e-5)
+
+    def test_input_width_must_be_a_multiple_of_32(self):
+        a, b = self.inputs(1, 48, 8, "float32")
+        with self.assertRaises(Exception) as caught:
+            self.graphs["float32", False].execute(b["x"], b["gamma"], b["beta"], b["w"], b["bias"])
+        self.assertIn("multiples of 32", str(caught.exception))
 
 
 @unittest.skipUnless((mw.KERNELS_DIR / "attention.mojo").is_file(), "kernels/ is not present")

@@ -1,0 +1,201 @@
+import extensibility
+from max.gpu.host import DeviceContext
+from extensibility import InputTensor, OutputTensor
+from max.algorithm import sync_parallelize
+from std.math import erf, sqrt
+
+comptime LW = 16         # SIMD width over the input features (float32: one AVX-512 register)
+comptime ROWS = 4        # weight rows per output store (one bias / residual / output vector)
+comptime ITEMS = 16      # work items per call: a few per core, each a contiguous run of rows
+
+
+def _finish[gelu: Bool, residual: Bool](
+    o: Pointer[Float32, MutAnyOrigin],
+    bias: Pointer[Float32, MutAnyOrigin],
+    res: Pointer[Float32, MutAnyOrigin],
+    sums: SIMD[DType.float32, ROWS],
+    at: Int,
+    r: Int,
+    nr: Int,
+):
+    """Writes nr outputs from o[at]: the dot products of weight rows r .. r + nr - 1 plus their
+    bias, through the GELU and plus the residual where asked."""
+    var y = sums
+    if nr == ROWS:
+        y += bias.unsafe_offset(r).unsafe_load[width=ROWS]()
+        comptime if gelu:
+            y = 0.5 * y * (1.0 + erf(y * 0.7071067811865476))
+        comptime if residual:
+            y += res.unsafe_offset(at).unsafe_load[width=ROWS]()
+        o.unsafe_offset(at).unsafe_store(y)
+        return
+    for i in range(nr):
+        var e = y[i] + bias[unsafe_offset=r + i]
+        comptime if gelu:
+            e = 0.5 * e * (1.0 + erf(e * 0.7071067811865476))
+        comptime if residual:
+            e += res[unsafe_offset=at + i]
+        o[unsafe_offset=at + i] = e
+
+
+def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
+    o: Pointer[Float32, MutAnyOrigin],
+    x: Pointer[Float32, _],
+    w: Pointer[Scalar[wt], MutAnyOrigin],
+    bias: Pointer[Float32, MutAnyOrigin],
+    res: Pointer[Float32, MutAnyOrigin],
+    m_rows: Int,
+    k: Int,
+    n: Int,
+    r0: Int,
+    r1: Int,
+):
+    """Output o[m, r] = act(x[m] . w[r] + bias[r]) (+ res[m, r]) for weight rows r0 .. r1 - 1
+    and every input row m. Each weight row streams from memory once (the step is
+    bandwidth-bound), read in order; four input rows at a time share each weight load, a
+    single row keeps two partial sums to hide the add latency."""
+    for r in range(r0, r1, ROWS):
+        var nr = min(ROWS, r1 - r)
+        var m = 0
+        while m + 4 <= m_rows:
+            var x0 = x.unsafe_offset(m * k)
+            var x1 = x0.unsafe_offset(k)
+            var x2 = x0.unsafe_offset(2 * k)
+            var x3 = x0.unsafe_offset(3 * k)
+            var y0 = SIMD[DType.float32, ROWS](0)
+            var y1 = SIMD[DType.float32, ROWS](0)
+            var y2 = SIMD[DType.float32, ROWS](0)
+            var y3 = SIMD[DType.float32, ROWS](0)
+            for i in range(nr):
+                var wr = w.unsafe_offset((r + i) * k)
+                var s0 = SIMD[DType.float32, LW](0)
+                var s1 = SIMD[DType.float32, LW](0)
+                var s2 = SIMD[DType.float32, LW](0)
+                var s3 = SIMD[DType.float32, LW](0)
+                for j in range(0, k, LW):
+                    var wv = wr.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]()
+                    s0 += wv * x0.unsafe_offset(j).unsafe_load[width=LW]()
+                    s1 += wv * x1.unsafe_offset(j).unsafe_load[width=LW]()
+                    s2 += wv * x2.unsafe_offset(j).unsafe_load[width=LW]()
+                    s3 += wv * x3.unsafe_offset(j).unsafe_load[width=LW]()
+                y0[i] = s0.reduce_add()
+                y1[i] = s1.reduce_add()
+                y2[i] = s2.reduce_add()
+                y3[i] = s3.reduce_add()
+            _finish[gelu, residual](o, bias, res, y0, m * n + r, r, nr)
+            _finish[gelu, residual](o, bias, res, y1, (m + 1) * n + r, r, nr)
+            _finish[gelu, residual](o, bias, res, y2, (m + 2) * n + r, r, nr)
+            _finish[gelu, residual](o, bias, res, y3, (m + 3) * n + r, r, nr)
+            m += 4
+        while m < m_rows:
+            var xr = x.unsafe_offset(m * k)
+            var y = SIMD[DType.float32, ROWS](0)
+            for i in range(nr):
+                var wr = w.unsafe_offset((r + i) * k)
+                var s0 = SIMD[DType.float32, LW](0)
+                var s1 = SIMD[DType.float32, LW](0)
+                for j in range(0, k, 2 * LW):
+                    s0 += wr.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j).unsafe_load[width=LW]()
+                    s1 += wr.unsafe_offset(j + LW).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j + LW).unsafe_load[width=LW]()
+                y[i] = (s0 + s1).reduce_add()
+            _finish[gelu, residual](o, bias, res, y, m * n + r, r, nr)
+            m += 1
+
+
+def _linear[wt: DType, gelu: Bool, residual: Bool](
+    o: Pointer[Float32, MutAnyOrigin],
+    x: Pointer[Float32, _],
+    w: Pointer[Scalar[wt], MutAnyOrigin],
+    bias: Pointer[Float32, MutAnyOrigin],
+    res: Pointer[Float32, MutAnyOrigin],
+    m_rows: Int,
+    k: Int,
+    n: Int,
+) raises:
+    """The ops' shared body: ITEMS work items, each a contiguous run of weight rows (a multiple
+    of ROWS), over all m_rows input rows."""
+    if k % (2 * LW) != 0:
+        raise Error("whisper linear ops take input widths that are multiples of ", 2 * LW, ", got ", k)
+    var per_item = ((n + ITEMS - 1) // ITEMS + ROWS - 1) // ROWS * ROWS
+    var n_items = (n + per_item - 1) // per_item
+
+    def work(i: Int) raises {var o, var x, var w, var bias, var res, var m_rows, var k, var n, var per_item}:
+        _gemv_rows[wt, gelu, residual](o, x, w, bias, res, m_rows, k, n, i * per_item, min(n, (i + 1) * per_item))
+
+    sync_parallelize(work, n_items)
+
+
+@extensibility.register("whisper_norm_linear")
+struct WhisperNormLinear:
+    """Computes act(LayerNorm(x) . W^T + bias): a decoder step's norm and the linear layer after it
+    in one op (CPU). x [B, T, K] float32; gamma, beta [K] float32 (epsilon 1e-5); W [N, K]
+    float32 or bfloat16 (widened as read, float32 sums); bias [N] float32; out [B, T, N]
+    float32. Parameter ``gelu``: apply the exact (erf) GELU, as Whisper's MLP does.
+    The norm is computed once per row before the rows of W are split over the cores.
+    """
+
+    @staticmethod
+    def execute[target: StaticString, gelu: Bool](
+        output: OutputTensor[dtype=DType.float32, rank=3, ...],
+        x: InputTensor[dtype=DType.float32, rank=3, ...],
+        gamma: InputTensor[dtype=DType.float32, rank=1, ...],
+        beta: InputTensor[dtype=DType.float32, rank=1, ...],
+        w: InputTensor[rank=2, ...],
+        bias: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target == "gpu":
+            raise Error("whisper_norm_linear is a CPU op; on a GPU the graphs use MAX's matmul")
+        var m_rows = x.shape()[0] * x.shape()[1]
+        var k = x.shape()[2]
+        var n = w.shape()[0]
+        if w.shape()[1] != k or bias.shape()[0] != n or gamma.shape()[0] != k:
+            raise Error("whisper_norm_linear: x [B, T, K], W [N, K], bias [N], gamma/beta [K] disagree")
+        var xp = x.unsafe_ptr()
+        var gp = gamma.unsafe_ptr()
+        var bp = beta.unsafe_ptr()
+        var normed = List[Float32](length=m_rows * k, fill=0.0)
+        var hp = normed.unsafe_ptr()
+        for m in range(m_rows):
+            var row = xp.unsafe_offset(m * k)
+            var s = SIMD[DType.float32, LW](0)
+            for j in range(0, k, LW):
+                s += row.unsafe_offset(j).unsafe_load[width=LW]()
+            var mean = s.reduce_add() / Float32(k)
+            var v = SIMD[DType.float32, LW](0)
+            for j in range(0, k, LW):
+                var c = row.unsafe_offset(j).unsafe_load[width=LW]() - mean
+                v += c * c
+            var inv = 1.0 / sqrt(v.reduce_add() / Float32(k) + 1e-5)
+            for j in range(0, k, LW):
+                var c = (row.unsafe_offset(j).unsafe_load[width=LW]() - mean) * inv
+                var g = gp.unsafe_offset(j).unsafe_load[width=LW]()
+                hp.unsafe_offset(m * k + j).unsafe_store(c * g + bp.unsafe_offset(j).unsafe_load[width=LW]())
+        var op = output.unsafe_ptr()
+        _linear[w.dtype, gelu, False](op, hp, w.unsafe_ptr(), bias.unsafe_ptr(), op, m_rows, k, n)
+
+
+@extensibility.register("whisper_linear_residual")
+struct WhisperLinearResidual:
+    """Computes residual + x . W^T + bias: a linear layer that closes a residual block, in one op
+    (CPU). x [B, T, K] float32; W [N, K] float32 or bfloat16; bias [N] float32; residual and
+    out [B, T, N] float32."""
+
+    @staticmethod
+    def execute[target: StaticString](
+        output: OutputTensor[dtype=DType.float32, rank=3, ...],
+        x: InputTensor[dtype=DType.float32, rank=3, ...],
+        w: InputTensor[rank=2, ...],
+        bias: InputTensor[dtype=DType.float32, rank=1, ...],
+        residual: InputTensor[dtype=DType.float32, rank=3, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target == "gpu":
+            raise Error("whisper_linear_residual is a CPU op; on a GPU the graphs use MAX's matmul")
+        var m_rows = x.shape()[0] * x.shape()[1]
+        var k = x.shape()[2]
+        var n = w.shape()[0]
+        if w.shape()[1] != k or bias.shape()[0] != n or residual.shape()[2] != n:
+            raise Error("whisper_linear_residual: x [B, T, K], W [N, K], bias [N], residual [B, T, N] disagree")
+        _linear[w.dtype, False, True](output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), bias.unsafe_ptr(),
+                                      residual.unsafe_ptr(), m_rows, k, n)
