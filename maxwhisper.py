@@ -941,8 +941,9 @@ class _Params:
         """residual + x W^T + bias: the linear layer that closes a residual block."""
         from max.graph import ops
         if self._fuses(prefix):
-            w, b = self[f"{prefix}.weight"], self[f"{prefix}.bias"]
-            return ops.custom("whisper_linear_residual", x.device, [x, w, b, residual],
+            w = self[f"{prefix}.weight"]
+            return ops.custom("whisper_linear_residual", x.device,
+                              [x, w, self._bias(prefix, int(w.shape[0]), x.device), residual],
                               out_types=[residual.type])[0].tensor
         return residual + self.linear(x, prefix)
 
