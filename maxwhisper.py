@@ -880,9 +880,10 @@ class _Params:
 
     ``gemv``: multiply in gemv form (``_gemv``; the decoder's few rows) rather than ``x @ W``
     (the encoder's weights are stored [in, out]). ``dtype`` is that of its quantized matrices
-    (``Q4_0`` or ``Q4_0X2``), if any. ``fused``: a norm with the linear layer after it, and a
-    linear layer with the residual add after it, are each one Mojo op (``kernels/linear.mojo``;
-    the CPU step graph, for float32 and bfloat16 matrices); otherwise they are MAX ops.
+    (``Q4_0`` or ``Q4_0X2``), if any. ``fused``: the CPU step graph, where float32 and
+    bfloat16 layers run as Mojo ops — a norm with the linear layer after it is one
+    ``whisper_norm_linear`` (``kernels/linear.mojo``), a decoder block one
+    ``whisper_decoder_layer`` (``layer_inputs``); otherwise they are MAX ops.
     """
 
     def __init__(self, names: list[str], values, gemv: bool, dtype=None, fused: bool = False):
@@ -939,13 +940,19 @@ class _Params:
 
     def linear_residual(self, x, prefix: str, residual):
         """residual + x W^T + bias: the linear layer that closes a residual block."""
-        from max.graph import ops
-        if self._fuses(prefix):
-            w = self[f"{prefix}.weight"]
-            return ops.custom("whisper_linear_residual", x.device,
-                              [x, w, self._bias(prefix, int(w.shape[0]), x.device), residual],
-                              out_types=[residual.type])[0].tensor
         return residual + self.linear(x, prefix)
+
+    def layer_inputs(self, i: int, device) -> list:
+        """Decoder block i's norms, matrices and biases in the order ``whisper_decoder_layer``
+        takes them (a missing bias as zeros)."""
+        b, out = f"decoder.blocks.{i}", []
+        for norm, layers in (("attn_ln", ("attn.qkv", "attn.out")), ("cross_attn_ln", ("cross_attn.query", "cross_attn.out")),
+                             ("mlp_ln", ("mlp.0", "mlp.2"))):
+            out += [self[f"{b}.{norm}.weight"], self[f"{b}.{norm}.bias"]]
+            for layer in layers:
+                w = self[f"{b}.{layer}.weight"]
+                out += [w, self._bias(f"{b}.{layer}", int(w.shape[0]), device)]
+        return out
 
     def mlp(self, x, prefix: str):
         """The block's MLP with its residual: x + W2 GELU(W1 LayerNorm(x) + b1) + b2."""
@@ -1073,8 +1080,8 @@ def _float32(x):
 
 def _decoder_blocks(p: "_Params", x, dims: dict, self_attend, cross_attend):
     """The decoder's residual blocks over x [B, T, d] (``_logits`` applies the final norm) — one
-    definition for every decoder graph; they differ only in how attention reads keys and values
-    (and, in the CPU step graph, in the fused linear layers of ``_Params``).
+    definition for every decoder graph but the CPU step graph with float weights (there a block
+    is one ``whisper_decoder_layer`` op); they differ only in how attention reads keys and values.
 
     ``self_attend(i, qkv)`` gets layer i's fused query|key|value projection [B, T, 3d] and
     returns its self-attention [B, T, d]; ``cross_attend(i, q)`` gets its query [B, T, d] and
@@ -1162,9 +1169,11 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
 def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=None):
     """One-token decoding step with the Mojo kernels (``kernels/``): self-attention appends the
     token's key and value to the cache and reads only the filled rows, cross-attention reads the
-    audio frames, each one op on the projections' own [batch, 1, heads x 64] layout. On a CPU
-    each norm and the linear layer after it, and each linear layer and its residual add, are
-    one Mojo op too (``_Params``): eight ops per layer, where MAX ops took dozens.
+    audio frames, each one op on the projections' own [batch, 1, heads x 64] layout. On a CPU,
+    with float32 or bfloat16 matrices, each decoder block is one Mojo op
+    (``whisper_decoder_layer``, ``kernels/layer.mojo``: norms, linear layers, both attentions and
+    the MLP, the cores kept busy across them) and the final norm with the logits another
+    (``whisper_norm_linear``).
 
     Inputs: ``tokens`` [batch, 1] int64, ``positions`` [1] int64 (= the cache offset), then the
     inputs of ``_decoder_types`` as in ``build_decoder_graph``. Output: logits
@@ -1194,7 +1203,14 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
             return ops.custom("whisper_attention", device, [q, cross[2 * i], cross[2 * i + 1], frames],
                               out_types=[out_type])[0].tensor
 
-        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend, cross_attend)
+        x = _embed(p, tokens, positions)
+        if p._fuses("decoder.blocks.0.attn.qkv"):              # CPU, float matrices: a block per op
+            for i in range(L):
+                x = ops.inplace_custom("whisper_decoder_layer", device,
+                                       [x, *p.layer_inputs(i, device), cache[2 * i], cache[2 * i + 1],
+                                        cross[2 * i], cross[2 * i + 1], lengths], out_types=[out_type])[0].tensor
+        else:
+            x = _decoder_blocks(p, x, dims, self_attend, cross_attend)
         g.output(_logits(p, x, dims["n_vocab"]))
     return g
 

@@ -102,27 +102,53 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
             m += 1
 
 
-def _linear[wt: DType, gelu: Bool, residual: Bool](
+def _linear[wt: DType, gelu: Bool](
     o: Pointer[Float32, MutAnyOrigin],
     x: Pointer[Float32, _],
     w: Pointer[Scalar[wt], MutAnyOrigin],
     bias: Pointer[Float32, MutAnyOrigin],
-    res: Pointer[Float32, MutAnyOrigin],
     m_rows: Int,
     k: Int,
     n: Int,
 ) raises:
-    """The ops' shared body: ITEMS work items, each a contiguous run of weight rows (a multiple
-    of ROWS), over all m_rows input rows."""
+    """whisper_norm_linear's product: ITEMS work items, each a contiguous run of weight rows (a
+    multiple of ROWS), over all m_rows input rows."""
     if k % (2 * LW) != 0:
         raise Error("whisper linear ops take input widths that are multiples of ", 2 * LW, ", got ", k)
     var per_item = ((n + ITEMS - 1) // ITEMS + ROWS - 1) // ROWS * ROWS
     var n_items = (n + per_item - 1) // per_item
 
-    def work(i: Int) raises {var o, var x, var w, var bias, var res, var m_rows, var k, var n, var per_item}:
-        _gemv_rows[wt, gelu, residual](o, x, w, bias, res, m_rows, k, n, i * per_item, min(n, (i + 1) * per_item))
+    def work(i: Int) raises {var o, var x, var w, var bias, var m_rows, var k, var n, var per_item}:
+        _gemv_rows[wt, gelu, False](o, x, w, bias, o, m_rows, k, n, i * per_item, min(n, (i + 1) * per_item))
 
     sync_parallelize(work, n_items)
+
+
+def _layer_norm(
+    dst: Pointer[mut=True, Float32, _],
+    x: Pointer[Float32, _],
+    gamma: Pointer[Float32, _],
+    beta: Pointer[Float32, _],
+    m_rows: Int,
+    k: Int,
+):
+    """dst[m] = LayerNorm(x[m]) * gamma + beta for m_rows rows of k floats (k a multiple of LW;
+    epsilon 1e-5, as Whisper's norms)."""
+    for m in range(m_rows):
+        var row = x.unsafe_offset(m * k)
+        var s = SIMD[DType.float32, LW](0)
+        for j in range(0, k, LW):
+            s += row.unsafe_offset(j).unsafe_load[width=LW]()
+        var mean = s.reduce_add() / Float32(k)
+        var v = SIMD[DType.float32, LW](0)
+        for j in range(0, k, LW):
+            var c = row.unsafe_offset(j).unsafe_load[width=LW]() - mean
+            v += c * c
+        var inv = 1.0 / sqrt(v.reduce_add() / Float32(k) + 1e-5)
+        for j in range(0, k, LW):
+            var c = (row.unsafe_offset(j).unsafe_load[width=LW]() - mean) * inv
+            var g = gamma.unsafe_offset(j).unsafe_load[width=LW]()
+            dst.unsafe_offset(m * k + j).unsafe_store(c * g + beta.unsafe_offset(j).unsafe_load[width=LW]())
 
 
 @extensibility.register("whisper_norm_linear")
@@ -151,51 +177,8 @@ struct WhisperNormLinear:
         var n = w.shape()[0]
         if w.shape()[1] != k or bias.shape()[0] != n or gamma.shape()[0] != k:
             raise Error("whisper_norm_linear: x [B, T, K], W [N, K], bias [N], gamma/beta [K] disagree")
-        var xp = x.unsafe_ptr()
-        var gp = gamma.unsafe_ptr()
-        var bp = beta.unsafe_ptr()
         var normed = List[Float32](length=m_rows * k, fill=0.0)
         var hp = normed.unsafe_ptr()
-        for m in range(m_rows):
-            var row = xp.unsafe_offset(m * k)
-            var s = SIMD[DType.float32, LW](0)
-            for j in range(0, k, LW):
-                s += row.unsafe_offset(j).unsafe_load[width=LW]()
-            var mean = s.reduce_add() / Float32(k)
-            var v = SIMD[DType.float32, LW](0)
-            for j in range(0, k, LW):
-                var c = row.unsafe_offset(j).unsafe_load[width=LW]() - mean
-                v += c * c
-            var inv = 1.0 / sqrt(v.reduce_add() / Float32(k) + 1e-5)
-            for j in range(0, k, LW):
-                var c = (row.unsafe_offset(j).unsafe_load[width=LW]() - mean) * inv
-                var g = gp.unsafe_offset(j).unsafe_load[width=LW]()
-                hp.unsafe_offset(m * k + j).unsafe_store(c * g + bp.unsafe_offset(j).unsafe_load[width=LW]())
+        _layer_norm(hp, x.unsafe_ptr(), gamma.unsafe_ptr(), beta.unsafe_ptr(), m_rows, k)
         var op = output.unsafe_ptr()
-        _linear[w.dtype, gelu, False](op, hp, w.unsafe_ptr(), bias.unsafe_ptr(), op, m_rows, k, n)
-
-
-@extensibility.register("whisper_linear_residual")
-struct WhisperLinearResidual:
-    """Computes residual + x . W^T + bias: a linear layer that closes a residual block, in one op
-    (CPU). x [B, T, K] float32; W [N, K] float32 or bfloat16; bias [N] float32; residual and
-    out [B, T, N] float32."""
-
-    @staticmethod
-    def execute[target: StaticString](
-        output: OutputTensor[dtype=DType.float32, rank=3, ...],
-        x: InputTensor[dtype=DType.float32, rank=3, ...],
-        w: InputTensor[rank=2, ...],
-        bias: InputTensor[dtype=DType.float32, rank=1, ...],
-        residual: InputTensor[dtype=DType.float32, rank=3, ...],
-        ctx: DeviceContext,
-    ) raises:
-        comptime if target == "gpu":
-            raise Error("whisper_linear_residual is a CPU op; on a GPU the graphs use MAX's matmul")
-        var m_rows = x.shape()[0] * x.shape()[1]
-        var k = x.shape()[2]
-        var n = w.shape()[0]
-        if w.shape()[1] != k or bias.shape()[0] != n or residual.shape()[2] != n:
-            raise Error("whisper_linear_residual: x [B, T, K], W [N, K], bias [N], residual [B, T, N] disagree")
-        _linear[w.dtype, False, True](output.unsafe_ptr(), x.unsafe_ptr(), w.unsafe_ptr(), bias.unsafe_ptr(),
-                                      residual.unsafe_ptr(), m_rows, k, n)
+        _linear[w.dtype, gelu](op, hp, w.unsafe_ptr(), bias.unsafe_ptr(), m_rows, k, n)

@@ -1,4 +1,4 @@
-"""The Mojo kernels (kernels/attention.mojo, kernels/linear.mojo) against numpy, and kernels on vs off."""
+"""The Mojo kernels (kernels/attention.mojo, linear.mojo, layer.mojo) against numpy, and kernels on vs off."""
 
 import subprocess
 import sys
@@ -140,12 +140,18 @@ def _gelu(y):
     return 0.5 * y * (1 + np.vectorize(erf)(y / np.sqrt(2)))
 
 
+def _weights(rng, n, k, wt):
+    """A random [n, k] matrix rounded to ``wt`` (float64 for numpy, the torch tensor for the op)."""
+    import torch
+    w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).to(getattr(torch, wt))
+    return w.float().numpy().astype(np.float64), w
+
+
 @unittest.skipUnless((mw.KERNELS_DIR / "linear.mojo").is_file(), "kernels/ is not present")
 @unittest.skipUnless(support.DEVICE == "cpu", "the fused linear ops are the CPU step graph's")
-class LinearOpTest(unittest.TestCase):
-    """whisper_norm_linear and whisper_linear_residual: float32 or bfloat16 weights (widened as
-    read), any batch (groups of four rows and the rest), output widths not a multiple of the
-    four-row store."""
+class NormLinearOpTest(unittest.TestCase):
+    """whisper_norm_linear: float32 or bfloat16 weights (widened as read), any batch (groups of
+    four rows and the rest), output widths not a multiple of the four-row store."""
 
     @classmethod
     def setUpClass(cls):
@@ -158,37 +164,30 @@ class LinearOpTest(unittest.TestCase):
         f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
         cls.graphs = {}
         for wt in (DType.float32, DType.bfloat16):
-            w_type = TensorType(wt, ["n", "k"], device=dev)
             for gelu in (False, True):
                 with Graph(f"norm_linear_{wt}_{gelu}",
-                           input_types=[f32(["b", "t", "k"]), f32(["k"]), f32(["k"]), w_type, f32(["n"])],
+                           input_types=[f32(["b", "t", "k"]), f32(["k"]), f32(["k"]),
+                                        TensorType(wt, ["n", "k"], device=dev), f32(["n"])],
                            custom_extensions=[mw.KERNELS_DIR]) as g:
                     x, gamma, beta, w, bias = (v.tensor for v in g.inputs)
                     g.output(ops.custom("whisper_norm_linear", dev, [x, gamma, beta, w, bias],
                                         out_types=[f32([x.shape[0], x.shape[1], w.shape[0]])],
                                         parameters={"gelu": gelu})[0].tensor)
                 cls.graphs[str(wt).split(".")[-1], gelu] = session.load(g)
-            with Graph(f"linear_residual_{wt}",
-                       input_types=[f32(["b", "t", "k"]), w_type, f32(["n"]), f32(["b", "t", "n"])],
-                       custom_extensions=[mw.KERNELS_DIR]) as g:
-                x, w, bias, res = (v.tensor for v in g.inputs)
-                g.output(ops.custom("whisper_linear_residual", dev, [x, w, bias, res], out_types=[res.type])[0].tensor)
-            cls.graphs[str(wt).split(".")[-1], "residual"] = session.load(g)
 
     def inputs(self, batch, k, n, wt):
         """Random x [batch, 1, k], gamma, beta, W [n, k] (rounded to ``wt``, as numpy sees it
         too) and bias, as numpy arrays and as the op's buffers."""
-        import torch
         from max.driver import Buffer
         rng = np.random.default_rng(batch * 7 + k + n)
         x = rng.standard_normal((batch, 1, k), dtype=np.float32) * 2 + 0.5
         gamma = 1 + 0.1 * rng.standard_normal(k, dtype=np.float32)
         beta = 0.1 * rng.standard_normal(k, dtype=np.float32)
-        w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).to(getattr(torch, wt))
+        w, w_op = _weights(rng, n, k, wt)
         bias = rng.standard_normal(n, dtype=np.float32)
-        arrays = dict(x=x, gamma=gamma, beta=beta, w=w.float().numpy().astype(np.float64), bias=bias)
+        arrays = dict(x=x, gamma=gamma, beta=beta, w=w, bias=bias)
         return arrays, dict(x=Buffer.from_numpy(x), gamma=Buffer.from_numpy(gamma), beta=Buffer.from_numpy(beta),
-                            w=Buffer.from_dlpack(w), bias=Buffer.from_numpy(bias))
+                            w=Buffer.from_dlpack(w_op), bias=Buffer.from_numpy(bias))
 
     def test_norm_linear(self):
         for wt in ("float32", "bfloat16"):
@@ -200,22 +199,107 @@ class LinearOpTest(unittest.TestCase):
                         want = (_layer_norm(a["x"]) * a["gamma"] + a["beta"]) @ a["w"].T + a["bias"]
                         np.testing.assert_allclose(out.to_numpy(), _gelu(want) if gelu else want, atol=2e-5, rtol=1e-5)
 
-    def test_linear_residual(self):
-        from max.driver import Buffer
-        for wt in ("float32", "bfloat16"):
-            for batch, k, n in ((1, 384, 384), (4, 1536, 384), (6, 384, 1538)):
-                with self.subTest(wt=wt, batch=batch, k=k, n=n):
-                    a, b = self.inputs(batch, k, n, wt)
-                    res = np.random.default_rng(n).standard_normal((batch, 1, n), dtype=np.float32)
-                    out = self.graphs[wt, "residual"].execute(b["x"], b["w"], b["bias"], Buffer.from_numpy(res))[0]
-                    want = res + a["x"].astype(np.float64) @ a["w"].T + a["bias"]
-                    np.testing.assert_allclose(out.to_numpy(), want, atol=2e-5, rtol=1e-5)
-
     def test_input_width_must_be_a_multiple_of_32(self):
         a, b = self.inputs(1, 48, 8, "float32")
         with self.assertRaises(Exception) as caught:
             self.graphs["float32", False].execute(b["x"], b["gamma"], b["beta"], b["w"], b["bias"])
         self.assertIn("multiples of 32", str(caught.exception))
+
+
+_LAYER_PARAMS = (("attn_ln", None), ("attn.qkv", 3), ("attn.out", 1), ("cross_attn_ln", None),
+                 ("cross_attn.query", 1), ("cross_attn.out", 1), ("mlp_ln", None), ("mlp.0", 4), ("mlp.2", 1))
+
+
+@unittest.skipUnless((mw.KERNELS_DIR / "layer.mojo").is_file(), "kernels/ is not present")
+@unittest.skipUnless(support.DEVICE == "cpu", "the decoder-layer op is the CPU step graph's")
+class DecoderLayerOpTest(unittest.TestCase):
+    """whisper_decoder_layer, a whole decoder block of a one-token step, against numpy: float32
+    and bfloat16 matrices and cross K/V, batch 1, 4 and 5, tiny's 6 and base's 8 heads, cache
+    positions at both ends; the token's key and value land in the cache, nothing else moves."""
+
+    @classmethod
+    def setUpClass(cls):
+        from max import engine
+        from max.dtype import DType
+        from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
+        cls.device = mw._pick_device("cpu")
+        dev = DeviceRef.from_device(cls.device)
+        session = engine.InferenceSession(devices=[cls.device])
+        f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
+        cls.graphs = {}
+        for wt in (DType.float32, DType.bfloat16):
+            params = []
+            for i, (name, rows) in enumerate(_LAYER_PARAMS):
+                params += [f32(["d"]), f32(["d"])] if rows is None else \
+                    [TensorType(wt, [f"n{i}", f"k{i}"], device=dev), f32([f"n{i}"])]
+            cache = [BufferType(DType.float32, ["b", "h", 64, "ctx"], device=dev),
+                     BufferType(DType.float32, ["b", "h", "ctx", 64], device=dev)]
+            cross = [TensorType(wt, ["b", "h", 64, "s"], device=dev), TensorType(wt, ["b", "h", "s", 64], device=dev)]
+            with Graph(f"decoder_layer_{wt}", input_types=[f32(["b", 1, "d"]), *params, *cache, *cross,
+                                                            TensorType(DType.int64, [1], device=dev)],
+                       custom_extensions=[mw.KERNELS_DIR]) as g:
+                x = g.inputs[0].tensor
+                g.output(ops.inplace_custom("whisper_decoder_layer", dev, list(g.inputs),
+                                            out_types=[f32(x.shape)])[0].tensor)
+            cls.graphs[str(wt).split(".")[-1]] = session.load(g)
+
+    def run_layer(self, batch, heads, pos, wt, frames=1500):
+        """The op's output and cache against numpy's block for random weights (rounded to
+        ``wt``), cache and cross K/V."""
+        import torch
+        from max.driver import Buffer
+        rng = np.random.default_rng(batch * 100 + heads + pos)
+        d = heads * 64
+        x = rng.standard_normal((batch, 1, d), dtype=np.float32)
+        p, bufs = {}, [x]
+        for name, rows in _LAYER_PARAMS:
+            if rows is None:
+                p[name] = (1 + 0.1 * rng.standard_normal(d, dtype=np.float32), 0.1 * rng.standard_normal(d, dtype=np.float32))
+                bufs += list(p[name])
+            else:
+                k = 4 * d if name == "mlp.2" else d
+                w, w_op = _weights(rng, rows * d, k, wt)
+                p[name] = (w, 0.1 * rng.standard_normal(rows * d, dtype=np.float32))
+                bufs += [w_op, p[name][1]]
+        k_cache = rng.standard_normal((batch, heads, 64, 448), dtype=np.float32)
+        v_cache = rng.standard_normal((batch, heads, 448, 64), dtype=np.float32)
+        cross = [torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 2).to(getattr(torch, wt))
+                 for shape in ((batch, heads, 64, frames), (batch, heads, frames, 64))]
+        bufs += [k_cache, v_cache, *cross, np.array([pos + 1])]
+        bufs = [Buffer.from_dlpack(b) if isinstance(b, torch.Tensor) else Buffer.from_numpy(b) for b in bufs]
+        out = self.graphs[wt].execute(*bufs)[0].to_numpy()
+
+        def norm_linear(h, norm, layer):
+            g, b = p[norm]
+            return (_layer_norm(h) * g + b) @ p[layer][0].T + p[layer][1]
+
+        qkv = norm_linear(x, "attn_ln", "attn.qkv")
+        k_want, v_want = k_cache.copy(), v_cache.copy()
+        k_want[..., pos] = qkv[:, 0, d:2 * d].reshape(batch, heads, 64)
+        v_want[:, :, pos] = qkv[:, 0, 2 * d:].reshape(batch, heads, 64)
+        x1 = x + reference(qkv, k_want, v_want, [pos + 1]) @ p["attn.out"][0].T + p["attn.out"][1]
+        q = norm_linear(x1, "cross_attn_ln", "cross_attn.query")
+        k_t, v = (t.float().numpy() for t in cross)
+        x2 = x1 + reference(q, k_t, v, [frames]) @ p["cross_attn.out"][0].T + p["cross_attn.out"][1]
+        want = x2 + _gelu(norm_linear(x2, "mlp_ln", "mlp.0")) @ p["mlp.2"][0].T + p["mlp.2"][1]
+        np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
+        k_got, v_got = bufs[-5].to_numpy(), bufs[-4].to_numpy()
+        np.testing.assert_allclose(k_got[..., pos], k_want[..., pos], atol=1e-5)
+        np.testing.assert_allclose(v_got[:, :, pos], v_want[:, :, pos], atol=1e-5)
+        k_got[..., pos], v_got[:, :, pos], k_cache[..., pos], v_cache[:, :, pos] = 0, 0, 0, 0
+        np.testing.assert_array_equal(k_got, k_cache)                 # no other slot moved
+        np.testing.assert_array_equal(v_got, v_cache)
+
+    def test_layer_against_numpy(self):
+        for wt in ("float32", "bfloat16"):
+            for batch, heads, pos in ((1, 6, 0), (1, 6, 447), (4, 6, 63), (5, 8, 100)):
+                with self.subTest(wt=wt, batch=batch, heads=heads, pos=pos):
+                    self.run_layer(batch, heads, pos, wt)
+
+    def test_position_outside_the_cache_is_refused(self):
+        with self.assertRaises(Exception) as caught:
+            self.run_layer(1, 6, 448, "float32", frames=64)
+        self.assertIn("outside the cache", str(caught.exception))
 
 
 @unittest.skipUnless((mw.KERNELS_DIR / "attention.mojo").is_file(), "kernels/ is not present")
