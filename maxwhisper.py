@@ -1971,13 +1971,22 @@ class ApplyTimestampRules:
             logits[:, :ts_begin] = -np.inf                  # a window starts with a timestamp
             if self.max_initial is not None:
                 logits[:, ts_begin + self.max_initial + 1:] = -np.inf
-        logprobs = _log_softmax(logits)
         for k in range(tokens.shape[0]):
-            ts = logprobs[k, ts_begin:]
-            top = ts.max()
-            ts_logprob = top + np.log(np.sum(np.exp(ts - top))) if np.isfinite(top) else -np.inf
-            if ts_logprob > logprobs[k, :ts_begin].max():
+            # The comparison is the same in logits as in log-probabilities (both sides would
+            # subtract one log-sum-exp over the vocabulary), so it skips the full log-softmax;
+            # near a tie it takes openai-whisper's order of operations, to round as it does.
+            ts_mass, best_text = self._timestamp_mass(logits[k, ts_begin:]), logits[k, :ts_begin].max()
+            if abs(ts_mass - best_text) < 1e-3:
+                logprobs = _log_softmax(logits[k])
+                ts_mass, best_text = self._timestamp_mass(logprobs[ts_begin:]), logprobs[:ts_begin].max()
+            if ts_mass > best_text:
                 logits[k, :ts_begin] = -np.inf
+
+    @staticmethod
+    def _timestamp_mass(ts: np.ndarray) -> float:
+        """log(sum(exp(ts))), -inf when every timestamp is ruled out."""
+        top = ts.max()
+        return top + np.log(np.sum(np.exp(ts - top))) if np.isfinite(top) else -np.inf
 
 
 class RepetitionGuard:

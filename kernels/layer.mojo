@@ -55,7 +55,7 @@ def _gemv_phase[wt: DType, gelu: Bool, residual: Bool](
 struct WhisperDecoderLayer:
     """One decoder block of a one-token step, whole, in one op (CPU).
 
-        x1  = x  + SelfAttention(LN1(x)) . Wo^T + bo      (the token's K/V appended to the cache)
+        x1  = x  + SelfAttention(LN1(x) . Wqkv^T + bqkv) . Wo^T + bo   (K/V appended to the cache)
         x2  = x1 + CrossAttention(LN2(x1) . Wq^T + bq) . Wco^T + bco
         out = x2 + GELU(LN3(x2) . W1^T + b1) . W2^T + b2
 
@@ -64,12 +64,12 @@ struct WhisperDecoderLayer:
     projection [3d, d]); k_cache [B, h, 64, ctx] and v_cache [B, h, ctx, 64] float32, written at
     position lengths[0] - 1; cross k_t [B, h, 64, S] and v [B, h, S, 64] float32 or bfloat16.
 
-    The op starts one worker per core once; the workers go through seven phases (the five
-    linear layers and the two attentions) claiming items — runs of weight rows, (batch, head)
-    pairs — from atomic counters, and wait at the end of each phase for its last item. Each
-    worker computes the norm before its phase itself (d floats per row). Against one op per
-    layer piece, this drops the runtime's op dispatch and the wake-up of its worker threads
-    between pieces (about a quarter of a step's thread time in a profile).
+    The op starts one worker per core (at most ITEMS) once; the workers go through eight phases
+    (the six linear layers and the two attentions) claiming items — runs of weight rows,
+    (batch, head) pairs — from atomic counters, and wait at the end of each phase for its last
+    item. Each worker computes the norm before its phase itself (d floats per row). Against one
+    op per piece of the block, this drops the runtime's op dispatch and the wake-up of its
+    worker threads between pieces (a quarter of a step's thread time in a profile).
     """
 
     @staticmethod
@@ -186,7 +186,7 @@ struct WhisperDecoderLayer:
             _gemv_phase[wt, True, False](c, 6, f, h, w1, b1, f, batch, d, hidden)
             _gemv_phase[wt, False, True](c, 7, op, f, w2, b2, x2, batch, hidden, d)
 
-        sync_parallelize(worker, parallelism_level())
+        sync_parallelize(worker, min(parallelism_level(), ITEMS))   # a linear phase has ITEMS items
         _ = scratch^                                     # the buffers the workers used live to here
         _ = counters^
         _ = n_frames^
