@@ -17,6 +17,32 @@ def words(result):
     return [(w["word"], w["start"], w["end"]) for s in result["segments"] for w in s["words"]]
 
 
+class TimestampRuleTest(unittest.TestCase):
+    def test_same_masks_as_openai_whisper(self):
+        """ApplyTimestampRules compares the timestamps' total with the best text token in logits
+        (openai-whisper's log-softmax order near ties): the same masks as openai-whisper's rule
+        on random logits where either side wins, by a wide margin or by 1e-4 .. 1e-2."""
+        import torch
+        from whisper.decoding import ApplyTimestampRules as Reference
+        from whisper.tokenizer import get_tokenizer
+        tok = get_tokenizer(False)
+        begin, ts = len(tok.sot_sequence), tok.timestamp_begin
+        rng = np.random.default_rng(0)
+        for case in range(400):
+            logits = (rng.standard_normal((2, 51864)) * 2 - 10).astype(np.float32)
+            logits[:, ts:] = rng.standard_normal((2, 51864 - ts)) * 4
+            mass = np.logaddexp.reduce(logits[:, ts:].astype(np.float64), axis=-1)
+            gap = rng.choice([-3.0, 3.0]) if case % 2 else rng.choice([-1, 1]) * 10 ** rng.uniform(-4, -2)
+            logits[:, rng.integers(0, tok.eot)] = (mass + gap).astype(np.float32)   # text best by `gap`
+            tokens = np.array([list(tok.sot_sequence) + [262, 290]] * 2)
+            ours = logits.copy()
+            mw.ApplyTimestampRules(tok, begin, None).apply(ours, tokens)
+            want = torch.from_numpy(logits.copy())
+            Reference(tok, begin, None).apply(want, torch.from_numpy(tokens))
+            with self.subTest(case=case, gap=gap):
+                np.testing.assert_array_equal(np.isinf(ours), np.isinf(want.numpy()))
+
+
 class BeamSearchParityTest(unittest.TestCase):
     def test_beam_5_matches_openai(self):
         clips = [wav for wav, _ in support.samples("en")] + [support.long_clip()]
