@@ -946,8 +946,9 @@ class _Params:
         """Decoder block i's norms, matrices and biases in the order ``whisper_decoder_layer``
         takes them (a missing bias as zeros)."""
         b, out = f"decoder.blocks.{i}", []
-        for norm, layers in (("attn_ln", ("attn.qkv", "attn.out")), ("cross_attn_ln", ("cross_attn.query", "cross_attn.out")),
-                             ("mlp_ln", ("mlp.0", "mlp.2"))):
+        parts = (("attn_ln", ("attn.qkv", "attn.out")), ("cross_attn_ln", ("cross_attn.query", "cross_attn.out")),
+                 ("mlp_ln", ("mlp.0", "mlp.2")))
+        for norm, layers in parts:
             out += [self[f"{b}.{norm}.weight"], self[f"{b}.{norm}.bias"]]
             for layer in layers:
                 w = self[f"{b}.{layer}.weight"]

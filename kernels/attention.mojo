@@ -244,6 +244,27 @@ def _attend_cpu_block[kv: DType](
             out.unsafe_offset(3 * o_stride).unsafe_store(c3)
 
 
+def _self_attend_step_cpu(
+    o: Pointer[Float32, MutAnyOrigin],
+    qkv: Pointer[Float32, MutAnyOrigin],
+    k_cache: Pointer[Float32, MutAnyOrigin],
+    v_cache: Pointer[Float32, MutAnyOrigin],
+    lengths: Pointer[Int64, MutAnyOrigin],
+    heads: Int,
+    n_ctx: Int,
+    pos: Int,
+    bh: Int,
+):
+    """(batch, head) bh of a one-token step: writes the token's key and value (from its q|k|v
+    row) into the cache at pos, then attends over the first lengths[0] cache rows."""
+    var d = heads * D
+    var src = qkv.unsafe_offset((bh // heads) * 3 * d + (bh % heads) * D)
+    for j in range(D):
+        k_cache[unsafe_offset=(bh * D + j) * n_ctx + pos] = src[unsafe_offset=d + j]
+    v_cache.unsafe_offset((bh * n_ctx + pos) * D).unsafe_store(src.unsafe_offset(2 * d).unsafe_load[width=D]())
+    _attend_cpu_block[DType.float32](o, qkv, k_cache, v_cache, lengths, heads, 1, 3 * d, n_ctx, bh, 0)
+
+
 @extensibility.register("whisper_attention")
 struct WhisperAttention:
     """Attention softmax(q . K / 8) . V where query t sees only the first lengths[t] keys.
@@ -310,13 +331,7 @@ struct WhisperSelfAttention:
             raise Error("whisper_self_attention: position ", pos, " is outside the cache of ", n_ctx)
 
         def work(bh: Int) raises {var qp, var kp, var vp, var lp, var op, var heads, var n_ctx, var pos}:
-            var src = qp.unsafe_offset((bh // heads) * 3 * heads * D + (bh % heads) * D)
-            var k_row = src.unsafe_offset(heads * D)
-            var v_row = src.unsafe_offset(2 * heads * D)
-            for d in range(D):
-                kp[unsafe_offset=(bh * D + d) * n_ctx + pos] = k_row[unsafe_offset=d]
-            vp.unsafe_offset((bh * n_ctx + pos) * D).unsafe_store(v_row.unsafe_load[width=D]())
-            _attend_cpu_block[DType.float32](op, qp, kp, vp, lp, heads, 1, 3 * heads * D, n_ctx, bh, 0)
+            _self_attend_step_cpu(op, qp, kp, vp, lp, heads, n_ctx, pos, bh)
 
         sync_parallelize(work, batch * heads)
 

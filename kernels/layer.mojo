@@ -5,7 +5,7 @@ from max.algorithm import sync_parallelize
 from std.atomic import Atomic
 from std.runtime import parallelism_level
 
-from .attention import D, _attend_cpu_block
+from .attention import D, _attend_cpu_block, _self_attend_step_cpu
 from .linear import ITEMS, ROWS, _gemv_rows, _layer_norm
 
 comptime PHASES = 8      # the layer's parallel phases (below); each ends when all its items are done
@@ -162,13 +162,9 @@ struct WhisperDecoderLayer:
             var h = normed.unsafe_ptr()
             _layer_norm(h, xp, g1, e1, batch, d)
             _gemv_phase[wt, False, False](c, 0, qkv, h, wqkv, bqkv, qkv, batch, d, 3 * d)
-            var bh = _claim(c, 1)                          # append the token's K/V, attend
+            var bh = _claim(c, 1)
             while bh < batch * heads:
-                var src = qkv.unsafe_offset((bh // heads) * 3 * d + (bh % heads) * D)
-                for j in range(D):
-                    kp[unsafe_offset=(bh * D + j) * n_ctx + pos] = src[unsafe_offset=d + j]
-                vp.unsafe_offset((bh * n_ctx + pos) * D).unsafe_store(src.unsafe_offset(2 * d).unsafe_load[width=D]())
-                _attend_cpu_block[DType.float32](att, qkv, kp, vp, lp, heads, 1, 3 * d, n_ctx, bh, 0)
+                _self_attend_step_cpu(att, qkv, kp, vp, lp, heads, n_ctx, pos, bh)
                 _done(c, 1)
                 bh = _claim(c, 1)
             _wait(c, 1, batch * heads)

@@ -254,7 +254,8 @@ class DecoderLayerOpTest(unittest.TestCase):
         p, bufs = {}, [x]
         for name, rows in _LAYER_PARAMS:
             if rows is None:
-                p[name] = (1 + 0.1 * rng.standard_normal(d, dtype=np.float32), 0.1 * rng.standard_normal(d, dtype=np.float32))
+                p[name] = (1 + 0.1 * rng.standard_normal(d, dtype=np.float32),
+                           0.1 * rng.standard_normal(d, dtype=np.float32))
                 bufs += list(p[name])
             else:
                 k = 4 * d if name == "mlp.2" else d
