@@ -1737,7 +1737,7 @@ class Model:
         positions = np.arange(start, start + n, dtype=np.int64)
         idx = [i % n for i in out_idx]
         put = self._put
-        if self.kernels and n == 1 and idx == [0]:      # a one-token step: the Mojo kernel graph
+        if self.kernels and n == 1:             # one token (every index is it): the Mojo kernel graph
             graph, head = "step", [put(tokens), put(positions)]
         else:
             mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
@@ -1746,7 +1746,8 @@ class Model:
                                       put(np.array(idx, np.int64)), put(mask)]
         out = self._run(graph, *head, *self._dec_w, *(b for kv in cache.cross for b in kv), *cache.self_buffers())
         cache.length += n
-        return out[0].to_numpy()
+        logits = out[0].to_numpy()
+        return np.repeat(logits, len(idx), axis=1) if graph == "step" and len(idx) != 1 else logits
 
     def cross_rows(self, cross: list, rows: Sequence[int]) -> list:
         """New cross K/V holding the given rows of ``cross`` (any may repeat), on the device."""
