@@ -44,6 +44,20 @@ class KVCacheTest(unittest.TestCase):
         np.testing.assert_allclose(ours, theirs, atol=5e-3)
         np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
 
+    def test_one_token_prompt_matches_openai_decoder(self):
+        """A one-token call (the step graph with the kernels) returns that token's logits for
+        every index asked, as openai-whisper's decoder gives them."""
+        import torch
+        ref = support.reference("tiny.en")
+        ours = self.model.decode(self.model.new_cache(self.cross), self.tokens[None, :1], out_idx=(0, -1))
+        self.assertEqual(ours.shape, (1, 2, 51864))
+        with torch.no_grad():
+            theirs = ref.decoder(torch.from_numpy(self.tokens[None, :1]), torch.from_numpy(self.features)).numpy()
+        for i in range(2):
+            np.testing.assert_allclose(ours[:, i], theirs[:, 0], atol=5e-3)
+        self.assertEqual(self.model.decode(self.model.new_cache(self.cross), self.tokens[None, :1], out_idx=()).shape,
+                         (1, 0, 51864))
+
     def test_capacity_is_enforced(self):
         cache = self.model.new_cache(self.cross)
         self.model.decode(cache, self.tokens[None, :440])
