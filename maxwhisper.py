@@ -938,10 +938,6 @@ class _Params:
         y = self.linear(self.norm(x, norm), prefix)
         return ops.gelu(y) if gelu else y
 
-    def linear_residual(self, x, prefix: str, residual):
-        """residual + x W^T + bias: the linear layer that closes a residual block."""
-        return residual + self.linear(x, prefix)
-
     def layer_inputs(self, i: int, device) -> list:
         """Decoder block i's norms, matrices and biases in the order ``whisper_decoder_layer``
         takes them (a missing bias as zeros)."""
@@ -958,7 +954,7 @@ class _Params:
     def mlp(self, x, prefix: str):
         """The block's MLP with its residual: x + W2 GELU(W1 LayerNorm(x) + b1) + b2."""
         h = self.norm_linear(x, f"{prefix}.mlp_ln", f"{prefix}.mlp.0", gelu=True)
-        return self.linear_residual(h, f"{prefix}.mlp.2", x)
+        return x + self.linear(h, f"{prefix}.mlp.2")
 
 
 def _embed(p: "_Params", tokens, positions):
@@ -1091,9 +1087,9 @@ def _decoder_blocks(p: "_Params", x, dims: dict, self_attend, cross_attend):
     """
     for i in range(dims["n_text_layer"]):
         b = f"decoder.blocks.{i}"
-        x = p.linear_residual(self_attend(i, p.norm_linear(x, f"{b}.attn_ln", f"{b}.attn.qkv")), f"{b}.attn.out", x)
+        x = x + p.linear(self_attend(i, p.norm_linear(x, f"{b}.attn_ln", f"{b}.attn.qkv")), f"{b}.attn.out")
         q = p.norm_linear(x, f"{b}.cross_attn_ln", f"{b}.cross_attn.query")
-        x = p.linear_residual(cross_attend(i, q), f"{b}.cross_attn.out", x)
+        x = x + p.linear(cross_attend(i, q), f"{b}.cross_attn.out")
         x = p.mlp(x, b)
     return x
 

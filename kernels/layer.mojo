@@ -6,7 +6,7 @@ from std.atomic import Atomic
 from std.runtime import parallelism_level
 
 from .attention import D, _attend_cpu_block, _self_attend_step_cpu
-from .linear import ITEMS, ROWS, _gemv_rows, _layer_norm
+from .linear import ITEMS, _gemv_rows, _layer_norm, _rows_per_item
 
 comptime PHASES = 8      # the layer's parallel phases (below); each ends when all its items are done
 
@@ -41,7 +41,7 @@ def _gemv_phase[wt: DType, gelu: Bool, residual: Bool](
     n: Int,
 ):
     """One linear layer as a phase: ITEMS contiguous runs of weight rows, claimed one at a time."""
-    var per_item = ((n + ITEMS - 1) // ITEMS + ROWS - 1) // ROWS * ROWS
+    var per_item = _rows_per_item(n)
     var n_items = (n + per_item - 1) // per_item
     var i = _claim(c, phase)
     while i < n_items:

@@ -102,6 +102,11 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
             m += 1
 
 
+def _rows_per_item(n: Int) -> Int:
+    """Weight rows per work item for a matrix of n rows: ITEMS runs, each a multiple of ROWS."""
+    return ((n + ITEMS - 1) // ITEMS + ROWS - 1) // ROWS * ROWS
+
+
 def _linear[wt: DType, gelu: Bool](
     o: Pointer[Float32, MutAnyOrigin],
     x: Pointer[Float32, _],
@@ -115,7 +120,7 @@ def _linear[wt: DType, gelu: Bool](
     multiple of ROWS), over all m_rows input rows."""
     if k % (2 * LW) != 0:
         raise Error("whisper linear ops take input widths that are multiples of ", 2 * LW, ", got ", k)
-    var per_item = ((n + ITEMS - 1) // ITEMS + ROWS - 1) // ROWS * ROWS
+    var per_item = _rows_per_item(n)
     var n_items = (n + per_item - 1) // per_item
 
     def work(i: Int) raises {var o, var x, var w, var bias, var m_rows, var k, var n, var per_item}:

@@ -26,18 +26,25 @@ def reference(q, k_t, v, lengths):
     return out.reshape(b, len(lengths), h * 64)
 
 
+def _session(device: str):
+    """The MAX device named ``device``, its graph DeviceRef, an InferenceSession on it and a
+    maker of float32 tensor types on it."""
+    from max import engine
+    from max.dtype import DType
+    from max.graph import DeviceRef, TensorType
+    dev = mw._pick_device(device)
+    ref = DeviceRef.from_device(dev)
+    return dev, ref, engine.InferenceSession(devices=[dev]), lambda shape: TensorType(DType.float32, shape, device=ref)
+
+
 @unittest.skipUnless((mw.KERNELS_DIR / "attention.mojo").is_file(), "kernels/ is not present")
 class AttentionOpTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        from max import engine
         from max.dtype import DType
-        from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
-        cls.device = mw._pick_device(support.DEVICE)
-        dev = DeviceRef.from_device(cls.device)
+        from max.graph import BufferType, Graph, TensorType, ops
+        cls.device, dev, session, f32 = _session(support.DEVICE)
         cls.graphs = {}
-        session = engine.InferenceSession(devices=[cls.device])
-        f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
         for kv in (DType.float32, DType.bfloat16):
             with Graph(f"attention_op_{kv}",
                        input_types=[f32(["b", "t", "c"]), TensorType(kv, ["b", "h", 64, "s"], device=dev),
@@ -155,13 +162,9 @@ class NormLinearOpTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from max import engine
         from max.dtype import DType
-        from max.graph import DeviceRef, Graph, TensorType, ops
-        cls.device = mw._pick_device("cpu")
-        dev = DeviceRef.from_device(cls.device)
-        session = engine.InferenceSession(devices=[cls.device])
-        f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
+        from max.graph import Graph, TensorType, ops
+        cls.device, dev, session, f32 = _session("cpu")
         cls.graphs = {}
         for wt in (DType.float32, DType.bfloat16):
             for gelu in (False, True):
@@ -219,13 +222,9 @@ class DecoderLayerOpTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        from max import engine
         from max.dtype import DType
-        from max.graph import BufferType, DeviceRef, Graph, TensorType, ops
-        cls.device = mw._pick_device("cpu")
-        dev = DeviceRef.from_device(cls.device)
-        session = engine.InferenceSession(devices=[cls.device])
-        f32 = lambda shape: TensorType(DType.float32, shape, device=dev)  # noqa: E731
+        from max.graph import BufferType, Graph, TensorType, ops
+        cls.device, dev, session, f32 = _session("cpu")
         cls.graphs = {}
         for wt in (DType.float32, DType.bfloat16):
             params = []
