@@ -8,10 +8,15 @@ from max.algorithm import sync_parallelize
 from std.math import exp
 from std.memory import stack_allocation
 from std.utils.numerics import min_or_neg_inf
+from std.utils import StaticTuple
+from std.sys import CompilationTarget, llvm_intrinsic
+from std.memory import bitcast
+from std.runtime import parallelism_level
 
 comptime W = 16          # SIMD width over key positions (float32: one AVX-512 register)
 comptime D = 64          # head dimension of every released Whisper size
-comptime QB = 4          # queries per work item in prefill: each key vector loaded serves 4
+comptime QB = 8          # queries per work item in prefill: each key vector loaded serves 8
+comptime KB = 2          # key vectors per score tile: QB x KB accumulators in registers
 comptime GPU_THREADS = 256       # threads per GPU block; one block per (batch, head, query)
 comptime GPU_MAX_KEYS = 2048     # a block keeps its scores in shared memory (Whisper: <= 1500)
 
@@ -145,6 +150,27 @@ def _softmax_row(row: Pointer[mut=True, Float32, _], n: Int, longest: Int):
         row[unsafe_offset=j] = 0.0
 
 
+def _score_tile[kv: DType, n_vec: Int](
+    sp: Pointer[mut=True, Float32, _],
+    qs: Pointer[Float32, _],
+    kbase: Pointer[Scalar[kv], MutAnyOrigin],
+    keys: Int,
+    j: Int,
+):
+    """Scores of QB queries against keys j .. j + n_vec * W - 1: QB x n_vec accumulators in
+    registers while the 64 rows of K^T stream by; qs holds the queries, scaled, dim-major."""
+    var acc = StaticTuple[SIMD[DType.float32, W], QB * n_vec](SIMD[DType.float32, W](0))
+    for d in range(D):
+        var krow = kbase.unsafe_offset(d * keys + j)
+        comptime for c in range(n_vec):
+            var kv_ = krow.unsafe_offset(c * W).unsafe_load[width=W]().cast[DType.float32]()
+            comptime for r in range(QB):
+                acc[r * n_vec + c] += kv_ * qs[unsafe_offset=d * QB + r]
+    comptime for r in range(QB):
+        comptime for c in range(n_vec):
+            sp.unsafe_offset(r * keys + j + c * W).unsafe_store(acc[r * n_vec + c])
+
+
 def _attend_cpu_block[kv: DType](
     o: Pointer[Float32, MutAnyOrigin],
     q: Pointer[Float32, MutAnyOrigin],
@@ -160,8 +186,9 @@ def _attend_cpu_block[kv: DType](
 ):
     """Queries t0 .. t0 + QB - 1 (those below n_tok) of (batch, head) bh on one CPU core.
 
-    One query streams each row of K^T once (the step is memory-bound); a block of queries keeps
-    QB score vectors in registers while it walks K^T, so each key is read once per block.
+    One query streams each row of K^T once (the step is memory-bound). A block of queries is
+    register-tiled: QB queries x KB key vectors of scores (`_score_tile`), then QB queries x 32
+    dims of output, so each key or value vector loaded serves QB queries.
     """
     var nq = min(QB, n_tok - t0)
     var lens = List[Int](length=QB, fill=0)
@@ -170,13 +197,20 @@ def _attend_cpu_block[kv: DType](
         var n = Int(lengths[unsafe_offset=t0 + min(r, nq - 1)])
         lens[r] = n
         longest = max(longest, n)
-    var scores = List[Float32](length=QB * keys, fill=0.0)
+    var scores = List[Float32](unsafe_uninit_length=(1 if nq == 1 else QB) * keys)   # written before read
     var sp = scores.unsafe_ptr()
     var kbase = k_t.unsafe_offset(bh * D * keys)
     var token = (bh // heads) * n_tok + t0   # the block's first row of q and of the output
     var qrow = q.unsafe_offset(token * q_stride + (bh % heads) * D)
-    var n_vec = longest // W * W
+    var vbase = v.unsafe_offset(bh * keys * D)
+    var out = o.unsafe_offset((token * heads + bh % heads) * D)
+    var o_stride = heads * D
     if nq == 1:
+        var n_vec = longest // W * W
+        for j in range(0, n_vec, W):
+            sp.unsafe_offset(j).unsafe_store(SIMD[DType.float32, W](0))
+        for j in range(n_vec, longest):
+            sp[unsafe_offset=j] = 0.0
         for d in range(D):
             var qd = qrow[unsafe_offset=d] * 0.125
             var krow = kbase.unsafe_offset(d * keys)
@@ -186,62 +220,263 @@ def _attend_cpu_block[kv: DType](
                 sp.unsafe_offset(j).unsafe_store(acc + kv * qd)
             for j in range(n_vec, longest):
                 sp[unsafe_offset=j] += qd * krow[unsafe_offset=j].cast[DType.float32]()
-    else:
-        var q1 = qrow.unsafe_offset(min(1, nq - 1) * q_stride)
-        var q2 = qrow.unsafe_offset(min(2, nq - 1) * q_stride)
-        var q3 = qrow.unsafe_offset(min(3, nq - 1) * q_stride)
-        for j in range(0, n_vec, W):
-            var a0 = SIMD[DType.float32, W](0)
-            var a1 = SIMD[DType.float32, W](0)
-            var a2 = SIMD[DType.float32, W](0)
-            var a3 = SIMD[DType.float32, W](0)
-            for d in range(D):
-                var kv = kbase.unsafe_offset(d * keys + j).unsafe_load[width=W]().cast[DType.float32]()
-                a0 += kv * qrow[unsafe_offset=d]
-                a1 += kv * q1[unsafe_offset=d]
-                a2 += kv * q2[unsafe_offset=d]
-                a3 += kv * q3[unsafe_offset=d]
-            sp.unsafe_offset(j).unsafe_store(a0 * 0.125)
-            sp.unsafe_offset(keys + j).unsafe_store(a1 * 0.125)
-            sp.unsafe_offset(2 * keys + j).unsafe_store(a2 * 0.125)
-            sp.unsafe_offset(3 * keys + j).unsafe_store(a3 * 0.125)
-        for j in range(n_vec, longest):
-            for r in range(QB):
-                var qr = qrow.unsafe_offset(min(r, nq - 1) * q_stride)
-                var s: Float32 = 0.0
-                for d in range(D):
-                    s += qr[unsafe_offset=d] * kbase[unsafe_offset=d * keys + j].cast[DType.float32]()
-                sp[unsafe_offset=r * keys + j] = s * 0.125
-    # softmax of each row over its own length; weights past it are zero
-    var rows = 1 if nq == 1 else QB
-    for r in range(rows):
-        _softmax_row(sp.unsafe_offset(r * keys), lens[r], longest)
-    var vbase = v.unsafe_offset(bh * keys * D)
-    var out = o.unsafe_offset((token * heads + bh % heads) * D)
-    var o_stride = heads * D
-    if nq == 1:
+        _softmax_row(sp, lens[0], longest)
         var acc = SIMD[DType.float32, D](0)
         for j in range(longest):
             acc += vbase.unsafe_offset(j * D).unsafe_load[width=D]().cast[DType.float32]() * sp[unsafe_offset=j]
         out.unsafe_store(acc)
+        return
+    var qs = stack_allocation[D * QB, Float32]()          # the queries / 8, dim-major
+    for r in range(QB):
+        var qr = qrow.unsafe_offset(min(r, nq - 1) * q_stride)
+        for d in range(D):
+            qs[unsafe_offset=d * QB + r] = qr[unsafe_offset=d] * 0.125
+    var tiled = longest // (KB * W) * (KB * W)
+    for j in range(0, tiled, KB * W):
+        _score_tile[kv, KB](sp, qs, kbase, keys, j)
+    if longest >= W:                         # the rest a vector at a time, the last one ending at longest
+        for j in range(tiled, longest, W):
+            _score_tile[kv, 1](sp, qs, kbase, keys, min(j, longest - W))
     else:
-        var c0 = SIMD[DType.float32, D](0)
-        var c1 = SIMD[DType.float32, D](0)
-        var c2 = SIMD[DType.float32, D](0)
-        var c3 = SIMD[DType.float32, D](0)
         for j in range(longest):
-            var vv = vbase.unsafe_offset(j * D).unsafe_load[width=D]().cast[DType.float32]()
-            c0 += vv * sp[unsafe_offset=j]
-            c1 += vv * sp[unsafe_offset=keys + j]
-            c2 += vv * sp[unsafe_offset=2 * keys + j]
-            c3 += vv * sp[unsafe_offset=3 * keys + j]
-        out.unsafe_store(c0)
-        if nq > 1:
-            out.unsafe_offset(o_stride).unsafe_store(c1)
-        if nq > 2:
-            out.unsafe_offset(2 * o_stride).unsafe_store(c2)
-        if nq > 3:
-            out.unsafe_offset(3 * o_stride).unsafe_store(c3)
+            for r in range(QB):
+                var s: Float32 = 0.0
+                for d in range(D):
+                    s += qs[unsafe_offset=d * QB + r] * kbase[unsafe_offset=d * keys + j].cast[DType.float32]()
+                sp[unsafe_offset=r * keys + j] = s
+    # softmax of each row over its own length; weights past it are zero
+    for r in range(nq):
+        _softmax_row(sp.unsafe_offset(r * keys), lens[r], longest)
+    comptime for half in range(2):           # 32 of the 64 dims at a time: QB x 2 accumulators
+        var acc = StaticTuple[SIMD[DType.float32, W], QB * 2](SIMD[DType.float32, W](0))
+        for j in range(longest):
+            var vrow = vbase.unsafe_offset(j * D + half * 2 * W)
+            var v0 = vrow.unsafe_load[width=W]().cast[DType.float32]()
+            var v1 = vrow.unsafe_offset(W).unsafe_load[width=W]().cast[DType.float32]()
+            comptime for r in range(QB):
+                var p = sp[unsafe_offset=r * keys + j]
+                acc[2 * r] += v0 * p
+                acc[2 * r + 1] += v1 * p
+        comptime for r in range(QB):
+            if r < nq:
+                out.unsafe_offset(r * o_stride + half * 2 * W).unsafe_store(acc[2 * r])
+                out.unsafe_offset(r * o_stride + half * 2 * W + W).unsafe_store(acc[2 * r + 1])
+
+
+def _dot_pairs(
+    acc: SIMD[DType.float32, W], a: SIMD[DType.bfloat16, 2 * W], b: SIMD[DType.bfloat16, 2 * W]
+) -> SIMD[DType.float32, W]:
+    """acc[i] + a[2i] b[2i] + a[2i+1] b[2i+1]: one vdpbf16ps on CPUs with avx512_bf16."""
+    comptime if CompilationTarget._has_feature["avx512bf16"]():
+        return llvm_intrinsic["llvm.x86.avx512bf16.dpbf16ps.512", SIMD[DType.float32, W]](acc, a, b)
+    else:
+        var ad = a.deinterleave()
+        var bd = b.deinterleave()
+        var first = ad[0].cast[DType.float32]().fma(bd[0].cast[DType.float32](), acc)
+        return ad[1].cast[DType.float32]().fma(bd[1].cast[DType.float32](), first)
+
+
+def _pair(a: Float32, b: Float32) -> UInt32:
+    """Two floats as the bfloat16 pair one 32-bit broadcast hands to `_dot_pairs`."""
+    return bitcast[DType.uint32, 1](SIMD[DType.float32, 2](a, b).cast[DType.bfloat16]())
+
+
+def _exp_approx(x: SIMD[DType.float32, W]) -> SIMD[DType.float32, W]:
+    """e^x for x <= 0 to ~5e-5 relative, 0 below -87: x log2(e) = n + f, 2^f by its degree-4
+    Taylor polynomial in f ln 2 (|f| <= 1/2), 2^n added to the exponent bits. Enough for
+    probabilities rounded to bfloat16 (2^-9), at a third of `exp`'s instructions."""
+    var t = max(x, -87.0) * 1.4426950408889634
+    var n = round(t)
+    var f = (t - n) * 0.6931471805599453
+    var p = 1.0 + f * (1.0 + f * (0.5 + f * (0.16666666666666666 + f * 0.041666666666666664)))
+    return bitcast[DType.float32, W](bitcast[DType.int32, W](p) + (n.cast[DType.int32]() << 23))
+
+
+def _exp_pairs(dst: Pointer[mut=True, UInt32, _], row: Pointer[Float32, _], n: Int, m: Float32) -> Float32:
+    """dst[i] = the bfloat16 pair of e^(row[2i] - m), e^(row[2i+1] - m) for n even (m the
+    row's maximum); returns the sum of the exponentials."""
+    var n_vec = n // (2 * W) * (2 * W)
+    var tv = SIMD[DType.float32, W](0)
+    for j in range(0, n_vec, 2 * W):
+        var e0 = _exp_approx(row.unsafe_offset(j).unsafe_load[width=W]() - m)
+        var e1 = _exp_approx(row.unsafe_offset(j + W).unsafe_load[width=W]() - m)
+        tv += e0 + e1
+        dst.unsafe_offset(j // 2).unsafe_store(bitcast[DType.uint32, W](e0.join(e1).cast[DType.bfloat16]()))
+    var total = tv.reduce_add()
+    for j in range(n_vec, n, 2):
+        var e0 = exp(row[unsafe_offset=j] - m)
+        var e1 = exp(row[unsafe_offset=j + 1] - m)
+        total += e0 + e1
+        dst[unsafe_offset=j // 2] = _pair(e0, e1)
+    return total
+
+
+def _score_tile_bf16[n_vec: Int](
+    sp: Pointer[mut=True, Float32, _],
+    rmax: Pointer[mut=True, Float32, _],
+    qs: Pointer[UInt32, _],
+    kbase: Pointer[UInt32, MutAnyOrigin],
+    keys: Int,
+    j: Int,
+):
+    """`_score_tile` in bfloat16 pairs: K in dim pairs [32, keys, 2], qs [32, QB] pairs; each
+    row's running maximum kept in rmax."""
+    var acc = StaticTuple[SIMD[DType.float32, W], QB * n_vec](SIMD[DType.float32, W](0))
+    for p in range(D // 2):
+        var krow = kbase.unsafe_offset(p * keys + j)
+        comptime for c in range(n_vec):
+            var kv = bitcast[DType.bfloat16, 2 * W](krow.unsafe_offset(c * W).unsafe_load[width=W]())
+            comptime for r in range(QB):
+                var qv = bitcast[DType.bfloat16, 2 * W](SIMD[DType.uint32, W](qs[unsafe_offset=p * QB + r]))
+                acc[r * n_vec + c] = _dot_pairs(acc[r * n_vec + c], kv, qv)
+    comptime for r in range(QB):
+        comptime for c in range(n_vec):
+            sp.unsafe_offset(r * keys + j + c * W).unsafe_store(acc[r * n_vec + c])
+            rmax[unsafe_offset=r] = max(rmax[unsafe_offset=r], acc[r * n_vec + c].reduce_max())
+
+
+def _attend_bf16_block(
+    o: Pointer[Float32, MutAnyOrigin],
+    q: Pointer[Float32, MutAnyOrigin],
+    kpk: Pointer[UInt32, MutAnyOrigin],
+    vpk: Pointer[UInt32, MutAnyOrigin],
+    heads: Int,
+    n_tok: Int,
+    q_stride: Int,
+    keys: Int,
+    bh: Int,
+    t0: Int,
+    sp: Pointer[mut=True, Float32, _],
+    pp: Pointer[mut=True, UInt32, _],
+):
+    """Queries t0 .. t0 + QB - 1 of (batch, head) bh against all keys, in bfloat16 products
+    with float32 sums: the queries (/ 8), keys, probabilities and values rounded to bfloat16,
+    multiplied two at a time (`_dot_pairs`). Scratch: sp QB * keys floats, pp QB * keys / 2."""
+    var nq = min(QB, n_tok - t0)
+    var token = (bh // heads) * n_tok + t0
+    var qrow = q.unsafe_offset(token * q_stride + (bh % heads) * D)
+    var qs = stack_allocation[(D // 2) * QB, UInt32]()      # [dim pair, query]
+    for r in range(QB):
+        var qr = qrow.unsafe_offset(min(r, nq - 1) * q_stride)
+        for p in range(D // 2):
+            qs[unsafe_offset=p * QB + r] = _pair(qr[unsafe_offset=2 * p] * 0.125, qr[unsafe_offset=2 * p + 1] * 0.125)
+    var kbase = kpk.unsafe_offset(bh * (D // 2) * keys)
+    var rmax = stack_allocation[QB, Float32]()
+    for r in range(QB):
+        rmax[unsafe_offset=r] = min_or_neg_inf[DType.float32]()
+    var tiled = keys // (KB * W) * (KB * W)
+    for j in range(0, tiled, KB * W):
+        _score_tile_bf16[KB](sp, rmax, qs, kbase, keys, j)
+    for j in range(tiled, keys, W):          # the last vector ends at keys (keys >= W)
+        _score_tile_bf16[1](sp, rmax, qs, kbase, keys, min(j, keys - W))
+    var half_keys = keys // 2
+    var inv = stack_allocation[QB, Float32]()     # 1 / each row's sum: applied to the output
+    for r in range(QB):                      # rows past nq repeat a query: finite, not stored
+        inv[unsafe_offset=r] = 1.0 / _exp_pairs(pp.unsafe_offset(r * half_keys), sp.unsafe_offset(r * keys),
+                                                keys, rmax[unsafe_offset=r])
+    var vbase = vpk.unsafe_offset(bh * half_keys * D)
+    var out = o.unsafe_offset((token * heads + bh % heads) * D)
+    comptime for half in range(2):           # 32 of the 64 dims at a time: QB x 2 accumulators
+        var acc = StaticTuple[SIMD[DType.float32, W], QB * 2](SIMD[DType.float32, W](0))
+        for m in range(half_keys):
+            var vrow = vbase.unsafe_offset(m * D + half * 2 * W)
+            var v0 = bitcast[DType.bfloat16, 2 * W](vrow.unsafe_load[width=W]())
+            var v1 = bitcast[DType.bfloat16, 2 * W](vrow.unsafe_offset(W).unsafe_load[width=W]())
+            comptime for r in range(QB):
+                var pv = bitcast[DType.bfloat16, 2 * W](SIMD[DType.uint32, W](pp[unsafe_offset=r * half_keys + m]))
+                acc[2 * r] = _dot_pairs(acc[2 * r], v0, pv)
+                acc[2 * r + 1] = _dot_pairs(acc[2 * r + 1], v1, pv)
+        comptime for r in range(QB):
+            if r < nq:
+                var scale = inv[unsafe_offset=r]
+                out.unsafe_offset(r * heads * D + half * 2 * W).unsafe_store(acc[2 * r] * scale)
+                out.unsafe_offset(r * heads * D + half * 2 * W + W).unsafe_store(acc[2 * r + 1] * scale)
+
+
+def _pack_head(
+    kpk: Pointer[mut=True, UInt32, _],
+    vpk: Pointer[mut=True, UInt32, _],
+    k: Pointer[Float32, MutAnyOrigin],
+    v: Pointer[Float32, MutAnyOrigin],
+    heads: Int,
+    keys: Int,
+    k_stride: Int,
+    v_stride: Int,
+    bh: Int,
+):
+    """Head bh's keys as bfloat16 dim pairs [32, keys] and values as key pairs [keys / 2, 64]
+    (each UInt32 one pair), from rows of k and v with the heads side by side."""
+    var b = bh // heads
+    var col = (bh % heads) * D
+    var kdst = kpk.unsafe_offset(bh * (D // 2) * keys)
+    for j in range(keys):
+        var row = k.unsafe_offset((b * keys + j) * k_stride + col).unsafe_load[width=D]()
+        var pairs = bitcast[DType.uint32, D // 2](row.cast[DType.bfloat16]())
+        comptime for p in range(D // 2):
+            kdst[unsafe_offset=p * keys + j] = pairs[p]
+    var vdst = vpk.unsafe_offset(bh * (keys // 2) * D)
+    for m in range(keys // 2):
+        var even = v.unsafe_offset((b * keys + 2 * m) * v_stride + col).unsafe_load[width=D]()
+        var odd = v.unsafe_offset((b * keys + 2 * m + 1) * v_stride + col).unsafe_load[width=D]()
+        vdst.unsafe_offset(m * D).unsafe_store(bitcast[DType.uint32, D](even.interleave(odd).cast[DType.bfloat16]()))
+
+
+@extensibility.register("whisper_attention_bf16")
+struct WhisperAttentionBF16:
+    """Attention softmax(q . K / 8) . V over all keys with bfloat16 products and float32 sums
+    (CPU; vdpbf16ps where the CPU has avx512_bf16): the encoder's self-attention when its
+    weights are quantized. q [B, T, Cq], k and v [B, S, Ck / Cv] float32, each with the h heads
+    side by side in its first h * 64 columns (the linear layers' own layout); output
+    [B, T, h * 64] float32 (h from its width). S even and at least 16.
+
+    Two passes: each (batch, head)'s keys and values are rounded to bfloat16 pairs in scratch
+    (`_pack_head`), then blocks of QB queries run `_attend_bf16_block` in contiguous runs.
+    """
+
+    @staticmethod
+    def execute[target: StaticString](
+        output: OutputTensor[dtype=DType.float32, rank=3, ...],
+        q: InputTensor[dtype=DType.float32, rank=3, ...],
+        k: InputTensor[dtype=DType.float32, rank=3, ...],
+        v: InputTensor[dtype=DType.float32, rank=3, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target == "gpu":
+            raise Error("whisper_attention_bf16 is a CPU op")
+        var batch = q.shape()[0]
+        var heads = output.shape()[2] // D
+        var keys = k.shape()[1]
+        var n_tok = q.shape()[1]
+        var q_stride = q.shape()[2]
+        var k_stride = k.shape()[2]
+        var v_stride = v.shape()[2]
+        if keys % 2 != 0 or keys < W or v.shape()[1] != keys or min(q_stride, k_stride, v_stride) < heads * D:
+            raise Error("whisper_attention_bf16: q [B, T, >= h*64], k and v [B, S, >= h*64] with an even S >= ", W)
+        var packed = List[UInt32](unsafe_uninit_length=2 * batch * heads * keys * (D // 2))
+        var kpk = packed.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+        var vpk = kpk.unsafe_offset(batch * heads * keys * (D // 2))
+        var op = output.unsafe_ptr()
+        var qp = q.unsafe_ptr()
+        var kp = k.unsafe_ptr()
+        var vp = v.unsafe_ptr()
+
+        def pack(bh: Int) raises {var kpk, var vpk, var kp, var vp, var heads, var keys, var k_stride, var v_stride}:
+            _pack_head(kpk, vpk, kp, vp, heads, keys, k_stride, v_stride, bh)
+
+        sync_parallelize(pack, batch * heads)
+        var n_blocks = (n_tok + QB - 1) // QB
+        var items = batch * heads * n_blocks
+        var runs = min(items, 4 * parallelism_level())   # contiguous runs of items, scratch per run
+
+        def work(w: Int) raises {var op, var qp, var kpk, var vpk, var heads, var n_tok, var q_stride, var keys, var n_blocks, var items, var runs}:
+            var scores = List[Float32](unsafe_uninit_length=QB * keys)      # written before read
+            var probs = List[UInt32](unsafe_uninit_length=QB * keys // 2)   # [query, key pair]
+            for i in range(w * items // runs, (w + 1) * items // runs):
+                _attend_bf16_block(op, qp, kpk, vpk, heads, n_tok, q_stride, keys, i // n_blocks,
+                                   (i % n_blocks) * QB, scores.unsafe_ptr(), probs.unsafe_ptr())
+
+        sync_parallelize(work, runs)
+        _ = packed^                                      # the pairs the workers read live to here
 
 
 def _self_attend_step_cpu(

@@ -137,6 +137,65 @@ class AttentionOpTest(unittest.TestCase):
                         np.testing.assert_array_equal(bufs[2].to_numpy(), v_want)
 
 
+def _bf16(a):
+    """a rounded to bfloat16 (to nearest even), as float64."""
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16).double().numpy()
+
+
+@unittest.skipUnless((mw.KERNELS_DIR / "attention.mojo").is_file(), "kernels/ is not present")
+@unittest.skipUnless(support.DEVICE == "cpu", "the bfloat16 attention op is the CPU encoder's")
+class AttentionBF16OpTest(unittest.TestCase):
+    """whisper_attention_bf16 (the quantized encoders' self-attention) against numpy doing the
+    op's roundings: q / 8, k, v and the unnormalized probabilities to bfloat16, sums exact."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.device, cls.dev, cls.session, f32 = _session("cpu")
+        cls.f32, cls.graphs = staticmethod(f32), {}
+
+    def graph(self, heads):
+        from max.graph import Graph, ops
+        if heads not in self.graphs:
+            f32 = self.f32
+            with Graph(f"attention_bf16_{heads}", input_types=[f32(["b", "t", "cq"]), f32(["b", "s", "ck"]), f32(["b", "s", "cv"])],
+                       custom_extensions=[mw.KERNELS_DIR]) as g:
+                q, k, v = (x.tensor for x in g.inputs)
+                g.output(ops.custom("whisper_attention_bf16", self.dev, [q, k, v],
+                                    out_types=[f32([q.shape[0], q.shape[1], heads * 64])])[0].tensor)
+            self.graphs[heads] = self.session.load(g)
+        return self.graphs[heads]
+
+    def check(self, batch, heads, tokens, keys, extra=0):
+        from max.driver import Buffer
+        rng = np.random.default_rng(batch * 1000 + heads * 10 + tokens + keys)
+        d = heads * 64
+        q, k, v = (rng.standard_normal((batch, n, d + extra), dtype=np.float32) for n in (tokens, keys, keys))
+        k *= 3                                                         # peaky softmax
+        out = self.graph(heads).execute(*(Buffer.from_numpy(a) for a in (q, k, v)))[0].to_numpy()
+        split = lambda a: a[..., :d].reshape(batch, -1, heads, 64).transpose(0, 2, 1, 3)   # noqa: E731
+        qh, kh, vh = _bf16(split(q) / 8), _bf16(split(k)), _bf16(split(v))
+        s = qh @ kh.transpose(0, 1, 3, 2)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        want = (_bf16(e) @ vh) / e.sum(-1, keepdims=True)
+        np.testing.assert_allclose(out, want.transpose(0, 2, 1, 3).reshape(batch, tokens, d), atol=5e-3)
+
+    def test_against_numpy(self):
+        for batch, heads, tokens, keys in ((1, 6, 1500, 1500), (2, 6, 9, 1500), (1, 20, 7, 1500),
+                                           (2, 8, 8, 62), (1, 6, 1, 16), (1, 6, 17, 30)):
+            with self.subTest(batch=batch, heads=heads, tokens=tokens, keys=keys):
+                self.check(batch, heads, tokens, keys)
+
+    def test_rows_wider_than_the_heads(self):
+        self.check(1, 6, 12, 64, extra=128)
+
+    def test_odd_or_short_key_counts_are_refused(self):
+        for keys in (15, 63):
+            with self.subTest(keys=keys), self.assertRaises(Exception) as caught:
+                self.check(1, 6, 4, keys)
+            self.assertIn("even S", str(caught.exception))
+
+
 def _layer_norm(x):
     x = x.astype(np.float64)
     return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
