@@ -634,8 +634,7 @@ def load_weights(model: str | os.PathLike) -> Weights:
 
 def _mel_filters(n_mels: int) -> np.ndarray:
     """openai-whisper's mel filterbank [n_mels, 201] (librosa's slaney filters, shipped as data)."""
-    import whisper.audio
-    with np.load(Path(whisper.audio.__file__).parent / "assets" / "mel_filters.npz") as f:
+    with np.load(_openai_dir() / "assets" / "mel_filters.npz") as f:
         return f[f"mel_{n_mels}"].astype(np.float32)
 
 
@@ -802,15 +801,22 @@ def quantize_q4_0(w: np.ndarray, terms: int = 1) -> np.ndarray:
     padded = np.zeros((_q4_0_shape(rows, cols)[0], cols), np.float32)
     padded[:rows] = w
     blocks = padded.reshape(len(padded), cols // 32, 32)
-    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    x = np.abs(blocks)                    # one scratch array, reused in place (a model's load time)
+    peak = np.take_along_axis(blocks, x.argmax(-1)[..., None], -1)[..., 0]
     d = (peak / -8).astype(np.float16)
-    inv = np.divide(1.0, d.astype(np.float32), out=np.zeros_like(peak), where=d != 0)
-    q = np.clip(np.floor(blocks * inv[..., None] + 8.5), 0, 15).astype(np.uint8)
+    d32 = d.astype(np.float32)[..., None]
+    inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
+    np.multiply(blocks, inv, out=x)
+    x += 8.5
+    np.clip(np.floor(x, out=x), 0, 15, out=x)
+    q = x.astype(np.uint8)
     packed = q[..., :16] | (q[..., 16:] << 4)
     out = np.concatenate([d[..., None].view(np.uint8), packed], -1).reshape(len(padded), -1)
     if terms == 1:
         return out
-    rest = w - ((q.astype(np.float32) - 8) * d.astype(np.float32)[..., None]).reshape(len(padded), cols)[:rows]
+    x -= 8                                # (q - 8) d: the first term's weights
+    x *= d32
+    rest = np.subtract(blocks, x, out=x).reshape(len(padded), cols)[:rows]
     return np.concatenate([out, quantize_q4_0(rest, terms - 1)])
 
 
@@ -1403,6 +1409,41 @@ def _host(array: np.ndarray):
     return Buffer.from_numpy(np.ascontiguousarray(array))
 
 
+def _openai_dir() -> Path:
+    """openai-whisper's package folder, found without importing it (``whisper/__init__.py``
+    imports torch and numba: 1.3 s of every process start)."""
+    import importlib.util
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or spec.origin is None:
+        raise ModelError("openai-whisper is not installed (its tokenizer and mel filters are needed): "
+                         "pip install openai-whisper")
+    return Path(spec.origin).parent
+
+
+def _openai(name: str):
+    """openai-whisper's module ``whisper.<name>`` (``tokenizer``, ``utils``: stdlib and tiktoken
+    only) loaded from its file under a private name, without the package's ``__init__``. An
+    ``import whisper`` elsewhere still loads the package as usual."""
+    import importlib.util
+    import sys
+    key = f"_maxwhisper_openai_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, _openai_dir() / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module           # before running it: its dataclasses look it up
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def _bfloat16(array: np.ndarray):
+    """A float array as a bfloat16 MAX buffer in host memory, rounded to nearest even (as
+    torch's ``.to(torch.bfloat16)``; without importing torch, a second of a warm start)."""
+    from max.dtype import DType
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return _host(rounded).view(DType.bfloat16)
+
+
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
 
 
@@ -1618,9 +1659,7 @@ class Model:
             elif self._wdtype in _Q4_TERMS and name != "decoder.token_embedding.weight":
                 out.append(self._quantized(array))
             else:
-                import torch
-                from max.driver import Buffer
-                out.append(Buffer.from_dlpack(torch.from_numpy(array).to(torch.bfloat16)).to(self.device))
+                out.append(_bfloat16(array).to(self.device))
         return out
 
     def _compiled(self, name: str):
@@ -1689,8 +1728,7 @@ class Model:
 
     def tokenizer(self, language: str | None = None, task: str = "transcribe"):
         """openai-whisper's tokenizer for this model's vocabulary."""
-        from whisper.tokenizer import get_tokenizer
-        return get_tokenizer(self.is_multilingual, num_languages=self.weights.num_languages,
+        return _openai("tokenizer").get_tokenizer(self.is_multilingual, num_languages=self.weights.num_languages,
                              language=language, task=task)
 
     # -- building blocks -------------------------------------------------------------------
@@ -2485,7 +2523,8 @@ class _Transcription:
             log.info("%s: detected language %s (p=%.2f)", self.name, language, probs[language])
             return language
         if model.is_multilingual:
-            from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+            tok = _openai("tokenizer")
+            LANGUAGES, TO_LANGUAGE_CODE = tok.LANGUAGES, tok.TO_LANGUAGE_CODE
             code = TO_LANGUAGE_CODE.get(str(language).lower(), str(language).lower())
             if code not in LANGUAGES:
                 raise ConfigError(f"language={language!r} is not a Whisper language; use a code "
@@ -3102,11 +3141,11 @@ def _response_body(result: dict, fmt: str, task: str, duration: float) -> tuple[
     if fmt == "text":
         return "text/plain; charset=utf-8", result["text"].strip() + "\n"
     if fmt in ("srt", "vtt"):
-        from whisper.utils import WriteSRT, WriteVTT
+        utils = _openai("utils")
         buf = io.StringIO()
-        (WriteSRT if fmt == "srt" else WriteVTT)(".").write_result(result, buf)
+        (utils.WriteSRT if fmt == "srt" else utils.WriteVTT)(".").write_result(result, buf)
         return ("text/vtt" if fmt == "vtt" else "application/x-subrip") + "; charset=utf-8", buf.getvalue()
-    from whisper.tokenizer import LANGUAGES
+    LANGUAGES = _openai("tokenizer").LANGUAGES
     keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
             "compression_ratio", "no_speech_prob")
     body = {"task": task, "language": LANGUAGES.get(result["language"], result["language"]),
@@ -3486,8 +3525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         sys.stderr.write(f"maxwhisper: error: output_dir {cfg['output_dir']}: {e.strerror}\n")
         return 2
-    from whisper.utils import get_writer
-    writer = get_writer(cfg["output_format"], cfg["output_dir"])
+    writer = _openai("utils").get_writer(cfg["output_format"], cfg["output_dir"])
     status = 0
     for path in args.audio:
         try:

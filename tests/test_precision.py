@@ -72,6 +72,16 @@ class BFloat16Test(unittest.TestCase):
         self.assertEqual(kinds["decoder.blocks.0.mlp.0.weight"], DType.bfloat16)
         self.assertEqual(kinds["decoder.blocks.0.mlp_ln.weight"], DType.float32)
 
+    def test_rounding_is_torchs(self):
+        """_bfloat16 rounds to nearest even, bit for bit as torch does (ties, extremes, zeros)."""
+        import torch
+        from max.dtype import DType
+        rng = np.random.default_rng(0)
+        a = (rng.standard_normal(100_000) * 10.0 ** rng.integers(-30, 30, 100_000)).astype(np.float32)
+        a = np.concatenate([a, np.array([0.0, -0.0, 1e38, -3e38, 1.00390625, 1.01171875], np.float32)])
+        ours = mw._bfloat16(a).view(DType.uint16).to_numpy()
+        np.testing.assert_array_equal(ours, torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16))
+
     def test_q4_0_blocks(self):
         """quantize_q4_0 is llama.cpp's Q4_0: each weight within one step d of its block."""
         w = np.random.default_rng(0).standard_normal((70, 96)).astype(np.float32)
