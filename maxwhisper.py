@@ -1424,7 +1424,9 @@ def _openai_dir() -> Path:
 def _openai(name: str):
     """openai-whisper's module ``whisper.<name>`` (``tokenizer``, ``utils``: stdlib and tiktoken
     only) loaded from its file under a private name, without the package's ``__init__``. An
-    ``import whisper`` elsewhere still loads the package as usual."""
+    ``import whisper`` elsewhere still loads the package as usual; should a later openai-whisper
+    make the module import from its package, the plain (slower) import is used instead."""
+    import importlib
     import importlib.util
     import sys
     key = f"_maxwhisper_openai_{name}"
@@ -1432,7 +1434,11 @@ def _openai(name: str):
         spec = importlib.util.spec_from_file_location(key, _openai_dir() / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[key] = module           # before running it: its dataclasses look it up
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except ImportError:
+            log.debug("whisper.%s needs its package; importing openai-whisper", name)
+            sys.modules[key] = importlib.import_module(f"whisper.{name}")
     return sys.modules[key]
 
 

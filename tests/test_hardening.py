@@ -236,6 +236,30 @@ class ConfigTest(unittest.TestCase):
         self.assertIn("device", bad.stderr)
 
 
+class OpenAIModulesTest(unittest.TestCase):
+    """openai-whisper's tokenizer is loaded without its torch-importing package __init__."""
+
+    def test_tokenizer_without_torch(self):
+        code = ("import sys, maxwhisper as mw; t = mw._openai('tokenizer').get_tokenizer(False); "
+                "print(t.encode(' hello'), 'torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        self.assertEqual(out.stdout.split(), ["[23748]", "False"], out.stderr[-2000:])
+
+    def test_a_module_importing_its_package_falls_back_to_the_import(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "tokenizer.py").write_text("from .utils import format_timestamp\n")
+            saved = sys.modules.pop("_maxwhisper_openai_tokenizer", None)
+            try:
+                with mock.patch.object(mw, "_openai_dir", lambda: Path(tmp)):
+                    module = mw._openai("tokenizer")
+                self.assertEqual(module.__name__, "whisper.tokenizer")
+                self.assertTrue(callable(module.get_tokenizer))
+            finally:
+                sys.modules.pop("_maxwhisper_openai_tokenizer", None)
+                if saved is not None:
+                    sys.modules["_maxwhisper_openai_tokenizer"] = saved
+
+
 class LogsAndMetricsTest(unittest.TestCase):
     PROM_LINE = re.compile(r'^(# (HELP|TYPE) [a-zA-Z_:][a-zA-Z0-9_:]* .+|'
                            r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? '
