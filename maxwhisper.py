@@ -3152,10 +3152,10 @@ def _response_body(result: dict, fmt: str, task: str, duration: float) -> tuple[
         buf = io.StringIO()
         (utils.WriteSRT if fmt == "srt" else utils.WriteVTT)(".").write_result(result, buf)
         return ("text/vtt" if fmt == "vtt" else "application/x-subrip") + "; charset=utf-8", buf.getvalue()
-    LANGUAGES = _openai("tokenizer").LANGUAGES
+    languages = _openai("tokenizer").LANGUAGES
     keys = ("id", "seek", "start", "end", "text", "tokens", "temperature", "avg_logprob",
             "compression_ratio", "no_speech_prob")
-    body = {"task": task, "language": LANGUAGES.get(result["language"], result["language"]),
+    body = {"task": task, "language": languages.get(result["language"], result["language"]),
             "duration": round(duration, 3), "text": result["text"].strip(),
             "segments": [{k: (float(s[k]) if isinstance(s[k], np.floating) else s[k]) for k in keys}
                          for s in result["segments"]]}

@@ -6,11 +6,10 @@ from max.gpu.primitives import warp
 from extensibility import InputTensor, OutputTensor, _MutableInputTensor
 from max.algorithm import sync_parallelize
 from std.math import exp
-from std.memory import stack_allocation
+from std.memory import bitcast, stack_allocation
 from std.utils.numerics import min_or_neg_inf
 from std.utils import StaticTuple
 from std.sys import CompilationTarget, llvm_intrinsic
-from std.memory import bitcast
 from std.runtime import parallelism_level
 
 comptime W = 16          # SIMD width over key positions (float32: one AVX-512 register)
