@@ -3,9 +3,11 @@ from max.gpu.host import DeviceContext
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from std.math import erf, sqrt
+from std.sys.intrinsics import PrefetchOptions, prefetch
 
 comptime LW = 16         # SIMD width over the input features (float32: one AVX-512 register)
 comptime ROWS = 4        # weight rows per output store (one bias / residual / output vector)
+comptime PF = 4096       # software prefetch distance of a weight stream, in elements (16 KB of float32)
 comptime ITEMS = 16      # work items per call: a few per core, each a contiguous run of rows
 
 
@@ -73,6 +75,7 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
                 var s2 = SIMD[DType.float32, LW](0)
                 var s3 = SIMD[DType.float32, LW](0)
                 for j in range(0, k, LW):
+                    prefetch[PrefetchOptions().for_read().high_locality()](wr.unsafe_offset(j + PF))
                     var wv = wr.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]()
                     s0 += wv * x0.unsafe_offset(j).unsafe_load[width=LW]()
                     s1 += wv * x1.unsafe_offset(j).unsafe_load[width=LW]()
@@ -95,6 +98,8 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
                 var s0 = SIMD[DType.float32, LW](0)
                 var s1 = SIMD[DType.float32, LW](0)
                 for j in range(0, k, 2 * LW):
+                    prefetch[PrefetchOptions().for_read().high_locality()](wr.unsafe_offset(j + PF))
+                    prefetch[PrefetchOptions().for_read().high_locality()](wr.unsafe_offset(j + PF + LW))
                     s0 += wr.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j).unsafe_load[width=LW]()
                     s1 += wr.unsafe_offset(j + LW).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j + LW).unsafe_load[width=LW]()
                 y[i] = (s0 + s1).reduce_add()

@@ -10,6 +10,7 @@ import unittest
 from pathlib import Path
 
 import support
+from support import mw
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,6 +56,13 @@ class BenchSmokeTest(unittest.TestCase):
         result = json.loads(out.read_text())
         self.assertEqual(set(result["step_ms"]), {"10", "50"})
         self.assertIs(result["kernels"], False)
+        self.assertEqual(set(result["fraction_of_bandwidth_limit"]), {"10", "50"})
+        self.assertEqual(len(result["bandwidth_probes_gbs"]), 3)          # before, then after each position
+        readers = {"max_all_cores", "mojo_all_cores"} if (mw.KERNELS_DIR / "probe.mojo").is_file() else {"max_all_cores"}
+        self.assertEqual(set(result["bandwidth_probes_gbs"][0]), readers)
+        for p, rate in result["bandwidth_gbs"].items():
+            probed = [max(r.values()) for r in result["bandwidth_probes_gbs"]]
+            self.assertIn(rate, probed, p)
         out = self.dir / "stress.json"
         bench("stress", "--repeats", "2", "--json", out)
         result = json.loads(out.read_text())

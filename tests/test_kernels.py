@@ -1,4 +1,4 @@
-"""The Mojo kernels (kernels/attention.mojo, linear.mojo, layer.mojo) against numpy, and kernels on vs off."""
+"""The Mojo kernels (kernels/attention.mojo, linear.mojo, layer.mojo, probe.mojo) against numpy, and kernels on vs off."""
 
 import subprocess
 import sys
@@ -266,6 +266,26 @@ class NormLinearOpTest(unittest.TestCase):
         with self.assertRaises(Exception) as caught:
             self.graphs["float32", False].execute(b["x"], b["gamma"], b["beta"], b["w"], b["bias"])
         self.assertIn("multiples of 32", str(caught.exception))
+
+
+@unittest.skipUnless((mw.KERNELS_DIR / "probe.mojo").is_file(), "kernels/ is not present")
+class StreamSumOpTest(unittest.TestCase):
+    """whisper_stream_sum, bench.py's memory read probe: the sum of every element, the runs
+    split over the cores with their tails, down to tensors smaller than one vector."""
+
+    def test_sum(self):
+        from max.driver import Buffer
+        from max.graph import Graph, ops
+        device, dev, session, f32 = _session("cpu")
+        with Graph("stream_sum", input_types=[f32(["r", "c"])], custom_extensions=[mw.KERNELS_DIR]) as g:
+            g.output(ops.custom("whisper_stream_sum", dev, [g.inputs[0].tensor], out_types=[f32([1])])[0].tensor)
+        model = session.load(g)
+        rng = np.random.default_rng(3)
+        for shape in ((1, 1), (3, 5), (7, 64), (1000, 1003), (128, 8192)):
+            with self.subTest(shape=shape):
+                x = rng.random(shape, dtype=np.float32) - 0.25
+                got = model.execute(Buffer.from_numpy(x))[0].to_numpy()[0]
+                self.assertAlmostEqual(float(got), float(x.sum(dtype=np.float64)), delta=1e-5 * x.size)
 
 
 _LAYER_PARAMS = (("attn_ln", None), ("attn.qkv", 3), ("attn.out", 1), ("cross_attn_ln", None),
