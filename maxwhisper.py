@@ -1703,8 +1703,12 @@ class Model:
         """Execute graph ``name`` on device buffers, under the lock; errors become DeviceError."""
         with self._lock:
             graph = self._compiled(name)
+            # Every input here is a contiguous Buffer of ours; MAX's execute() checks each one in
+            # Python before calling its engine (~0.5 µs an input: ~50 µs of a decoder step's 100
+            # inputs), so the engine's entry is called directly where this MAX has it.
+            run = getattr(graph, "_execute_device_tensors", None)
             try:
-                return graph.execute(*inputs)
+                return run(list(inputs)) if run else graph.execute(*inputs)
             except Exception as e:  # a device error must not leak as a bare RuntimeError
                 raise DeviceError(f"running the {name} graph on {self.device_name} failed "
                                   f"({type(e).__name__}: {e}); the model stays usable") from e

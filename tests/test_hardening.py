@@ -147,7 +147,8 @@ class RecoveryAndThreadsTest(unittest.TestCase):
         real = {name: self.model._graphs[name] for name in ("decoder", "step") if name in self.model._graphs}
         for name, graph in real.items():
             broken = mock.Mock(wraps=graph)
-            broken.execute.side_effect = RuntimeError("simulated device fault")
+            fault = RuntimeError("simulated device fault")
+            broken.execute.side_effect = broken._execute_device_tensors.side_effect = fault
             self.model._graphs[name] = broken
         try:
             with self.assertRaises(mw.DeviceError):
