@@ -6,7 +6,7 @@ from std.atomic import Atomic
 from std.runtime import parallelism_level
 
 from .attention import D, _attend_cpu_block, _self_attend_step_cpu
-from .linear import ITEMS, _gemv_rows, _layer_norm, _rows_per_item
+from .linear import _gemv_rows, _layer_norm, _rows_per_item
 
 comptime PHASES = 8      # the layer's parallel phases (below); each ends when all its items are done
 
@@ -40,7 +40,8 @@ def _gemv_phase[wt: DType, gelu: Bool, residual: Bool](
     k: Int,
     n: Int,
 ):
-    """One linear layer as a phase: ITEMS contiguous runs of weight rows, claimed one at a time."""
+    """One linear layer as a phase: contiguous runs of weight rows (`_rows_per_item`), claimed one
+    at a time."""
     var per_item = _rows_per_item(n)
     var n_items = (n + per_item - 1) // per_item
     var i = _claim(c, phase)
@@ -64,7 +65,7 @@ struct WhisperDecoderLayer:
     projection [3d, d]); k_cache [B, h, 64, ctx] and v_cache [B, h, ctx, 64] float32, written at
     position lengths[0] - 1; cross k_t [B, h, 64, S] and v [B, h, S, 64] float32 or bfloat16.
 
-    The op starts one worker per core (at most ITEMS) once; the workers go through eight phases
+    The op starts one worker per core once; the workers go through eight phases
     (the six linear layers and the two attentions) claiming items — runs of weight rows,
     (batch, head) pairs — from atomic counters, and wait at the end of each phase for its last
     item. Each worker computes the norm before its phase itself (d floats per row). Against one
@@ -182,7 +183,7 @@ struct WhisperDecoderLayer:
             _gemv_phase[wt, True, False](c, 6, f, h, w1, b1, f, batch, d, hidden)
             _gemv_phase[wt, False, True](c, 7, op, f, w2, b2, x2, batch, hidden, d)
 
-        sync_parallelize(worker, min(parallelism_level(), ITEMS))   # a linear phase has ITEMS items
+        sync_parallelize(worker, parallelism_level())
         _ = scratch^                                     # the buffers the workers used live to here
         _ = counters^
         _ = n_frames^
