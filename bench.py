@@ -383,20 +383,16 @@ def window_cross(m: mw.Model, audio: np.ndarray) -> list:
     return m.encode(m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES])[1]
 
 
-def step_latencies(m: mw.Model, cross: list, batch: int, positions: list[int], steps: int) -> dict:
-    """Median ms of one decoder step at each position, for ``batch`` sequences."""
+def step_latency(m: mw.Model, cross: list, batch: int, position: int, steps: int) -> float:
+    """Median ms of one decoder step at ``position``, for ``batch`` sequences."""
     cache = m.new_cache(cross, batch=batch)
-    tokens = np.full((batch, max(positions)), 262, np.int64)                    # " the"
-    step_ms = {}
-    for p in positions:
-        cache.reset()
-        m.decode(cache, tokens[:, :p])
-        times = []
-        for _ in range(steps):
-            cache.length = p                                       # re-run the step at position p
-            times.append(_timed(lambda: m.decode(cache, tokens[:, :1])))
-        step_ms[str(p)] = 1000 * statistics.median(times)
-    return step_ms
+    tokens = np.full((batch, position), 262, np.int64)                          # " the"
+    m.decode(cache, tokens)
+    times = []
+    for _ in range(steps):
+        cache.length = position                                    # re-run the step at this position
+        times.append(_timed(lambda: m.decode(cache, tokens[:, :1])))
+    return 1000 * statistics.median(times)
 
 
 def scaling(args) -> dict:
@@ -418,7 +414,7 @@ def scaling(args) -> dict:
                 r = {"model": name, "batch": batch, "kernels": m.kernels is not None, "step_ms": {},
                      "bandwidth_gbs": {}, "bandwidth_limit_ms": {}, "fraction_of_bandwidth_limit": {}}
                 for p in positions:
-                    ms = step_latencies(m, cross, batch, [p], args.steps)[str(p)]
+                    ms = step_latency(m, cross, batch, p, args.steps)
                     now = probe.rates()
                     probes.append(now)
                     rate = max(*last.values(), *now.values())
