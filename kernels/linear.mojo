@@ -13,6 +13,13 @@ comptime PF = 4096       # software prefetch distance of a weight stream, in ele
 comptime ITEMS_PER_CORE = 4   # work items per core and call, each a contiguous run of weight rows
 
 
+@always_inline
+def _prefetch_ahead[dt: DType](p: Pointer[Scalar[dt], _]):
+    """Prefetches the cache line PF elements past p: a weight stream's (and the read probe's)
+    software prefetch, into every cache level."""
+    prefetch[PrefetchOptions().for_read().high_locality()](p.unsafe_offset(PF))
+
+
 def _finish[gelu: Bool, residual: Bool](
     o: Pointer[Float32, MutAnyOrigin],
     bias: Pointer[Float32, MutAnyOrigin],
@@ -77,7 +84,7 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
                 var s2 = SIMD[DType.float32, LW](0)
                 var s3 = SIMD[DType.float32, LW](0)
                 for j in range(0, k, LW):
-                    prefetch[PrefetchOptions().for_read().high_locality()](wr.unsafe_offset(j + PF))
+                    _prefetch_ahead(wr.unsafe_offset(j))
                     var wv = wr.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]()
                     s0 += wv * x0.unsafe_offset(j).unsafe_load[width=LW]()
                     s1 += wv * x1.unsafe_offset(j).unsafe_load[width=LW]()
@@ -100,8 +107,8 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
                 var s0 = SIMD[DType.float32, LW](0)
                 var s1 = SIMD[DType.float32, LW](0)
                 for j in range(0, k, 2 * LW):
-                    prefetch[PrefetchOptions().for_read().high_locality()](wr.unsafe_offset(j + PF))
-                    prefetch[PrefetchOptions().for_read().high_locality()](wr.unsafe_offset(j + PF + LW))
+                    _prefetch_ahead(wr.unsafe_offset(j))
+                    _prefetch_ahead(wr.unsafe_offset(j + LW))
                     s0 += wr.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j).unsafe_load[width=LW]()
                     s1 += wr.unsafe_offset(j + LW).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j + LW).unsafe_load[width=LW]()
                 y[i] = (s0 + s1).reduce_add()

@@ -3,9 +3,8 @@ from max.gpu.host import DeviceContext
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from std.runtime import parallelism_level
-from std.sys.intrinsics import PrefetchOptions, prefetch
 
-from .linear import LW, PF
+from .linear import LW, _prefetch_ahead
 
 
 @extensibility.register("whisper_stream_sum")
@@ -40,7 +39,7 @@ struct WhisperStreamSum:
             var j = lo
             while j + 4 * LW <= hi:
                 comptime for c in range(4):
-                    prefetch[PrefetchOptions().for_read().high_locality()](xp.unsafe_offset(j + PF + c * LW))
+                    _prefetch_ahead(xp.unsafe_offset(j + c * LW))
                 s0 += xp.unsafe_offset(j).unsafe_load[width=LW]()
                 s1 += xp.unsafe_offset(j + LW).unsafe_load[width=LW]()
                 s2 += xp.unsafe_offset(j + 2 * LW).unsafe_load[width=LW]()
