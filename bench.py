@@ -366,7 +366,7 @@ def _timed(fn) -> float:
 def step_bytes(dims: dict, batch: int, position: int) -> int:
     """Bytes one decoder step must read: decoder weights, embedding, cross K/V, self K/V."""
     d, L = dims["n_text_state"], dims["n_text_layer"]
-    weights = L * (12 * d * d) + dims["n_vocab"] * d          # per layer: 4d² self, 2d² cross q/out, 8d² mlp
+    weights = L * (14 * d * d) + dims["n_vocab"] * d          # per layer: 4d² self, 2d² cross q/out, 8d² mlp
     cross = batch * L * 2 * dims["n_audio_ctx"] * d
     own = batch * L * 2 * (position + 1) * d
     return 4 * (weights + cross + own)

@@ -886,15 +886,12 @@ class _Params:
 
     ``gemv``: multiply in gemv form (``_gemv``; the decoder's few rows) rather than ``x @ W``
     (the encoder's weights are stored [in, out]). ``dtype`` is that of its quantized matrices
-    (``Q4_0`` or ``Q4_0X2``), if any. ``fused``: the CPU step graph, where float32 and
-    bfloat16 layers run as Mojo ops — a norm with the linear layer after it is one
-    ``whisper_norm_linear`` (``kernels/linear.mojo``), a decoder block one
-    ``whisper_decoder_layer`` (``layer_inputs``); otherwise they are MAX ops.
+    (``Q4_0`` or ``Q4_0X2``), if any.
     """
 
-    def __init__(self, names: list[str], values, gemv: bool, dtype=None, fused: bool = False):
+    def __init__(self, names: list[str], values, gemv: bool, dtype=None):
         self._by_name = dict(zip(names, values))
-        self._gemv, self.terms, self._fused = gemv, _Q4_TERMS.get(dtype, 1), fused
+        self._gemv, self.terms = gemv, _Q4_TERMS.get(dtype, 1)
 
     def gemv(self, w, x):
         """x @ W^T for a [out, in] matrix W of this graph (``_gemv``)."""
@@ -905,19 +902,6 @@ class _Params:
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
-
-    def _fuses(self, prefix: str) -> bool:
-        """Whether the layer runs as a fused Mojo op (quantized matrices keep MAX's matmul)."""
-        from max.dtype import DType
-        return self._fused and self[f"{prefix}.weight"].dtype != DType.uint8
-
-    def _bias(self, prefix: str, n: int, device):
-        """The layer's bias, or zeros [n] for one without (the fused ops always add one)."""
-        from max.dtype import DType
-        from max.graph import ops
-        if f"{prefix}.bias" in self:
-            return self[f"{prefix}.bias"]
-        return ops.broadcast_to(ops.constant(0.0, DType.float32, device), [n])
 
     def linear(self, x, prefix: str):
         """x W^T (+ bias, where the layer has one)."""
@@ -932,30 +916,9 @@ class _Params:
 
     def norm_linear(self, x, norm: str, prefix: str, gelu: bool = False):
         """act(LayerNorm(x) W^T + bias) for x [B, T, in]; act is the GELU when ``gelu``."""
-        from max.dtype import DType
-        from max.graph import TensorType, ops
-        if self._fuses(prefix):
-            n = int(self[f"{prefix}.weight"].shape[0])
-            return ops.custom("whisper_norm_linear", x.device,
-                              [x, self[f"{norm}.weight"], self[f"{norm}.bias"], self[f"{prefix}.weight"],
-                               self._bias(prefix, n, x.device)],
-                              out_types=[TensorType(DType.float32, [*x.shape[:-1], n], device=x.device)],
-                              parameters={"gelu": gelu})[0].tensor
+        from max.graph import ops
         y = self.linear(self.norm(x, norm), prefix)
         return ops.gelu(y) if gelu else y
-
-    def layer_inputs(self, i: int, device) -> list:
-        """Decoder block i's norms, matrices and biases in the order ``whisper_decoder_layer``
-        takes them (a missing bias as zeros)."""
-        b, out = f"decoder.blocks.{i}", []
-        parts = (("attn_ln", ("attn.qkv", "attn.out")), ("cross_attn_ln", ("cross_attn.query", "cross_attn.out")),
-                 ("mlp_ln", ("mlp.0", "mlp.2")))
-        for norm, layers in parts:
-            out += [self[f"{b}.{norm}.weight"], self[f"{b}.{norm}.bias"]]
-            for layer in layers:
-                w = self[f"{b}.{layer}.weight"]
-                out += [w, self._bias(f"{b}.{layer}", int(w.shape[0]), device)]
-        return out
 
     def mlp(self, x, prefix: str):
         """The block's MLP with its residual: x + W2 GELU(W1 LayerNorm(x) + b1) + b2."""
@@ -1097,8 +1060,9 @@ def _float32(x):
 
 def _decoder_blocks(p: "_Params", x, dims: dict, self_attend, cross_attend):
     """The decoder's residual blocks over x [B, T, d] (``_logits`` applies the final norm) — one
-    definition for every decoder graph but the CPU step graph with float weights (there a block
-    is one ``whisper_decoder_layer`` op); they differ only in how attention reads keys and values.
+    definition for every decoder graph but the CPU step graph with float weights (there the
+    whole step is one ``whisper_decoder_step`` op); they differ only in how attention reads keys
+    and values.
 
     ``self_attend(i, qkv)`` gets layer i's fused query|key|value projection [B, T, 3d] and
     returns its self-attention [B, T, d]; ``cross_attend(i, q)`` gets its query [B, T, d] and
@@ -1183,30 +1147,68 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     return g
 
 
-def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=None):
-    """One-token decoding step with the Mojo kernels (``kernels/``): self-attention appends the
-    token's key and value to the cache and reads only the filled rows, cross-attention reads the
-    audio frames, each one op on the projections' own [batch, 1, heads x 64] layout. On a CPU,
-    with float32 or bfloat16 matrices, each decoder block is one Mojo op
-    (``whisper_decoder_layer``, ``kernels/layer.mojo``: norms, linear layers, both attentions and
-    the MLP, the cores kept busy across them) and the final norm with the logits another
-    (``whisper_norm_linear``).
+def _packs_step(device, dtype) -> bool:
+    """Whether the step graph is the one ``whisper_decoder_step`` op: on a CPU, with float32 or
+    bfloat16 matrices (Q4_0 ones keep MAX's quantized matmul)."""
+    return device.is_cpu() and dtype not in _Q4_TERMS
 
-    Inputs: ``tokens`` [batch, 1] int64, ``positions`` [1] int64 (= the cache offset), then the
-    inputs of ``_decoder_types`` as in ``build_decoder_graph``. Output: logits
-    [batch, 1, n_vocab], float32. The kernel reads bfloat16 cross K/V (``kv_dtype``) directly:
+
+def _step_weight_types(dims: dict, device, dtype=None) -> list:
+    """The packed step op's two weight inputs: every decoder parameter but the matrices
+    (``_low_precision``), float32, then the matrices in ``dtype`` (float32 when None), each in
+    ``decoder_param_names`` order, flattened and laid end to end — the order
+    ``whisper_decoder_step`` reads them in."""
+    from max.dtype import DType
+    from max.graph import TensorType
+    shapes, names = _state_shapes(dims), decoder_param_names(dims)
+    sizes = [sum(int(np.prod(shapes[n])) for n in names if _low_precision(n) == m) for m in (False, True)]
+    return [TensorType(DType.float32, [sizes[0]], device=device),
+            TensorType(dtype or DType.float32, [sizes[1]], device=device)]
+
+
+def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=None):
+    """One-token decoding step with the Mojo kernels (``kernels/``). Output: logits
+    [batch, 1, n_vocab], float32. The kernels read bfloat16 cross K/V (``kv_dtype``) directly:
     half the bytes of the step's largest read after the weights.
+
+    On a CPU with float32 or bfloat16 matrices (``_packs_step``) the whole step is one op,
+    ``whisper_decoder_step`` (``kernels/step.mojo``): embeddings, every block (the token's key
+    and value appended to the cache, attention over its filled rows and over the audio frames),
+    the final norm and the logits, the cores kept busy across them — against an op per block,
+    it drops MAX's dispatch between ops and the wake-up of its worker threads. Inputs:
+    ``tokens`` [batch, 1] int64, ``positions`` [1] int64 (= the cache offset), the two packed
+    weight buffers of ``_step_weight_types``, the 2L cross K/V of ``_cross_types``, then the
+    cache's ``self_kv`` [2L, batch, heads, 64 * n_text_ctx], written in place.
+
+    Elsewhere (a GPU; Q4_0 matrices) the blocks are MAX ops around two attention ops per block,
+    ``whisper_self_attention`` (appends the token's key and value to the cache, reads only the
+    filled rows) and ``whisper_attention`` (the audio frames), each on the projections' own
+    [batch, 1, heads x 64] layout. Inputs: ``tokens``, ``positions``, then the inputs of
+    ``_decoder_types`` as in ``build_decoder_graph``.
     """
     from max.dtype import DType
-    from max.graph import Graph, TensorType, ops
+    from max.graph import BufferType, Graph, TensorType, ops
 
     L, n_audio = dims["n_text_layer"], dims["n_audio_ctx"]
-    names, types = _decoder_types(dims, device, dtype, kv_dtype)
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
-    with Graph(f"whisper_step_{_dims_key(dims, dtype, kv_dtype)}",
-               input_types=[i64(["batch", 1]), i64([1])] + types, custom_extensions=[kernels]) as g:
+    head = [i64(["batch", 1]), i64([1])]
+    name = f"whisper_step_{_dims_key(dims, dtype, kv_dtype)}"
+    if _packs_step(device, dtype):
+        planes = BufferType(DType.float32, [2 * L, "batch", dims["n_text_head"], 64 * dims["n_text_ctx"]],
+                            device=device)
+        types = head + _step_weight_types(dims, device, dtype) + _cross_types(dims, device, kv_dtype) + [planes]
+        with Graph(name, input_types=types, custom_extensions=[kernels]) as g:
+            tokens, positions, vectors, matrices, *cross = (v.tensor for v in g.inputs[:-1])
+            out = TensorType(DType.float32, [tokens.shape[0], 1, dims["n_vocab"]], device=device)
+            g.output(ops.inplace_custom("whisper_decoder_step", device,
+                                        [g.inputs[-1], tokens, positions, vectors, matrices, *cross],
+                                        out_types=[out])[0].tensor)
+        return g
+
+    names, types = _decoder_types(dims, device, dtype, kv_dtype)
+    with Graph(name, input_types=head + types, custom_extensions=[kernels]) as g:
         tokens, positions = (v.tensor for v in g.inputs[:2])
-        p = _Params(names, g.inputs[2:2 + len(names)], gemv=True, dtype=dtype, fused=device.is_cpu())
+        p = _Params(names, g.inputs[2:2 + len(names)], gemv=True, dtype=dtype)
         cross = [v.tensor for v in g.inputs[2 + len(names):2 + len(names) + 2 * L]]
         cache = g.inputs[2 + len(names) + 2 * L:]
         out_type = TensorType(DType.float32, [tokens.shape[0], 1, dims["n_text_state"]], device=device)
@@ -1220,14 +1222,7 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
             return ops.custom("whisper_attention", device, [q, cross[2 * i], cross[2 * i + 1], frames],
                               out_types=[out_type])[0].tensor
 
-        x = _embed(p, tokens, positions)
-        if p._fuses("decoder.blocks.0.attn.qkv"):              # CPU, float matrices: a block per op
-            for i in range(L):
-                x = ops.inplace_custom("whisper_decoder_layer", device,
-                                       [x, *p.layer_inputs(i, device), cache[2 * i], cache[2 * i + 1],
-                                        cross[2 * i], cross[2 * i + 1], lengths], out_types=[out_type])[0].tensor
-        else:
-            x = _decoder_blocks(p, x, dims, self_attend, cross_attend)
+        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend, cross_attend)
         g.output(_logits(p, x, dims["n_vocab"]))
     return g
 
@@ -1356,7 +1351,10 @@ class KVCache:
     preallocated to the whole 448-token text context and written in place by the decoder
     graph at ``length``. ``cross[i]``: layer i's cross-attention (K^T, V) over the 1500 audio
     frames, computed once per 30 s window by the encoder graph. ``length``: how many token
-    positions are filled; slots past it are masked, never read.
+    positions are filled; slots past it are masked, never read. ``self_kv``: where the step is
+    the one CPU op (``build_step_graph``), every layer's K^T and V in one host buffer
+    [2 * layers, batch, heads, 64 * n_text_ctx], of which ``self_k`` / ``self_v`` are views;
+    otherwise None.
     """
 
     self_k: list
@@ -1365,6 +1363,7 @@ class KVCache:
     batch: int
     capacity: int
     length: int = 0
+    self_kv: object = None
 
     def reset(self, cross: list | None = None) -> None:
         """Empty the cache (no copy: old rows are masked), optionally for a new window's cross K/V."""
@@ -1442,13 +1441,17 @@ def _openai(name: str):
     return sys.modules[key]
 
 
-def _bfloat16(array: np.ndarray):
-    """A float array as a bfloat16 MAX buffer in host memory, rounded to nearest even (as
-    torch's ``.to(torch.bfloat16)``; without importing torch, a second of a warm start)."""
-    from max.dtype import DType
+def _bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """A float array's bfloat16 values as uint16, rounded to nearest even (as torch's
+    ``.to(torch.bfloat16)``; without importing torch, a second of a warm start)."""
     bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    return _host(rounded).view(DType.bfloat16)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _bfloat16(array: np.ndarray):
+    """A float array as a bfloat16 MAX buffer in host memory (``_bfloat16_bits``)."""
+    from max.dtype import DType
+    return _host(_bfloat16_bits(array)).view(DType.bfloat16)
 
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
@@ -1610,6 +1613,7 @@ class Model:
         from max import engine
         from max.driver import CPU
         from max.dtype import DType
+        from max.graph import DeviceRef
 
         self.weights, self.dims = weights, weights.dims
         self.config = config or Config.resolve()
@@ -1627,6 +1631,8 @@ class Model:
         # cross K/V in bfloat16 where the Mojo kernel reads them (MAX-ops attention would
         # widen them on every step, costing more than the bytes saved)
         self._kvdtype = DType.bfloat16 if self._wdtype is not None and self.kernels else None
+        self._packed = self.kernels is not None and _packs_step(DeviceRef.from_device(self.device), self._wdtype)
+        self._step_w: list = []                         # the packed step op's weights (_pack)
         self._session = engine.InferenceSession(devices=[self.device])
         self._store = _GraphStore(self.config["graph_cache"], self.device)
         self._lock = threading.Lock()
@@ -1660,6 +1666,8 @@ class Model:
         """The decoder's weight inputs as device buffers, its matrices in ``dtype``."""
         out = []
         names = decoder_param_names(self.dims, quantized=self._wdtype in _Q4_TERMS)
+        if self._packed:
+            return self._pack(names, graph_weights(self.weights, names))
         for name, array in zip(names, graph_weights(self.weights, names)):
             if self._wdtype is None or not _low_precision(name):
                 out.append(self._put(array))
@@ -1668,6 +1676,29 @@ class Model:
             else:
                 out.append(_bfloat16(array).to(self.device))
         return out
+
+    def _pack(self, names: list[str], arrays: list[np.ndarray]) -> list:
+        """Lays the decoder's weights out for ``whisper_decoder_step`` (``_step_weight_types``):
+        two host buffers, ``self._step_w``; returns the views of them that the other graphs
+        take, one per name. A float32 state array becomes its view too: one copy of the
+        weights is kept, not two."""
+        from max.dtype import DType
+        views: list = [None] * len(names)
+        for matrices in (False, True):
+            picked = [i for i, n in enumerate(names) if _low_precision(n) == matrices]
+            bf16 = matrices and self._wdtype is not None
+            flat = np.empty(sum(arrays[i].size for i in picked), np.uint16 if bf16 else np.float32)
+            at = 0
+            for i in picked:
+                a = arrays[i]
+                part = flat[at:at + a.size].reshape(a.shape)
+                part[...] = _bfloat16_bits(a) if bf16 else a
+                if not bf16 and self.weights.state.get(names[i]) is a:
+                    self.weights.state[names[i]] = part
+                views[i] = _host(part).view(DType.bfloat16) if bf16 else _host(part)
+                at += a.size
+            self._step_w.append(_host(flat).view(DType.bfloat16) if bf16 else _host(flat))
+        return views
 
     def _compiled(self, name: str):
         """The compiled graph ``name``, compiling it now if needed (call with the lock held)."""
@@ -1784,6 +1815,11 @@ class Model:
             raise ConfigError(f"new_cache: batch {batch} is not a multiple of the {n} windows' cross K/V")
         if batch > n:
             cross = self.cross_rows(cross, np.repeat(np.arange(n), batch // n))
+        if self._packed:                 # one host buffer; each layer's K^T and V are views of it
+            planes = np.zeros((2 * L, batch, h, dh * ctx), np.float32)
+            return KVCache(self_k=[_host(planes[2 * i].reshape(batch, h, dh, ctx)) for i in range(L)],
+                           self_v=[_host(planes[2 * i + 1].reshape(batch, h, ctx, dh)) for i in range(L)],
+                           cross=cross, batch=batch, capacity=ctx, self_kv=_host(planes))
         return KVCache(self_k=[self._put(np.zeros((batch, h, dh, ctx), np.float32)) for _ in range(L)],
                        self_v=[self._put(np.zeros((batch, h, ctx, dh), np.float32)) for _ in range(L)],
                        cross=cross, batch=batch, capacity=ctx)
@@ -1803,14 +1839,18 @@ class Model:
         positions = np.arange(start, start + n, dtype=np.int64)
         idx = [i % n for i in out_idx]
         put = self._put
+        cross = [b for kv in cache.cross for b in kv]
         if self.kernels and n == 1:             # one token (every index is it): the Mojo kernel graph
-            graph, head = "step", [put(tokens), put(positions)]
+            graph = "step"
+            inputs = [put(tokens), put(positions), *self._step_w, *cross, cache.self_kv] if self._packed \
+                else [put(tokens), put(positions), *self._dec_w, *cross, *cache.self_buffers()]
         else:
             mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
             mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
-            graph, head = "decoder", [put(tokens), _host(np.array([start, start + n], np.int64)), put(positions),
-                                      put(np.array(idx, np.int64)), put(mask)]
-        out = self._run(graph, *head, *self._dec_w, *(b for kv in cache.cross for b in kv), *cache.self_buffers())
+            graph = "decoder"
+            inputs = [put(tokens), _host(np.array([start, start + n], np.int64)), put(positions),
+                      put(np.array(idx, np.int64)), put(mask), *self._dec_w, *cross, *cache.self_buffers()]
+        out = self._run(graph, *inputs)
         cache.length += n
         logits = out[0].to_numpy()
         return np.repeat(logits, len(idx), axis=1) if graph == "step" and len(idx) != 1 else logits

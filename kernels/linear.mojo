@@ -1,7 +1,3 @@
-import extensibility
-from max.gpu.host import DeviceContext
-from extensibility import InputTensor, OutputTensor
-from max.algorithm import sync_parallelize
 from std.math import erf, sqrt
 from std.runtime import parallelism_level
 from std.sys.intrinsics import PrefetchOptions, prefetch
@@ -20,7 +16,7 @@ def _prefetch_ahead[dt: DType](p: Pointer[Scalar[dt], _]):
     prefetch[PrefetchOptions().for_read().high_locality()](p.unsafe_offset(PF))
 
 
-def _finish[gelu: Bool, residual: Bool](
+def _finish[gelu: Bool, residual: Bool, biased: Bool](
     o: Pointer[Float32, MutAnyOrigin],
     bias: Pointer[Float32, MutAnyOrigin],
     res: Pointer[Float32, MutAnyOrigin],
@@ -30,10 +26,11 @@ def _finish[gelu: Bool, residual: Bool](
     nr: Int,
 ):
     """Writes nr outputs from o[at]: the dot products of weight rows r .. r + nr - 1 plus their
-    bias, through the GELU and plus the residual where asked."""
+    bias (where ``biased``), through the GELU and plus the residual where asked."""
     var y = sums
     if nr == ROWS:
-        y += bias.unsafe_offset(r).unsafe_load[width=ROWS]()
+        comptime if biased:
+            y += bias.unsafe_offset(r).unsafe_load[width=ROWS]()
         comptime if gelu:
             y = 0.5 * y * (1.0 + erf(y * 0.7071067811865476))
         comptime if residual:
@@ -41,7 +38,9 @@ def _finish[gelu: Bool, residual: Bool](
         o.unsafe_offset(at).unsafe_store(y)
         return
     for i in range(nr):
-        var e = y[i] + bias[unsafe_offset=r + i]
+        var e = y[i]
+        comptime if biased:
+            e += bias[unsafe_offset=r + i]
         comptime if gelu:
             e = 0.5 * e * (1.0 + erf(e * 0.7071067811865476))
         comptime if residual:
@@ -49,7 +48,7 @@ def _finish[gelu: Bool, residual: Bool](
         o[unsafe_offset=at + i] = e
 
 
-def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
+def _gemv_rows[wt: DType, gelu: Bool, residual: Bool, biased: Bool = True](
     o: Pointer[Float32, MutAnyOrigin],
     x: Pointer[Float32, _],
     w: Pointer[Scalar[wt], MutAnyOrigin],
@@ -94,10 +93,10 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
                 y1[i] = s1.reduce_add()
                 y2[i] = s2.reduce_add()
                 y3[i] = s3.reduce_add()
-            _finish[gelu, residual](o, bias, res, y0, m * n + r, r, nr)
-            _finish[gelu, residual](o, bias, res, y1, (m + 1) * n + r, r, nr)
-            _finish[gelu, residual](o, bias, res, y2, (m + 2) * n + r, r, nr)
-            _finish[gelu, residual](o, bias, res, y3, (m + 3) * n + r, r, nr)
+            _finish[gelu, residual, biased](o, bias, res, y0, m * n + r, r, nr)
+            _finish[gelu, residual, biased](o, bias, res, y1, (m + 1) * n + r, r, nr)
+            _finish[gelu, residual, biased](o, bias, res, y2, (m + 2) * n + r, r, nr)
+            _finish[gelu, residual, biased](o, bias, res, y3, (m + 3) * n + r, r, nr)
             m += 4
         while m < m_rows:
             var xr = x.unsafe_offset(m * k)
@@ -112,7 +111,7 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool](
                     s0 += wr.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j).unsafe_load[width=LW]()
                     s1 += wr.unsafe_offset(j + LW).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j + LW).unsafe_load[width=LW]()
                 y[i] = (s0 + s1).reduce_add()
-            _finish[gelu, residual](o, bias, res, y, m * n + r, r, nr)
+            _finish[gelu, residual, biased](o, bias, res, y, m * n + r, r, nr)
             m += 1
 
 
@@ -122,28 +121,6 @@ def _rows_per_item(n: Int) -> Int:
     4 runs each took the tiny.en step from 2.80 to 2.65 ms against 8 each (base 5.72 to 5.40)."""
     var items = ITEMS_PER_CORE * parallelism_level()
     return ((n + items - 1) // items + ROWS - 1) // ROWS * ROWS
-
-
-def _linear[wt: DType, gelu: Bool](
-    o: Pointer[Float32, MutAnyOrigin],
-    x: Pointer[Float32, _],
-    w: Pointer[Scalar[wt], MutAnyOrigin],
-    bias: Pointer[Float32, MutAnyOrigin],
-    m_rows: Int,
-    k: Int,
-    n: Int,
-) raises:
-    """whisper_norm_linear's product: ITEMS_PER_CORE work items per core, each a contiguous run
-    of weight rows (a multiple of ROWS), over all m_rows input rows."""
-    if k % (2 * LW) != 0:
-        raise Error("whisper linear ops take input widths that are multiples of ", 2 * LW, ", got ", k)
-    var per_item = _rows_per_item(n)
-    var n_items = (n + per_item - 1) // per_item
-
-    def work(i: Int) raises {var o, var x, var w, var bias, var m_rows, var k, var n, var per_item}:
-        _gemv_rows[wt, gelu, False](o, x, w, bias, o, m_rows, k, n, i * per_item, min(n, (i + 1) * per_item))
-
-    sync_parallelize(work, n_items)
 
 
 def _layer_norm(
@@ -171,36 +148,3 @@ def _layer_norm(
             var c = (row.unsafe_offset(j).unsafe_load[width=LW]() - mean) * inv
             var g = gamma.unsafe_offset(j).unsafe_load[width=LW]()
             dst.unsafe_offset(m * k + j).unsafe_store(c * g + beta.unsafe_offset(j).unsafe_load[width=LW]())
-
-
-@extensibility.register("whisper_norm_linear")
-struct WhisperNormLinear:
-    """Computes act(LayerNorm(x) . W^T + bias): a decoder step's norm and the linear layer after it
-    in one op (CPU). x [B, T, K] float32; gamma, beta [K] float32 (epsilon 1e-5); W [N, K]
-    float32 or bfloat16 (widened as read, float32 sums); bias [N] float32; out [B, T, N]
-    float32. Parameter ``gelu``: apply the exact (erf) GELU, as Whisper's MLP does.
-    The norm is computed once per row before the rows of W are split over the cores.
-    """
-
-    @staticmethod
-    def execute[target: StaticString, gelu: Bool](
-        output: OutputTensor[dtype=DType.float32, rank=3, ...],
-        x: InputTensor[dtype=DType.float32, rank=3, ...],
-        gamma: InputTensor[dtype=DType.float32, rank=1, ...],
-        beta: InputTensor[dtype=DType.float32, rank=1, ...],
-        w: InputTensor[rank=2, ...],
-        bias: InputTensor[dtype=DType.float32, rank=1, ...],
-        ctx: DeviceContext,
-    ) raises:
-        comptime if target == "gpu":
-            raise Error("whisper_norm_linear is a CPU op; on a GPU the graphs use MAX's matmul")
-        var m_rows = x.shape()[0] * x.shape()[1]
-        var k = x.shape()[2]
-        var n = w.shape()[0]
-        if w.shape()[1] != k or bias.shape()[0] != n or gamma.shape()[0] != k:
-            raise Error("whisper_norm_linear: x [B, T, K], W [N, K], bias [N], gamma/beta [K] disagree")
-        var normed = List[Float32](length=m_rows * k, fill=0.0)
-        var hp = normed.unsafe_ptr()
-        _layer_norm(hp, x.unsafe_ptr(), gamma.unsafe_ptr(), beta.unsafe_ptr(), m_rows, k)
-        var op = output.unsafe_ptr()
-        _linear[w.dtype, gelu](op, hp, w.unsafe_ptr(), bias.unsafe_ptr(), m_rows, k, n)

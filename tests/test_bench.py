@@ -70,6 +70,17 @@ class BenchSmokeTest(unittest.TestCase):
                          {"50": 50, "100": 100, "200": 200, "440": 440})
         self.assertTrue(result["capacity_error_past_448"])
 
+    def test_step_bytes_count_every_weight(self):
+        """The bandwidth bound's bytes: the decoder's matrices and embedding as the packed step
+        op takes them, plus float32 cross K/V and the filled self K/V."""
+        import bench as b
+        from max.graph import DeviceRef
+        dims = mw.load_weights("tiny.en").dims
+        vectors, matrices = mw._step_weight_types(dims, DeviceRef.CPU())
+        d, L = dims["n_text_state"], dims["n_text_layer"]
+        frames = 2 * dims["n_audio_ctx"] * d * L
+        self.assertEqual(b.step_bytes(dims, 3, 9), 4 * (int(matrices.shape[0]) + 3 * frames + 3 * 2 * 10 * d * L))
+
     def test_word_error_rate(self):
         import bench as b
         self.assertEqual(b.word_errors("The quick brown fox.", "the quick, brown fox", english=True), (0, 4))

@@ -1,4 +1,4 @@
-"""The Mojo kernels (kernels/attention.mojo, linear.mojo, layer.mojo, probe.mojo) against numpy, and kernels on vs off."""
+"""The Mojo kernels (kernels/attention.mojo, step.mojo, probe.mojo) against numpy, and kernels on vs off."""
 
 import subprocess
 import sys
@@ -206,68 +206,6 @@ def _gelu(y):
     return 0.5 * y * (1 + np.vectorize(erf)(y / np.sqrt(2)))
 
 
-def _weights(rng, n, k, wt):
-    """A random [n, k] matrix rounded to ``wt`` (float64 for numpy, the torch tensor for the op)."""
-    import torch
-    w = torch.from_numpy(rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).to(getattr(torch, wt))
-    return w.float().numpy().astype(np.float64), w
-
-
-@unittest.skipUnless((mw.KERNELS_DIR / "linear.mojo").is_file(), "kernels/ is not present")
-@unittest.skipUnless(support.DEVICE == "cpu", "the fused linear ops are the CPU step graph's")
-class NormLinearOpTest(unittest.TestCase):
-    """whisper_norm_linear: float32 or bfloat16 weights (widened as read), any batch (groups of
-    four rows and the rest), output widths not a multiple of the four-row store."""
-
-    @classmethod
-    def setUpClass(cls):
-        from max.dtype import DType
-        from max.graph import Graph, TensorType, ops
-        cls.device, dev, session, f32 = _session("cpu")
-        cls.graphs = {}
-        for wt in (DType.float32, DType.bfloat16):
-            for gelu in (False, True):
-                with Graph(f"norm_linear_{wt}_{gelu}",
-                           input_types=[f32(["b", "t", "k"]), f32(["k"]), f32(["k"]),
-                                        TensorType(wt, ["n", "k"], device=dev), f32(["n"])],
-                           custom_extensions=[mw.KERNELS_DIR]) as g:
-                    x, gamma, beta, w, bias = (v.tensor for v in g.inputs)
-                    g.output(ops.custom("whisper_norm_linear", dev, [x, gamma, beta, w, bias],
-                                        out_types=[f32([x.shape[0], x.shape[1], w.shape[0]])],
-                                        parameters={"gelu": gelu})[0].tensor)
-                cls.graphs[str(wt).split(".")[-1], gelu] = session.load(g)
-
-    def inputs(self, batch, k, n, wt):
-        """Random x [batch, 1, k], gamma, beta, W [n, k] (rounded to ``wt``, as numpy sees it
-        too) and bias, as numpy arrays and as the op's buffers."""
-        from max.driver import Buffer
-        rng = np.random.default_rng(batch * 7 + k + n)
-        x = rng.standard_normal((batch, 1, k), dtype=np.float32) * 2 + 0.5
-        gamma = 1 + 0.1 * rng.standard_normal(k, dtype=np.float32)
-        beta = 0.1 * rng.standard_normal(k, dtype=np.float32)
-        w, w_op = _weights(rng, n, k, wt)
-        bias = rng.standard_normal(n, dtype=np.float32)
-        arrays = dict(x=x, gamma=gamma, beta=beta, w=w, bias=bias)
-        return arrays, dict(x=Buffer.from_numpy(x), gamma=Buffer.from_numpy(gamma), beta=Buffer.from_numpy(beta),
-                            w=Buffer.from_dlpack(w_op), bias=Buffer.from_numpy(bias))
-
-    def test_norm_linear(self):
-        for wt in ("float32", "bfloat16"):
-            for gelu in (False, True):
-                for batch, k, n in ((1, 384, 1152), (4, 384, 50), (5, 1536, 384), (9, 64, 1537)):
-                    with self.subTest(wt=wt, gelu=gelu, batch=batch, k=k, n=n):
-                        a, b = self.inputs(batch, k, n, wt)
-                        out = self.graphs[wt, gelu].execute(b["x"], b["gamma"], b["beta"], b["w"], b["bias"])[0]
-                        want = (_layer_norm(a["x"]) * a["gamma"] + a["beta"]) @ a["w"].T + a["bias"]
-                        np.testing.assert_allclose(out.to_numpy(), _gelu(want) if gelu else want, atol=2e-5, rtol=1e-5)
-
-    def test_input_width_must_be_a_multiple_of_32(self):
-        a, b = self.inputs(1, 48, 8, "float32")
-        with self.assertRaises(Exception) as caught:
-            self.graphs["float32", False].execute(b["x"], b["gamma"], b["beta"], b["w"], b["bias"])
-        self.assertIn("multiples of 32", str(caught.exception))
-
-
 @unittest.skipUnless((mw.KERNELS_DIR / "probe.mojo").is_file(), "kernels/ is not present")
 class StreamSumOpTest(unittest.TestCase):
     """whisper_stream_sum, bench.py's memory read probe: the sum of every element, the runs
@@ -288,96 +226,107 @@ class StreamSumOpTest(unittest.TestCase):
                 self.assertAlmostEqual(float(got), float(x.sum(dtype=np.float64)), delta=1e-5 * x.size)
 
 
-_LAYER_PARAMS = (("attn_ln", None), ("attn.qkv", 3), ("attn.out", 1), ("cross_attn_ln", None),
-                 ("cross_attn.query", 1), ("cross_attn.out", 1), ("mlp_ln", None), ("mlp.0", 4), ("mlp.2", 1))
+def _bfloat16(x):
+    """x rounded to bfloat16 as the model stores it, back in float32."""
+    return (mw._bfloat16_bits(x).astype(np.uint32) << 16).view(np.float32)
 
 
-@unittest.skipUnless((mw.KERNELS_DIR / "layer.mojo").is_file(), "kernels/ is not present")
-@unittest.skipUnless(support.DEVICE == "cpu", "the decoder-layer op is the CPU step graph's")
-class DecoderLayerOpTest(unittest.TestCase):
-    """whisper_decoder_layer, a whole decoder block of a one-token step, against numpy: float32
-    and bfloat16 matrices and cross K/V, batch 1, 4 and 5, tiny's 6 and base's 8 heads, cache
-    positions at both ends; the token's key and value land in the cache, nothing else moves."""
+@unittest.skipUnless((mw.KERNELS_DIR / "step.mojo").is_file(), "kernels/ is not present")
+@unittest.skipUnless(support.DEVICE == "cpu", "the one-op step is the CPU step graph's")
+class DecoderStepOpTest(unittest.TestCase):
+    """whisper_decoder_step, a whole one-token step in one op, through ``build_step_graph``
+    against a numpy decoder with random weights packed in ``decoder_param_names`` order: two
+    blocks, float32 and bfloat16 matrices and cross K/V, batch 1, 4 and 5, 6 and 8 heads, 1500
+    and 64 audio frames, cache positions at both ends; the token's keys and values land in the
+    cache, nothing else moves."""
+
+    CASES = {"float32": (6, 1500), "bfloat16": (8, 64)}        # heads, audio frames
 
     @classmethod
     def setUpClass(cls):
         from max.dtype import DType
-        from max.graph import BufferType, Graph, TensorType, ops
-        cls.device, dev, session, f32 = _session("cpu")
-        cls.graphs = {}
-        for wt in (DType.float32, DType.bfloat16):
-            params = []
-            for i, (name, rows) in enumerate(_LAYER_PARAMS):
-                params += [f32(["d"]), f32(["d"])] if rows is None else \
-                    [TensorType(wt, [f"n{i}", f"k{i}"], device=dev), f32([f"n{i}"])]
-            cache = [BufferType(DType.float32, ["b", "h", 64, "ctx"], device=dev),
-                     BufferType(DType.float32, ["b", "h", "ctx", 64], device=dev)]
-            cross = [TensorType(wt, ["b", "h", 64, "s"], device=dev), TensorType(wt, ["b", "h", "s", 64], device=dev)]
-            with Graph(f"decoder_layer_{wt}", input_types=[f32(["b", 1, "d"]), *params, *cache, *cross,
-                                                            TensorType(DType.int64, [1], device=dev)],
-                       custom_extensions=[mw.KERNELS_DIR]) as g:
-                x = g.inputs[0].tensor
-                g.output(ops.inplace_custom("whisper_decoder_layer", dev, list(g.inputs),
-                                            out_types=[f32(x.shape)])[0].tensor)
-            cls.graphs[str(wt).split(".")[-1]] = session.load(g)
+        cls.device, dev, session, _ = _session("cpu")
+        cls.graphs, cls.dims = {}, {}
+        for wt, (heads, frames) in cls.CASES.items():
+            d = 64 * heads
+            cls.dims[wt] = dict(n_mels=80, n_audio_ctx=frames, n_audio_state=d, n_audio_head=heads,
+                                n_audio_layer=0, n_vocab=101, n_text_ctx=448, n_text_state=d,
+                                n_text_head=heads, n_text_layer=2)
+            dtype = DType.bfloat16 if wt == "bfloat16" else None
+            cls.graphs[wt] = session.load(mw.build_step_graph(cls.dims[wt], dev, mw.KERNELS_DIR, dtype, dtype))
 
-    def run_layer(self, batch, heads, pos, wt, frames=1500):
-        """The op's output and cache against numpy's block for random weights (rounded to
-        ``wt``), cache and cross K/V."""
-        import torch
+    def run_step(self, batch, pos, wt):
+        """The op's logits and cache against numpy's step for random weights (matrices and
+        cross K/V rounded to ``wt``), cache and tokens."""
         from max.driver import Buffer
-        rng = np.random.default_rng(batch * 100 + heads + pos)
-        d = heads * 64
-        x = rng.standard_normal((batch, 1, d), dtype=np.float32)
-        p, bufs = {}, [x]
-        for name, rows in _LAYER_PARAMS:
-            if rows is None:
-                p[name] = (1 + 0.1 * rng.standard_normal(d, dtype=np.float32),
-                           0.1 * rng.standard_normal(d, dtype=np.float32))
-                bufs += list(p[name])
+        dims = self.dims[wt]
+        L, d, h, frames = dims["n_text_layer"], dims["n_text_state"], dims["n_text_head"], dims["n_audio_ctx"]
+        rng = np.random.default_rng(batch * 100 + h + pos)
+        names = mw.decoder_param_names(dims)
+        shapes = mw._state_shapes(dims)
+        p = {}
+        for n in names:
+            x = rng.standard_normal(shapes[n], dtype=np.float32)
+            if mw._low_precision(n):
+                x = x / np.float32(np.sqrt(shapes[n][-1]))
+                p[n] = _bfloat16(x) if wt == "bfloat16" else x
             else:
-                k = 4 * d if name == "mlp.2" else d
-                w, w_op = _weights(rng, rows * d, k, wt)
-                p[name] = (w, 0.1 * rng.standard_normal(rows * d, dtype=np.float32))
-                bufs += [w_op, p[name][1]]
-        k_cache = rng.standard_normal((batch, heads, 64, 448), dtype=np.float32)
-        v_cache = rng.standard_normal((batch, heads, 448, 64), dtype=np.float32)
-        cross = [torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 2).to(getattr(torch, wt))
-                 for shape in ((batch, heads, 64, frames), (batch, heads, frames, 64))]
-        bufs += [k_cache, v_cache, *cross, np.array([pos + 1])]
-        bufs = [Buffer.from_dlpack(b) if isinstance(b, torch.Tensor) else Buffer.from_numpy(b) for b in bufs]
-        out = self.graphs[wt].execute(*bufs)[0].to_numpy()
+                p[n] = 1 + 0.1 * x if n.endswith("ln.weight") else 0.1 * x
+        bf16 = wt == "bfloat16"
+        vectors = np.concatenate([p[n].ravel() for n in names if not mw._low_precision(n)])
+        matrices = np.concatenate([p[n].ravel() for n in names if mw._low_precision(n)])
+        cross = [rng.standard_normal(shape, dtype=np.float32) * 2 for _ in range(L)
+                 for shape in ((batch, h, 64, frames), (batch, h, frames, 64))]
+        cross = [_bfloat16(c) if bf16 else c for c in cross]
+        planes = rng.standard_normal((2 * L, batch, h, 64 * 448), dtype=np.float32)
+        before = planes.copy()
+        tokens = rng.integers(0, dims["n_vocab"], (batch, 1))
 
-        def norm_linear(h, norm, layer):
-            g, b = p[norm]
-            return (_layer_norm(h) * g + b) @ p[layer][0].T + p[layer][1]
+        def buf(x, low):
+            return mw._bfloat16(x) if low and bf16 else Buffer.from_numpy(x)
 
-        qkv = norm_linear(x, "attn_ln", "attn.qkv")
-        k_want, v_want = k_cache.copy(), v_cache.copy()
-        k_want[..., pos] = qkv[:, 0, d:2 * d].reshape(batch, heads, 64)
-        v_want[:, :, pos] = qkv[:, 0, 2 * d:].reshape(batch, heads, 64)
-        x1 = x + reference(qkv, k_want, v_want, [pos + 1]) @ p["attn.out"][0].T + p["attn.out"][1]
-        q = norm_linear(x1, "cross_attn_ln", "cross_attn.query")
-        k_t, v = (t.float().numpy() for t in cross)
-        x2 = x1 + reference(q, k_t, v, [frames]) @ p["cross_attn.out"][0].T + p["cross_attn.out"][1]
-        want = x2 + _gelu(norm_linear(x2, "mlp_ln", "mlp.0")) @ p["mlp.2"][0].T + p["mlp.2"][1]
-        np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
-        k_got, v_got = bufs[-5].to_numpy(), bufs[-4].to_numpy()
-        np.testing.assert_allclose(k_got[..., pos], k_want[..., pos], atol=1e-5)
-        np.testing.assert_allclose(v_got[:, :, pos], v_want[:, :, pos], atol=1e-5)
-        k_got[..., pos], v_got[:, :, pos], k_cache[..., pos], v_cache[:, :, pos] = 0, 0, 0, 0
-        np.testing.assert_array_equal(k_got, k_cache)                 # no other slot moved
-        np.testing.assert_array_equal(v_got, v_cache)
+        out = self.graphs[wt].execute(Buffer.from_numpy(tokens), Buffer.from_numpy(np.array([pos])),
+                                      buf(vectors, False), buf(matrices, True), *(buf(c, True) for c in cross),
+                                      Buffer.from_numpy(planes))[0].to_numpy()
 
-    def test_layer_against_numpy(self):
-        for wt in ("float32", "bfloat16"):
-            for batch, heads, pos in ((1, 6, 0), (1, 6, 447), (4, 6, 63), (5, 8, 100)):
-                with self.subTest(wt=wt, batch=batch, heads=heads, pos=pos):
-                    self.run_layer(batch, heads, pos, wt)
+        def norm_linear(x, norm, layer):
+            return (_layer_norm(x) * p[f"{norm}.weight"] + p[f"{norm}.bias"]) @ p[f"{layer}.weight"].T \
+                + p[f"{layer}.bias"]
+
+        x = p["decoder.token_embedding.weight"][tokens] + p["decoder.positional_embedding"][pos]
+        want = before.copy()
+        for i in range(L):
+            b = f"decoder.blocks.{i}"
+            qkv = norm_linear(x, f"{b}.attn_ln", f"{b}.attn.qkv")
+            k_cache = want[2 * i].reshape(batch, h, 64, 448)
+            v_cache = want[2 * i + 1].reshape(batch, h, 448, 64)
+            k_cache[..., pos] = qkv[:, 0, d:2 * d].reshape(batch, h, 64)
+            v_cache[:, :, pos] = qkv[:, 0, 2 * d:].reshape(batch, h, 64)
+            x = x + reference(qkv, k_cache, v_cache, [pos + 1]) @ p[f"{b}.attn.out.weight"].T \
+                + p[f"{b}.attn.out.bias"]
+            q = norm_linear(x, f"{b}.cross_attn_ln", f"{b}.cross_attn.query")
+            x = x + reference(q, cross[2 * i], cross[2 * i + 1], [frames]) @ p[f"{b}.cross_attn.out.weight"].T \
+                + p[f"{b}.cross_attn.out.bias"]
+            x = x + _gelu(norm_linear(x, f"{b}.mlp_ln", f"{b}.mlp.0")) @ p[f"{b}.mlp.2.weight"].T \
+                + p[f"{b}.mlp.2.bias"]
+        logits = (_layer_norm(x) * p["decoder.ln.weight"] + p["decoder.ln.bias"]) @ p["decoder.token_embedding.weight"].T
+        np.testing.assert_allclose(out, logits, atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(planes, want, atol=1e-5)          # the token's K/V at pos
+        for i in range(L):
+            for kv in (planes, before):
+                kv[2 * i].reshape(batch, h, 64, 448)[..., pos] = 0
+                kv[2 * i + 1].reshape(batch, h, 448, 64)[:, :, pos] = 0
+        np.testing.assert_array_equal(planes, before)                  # no other slot moved
+
+    def test_step_against_numpy(self):
+        for wt in self.CASES:
+            for batch, pos in ((1, 0), (1, 447), (4, 63), (5, 100)):
+                with self.subTest(wt=wt, batch=batch, pos=pos):
+                    self.run_step(batch, pos, wt)
 
     def test_position_outside_the_cache_is_refused(self):
         with self.assertRaises(Exception) as caught:
-            self.run_layer(1, 6, 448, "float32", frames=64)
+            self.run_step(1, 448, "bfloat16")
         self.assertIn("outside the cache", str(caught.exception))
 
 

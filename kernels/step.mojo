@@ -1,0 +1,218 @@
+import extensibility
+from max.gpu.host import DeviceContext
+from extensibility import InputTensor, InputVariadicTensors, OutputTensor, _MutableInputTensor
+from max.algorithm import sync_parallelize
+from std.atomic import Atomic
+from std.runtime import parallelism_level
+
+from .attention import D, _attend_cpu_block, _self_attend_step_cpu
+from .linear import LW, _gemv_rows, _layer_norm, _rows_per_item
+
+
+def _claim(c: Pointer[Int64, MutAnyOrigin], phase: Int) -> Int:
+    """The next unclaimed item of ``phase`` (counters: claimed, done for each phase)."""
+    return Int(Atomic[Int64].fetch_add(c.unsafe_offset(2 * phase), 1))
+
+
+def _done(c: Pointer[Int64, MutAnyOrigin], phase: Int):
+    """Counts one finished item of ``phase``."""
+    _ = Atomic[Int64].fetch_add(c.unsafe_offset(2 * phase + 1), 1)
+
+
+def _wait(c: Pointer[Int64, MutAnyOrigin], phase: Int, n_items: Int):
+    """Spins until all n_items of ``phase`` are done. Only items a running worker has claimed
+    are waited for, so a worker that starts late (or never) cannot hold the others up."""
+    while Int(Atomic[Int64].load(c.unsafe_offset(2 * phase + 1))) < n_items:
+        pass
+
+
+def _gemv_phase[wt: DType, gelu: Bool, residual: Bool, biased: Bool = True](
+    c: Pointer[Int64, MutAnyOrigin],
+    phase: Int,
+    o: Pointer[Float32, MutAnyOrigin],
+    x: Pointer[Float32, _],
+    w: Pointer[Scalar[wt], MutAnyOrigin],
+    bias: Pointer[Float32, MutAnyOrigin],
+    res: Pointer[Float32, MutAnyOrigin],
+    m_rows: Int,
+    k: Int,
+    n: Int,
+):
+    """One linear layer as a phase: contiguous runs of weight rows (`_rows_per_item`), claimed one
+    at a time."""
+    var per_item = _rows_per_item(n)
+    var n_items = (n + per_item - 1) // per_item
+    var i = _claim(c, phase)
+    while i < n_items:
+        _gemv_rows[wt, gelu, residual, biased](o, x, w, bias, res, m_rows, k, n, i * per_item, min(n, (i + 1) * per_item))
+        _done(c, phase)
+        i = _claim(c, phase)
+    _wait(c, phase, n_items)
+
+
+def _layer_phases[wt: DType, kv: DType](
+    c: Pointer[Int64, MutAnyOrigin],
+    p0: Int,
+    xs: Pointer[Float32, MutAnyOrigin],
+    h: Pointer[Float32, MutAnyOrigin],
+    vec: Pointer[Float32, MutAnyOrigin],
+    mat: Pointer[Scalar[wt], MutAnyOrigin],
+    kp: Pointer[Float32, MutAnyOrigin],
+    vp: Pointer[Float32, MutAnyOrigin],
+    ckp: Pointer[Scalar[kv], MutAnyOrigin],
+    cvp: Pointer[Scalar[kv], MutAnyOrigin],
+    lp: Pointer[Int64, MutAnyOrigin],
+    fp: Pointer[Int64, MutAnyOrigin],
+    scratch: Pointer[Float32, MutAnyOrigin],
+    batch: Int,
+    d: Int,
+    heads: Int,
+    n_ctx: Int,
+    frames: Int,
+    pos: Int,
+) raises:
+    """One decoder block, phases p0 .. p0 + 7, as one worker runs it: the residual stream xs
+    [B, d] in place, the block's vectors ``vec`` (17 d floats) and matrices ``mat`` (14 d x d,
+    `WhisperDecoderStep` gives the order)."""
+    var hidden = 4 * d
+    var qkv = scratch                                # [B, 3d]
+    var att = qkv.unsafe_offset(batch * 3 * d)       # [B, d] self-attention, heads side by side
+    var x1 = att.unsafe_offset(batch * d)
+    var cq = x1.unsafe_offset(batch * d)
+    var cat = cq.unsafe_offset(batch * d)            # cross-attention
+    var x2 = cat.unsafe_offset(batch * d)
+    var f = x2.unsafe_offset(batch * d)              # [B, hidden]
+    var w_o = mat.unsafe_offset(3 * d * d)
+    var w_cq = w_o.unsafe_offset(d * d)
+    var w_co = w_cq.unsafe_offset(d * d)
+    var w_1 = w_co.unsafe_offset(d * d)
+    var w_2 = w_1.unsafe_offset(hidden * d)
+    var b_qkv = vec.unsafe_offset(2 * d)
+    var b_o = b_qkv.unsafe_offset(3 * d)
+    var ln2 = b_o.unsafe_offset(d)
+    var b_cq = ln2.unsafe_offset(2 * d)
+    var b_co = b_cq.unsafe_offset(d)
+    var ln3 = b_co.unsafe_offset(d)
+    var b_1 = ln3.unsafe_offset(2 * d)
+    var b_2 = b_1.unsafe_offset(hidden)
+    _layer_norm(h, xs, vec, vec.unsafe_offset(d), batch, d)
+    _gemv_phase[wt, False, False](c, p0, qkv, h, mat, b_qkv, qkv, batch, d, 3 * d)
+    var bh = _claim(c, p0 + 1)
+    while bh < batch * heads:
+        _self_attend_step_cpu(att, qkv, kp, vp, lp, heads, n_ctx, pos, bh)
+        _done(c, p0 + 1)
+        bh = _claim(c, p0 + 1)
+    _wait(c, p0 + 1, batch * heads)
+    _gemv_phase[wt, False, True](c, p0 + 2, x1, att, w_o, b_o, xs, batch, d, d)
+    _layer_norm(h, x1, ln2, ln2.unsafe_offset(d), batch, d)
+    _gemv_phase[wt, False, False](c, p0 + 3, cq, h, w_cq, b_cq, cq, batch, d, d)
+    bh = _claim(c, p0 + 4)
+    while bh < batch * heads:
+        _attend_cpu_block[kv](cat, cq, ckp, cvp, fp, heads, 1, d, frames, bh, 0)
+        _done(c, p0 + 4)
+        bh = _claim(c, p0 + 4)
+    _wait(c, p0 + 4, batch * heads)
+    _gemv_phase[wt, False, True](c, p0 + 5, x2, cat, w_co, b_co, x1, batch, d, d)
+    _layer_norm(h, x2, ln3, ln3.unsafe_offset(d), batch, d)
+    _gemv_phase[wt, True, False](c, p0 + 6, f, h, w_1, b_1, f, batch, d, hidden)
+    _gemv_phase[wt, False, True](c, p0 + 7, xs, f, w_2, b_2, x2, batch, hidden, d)
+
+
+@extensibility.register("whisper_decoder_step")
+struct WhisperDecoderStep:
+    """A whole one-token decoder step in one op (CPU): embeddings, every block, final norm and
+    logits.
+
+    logits [B, 1, V] float32 out; cache [2L, B, h, 64 * ctx] float32, layer i's keys
+    (transposed, [64, ctx] per head) at 2i and values ([ctx, 64]) at 2i + 1, written at
+    position positions[0]; tokens [B, 1] int64; vectors: float32, the positional embedding
+    [ctx, d], then per block its norms' gamma and beta, the q|k|v bias, the out bias, the cross
+    norm, the cross query and out biases, the MLP norm and its two biases (17 d floats), then
+    the final norm (2 d); matrices, float32 or bfloat16: the token embedding [V, d], then per
+    block W_qkv [3d, d], W_o, W_cq, W_co [d, d], W_1 [4d, d], W_2 [d, 4d]; cross: 2L tensors,
+    layer i's K^T [B, h, 64, S] and V [B, h, S, 64], float32 or bfloat16.
+    """
+
+    @staticmethod
+    def execute[target: StaticString](
+        logits: OutputTensor[dtype=DType.float32, rank=3, ...],
+        cache: _MutableInputTensor[dtype=DType.float32, rank=4, ...],
+        tokens: InputTensor[dtype=DType.int64, rank=2, ...],
+        positions: InputTensor[dtype=DType.int64, rank=1, ...],
+        vectors: InputTensor[dtype=DType.float32, rank=1, ...],
+        matrices: InputTensor[rank=1, ...],
+        cross: InputVariadicTensors[rank=4, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target == "gpu":
+            raise Error("whisper_decoder_step is a CPU op; on a GPU the step graph uses MAX's matmul")
+        comptime wt = matrices.dtype
+        comptime kv = cross.dtype
+        var n_layer = cache.shape()[0] // 2
+        var batch = cache.shape()[1]
+        var heads = cache.shape()[2]
+        var n_ctx = cache.shape()[3] // D
+        var d = heads * D
+        var vocab = logits.shape()[2]
+        var frames = cross[0].shape()[3]
+        if cross.size != 2 * n_layer or tokens.shape()[0] != batch or logits.shape()[0] != batch:
+            raise Error("whisper_decoder_step: cache, cross K/V, tokens and logits disagree on layers or batch")
+        if vectors.shape()[0] != n_ctx * d + 17 * d * n_layer + 2 * d or \
+           matrices.shape()[0] != vocab * d + 14 * d * d * n_layer:
+            raise Error("whisper_decoder_step: the vectors or matrices do not hold ", n_layer, " blocks of d = ", d)
+        var pos = Int(positions.unsafe_ptr()[unsafe_offset=0])
+        if pos < 0 or pos >= n_ctx:
+            raise Error("whisper_decoder_step: position ", pos, " is outside the cache of ", n_ctx)
+        var ck = List[Pointer[Scalar[kv], MutAnyOrigin]]()
+        var cv = List[Pointer[Scalar[kv], MutAnyOrigin]]()
+        comptime for i in range(cross.size // 2):
+            ck.append(cross[2 * i].unsafe_ptr())
+            cv.append(cross[2 * i + 1].unsafe_ptr())
+        var phases = 8 * n_layer + 2
+        var state = List[Float32](length=batch * (10 * d + 4 * d), fill=0.0)
+        var xs = state.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()      # residual stream [B, d]
+        var scratch = xs.unsafe_offset(batch * d)
+        var counters = List[Int64](length=2 * phases, fill=0)
+        var c = counters.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+        var ints = List[Int64](length=2, fill=Int64(pos + 1))
+        ints[1] = Int64(frames)
+        var lp = ints.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+        var fp = lp.unsafe_offset(1)
+        var ckp = ck.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+        var cvp = cv.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+        var cp = cache.unsafe_ptr()
+        var tp = tokens.unsafe_ptr()
+        var vec = vectors.unsafe_ptr()
+        var mat = matrices.unsafe_ptr()
+        var op = logits.unsafe_ptr()
+        var plane = batch * heads * D * n_ctx            # one layer's keys (or values)
+
+        def worker(_w: Int) raises {var c, var xs, var scratch, var lp, var fp, var ckp, var cvp, var cp, var tp, var vec, var mat, var op, var n_layer, var batch, var heads, var n_ctx, var d, var vocab, var frames, var pos, var plane}:
+            var b = _claim(c, 0)                         # embeddings: a sequence per item
+            while b < batch:
+                var row = mat.unsafe_offset(Int(tp[unsafe_offset=b]) * d)
+                var pe = vec.unsafe_offset(pos * d)
+                for j in range(0, d, LW):
+                    xs.unsafe_offset(b * d + j).unsafe_store(row.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]()
+                                                             + pe.unsafe_offset(j).unsafe_load[width=LW]())
+                _done(c, 0)
+                b = _claim(c, 0)
+            _wait(c, 0, batch)
+            var normed = List[Float32](length=batch * d, fill=0.0)
+            var h = normed.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+            for i in range(n_layer):
+                _layer_phases[wt, kv](c, 1 + 8 * i, xs, h, vec.unsafe_offset(n_ctx * d + 17 * d * i),
+                                      mat.unsafe_offset(vocab * d + 14 * d * d * i),
+                                      cp.unsafe_offset(2 * i * plane), cp.unsafe_offset((2 * i + 1) * plane),
+                                      ckp[unsafe_offset=i], cvp[unsafe_offset=i], lp, fp, scratch,
+                                      batch, d, heads, n_ctx, frames, pos)
+            var ln = vec.unsafe_offset(n_ctx * d + 17 * d * n_layer)
+            _layer_norm(h, xs, ln, ln.unsafe_offset(d), batch, d)
+            _gemv_phase[wt, False, False, False](c, 8 * n_layer + 1, op, h, mat, ln, op, batch, d, vocab)
+
+        sync_parallelize(worker, parallelism_level())
+        _ = state^                                       # the buffers the workers used live to here
+        _ = counters^
+        _ = ints^
+        _ = ck^
+        _ = cv^
