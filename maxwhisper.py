@@ -1664,10 +1664,10 @@ class Model:
 
     def _decoder_weights(self) -> list:
         """The decoder's weight inputs as device buffers, its matrices in ``dtype``."""
-        out = []
         names = decoder_param_names(self.dims, quantized=self._wdtype in _Q4_TERMS)
         if self._packed:
             return self._pack(names, graph_weights(self.weights, names))
+        out = []
         for name, array in zip(names, graph_weights(self.weights, names)):
             if self._wdtype is None or not _low_precision(name):
                 out.append(self._put(array))
