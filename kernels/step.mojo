@@ -163,15 +163,19 @@ struct WhisperDecoderStep:
         var pos = Int(positions.unsafe_ptr()[unsafe_offset=0])
         if pos < 0 or pos >= n_ctx:
             raise Error("whisper_decoder_step: position ", pos, " is outside the cache of ", n_ctx)
+        var tp = tokens.unsafe_ptr()
+        for b in range(batch):
+            if tp[unsafe_offset=b] < 0 or tp[unsafe_offset=b] >= Int64(vocab):
+                raise Error("whisper_decoder_step: token ", tp[unsafe_offset=b], " is outside the vocabulary of ", vocab)
         var ck = List[Pointer[Scalar[kv], MutAnyOrigin]]()
         var cv = List[Pointer[Scalar[kv], MutAnyOrigin]]()
         comptime for i in range(cross.size // 2):
             ck.append(cross[2 * i].unsafe_ptr())
             cv.append(cross[2 * i + 1].unsafe_ptr())
         var phases = 8 * n_layer + 2
-        var state = List[Float32](length=batch * (10 * d + 4 * d), fill=0.0)
+        var state = List[Float32](length=batch * 13 * d, fill=0.0)
         var xs = state.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()      # residual stream [B, d]
-        var scratch = xs.unsafe_offset(batch * d)
+        var scratch = xs.unsafe_offset(batch * d)        # a block's activations, 12 d per row
         var counters = List[Int64](length=2 * phases, fill=0)
         var c = counters.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
         var ints = List[Int64](length=2, fill=Int64(pos + 1))
@@ -181,7 +185,6 @@ struct WhisperDecoderStep:
         var ckp = ck.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
         var cvp = cv.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
         var cp = cache.unsafe_ptr()
-        var tp = tokens.unsafe_ptr()
         var vec = vectors.unsafe_ptr()
         var mat = matrices.unsafe_ptr()
         var op = logits.unsafe_ptr()
@@ -208,7 +211,7 @@ struct WhisperDecoderStep:
                                       batch, d, heads, n_ctx, frames, pos)
             var ln = vec.unsafe_offset(n_ctx * d + 17 * d * n_layer)
             _layer_norm(h, xs, ln, ln.unsafe_offset(d), batch, d)
-            _gemv_phase[wt, False, False, False](c, 8 * n_layer + 1, op, h, mat, ln, op, batch, d, vocab)
+            _gemv_phase[wt, False, False, False](c, 8 * n_layer + 1, op, h, mat, ln, op, batch, d, vocab)   # no bias
 
         sync_parallelize(worker, parallelism_level())
         _ = state^                                       # the buffers the workers used live to here

@@ -255,7 +255,7 @@ class DecoderStepOpTest(unittest.TestCase):
             dtype = DType.bfloat16 if wt == "bfloat16" else None
             cls.graphs[wt] = session.load(mw.build_step_graph(cls.dims[wt], dev, mw.KERNELS_DIR, dtype, dtype))
 
-    def run_step(self, batch, pos, wt):
+    def run_step(self, batch, pos, wt, token=None):
         """The op's logits and cache against numpy's step for random weights (matrices and
         cross K/V rounded to ``wt``), cache and tokens."""
         from max.driver import Buffer
@@ -280,7 +280,7 @@ class DecoderStepOpTest(unittest.TestCase):
         cross = [_bfloat16(c) if bf16 else c for c in cross]
         planes = rng.standard_normal((2 * L, batch, h, 64 * 448), dtype=np.float32)
         before = planes.copy()
-        tokens = rng.integers(0, dims["n_vocab"], (batch, 1))
+        tokens = rng.integers(0, dims["n_vocab"], (batch, 1)) if token is None else np.full((batch, 1), token)
 
         def buf(x, low):
             return mw._bfloat16(x) if low and bf16 else Buffer.from_numpy(x)
@@ -328,6 +328,11 @@ class DecoderStepOpTest(unittest.TestCase):
         with self.assertRaises(Exception) as caught:
             self.run_step(1, 448, "bfloat16")
         self.assertIn("outside the cache", str(caught.exception))
+
+    def test_token_outside_the_vocabulary_is_refused(self):
+        with self.assertRaises(Exception) as caught:
+            self.run_step(1, 5, "bfloat16", token=101)
+        self.assertIn("outside the vocabulary", str(caught.exception))
 
 
 @unittest.skipUnless((mw.KERNELS_DIR / "attention.mojo").is_file(), "kernels/ is not present")
