@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -295,24 +296,27 @@ def resample(x: np.ndarray, rate: int, target: int = SAMPLE_RATE, taps: int = 32
 
     Windowed-sinc interpolation (Kaiser window, beta 8.6, ``taps`` zero crossings a side),
     with the low-pass cut-off at 0.95 × the lower Nyquist frequency so nothing aliases.
+    Output sample j reads the input around position j·down/up (up/down = target/rate in
+    lowest terms), whose fraction takes only ``up`` values: the filter is computed once per
+    phase, and each phase is one matrix-vector product over strided windows of the input.
     """
     if rate == target or len(x) == 0:
         return x.astype(np.float32, copy=False)
-    ratio = target / rate
-    cutoff = 0.95 * min(1.0, ratio)
-    n_out = int(np.ceil(len(x) * ratio))
+    g = math.gcd(rate, target)
+    up, down = target // g, rate // g
+    cutoff = 0.95 * min(1.0, up / down)
+    n_out = -(-len(x) * up // down)
     half = int(np.ceil(taps / cutoff))
-    k = np.arange(-half + 1, half + 1)
+    frac = (np.arange(up) * down % up) / up                         # output phase p's fraction
+    dist = frac[:, None] - np.arange(-half + 1, half + 1)[None, :]   # [up, 2*half] tap distances
+    window = np.i0(8.6 * np.sqrt(np.clip(1.0 - (dist / half) ** 2, 0.0, None))) / np.i0(8.6)
+    filters = (cutoff * np.sinc(cutoff * dist) * window).astype(np.float32)
     padded = np.concatenate([np.zeros(half, np.float32), x, np.zeros(half + 1, np.float32)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half)
     out = np.empty(n_out, np.float32)
-    for start in range(0, n_out, 65536):
-        t = np.arange(start, min(n_out, start + 65536)) / ratio      # input positions
-        base = np.floor(t).astype(np.int64)
-        idx = base[:, None] + k[None, :]                               # [n, 2*half]
-        dist = t[:, None] - idx
-        window = np.i0(8.6 * np.sqrt(np.clip(1.0 - (dist / half) ** 2, 0.0, None))) / np.i0(8.6)
-        w = cutoff * np.sinc(cutoff * dist) * window
-        out[start:start + len(t)] = np.sum(padded[idx + half] * w, axis=1)
+    for p in range(min(up, n_out)):                                 # outputs p, p + up, ...
+        first, n = p * down // up + 1, len(range(p, n_out, up))     # their windows step by down
+        out[p::up] = windows[first:first + (n - 1) * down + 1:down] @ filters[p]
     return out
 
 
@@ -2958,6 +2962,8 @@ class Scheduler:
 
     ``submit(job)`` raises ``queue.Full`` when ``queue_size`` requests already wait. With
     ``max_batch=1`` requests are decoded one window at a time (no batching), for comparison.
+    Once stopped it decodes nothing more: jobs it did not finish, and jobs submitted after,
+    end with a 503 error.
     """
 
     def __init__(self, model: Model, max_batch: int = 8, queue_size: int = 64):
@@ -2967,25 +2973,47 @@ class Scheduler:
         self.active: list[_Job] = []
         self.batch_sizes = _Histogram(_BATCH_BUCKETS)
         self._stop = threading.Event()
+        self._finish = True             # on stop: decode what is queued first (False: drop it)
+        self._closed = False            # the loop has ended; guarded by _lock
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="maxwhisper-scheduler", daemon=True)
         self._thread.start()
 
     def submit(self, job: _Job) -> None:
-        """Queue a job (``queue.Full`` when the queue is full)."""
-        self.queue.put_nowait(job)
+        """Queue a job (``queue.Full`` when the queue is full; a 503 ``_ApiError`` once stopped)."""
+        with self._lock:
+            if self._closed:
+                raise _ApiError(503, "the server is shutting down", kind="server_error")
+            self.queue.put_nowait(job)
 
     def depth(self) -> int:
         """Requests waiting plus requests being decoded."""
         return self.queue.qsize() + len(self.active)
 
-    def stop(self) -> None:
-        """Finish the active and queued jobs, then stop the scheduler thread."""
+    def stop(self, finish: bool = True) -> None:
+        """Stop the scheduler thread: after the active and queued jobs (``finish``), or right
+        after the round being decoded, ending the jobs left with a 503 error; returns once the
+        thread has ended, so no decoding runs on."""
+        self._finish = finish
         self._stop.set()
         self._thread.join()
 
     def _loop(self) -> None:
+        try:
+            self._decode_until_stopped()
+        finally:
+            with self._lock:
+                self._closed = True
+                left = self.active + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+            for job in left:
+                job.finish(error=_ApiError(503, "the server shut down before this transcription "
+                                                "finished; retry", kind="server_error",
+                                           headers={"Retry-After": "5"}))
+            self.active = []
+
+    def _decode_until_stopped(self) -> None:
         import queue
-        while not (self._stop.is_set() and not self.active and self.queue.empty()):
+        while not (self._stop.is_set() and (not self._finish or not self.active and self.queue.empty())):
             while len(self.active) < self.max_batch:
                 try:
                     self.active.append(self.queue.get(timeout=0.05 if not self.active else 0))
@@ -3099,11 +3127,15 @@ class Server:
         self.httpd.shutdown()
 
     def drain(self, grace: float = 30.0) -> bool:
-        """Wait up to ``grace`` s for requests in flight, stop the scheduler; True if all ended."""
+        """Wait up to ``grace`` s for the requests in flight, then stop the scheduler; True if
+        all ended in time. Past ``grace`` the round being decoded ends, the requests left are
+        answered 503 and no decoding runs on (a process exiting under it would abort)."""
         with self._lock:
             ended = self._lock.wait_for(lambda: self.in_flight == 0, timeout=grace)
-        if self.scheduler and ended:
-            self.scheduler.stop()
+        if self.scheduler:
+            self.scheduler.stop(finish=ended)
+            with self._lock:            # give the handlers a moment to send their 503s
+                self._lock.wait_for(lambda: self.in_flight == 0, timeout=5)
         self.httpd.server_close()
         return ended
 
@@ -3179,6 +3211,8 @@ class Server:
             job.cancelled = True
             raise _ApiError(504, f"the transcription took longer than {self.request_timeout:g} s",
                             kind="server_error")
+        if isinstance(job.error, _ApiError):
+            raise job.error
         if job.error is not None:
             raise _ApiError(500, f"decoding failed: {type(job.error).__name__}: {job.error}", kind="server_error")
         return job.result, job.transcription.audio_seconds

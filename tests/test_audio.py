@@ -62,7 +62,7 @@ class AudioTest(unittest.TestCase):
         np.testing.assert_allclose(y, (left[:, 0] + right[:, 0]) / 2, atol=1e-4)
 
     def test_resampler_keeps_a_tone_and_removes_alias(self):
-        for rate in (8000, 22050, 44100, 48000):
+        for rate in (8000, 11025, 22050, 44100, 44101, 48000):     # 44101: 16000 phases
             with self.subTest(rate=rate):
                 x = self.tone(rate, seconds=1.0, freq=1000.0)
                 y = mw.load_audio(self.write(f"r{rate}.wav", wav_bytes(x, rate, 32, 3)))

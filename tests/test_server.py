@@ -187,6 +187,28 @@ class ServerLimitsTest(unittest.TestCase):
         status, _, body = transcribe(addr, long_audio)
         self.assertEqual(status, 504, body)
 
+    def test_drain_past_grace_answers_503_and_stops_decoding(self):
+        server = mw.Server(mw.Config.resolve(model="tiny.en"), port=0, model=self.model)
+        result = []
+        t = threading.Thread(target=lambda: result.append(transcribe(server.address,
+                                                                     support.long_clip().read_bytes())))
+        t.start()
+        deadline = time.time() + 120
+        while server.scheduler.depth() == 0:                   # decoding its first window
+            self.assertLess(time.time(), deadline)
+            time.sleep(0.05)
+        server.shutdown()
+        self.assertFalse(server.drain(0))
+        t.join()
+        self.assertFalse(server.scheduler._thread.is_alive())
+        status, headers, body = result[0]
+        self.assertEqual(status, 503, body)
+        self.assertIn("shut down", json.loads(body)["error"]["message"])
+        self.assertEqual(headers["Retry-After"], "5")
+        job = mw._Job(mw._Transcription(self.model, support.samples("en")[0][0], mw._settings(self.model, {})))
+        with self.assertRaises(mw._ApiError):                  # a late submit is refused, not left waiting
+            server.scheduler.submit(job)
+
 
 class ServeProcessTest(unittest.TestCase):
     def test_sigterm_finishes_the_request_in_flight(self):
