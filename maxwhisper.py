@@ -2420,7 +2420,8 @@ def _find_alignment(model: Model, tokenizer, text_tokens: list[int], cross: list
     probs = np.exp(_log_softmax(logits[len(sot):, :tokenizer.eot]))
     text_probs = probs[np.arange(len(text_tokens)), text_tokens].tolist()
     weights = np.exp(_log_softmax(weights[:, :, :num_frames // 2] * qk_scale))
-    weights = (weights - weights.mean(axis=-2, keepdims=True)) / weights.std(axis=-2, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):    # a zero std gives NaN, as torch does
+        weights = (weights - weights.mean(axis=-2, keepdims=True)) / weights.std(axis=-2, keepdims=True)
     matrix = _median_filter(weights, medfilt_width).mean(axis=0)[len(sot):-1]
     text_idx, time_idx = dtw_cpu(-matrix.astype(np.float64))
     words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
