@@ -1,12 +1,10 @@
 from std.math import erf, sqrt
-from std.runtime import parallelism_level
 from std.sys.intrinsics import PrefetchOptions, prefetch
 
 comptime LW = 16         # SIMD width over the input features (float32: one AVX-512 register)
 comptime ROWS = 4        # weight rows per output store (one bias / residual / output vector)
 comptime PF = 4096       # software prefetch distance of a weight stream, in elements (16 KB of
                          # float32); a prefetch past the end of W is a hint, and never faults
-comptime ITEMS_PER_CORE = 4   # work items per core and call, each a contiguous run of weight rows
 
 
 @always_inline
@@ -113,14 +111,6 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool, biased: Bool = True](
                 y[i] = (s0 + s1).reduce_add()
             _finish[gelu, residual, biased](o, bias, res, y, m * n + r, r, nr)
             m += 1
-
-
-def _rows_per_item(n: Int) -> Int:
-    """Weight rows per work item for a matrix of n rows: ITEMS_PER_CORE runs per core, each a
-    multiple of ROWS. Long runs keep each core's stream (and its prefetches) going: on 2 cores,
-    4 runs each took the tiny.en step from 2.80 to 2.65 ms against 8 each (base 5.72 to 5.40)."""
-    var items = ITEMS_PER_CORE * parallelism_level()
-    return ((n + items - 1) // items + ROWS - 1) // ROWS * ROWS
 
 
 def _layer_norm(

@@ -6,7 +6,9 @@ from std.atomic import Atomic
 from std.runtime import parallelism_level
 
 from .attention import D, _attend_cpu_block, _self_attend_step_cpu
-from .linear import LW, _gemv_rows, _layer_norm, _rows_per_item
+from .linear import LW, ROWS, _gemv_rows, _layer_norm
+
+comptime MIN_ROWS = 16     # the shortest run of weight rows a phase hands out
 
 
 def _claim(c: Pointer[Int64, MutAnyOrigin], phase: Int) -> Int:
@@ -38,16 +40,35 @@ def _gemv_phase[wt: DType, gelu: Bool, residual: Bool, biased: Bool = True](
     k: Int,
     n: Int,
 ):
-    """One linear layer as a phase: contiguous runs of weight rows (`_rows_per_item`), claimed one
+    """One linear layer as a phase: contiguous runs of weight rows (`_guided_start`), claimed one
     at a time."""
-    var per_item = _rows_per_item(n)
-    var n_items = (n + per_item - 1) // per_item
+    var p = parallelism_level()
+    var n_items = 0
+    while _guided_start(n, n_items, p) < n:
+        n_items += 1
     var i = _claim(c, phase)
     while i < n_items:
-        _gemv_rows[wt, gelu, residual, biased](o, x, w, bias, res, m_rows, k, n, i * per_item, min(n, (i + 1) * per_item))
+        _gemv_rows[wt, gelu, residual, biased](o, x, w, bias, res, m_rows, k, n, _guided_start(n, i, p),
+                                               _guided_start(n, i + 1, p))
         _done(c, phase)
         i = _claim(c, phase)
     _wait(c, phase, n_items)
+
+
+def _guided_start(n: Int, i: Int, p: Int) -> Int:
+    """First weight row of work item i of a phase of n rows on p cores: each round of p items
+    covers half the rows left (long runs first, for the streams' sake), until its items would
+    be under MIN_ROWS; then items of MIN_ROWS, so the cores end the phase close together."""
+    var start = 0
+    var k = i
+    while True:
+        var item = (n - start) // (2 * p) // ROWS * ROWS
+        if item < MIN_ROWS:
+            return min(n, start + k * MIN_ROWS)
+        if k < p:
+            return start + k * item
+        start += item * p
+        k -= p
 
 
 def _layer_phases[wt: DType, kv: DType](
