@@ -3131,14 +3131,17 @@ class Server:
         """Wait up to ``grace`` s for the requests in flight, then stop the scheduler; True if
         all ended in time. Past ``grace`` the round being decoded ends, the requests left are
         answered 503 and no decoding runs on (a process exiting under it would abort)."""
-        with self._lock:
-            ended = self._lock.wait_for(lambda: self.in_flight == 0, timeout=grace)
+        ended = self._idle(grace)
         if self.scheduler:
             self.scheduler.stop(finish=ended)
-            with self._lock:            # give the handlers a moment to send their 503s
-                self._lock.wait_for(lambda: self.in_flight == 0, timeout=5)
+            self._idle(5)               # give the handlers a moment to send their 503s
         self.httpd.server_close()
         return ended
+
+    def _idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until no request is in flight; True if none is."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.in_flight == 0, timeout=timeout)
 
     def count(self, route: str, status: int, seconds: float | None = None) -> None:
         """Record an answered request (and its latency, for transcriptions) for /metrics."""

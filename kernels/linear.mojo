@@ -59,9 +59,9 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool, biased: Bool = True](
     r1: Int,
 ):
     """Output o[m, r] = act(x[m] . w[r] + bias[r]) (+ res[m, r]) for weight rows r0 .. r1 - 1
-    and every input row m, the bias added where ``biased``. Each weight row streams from memory once (the step is
-    bandwidth-bound), read in order; four input rows at a time share each weight load, a
-    single row keeps two partial sums to hide the add latency."""
+    and every input row m, the bias added where ``biased``. Each weight row streams from
+    memory once (the step is bandwidth-bound), read in order; four input rows at a time share
+    each weight load, a single row keeps two partial sums to hide the add latency."""
     for r in range(r0, r1, ROWS):
         var nr = min(ROWS, r1 - r)
         var m = 0

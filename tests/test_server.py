@@ -189,6 +189,7 @@ class ServerLimitsTest(unittest.TestCase):
 
     def test_drain_past_grace_answers_503_and_stops_decoding(self):
         server = mw.Server(mw.Config.resolve(model="tiny.en"), port=0, model=self.model)
+        self.addCleanup(lambda: (server.shutdown(), server.drain(10)))
         result = []
         t = threading.Thread(target=lambda: result.append(transcribe(server.address,
                                                                      support.long_clip().read_bytes())))
