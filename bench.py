@@ -384,33 +384,86 @@ def window_cross(m: mw.Model, audio: np.ndarray) -> list:
 
 
 def step_latency(m: mw.Model, cross: list, batch: int, position: int, steps: int) -> float:
-    """Median ms of one decoder step at ``position``, for ``batch`` sequences."""
+    """Median ms of one decoder step at ``position``, for ``batch`` sequences. The cache is not
+    filled first: a step reads its first ``position`` rows whatever they hold."""
     cache = m.new_cache(cross, batch=batch)
-    tokens = np.full((batch, position), 262, np.int64)                          # " the"
-    m.decode(cache, tokens)
+    tokens = np.full((batch, 1), 262, np.int64)                                 # " the"
     times = []
-    for _ in range(steps):
-        cache.length = position                                    # re-run the step at this position
-        times.append(_timed(lambda: m.decode(cache, tokens[:, :1])))
-    return 1000 * statistics.median(times)
+    for _ in range(steps + 1):                                  # the first runs the graph cold
+        cache.length = position
+        times.append(_timed(lambda: m.decode(cache, tokens)))
+    return 1000 * statistics.median(times[1:])
+
+
+# openai-whisper's ModelDimensions of its checkpoints (n_mels, vocabulary, width, heads, layers),
+# for timing a size whose weights are not at hand (``scaling --weights random``).
+MODEL_DIMS = {name: dict(n_mels=80, n_audio_ctx=1500, n_audio_state=d, n_audio_head=h, n_audio_layer=n,
+                         n_vocab=51864 if name.endswith(".en") else 51865, n_text_ctx=448, n_text_state=d,
+                         n_text_head=h, n_text_layer=n)
+              for size, (d, h, n) in {"tiny": (384, 6, 4), "base": (512, 8, 6), "small": (768, 12, 12),
+                                      "medium": (1024, 16, 24)}.items() for name in (size, size + ".en")}
+
+
+def random_weights(name: str, seed: int = 0) -> mw.Weights:
+    """Weights of checkpoint ``name``'s names and shapes with random values: a decoder step
+    takes the same time whatever the values, so ``scaling --weights random`` can time a model
+    size on a machine without its checkpoint (a GPU host that reaches no registry)."""
+    if name not in MODEL_DIMS:
+        raise mw.ConfigError(f"--weights random: no dimensions for --model {name!r}; use one of "
+                             f"{', '.join(MODEL_DIMS)}")
+    dims = MODEL_DIMS[name]
+    d = dims["n_text_state"]
+    shapes = {"encoder.conv1.weight": (d, dims["n_mels"], 3), "encoder.conv2.weight": (d, d, 3),
+              "encoder.positional_embedding": (dims["n_audio_ctx"], d),
+              "decoder.token_embedding.weight": (dims["n_vocab"], d),
+              "decoder.positional_embedding": (dims["n_text_ctx"], d)}
+    biases = ["encoder.conv1.bias", "encoder.conv2.bias"]
+    norms = ["encoder.ln_post", "decoder.ln"]
+    blocks = [(f"encoder.blocks.{i}", ("attn",)) for i in range(dims["n_audio_layer"])] + \
+             [(f"decoder.blocks.{i}", ("attn", "cross_attn")) for i in range(dims["n_text_layer"])]
+    for block, attentions in blocks:
+        for a in attentions:
+            shapes.update({f"{block}.{a}.{w}.weight": (d, d) for w in ("query", "key", "value", "out")})
+            biases += [f"{block}.{a}.{w}.bias" for w in ("query", "value", "out")]    # key has none
+            norms.append(f"{block}.{a}_ln")
+        shapes.update({f"{block}.mlp.0.weight": (4 * d, d), f"{block}.mlp.0.bias": (4 * d,),
+                       f"{block}.mlp.2.weight": (d, 4 * d)})
+        biases.append(f"{block}.mlp.2.bias")
+        norms.append(f"{block}.mlp_ln")
+    shapes.update({b: (d,) for b in biases})
+    shapes.update({f"{n}.{w}": (d,) for n in norms for w in ("weight", "bias")})
+    rng = np.random.default_rng(seed)
+    return mw.Weights(dims=dims, state={k: 0.02 * rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()},
+                      source=f"random {name}")
+
+
+def random_cross(m: mw.Model, batch: int, seed: int = 0) -> list:
+    """Random float32 cross K/V for ``batch`` windows, in the layout ``Model.encode`` returns."""
+    h, ctx, L = m.dims["n_text_head"], m.dims["n_audio_ctx"], m.dims["n_text_layer"]
+    rng = np.random.default_rng(seed)
+    return [(m._put(rng.standard_normal((batch, h, 64, ctx), dtype=np.float32)),
+             m._put(rng.standard_normal((batch, h, ctx, 64), dtype=np.float32))) for _ in range(L)]
 
 
 def scaling(args) -> dict:
     """Step latency by position, kernels on/off. The machine's read rate drifts (by half within
     minutes on a shared host), so it is probed right before and after each position's steps and
-    that position's bandwidth bound uses the higher of the two rates."""
+    that position's bandwidth bound uses the higher of the two rates. ``--weights random`` times
+    the model's shapes with random weights and cross K/V (``random_weights``, ``random_cross``)."""
     probe = BandwidthProbe(args.device)
     last = probe.rates()
     probes = [last]
     positions = [int(p) for p in args.positions.split(",")]
     modes = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[args.kernels]
     results = []
+    checkpoint = args.weights == "checkpoint"
     for name in args.model.split(","):
-        weights = mw.load_weights(name)
+        weights = mw.load_weights(name) if checkpoint else random_weights(name)
         for mode in modes:
-            m = mw.Model(weights, device=args.device, kernels=mode)
-            cross = window_cross(m, sample_audio())
+            m = mw.Model(weights, device=args.device, kernels=mode, warmup=checkpoint)
+            audio_cross = window_cross(m, sample_audio()) if checkpoint else None
             for batch in [int(b) for b in args.batch.split(",")]:
+                cross = audio_cross or random_cross(m, batch)
                 r = {"model": name, "batch": batch, "kernels": m.kernels is not None, "step_ms": {},
                      "bandwidth_gbs": {}, "bandwidth_limit_ms": {}, "fraction_of_bandwidth_limit": {}}
                 for p in positions:
@@ -425,7 +478,8 @@ def scaling(args) -> dict:
                 r["tokens_per_s"] = {p: batch * 1000 / v for p, v in r["step_ms"].items()}
                 results.append(r)
     rates = [max(rates.values()) for rates in probes]
-    print_table(f"scaling on {args.device}: decoder step ms by position, fp32; memory read rate probed "
+    print_table(f"scaling on {args.device}: decoder step ms by position, fp32"
+                f"{'' if checkpoint else ', random weights'}; memory read rate probed "
                 f"{min(rates):.1f}–{max(rates):.1f} GB/s over the run, before and after each position "
                 f"(tokens/s, and % of the bandwidth bound from the rate probed around it, at the last position)",
                 ["model", "batch", "kernels"] + positions + ["tokens/s", "% of bound"],
@@ -437,7 +491,7 @@ def scaling(args) -> dict:
         chart(args.png, "decoder step ms by position",
               [f"{r['model']} b{r['batch']} {'k' if r['kernels'] else 'ops'} @{p}" for r in results for p in r["step_ms"]],
               [v for r in results for v in r["step_ms"].values()])
-    out = {"command": "scaling", "device": args.device, "memory_bandwidth_gbs": max(rates),
+    out = {"command": "scaling", "device": args.device, "weights": args.weights, "memory_bandwidth_gbs": max(rates),
            "bandwidth_probes_gbs": probes, "machine": machine(), "runs": results}
     if len(results) == 1:
         out.update(results[0])
@@ -745,6 +799,9 @@ def main(argv=None) -> int:
                    help="decoder attention: the Mojo kernels, MAX ops, or both side by side")
     s.add_argument("--steps", type=int, default=30)
     s.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where the decoder runs")
+    s.add_argument("--weights", choices=["checkpoint", "random"], default="checkpoint",
+                   help="the model's weights and the sample's cross K/V, or random values of their shapes "
+                        "(for a machine without the checkpoint; the same work per step)")
     st = sub.add_parser("stress", parents=[common], help="long decodes, capacity, memory drift")
     st.add_argument("--repeats", type=int, default=100)
     b = sub.add_parser("batch", parents=[common], help="transcribe_batch files/s by batch size")

@@ -70,6 +70,30 @@ class BenchSmokeTest(unittest.TestCase):
                          {"50": 50, "100": 100, "200": 200, "440": 440})
         self.assertTrue(result["capacity_error_past_448"])
 
+    def test_random_weights_have_the_checkpoints_names_and_shapes(self):
+        import bench as b
+        for name in ("tiny.en", "base"):
+            try:
+                real = mw.load_weights(name)
+            except mw.ModelError:
+                continue                       # base ships in an optional package
+            with self.subTest(model=name):
+                fake = b.random_weights(name)
+                self.assertEqual(fake.dims, real.dims)
+                self.assertEqual({k: v.shape for k, v in fake.state.items()},
+                                 {k: v.shape for k, v in real.state.items()})
+        with self.assertRaises(mw.ConfigError):
+            b.random_weights("tiny.fr")
+
+    def test_scaling_with_random_weights(self):
+        out = self.dir / "scaling_random.json"
+        bench("scaling", "--weights", "random", "--positions", "10,400", "--steps", "2", "--kernels", "on",
+              "--batch", "2", "--json", out)
+        result = json.loads(out.read_text())
+        self.assertEqual((result["weights"], result["batch"], result["kernels"]), ("random", 2, True))
+        self.assertEqual(set(result["step_ms"]), {"10", "400"})
+        self.assertTrue(all(v > 0 for v in result["step_ms"].values()))
+
     def test_step_bytes_count_every_weight(self):
         """The bandwidth bound's bytes: the decoder's matrices and embedding as the packed step
         op takes them, plus float32 cross K/V and the filled self K/V."""
