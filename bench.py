@@ -395,8 +395,9 @@ def step_latency(m: mw.Model, cross: list, batch: int, position: int, steps: int
     return 1000 * statistics.median(times[1:])
 
 
-# openai-whisper's ModelDimensions of its checkpoints (n_mels, vocabulary, width, heads, layers),
-# for timing a size whose weights are not at hand (``scaling --weights random``).
+# openai-whisper's ModelDimensions of its checkpoints (width, heads and layers by size; the
+# English-only ones have one token fewer), for timing a size whose weights are not at hand
+# (``scaling --weights random``).
 MODEL_DIMS = {name: dict(n_mels=80, n_audio_ctx=1500, n_audio_state=d, n_audio_head=h, n_audio_layer=n,
                          n_vocab=51864 if name.endswith(".en") else 51865, n_text_ctx=448, n_text_state=d,
                          n_text_head=h, n_text_layer=n)
