@@ -414,25 +414,18 @@ def random_weights(name: str, seed: int = 0) -> mw.Weights:
                              f"{', '.join(MODEL_DIMS)}")
     dims = MODEL_DIMS[name]
     d = dims["n_text_state"]
-    shapes = {"encoder.conv1.weight": (d, dims["n_mels"], 3), "encoder.conv2.weight": (d, d, 3),
-              "encoder.positional_embedding": (dims["n_audio_ctx"], d),
-              "decoder.token_embedding.weight": (dims["n_vocab"], d),
-              "decoder.positional_embedding": (dims["n_text_ctx"], d)}
-    biases = ["encoder.conv1.bias", "encoder.conv2.bias"]
-    norms = ["encoder.ln_post", "decoder.ln"]
-    blocks = [(f"encoder.blocks.{i}", ("attn",)) for i in range(dims["n_audio_layer"])] + \
-             [(f"decoder.blocks.{i}", ("attn", "cross_attn")) for i in range(dims["n_text_layer"])]
-    for block, attentions in blocks:
-        for a in attentions:
-            shapes.update({f"{block}.{a}.{w}.weight": (d, d) for w in ("query", "key", "value", "out")})
-            biases += [f"{block}.{a}.{w}.bias" for w in ("query", "value", "out")]    # key has none
-            norms.append(f"{block}.{a}_ln")
-        shapes.update({f"{block}.mlp.0.weight": (4 * d, d), f"{block}.mlp.0.bias": (4 * d,),
-                       f"{block}.mlp.2.weight": (d, 4 * d)})
-        biases.append(f"{block}.mlp.2.bias")
-        norms.append(f"{block}.mlp_ln")
-    shapes.update({b: (d,) for b in biases})
-    shapes.update({f"{n}.{w}": (d,) for n in norms for w in ("weight", "bias")})
+    names = mw.encoder_param_names(dims) + ["decoder.token_embedding.weight", "decoder.positional_embedding"]
+    for i in range(dims["n_text_layer"]):                  # unfused: the checkpoint's own q, k, v
+        names += mw._block_param_names(f"decoder.blocks.{i}", cross=True)
+    names += ["decoder.ln.weight", "decoder.ln.bias"]
+    exact = {"encoder.conv1.weight": (d, dims["n_mels"], 3), "encoder.conv2.weight": (d, d, 3),
+             "encoder.positional_embedding": (dims["n_audio_ctx"], d),
+             "decoder.token_embedding.weight": (dims["n_vocab"], d),
+             "decoder.positional_embedding": (dims["n_text_ctx"], d)}
+    by_suffix = [("mlp.0.weight", (4 * d, d)), ("mlp.0.bias", (4 * d,)), ("mlp.2.weight", (d, 4 * d))] \
+        + [(f"{w}.weight", (d, d)) for w in ("query", "key", "value", "out")]
+    shapes = {n: exact.get(n) or next((s for end, s in by_suffix if n.endswith(end)), (d,))
+              for n in names}                                              # (d,): norms, biases
     rng = np.random.default_rng(seed)
     return mw.Weights(dims=dims, state={k: 0.02 * rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()},
                       source=f"random {name}")
@@ -441,9 +434,10 @@ def random_weights(name: str, seed: int = 0) -> mw.Weights:
 def random_cross(m: mw.Model, batch: int, seed: int = 0) -> list:
     """Random float32 cross K/V for ``batch`` windows, in the layout ``Model.encode`` returns."""
     h, ctx, L = m.dims["n_text_head"], m.dims["n_audio_ctx"], m.dims["n_text_layer"]
+    dh = m.dims["n_text_state"] // h
     rng = np.random.default_rng(seed)
-    return [(m._put(rng.standard_normal((batch, h, 64, ctx), dtype=np.float32)),
-             m._put(rng.standard_normal((batch, h, ctx, 64), dtype=np.float32))) for _ in range(L)]
+    return [(m._put(rng.standard_normal((batch, h, dh, ctx), dtype=np.float32)),
+             m._put(rng.standard_normal((batch, h, ctx, dh), dtype=np.float32))) for _ in range(L)]
 
 
 def scaling(args) -> dict:
