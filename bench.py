@@ -32,48 +32,16 @@ from pathlib import Path
 import numpy as np
 
 import maxwhisper as mw
+from tests.support import multipart, sample_files, speech_clip        # the audio sets
 
 ROOT = Path(__file__).resolve().parent
+PROBE_KERNELS = ROOT / "bench_kernels"           # the read-rate probe's Mojo op
 ENGINES = ("maxwhisper", "maxwhisper-bf16", "maxwhisper-q4_0", "maxwhisper-q4_0x2", "openai",
            "faster-whisper-fp32", "faster-whisper-int8")
-
-LONG_TEXT = (
-    "The history of the written word begins in the ancient river valleys, where farmers and "
-    "traders needed a way to keep track of grain, cattle and debts. At first they pressed small "
-    "tokens of clay into soft tablets. Over many centuries these marks became signs for sounds, "
-    "and the signs became alphabets. Writing spread along the trade routes of the Mediterranean "
-    "sea. Merchants carried letters across the water, and scribes copied laws, poems and prayers "
-    "onto papyrus and parchment. Libraries grew in the great cities, and scholars travelled for "
-    "weeks to read a single rare book. When the printing press arrived, a page that once took a "
-    "month to copy could be made a thousand times in a day. Newspapers, pamphlets and novels "
-    "followed. Today most writing is read on glowing screens, yet the old habit remains the "
-    "same: one person leaves marks, and another person, far away in space or time, reads them "
-    "and understands. Every message we send is a small part of that long conversation."
-)
-
 
 # ---------------------------------------------------------------------------------------------
 # audio sets
 # ---------------------------------------------------------------------------------------------
-
-def speech_clip(path: Path, text: str = LONG_TEXT, repeat: int = 1) -> Path:
-    """Speak ``text`` (``repeat`` times) into a WAV with espeak-ng, with its .txt reference."""
-    if shutil.which("espeak-ng") is None:
-        raise mw.MaxWhisperError("espeak-ng is not installed (apt-get install espeak-ng)")
-    full = " ".join([text] * repeat)
-    subprocess.run(["espeak-ng", "-s", "140", "-w", str(path), full], check=True)
-    path.with_suffix(".txt").write_text(full)
-    return path
-
-
-def sample_files(lang: str = "en") -> list[Path]:
-    """pytest-audioeval's spoken samples for one language (empty when it is not installed)."""
-    try:
-        import pytest_audioeval
-    except ImportError:
-        return []
-    return sorted((Path(pytest_audioeval.__path__[0]) / "samples" / "audio" / lang).glob("*.wav"))
-
 
 def default_audio(workdir: Path, long_form: bool = True) -> list[Path]:
     """The English samples, plus a ~70 s and a ~3.5 min generated clip when espeak-ng exists."""
@@ -323,8 +291,9 @@ def coldstart(args) -> dict:
 class BandwidthProbe:
     """The device's read rate in GB/s, measured on demand over one 512 MB float32 buffer, best of
     3: MAX's sum (on a CPU, on every core MAX uses: the decoder's own engine and threads) and,
-    on a CPU with ``kernels/``, ``whisper_stream_sum`` (the linear layers' own streaming loop,
-    software prefetch included). The faster reader is the bound a step is held to."""
+    on a CPU, ``whisper_stream_sum`` (``bench_kernels/probe.mojo``: the linear layers' own
+    streaming loop, software prefetch included). The faster reader is the bound a step is held
+    to."""
 
     def __init__(self, device: str = "cpu"):
         from max import engine
@@ -334,7 +303,7 @@ class BandwidthProbe:
         dev = mw._pick_device(device)
         self.host = np.ones((128, 2**20), np.float32)
         ref = DeviceRef.from_device(dev)
-        kernels = mw._kernels_dir("auto") if device == "cpu" else None
+        kernels = PROBE_KERNELS if device == "cpu" and (PROBE_KERNELS / "probe.mojo").is_file() else None
         tensor = TensorType(DType.float32, list(self.host.shape), device=ref)
         session = engine.InferenceSession(devices=[dev])
         self.graphs = {}
@@ -413,19 +382,7 @@ def random_weights(name: str, seed: int = 0) -> mw.Weights:
         raise mw.ConfigError(f"--weights random: no dimensions for --model {name!r}; use one of "
                              f"{', '.join(MODEL_DIMS)}")
     dims = MODEL_DIMS[name]
-    d = dims["n_text_state"]
-    names = mw.encoder_param_names(dims) + ["decoder.token_embedding.weight", "decoder.positional_embedding"]
-    for i in range(dims["n_text_layer"]):                  # unfused: the checkpoint's own q, k, v
-        names += mw._block_param_names(f"decoder.blocks.{i}", cross=True)
-    names += ["decoder.ln.weight", "decoder.ln.bias"]
-    exact = {"encoder.conv1.weight": (d, dims["n_mels"], 3), "encoder.conv2.weight": (d, d, 3),
-             "encoder.positional_embedding": (dims["n_audio_ctx"], d),
-             "decoder.token_embedding.weight": (dims["n_vocab"], d),
-             "decoder.positional_embedding": (dims["n_text_ctx"], d)}
-    by_suffix = [("mlp.0.weight", (4 * d, d)), ("mlp.0.bias", (4 * d,)), ("mlp.2.weight", (d, 4 * d))] \
-        + [(f"{w}.weight", (d, d)) for w in ("query", "key", "value", "out")]
-    shapes = {n: exact.get(n) or next((s for end, s in by_suffix if n.endswith(end)), (d,))
-              for n in names}                                              # (d,): norms, biases
+    shapes = mw.checkpoint_shapes(dims)
     rng = np.random.default_rng(seed)
     return mw.Weights(dims=dims, state={k: 0.02 * rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()},
                       source=f"random {name}")
@@ -436,8 +393,8 @@ def random_cross(m: mw.Model, batch: int, seed: int = 0) -> list:
     h, ctx, L = m.dims["n_text_head"], m.dims["n_audio_ctx"], m.dims["n_text_layer"]
     dh = m.dims["n_text_state"] // h
     rng = np.random.default_rng(seed)
-    return [(m._put(rng.standard_normal((batch, h, dh, ctx), dtype=np.float32)),
-             m._put(rng.standard_normal((batch, h, ctx, dh), dtype=np.float32))) for _ in range(L)]
+    return [(m.put(rng.standard_normal((batch, h, dh, ctx), dtype=np.float32)),
+             m.put(rng.standard_normal((batch, h, ctx, dh), dtype=np.float32))) for _ in range(L)]
 
 
 def scaling(args) -> dict:
@@ -629,20 +586,6 @@ def decode(args) -> dict:
                   f"{r['tokens_per_second'] / ref:.2f}" if ref else "-"] for r in rows])
     return {"command": "decode", "model": args.model, "clip": clip.name, "repeats": args.repeats,
             "engines": rows, "machine": machine()}
-
-
-def multipart(fields: dict, file: bytes | None, filename: str = "clip.wav") -> tuple[bytes, str]:
-    """(body, content type) of a multipart/form-data upload; list values repeat the field."""
-    import uuid
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        for v in value if isinstance(value, list) else [value]:
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{v}\r\n'.encode())
-    if file is not None:
-        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + file + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 def _post_clip(port: int, name: str, data: bytes) -> tuple[int, str]:

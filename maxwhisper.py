@@ -1,20 +1,41 @@
 """maxwhisper — OpenAI's Whisper speech recognition, end to end on Modular's MAX engine.
 
-One module, meant to be vendored. Sections, in order:
+Usage::
+
+    import maxwhisper
+
+    model = maxwhisper.load("tiny.en")                  # weights + compiled graphs on one device
+    result = model.transcribe("meeting.wav", beam_size=5, word_timestamps=True)
+    print(result["text"])                               # openai-whisper's result shape
+    for seg in result["segments"]:
+        print(seg["start"], seg["end"], seg["text"], seg["words"][0])
+
+    # the building blocks transcribe() uses, with an explicit cache
+    mel = model.log_mel(maxwhisper.load_audio("meeting.wav"), padding=maxwhisper.N_SAMPLES)
+    features, cross = model.encode(mel[None, :, :maxwhisper.N_FRAMES])
+    cache = model.new_cache(cross)                      # a KVCache: self K/V buffers + cross K/V
+    logits = model.decode(cache, [model.tokenizer().sot_sequence])   # [1, 1, n_vocab]
+
+One module, meant to be vendored (``kernels/`` beside it is optional: without it the
+decoder's attention is built from MAX ops). Sections, in order; each refers only to those
+above it:
 
     1. errors        typed exceptions, each message names the culprit and the fix
-    2. config        settings from defaults < maxwhisper.cfg < MAXWHISPER_* < arguments
-    3. audio I/O     WAV reader (PCM 8/16/24/32-bit, float32), ffmpeg fallback, resampler
-    4. weights       openai-whisper ``.pt`` checkpoints, CTranslate2 folders, model names
-    5. graphs        MAX graph builders: log-mel, encoder (+ cross K/V), cached decoder,
-                     beam reorder, alignment (cross-attention for word timing)
-    6. KVCache       the decoder's explicit key/value cache
-    7. Model         ``load()``: weights + compiled graphs on one device, metrics
-    8. decoding      logit filters, greedy/sampling and beam search over a batch of windows
-    9. transcribe    openai-whisper's long-form algorithm: windows, seeking, fallback, word
-                     timing, batches of audios, voice activity, hallucination guards
-   10. server        ``python -m maxwhisper serve``: OpenAI's transcription API, batched
-   11. CLI           ``python -m maxwhisper audio.wav``
+    2. options       ONE table of every option: name, default, parser, scope, help
+    3. config        defaults < maxwhisper.cfg < MAXWHISPER_* < arguments; logs; cache folder
+    4. audio I/O     WAV reader, ffmpeg fallback, resampler, voice activity by frame energy
+    5. weights       ONE parameter spec (name, shape, layout, precision); .pt and
+                     CTranslate2 loaders; packaged model names; Q4_0 and bfloat16 encodings
+    6. runtime       openai-whisper modules, devices, the compiled-graph store, compile progress
+    7. graphs        MAX graph builders: log-mel, encoder (+ cross K/V), cached decoder,
+                     one-token step, beam reorder, cross K/V gather, alignment, Q4_0 repack
+    8. KVCache       the decoder's explicit key/value cache
+    9. Model         weights placed on a device, a graph runner, and the building blocks
+   10. decoding      logit filters, greedy/sampling and beam search over a batch of windows
+   11. transcribe    openai-whisper's long-form algorithm: windows, seeking, fallback, word
+                     timing, batches of audios, hallucination guards
+   12. server        ``python -m maxwhisper serve``: OpenAI's transcription API, batched
+   13. CLI           ``python -m maxwhisper audio.wav``
 
 Truth is openai-whisper: with the same weights and options the greedy transcript is the same
 tokens. The tokenizer and output writers are openai-whisper's own; everything that computes
@@ -43,18 +64,18 @@ import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 __all__ = [
     "MaxWhisperError", "AudioError", "ModelError", "ConfigError", "CapacityError", "DeviceError",
-    "Config", "SETTINGS",
-    "load_audio", "speech_regions", "Weights", "load_weights", "KVCache", "Model", "load",
-    "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions", "DecodingResult",
-    "build_mel_graph", "build_encoder_graph", "build_decoder_graph", "build_step_graph",
-    "build_reorder_graph", "build_gather_graph", "build_repack_graph", "build_alignment_graph",
-    "quantize_q4_0", "Scheduler", "Server", "serve",
+    "Option", "OPTIONS", "SETTINGS", "Config", "TranscribeOptions",
+    "load_audio", "speech_regions", "Weights", "load_weights", "weight_spec", "KVCache", "Model",
+    "Precision", "load", "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions",
+    "DecodingResult", "build_mel_graph", "build_encoder_graph", "build_decoder_graph",
+    "build_step_graph", "build_reorder_graph", "build_gather_graph", "build_repack_graph",
+    "build_alignment_graph", "quantize_q4_0", "Scheduler", "Server", "serve",
 ]
 
 log = logging.getLogger("maxwhisper")
@@ -100,11 +121,11 @@ class DeviceError(MaxWhisperError):
 
 
 # =============================================================================================
-# 2. config
+# 2. options
 # =============================================================================================
-# One table of settings. Each value comes from, in rising precedence: the default here, the
-# [maxwhisper] section of a config file (``config=`` / ``--config`` / $MAXWHISPER_CONFIG), a
-# MAXWHISPER_<NAME> environment variable, then a keyword argument or CLI flag.
+# Every option maxwhisper takes is one row here: ``SETTINGS`` (config file, MAXWHISPER_*
+# variables), ``TranscribeOptions``, the defaults of ``DecodingOptions``, the CLI flags, the
+# ``serve`` flags, the server's form fields and ``--print-config`` are all made from it.
 
 def _parse_bool(s: str) -> bool:
     v = {"true": True, "yes": True, "on": True, "1": True,
@@ -128,48 +149,156 @@ def _parse_choice(*choices):
 
 def _parse_temperatures(s) -> tuple:
     vals = tuple(float(t) for t in (s.split(",") if isinstance(s, str) else s))
-    if not vals or any(t < 0 for t in vals):
+    if not vals or any(not 0 <= t < math.inf for t in vals):
         raise ValueError("expected comma-separated temperatures >= 0")
     return vals
 
 
-# name: (default, parser from text, where it applies, help)
-SETTINGS: dict[str, tuple] = {
-    "model": ("tiny.en", str, "load", "model name, CTranslate2 folder or .pt checkpoint"),
-    "device": ("auto", _parse_choice("auto", "cpu", "gpu", "cuda"), "load", "auto, cpu or gpu"),
-    "kernels": ("auto", _parse_choice("auto", "on", "off"), "load",
-                "Mojo attention kernels from kernels/: auto uses them when present"),
-    "dtype": ("float32", _parse_choice("float32", "bfloat16", "q4_0", "q4_0x2"), "load",
-              "weight precision: float32 (exact), bfloat16 (decoder, half the bytes), q4_0 "
-              "(4-bit blocks, encoder too; fastest, least exact) or q4_0x2 (two 4-bit terms, "
-              "about bfloat16's accuracy)"),
-    "graph_cache": ("auto", str, "load", "folder keeping compiled graphs for fast starts: "
-                    "auto = $XDG_CACHE_HOME or ~/.cache, then maxwhisper/graphs; off = none"),
-    "language": (None, _parse_optional(str), "transcribe", "spoken language; none detects it"),
-    "task": ("transcribe", _parse_choice("transcribe", "translate"), "transcribe", "transcribe or translate"),
-    "temperature": ((0.0, 0.2, 0.4, 0.6, 0.8, 1.0), _parse_temperatures, "transcribe",
-                    "temperature schedule for fallback, comma-separated"),
-    "best_of": (None, _parse_optional(int), "transcribe", "samples per temperature > 0"),
-    "beam_size": (None, _parse_optional(int), "transcribe", "beams at temperature 0; none is greedy"),
-    "patience": (None, _parse_optional(float), "transcribe", "beam search patience (finished beams / beam_size)"),
-    "word_timestamps": (False, _parse_bool, "transcribe", "word start/end times from cross-attention"),
-    "vad_filter": (False, _parse_bool, "transcribe", "skip long silences (frame energy) before decoding"),
-    "repetition_limit": (None, _parse_optional(int), "transcribe",
-                         "cut a window whose text repeats one n-gram this many times; retry hotter"),
-    "silence_threshold_db": (None, _parse_optional(float), "transcribe",
-                             "skip a no-speech window whose loudest 100 ms is below this dBFS"),
-    "compression_ratio_threshold": (2.4, _parse_optional(float), "transcribe", "gzip ratio that triggers fallback"),
-    "logprob_threshold": (-1.0, _parse_optional(float), "transcribe", "mean log-prob that triggers fallback"),
-    "no_speech_threshold": (0.6, _parse_optional(float), "transcribe", "no-speech probability for silence"),
-    "condition_on_previous_text": (True, _parse_bool, "transcribe", "prompt each window with the last"),
-    "initial_prompt": (None, _parse_optional(str), "transcribe", "text prompt for the first window"),
-    "max_audio_seconds": (None, _parse_optional(float), "transcribe", "refuse longer audio (CapacityError)"),
-    "output_format": ("all", _parse_choice("txt", "vtt", "srt", "tsv", "json", "all"), "cli", "CLI output files"),
-    "output_dir": (".", str, "cli", "CLI output folder"),
-    "log_format": ("text", _parse_choice("text", "json"), "cli", "CLI log lines: text or json"),
-    "log_level": ("info", _parse_choice("debug", "info", "warning", "error"), "cli", "CLI log level"),
-}
+def _parse_json_object(s: str) -> dict | None:
+    if s.strip().lower() in ("", "none"):
+        return None
+    value = json.loads(s)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
 
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option: its ``name`` (a keyword argument, ``--name`` flag, ``name =`` config line
+    and ``MAXWHISPER_NAME`` variable), ``default``, ``parse`` (text -> value: config files,
+    variables, flags, form fields), ``scope`` and ``help``.
+
+    Scopes: ``load`` (the model: ``load()``), ``transcribe`` (``transcribe()`` and the model's
+    defaults for it), ``cli`` (the command line's output files), ``serve`` (the HTTP server),
+    ``logging`` (the log lines of the command line and the server).
+    ``cli_default``: the CLI's default where it differs (openai-whisper's CLI is verbose);
+    ``serve_default``: the server's, where a request must be bounded. ``form``: the server's
+    multipart field that sets it (OpenAI's names), if any.
+    """
+
+    name: str
+    default: object
+    parse: Callable
+    scope: str
+    help: str
+    cli_default: object = None
+    serve_default: object = None
+    form: str | None = None
+
+    @property
+    def flags(self) -> list[str]:
+        """``--name``, and ``--name-with-dashes`` for a name with underscores."""
+        return [f"--{self.name}"] + ([f"--{self.name.replace('_', '-')}"] if "_" in self.name else [])
+
+
+_PREPEND = "\"'“¿([{-"
+_APPEND = "\"'.。,，!！?？:：”)]}、"
+_O = Option
+_int, _float, _str = _parse_optional(int), _parse_optional(float), _parse_optional(str)
+
+OPTIONS: tuple[Option, ...] = (
+    # -- the model ------------------------------------------------------------------------
+    _O("model", "tiny.en", str, "load", "model name, CTranslate2 folder or .pt checkpoint"),
+    _O("device", "auto", _parse_choice("auto", "cpu", "gpu", "cuda"), "load", "auto, cpu or gpu"),
+    _O("kernels", "auto", _parse_choice("auto", "on", "off"), "load",
+       "Mojo kernels from kernels/: auto uses them when the folder is there"),
+    _O("dtype", "float32", _parse_choice("float32", "bfloat16", "q4_0", "q4_0x2"), "load",
+       "weight precision: float32 (exact), bfloat16 (decoder, half the bytes), q4_0 (4-bit "
+       "blocks, encoder too; fastest, least exact) or q4_0x2 (two 4-bit terms, about "
+       "bfloat16's accuracy)"),
+    _O("graph_cache", "auto", str, "load", "folder keeping compiled graphs for fast starts: auto = "
+       "$XDG_CACHE_HOME or ~/.cache, then maxwhisper/graphs; off = none"),
+    # -- transcription ----------------------------------------------------------------------
+    _O("language", None, _str, "transcribe", "spoken language (code or name); none detects it",
+       form="language"),
+    _O("task", "transcribe", _parse_choice("transcribe", "translate"), "transcribe",
+       "transcribe, or translate into English"),
+    _O("temperature", (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), _parse_temperatures, "transcribe",
+       "temperature schedule for fallback, comma-separated", form="temperature"),
+    _O("best_of", None, _int, "transcribe", "samples per temperature > 0"),
+    _O("beam_size", None, _int, "transcribe", "beams at temperature 0; none is greedy"),
+    _O("patience", None, _float, "transcribe", "beam search patience (finished beams / beam_size)"),
+    _O("length_penalty", None, _float, "transcribe",
+       "length penalty alpha for ranking candidates; none = length normalisation"),
+    _O("sample_len", None, _int, "transcribe", "tokens to decode per window at most (none: 224)"),
+    _O("seed", None, _int, "transcribe", "random seed of the samples drawn above temperature 0"),
+    _O("prefix", None, _str, "transcribe", "text the first window's transcript starts with"),
+    _O("suppress_tokens", "-1", str, "transcribe",
+       "comma-separated token ids never to emit; -1 = the non-speech symbols"),
+    _O("suppress_blank", True, _parse_bool, "transcribe", "no blank or end at a window's start"),
+    _O("without_timestamps", False, _parse_bool, "transcribe", "decode text tokens only"),
+    _O("max_initial_timestamp", 1.0, _float, "transcribe", "latest first timestamp of a window (s)"),
+    _O("compression_ratio_threshold", 2.4, _float, "transcribe", "gzip ratio that triggers fallback"),
+    _O("logprob_threshold", -1.0, _float, "transcribe", "mean log-prob that triggers fallback"),
+    _O("no_speech_threshold", 0.6, _float, "transcribe", "no-speech probability for silence"),
+    _O("condition_on_previous_text", True, _parse_bool, "transcribe", "prompt each window with the last"),
+    _O("initial_prompt", None, _str, "transcribe", "text prompt for the first window", form="prompt"),
+    _O("carry_initial_prompt", False, _parse_bool, "transcribe",
+       "prepend initial_prompt to every window's prompt"),
+    _O("clip_timestamps", "0", str, "transcribe",
+       "comma-separated start,end,... seconds of the clips to transcribe"),
+    _O("word_timestamps", False, _parse_bool, "transcribe", "word start/end times from cross-attention"),
+    _O("prepend_punctuations", _PREPEND, str, "transcribe",
+       "with word_timestamps, punctuation merged into the next word"),
+    _O("append_punctuations", _APPEND, str, "transcribe",
+       "with word_timestamps, punctuation merged into the previous word"),
+    _O("hallucination_silence_threshold", None, _float, "transcribe",
+       "with word_timestamps, skip silences longer than this (s) before a possible hallucination"),
+    _O("vad_filter", False, _parse_bool, "transcribe", "skip long silences (frame energy) before decoding"),
+    _O("vad_parameters", None, _parse_json_object, "transcribe",
+       "JSON object tuning vad_filter: threshold_db, min_silence_seconds, speech_pad_seconds"),
+    _O("repetition_limit", None, _int, "transcribe",
+       "cut a window whose text repeats one n-gram this many times; retry hotter"),
+    _O("silence_threshold_db", None, _float, "transcribe",
+       "skip a no-speech window whose loudest 100 ms is below this dBFS"),
+    _O("max_audio_seconds", None, _float, "transcribe", "refuse longer audio (CapacityError; a WAV "
+       "is measured from its header, other formats stop decoding there)", serve_default=3600.0),
+    _O("verbose", False, _parse_bool, "transcribe", "log each segment as it is decoded (the CLI "
+       "prints them instead)", cli_default=True),
+    # -- the command line's output -----------------------------------------------------------
+    _O("output_format", "all", _parse_choice("txt", "vtt", "srt", "tsv", "json", "all"), "cli",
+       "CLI output files"),
+    _O("output_dir", ".", str, "cli", "CLI output folder"),
+    _O("temperature_increment_on_fallback", 0.2, _float, "cli",
+       "with a single --temperature, the step of the fallback schedule up to 1.0"),
+    _O("highlight_words", False, _parse_bool, "cli",
+       "(needs word_timestamps) underline each word as it is spoken in srt and vtt"),
+    _O("max_line_width", None, _int, "cli", "(needs word_timestamps) characters in a subtitle line"),
+    _O("max_line_count", None, _int, "cli", "(needs max_line_width) lines in a subtitle segment"),
+    _O("max_words_per_line", None, _int, "cli",
+       "(needs word_timestamps, not with max_line_width) words in a subtitle line"),
+    _O("log_format", "text", _parse_choice("text", "json"), "logging", "log lines: text or json"),
+    _O("log_level", "info", _parse_choice("debug", "info", "warning", "error"), "logging", "log level"),
+    # -- the server ---------------------------------------------------------------------------
+    _O("host", "127.0.0.1", str, "serve", "address to listen on"),
+    _O("port", 8000, int, "serve", "port to listen on (0 picks a free one)"),
+    _O("api_key", None, _str, "serve", "require 'Authorization: Bearer KEY' on /v1/*"),
+    _O("max_batch", 8, int, "serve", "transcriptions decoded together (1 turns batching off)"),
+    _O("queue_size", 64, int, "serve", "requests waiting before 503"),
+    _O("max_upload_mb", 25.0, float, "serve", "largest upload (MiB); 413 above it"),
+    _O("request_timeout", 300.0, float, "serve", "seconds a transcription may take; 504 past it "
+       "(and the most a request's body may take to arrive: 408)"),
+    _O("client_timeout", 30.0, float, "serve", "seconds a client may take to send a request's "
+       "headers, or stay silent mid-body or idle on a kept-alive connection, before it is closed"),
+    _O("max_connections", 64, int, "serve", "open client connections at most; past it a new one "
+       "is answered 503 and closed"),
+    _O("grace", 30.0, float, "serve", "seconds to finish requests in flight on SIGTERM"),
+)
+SETTINGS: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+def _default(name: str):
+    """The table's default of option ``name`` (``DecodingOptions`` reads its defaults here)."""
+    return SETTINGS[name].default
+
+
+# =============================================================================================
+# 3. config
+# =============================================================================================
+# Each value comes from, in rising precedence: the table's default, the [maxwhisper] section of
+# a config file (``config=`` / ``--config`` / $MAXWHISPER_CONFIG), a MAXWHISPER_<NAME>
+# environment variable, then a keyword argument or command-line flag.
 
 class Config:
     """Resolved settings: ``config[name]`` is the value, ``config.sources[name]`` where it came from."""
@@ -188,18 +317,7 @@ class Config:
         ``origin`` names where the overrides came from, for messages and ``describe()``.
         """
         env = os.environ if env is None else env
-        values = {k: v[0] for k, v in SETTINGS.items()}
-        sources = {k: "default" for k in SETTINGS}
-
-        def put(name, raw, source):
-            if name not in SETTINGS:
-                raise ConfigError(f"{source}: unknown setting {name!r}; known: {', '.join(SETTINGS)}")
-            try:
-                values[name] = SETTINGS[name][1](raw) if isinstance(raw, str) else raw
-            except ValueError as e:
-                raise ConfigError(f"{source}: bad value {raw!r} for {name!r} ({e})") from None
-            sources[name] = source
-
+        cfg = cls({o.name: o.default for o in OPTIONS}, dict.fromkeys(SETTINGS, "default"))
         path = path or env.get("MAXWHISPER_CONFIG")
         if path:
             import configparser
@@ -212,46 +330,124 @@ class Config:
             if not parser.has_section("maxwhisper"):
                 raise ConfigError(f"{path}: has no [maxwhisper] section")
             for name, raw in parser.items("maxwhisper"):
-                put(name, raw, f"{path} [maxwhisper] {name}")
+                cfg._put(name, raw, f"{path} [maxwhisper] {name}")
         for key, raw in env.items():
             if key.startswith("MAXWHISPER_") and key != "MAXWHISPER_CONFIG":
-                put(key[len("MAXWHISPER_"):].lower(), raw, f"${key}")
+                cfg._put(key[len("MAXWHISPER_"):].lower(), raw, f"${key}")
+        return cfg.override(origin, **overrides)
+
+    def override(self, origin: str = "argument", **overrides) -> "Config":
+        """A copy with ``overrides`` (None is skipped) set, their source ``origin``."""
+        cfg = Config(dict(self.values), dict(self.sources))
         for name, raw in overrides.items():
             if raw is not None:
-                put(name, raw, origin)
-        return cls(values, sources)
+                cfg._put(name, raw, origin)
+        return cfg
+
+    def with_defaults(self, kind: str) -> "Config":
+        """A copy in which every option still at the table's default takes its ``cli`` or
+        ``serve`` default (``Option.cli_default``, ``serve_default``) where it has one."""
+        field = f"{kind}_default"
+        return self.override(f"{kind} default", **{
+            o.name: getattr(o, field) for o in OPTIONS
+            if getattr(o, field) is not None and self.sources[o.name] == "default"})
+
+    def _put(self, name: str, raw, source: str) -> None:
+        if name not in SETTINGS:
+            raise ConfigError(f"{source}: unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+        try:
+            self.values[name] = SETTINGS[name].parse(raw) if isinstance(raw, str) else raw
+        except ValueError as e:
+            raise ConfigError(f"{source}: bad value {raw!r} for {name!r} ({e})") from None
+        self.sources[name] = source
 
     def scope(self, where: str) -> dict:
-        """The settings that apply to ``load``, ``transcribe`` or ``cli``."""
-        return {k: self.values[k] for k, v in SETTINGS.items() if v[2] == where}
+        """The settings that apply to ``load``, ``transcribe``, ``cli`` or ``serve``."""
+        return {o.name: self.values[o.name] for o in OPTIONS if o.scope == where}
 
     def describe(self) -> str:
         """One line per setting: name = value  # source."""
         return "\n".join(f"{k} = {self.values[k]!r}  # {self.sources[k]}" for k in SETTINGS)
 
 
+def _arg_parser(prog: str, description: str, scopes: Sequence[str]):
+    """An ``argparse`` parser with ``--config`` and a flag for every option of ``scopes``
+    (``--name`` and ``--name-with-dashes``), each defaulting to None: ``_config_from_args``
+    resolves them, so a flag not given leaves the config file, environment or default."""
+    import argparse
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="config file with a [maxwhisper] section (or $MAXWHISPER_CONFIG)")
+    short = {"output_dir": ["-o"], "output_format": ["-f"]}
+    for o in OPTIONS:
+        if o.scope in scopes:
+            default = o.default if o.cli_default is None or "cli" not in scopes else o.cli_default
+            default = o.serve_default if o.serve_default is not None and "serve" in scopes else default
+            p.add_argument(*o.flags, *short.get(o.name, []), dest=o.name, default=None,
+                           help=f"{o.help} (default: {default!r})")
+    return p
+
+
+def _config_from_args(args, scopes: Sequence[str], **changes) -> Config:
+    """The ``Config`` of parsed ``_arg_parser`` flags (source "command line"), ``changes``
+    applied over them."""
+    flags = {o.name: getattr(args, o.name) for o in OPTIONS if o.scope in scopes}
+    return Config.resolve(args.config, origin="command line", **{**flags, **changes})
+
+
+def _cache_dir(app: str = "maxwhisper") -> Path:
+    """A cache folder: $XDG_CACHE_HOME/<app>, else ~/.cache/<app> (``whisper``: where
+    openai-whisper keeps its downloaded checkpoints)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / app
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": round(record.created, 3), "level": record.levelname.lower(),
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(cfg: Config, verbose: bool = True) -> None:
+    """Send maxwhisper's log lines to stderr, as text or JSON lines (``log_format``), at
+    ``log_level`` (warnings only unless ``verbose``). The CLI and the server call it; a library
+    user configures ``logging.getLogger("maxwhisper")`` as they like instead."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if cfg["log_format"] == "json"
+                         else logging.Formatter("maxwhisper: %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False           # MAX may configure the root logger; the CLI owns its stderr
+    log.setLevel(getattr(logging, cfg["log_level"].upper()) if verbose else logging.WARNING)
+
+
 # =============================================================================================
-# 3. audio I/O
+# 4. audio I/O
 # =============================================================================================
 
 _WAVE_PCM, _WAVE_FLOAT, _WAVE_EXTENSIBLE = 0x0001, 0x0003, 0xFFFE
+MAX_SAMPLE_RATE = 384_000      # the highest rate audio hardware records; a WAV above it is refused
 
 
-def _parse_wav(path: Path, data: bytes) -> tuple[np.ndarray, int]:
+def _parse_wav(path: Path, data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """Decode a RIFF/WAVE file into float32 samples [frames, channels] and its sample rate.
 
     Python's ``wave`` module reads only integer PCM (no IEEE float, no WAVE_FORMAT_EXTENSIBLE
     before 3.12), so the chunk walk is done here with ``struct``: PCM 8/16/24/32-bit and
     float 32/64-bit, any channel count. A data chunk cut short is decoded as far as it goes.
+    Audio longer than ``max_seconds`` raises ``CapacityError`` before any sample is decoded.
     """
     if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX") or data[8:12] != b"WAVE":
         raise AudioError(f"{path}: not a RIFF/WAVE file")
     if data[:4] == b"RIFX":
         raise AudioError(f"{path}: big-endian RIFX WAV is not supported; convert it to RIFF")
     fmt, pcm, pos = None, None, 12
+    view = memoryview(data)                              # chunks are views: no copy of the samples
     while pos + 8 <= len(data):
         cid, size = data[pos:pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
-        body = data[pos + 8:pos + 8 + size]
+        body = view[pos + 8:pos + 8 + size]
         if cid == b"fmt ":
             if len(body) < 16:
                 raise AudioError(f"{path}: WAV 'fmt ' chunk is {len(body)} bytes, expected 16+")
@@ -269,14 +465,16 @@ def _parse_wav(path: Path, data: bytes) -> tuple[np.ndarray, int]:
     if fmt is None or pcm is None:
         raise AudioError(f"{path}: WAV file has no {'fmt' if fmt is None else 'data'} chunk")
     tag, channels, rate, bits = fmt
-    if channels < 1 or rate < 1:
-        raise AudioError(f"{path}: WAV header says {channels} channels at {rate} Hz")
+    if channels < 1 or not 1 <= rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{path}: WAV header says {channels} channels at {rate} Hz; maxwhisper reads "
+                         f"1 to {MAX_SAMPLE_RATE} Hz: convert it (e.g. with sox or ffmpeg)")
     width = bits // 8
     if (tag, bits) not in ((_WAVE_PCM, 8), (_WAVE_PCM, 16), (_WAVE_PCM, 24), (_WAVE_PCM, 32),
                            (_WAVE_FLOAT, 32), (_WAVE_FLOAT, 64)):
         raise AudioError(f"{path}: WAV format tag {tag} with {bits}-bit samples is not "
                          "supported; convert it to 16-bit PCM (e.g. with sox or ffmpeg)")
     n = len(pcm) // (width * channels) * channels
+    _check_duration(path, n // channels / rate, max_seconds)
     pcm = pcm[:n * width]
     if tag == _WAVE_FLOAT:
         x = np.frombuffer(pcm, "<f4" if bits == 32 else "<f8").astype(np.float32)
@@ -297,8 +495,10 @@ def resample(x: np.ndarray, rate: int, target: int = SAMPLE_RATE, taps: int = 32
     Windowed-sinc interpolation (Kaiser window, beta 8.6, ``taps`` zero crossings a side),
     with the low-pass cut-off at 0.95 × the lower Nyquist frequency so nothing aliases.
     Output sample j reads the input around position j·down/up (up/down = target/rate in
-    lowest terms), whose fraction takes only ``up`` values: the filter is computed once per
-    phase, and each phase is one matrix-vector product over strided windows of the input.
+    lowest terms), whose fraction takes only ``up`` values: each phase's filter is computed
+    once (256 phases at a time), and the phase is one matrix-vector product over strided
+    windows of the input. Memory is the output plus 256 filters (2 x taps / cutoff floats
+    each) whatever the rates; time is (up + output length) x filter length.
     """
     if rate == target or len(x) == 0:
         return x.astype(np.float32, copy=False)
@@ -307,26 +507,31 @@ def resample(x: np.ndarray, rate: int, target: int = SAMPLE_RATE, taps: int = 32
     cutoff = 0.95 * min(1.0, up / down)
     n_out = -(-len(x) * up // down)
     half = int(np.ceil(taps / cutoff))
-    frac = (np.arange(up) * down % up) / up                         # output phase p's fraction
-    dist = frac[:, None] - np.arange(-half + 1, half + 1)[None, :]   # [up, 2*half] tap distances
-    window = np.i0(8.6 * np.sqrt(np.clip(1.0 - (dist / half) ** 2, 0.0, None))) / np.i0(8.6)
-    filters = (cutoff * np.sinc(cutoff * dist) * window).astype(np.float32)
+    taps_at = np.arange(-half + 1, half + 1)
     padded = np.concatenate([np.zeros(half, np.float32), x, np.zeros(half + 1, np.float32)])
     windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half)
     out = np.empty(n_out, np.float32)
-    for p in range(min(up, n_out)):                                 # outputs p, p + up, ...
-        first, n = p * down // up + 1, len(range(p, n_out, up))     # their windows step by down
-        out[p::up] = windows[first:first + (n - 1) * down + 1:down] @ filters[p]
+    for p0 in range(0, min(up, n_out), 256):                        # filters of 256 phases at a time
+        phases = np.arange(p0, min(p0 + 256, up, n_out))
+        dist = (phases * down % up / up)[:, None] - taps_at[None, :]  # [phases, 2*half] tap distances
+        window = np.i0(8.6 * np.sqrt(np.clip(1.0 - (dist / half) ** 2, 0.0, None))) / np.i0(8.6)
+        filters = (cutoff * np.sinc(cutoff * dist) * window).astype(np.float32)
+        for p, h in zip(phases.tolist(), filters):                  # outputs p, p + up, ...
+            first, n = p * down // up + 1, len(range(p, n_out, up))  # their windows step by down
+            out[p::up] = windows[first:first + (n - 1) * down + 1:down] @ h
     return out
 
 
-def _ffmpeg_decode(path: Path) -> np.ndarray:
-    """Decode any format ffmpeg reads into mono 16 kHz float32."""
+def _ffmpeg_decode(path: Path, max_seconds: float | None = None) -> np.ndarray:
+    """Decode any format ffmpeg reads into mono 16 kHz float32; past ``max_seconds`` (plus a
+    second, so that the caller sees it is longer) ffmpeg stops: a small compressed file cannot
+    become hours of samples in memory."""
     if shutil.which("ffmpeg") is None:
         raise AudioError(f"{path}: not a WAV file, and reading other formats needs ffmpeg on "
                          "PATH (apt-get install ffmpeg), or convert the file to WAV")
     cmd = ["ffmpeg", "-nostdin", "-threads", "0", "-i", str(path), "-f", "s16le", "-ac", "1",
-           "-acodec", "pcm_s16le", "-ar", str(SAMPLE_RATE), "-"]
+           "-acodec", "pcm_s16le", "-ar", str(SAMPLE_RATE)]
+    cmd += ["-t", f"{max_seconds + 1:.3f}", "-"] if max_seconds is not None else ["-"]
     proc = subprocess.run(cmd, capture_output=True)
     if proc.returncode != 0:
         last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
@@ -334,19 +539,33 @@ def _ffmpeg_decode(path: Path) -> np.ndarray:
     return np.frombuffer(proc.stdout, np.int16).astype(np.float32) / 32768.0
 
 
-def load_audio(audio: str | os.PathLike | np.ndarray) -> np.ndarray:
+def _check_duration(name, seconds: float, max_seconds: float | None) -> None:
+    if max_seconds is not None and seconds > max_seconds:
+        raise CapacityError(f"{name}: {seconds:.1f} s of audio is over max_audio_seconds={max_seconds:g}; "
+                            "split the file or raise the limit")
+
+
+def _check_finite(name, x: np.ndarray) -> None:
+    if not np.all(np.isfinite(x)):
+        raise AudioError(f"{name}: holds NaN or infinite samples; fix the source audio")
+
+
+def load_audio(audio: str | os.PathLike | np.ndarray, max_seconds: float | None = None) -> np.ndarray:
     """Return mono 16 kHz float32 samples from a file path or a numpy array.
 
     A path to a WAV file is decoded here (PCM 8/16/24/32-bit or 32/64-bit float, any channel
-    count and rate, mixed to mono and resampled); any other format goes through ``ffmpeg``
-    when it is on PATH. An array must already be 1-D float audio at 16 kHz, as openai-whisper
-    expects. Raises ``AudioError`` naming the file for anything unreadable or non-finite.
+    count, 1 Hz to 384 kHz, mixed to mono and resampled); any other format goes through
+    ``ffmpeg`` when it is on PATH. An array must already be 1-D float audio at 16 kHz, as
+    openai-whisper expects. Raises ``AudioError`` naming the file for anything unreadable or
+    non-finite, and ``CapacityError`` for audio longer than ``max_seconds`` (a WAV's length is
+    read from its header, before decoding).
     """
     if isinstance(audio, np.ndarray):
         if audio.ndim != 1 or audio.dtype.kind != "f":
             raise AudioError(f"audio array has dtype {audio.dtype} and shape {audio.shape}; "
                              "pass 1-D float32 samples at 16 kHz")
         x, name = audio.astype(np.float32, copy=False), "audio array"
+        _check_duration(name, len(x) / SAMPLE_RATE, max_seconds)
     else:
         path = Path(audio)
         if not path.exists():
@@ -360,18 +579,86 @@ def load_audio(audio: str | os.PathLike | np.ndarray) -> np.ndarray:
         if not data:
             raise AudioError(f"{path}: empty file (0 bytes)")
         if data[:4] in (b"RIFF", b"RIFX"):
-            frames, rate = _parse_wav(path, data)
-            x = resample(frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0], rate)
+            frames, rate = _parse_wav(path, data, max_seconds)
+            x = frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0]
+            _check_finite(path, x)                              # before the resampler spreads it
+            x = resample(x, rate)
         else:
-            x = _ffmpeg_decode(path)
+            x = _ffmpeg_decode(path, max_seconds)
+            _check_duration(path, len(x) / SAMPLE_RATE, max_seconds)
         name = str(path)
-    if not np.all(np.isfinite(x)):
-        raise AudioError(f"{name}: holds NaN or infinite samples; fix the source audio")
+    _check_finite(name, x)
     return np.ascontiguousarray(x, np.float32)
 
 
+def _stft_frames(audio: np.ndarray, padding: int = 0) -> np.ndarray | None:
+    """The STFT's frames [n_frames, 400] of audio plus ``padding`` zeros (reflect-padded, hop
+    160: torch.stft's framing, as openai-whisper calls it), a strided view; None for no audio."""
+    x = np.concatenate([audio.astype(np.float32), np.zeros(padding, np.float32)])
+    if len(x) == 0:
+        return None
+    half = N_FFT // 2
+    if len(x) <= half:
+        x = np.concatenate([x, np.zeros(half + 1 - len(x), np.float32)])
+    xp = np.pad(x, (half, half), mode="reflect")
+    step = xp.strides[0]
+    return np.lib.stride_tricks.as_strided(xp, (len(x) // HOP_LENGTH, N_FFT), (step * HOP_LENGTH, step))
+
+
+def speech_regions(samples: np.ndarray, *, threshold_db: float | None = None,
+                   min_silence_seconds: float = 2.0, speech_pad_seconds: float = 0.4) -> list[tuple[int, int]]:
+    """Voice activity by frame energy: the (start, end) sample ranges that are not long silence.
+
+    The audio is cut into 20 ms frames and each frame's energy taken in dB. A frame is loud when
+    its energy is above ``threshold_db`` (dBFS); by default the threshold adapts to the
+    recording: 15 dB over its noise floor (the 10th-percentile frame) but no lower than 45 dB
+    under its loudest frame. Quiet stretches of at least ``min_silence_seconds`` are silence;
+    every loud stretch is kept with ``speech_pad_seconds`` of margin on each side, and ranges
+    that then touch are merged. Returns [] for audio with no loud frame.
+    """
+    frame = SAMPLE_RATE // 50
+    n = len(samples) // frame
+    if n == 0:
+        return [(0, len(samples))] if len(samples) else []
+    power = np.mean(samples[:n * frame].astype(np.float64).reshape(n, frame) ** 2, axis=1)
+    db = 10 * np.log10(power + 1e-12)
+    if threshold_db is None:
+        threshold_db = max(np.percentile(db, 10) + 15.0, db.max() - 45.0)
+    loud = np.flatnonzero(db > threshold_db)
+    if len(loud) == 0:
+        return []
+    gap = max(1, round(min_silence_seconds * 50))
+    pad = round(speech_pad_seconds * SAMPLE_RATE)
+    breaks = np.flatnonzero(np.diff(loud) > gap)
+    firsts, lasts = np.r_[loud[0], loud[breaks + 1]], np.r_[loud[breaks], loud[-1]]
+    regions: list[tuple[int, int]] = []
+    for a, b in zip(firsts, lasts):
+        start, end = max(0, a * frame - pad), min(len(samples), (b + 1) * frame + pad)
+        if regions and start <= regions[-1][1]:
+            regions[-1] = (regions[-1][0], end)
+        else:
+            regions.append((start, end))
+    return regions
+
+
+class _TimeMap:
+    """Maps times in audio made of concatenated kept regions back to the original audio."""
+
+    def __init__(self, regions: list[tuple[int, int]]):
+        self.starts = np.array([a for a, _ in regions], np.float64) / SAMPLE_RATE
+        lengths = np.array([b - a for a, b in regions], np.float64) / SAMPLE_RATE
+        self.offsets = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
+
+    def __call__(self, t: float, is_end: bool = False) -> float:
+        if len(self.starts) == 0:
+            return t
+        side = "left" if is_end else "right"       # an end on a boundary belongs to the region before
+        i = max(0, int(np.searchsorted(self.offsets, t, side=side)) - 1)
+        return round(float(self.starts[i] + t - self.offsets[i]), 3)
+
+
 # =============================================================================================
-# 4. weights
+# 5. weights
 # =============================================================================================
 
 @dataclasses.dataclass
@@ -404,6 +691,214 @@ class Weights:
         import torch
         return {k: torch.from_numpy(v) for k, v in self.state.items()}
 
+
+# -- the parameter spec: what every graph weight input is (it decides the graphs) -------------
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One weight input of the encoder or decoder graphs.
+
+    ``name``: openai-whisper's parameter name (or, for a fused input, the name it is given);
+    ``shape``: its shape as openai-whisper holds it ([out, in] for a linear layer, [out, in, k]
+    for a convolution); ``kind``: ``matrix`` (a linear layer's weight), ``embedding`` (the
+    token table), ``conv`` or ``vector`` (biases, norms, positional embeddings); ``graph``:
+    ``encoder`` or ``decoder``, the graphs that take it; ``parts``: for a fused input, the
+    checkpoint parameters stacked along axis 0 to make it (None: zeros, such as the key
+    projection's missing bias).
+    """
+
+    name: str
+    shape: tuple
+    kind: str
+    graph: str
+    parts: tuple | None = None
+
+    @property
+    def low_precision(self) -> bool:
+        """Stored in the model's ``dtype``: the linear layers' matrices and the token table;
+        norms, biases, convolutions and positional embeddings stay float32. (The encoder's
+        matrices are only ever quantized, never bfloat16: see ``Precision``.)"""
+        return self.kind in ("matrix", "embedding")
+
+    @property
+    def layout(self) -> tuple | None:
+        """The axis permutation from the checkpoint's shape to the graph input's: convolution
+        filters [out, in, k] become [k, in, out]; the encoder graph's matrices (a 1500-row
+        activation) [in, out], so a layer is one ``x @ W``; the decoder keeps [out, in] and
+        multiplies in gemv form, ``W @ x^T``, which MAX runs faster for a step's few rows."""
+        if self.kind == "conv":
+            return (2, 1, 0)
+        return (1, 0) if self.kind == "matrix" and self.graph == "encoder" else None
+
+    @property
+    def graph_shape(self) -> tuple:
+        return self.shape if self.layout is None else tuple(self.shape[i] for i in self.layout)
+
+
+def _block_params(prefix: str, d: int, graph: str, cross: bool, fused: bool) -> list[Param]:
+    """A residual block's parameters in graph order: self-attention (its query, key and value
+    projections as one ``attn.qkv`` [3d, d] matrix when ``fused``: one matmul, not three),
+    cross-attention's query and output (``cross``; its key and value belong to the encoder
+    graph), then the MLP; each after its LayerNorm."""
+    out: list[Param] = []
+
+    def add(name, shape, kind="vector", parts=None):
+        out.append(Param(f"{prefix}.{name}", shape, kind, graph, parts))
+
+    def linear(name, n_out, n_in, bias=True):
+        add(f"{name}.weight", (n_out, n_in), "matrix")
+        if bias:
+            add(f"{name}.bias", (n_out,))
+
+    for mod in ("attn", "cross_attn") if cross else ("attn",):
+        add(f"{mod}_ln.weight", (d,))
+        add(f"{mod}_ln.bias", (d,))
+        if mod == "attn" and fused:
+            qkv = [f"{prefix}.attn.{p}" for p in ("query", "key", "value")]
+            add("attn.qkv.weight", (3 * d, d), "matrix", tuple(f"{p}.weight" for p in qkv))
+            add("attn.qkv.bias", (3 * d,), parts=(f"{qkv[0]}.bias", None, f"{qkv[2]}.bias"))
+        elif mod == "attn":
+            linear("attn.query", d, d)
+            linear("attn.key", d, d, bias=False)
+            linear("attn.value", d, d)
+        else:
+            linear("cross_attn.query", d, d)
+        linear(f"{mod}.out", d, d)
+    add("mlp_ln.weight", (d,))
+    add("mlp_ln.bias", (d,))
+    linear("mlp.0", 4 * d, d)
+    linear("mlp.2", d, 4 * d)
+    return out
+
+
+def weight_spec(dims: dict, quantized: bool = False, fused: bool = True) -> list[Param]:
+    """Every weight input of the encoder graph, then of the decoder graphs, in input order
+    (the order the Mojo step op reads its packed weights in, too).
+
+    The encoder graph also computes each decoder layer's cross-attention keys and values, so
+    it takes their projections. ``quantized`` (``q4_0``, ``q4_0x2``) adds
+    ``decoder.logits.weight``: the token table again, in Q4_0 blocks for the logits, beside
+    the bfloat16 table the input embedding gathers from. ``fused=False`` lists the decoder's
+    self-attention projections as the checkpoint holds them (``checkpoint_shapes``).
+    """
+    da, dt = dims["n_audio_state"], dims["n_text_state"]
+    enc = [Param("encoder.conv1.weight", (da, dims["n_mels"], 3), "conv", "encoder"),
+           Param("encoder.conv1.bias", (da,), "vector", "encoder"),
+           Param("encoder.conv2.weight", (da, da, 3), "conv", "encoder"),
+           Param("encoder.conv2.bias", (da,), "vector", "encoder"),
+           Param("encoder.positional_embedding", (dims["n_audio_ctx"], da), "vector", "encoder")]
+    for i in range(dims["n_audio_layer"]):
+        enc += _block_params(f"encoder.blocks.{i}", da, "encoder", cross=False, fused=False)
+    enc += [Param("encoder.ln_post.weight", (da,), "vector", "encoder"),
+            Param("encoder.ln_post.bias", (da,), "vector", "encoder")]
+    for i in range(dims["n_text_layer"]):
+        p = f"decoder.blocks.{i}.cross_attn"
+        enc += [Param(f"{p}.key.weight", (dt, da), "matrix", "encoder"),
+                Param(f"{p}.value.weight", (dt, da), "matrix", "encoder"),
+                Param(f"{p}.value.bias", (dt,), "vector", "encoder")]
+    table = (dims["n_vocab"], dt)
+    dec = [Param("decoder.token_embedding.weight", table, "embedding", "decoder"),
+           Param("decoder.positional_embedding", (dims["n_text_ctx"], dt), "vector", "decoder")]
+    for i in range(dims["n_text_layer"]):
+        dec += _block_params(f"decoder.blocks.{i}", dt, "decoder", cross=True, fused=fused)
+    dec += [Param("decoder.ln.weight", (dt,), "vector", "decoder"),
+            Param("decoder.ln.bias", (dt,), "vector", "decoder")]
+    if quantized:
+        dec.append(Param("decoder.logits.weight", table, "matrix", "decoder", ("decoder.token_embedding.weight",)))
+    return enc + dec
+
+
+def encoder_param_names(dims: dict) -> list[str]:
+    """Names of the encoder graph's weight inputs, in order (``weight_spec``)."""
+    return [p.name for p in weight_spec(dims) if p.graph == "encoder"]
+
+
+def decoder_param_names(dims: dict, quantized: bool = False) -> list[str]:
+    """Names of the decoder graphs' weight inputs, in order (``weight_spec``)."""
+    return [p.name for p in weight_spec(dims, quantized) if p.graph == "decoder"]
+
+
+def checkpoint_shapes(dims: dict) -> dict[str, tuple]:
+    """openai-whisper's state dict for these dimensions: {parameter name: shape}."""
+    return {p.name: p.shape for p in weight_spec(dims, fused=False)}
+
+
+def _check_state(state: dict, dims: dict, source) -> None:
+    """Raise ``ModelError`` naming the first parameter a checkpoint lacks or has misshapen."""
+    for name, shape in checkpoint_shapes(dims).items():
+        if name not in state:
+            raise ModelError(f"{source}: checkpoint lacks parameter {name}")
+        if tuple(state[name].shape) != shape:
+            raise ModelError(f"{source}: parameter {name} has shape {tuple(state[name].shape)}, "
+                             f"expected {shape} for its dimensions; the file is corrupt or not Whisper")
+
+
+def graph_weights(weights: "Weights", params: Sequence[Param]) -> list[np.ndarray]:
+    """The arrays to feed the given graph inputs, in order and in graph layout."""
+    out = []
+    for p in params:
+        if p.parts:
+            arrays = [weights.state.get(part) if part else None for part in p.parts]
+            like = next(a for a in arrays if a is not None)
+            a = arrays[0] if len(arrays) == 1 else np.concatenate([np.zeros_like(like) if x is None else x for x in arrays])
+        else:
+            a = weights.state[p.name]
+        out.append(a if p.layout is None else np.ascontiguousarray(a.transpose(p.layout)))
+    return out
+
+
+# -- weight encodings: Q4_0 blocks, bfloat16 bits ---------------------------------------------
+
+Q4_0 = "q4_0"      # the dtype name of llama.cpp's Q4_0 blocks (MAX's quantized matmul encoding)
+Q4_0X2 = "q4_0x2"  # two Q4_0 terms per matrix: the weights, then the error the first term left
+_Q4_TERMS = {Q4_0: 1, Q4_0X2: 2}
+
+
+def _q4_0_shape(rows: int, cols: int, terms: int = 1) -> tuple[int, int]:
+    """Bytes of a [rows, cols] matrix in Q4_0 blocks: rows padded to a multiple of 32 (MAX's
+    kernel needs it), each 32 weights of a row as a float16 scale and 16 bytes of nibbles;
+    ``terms`` such matrices stacked."""
+    return -(-rows // 32) * 32 * terms, cols // 32 * 18
+
+
+def quantize_q4_0(w: np.ndarray, terms: int = 1) -> np.ndarray:
+    """A float matrix [rows, cols] (cols a multiple of 32) in llama.cpp's Q4_0 layout, uint8
+    [padded rows, cols / 32 * 18]: per block of 32, d = (the value of largest magnitude) / -8
+    as float16, then q = clamp(floor(w / d + 8.5), 0, 15), two per byte (element j low, j+16
+    high). Padded rows are zero. With ``terms`` = 2, the blocks of w - (q - 8) d follow (the
+    rounding error, quantized the same way): their sum is w to about 8 bits, and a matmul
+    with both is two Q4_0 matmuls, still a third of bfloat16's bytes."""
+    rows, cols = w.shape
+    padded = np.zeros((_q4_0_shape(rows, cols)[0], cols), np.float32)
+    padded[:rows] = w
+    blocks = padded.reshape(len(padded), cols // 32, 32)
+    x = np.abs(blocks)                    # one scratch array, reused in place (a model's load time)
+    peak = np.take_along_axis(blocks, x.argmax(-1)[..., None], -1)[..., 0]
+    d = (peak / -8).astype(np.float16)
+    d32 = d.astype(np.float32)[..., None]
+    inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
+    np.multiply(blocks, inv, out=x)
+    x += 8.5
+    np.clip(np.floor(x, out=x), 0, 15, out=x)
+    q = x.astype(np.uint8)
+    packed = q[..., :16] | (q[..., 16:] << 4)
+    out = np.concatenate([d[..., None].view(np.uint8), packed], -1).reshape(len(padded), -1)
+    if terms == 1:
+        return out
+    x -= 8                                # (q - 8) d: the first term's weights
+    x *= d32
+    rest = np.subtract(blocks, x, out=x).reshape(len(padded), cols)[:rows]
+    return np.concatenate([out, quantize_q4_0(rest, terms - 1)])
+
+
+def _bfloat16_bits(array: np.ndarray) -> np.ndarray:
+    """A float array's bfloat16 values as uint16, rounded to nearest even (as torch's
+    ``.to(torch.bfloat16)``; without importing torch, a second of a warm start)."""
+    bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+# -- checkpoint loaders (the graph digest stops here) --------------------------------------
 
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
@@ -546,6 +1041,7 @@ def _load_ct2_dir(path: Path) -> Weights:
     cfg = path / "config.json"
     if cfg.exists():
         heads = [tuple(h) for h in json.loads(cfg.read_text()).get("alignment_heads", [])] or None
+    _check_state(state, dims, bin_path)
     return Weights(dims=dims, state=state, source=str(path), alignment_heads=heads)
 
 
@@ -565,6 +1061,7 @@ def _load_openai_checkpoint(path: Path) -> Weights:
     inferred = _dims_from_state(state, path)
     if {k: dims.get(k) for k in inferred} != inferred:
         raise ModelError(f"{path}: checkpoint 'dims' {dims} disagree with its tensor shapes {inferred}")
+    _check_state(state, dims, path)
     return Weights(dims=dims, state=state, source=str(path))
 
 
@@ -587,13 +1084,13 @@ def _packaged_model(name: str) -> Path | None:
 def _assemble_parts(data_dir: Path, parts: list[Path]) -> Path:
     """Join a split ``model.bin`` once into the user cache and return a CTranslate2 folder."""
     key = "-".join(f"{p.stat().st_size}" for p in parts)
-    out = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "maxwhisper" / f"base-{key}"
+    out = _cache_dir() / f"base-{key}"
     if not (out / "model.bin").exists():
         out.mkdir(parents=True, exist_ok=True)
         for f in ("config.json", "tokenizer.json", "vocabulary.txt"):
             if (data_dir / f).exists():
                 shutil.copyfile(data_dir / f, out / f)
-        tmp = out / f"model.bin.{os.getpid()}.tmp"
+        tmp = out / f"model.bin.{os.getpid()}.{threading.get_ident()}.tmp"     # one per writer
         with open(tmp, "wb") as dst:
             for p in parts:
                 with open(p, "rb") as src:
@@ -620,7 +1117,7 @@ def load_weights(model: str | os.PathLike) -> Weights:
     packaged = _packaged_model(name)
     if packaged is not None:
         return _load_ct2_dir(packaged)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "whisper" / f"{name}.pt"
+    cache = _cache_dir("whisper") / f"{name}.pt"
     if cache.exists():
         return _load_openai_checkpoint(cache)
     raise ModelError(
@@ -631,10 +1128,221 @@ def load_weights(model: str | os.PathLike) -> Weights:
 
 
 # =============================================================================================
-# 5. graphs
+# 6. runtime
+# =============================================================================================
+# What the model needs around MAX: openai-whisper's tokenizer and writer modules, devices and
+# host buffers, the kernels folder, the store of compiled graphs and compile progress lines.
+
+def _pick_device(device: str):
+    """Map ``auto`` / ``cpu`` / ``gpu`` (``cuda``) to a MAX driver device."""
+    from max.driver import CPU, Accelerator, accelerator_count
+    device = (device or "auto").lower()
+    if device == "auto":
+        return Accelerator() if accelerator_count() > 0 else CPU()
+    if device == "cpu":
+        return CPU()
+    if device in ("gpu", "cuda"):
+        if accelerator_count() == 0:
+            raise ConfigError("device='gpu': MAX finds no accelerator on this machine; "
+                              "use device='cpu' or 'auto'")
+        return Accelerator()
+    raise ConfigError(f"device={device!r}: use 'auto', 'cpu' or 'gpu'")
+
+
+def _host(array: np.ndarray):
+    """A numpy array as a MAX buffer in host memory (graph inputs typed on the CPU), no copy."""
+    from max.driver import Buffer
+    return Buffer.from_numpy(np.ascontiguousarray(array))
+
+
+def _openai_dir() -> Path:
+    """openai-whisper's package folder, found without importing it (``whisper/__init__.py``
+    imports torch and numba: 1.3 s of every process start)."""
+    import importlib.util
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or spec.origin is None:
+        raise ModelError("openai-whisper is not installed (its tokenizer and mel filters are needed): "
+                         "pip install openai-whisper")
+    return Path(spec.origin).parent
+
+
+_OPENAI_MODULES: dict = {}
+_OPENAI_LOCK = threading.Lock()
+
+
+def _openai(name: str):
+    """openai-whisper's module ``whisper.<name>`` (``tokenizer``, ``utils``: stdlib and tiktoken
+    only) loaded from its file under a private name, without the package's ``__init__``. An
+    ``import whisper`` elsewhere still loads the package as usual; should a later openai-whisper
+    make the module import from its package, the plain (slower) import is used instead.
+
+    Safe under concurrent first use: a module is published to other threads only once it has
+    run (``sys.modules`` holds it while it runs, where its dataclasses look it up, so callers
+    never read it from there)."""
+    module = _OPENAI_MODULES.get(name)
+    if module is not None:
+        return module
+    import importlib
+    import importlib.util
+    with _OPENAI_LOCK:
+        if name not in _OPENAI_MODULES:
+            key = f"_maxwhisper_openai_{name}"
+            spec = importlib.util.spec_from_file_location(key, _openai_dir() / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[key] = module
+            try:
+                spec.loader.exec_module(module)
+            except ImportError:
+                log.debug("whisper.%s needs its package; importing openai-whisper", name)
+                module = sys.modules[key] = importlib.import_module(f"whisper.{name}")
+            _OPENAI_MODULES[name] = module
+        return _OPENAI_MODULES[name]
+
+
+def _bfloat16(array: np.ndarray):
+    """A float array as a bfloat16 MAX buffer in host memory (``_bfloat16_bits``)."""
+    from max.dtype import DType
+    return _host(_bfloat16_bits(array)).view(DType.bfloat16)
+
+
+KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
+
+
+def _kernels_dir(mode: str) -> Path | None:
+    """The Mojo kernel package to compile into the decoder, or None for MAX-ops attention."""
+    present = (KERNELS_DIR / "attention.mojo").is_file()
+    if mode == "off":
+        return None
+    if mode == "on" and not present:
+        raise ConfigError(f"kernels=on but {KERNELS_DIR} has no attention.mojo; vendor the kernels/ "
+                          "folder beside maxwhisper.py or set kernels=auto")
+    if not present:
+        log.info("no %s: decoder attention is built from MAX ops", KERNELS_DIR)
+        return None
+    return KERNELS_DIR
+
+
+class _CompileProgress:
+    """Logs a line every few seconds while a graph compiles, so a cold start is not silent."""
+
+    def __init__(self, what: str, every: float = 10.0):
+        self.what, self.every = what, every
+        self._done = threading.Event()
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        log.info("loading %s (the first load of a model size compiles it: tens of seconds)", self.what)
+        threading.Thread(target=self._tick, daemon=True).start()
+        return self
+
+    def _tick(self):
+        while not self._done.wait(self.every):
+            log.info("  still compiling %s ... %.0f s", self.what, time.perf_counter() - self.start)
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self.seconds = time.perf_counter() - self.start
+        log.info("%s ready in %.1f s", self.what, self.seconds)
+
+
+def _graph_source() -> str:
+    """The source text that decides what a graph computes: section 5's parameter spec and
+    weight encodings (up to its checkpoint loaders) and section 7, the graph builders. Editing
+    anything else (a docstring of the server, the transcribe loop) keeps the stored graphs."""
+    text = Path(__file__).read_text(encoding="utf-8")
+
+    def between(start: str, end: str) -> str:
+        a = text.index(start)
+        return text[a:text.index(end, a)]
+    return (between("# 5. weights\n", "# -- checkpoint loaders")
+            + between("# 7. graphs\n", "# 8. KVCache\n"))
+
+
+class _GraphStore:
+    """Compiled graphs kept as MAX ``.mef`` files, so a warm start skips building and compiling.
+
+    MAX's own compile cache still needs each graph built in Python and looked up (2-3 s per
+    graph here); loading a stored artifact takes milliseconds. A file is named by the graph,
+    the model dimensions and a digest of everything that decides what it computes: the
+    parameter spec and the graph builders (``_graph_source``), the kernel package, the MAX
+    version and the device. Any change gives a
+    new name, and writing it removes the stale files of that graph. A file that fails to load
+    is deleted and the graph compiled again. Loading a file marks it used (its mtime); files
+    of other versions unused for ``max_idle_days`` are removed whenever a graph is written
+    (another install sharing the folder keeps its files while it runs).
+    """
+
+    max_idle_days = 30
+
+    def __init__(self, setting: str, device):
+        if setting == "off":
+            self.folder = None
+            return
+        if setting == "auto":
+            self.folder = _cache_dir() / "graphs"
+        else:
+            self.folder = Path(setting).expanduser()
+        from importlib.metadata import version
+        import hashlib
+        import platform
+        h = hashlib.sha256(_graph_source().encode())
+        for f in sorted(KERNELS_DIR.glob("*.mojo")):    # whether this model uses them or not
+            h.update(f.name.encode() + f.read_bytes())
+        h.update(f"max {version('max')} {platform.machine()} {device}".encode())
+        try:
+            h.update(device.architecture_name.encode())       # accelerators
+        except Exception:                                      # CPUs: the instruction sets
+            cpuinfo = Path("/proc/cpuinfo")
+            flags = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith(("flags", "Features"))] \
+                if cpuinfo.exists() else [platform.processor()]
+            h.update("".join(flags[:1]).encode())
+        self.digest = h.hexdigest()[:16]
+
+    def load(self, session, name: str, build):
+        """The compiled graph ``name`` (a file-name-safe tag), from its file or built by ``build()``.
+
+        Returns (model, where) with where ``"stored"`` or ``"compiled"``."""
+        if self.folder is None:
+            return session.load(build()), "compiled"
+        path = self.folder / f"{name}-{self.digest}.mef"
+        if path.exists():
+            try:
+                model = session.load(path)
+                with contextlib.suppress(OSError):              # a read-only store still loads
+                    os.utime(path)
+                return model, "stored"
+            except Exception as e:  # a truncated or foreign file: rebuild it
+                log.warning("compiled graph %s does not load (%s: %s); compiling it again",
+                            path, type(e).__name__, e)
+                path.unlink(missing_ok=True)
+        compiled = session.compile(build())
+        model = session.init(compiled)
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")     # one per writer
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            compiled.export_mef(tmp)
+            os.replace(tmp, path)                              # atomic: readers see whole files
+            self._prune(path, name)
+        except Exception as e:  # OSError, or MAX failing to write: the model still runs
+            log.warning("cannot keep the compiled %s graph in %s (%s: %s); set graph_cache to a "
+                        "writable folder or 'off'", name, self.folder, type(e).__name__, e)
+            tmp.unlink(missing_ok=True)
+        return model, "compiled"
+
+    def _prune(self, kept: Path, name: str) -> None:
+        """Remove the other files of graph ``name`` and any file unused for ``max_idle_days``."""
+        idle = time.time() - self.max_idle_days * 86400
+        for f in self.folder.glob("*.mef"):
+            with contextlib.suppress(OSError):                 # gone already: another process
+                if f != kept and (f.name.startswith(f"{name}-") or f.stat().st_mtime < idle):
+                    f.unlink()
+
+
+# =============================================================================================
+# 7. graphs
 # =============================================================================================
 # Every builder is a plain function of the model dimensions. Weights are graph inputs, in the
-# order their ``*_param_names`` function lists them, in the layout ``_graph_layout`` gives.
+# order and layout ``weight_spec`` gives.
 
 def _mel_filters(n_mels: int) -> np.ndarray:
     """openai-whisper's mel filterbank [n_mels, 201] (librosa's slaney filters, shipped as data)."""
@@ -673,173 +1381,18 @@ def build_mel_graph(n_mels: int, device):
     return g
 
 
-def _block_param_names(prefix: str, cross: bool, fused: bool = False) -> list[str]:
-    """A residual block's parameter names; ``fused`` names the self-attention's query, key and
-    value projections as one ``attn.qkv`` matrix [3d, d] and bias [3d] (one matmul, not three)."""
-    names = []
-    for mod in ("attn", "cross_attn") if cross else ("attn",):
-        names += [f"{prefix}.{mod}_ln.weight", f"{prefix}.{mod}_ln.bias"]
-        if mod == "attn" and fused:
-            names += [f"{prefix}.attn.qkv.weight", f"{prefix}.attn.qkv.bias"]
-        elif mod == "attn":
-            names += [f"{prefix}.attn.query.weight", f"{prefix}.attn.query.bias", f"{prefix}.attn.key.weight",
-                      f"{prefix}.attn.value.weight", f"{prefix}.attn.value.bias"]
-        else:
-            names += [f"{prefix}.{mod}.query.weight", f"{prefix}.{mod}.query.bias"]
-        names += [f"{prefix}.{mod}.out.weight", f"{prefix}.{mod}.out.bias"]
-    return names + [f"{prefix}.mlp_ln.weight", f"{prefix}.mlp_ln.bias", f"{prefix}.mlp.0.weight",
-                    f"{prefix}.mlp.0.bias", f"{prefix}.mlp.2.weight", f"{prefix}.mlp.2.bias"]
-
-
-def encoder_param_names(dims: dict) -> list[str]:
-    """Names of the encoder graph's weight inputs, in order (decoder cross K/V projections last)."""
-    names = [f"encoder.{c}.{p}" for c in ("conv1", "conv2") for p in ("weight", "bias")]
-    names.append("encoder.positional_embedding")
-    for i in range(dims["n_audio_layer"]):
-        names += _block_param_names(f"encoder.blocks.{i}", cross=False)
-    names += ["encoder.ln_post.weight", "encoder.ln_post.bias"]
-    for i in range(dims["n_text_layer"]):
-        p = f"decoder.blocks.{i}.cross_attn"
-        names += [f"{p}.key.weight", f"{p}.value.weight", f"{p}.value.bias"]
-    return names
-
-
-def decoder_param_names(dims: dict, quantized: bool = False) -> list[str]:
-    """Names of the decoder graphs' weight inputs, in order (self-attention's q/k/v fused).
-    ``quantized`` (``q4_0``, ``q4_0x2``) adds ``decoder.logits.weight``, the token embedding in
-    Q4_0 blocks for the logits, beside the bfloat16 table the input embedding gathers from."""
-    names = ["decoder.token_embedding.weight", "decoder.positional_embedding"]
-    for i in range(dims["n_text_layer"]):
-        names += _block_param_names(f"decoder.blocks.{i}", cross=True, fused=True)
-    return names + ["decoder.ln.weight", "decoder.ln.bias"] + (["decoder.logits.weight"] if quantized else [])
-
-
-def _graph_layout(name: str) -> tuple | None:
-    """The axis permutation that puts a state-dict array into its graph input layout.
-
-    Convolution filters [out, in, k] become [k, in, out]; linear weights [out, in] used by the
-    encoder graph (a 1500-row activation) become [in, out] so a layer is one ``x @ W``; the
-    decoder graph keeps [out, in] and multiplies in gemv form, ``W @ x^T``, which MAX runs
-    faster for the few rows of a decoding step when the weights are graph inputs.
-    """
-    if name.startswith("encoder.conv") and name.endswith("weight"):
-        return (2, 1, 0)
-    on_encoder = name.startswith("encoder.") or ".cross_attn.key" in name or ".cross_attn.value" in name
-    if on_encoder and name.endswith(".weight") and "_ln" not in name and "ln_post" not in name:
-        return (1, 0)
-    return None
-
-
-def _state_shapes(dims: dict) -> dict:
-    """openai-whisper's parameter shapes, derived from the model dimensions alone."""
-    da, dt = dims["n_audio_state"], dims["n_text_state"]
-    shapes = {"encoder.conv1.weight": (da, dims["n_mels"], 3), "encoder.conv1.bias": (da,),
-              "encoder.conv2.weight": (da, da, 3), "encoder.conv2.bias": (da,),
-              "encoder.positional_embedding": (dims["n_audio_ctx"], da),
-              "decoder.token_embedding.weight": (dims["n_vocab"], dt),
-              "decoder.logits.weight": (dims["n_vocab"], dt),
-              "decoder.positional_embedding": (dims["n_text_ctx"], dt)}
-    blocks = [(f"encoder.blocks.{i}", da, False) for i in range(dims["n_audio_layer"])]
-    blocks += [(f"decoder.blocks.{i}", dt, True) for i in range(dims["n_text_layer"])]
-    for prefix, d, cross in blocks:
-        for name in _block_param_names(prefix, cross):
-            if "_ln." in name or name.endswith(".bias"):
-                shapes[name] = (4 * d,) if name.endswith("mlp.0.bias") else (d,)
-            else:
-                shapes[name] = {"mlp.0": (4 * d, d), "mlp.2": (d, 4 * d)}.get(name[-12:-7], (d, d))
-    for i in range(dims["n_text_layer"]):
-        p = f"decoder.blocks.{i}.cross_attn"
-        shapes[f"{p}.key.weight"] = shapes[f"{p}.value.weight"] = (dt, da)
-        shapes[f"{p}.value.bias"] = (dt,)
-        shapes[f"decoder.blocks.{i}.attn.qkv.weight"] = (3 * dt, dt)
-        shapes[f"decoder.blocks.{i}.attn.qkv.bias"] = (3 * dt,)
-    for ln in ("encoder.ln_post", "decoder.ln"):
-        shapes[f"{ln}.weight"] = shapes[f"{ln}.bias"] = (da if ln.startswith("enc") else dt,)
-    return shapes
-
-
-def graph_weights(weights: Weights, names: list[str]) -> list[np.ndarray]:
-    """The arrays to feed a graph's weight inputs, in ``names`` order and graph layout."""
-    out = []
-    for n in names:
-        perm = _graph_layout(n)
-        if n == "decoder.logits.weight":
-            out.append(weights.state["decoder.token_embedding.weight"])
-        elif n.endswith(".attn.qkv.weight") or n.endswith(".attn.qkv.bias"):
-            prefix, kind = n.rsplit(".qkv.", 1)
-            parts = [weights.state.get(f"{prefix}.{p}.{kind}") for p in ("query", "key", "value")]
-            out.append(np.concatenate([np.zeros_like(parts[0]) if a is None else a for a in parts]))
-        else:
-            out.append(weights.state[n] if perm is None else np.ascontiguousarray(weights.state[n].transpose(perm)))
-    return out
-
-
-def _low_precision(name: str) -> bool:
-    """Whether a weight is stored in the model's ``dtype``: the matrices of the linear layers
-    and the token embedding; norms, biases, convolutions and positional embeddings stay
-    float32. (The encoder's are only quantized, never bfloat16: it is compute-bound, and
-    bfloat16 matmuls were no faster here, while Q4_0 multiplies in 8-bit integers.)"""
-    return name.endswith(".weight") and not any(k in name for k in ("_ln.", "ln_post.", "decoder.ln.", ".conv"))
-
-
-Q4_0 = "q4_0"      # the dtype name of llama.cpp's Q4_0 blocks (MAX's quantized matmul encoding)
-Q4_0X2 = "q4_0x2"  # two Q4_0 terms per matrix: the weights, then the error the first term left
-_Q4_TERMS = {Q4_0: 1, Q4_0X2: 2}
-
-
-def _q4_0_shape(rows: int, cols: int, terms: int = 1) -> tuple[int, int]:
-    """Bytes of a [rows, cols] matrix in Q4_0 blocks: rows padded to a multiple of 32 (MAX's
-    kernel needs it), each 32 weights of a row as a float16 scale and 16 bytes of nibbles;
-    ``terms`` such matrices stacked."""
-    return -(-rows // 32) * 32 * terms, cols // 32 * 18
-
-
-def quantize_q4_0(w: np.ndarray, terms: int = 1) -> np.ndarray:
-    """A float matrix [rows, cols] (cols a multiple of 32) in llama.cpp's Q4_0 layout, uint8
-    [padded rows, cols / 32 * 18]: per block of 32, d = (the value of largest magnitude) / -8
-    as float16, then q = clamp(floor(w / d + 8.5), 0, 15), two per byte (element j low, j+16
-    high). Padded rows are zero. With ``terms`` = 2, the blocks of w - (q - 8) d follow (the
-    rounding error, quantized the same way): their sum is w to about 8 bits, and a matmul
-    with both is two Q4_0 matmuls, still a third of bfloat16's bytes."""
-    rows, cols = w.shape
-    padded = np.zeros((_q4_0_shape(rows, cols)[0], cols), np.float32)
-    padded[:rows] = w
-    blocks = padded.reshape(len(padded), cols // 32, 32)
-    x = np.abs(blocks)                    # one scratch array, reused in place (a model's load time)
-    peak = np.take_along_axis(blocks, x.argmax(-1)[..., None], -1)[..., 0]
-    d = (peak / -8).astype(np.float16)
-    d32 = d.astype(np.float32)[..., None]
-    inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
-    np.multiply(blocks, inv, out=x)
-    x += 8.5
-    np.clip(np.floor(x, out=x), 0, 15, out=x)
-    q = x.astype(np.uint8)
-    packed = q[..., :16] | (q[..., 16:] << 4)
-    out = np.concatenate([d[..., None].view(np.uint8), packed], -1).reshape(len(padded), -1)
-    if terms == 1:
-        return out
-    x -= 8                                # (q - 8) d: the first term's weights
-    x *= d32
-    rest = np.subtract(blocks, x, out=x).reshape(len(padded), cols)[:rows]
-    return np.concatenate([out, quantize_q4_0(rest, terms - 1)])
-
-
-def _param_types(names: list[str], dims: dict, device, dtype=None) -> list:
-    """Graph input types of the named weights; ``dtype`` (a MAX ``DType``, ``Q4_0`` or
-    ``Q4_0X2``) is that of the ``_low_precision`` ones — quantized, the matrices are uint8
-    blocks of their [out, in] form and the token embedding table (gathered, not multiplied)
-    bfloat16."""
+def _param_types(params: Sequence[Param], device, dtype=None) -> list:
+    """Graph input types of the given weights; ``dtype`` (a MAX ``DType``, ``Q4_0`` or
+    ``Q4_0X2``) is that of the ``low_precision`` ones — quantized, the matrices are uint8
+    blocks of their [out, in] form and the token table (gathered, not multiplied) bfloat16."""
     from max.dtype import DType
     from max.graph import TensorType
-    shapes = _state_shapes(dims)
     types = []
-    for n in names:
-        perm = _graph_layout(n)
-        shape = shapes[n] if perm is None else tuple(shapes[n][i] for i in perm)
-        kind = dtype if dtype is not None and _low_precision(n) else DType.float32
+    for p in params:
+        kind, shape = (dtype if dtype is not None and p.low_precision else DType.float32), p.graph_shape
         if kind in _Q4_TERMS:
-            kind, shape = (DType.bfloat16, shape) if n == "decoder.token_embedding.weight" \
-                else (DType.uint8, _q4_0_shape(*shapes[n], _Q4_TERMS[kind]))
+            kind, shape = (DType.bfloat16, shape) if p.kind == "embedding" \
+                else (DType.uint8, _q4_0_shape(*p.shape, _Q4_TERMS[kind]))
         types.append(TensorType(kind, list(shape), device=device))
     return types
 
@@ -980,16 +1533,16 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
 
-    names = encoder_param_names(dims)
+    params = [p for p in weight_spec(dims) if p.graph == "encoder"]
     mel_type = TensorType(DType.float32, ["batch", dims["n_mels"], N_FRAMES], device=device)
     n_head, d, n_audio = dims["n_audio_head"], dims["n_audio_state"], dims["n_audio_ctx"]
     kv_dtype = kv_dtype or DType.float32
     kernels = kernels if device.is_cpu() else None
     with Graph(f"whisper_encoder_{_encoder_key(dims, dtype, kv_dtype, kernels)}",
-               input_types=[mel_type] + _param_types(names, dims, device, dtype),
+               input_types=[mel_type] + _param_types(params, device, dtype),
                custom_extensions=[kernels] if kernels else []) as g:
         mel, *weights = g.inputs
-        p = _Params(names, weights, gemv=False, dtype=dtype)
+        p = _Params([q.name for q in params], weights, gemv=False, dtype=dtype)
         x = ops.unsqueeze(ops.permute(mel.tensor, [0, 2, 1]), 1)              # NHWC [B,1,3000,m]
         rscf = lambda w: ops.unsqueeze(p[w], 0)                                # noqa: E731
         x = ops.gelu(ops.conv2d(x, rscf("encoder.conv1.weight"), padding=(0, 0, 1, 1),
@@ -1050,9 +1603,9 @@ def _cache_types(dims: dict, device) -> list:
 def _decoder_types(dims: dict, device, dtype=None, kv_dtype=None) -> tuple:
     """Weight names and the input types shared by the cached decoder graphs: the weights (their
     matrices in ``dtype``), the cross K/V in ``kv_dtype`` and the self-attention cache buffers."""
-    names = decoder_param_names(dims, quantized=dtype in _Q4_TERMS)
-    return names, _param_types(names, dims, device, dtype) + _cross_types(dims, device, kv_dtype) \
-        + _cache_types(dims, device)
+    params = [p for p in weight_spec(dims, quantized=dtype in _Q4_TERMS) if p.graph == "decoder"]
+    return [p.name for p in params], _param_types(params, device, dtype) \
+        + _cross_types(dims, device, kv_dtype) + _cache_types(dims, device)
 
 
 def _float32(x):
@@ -1158,14 +1711,14 @@ def _packs_step(device, dtype) -> bool:
 
 
 def _step_weight_types(dims: dict, device, dtype=None) -> list:
-    """The packed step op's two weight inputs: every decoder parameter but the matrices
-    (``_low_precision``), float32, then the matrices in ``dtype`` (float32 when None), each in
-    ``decoder_param_names`` order, flattened and laid end to end — the order
-    ``whisper_decoder_step`` reads them in."""
+    """The packed step op's two weight inputs: every decoder parameter but the
+    ``low_precision`` ones, float32, then those in ``dtype`` (float32 when None), each in
+    ``weight_spec`` order, flattened and laid end to end — the order ``whisper_decoder_step``
+    reads them in."""
     from max.dtype import DType
     from max.graph import TensorType
-    shapes, names = _state_shapes(dims), decoder_param_names(dims)
-    sizes = [sum(int(np.prod(shapes[n])) for n in names if _low_precision(n) == m) for m in (False, True)]
+    params = [p for p in weight_spec(dims) if p.graph == "decoder"]
+    sizes = [sum(math.prod(p.shape) for p in params if p.low_precision == m) for m in (False, True)]
     return [TensorType(DType.float32, [sizes[0]], device=device),
             TensorType(dtype or DType.float32, [sizes[1]], device=device)]
 
@@ -1343,7 +1896,7 @@ def _dims_key(dims: dict, dtype=None, kv_dtype=None) -> str:
 
 
 # =============================================================================================
-# 6. KVCache
+# 8. KVCache
 # =============================================================================================
 
 @dataclasses.dataclass
@@ -1369,11 +1922,24 @@ class KVCache:
     length: int = 0
     self_kv: object = None
 
-    def reset(self, cross: list | None = None) -> None:
-        """Empty the cache (no copy: old rows are masked), optionally for a new window's cross K/V."""
+    @classmethod
+    def empty(cls, dims: dict, cross: list, batch: int, put, packed: bool = False) -> "KVCache":
+        """A cache of zeros for ``batch`` sequences; ``put`` places an array on the device.
+        ``packed``: in one host buffer ``self_kv``, of which each layer's K^T and V are views."""
+        h, ctx, L = dims["n_text_head"], dims["n_text_ctx"], dims["n_text_layer"]
+        dh = dims["n_text_state"] // h
+        if packed:
+            planes = np.zeros((2 * L, batch, h, dh * ctx), np.float32)
+            return cls(self_k=[_host(planes[2 * i].reshape(batch, h, dh, ctx)) for i in range(L)],
+                       self_v=[_host(planes[2 * i + 1].reshape(batch, h, ctx, dh)) for i in range(L)],
+                       cross=cross, batch=batch, capacity=ctx, self_kv=_host(planes))
+        return cls(self_k=[put(np.zeros((batch, h, dh, ctx), np.float32)) for _ in range(L)],
+                   self_v=[put(np.zeros((batch, h, ctx, dh), np.float32)) for _ in range(L)],
+                   cross=cross, batch=batch, capacity=ctx)
+
+    def reset(self) -> None:
+        """Empty the cache (no copy: rows past ``length`` are never read)."""
         self.length = 0
-        if cross is not None:
-            self.cross = cross
 
     def self_buffers(self) -> list:
         """Each layer's self-attention K^T then V buffer, in the order the graphs take them."""
@@ -1388,207 +1954,198 @@ class KVCache:
 
 
 # =============================================================================================
-# 7. Model
+# 9. Model
 # =============================================================================================
+# A ``Model`` is three things: the weights placed on a device in the graphs' layouts and
+# precisions (``_DeviceWeights``), a runner that compiles and executes its graphs
+# (``_GraphRunner``), and the building blocks ``transcribe`` uses (``log_mel``, ``encode``,
+# ``new_cache``, ``decode``, ``reorder``, ``alignment``, ``detect_language``).
 
-def _pick_device(device: str):
-    """Map ``auto`` / ``cpu`` / ``gpu`` (``cuda``) to a MAX driver device."""
-    from max.driver import CPU, Accelerator, accelerator_count
-    device = (device or "auto").lower()
-    if device == "auto":
-        return Accelerator() if accelerator_count() > 0 else CPU()
-    if device == "cpu":
-        return CPU()
-    if device in ("gpu", "cuda"):
-        if accelerator_count() == 0:
-            raise ConfigError("device='gpu': MAX finds no accelerator on this machine; "
-                              "use device='cpu' or 'auto'")
-        return Accelerator()
-    raise ConfigError(f"device={device!r}: use 'auto', 'cpu' or 'gpu'")
+def _prometheus(name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float]]) -> list[str]:
+    """One metric in Prometheus' text format: HELP and TYPE lines, then a line per sample,
+    given as (name suffix and labels, value): ``('{route="/ready"}', 3)``, ``('_sum', 1.5)``."""
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"] + [
+        f"{name}{labels} {value if isinstance(value, int) else repr(float(value))}" for labels, value in samples]
 
 
-def _host(array: np.ndarray):
-    """A numpy array as a MAX buffer in host memory (graph inputs typed on the CPU), no copy."""
-    from max.driver import Buffer
-    return Buffer.from_numpy(np.ascontiguousarray(array))
+_COUNTERS = {   # name: help; per-call records carry the same names
+    "requests": "transcribe calls completed",
+    "audio_seconds": "seconds of audio transcribed",
+    "windows": "30 s windows decoded",
+    "tokens": "tokens decoded",
+    "fallbacks": "windows decoded again at a higher temperature",
+    "silence_skips": "windows skipped by silence_threshold_db",
+    "encoder_seconds": "time in the encoder graph",
+    "decode_seconds": "time decoding tokens",
+    "compile_seconds": "time compiling graphs",
+}
 
 
-def _openai_dir() -> Path:
-    """openai-whisper's package folder, found without importing it (``whisper/__init__.py``
-    imports torch and numba: 1.3 s of every process start)."""
-    import importlib.util
-    spec = importlib.util.find_spec("whisper")
-    if spec is None or spec.origin is None:
-        raise ModelError("openai-whisper is not installed (its tokenizer and mel filters are needed): "
-                         "pip install openai-whisper")
-    return Path(spec.origin).parent
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """How a model stores its weights and cross K/V, from ``dtype`` and where it runs.
 
-
-def _openai(name: str):
-    """openai-whisper's module ``whisper.<name>`` (``tokenizer``, ``utils``: stdlib and tiktoken
-    only) loaded from its file under a private name, without the package's ``__init__``. An
-    ``import whisper`` elsewhere still loads the package as usual; should a later openai-whisper
-    make the module import from its package, the plain (slower) import is used instead."""
-    import importlib
-    import importlib.util
-    import sys
-    key = f"_maxwhisper_openai_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, _openai_dir() / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module           # before running it: its dataclasses look it up
-        try:
-            spec.loader.exec_module(module)
-        except ImportError:
-            log.debug("whisper.%s needs its package; importing openai-whisper", name)
-            sys.modules[key] = importlib.import_module(f"whisper.{name}")
-    return sys.modules[key]
-
-
-def _bfloat16_bits(array: np.ndarray) -> np.ndarray:
-    """A float array's bfloat16 values as uint16, rounded to nearest even (as torch's
-    ``.to(torch.bfloat16)``; without importing torch, a second of a warm start)."""
-    bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def _bfloat16(array: np.ndarray):
-    """A float array as a bfloat16 MAX buffer in host memory (``_bfloat16_bits``)."""
-    from max.dtype import DType
-    return _host(_bfloat16_bits(array)).view(DType.bfloat16)
-
-
-KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
-
-
-def _kernels_dir(mode: str) -> Path | None:
-    """The Mojo kernel package to compile into the decoder, or None for MAX-ops attention."""
-    present = (KERNELS_DIR / "attention.mojo").is_file()
-    if mode == "off":
-        return None
-    if mode == "on" and not present:
-        raise ConfigError(f"kernels=on but {KERNELS_DIR} has no attention.mojo; vendor the kernels/ "
-                          "folder beside maxwhisper.py or set kernels=auto")
-    if not present:
-        log.info("no %s: decoder attention is built from MAX ops", KERNELS_DIR)
-        return None
-    return KERNELS_DIR
-
-
-class _CompileProgress:
-    """Logs a line every few seconds while a graph compiles, so a cold start is not silent."""
-
-    def __init__(self, what: str, every: float = 10.0):
-        self.what, self.every = what, every
-        self._done = threading.Event()
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        log.info("loading %s (the first load of a model size compiles it: tens of seconds)", self.what)
-        threading.Thread(target=self._tick, daemon=True).start()
-        return self
-
-    def _tick(self):
-        while not self._done.wait(self.every):
-            log.info("  still compiling %s ... %.0f s", self.what, time.perf_counter() - self.start)
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self.seconds = time.perf_counter() - self.start
-        log.info("%s ready in %.1f s", self.what, self.seconds)
-
-
-class _GraphStore:
-    """Compiled graphs kept as MAX ``.mef`` files, so a warm start skips building and compiling.
-
-    MAX's own compile cache still needs each graph built in Python and looked up (2-3 s per
-    graph here); loading a stored artifact takes milliseconds. A file is named by the graph,
-    the model dimensions and a digest of everything that decides what it computes: this
-    module's source, the kernel package, the MAX version and the device. Any change gives a
-    new name, and writing it removes the stale files of that graph. A file that fails to load
-    is deleted and the graph compiled again. Loading a file marks it used (its mtime); files
-    of other versions unused for ``max_idle_days`` are removed whenever a graph is written
-    (another install sharing the folder keeps its files while it runs).
+    ``matrices``: the decoder's matrices and token table (None = float32, a MAX ``DType``,
+    ``Q4_0`` or ``Q4_0X2``); ``encoder``: the encoder's matrices (Q4_0 blocks for the Q4_0
+    dtypes, else float32: the encoder is compute-bound and bfloat16 matmuls were no faster);
+    ``cross``: the cross K/V (bfloat16 where the Mojo kernels read them with bfloat16 weights,
+    else float32: MAX-ops attention would widen them at every step, costing more than the
+    bytes saved); ``packed``: the CPU step is the one ``whisper_decoder_step`` op, the decoder's
+    weights packed into two buffers.
     """
 
-    max_idle_days = 30
+    dtype: str
+    matrices: object = None
+    encoder: object = None
+    cross: object = None
+    packed: bool = False
 
-    def __init__(self, setting: str, device):
-        if setting == "off":
-            self.folder = None
-            return
-        if setting == "auto":
-            base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-            self.folder = Path(base) / "maxwhisper" / "graphs"
-        else:
-            self.folder = Path(setting).expanduser()
-        from importlib.metadata import version
-        import hashlib
-        import platform
-        h = hashlib.sha256(Path(__file__).read_bytes())
-        for f in sorted(KERNELS_DIR.glob("*.mojo")):    # whether this model uses them or not
-            h.update(f.name.encode() + f.read_bytes())
-        h.update(f"max {version('max')} {platform.machine()} {device}".encode())
-        try:
-            h.update(device.architecture_name.encode())       # accelerators
-        except Exception:                                      # CPUs: the instruction sets
-            cpuinfo = Path("/proc/cpuinfo")
-            flags = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith(("flags", "Features"))] \
-                if cpuinfo.exists() else [platform.processor()]
-            h.update("".join(flags[:1]).encode())
-        self.digest = h.hexdigest()[:16]
+    @classmethod
+    def choose(cls, dtype: str, device_ref, kernels: Path | None) -> "Precision":
+        from max.dtype import DType
+        if dtype not in ("float32", "bfloat16", Q4_0, Q4_0X2):
+            raise ConfigError(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'q4_0' or 'q4_0x2'")
+        if dtype in _Q4_TERMS and not device_ref.is_cpu():
+            raise ConfigError(f"dtype={dtype!r}: the Q4_0 matmul (MAX's vroom_q4_0 op) is CPU-only; use "
+                              "dtype='bfloat16' or 'float32' on a GPU, or device='cpu'")
+        matrices = {"bfloat16": DType.bfloat16, Q4_0: Q4_0, Q4_0X2: Q4_0X2}.get(dtype)
+        return cls(dtype, matrices, dtype if dtype in _Q4_TERMS else None,
+                   DType.bfloat16 if matrices is not None and kernels else None,
+                   kernels is not None and _packs_step(device_ref, matrices))
 
-    def load(self, session, name: str, build):
-        """The compiled graph ``name`` (a file-name-safe tag), from its file or built by ``build()``.
+    @property
+    def terms(self) -> int:
+        """Q4_0 terms per matrix (1 for the float dtypes)."""
+        return _Q4_TERMS.get(self.dtype, 1)
 
-        Returns (model, where) with where ``"stored"`` or ``"compiled"``."""
-        if self.folder is None:
-            return session.load(build()), "compiled"
-        path = self.folder / f"{name}-{self.digest}.mef"
-        if path.exists():
+
+def _graph_builders(dims: dict, ref, precision: Precision, kernels: Path | None) -> dict:
+    """{graph name: (file-name tag, builder)} of a model's graphs: the first three (and the
+    kernel step) compile at load, the others on first use."""
+    dt, kv = precision.matrices, precision.cross
+    enc_kernels = kernels if ref.is_cpu() else None          # its attention ops are CPU ones
+    key = lambda *dtypes: _dims_key(dims, *dtypes)            # noqa: E731
+    return {"mel": (key(), lambda: build_mel_graph(dims["n_mels"], ref)),
+            "encoder": (_encoder_key(dims, precision.encoder, kv, enc_kernels),
+                        lambda: build_encoder_graph(dims, ref, kv, precision.encoder, enc_kernels)),
+            "decoder": (key(dt, kv), lambda: build_decoder_graph(dims, ref, dt, kv)),
+            "step": (key(dt, kv), lambda: build_step_graph(dims, ref, kernels, dt, kv)),
+            "reorder": (key(), lambda: build_reorder_graph(dims, ref)),
+            "gather": (key(None, kv), lambda: build_gather_graph(dims, ref, kv)),
+            "repack": (key(), lambda: build_repack_graph(ref)),
+            "alignment": (key(dt, kv), lambda: build_alignment_graph(dims, ref, dt, kv))}
+
+
+class _GraphRunner:
+    """Compiles a model's graphs on first use (or loads them from the graph store) and runs
+    them, one at a time under ``lock``. Compiles take turns under a lock of their own, so a
+    graph compiling for one caller (tens of seconds) does not stop the others' graphs from
+    running. A graph that fails to compile raises ``DeviceError`` and is compiled again by the
+    next call that needs it."""
+
+    def __init__(self, device, device_name: str, builders: dict, store: _GraphStore, source: str):
+        from max import engine
+        self.device, self.device_name, self.builders, self.store = device, device_name, builders, store
+        self.source = source                       # the checkpoint, for messages
+        self.session = engine.InferenceSession(devices=[device])
+        self.lock = threading.Lock()
+        self._compiling = threading.Lock()
+        self.graphs: dict = {}
+        self.compile_seconds: dict[str, float] = {}
+        self.compile_total = 0.0
+        self.graph_sources: dict[str, str] = {}    # name -> "stored" or "compiled"
+
+    def compiled(self, name: str):
+        """The compiled graph ``name``, compiling it now if needed."""
+        graph = self.graphs.get(name)
+        if graph is not None:
+            return graph
+        with self._compiling:
+            if name in self.graphs:
+                return self.graphs[name]
+            tag, build = self.builders[name]
+            with _CompileProgress(f"{name} graph") as p:
+                try:
+                    self.graphs[name], self.graph_sources[name] = self.store.load(self.session, f"{name}_{tag}", build)
+                except Exception as e:  # MAX raises several types; the user gets one
+                    raise DeviceError(f"compiling the {name} graph for {self.source} on {self.device_name} "
+                                      f"failed ({type(e).__name__}: {e}); the next call retries; check "
+                                      "free memory and the MAX install") from e
+            self.compile_seconds[name] = p.seconds
+            self.compile_total += p.seconds
+        return self.graphs[name]
+
+    def run(self, name: str, *inputs) -> list:
+        """Execute graph ``name`` on device buffers, under the lock; errors become DeviceError."""
+        graph = self.compiled(name)
+        with self.lock:
+            # Every input here is a contiguous Buffer of ours; MAX's execute() checks each one in
+            # Python before calling its engine (~0.5 µs an input: ~50 µs of a decoder step's 100
+            # inputs), so the engine's entry is called directly where this MAX has it.
+            run = getattr(graph, "_execute_device_tensors", None)
             try:
-                model = session.load(path)
-                with contextlib.suppress(OSError):              # a read-only store still loads
-                    os.utime(path)
-                return model, "stored"
-            except Exception as e:  # a truncated or foreign file: rebuild it
-                log.warning("compiled graph %s does not load (%s: %s); compiling it again",
-                            path, type(e).__name__, e)
-                path.unlink(missing_ok=True)
-        compiled = session.compile(build())
-        model = session.init(compiled)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            compiled.export_mef(tmp)
-            os.replace(tmp, path)                              # atomic: readers see whole files
-            self._prune(path, name)
-        except Exception as e:  # OSError, or MAX failing to write: the model still runs
-            log.warning("cannot keep the compiled %s graph in %s (%s: %s); set graph_cache to a "
-                        "writable folder or 'off'", name, self.folder, type(e).__name__, e)
-            tmp.unlink(missing_ok=True)
-        return model, "compiled"
-
-    def _prune(self, kept: Path, name: str) -> None:
-        """Remove the other files of graph ``name`` and any file unused for ``max_idle_days``."""
-        idle = time.time() - self.max_idle_days * 86400
-        for f in self.folder.glob("*.mef"):
-            with contextlib.suppress(OSError):                 # gone already: another process
-                if f != kept and (f.name.startswith(f"{name}-") or f.stat().st_mtime < idle):
-                    f.unlink()
+                return run(list(inputs)) if run else graph.execute(*inputs)
+            except Exception as e:  # a device error must not leak as a bare RuntimeError
+                raise DeviceError(f"running the {name} graph on {self.device_name} failed "
+                                  f"({type(e).__name__}: {e}); the model stays usable") from e
 
 
-_COUNTERS = {   # name: (Prometheus type, help); per-call records carry the same names
-    "requests": ("counter", "transcribe calls completed"),
-    "audio_seconds": ("counter", "seconds of audio transcribed"),
-    "windows": ("counter", "30 s windows decoded"),
-    "tokens": ("counter", "tokens decoded"),
-    "fallbacks": ("counter", "windows decoded again at a higher temperature"),
-    "silence_skips": ("counter", "windows skipped by silence_threshold_db"),
-    "encoder_seconds": ("counter", "time in the encoder graph"),
-    "decode_seconds": ("counter", "time decoding tokens"),
-    "compile_seconds": ("counter", "time compiling graphs"),
-}
+class _DeviceWeights:
+    """A checkpoint's weights on the device, as the graphs take them: ``encoder`` and
+    ``decoder`` (one buffer per ``weight_spec`` input, in order) and, where the step is the
+    packed op, ``step``: its two buffers, of which the ``decoder`` buffers are views (one copy
+    of the weights is kept, not two)."""
+
+    def __init__(self, weights: Weights, precision: Precision, device, run):
+        self.precision, self.device, self._run = precision, device, run
+        put = self._put
+        spec = weight_spec(weights.dims, quantized=precision.matrices in _Q4_TERMS)
+        enc = [p for p in spec if p.graph == "encoder"]
+        self.encoder = [self._quantized(weights.state[p.name]) if precision.encoder and p.low_precision
+                        else put(graph_weights(weights, [p])[0]) for p in enc]
+        dec = [p for p in spec if p.graph == "decoder"]
+        self.step: list = []
+        if precision.packed:
+            self.decoder = self._pack(weights, dec, graph_weights(weights, dec))
+        else:
+            self.decoder = [self._place(p, a) for p, a in zip(dec, graph_weights(weights, dec))]
+
+    def _put(self, array: np.ndarray):
+        return _host(array).to(self.device)
+
+    def _quantized(self, matrix: np.ndarray):
+        """A float matrix [out, in] as repacked Q4_0 blocks (``quantize_q4_0``) on the device."""
+        return self._run("repack", self._put(quantize_q4_0(matrix, self.precision.terms)))[0]
+
+    def _place(self, p: Param, array: np.ndarray):
+        kind = self.precision.matrices if p.low_precision else None
+        if kind is None:
+            return self._put(array)
+        if kind in _Q4_TERMS and p.kind == "matrix":
+            return self._quantized(array)
+        return _bfloat16(array).to(self.device)            # bfloat16, or a Q4_0 model's token table
+
+    def _pack(self, weights: Weights, params: list[Param], arrays: list[np.ndarray]) -> list:
+        """Lay the decoder's weights out for ``whisper_decoder_step`` (``_step_weight_types``)
+        into ``self.step``; returns the views of them the other graphs take. A float32 state
+        array becomes its view too."""
+        from max.dtype import DType
+        views: list = [None] * len(params)
+        for matrices in (False, True):
+            picked = [i for i, p in enumerate(params) if p.low_precision == matrices]
+            bf16 = matrices and self.precision.matrices is not None
+            flat = np.empty(sum(arrays[i].size for i in picked), np.uint16 if bf16 else np.float32)
+            at = 0
+            for i in picked:
+                a = arrays[i]
+                part = flat[at:at + a.size].reshape(a.shape)
+                part[...] = _bfloat16_bits(a) if bf16 else a
+                if not bf16 and weights.state.get(params[i].name) is a:
+                    weights.state[params[i].name] = part
+                views[i] = _host(part).view(DType.bfloat16) if bf16 else _host(part)
+                at += a.size
+            self.step.append(_host(flat).view(DType.bfloat16) if bf16 else _host(flat))
+        return views
 
 
 class Model:
@@ -1602,21 +2159,13 @@ class Model:
     ``transcribe`` call owns its ``KVCache``; graph executions take turns under one lock, so
     concurrent calls are correct and each is as fast as alone, but throughput does not grow
     with threads. A graph that fails to compile or run raises ``DeviceError`` and leaves the
-    model usable: a graph not compiled yet is compiled again by the next call that needs it.
-    ``kernels`` (``auto``, ``on``, ``off``): one-token decoding steps with the Mojo attention
-    kernels in ``kernels/`` (CPU and GPU; a fourth graph, "step") or, like prompts, with attention
-    from MAX ops; ``self.kernels`` is the package used, or None.
-    ``dtype`` (``float32``, ``bfloat16``, ``q4_0``, ``q4_0x2``): the precision of the weight
-    matrices (see ``load``).
+    model usable. ``kernels`` and ``dtype``: see ``load``; ``self.kernels`` is the Mojo package
+    used, or None, and ``self.precision`` what ``dtype`` means here.
     """
-
-    _GRAPHS = ("mel", "encoder", "decoder")
 
     def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,
                  warmup: bool = True, kernels: str = "auto", dtype: str = "float32"):
-        from max import engine
         from max.driver import CPU
-        from max.dtype import DType
         from max.graph import DeviceRef
 
         self.weights, self.dims = weights, weights.dims
@@ -1624,148 +2173,41 @@ class Model:
         self.device = _pick_device(device)
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
         self.kernels = _kernels_dir(kernels)
-        if dtype not in ("float32", "bfloat16", Q4_0, Q4_0X2):
-            raise ConfigError(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'q4_0' or 'q4_0x2'")
-        if dtype in _Q4_TERMS and self.device_name != "cpu":
-            raise ConfigError(f"dtype={dtype!r}: the Q4_0 matmul (MAX's vroom_q4_0 op) is CPU-only; use "
-                              "dtype='bfloat16' or 'float32' on a GPU, or device='cpu'")
-        self.dtype = dtype
-        self._wdtype = {"bfloat16": DType.bfloat16, Q4_0: Q4_0, Q4_0X2: Q4_0X2}.get(dtype)
-        self._edtype = dtype if dtype in _Q4_TERMS else None     # bfloat16 encoders were no faster
-        # cross K/V in bfloat16 where the Mojo kernel reads them (MAX-ops attention would
-        # widen them on every step, costing more than the bytes saved)
-        self._kvdtype = DType.bfloat16 if self._wdtype is not None and self.kernels else None
-        self._packed = self.kernels is not None and _packs_step(DeviceRef.from_device(self.device), self._wdtype)
-        self._step_w: list = []                         # the packed step op's weights (_pack)
-        self._session = engine.InferenceSession(devices=[self.device])
-        self._store = _GraphStore(self.config["graph_cache"], self.device)
-        self._lock = threading.Lock()
-        self._graphs: dict = {}
-        self.compile_seconds: dict[str, float] = {}
-        self.graph_sources: dict[str, str] = {}         # name -> "stored" or "compiled"
+        ref = DeviceRef.from_device(self.device)
+        self.dtype, self.precision = dtype, Precision.choose(dtype, ref, self.kernels)
+        self.runner = _GraphRunner(self.device, self.device_name,
+                                   _graph_builders(self.dims, ref, self.precision, self.kernels),
+                                   _GraphStore(self.config["graph_cache"], self.device), weights.source)
+        self.compile_seconds = self.runner.compile_seconds      # graph -> seconds to compile or load
+        self.graph_sources = self.runner.graph_sources          # graph -> "stored" or "compiled"
         self._totals = dict.fromkeys(_COUNTERS, 0.0)
-        self._enc_w = self._encoder_weights()
-        self._dec_w = self._decoder_weights()
+        self.device_weights = _DeviceWeights(weights, self.precision, self.device, self.runner.run)
         if warmup:
-            with self._lock:
-                for name in self._GRAPHS + (("step",) if self.kernels else ()):
-                    self._compiled(name)
+            for name in ("mel", "encoder", "decoder") + (("step",) if self.kernels else ()):
+                self.runner.compiled(name)
 
-    def _put(self, array: np.ndarray):
+    def put(self, array: np.ndarray):
         """A numpy array as a MAX buffer on this model's device (no copy on CPU)."""
         return _host(array).to(self.device)
 
-    def _encoder_weights(self) -> list:
-        """The encoder's weight inputs as device buffers (its linear layers in Q4_0 blocks when
-        ``dtype`` is ``q4_0`` or ``q4_0x2``)."""
-        return [self._quantized(self.weights.state[n]) if self._edtype and _low_precision(n)
-                else self._put(graph_weights(self.weights, [n])[0]) for n in encoder_param_names(self.dims)]
-
-    def _quantized(self, matrix: np.ndarray):
-        """A float matrix [out, in] as repacked Q4_0 blocks (``quantize_q4_0``, as many terms
-        as ``dtype`` has) on the device."""
-        return self._run("repack", self._put(quantize_q4_0(matrix, _Q4_TERMS[self.dtype])))[0]
-
-    def _decoder_weights(self) -> list:
-        """The decoder's weight inputs as device buffers, its matrices in ``dtype``."""
-        names = decoder_param_names(self.dims, quantized=self._wdtype in _Q4_TERMS)
-        if self._packed:
-            return self._pack(names, graph_weights(self.weights, names))
-        out = []
-        for name, array in zip(names, graph_weights(self.weights, names)):
-            if self._wdtype is None or not _low_precision(name):
-                out.append(self._put(array))
-            elif self._wdtype in _Q4_TERMS and name != "decoder.token_embedding.weight":
-                out.append(self._quantized(array))
-            else:
-                out.append(_bfloat16(array).to(self.device))
-        return out
-
-    def _pack(self, names: list[str], arrays: list[np.ndarray]) -> list:
-        """Lays the decoder's weights out for ``whisper_decoder_step`` (``_step_weight_types``):
-        two host buffers, ``self._step_w``; returns the views of them that the other graphs
-        take, one per name. A float32 state array becomes its view too: one copy of the
-        weights is kept, not two."""
-        from max.dtype import DType
-        views: list = [None] * len(names)
-        for matrices in (False, True):
-            picked = [i for i, n in enumerate(names) if _low_precision(n) == matrices]
-            bf16 = matrices and self._wdtype is not None
-            flat = np.empty(sum(arrays[i].size for i in picked), np.uint16 if bf16 else np.float32)
-            at = 0
-            for i in picked:
-                a = arrays[i]
-                part = flat[at:at + a.size].reshape(a.shape)
-                part[...] = _bfloat16_bits(a) if bf16 else a
-                if not bf16 and self.weights.state.get(names[i]) is a:
-                    self.weights.state[names[i]] = part
-                views[i] = _host(part).view(DType.bfloat16) if bf16 else _host(part)
-                at += a.size
-            self._step_w.append(_host(flat).view(DType.bfloat16) if bf16 else _host(flat))
-        return views
-
-    def _compiled(self, name: str):
-        """The compiled graph ``name``, compiling it now if needed (call with the lock held)."""
-        if name not in self._graphs:
-            from max.graph import DeviceRef
-            ref = DeviceRef.from_device(self.device)
-            dt, kv = self._wdtype, self._kvdtype
-            enc_kernels = self.kernels if ref.is_cpu() else None      # its attention ops are CPU ones
-            build = {"mel": lambda: build_mel_graph(self.dims["n_mels"], ref),
-                     "encoder": lambda: build_encoder_graph(self.dims, ref, kv, self._edtype, enc_kernels),
-                     "decoder": lambda: build_decoder_graph(self.dims, ref, dt, kv),
-                     "step": lambda: build_step_graph(self.dims, ref, self.kernels, dt, kv),
-                     "reorder": lambda: build_reorder_graph(self.dims, ref),
-                     "gather": lambda: build_gather_graph(self.dims, ref, kv),
-                     "repack": lambda: build_repack_graph(ref),
-                     "alignment": lambda: build_alignment_graph(self.dims, ref, dt, kv)}[name]
-            dtypes = {"mel": (), "reorder": (), "repack": (),
-                      "gather": (None, kv)}.get(name, (dt, kv))
-            tag = f"{name}_{_encoder_key(self.dims, self._edtype, kv, enc_kernels)}" if name == "encoder" \
-                else f"{name}_{_dims_key(self.dims, *dtypes)}"
-            with _CompileProgress(f"{name} graph") as p:
-                try:
-                    self._graphs[name], self.graph_sources[name] = self._store.load(self._session, tag, build)
-                except Exception as e:  # MAX raises several types; the user gets one
-                    raise DeviceError(f"compiling the {name} graph for {self.weights.source} on "
-                                      f"{self.device_name} failed ({type(e).__name__}: {e}); the "
-                                      "next call retries; check free memory and the MAX install") from e
-            self.compile_seconds[name] = p.seconds
-            self._totals["compile_seconds"] += p.seconds
-        return self._graphs[name]
-
-    def _run(self, name: str, *inputs) -> list:
-        """Execute graph ``name`` on device buffers, under the lock; errors become DeviceError."""
-        with self._lock:
-            graph = self._compiled(name)
-            # Every input here is a contiguous Buffer of ours; MAX's execute() checks each one in
-            # Python before calling its engine (~0.5 µs an input: ~50 µs of a decoder step's 100
-            # inputs), so the engine's entry is called directly where this MAX has it.
-            run = getattr(graph, "_execute_device_tensors", None)
-            try:
-                return run(list(inputs)) if run else graph.execute(*inputs)
-            except Exception as e:  # a device error must not leak as a bare RuntimeError
-                raise DeviceError(f"running the {name} graph on {self.device_name} failed "
-                                  f"({type(e).__name__}: {e}); the model stays usable") from e
-
-    def _count(self, metrics: dict) -> None:
-        with self._lock:
+    def count(self, metrics: dict) -> None:
+        """Add one call's metrics (``_COUNTERS`` names) to the model's totals."""
+        with self.runner.lock:
             for k in _COUNTERS:
                 self._totals[k] += metrics.get(k, 0)
 
     def metrics(self, format: str = "dict"):
         """Cumulative counters over every call: a dict, or ``format="prometheus"`` text."""
-        with self._lock:
-            totals = dict(self._totals)
+        with self.runner.lock:
+            totals = {**self._totals, "compile_seconds": self.runner.compile_total}
         if format == "dict":
             return totals
         if format != "prometheus":
             raise ConfigError(f"metrics(format={format!r}): use 'dict' or 'prometheus'")
         lines = []
-        for k, (kind, help_text) in _COUNTERS.items():
-            name = f"maxwhisper_{k}" + ("_total" if kind == "counter" else "")
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
-                      f'{name}{{device="{self.device_name}"}} {totals[k]:.6g}']
+        for k, help_text in _COUNTERS.items():
+            lines += _prometheus(f"maxwhisper_{k}_total", "counter", help_text,
+                                 [(f'{{device="{self.device_name}"}}', totals[k])])
         return "\n".join(lines) + "\n"
 
     @property
@@ -1776,24 +2218,16 @@ class Model:
     def tokenizer(self, language: str | None = None, task: str = "transcribe"):
         """openai-whisper's tokenizer for this model's vocabulary."""
         return _openai("tokenizer").get_tokenizer(self.is_multilingual, num_languages=self.weights.num_languages,
-                             language=language, task=task)
+                                                  language=language, task=task)
 
     # -- building blocks -------------------------------------------------------------------
 
     def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:
         """Log-mel spectrogram [n_mels, frames] of 16 kHz audio, as ``whisper.log_mel_spectrogram``."""
-        x = np.concatenate([audio.astype(np.float32), np.zeros(padding, np.float32)])
-        if len(x) == 0:
+        frames = _stft_frames(audio, padding)
+        if frames is None:
             return np.zeros((self.dims["n_mels"], 0), np.float32)
-        half = N_FFT // 2
-        if len(x) <= half:
-            x = np.concatenate([x, np.zeros(half + 1 - len(x), np.float32)])
-        xp = np.pad(x, (half, half), mode="reflect")
-        n_frames = len(x) // HOP_LENGTH
-        step = xp.strides[0]
-        frames = np.lib.stride_tricks.as_strided(xp, (n_frames, N_FFT), (step * HOP_LENGTH, step))
-        out = self._run("mel", self._put(frames))
-        return out[0].to_numpy()
+        return self.runner.run("mel", self.put(frames))[0].to_numpy()
 
     def encode(self, mel: np.ndarray) -> tuple[np.ndarray, list]:
         """Run the encoder on log-mel windows [batch, n_mels, 3000].
@@ -1801,7 +2235,7 @@ class Model:
         Returns the audio features [batch, 1500, d] as numpy and the per-layer cross-attention
         (K^T, V) device buffers for a ``KVCache``.
         """
-        out = self._run("encoder", self._put(mel.astype(np.float32, copy=False)), *self._enc_w)
+        out = self.runner.run("encoder", self.put(mel.astype(np.float32, copy=False)), *self.device_weights.encoder)
         return out[0].to_numpy(), [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.dims["n_text_layer"])]
 
     def new_cache(self, cross: list, batch: int = 1) -> KVCache:
@@ -1811,22 +2245,12 @@ class Model:
         times in place (window 0 g times, then window 1 ...), as when several samples or beams
         of each window are decoded together.
         """
-        h, ctx = self.dims["n_text_head"], self.dims["n_text_ctx"]
-        dh = self.dims["n_text_state"] // h
-        L = self.dims["n_text_layer"]
         n = cross[0][0].shape[0]
         if batch % n:
             raise ConfigError(f"new_cache: batch {batch} is not a multiple of the {n} windows' cross K/V")
         if batch > n:
             cross = self.cross_rows(cross, np.repeat(np.arange(n), batch // n))
-        if self._packed:                 # one host buffer; each layer's K^T and V are views of it
-            planes = np.zeros((2 * L, batch, h, dh * ctx), np.float32)
-            return KVCache(self_k=[_host(planes[2 * i].reshape(batch, h, dh, ctx)) for i in range(L)],
-                           self_v=[_host(planes[2 * i + 1].reshape(batch, h, ctx, dh)) for i in range(L)],
-                           cross=cross, batch=batch, capacity=ctx, self_kv=_host(planes))
-        return KVCache(self_k=[self._put(np.zeros((batch, h, dh, ctx), np.float32)) for _ in range(L)],
-                       self_v=[self._put(np.zeros((batch, h, ctx, dh), np.float32)) for _ in range(L)],
-                       cross=cross, batch=batch, capacity=ctx)
+        return KVCache.empty(self.dims, cross, batch, self.put, packed=self.precision.packed)
 
     def decode(self, cache: KVCache, tokens: np.ndarray, out_idx: Sequence[int] = (-1,)) -> np.ndarray:
         """Feed ``tokens`` [batch, n] at the cache's current length; return their logits.
@@ -1842,26 +2266,26 @@ class Model:
         start = cache.length
         positions = np.arange(start, start + n, dtype=np.int64)
         idx = [i % n for i in out_idx]
-        put = self._put
+        put = self.put
         cross = [b for kv in cache.cross for b in kv]
         if self.kernels and n == 1:             # one token (every index is it): the Mojo kernel graph
             graph = "step"
-            inputs = [put(tokens), put(positions), *self._step_w, *cross, cache.self_kv] if self._packed \
-                else [put(tokens), put(positions), *self._dec_w, *cross, *cache.self_buffers()]
+            inputs = [put(tokens), put(positions), *self.device_weights.step, *cross, cache.self_kv] if self.precision.packed \
+                else [put(tokens), put(positions), *self.device_weights.decoder, *cross, *cache.self_buffers()]
         else:
             mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
             mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
             graph = "decoder"
             inputs = [put(tokens), _host(np.array([start, start + n], np.int64)), put(positions),
-                      put(np.array(idx, np.int64)), put(mask), *self._dec_w, *cross, *cache.self_buffers()]
-        out = self._run(graph, *inputs)
+                      put(np.array(idx, np.int64)), put(mask), *self.device_weights.decoder, *cross, *cache.self_buffers()]
+        out = self.runner.run(graph, *inputs)
         cache.length += n
         logits = out[0].to_numpy()
         return np.repeat(logits, len(idx), axis=1) if graph == "step" and len(idx) != 1 else logits
 
     def cross_rows(self, cross: list, rows: Sequence[int]) -> list:
         """New cross K/V holding the given rows of ``cross`` (any may repeat), on the device."""
-        out = self._run("gather", self._put(np.asarray(rows, np.int64)), *(b for kv in cross for b in kv))
+        out = self.runner.run("gather", self.put(np.asarray(rows, np.int64)), *(b for kv in cross for b in kv))
         return [(out[2 * i], out[2 * i + 1]) for i in range(len(cross))]
 
     def reorder(self, cache: KVCache, rows: Sequence[int]) -> None:
@@ -1871,7 +2295,7 @@ class Model:
             raise ConfigError(f"reorder: {len(rows)} rows given for a KVCache of batch {cache.batch}")
         if cache.length == 0 or (rows == np.arange(cache.batch)).all():
             return
-        self._run("reorder", self._put(rows), _host(np.array([0, cache.length], np.int64)),
+        self.runner.run("reorder", self.put(rows), _host(np.array([0, cache.length], np.int64)),
                   *cache.self_buffers())
 
     @property
@@ -1890,9 +2314,9 @@ class Model:
         n = len(tokens)
         mask = np.triu(np.full((n, n), -np.inf, np.float32), 1)
         heads = np.array([i * self.dims["n_text_head"] + j for i, j in self.alignment_heads], np.int64)
-        put = self._put
-        out = self._run("alignment", put(np.array([tokens], np.int64)), put(np.arange(n, dtype=np.int64)),
-                        put(mask), put(heads), *self._dec_w, *(b for kv in cross for b in kv))
+        put = self.put
+        out = self.runner.run("alignment", put(np.array([tokens], np.int64)), put(np.arange(n, dtype=np.int64)),
+                        put(mask), put(heads), *self.device_weights.decoder, *(b for kv in cross for b in kv))
         return out[0].to_numpy()[0], out[1].to_numpy()[0]
 
     def detect_language(self, mel_segment: np.ndarray, cache: KVCache | None = None) -> dict:
@@ -1933,8 +2357,8 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     the fastest encoder and steps, tokens furthest from float32's. ``dtype="q4_0x2"`` adds a
     second Q4_0 term per matrix holding the first one's rounding error: about bfloat16's
     accuracy, still faster than bfloat16 (``quantize_q4_0``). Unset arguments come from the
-    configuration (``config`` is a ``Config`` or a config file path; see ``SETTINGS``): by
-    default ``tiny.en`` on ``auto`` with ``kernels=auto``. The configuration's transcribe
+    configuration (``config`` is a ``Config`` or a config file path; see ``OPTIONS``; an
+    argument given here wins over it): by default ``tiny.en`` on ``auto`` with ``kernels=auto``. The configuration's transcribe
     settings become this model's ``transcribe`` defaults.
 
     The first load of a model size compiles its graphs (tens of seconds each) and keeps them
@@ -1943,14 +2367,14 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     graph's compile to its first use. MAX runs on every core the process may use; to cap it,
     restrict the process's CPU affinity (``taskset``, ``os.sched_setaffinity``) first.
     """
-    cfg = config if isinstance(config, Config) else Config.resolve(config, model=model, device=device,
-                                                                      kernels=kernels, dtype=dtype)
+    given = dict(model=model, device=device, kernels=kernels, dtype=dtype)
+    cfg = config.override(**given) if isinstance(config, Config) else Config.resolve(config, **given)
     return Model(load_weights(cfg["model"]), device=cfg["device"], config=cfg, warmup=warmup,
                  kernels=cfg["kernels"], dtype=cfg["dtype"])
 
 
 # =============================================================================================
-# 8. decoding
+# 10. decoding
 # =============================================================================================
 # The same rules as openai-whisper's whisper/decoding.py, on numpy logits: each logit filter is
 # its own small object; a token decoder (greedy/sampling or beam search) extends the token rows;
@@ -1959,29 +2383,30 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
 
 @dataclasses.dataclass(frozen=True)
 class DecodingOptions:
-    """Options for decoding one 30 s window (openai-whisper's names and defaults).
+    """Options for decoding one 30 s window (openai-whisper's names; defaults from ``OPTIONS``,
+    but for ``temperature`` and ``prompt``, which ``transcribe`` sets per window).
 
     ``repetition_limit`` (maxwhisper's own, off by default): a row whose text ends in the same
     n-gram (1 to 50 tokens) repeated this many times back to back is ended there, and the
     window counts as failed, so ``transcribe`` decodes it again at the next temperature.
     """
 
-    task: str = "transcribe"
+    task: str = _default("task")
     language: str | None = None
     temperature: float = 0.0
-    sample_len: int | None = None
-    best_of: int | None = None
-    beam_size: int | None = None
-    patience: float | None = None
-    length_penalty: float | None = None
+    sample_len: int | None = _default("sample_len")
+    best_of: int | None = _default("best_of")
+    beam_size: int | None = _default("beam_size")
+    patience: float | None = _default("patience")
+    length_penalty: float | None = _default("length_penalty")
     prompt: str | list | None = None
-    prefix: str | list | None = None
-    suppress_tokens: str | Iterable[int] | None = "-1"
-    suppress_blank: bool = True
-    without_timestamps: bool = False
-    max_initial_timestamp: float | None = 1.0
-    repetition_limit: int | None = None
-    seed: int | None = None
+    prefix: str | list | None = _default("prefix")
+    suppress_tokens: str | Iterable[int] | None = _default("suppress_tokens")
+    suppress_blank: bool = _default("suppress_blank")
+    without_timestamps: bool = _default("without_timestamps")
+    max_initial_timestamp: float | None = _default("max_initial_timestamp")
+    repetition_limit: int | None = _default("repetition_limit")
+    seed: int | None = _default("seed")
 
     def group_size(self) -> int:
         """Rows decoded per audio: beams at temperature 0, samples above it, else 1."""
@@ -2246,6 +2671,34 @@ def _initial_tokens(options: DecodingOptions, tokenizer, n_ctx: int, sample_len:
     return tokens
 
 
+def _logit_filters(options: DecodingOptions, tokenizer, sample_begin: int) -> list:
+    """The logit filters of a decoding, in openai-whisper's order (then the repetition guard)."""
+    filters: list = []
+    if options.suppress_blank:
+        filters.append(SuppressBlank(tokenizer, sample_begin))
+    filters.append(SuppressTokens(_suppress_ids(options, tokenizer)))
+    if not options.without_timestamps:
+        max_initial = None
+        if options.max_initial_timestamp:
+            max_initial = round(options.max_initial_timestamp / TIME_PRECISION)
+        filters.append(ApplyTimestampRules(tokenizer, sample_begin, max_initial))
+    if options.repetition_limit:
+        filters.append(RepetitionGuard(tokenizer, sample_begin, options.repetition_limit))
+    return filters
+
+
+def _best_candidate(rows: list, scores: list, sample_begin: int, eot: int,
+                    length_penalty: float | None) -> tuple[list[int], float]:
+    """openai-whisper's ``MaximumLikelihoodRanker``: of a window's candidate rows, the sampled
+    tokens (up to end-of-text) and summed log-probability of the one with the best
+    length-penalised score."""
+    candidates = [[int(t) for t in list(row)[sample_begin:list(row).index(eot, sample_begin)]] for row in rows]
+    lengths = np.array([len(c) for c in candidates], np.float64)
+    penalty = lengths if length_penalty is None else ((5 + lengths) / 6) ** length_penalty
+    best = int(np.argmax(np.array(scores) / penalty))
+    return candidates[best], scores[best]
+
+
 def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions],
                  rngs: Sequence[np.random.Generator] | None = None) -> list[DecodingResult]:
     """Decode windows whose cross K/V are in ``cache``, one ``DecodingOptions`` per window.
@@ -2275,18 +2728,8 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     if cache.batch != n_group * len(options):
         raise ConfigError(f"decode_batch: {len(options)} window(s) x {n_group} rows need a KVCache "
                           f"of batch {n_group * len(options)}, not {cache.batch}")
-    filters = []
-    if first.suppress_blank:
-        filters.append(SuppressBlank(tokenizer, sample_begin))
-    filters.append(SuppressTokens(_suppress_ids(first, tokenizer)))
-    if not first.without_timestamps:
-        max_initial = None
-        if first.max_initial_timestamp:
-            max_initial = round(first.max_initial_timestamp / TIME_PRECISION)
-        filters.append(ApplyTimestampRules(tokenizer, sample_begin, max_initial))
-    guard = RepetitionGuard(tokenizer, sample_begin, first.repetition_limit) if first.repetition_limit else None
-    if guard:
-        filters.append(guard)
+    filters = _logit_filters(first, tokenizer, sample_begin)
+    guard = next((f for f in filters if isinstance(f, RepetitionGuard)), None)
     if first.temperature == 0 and first.beam_size:
         decoder = BeamSearchDecoder(first.beam_size, eot, first.patience,
                                     lambda rows: model.reorder(cache, rows))
@@ -2314,90 +2757,76 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     groups, scores = decoder.finalize(tokens, sum_logprobs)
     results = []
     for k, (rows, row_scores) in enumerate(zip(groups, scores)):
-        candidates = []
-        for row in rows:
-            row = list(row)
-            candidates.append([int(t) for t in row[sample_begin:row.index(eot, sample_begin)]])
-        lengths = np.array([len(c) for c in candidates], np.float64)
-        penalty = lengths if first.length_penalty is None else ((5 + lengths) / 6) ** first.length_penalty
-        best = int(np.argmax(np.array(row_scores) / penalty))
-        text = tokenizer.decode(candidates[best]).strip()
+        tokens_k, score = _best_candidate(rows, row_scores, sample_begin, eot, first.length_penalty)
+        text = tokenizer.decode(tokens_k).strip()
         results.append(DecodingResult(
-            language=options[k].language or "en", tokens=candidates[best], text=text,
-            avg_logprob=float(row_scores[best] / (len(candidates[best]) + 1)),
-            no_speech_prob=no_speech_probs[k], temperature=first.temperature,
-            compression_ratio=compression_ratio(text),
-            looped=bool(guard and guard.loops(candidates[best]))))
+            language=options[k].language or "en", tokens=tokens_k, text=text,
+            avg_logprob=float(score / (len(tokens_k) + 1)), no_speech_prob=no_speech_probs[k],
+            temperature=first.temperature, compression_ratio=compression_ratio(text),
+            looped=bool(guard and guard.loops(tokens_k))))
     return results
 
 
 # =============================================================================================
-# 9. transcribe
+# 11. transcribe
 # =============================================================================================
 # openai-whisper's long-form algorithm (whisper/transcribe.py), written as a per-audio state
-# machine that yields one 30 s window at a time: ``transcribe_batch`` encodes and decodes the
-# current windows of several audios together, and ``transcribe`` is the batch of one. Word
-# timing follows whisper/timing.py; silence skipping (VAD) and the hallucination guards are
-# maxwhisper's own and off unless asked for.
+# machine that yields one 30 s window at a time: ``transcribe_batch`` (and the server's
+# ``Scheduler``) encode and decode the current windows of several audios together, and
+# ``transcribe`` is the batch of one. Word timing follows whisper/timing.py; silence skipping
+# (VAD) and the hallucination guards are maxwhisper's own and off unless asked for.
 
-_DECODE_KEYS = {f.name for f in dataclasses.fields(DecodingOptions)} - {"temperature", "prompt"}
-_TRANSCRIBE_KEYS = {"verbose", "carry_initial_prompt", "clip_timestamps", "vad_parameters",
-                    "prepend_punctuations", "append_punctuations",
-                    "hallucination_silence_threshold"} | set(SETTINGS)
-_PREPEND = "\"'“¿([{-"
-_APPEND = "\"'.。,，!！?？:：”)]}、"
+def _options_doc() -> str:
+    return ("Every ``transcribe`` option, frozen: one field per ``OPTIONS`` row of scope "
+            "``transcribe``, with its default.\n\n" + "\n".join(
+                f"``{o.name}`` = {o.default!r}: {o.help}" for o in OPTIONS if o.scope == "transcribe"))
 
 
-def speech_regions(samples: np.ndarray, *, threshold_db: float | None = None,
-                   min_silence_seconds: float = 2.0, speech_pad_seconds: float = 0.4) -> list[tuple[int, int]]:
-    """Voice activity by frame energy: the (start, end) sample ranges that are not long silence.
-
-    The audio is cut into 20 ms frames and each frame's energy taken in dB. A frame is loud when
-    its energy is above ``threshold_db`` (dBFS); by default the threshold adapts to the
-    recording: 15 dB over its noise floor (the 10th-percentile frame) but no lower than 45 dB
-    under its loudest frame. Quiet stretches of at least ``min_silence_seconds`` are silence;
-    every loud stretch is kept with ``speech_pad_seconds`` of margin on each side, and ranges
-    that then touch are merged. Returns [] for audio with no loud frame.
-    """
-    frame = SAMPLE_RATE // 50
-    n = len(samples) // frame
-    if n == 0:
-        return [(0, len(samples))] if len(samples) else []
-    power = np.mean(samples[:n * frame].astype(np.float64).reshape(n, frame) ** 2, axis=1)
-    db = 10 * np.log10(power + 1e-12)
-    if threshold_db is None:
-        threshold_db = max(np.percentile(db, 10) + 15.0, db.max() - 45.0)
-    loud = np.flatnonzero(db > threshold_db)
-    if len(loud) == 0:
-        return []
-    gap = max(1, round(min_silence_seconds * 50))
-    pad = round(speech_pad_seconds * SAMPLE_RATE)
-    breaks = np.flatnonzero(np.diff(loud) > gap)
-    firsts, lasts = np.r_[loud[0], loud[breaks + 1]], np.r_[loud[breaks], loud[-1]]
-    regions: list[tuple[int, int]] = []
-    for a, b in zip(firsts, lasts):
-        start, end = max(0, a * frame - pad), min(len(samples), (b + 1) * frame + pad)
-        if regions and start <= regions[-1][1]:
-            regions[-1] = (regions[-1][0], end)
-        else:
-            regions.append((start, end))
-    return regions
+TranscribeOptions = dataclasses.make_dataclass(
+    "TranscribeOptions",
+    [(o.name, object, dataclasses.field(default=o.default)) for o in OPTIONS if o.scope == "transcribe"],
+    frozen=True, namespace={"__doc__": _options_doc(), "__module__": __name__})
 
 
-class _TimeMap:
-    """Maps times in audio made of concatenated kept regions back to the original audio."""
+def _transcribe_options(model: Model, options: dict) -> TranscribeOptions:
+    """The call's options over the model's configured defaults, checked."""
+    known = {f.name for f in dataclasses.fields(TranscribeOptions)}
+    unknown = set(options) - known
+    if unknown:
+        raise ConfigError(f"unknown transcribe option(s) {sorted(unknown)}; known: {sorted(known)}")
+    o = TranscribeOptions(**{**model.config.scope("transcribe"), **options})
+    if o.task not in ("transcribe", "translate"):
+        raise ConfigError(f"task={o.task!r}: use 'transcribe' or 'translate'")
+    if o.hallucination_silence_threshold is not None and not o.word_timestamps:
+        raise ConfigError("hallucination_silence_threshold needs word_timestamps=True (it reads word timings)")
+    if o.vad_filter and o.clip_timestamps not in ("0", [0], (0,), [], ()):
+        raise ConfigError("vad_filter and clip_timestamps can't be combined: choose the clips or "
+                          "let voice activity find them")
+    bad = set(o.vad_parameters or {}) - {"threshold_db", "min_silence_seconds", "speech_pad_seconds"}
+    if bad:
+        raise ConfigError(f"vad_parameters {sorted(bad)}: known are threshold_db, "
+                          "min_silence_seconds, speech_pad_seconds")
+    _decoding_options(o, o.language, 0.0, None, best_of=None).check()
+    return o
 
-    def __init__(self, regions: list[tuple[int, int]]):
-        self.starts = np.array([a for a, _ in regions], np.float64) / SAMPLE_RATE
-        lengths = np.array([b - a for a, b in regions], np.float64) / SAMPLE_RATE
-        self.offsets = np.concatenate([[0.0], np.cumsum(lengths)[:-1]])
 
-    def __call__(self, t: float, is_end: bool = False) -> float:
-        if len(self.starts) == 0:
-            return t
-        side = "left" if is_end else "right"       # an end on a boundary belongs to the region before
-        i = max(0, int(np.searchsorted(self.offsets, t, side=side)) - 1)
-        return round(float(self.starts[i] + t - self.offsets[i]), 3)
+def _decoding_options(o: TranscribeOptions, language: str | None, temperature: float, prompt,
+                      **changes) -> DecodingOptions:
+    """One window's ``DecodingOptions``: the transcription's decoding fields, at ``temperature``
+    (beams at 0, ``best_of`` samples above it), with its prompt."""
+    fields = {f.name: getattr(o, f.name) for f in dataclasses.fields(DecodingOptions) if hasattr(o, f.name)}
+    fields.update(language=language, temperature=temperature, prompt=prompt)
+    fields.update({"beam_size": None, "patience": None} if temperature > 0 else {"best_of": None})
+    return DecodingOptions(**{**fields, **changes})
+
+
+def _timestamp(seconds: float) -> str:
+    """mm:ss.mmm (hh:mm:ss.mmm past an hour), as openai-whisper's verbose output."""
+    ms = round(seconds * 1000)
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return (f"{h:02d}:" if h else "") + f"{m:02d}:{s:02d}.{ms:03d}"
 
 
 def _median_filter(x: np.ndarray, width: int) -> np.ndarray:
@@ -2510,6 +2939,94 @@ def _cross_part(model: Model, cross: list, rows: list[int]) -> list:
     return cross if rows == list(range(cross[0][0].shape[0])) else model.cross_rows(cross, rows)
 
 
+def _clips(clip_timestamps, content_frames: int) -> list[tuple[int, int]]:
+    """``clip_timestamps`` ("start,end,..." seconds, or a list) as (start, end) frame ranges;
+    an open last clip runs to the end of the audio."""
+    clip = clip_timestamps
+    if isinstance(clip, str):
+        clip = [float(t) for t in clip.split(",") if t.strip()]
+    points = [round(t * FRAMES_PER_SECOND) for t in clip] or [0]
+    if len(points) % 2:
+        points.append(content_frames)
+    return list(zip(points[::2], points[1::2]))
+
+
+def _new_segment(seek: int, start: float, end: float, tokens, result: DecodingResult, tokenizer) -> dict:
+    """A segment as openai-whisper's result holds it (``id`` is added when it is kept)."""
+    tokens = [int(t) for t in tokens]
+    return {"seek": seek, "start": start, "end": end,
+            "text": tokenizer.decode([t for t in tokens if t < tokenizer.eot]),
+            "tokens": tokens, "temperature": result.temperature, "avg_logprob": result.avg_logprob,
+            "compression_ratio": result.compression_ratio, "no_speech_prob": result.no_speech_prob}
+
+
+def _segments_from_tokens(result: DecodingResult, tokenizer, seek: int, segment_size: int) -> tuple[list, int, bool]:
+    """Cut one window's tokens into segments at its timestamp pairs (openai-whisper's rules).
+    Returns (segments, the next seek, whether the window ended on a single timestamp)."""
+    time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+    tokens = np.array(result.tokens, np.int64)
+    ts_begin = tokenizer.timestamp_begin
+    is_ts = tokens >= ts_begin
+    single_ending = is_ts[-2:].tolist() == [False, True]
+    consecutive = (np.where(is_ts[:-1] & is_ts[1:])[0] + 1).tolist()
+    if not consecutive:                           # no pair inside: one segment for the window
+        duration = segment_size * HOP_LENGTH / SAMPLE_RATE
+        stamps = tokens[is_ts]
+        if len(stamps) and stamps[-1] != ts_begin:
+            duration = (stamps[-1] - ts_begin) * TIME_PRECISION
+        return [_new_segment(seek, time_offset, time_offset + duration, tokens, result, tokenizer)], \
+            seek + segment_size, single_ending
+    segments, last = [], 0
+    for cur in consecutive + ([len(tokens)] if single_ending else []):
+        part = tokens[last:cur]
+        segments.append(_new_segment(seek, time_offset + (part[0] - ts_begin) * TIME_PRECISION,
+                                     time_offset + (part[-1] - ts_begin) * TIME_PRECISION, part, result, tokenizer))
+        last = cur
+    next_seek = seek + segment_size if single_ending else seek + int(tokens[last - 1] - ts_begin) * INPUT_STRIDE
+    return segments, next_seek, single_ending
+
+
+def _skip_hallucinations(current: list[dict], threshold: float, seek: int, segment_size: int,
+                         single_ending: bool, last_speech: float, content_frames: int,
+                         next_seek: int) -> tuple[int, bool]:
+    """openai-whisper's ``hallucination_silence_threshold``: after a silence longer than
+    ``threshold`` s, a segment of anomalous words (improbable, very short or very long) is
+    taken for a hallucination; the seek skips the silence and the segments from there are
+    dropped (``current`` is cut in place). Returns (the next seek, whether the whole window
+    is to be decoded again from there)."""
+    time_offset = seek * HOP_LENGTH / SAMPLE_RATE
+    window_end = (seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE
+    if not single_ending:
+        end = _last_word_end(current)
+        if end is not None and end > time_offset:
+            next_seek = round(end * FRAMES_PER_SECOND) if window_end - end > threshold else seek + segment_size
+    first = next((seg for seg in current if seg["words"]), None)
+    if first is not None and _is_anomaly(first):
+        gap = first["start"] - time_offset
+        if gap > threshold:
+            return seek + round(gap * FRAMES_PER_SECOND), True
+    last_end = last_speech
+    for i, seg in enumerate(current):
+        if not seg["words"]:
+            continue
+        if _is_anomaly(seg):
+            following = next((x for x in current[i + 1:] if x["words"]), None)
+            next_start = (following["words"][0]["start"] if following
+                          else time_offset + segment_size * HOP_LENGTH / SAMPLE_RATE)
+            before = (seg["start"] - last_end > threshold or seg["start"] < threshold
+                      or seg["start"] - time_offset < 2.0)
+            after = (next_start - seg["end"] > threshold or _is_anomaly(following)
+                     or window_end - seg["end"] < 2.0)
+            if before and after:
+                next_seek = round(max(time_offset + 1, seg["start"]) * FRAMES_PER_SECOND)
+                if content_frames * HOP_LENGTH / SAMPLE_RATE - seg["end"] < threshold:
+                    next_seek = content_frames
+                del current[i:]
+                break
+        last_end = seg["end"]
+    return next_seek, False
+
+
 class _Transcription:
     """One audio going through openai-whisper's long-form algorithm a window at a time.
 
@@ -2518,23 +3035,20 @@ class _Transcription:
     segments and moves the seek, ``result()`` is the finished transcript.
     """
 
-    def __init__(self, model: Model, audio, s: dict, name: str | None = None):
-        self.model, self.s = model, s
+    def __init__(self, model: Model, audio, o: TranscribeOptions, name: str | None = None):
+        self.model, self.o = model, o
         self.started = time.perf_counter()
         self.name = name or (audio if not isinstance(audio, np.ndarray) else "audio array")
         try:
-            samples = load_audio(audio)
-        except AudioError as e:
-            raise AudioError(str(e).replace(str(audio), self.name)) if name else e
+            samples = load_audio(audio, max_seconds=o.max_audio_seconds)
+        except (AudioError, CapacityError) as e:
+            raise type(e)(str(e).replace(str(audio), self.name)) if name else e
         self.audio_seconds = len(samples) / SAMPLE_RATE
-        if s["max_audio_seconds"] is not None and self.audio_seconds > s["max_audio_seconds"]:
-            raise CapacityError(f"{self.name}: {self.audio_seconds:.1f} s of audio is over max_audio_seconds="
-                                f"{s['max_audio_seconds']:g}; split the file or raise the limit")
         self.metrics = {"audio_seconds": self.audio_seconds, "windows": 0, "tokens": 0, "fallbacks": 0,
                         "silence_skips": 0, "encoder_seconds": 0.0, "decode_seconds": 0.0}
         self.time_map = None
-        if s["vad_filter"]:
-            regions = speech_regions(samples, **(s["vad_parameters"] or {}))
+        if o.vad_filter:
+            regions = speech_regions(samples, **(o.vad_parameters or {}))
             self.time_map = _TimeMap(regions)
             samples = np.concatenate([samples[a:b] for a, b in regions] or [np.zeros(0, np.float32)])
             log.info("%s: voice activity keeps %.1f s of %.1f s", self.name, len(samples) / SAMPLE_RATE,
@@ -2543,30 +3057,28 @@ class _Transcription:
         self.mel = model.log_mel(samples, padding=N_SAMPLES)
         self.content_frames = self.mel.shape[-1] - N_FRAMES
         self.encoded: tuple | None = None      # (log-mel, cross K/V) of the window language detection encoded
-        self.language = self._language(s.get("language"))
-        self.tokenizer = model.tokenizer(language=self.language, task=s.get("task") or "transcribe")
-        clip = s["clip_timestamps"]
-        if isinstance(clip, str):
-            clip = [float(t) for t in clip.split(",") if t.strip()]
-        points = [round(t * FRAMES_PER_SECOND) for t in clip] or [0]
-        if len(points) % 2:
-            points.append(self.content_frames)
-        self.clips = list(zip(points[::2], points[1::2]))
+        self.language = self._language(o.language)
+        self.tokenizer = model.tokenizer(language=self.language, task=o.task)
+        self.clips = _clips(o.clip_timestamps, self.content_frames)
         self.clip_idx, self.seek = 0, self.clips[0][0]
-        self.rng = np.random.default_rng(s.get("seed"))
+        self.rng = np.random.default_rng(o.seed)
         self.all_tokens: list[int] = []
         self.segments: list[dict] = []
         self.prompt_reset_since = 0
         self.last_speech = 0.0
-        self.remaining_prompt = model.dims["n_text_ctx"] // 2 - 1
         self.initial_prompt: list[int] = []
-        if s["initial_prompt"] is not None:
+        if o.initial_prompt is not None:
             try:
-                self.initial_prompt = self.tokenizer.encode(" " + s["initial_prompt"].strip())
+                self.initial_prompt = self.tokenizer.encode(" " + o.initial_prompt.strip())
             except ValueError as e:                         # tiktoken refuses special tokens
                 raise ConfigError(f"initial_prompt: {e}; remove the <|...|> markers") from None
             self.all_tokens.extend(self.initial_prompt)
-            self.remaining_prompt -= len(self.initial_prompt)
+
+    @property
+    def key(self) -> str:
+        """Windows of transcriptions with the same key may be decoded in one batch: the options
+        but for those each window carries itself (language, prompt)."""
+        return repr(dataclasses.replace(self.o, language=None, initial_prompt=None))
 
     def _language(self, language: str | None) -> str:
         model = self.model
@@ -2605,26 +3117,36 @@ class _Transcription:
                 if self.clip_idx < len(self.clips):
                     self.seek = self.clips[self.clip_idx][0]
                 continue
-            self.time_offset = self.seek * HOP_LENGTH / SAMPLE_RATE
             self.segment_size = min(N_FRAMES, self.content_frames - self.seek, clip_end - self.seek)
-            log.info("%s: window at %.1f s of %.1f s", self.name, self.time_offset,
+            if self._digital_silence():
+                self.metrics["silence_skips"] += 1
+                self.seek += self.segment_size
+                continue
+            log.info("%s: window at %.1f s of %.1f s", self.name, self.seek / FRAMES_PER_SECOND,
                      self.content_frames / FRAMES_PER_SECOND)
-            if self.s["carry_initial_prompt"]:
-                ignored = max(len(self.initial_prompt), self.prompt_reset_since)
-                self.prompt = self.initial_prompt + self.all_tokens[ignored:][-self.remaining_prompt:]
-            else:
-                self.prompt = self.all_tokens[self.prompt_reset_since:]
+            self.prompt = self._window_prompt()
             return self.window(self.seek, self.segment_size)
         return None
 
+    def _digital_silence(self) -> bool:
+        """Whether the current window's audio never rises above one 16-bit step (-90 dBFS):
+        no sound at all, where the model would only hallucinate ("you you you")."""
+        a = self.seek * HOP_LENGTH
+        return not np.any(np.abs(self.samples[a:a + self.segment_size * HOP_LENGTH]) > 1 / 32768)
+
+    def _window_prompt(self) -> list[int]:
+        """The window's prompt: the text since the last reset (openai-whisper's
+        ``condition_on_previous_text``), or with ``carry_initial_prompt`` the initial prompt
+        then as much of that text as fits in half the context."""
+        if not self.o.carry_initial_prompt:
+            return self.all_tokens[self.prompt_reset_since:]
+        room = self.model.dims["n_text_ctx"] // 2 - 1 - len(self.initial_prompt)
+        ignored = max(len(self.initial_prompt), self.prompt_reset_since)
+        return self.initial_prompt + self.all_tokens[ignored:][-room:]
+
     def options(self, temperature: float) -> DecodingOptions:
         """The decoding options of the current window at ``temperature``."""
-        kw = {k: v for k, v in self.s.items() if k in _DECODE_KEYS}
-        if temperature > 0:
-            kw.update(beam_size=None, patience=None)
-        else:
-            kw.update(best_of=None)
-        return DecodingOptions(**{**kw, "language": self.language}, temperature=temperature, prompt=self.prompt)
+        return _decoding_options(self.o, self.language, temperature, self.prompt)
 
     def loudness_db(self) -> float:
         """The current window's loudest 100 ms, in dBFS."""
@@ -2635,117 +3157,63 @@ class _Transcription:
             return -120.0
         return float(10 * np.log10(np.mean(x[:n * 1600].reshape(n, 1600) ** 2, axis=1).max() + 1e-12))
 
+    def _is_silence(self, result: DecodingResult) -> bool:
+        """openai-whisper's no-speech rule (a likely silence, unless the text is confident),
+        and ``silence_threshold_db``: a likely silence that is quiet is skipped however
+        confident."""
+        o = self.o
+        if o.no_speech_threshold is None or result.no_speech_prob <= o.no_speech_threshold:
+            return False
+        quiet = o.silence_threshold_db is not None and self.loudness_db() < o.silence_threshold_db
+        confident = o.logprob_threshold is not None and result.avg_logprob > o.logprob_threshold
+        self.metrics["silence_skips"] += quiet and confident
+        return quiet or not confident
+
     def accept(self, result: DecodingResult, cross: list | None) -> None:
         """Turn the current window's decoding into segments and move to the next window."""
-        s, tokenizer = self.s, self.tokenizer
-        seek, segment_size, time_offset = self.seek, self.segment_size, self.time_offset
-        if s["no_speech_threshold"] is not None and result.no_speech_prob > s["no_speech_threshold"]:
-            quiet = s["silence_threshold_db"] is not None and self.loudness_db() < s["silence_threshold_db"]
-            confident = s["logprob_threshold"] is not None and result.avg_logprob > s["logprob_threshold"]
-            if quiet or not confident:
-                self.metrics["silence_skips"] += quiet and confident
-                self.seek += segment_size
-                return
-
-        def new_segment(start: float, end: float, toks: np.ndarray) -> dict:
-            toks = [int(t) for t in toks]
-            return {"seek": seek, "start": start, "end": end,
-                    "text": tokenizer.decode([t for t in toks if t < tokenizer.eot]),
-                    "tokens": toks, "temperature": result.temperature, "avg_logprob": result.avg_logprob,
-                    "compression_ratio": result.compression_ratio, "no_speech_prob": result.no_speech_prob}
-
-        tokens = np.array(result.tokens, np.int64)
-        current = []
-        ts_begin = tokenizer.timestamp_begin
-        is_ts = tokens >= ts_begin
-        single_ending = is_ts[-2:].tolist() == [False, True]
-        consecutive = (np.where(is_ts[:-1] & is_ts[1:])[0] + 1).tolist()
-        if consecutive:
-            last = 0
-            for cur in consecutive + ([len(tokens)] if single_ending else []):
-                part = tokens[last:cur]
-                current.append(new_segment(time_offset + (part[0] - ts_begin) * TIME_PRECISION,
-                                           time_offset + (part[-1] - ts_begin) * TIME_PRECISION, part))
-                last = cur
-            self.seek += segment_size if single_ending else int(tokens[last - 1] - ts_begin) * INPUT_STRIDE
-        else:
-            duration = segment_size * HOP_LENGTH / SAMPLE_RATE
-            stamps = tokens[is_ts]
-            if len(stamps) and stamps[-1] != ts_begin:
-                duration = (stamps[-1] - ts_begin) * TIME_PRECISION
-            current.append(new_segment(time_offset, time_offset + duration, tokens))
+        o, seek, segment_size = self.o, self.seek, self.segment_size
+        if self._is_silence(result):
             self.seek += segment_size
-
-        if s["word_timestamps"]:
-            _add_word_timestamps(self.model, tokenizer, current, cross, segment_size, self.last_speech,
-                                 s.get("prepend_punctuations") or _PREPEND, s.get("append_punctuations") or _APPEND)
+            return
+        current, self.seek, single_ending = _segments_from_tokens(result, self.tokenizer, seek, segment_size)
+        if o.word_timestamps:
+            _add_word_timestamps(self.model, self.tokenizer, current, cross, segment_size, self.last_speech,
+                                 o.prepend_punctuations or _PREPEND, o.append_punctuations or _APPEND)
             last_word_end = _last_word_end(current)
-            if not single_ending and last_word_end is not None and last_word_end > time_offset:
+            if not single_ending and last_word_end is not None and last_word_end > seek / FRAMES_PER_SECOND:
                 self.seek = round(last_word_end * FRAMES_PER_SECOND)
-            threshold = s.get("hallucination_silence_threshold")
-            if threshold is not None and self._skip_hallucination(current, threshold, seek, segment_size, single_ending):
-                return
+            if o.hallucination_silence_threshold is not None:
+                self.seek, again = _skip_hallucinations(
+                    current, o.hallucination_silence_threshold, seek, segment_size, single_ending,
+                    self.last_speech, self.content_frames, self.seek)
+                if again:
+                    return
             last_word_end = _last_word_end(current)
             if last_word_end is not None:
                 self.last_speech = last_word_end
+        self._commit(current, result)
 
+    def _commit(self, current: list[dict], result: DecodingResult) -> None:
+        """Keep a window's segments (blanking empty ones, as openai-whisper does) and extend
+        the text the next windows are prompted with."""
         for seg in current:
             if seg["start"] == seg["end"] or not seg["text"].strip():
                 seg["text"], seg["tokens"] = "", []
-                if s["word_timestamps"]:
+                if self.o.word_timestamps:
                     seg["words"] = []
-            if s.get("verbose"):
+            if self.o.verbose:
                 log.info("[%s --> %s] %s", _timestamp(seg["start"]), _timestamp(seg["end"]), seg["text"])
         self.segments.extend({"id": i, **seg} for i, seg in enumerate(current, start=len(self.segments)))
         self.all_tokens.extend(t for seg in current for t in seg["tokens"])
-        if not s["condition_on_previous_text"] or result.temperature > 0.5:
+        if not self.o.condition_on_previous_text or result.temperature > 0.5:
             self.prompt_reset_since = len(self.all_tokens)
-
-    def _skip_hallucination(self, current: list[dict], threshold: float, seek: int, segment_size: int,
-                            single_ending: bool) -> bool:
-        """openai-whisper's ``hallucination_silence_threshold``: after a silence longer than
-        ``threshold`` s, a segment of anomalous words (improbable, very short or very long) is
-        taken for a hallucination; the seek skips the silence and the segments from there are
-        dropped. Returns True when the whole window is to be decoded again from later on."""
-        time_offset = seek * HOP_LENGTH / SAMPLE_RATE
-        window_end = (seek + N_FRAMES) * HOP_LENGTH / SAMPLE_RATE
-        if not single_ending:
-            end = _last_word_end(current)
-            if end is not None and end > time_offset:
-                self.seek = round(end * FRAMES_PER_SECOND) if window_end - end > threshold else seek + segment_size
-        first = next((seg for seg in current if seg["words"]), None)
-        if first is not None and _is_anomaly(first):
-            gap = first["start"] - time_offset
-            if gap > threshold:
-                self.seek = seek + round(gap * FRAMES_PER_SECOND)
-                return True
-        last_end = self.last_speech
-        for i, seg in enumerate(current):
-            if not seg["words"]:
-                continue
-            if _is_anomaly(seg):
-                following = next((x for x in current[i + 1:] if x["words"]), None)
-                next_start = (following["words"][0]["start"] if following
-                              else time_offset + segment_size * HOP_LENGTH / SAMPLE_RATE)
-                before = (seg["start"] - last_end > threshold or seg["start"] < threshold
-                          or seg["start"] - time_offset < 2.0)
-                after = (next_start - seg["end"] > threshold or _is_anomaly(following)
-                         or window_end - seg["end"] < 2.0)
-                if before and after:
-                    self.seek = round(max(time_offset + 1, seg["start"]) * FRAMES_PER_SECOND)
-                    if self.content_frames * HOP_LENGTH / SAMPLE_RATE - seg["end"] < threshold:
-                        self.seek = self.content_frames
-                    del current[i:]
-                    break
-            last_end = seg["end"]
-        return False
 
     def result(self) -> dict:
         """The transcript: openai-whisper's result shape plus ``metrics``."""
         m = self.metrics
         m["tokens"] = sum(len(seg["tokens"]) for seg in self.segments)
         m["requests"] = 1
-        self.model._count(m)
+        self.model.count(m)
         if self.time_map:
             for seg in self.segments:
                 seg["start"], seg["end"] = self.time_map(seg["start"]), self.time_map(seg["end"], is_end=True)
@@ -2759,12 +3227,39 @@ class _Transcription:
                 "segments": self.segments, "language": self.language, "metrics": m}
 
 
+def _needs_fallback(o: TranscribeOptions, r: DecodingResult) -> bool:
+    """openai-whisper's fallback rule: decode again hotter when the text is too repetitive or
+    too unlikely (or looped: ``repetition_limit``) — unless the window is a likely silence."""
+    if (o.no_speech_threshold is not None and o.logprob_threshold is not None
+            and r.no_speech_prob > o.no_speech_threshold and r.avg_logprob < o.logprob_threshold):
+        return False                                                   # silence: keep it
+    return ((o.compression_ratio_threshold is not None and r.compression_ratio > o.compression_ratio_threshold)
+            or (o.logprob_threshold is not None and r.avg_logprob < o.logprob_threshold) or r.looped)
+
+
+def _next_windows(transcriptions: Sequence[_Transcription]) -> tuple[list, list]:
+    """Move every transcription to its next window: (the finished ones, [(transcription,
+    log-mel)] of the others)."""
+    work = [(t, mel) for t in transcriptions for mel in [t.next_window()] if mel is not None]
+    going = {id(t) for t, _ in work}
+    return [t for t in transcriptions if id(t) not in going], work
+
+
+def _batches(work: list, batch_size: int) -> list[list]:
+    """A round's windows in batches of at most ``batch_size`` whose transcriptions share their
+    options (``_Transcription.key``), in order."""
+    groups: dict[str, list] = {}
+    for item in work:
+        groups.setdefault(item[0].key, []).append(item)
+    return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
 def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -> None:
     """Encode the given windows together, decode them with temperature fallback (windows
     whose prompts have the same length share a batch), and hand each its result. The
     transcriptions share their settings."""
     jobs = [job for job, _ in work]
-    s = jobs[0].s
+    o = jobs[0].o
     t0 = time.perf_counter()
     first = jobs[0].encoded
     if len(work) == 1 and first is not None and np.array_equal(first[0], work[0][1]):
@@ -2774,7 +3269,7 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
     for job in jobs:
         job.encoded = None
     t1 = time.perf_counter()
-    temperatures = [s["temperature"]] if isinstance(s["temperature"], (int, float)) else list(s["temperature"])
+    temperatures = [o.temperature] if isinstance(o.temperature, (int, float)) else list(o.temperature)
     results: list = [None] * len(jobs)
     todo = list(range(len(jobs)))
     half_ctx = model.dims["n_text_ctx"] // 2 - 1
@@ -2787,20 +3282,9 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
             cache = model.new_cache(_cross_part(model, cross, ks), batch=len(ks) * opts[0].group_size())
             for k, r in zip(ks, decode_batch(model, cache, opts, [jobs[k].rng for k in ks])):
                 results[k] = r
-        retry = []
+        todo = [k for k in todo if _needs_fallback(o, results[k]) and i + 1 < len(temperatures)]
         for k in todo:
-            r = results[k]
-            fallback = ((s["compression_ratio_threshold"] is not None
-                         and r.compression_ratio > s["compression_ratio_threshold"])
-                        or (s["logprob_threshold"] is not None and r.avg_logprob < s["logprob_threshold"])
-                        or r.looped)
-            if (s["no_speech_threshold"] is not None and s["logprob_threshold"] is not None
-                    and r.no_speech_prob > s["no_speech_threshold"] and r.avg_logprob < s["logprob_threshold"]):
-                fallback = False                                           # silence: keep it
-            if fallback and i + 1 < len(temperatures):
-                jobs[k].metrics["fallbacks"] += 1
-                retry.append(k)
-        todo = retry
+            jobs[k].metrics["fallbacks"] += 1
         if not todo:
             break
     t2 = time.perf_counter()
@@ -2808,32 +3292,7 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
         job.metrics["windows"] += 1
         job.metrics["encoder_seconds"] += (t1 - t0) / len(jobs)
         job.metrics["decode_seconds"] += (t2 - t1) / len(jobs)
-        job.accept(results[k], _cross_part(model, cross, [k]) if s["word_timestamps"] else None)
-
-
-def _settings(model: Model, options: dict) -> dict:
-    """The call's options over the model's configured defaults, checked."""
-    unknown = set(options) - _DECODE_KEYS - _TRANSCRIBE_KEYS
-    if unknown:
-        raise ConfigError(f"unknown transcribe option(s) {sorted(unknown)}; "
-                          f"known: {sorted(_DECODE_KEYS | _TRANSCRIBE_KEYS)}")
-    s = {**model.config.scope("transcribe"), **options}
-    if s.get("task", "transcribe") not in ("transcribe", "translate"):
-        raise ConfigError(f"task={s['task']!r}: use 'transcribe' or 'translate'")
-    s.setdefault("clip_timestamps", "0")
-    s.setdefault("carry_initial_prompt", False)
-    s.setdefault("vad_parameters", None)
-    if s.get("hallucination_silence_threshold") is not None and not s["word_timestamps"]:
-        raise ConfigError("hallucination_silence_threshold needs word_timestamps=True (it reads word timings)")
-    if s["vad_filter"] and s["clip_timestamps"] not in ("0", [0], (0,), [], ()):
-        raise ConfigError("vad_filter and clip_timestamps can't be combined: choose the clips or "
-                          "let voice activity find them")
-    bad = set(s["vad_parameters"] or {}) - {"threshold_db", "min_silence_seconds", "speech_pad_seconds"}
-    if bad:
-        raise ConfigError(f"vad_parameters {sorted(bad)}: known are threshold_db, "
-                          "min_silence_seconds, speech_pad_seconds")
-    DecodingOptions(**{k: v for k, v in s.items() if k in _DECODE_KEYS - {"best_of"}}).check()
-    return s
+        job.accept(results[k], _cross_part(model, cross, [k]) if o.word_timestamps else None)
 
 
 def transcribe(model: Model, audio, **options) -> dict:
@@ -2883,15 +3342,15 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: use 1 or more")
-    s = _settings(model, options)
+    o = _transcribe_options(model, options)
     compiled_before = model.metrics()["compile_seconds"]
-    jobs = [_Transcription(model, audio, s) for audio in audios]
+    jobs = [_Transcription(model, audio, o) for audio in audios]
     pending = list(jobs)
     while pending:
-        work = [(job, mel) for job in pending for mel in [job.next_window()] if mel is not None]
+        _, work = _next_windows(pending)
         pending = [job for job, _ in work]
-        for i in range(0, len(work), batch_size):
-            _decode_round(model, work[i:i + batch_size])
+        for batch in _batches(work, batch_size):
+            _decode_round(model, batch)
     results = [job.result() for job in jobs]
     compiled = model.metrics()["compile_seconds"] - compiled_before
     for r in results:
@@ -2899,17 +3358,8 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
     return results
 
 
-def _timestamp(seconds: float) -> str:
-    """mm:ss.mmm (hh:mm:ss.mmm past an hour), as openai-whisper's verbose output."""
-    ms = round(seconds * 1000)
-    h, ms = divmod(ms, 3_600_000)
-    m, ms = divmod(ms, 60_000)
-    s, ms = divmod(ms, 1000)
-    return (f"{h:02d}:" if h else "") + f"{m:02d}:{s:02d}.{ms:03d}"
-
-
 # =============================================================================================
-# 10. server
+# 12. server
 # =============================================================================================
 # ``python -m maxwhisper serve``: OpenAI's /v1/audio/transcriptions and /translations over the
 # standard library's ThreadingHTTPServer. Request threads parse the upload and wait; one
@@ -2917,6 +3367,20 @@ def _timestamp(seconds: float) -> str:
 # round encodes and decodes their current windows together (windows with the same settings and
 # prompt length share a batch). A transcription that finishes frees its slot for the next
 # queued request at the next round.
+
+class _ApiError(Exception):
+    """An error answered to the client in OpenAI's error JSON shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                     "code": self.status}}).encode()
+
 
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -2935,10 +3399,10 @@ class _Histogram:
             if value <= edge:
                 self.counts[i] += 1
 
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{edge:g}"}} {n}' for edge, n in zip(self.buckets, self.counts)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6g}",
-                      f"{name}_count {self.count}"]
+    def lines(self, name: str, help_text: str) -> list[str]:
+        samples = [(f'_bucket{{le="{edge:g}"}}', n) for edge, n in zip(self.buckets, self.counts)]
+        return _prometheus(name, "histogram", help_text, samples + [
+            ('_bucket{le="+Inf"}', self.count), ("_sum", self.sum), ("_count", self.count)])
 
 
 class _Job:
@@ -2946,8 +3410,6 @@ class _Job:
 
     def __init__(self, transcription: _Transcription):
         self.transcription = transcription
-        s = transcription.s
-        self.key = repr(sorted((k, repr(v)) for k, v in s.items() if k not in ("language", "initial_prompt")))
         self.done = threading.Event()
         self.result: dict | None = None
         self.error: Exception | None = None
@@ -3021,16 +3483,13 @@ class Scheduler:
                 except queue.Empty:
                     break
             self.active = [j for j in self.active if not j.cancelled]
-            groups: dict[str, list] = {}
+            finished, work = _next_windows([job.transcription for job in self.active])
             for job in self.active:
-                mel = job.transcription.next_window()
-                if mel is None:
+                if job.transcription in finished:
                     job.finish(result=job.transcription.result())
-                else:
-                    groups.setdefault(job.key, []).append((job.transcription, mel))
             self.active = [j for j in self.active if not j.done.is_set()]
-            for work in groups.values():
-                self._round(work)
+            for batch in _batches(work, self.max_batch):
+                self._round(batch)
 
     def _round(self, work: list) -> None:
         """Decode one round of windows; when it fails, each job alone, so only the culprit fails."""
@@ -3056,170 +3515,147 @@ class Scheduler:
         self.active = [j for j in self.active if not j.done.is_set()]
 
 
-class _ApiError(Exception):
-    """An error answered to the client in OpenAI's error JSON shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-        self.headers = headers or {}
+_BUSY = _ApiError(503, "the server has too many open connections; retry shortly", kind="server_error")
+_BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                  b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY.body()), _BUSY.body()))
 
 
 class _HTTPServer(ThreadingHTTPServer):
+    """The standard library's threaded server with a cap on open connections: one past
+    ``max_connections`` is answered 503 from the accepting thread and closed."""
+
     request_queue_size = 256        # the listen backlog: bursts of clients queue, not reset
     daemon_threads = True
 
+    def __init__(self, address, handler, max_connections: int):
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0
+        super().__init__(address, handler)
 
-class Server:
-    """The HTTP service: the model, the scheduler, limits, metrics.
-
-    It answers from a background thread as soon as it is made (``port=0`` picks a free port,
-    see ``address``); /ready says 503 until a model is given (``model=``) or ``load()`` has
-    loaded the configured one. ``shutdown()`` stops accepting, then ``drain(grace)`` waits for
-    the requests in flight. Settings: ``api_key`` (bearer token for /v1/*, or None),
-    ``max_upload_bytes`` (413 above it), ``request_timeout`` (504 past it), ``max_batch``,
-    ``queue_size`` (503 when full).
-    """
-
-    def __init__(self, config: Config, host: str = "127.0.0.1", port: int = 8000, *,
-                 model: Model | None = None, api_key: str | None = None, max_batch: int = 8,
-                 queue_size: int = 64, max_upload_bytes: int = 25 * 1024 * 1024,
-                 request_timeout: float = 300.0):
-        self.config, self.api_key = config, api_key
-        self.max_batch, self.queue_size = max_batch, queue_size
-        self.max_upload_bytes, self.request_timeout = max_upload_bytes, request_timeout
-        self.model: Model | None = None
-        self.scheduler: Scheduler | None = None
-        self.load_error: Exception | None = None
-        self._lock = threading.Condition()
-        self.in_flight = 0
-        self.stopping = False
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency = _Histogram(_LATENCY_BUCKETS)
-        handler = type("Handler", (_Handler,), {"app": self})
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            with contextlib.suppress(OSError):
+                request.sendall(_BUSY_RESPONSE)
+            self.shutdown_request(request)
+            return
         try:
-            self.httpd = _HTTPServer((host, port), handler)
-        except OSError as e:
-            raise ConfigError(f"serve: cannot listen on {host}:{port} ({e.strerror}); "
-                              "pick another --port or --host") from e
-        self.address = self.httpd.server_address[:2]
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                         name="maxwhisper-http", daemon=True).start()
-        if model is not None:
-            self._serve_model(model)
-
-    def load(self) -> None:
-        """Load and compile the configured model in this thread, then start serving it."""
-        try:
-            self._serve_model(load(config=self.config))
-        except Exception as e:  # requests get a 500 that names it
-            self.load_error = e
+            super().process_request(request, client_address)
+        except Exception:  # the thread did not start: its slot is ours to give back
+            self.slots.release()
             raise
 
-    def _serve_model(self, model: Model) -> None:
-        self.model = model
-        self.scheduler = Scheduler(model, self.max_batch, self.queue_size)
-        log.info("serving %s on http://%s:%d", model.weights.source, *self.address)
-
-    def shutdown(self) -> None:
-        """Stop accepting connections; requests in flight go on (see ``drain``)."""
-        self.stopping = True
-        self.httpd.shutdown()
-
-    def drain(self, grace: float = 30.0) -> bool:
-        """Wait up to ``grace`` s for the requests in flight, then stop the scheduler; True if
-        all ended in time. Past ``grace`` the round being decoded ends, the requests left are
-        answered 503 and no decoding runs on (a process exiting under it would abort)."""
-        ended = self._idle(grace)
-        if self.scheduler:
-            self.scheduler.stop(finish=ended)
-            self._idle(5)               # give the handlers a moment to send their 503s
-        self.httpd.server_close()
-        return ended
-
-    def _idle(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s until no request is in flight; True if none is."""
-        with self._lock:
-            return self._lock.wait_for(lambda: self.in_flight == 0, timeout=timeout)
-
-    def count(self, route: str, status: int, seconds: float | None = None) -> None:
-        """Record an answered request (and its latency, for transcriptions) for /metrics."""
-        with self._lock:
-            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
-            if seconds is not None:
-                self.latency.observe(seconds)
-
-    def metrics_text(self) -> str:
-        """Prometheus text: requests by route and status, queue depth, latency, batch sizes,
-        and the model's own counters (audio seconds, tokens, ...)."""
-        with self._lock:
-            lines = ["# HELP maxwhisper_http_requests_total HTTP requests answered",
-                     "# TYPE maxwhisper_http_requests_total counter"]
-            lines += [f'maxwhisper_http_requests_total{{route="{r}",status="{s}"}} {n}'
-                      for (r, s), n in sorted(self.requests.items())]
-            lines += ["# HELP maxwhisper_request_seconds transcription request latency",
-                      "# TYPE maxwhisper_request_seconds histogram"] + self.latency.lines("maxwhisper_request_seconds")
-        lines += ["# HELP maxwhisper_queue_depth requests queued or being decoded",
-                  "# TYPE maxwhisper_queue_depth gauge",
-                  f"maxwhisper_queue_depth {self.scheduler.depth() if self.scheduler else 0}"]
-        if self.scheduler:
-            lines += ["# HELP maxwhisper_batch_windows windows decoded together per round",
-                      "# TYPE maxwhisper_batch_windows histogram"] + self.scheduler.batch_sizes.lines(
-                          "maxwhisper_batch_windows")
-        text = "\n".join(lines) + "\n"
-        return text + (self.model.metrics(format="prometheus") if self.model else "")
-
-    def transcribe(self, fields: dict, audio: bytes, filename: str, task: str) -> tuple[dict, float]:
-        """Run one request's transcription through the scheduler; (result, audio seconds)."""
-        import queue
-        import tempfile
-        if self.model is None or self.scheduler is None:
-            if self.load_error:
-                raise _ApiError(500, f"the model failed to load: {self.load_error}", kind="server_error")
-            raise _ApiError(503, "the model is still loading; retry shortly", kind="server_error",
-                            headers={"Retry-After": "5"})
-        options: dict = {"task": task}
-        if fields.get("language") and task == "transcribe":
-            options["language"] = fields["language"]
-        if fields.get("prompt"):
-            options["initial_prompt"] = fields["prompt"]
-        if fields.get("temperature") not in (None, ""):
-            try:
-                t = float(fields["temperature"])
-            except ValueError:
-                raise _ApiError(400, f"temperature={fields['temperature']!r} is not a number", "temperature")
-            if not 0 <= t <= 1:
-                raise _ApiError(400, "temperature must be between 0 and 1", "temperature")
-            if t > 0:
-                options["temperature"] = (t,)
-        if "word" in fields.get("timestamp_granularities[]", []):
-            options["word_timestamps"] = True
-        suffix = Path(filename or "audio.wav").suffix or ".wav"
-        with tempfile.NamedTemporaryFile(suffix=suffix) as f:
-            f.write(audio)
-            f.flush()
-            try:
-                job = _Job(_Transcription(self.model, f.name, _settings(self.model, options),
-                                          name=filename or "upload"))
-            except (AudioError, CapacityError) as e:
-                raise _ApiError(400, str(e), "file")
-            except ConfigError as e:
-                raise _ApiError(400, str(e), next((k for k in ("language", "prompt") if k in str(e)), None))
+    def process_request_thread(self, request, client_address):
         try:
-            self.scheduler.submit(job)
-        except queue.Full:
-            raise _ApiError(503, f"the server is busy ({self.queue_size} requests queued); retry later",
-                            kind="server_error", headers={"Retry-After": "1"})
-        if not job.done.wait(self.request_timeout):
-            job.cancelled = True
-            raise _ApiError(504, f"the transcription took longer than {self.request_timeout:g} s",
-                            kind="server_error")
-        if isinstance(job.error, _ApiError):
-            raise job.error
-        if job.error is not None:
-            raise _ApiError(500, f"decoding failed: {type(job.error).__name__}: {job.error}", kind="server_error")
-        return job.result, job.transcription.audio_seconds
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def _form_options(fields: dict, task: str) -> dict:
+    """The transcribe options of a request's form fields: OpenAI's ``language``, ``prompt``
+    and ``temperature`` (the options whose ``form`` names them) and
+    ``timestamp_granularities[]``; a bad value is a 400 naming the field."""
+    options: dict = {"task": task}
+    for o in OPTIONS:
+        raw = fields.get(o.form) if o.form else None
+        if raw in (None, "") or (o.name == "language" and task == "translate"):
+            continue
+        try:
+            options[o.name] = o.parse(raw)
+        except ValueError as e:
+            raise _ApiError(400, f"{o.form}={raw[:100]!r}: {e}", o.form) from None
+    if "temperature" in options:           # OpenAI's one value, no fallback schedule
+        t = options.pop("temperature")
+        if len(t) != 1 or not 0 <= t[0] <= 1:
+            raise _ApiError(400, "temperature must be one number between 0 and 1", "temperature")
+        if t[0] > 0:
+            options["temperature"] = t
+    if "word" in fields.get("timestamp_granularities[]", []):
+        options["word_timestamps"] = True
+    return options
+
+
+_MAX_PARTS = 64                  # form parts in one request
+_MAX_FIELD_BYTES = 64 * 1024     # a form field other than the file
+
+
+def _header_params(value: str, header: str = "content-type") -> tuple[str, dict]:
+    """A header value's main value (lowercased) and its parameters, quotes and RFC 2231
+    encodings undone, as the standard library's ``email`` package parses them (no recursion)."""
+    from email.message import Message
+    from email.utils import collapse_rfc2231_value
+    message = Message()
+    message[header] = value
+    params = message.get_params(header=header) or [("", "")]
+    return params[0][0].strip().lower(), {k.lower(): collapse_rfc2231_value(v) for k, v in params[1:]}
+
+
+def _parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None, str | None]:
+    """(form fields, file bytes, file name) of a multipart/form-data body (RFC 7578); repeated
+    fields ending in ``[]`` become lists.
+
+    Parsed here in one pass over the body: a part is never parsed as a nested multipart (the
+    standard library's parser recurses into them, and 3000 levels overflow the stack), the work
+    is linear in the body's length, and the parts, the fields' sizes and the ``file`` parts are
+    bounded. Anything else is a 400 ``_ApiError``."""
+    malformed = _ApiError(400, "the multipart body is malformed (no parts, or a broken boundary)")
+    try:
+        kind, params = _header_params(content_type)
+    except Exception:  # the email package's many errors for a mangled header
+        raise malformed from None
+    boundary = params.get("boundary", "")
+    if kind != "multipart/form-data" or not 0 < len(boundary) <= 70:
+        raise _ApiError(400, "expected a multipart/form-data body with a boundary of 1 to 70 characters")
+    delimiter = b"\r\n--" + boundary.encode("utf-8", "replace")
+    body = b"\r\n" + body                             # the first delimiter needs no CRLF before it
+    pos = body.find(delimiter)
+    fields: dict = {}
+    audio = filename = None
+    for count in range(_MAX_PARTS + 1):
+        if pos < 0:
+            raise malformed
+        pos += len(delimiter)
+        if body.startswith(b"--", pos):                # the close delimiter
+            return fields, audio, filename
+        if count == _MAX_PARTS:
+            raise _ApiError(400, f"the form has more than {_MAX_PARTS} parts")
+        end, line_end = body.find(delimiter, pos), body.find(b"\r\n", pos)
+        if end < 0 or not 0 <= line_end <= end:
+            raise malformed
+        head, sep, payload = body[line_end + 2:end].partition(b"\r\n\r\n")
+        if not sep:
+            raise malformed
+        disposition = next((value for key, _, value in (line.partition(b":") for line in head.split(b"\r\n"))
+                            if key.strip().lower() == b"content-disposition"), b"")
+        try:
+            kind, params = _header_params(disposition.decode("utf-8", "replace"), "content-disposition")
+        except Exception:  # as above
+            raise malformed from None
+        name = params.get("name")
+        if kind != "form-data" or not name:
+            raise _ApiError(400, "every part needs a Content-Disposition: form-data; name=...")
+        if name == "file":
+            if audio is not None:
+                raise _ApiError(400, "the form has two 'file' parts; send one audio file", "file")
+            audio, filename = payload, params.get("filename")
+        elif len(payload) > _MAX_FIELD_BYTES:
+            raise _ApiError(400, f"form field {name[:50]!r} is over {_MAX_FIELD_BYTES} bytes", name[:50])
+        elif name.endswith("[]"):
+            fields.setdefault(name, []).append(payload.decode("utf-8", "replace"))
+        else:
+            fields[name] = payload.decode("utf-8", "replace")
+        pos = end
+    raise malformed
+
+
+def _upload_name(filename: str | None) -> tuple[str, str]:
+    """(name for messages, file suffix) of an upload's client-given file name: printable, at
+    most 100 characters; the suffix only when it is a plain extension (ffmpeg reads the
+    content either way)."""
+    name = "".join(c for c in (filename or "upload") if c.isprintable())[:100] or "upload"
+    suffix = Path(name).suffix
+    return name, suffix if 1 < len(suffix) <= 10 and suffix[1:].isalnum() else ".bin"
 
 
 def _response_body(result: dict, fmt: str, task: str, duration: float) -> tuple[str, str]:
@@ -3248,43 +3684,57 @@ def _response_body(result: dict, fmt: str, task: str, duration: float) -> tuple[
 
 
 _FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+_SERVE_SCOPES = ("load", "transcribe", "serve", "logging")
 
 
-def _parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None, str | None]:
-    """(form fields, file bytes, file name) of a multipart/form-data body; repeated fields
-    ending in ``[]`` become lists. Raises ``_ApiError`` 400 when it is not valid multipart."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
-    if not content_type.startswith("multipart/form-data") or "boundary=" not in content_type:
-        raise _ApiError(400, "expected a multipart/form-data body with a boundary")
-    msg = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\nMIME-Version: 1.0\r\n\r\n" + body)
-    parts = list(msg.iter_parts()) if msg.is_multipart() else []
-    if not parts or msg.defects:
-        raise _ApiError(400, "the multipart body is malformed (no parts, or a broken boundary)")
-    fields: dict = {}
-    audio = filename = None
-    for part in parts:
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
-        if name == "file":
-            audio, filename = payload, part.get_filename()
-        elif name and name.endswith("[]"):
-            fields.setdefault(name, []).append(payload.decode("utf-8", "replace"))
-        elif name:
-            fields[name] = payload.decode("utf-8", "replace")
-    return fields, audio, filename
+_ROUTES = {"/health": "GET", "/ready": "GET", "/metrics": "GET", "/v1/models": "GET",
+           "/v1/audio/transcriptions": "POST", "/v1/audio/translations": "POST"}
+_TASKS = {"/v1/audio/transcriptions": "transcribe", "/v1/audio/translations": "translate"}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """HTTP routes; ``app`` (the ``Server``) is set on a subclass per server."""
+class _HTTPHandler(BaseHTTPRequestHandler):
+    """The HTTP layer under the routes: answers in OpenAI's error JSON, the standard library's
+    own refusals included (a malformed request line, 414, 431, an unknown method); framing a
+    proxy could read another way refused; time limits on slow clients. ``app`` (the ``Server``)
+    and ``timeout`` (its ``client_timeout``, which the standard library applies to every read
+    of the connection) are set on a subclass per server. A request's line and headers must
+    arrive within ``timeout`` (a timer closes the connection past it: a client dripping bytes
+    is not kept), and its body within the server's ``request_timeout``."""
 
     app: Server
     protocol_version = "HTTP/1.1"
-    server_version = "maxwhisper"
+    status = 0
+
+    def version_string(self) -> str:
+        return "maxwhisper"                               # not the Python version
 
     def log_message(self, fmt: str, *args) -> None:
         log.debug("%s " + fmt, self.address_string(), *args)
+
+    def handle_one_request(self) -> None:
+        self._headers_deadline = threading.Timer(self.timeout, self._hang_up)
+        self._headers_deadline.daemon = True
+        self._headers_deadline.start()
+        try:
+            super().handle_one_request()
+        finally:
+            self._headers_deadline.cancel()
+
+    def parse_request(self) -> bool:
+        try:
+            return super().parse_request()                # reads the headers
+        finally:
+            self._headers_deadline.cancel()
+
+    def _hang_up(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(2)                   # socket.SHUT_RDWR: the read returns b""
+
+    @property
+    def route(self) -> str:
+        """The request's path without its query; ``other`` for an unknown one (a metrics label)."""
+        path = self.path.split("?")[0]
+        return path if path in _ROUTES else "other"
 
     def _send(self, status: int, body: str | bytes, content_type: str = "application/json",
               headers: dict | None = None) -> None:
@@ -3299,29 +3749,99 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _error(self, e: _ApiError) -> None:
-        body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
-        self._send(e.status, json.dumps(body), headers=e.headers)
+        with contextlib.suppress(OSError):                # the client may be gone (499)
+            self._send(e.status, e.body(), headers=e.headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's refusals, as OpenAI's error JSON; an unknown method on a
+        known route is 405 with ``Allow``."""
+        allowed = _ROUTES.get(self.path.split("?")[0]) if getattr(self, "path", None) else None
+        if code == 501 and allowed:
+            error = _ApiError(405, f"{self.command} is not allowed on this route; use {allowed}",
+                              headers={"Allow": allowed})
+        else:
+            error = _ApiError(code, message or explain or "bad request")
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":          # a request line that is not HTTP: answer as 1.0
+            self.request_version = "HTTP/1.0"
+        self._error(error)
+        self.app.count(self.route if getattr(self, "path", None) else "other", self.status)
 
     def handle_expect_100(self) -> bool:
         """Refuse an oversized upload before the client sends it (curl sends Expect: 100-continue)."""
-        too_large = self._too_large()
-        if too_large:
-            self._error(too_large)
+        try:
+            self._body_length()
+        except _ApiError as e:
+            self._error(e)
             return False
         return super().handle_expect_100()
 
-    def _too_large(self) -> _ApiError | None:
-        length = self.headers.get("Content-Length") or "0"
-        if not length.isdigit():
-            return _ApiError(400, f"Content-Length {length!r} is not a byte count")
-        length = int(length)
-        if length > self.app.max_upload_bytes:
-            return _ApiError(413, f"the upload is {length} bytes; the limit is {self.app.max_upload_bytes}",
-                             "file")
-        return None
+    def _body_length(self) -> int:
+        """The request body's length from its one Content-Length; 400 for framing a proxy
+        could read another way (with Transfer-Encoding, or two different lengths), 411
+        without one, 413 over ``max_upload_mb``."""
+        if self.headers.get_all("Transfer-Encoding"):
+            raise _ApiError(400 if self.headers.get_all("Content-Length") else 411,
+                            "Transfer-Encoding is not accepted here; send the body with one Content-Length")
+        lengths = set(self.headers.get_all("Content-Length") or [])
+        if not lengths:
+            raise _ApiError(411, "a Content-Length header is required")
+        length = lengths.pop().strip()
+        if lengths or not length.isdigit() or not length.isascii() or len(length) > 18:
+            raise _ApiError(400, f"Content-Length {length[:30]!r} is not one byte count")
+        if int(length) > self.app.max_upload_bytes:
+            raise _ApiError(413, f"the upload is {int(length)} bytes; the limit is {self.app.max_upload_bytes}",
+                            "file")
+        return int(length)
+
+    def _read_body(self, length: int) -> bytes:
+        """The body, in chunks; 408 when it takes longer than ``request_timeout`` to arrive
+        (each read waits at most ``timeout``)."""
+        deadline, chunks, left = time.monotonic() + self.app.request_timeout, [], length
+        try:
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    raise _ApiError(400, f"the body ended {left} bytes short of its Content-Length")
+                chunks.append(chunk)
+                left -= len(chunk)
+                if left and time.monotonic() > deadline:
+                    raise _ApiError(408, "the upload took too long to arrive")
+        except TimeoutError:
+            raise _ApiError(408, "the upload stalled") from None
+        return b"".join(chunks)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (it is readable and at its end)."""
+        import select
+        import socket
+        try:
+            readable = select.select([self.connection], [], [], 0)[0]
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _discard_body(self, length: int, limit: int = 64 * 1024 * 1024) -> None:
+        """Read and drop an unwanted body (up to ``limit``) so the client gets our answer,
+        not a connection reset."""
+        left = min(length, limit)
+        self.connection.settimeout(5)
+        try:
+            while left > 0:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+
+
+class _Handler(_HTTPHandler):
+    """The routes: health, readiness, metrics, models and the two transcription routes."""
 
     def _auth_error(self) -> _ApiError | None:
         """The 401 to answer when an API key is required and this request lacks it."""
@@ -3332,28 +3852,33 @@ class _Handler(BaseHTTPRequestHandler):
         return _ApiError(401, "missing or wrong API key (Authorization: Bearer …)", kind="authentication_error")
 
     def do_GET(self) -> None:
-        app, route = self.app, self.path.split("?")[0]
-        if route == "/health":
-            self._send(200, json.dumps({"status": "ok"}))
-        elif route == "/ready":
-            ready = app.scheduler is not None and not app.stopping
-            self._send(200 if ready else 503, json.dumps({"ready": ready}))
-        elif route == "/metrics":
-            self._send(200, app.metrics_text(), "text/plain; version=0.0.4")
-        elif route == "/v1/models":
-            denied = self._auth_error()
-            if denied:
-                self._error(denied)
-                return app.count(route, 401)
-            models = [{"id": m, "object": "model", "created": 0, "owned_by": "maxwhisper"}
-                      for m in dict.fromkeys([app.config["model"], "whisper-1"])]
-            self._send(200, json.dumps({"object": "list", "data": models}))
-        else:
-            self._error(_ApiError(404, f"no route {route}"))
+        app, route = self.app, self.route
+        try:
+            if _ROUTES.get(route) != "GET":
+                raise _ApiError(404 if route == "other" else 405, f"no GET route {self.path[:100]}",
+                                headers={} if route == "other" else {"Allow": _ROUTES[route]})
+            if route == "/health":
+                self._send(200, json.dumps({"status": "ok"}))
+            elif route == "/ready":
+                ready = app.scheduler is not None and not app.stopping
+                self._send(200 if ready else 503, json.dumps({"ready": ready}))
+            elif route == "/metrics":
+                self._send(200, app.metrics_text(), "text/plain; version=0.0.4")
+            else:
+                denied = self._auth_error()
+                if denied:
+                    raise denied
+                models = [{"id": m, "object": "model", "created": 0, "owned_by": "maxwhisper"}
+                          for m in dict.fromkeys([app.config["model"], "whisper-1"])]
+                self._send(200, json.dumps({"object": "list", "data": models}))
+        except _ApiError as e:
+            self._error(e)
         app.count(route, self.status)
 
+    do_HEAD = do_GET
+
     def do_POST(self) -> None:
-        app, route = self.app, self.path.split("?")[0]
+        app, route = self.app, self.route
         started = time.perf_counter()
         with app._lock:
             app.in_flight += 1
@@ -3366,100 +3891,212 @@ class _Handler(BaseHTTPRequestHandler):
         app.count(route, self.status, time.perf_counter() - started if self.status == 200 else None)
 
     def _post(self, route: str) -> None:
-        tasks = {"/v1/audio/transcriptions": "transcribe", "/v1/audio/translations": "translate"}
         try:
-            if route not in tasks:
-                raise _ApiError(404, f"no route {route}")
+            if _ROUTES.get(route) != "POST":
+                raise _ApiError(404 if route == "other" else 405, f"no POST route {self.path[:100]}",
+                                headers={} if route == "other" else {"Allow": _ROUTES[route]})
             denied = self._auth_error()
             if denied:
                 raise denied
             if self.app.stopping:
                 raise _ApiError(503, "the server is shutting down", kind="server_error")
-            too_large = self._too_large()
-            if too_large:
-                self._discard_body()
-                raise too_large
-            if not self.headers.get("Content-Length"):
-                raise _ApiError(411, "a Content-Length header is required")
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            fields, audio, filename = _parse_multipart(self.headers.get("Content-Type", ""), body)
-            if not audio:
-                raise _ApiError(400, "the form has no 'file' part with audio", "file")
-            fmt = fields.get("response_format") or "json"
-            if fmt not in _FORMATS:
-                raise _ApiError(400, f"response_format={fmt!r}: use one of {', '.join(_FORMATS)}",
-                                "response_format")
-            bad = set(fields.get("timestamp_granularities[]", [])) - {"segment", "word"}
-            if bad:
-                raise _ApiError(400, f"timestamp_granularities {sorted(bad)}: use segment or word",
-                                "timestamp_granularities[]")
-            model = fields.get("model") or "whisper-1"
-            if model not in (self.app.config["model"], "whisper-1"):
-                raise _ApiError(400, f"model {model!r} is not served here; use "
-                                     f"{self.app.config['model']!r} or 'whisper-1'", "model")
-            result, duration = self.app.transcribe(fields, audio, filename, tasks[route])
-            content_type, text = _response_body(result, fmt, tasks[route], duration)
-            self._send(200, text, content_type)
+            try:
+                length = self._body_length()
+            except _ApiError as e:
+                if e.status == 413:
+                    self._discard_body(int(self.headers["Content-Length"].strip()))
+                raise
+            fields, audio, filename = _parse_multipart(self.headers.get("Content-Type", ""), self._read_body(length))
+            self._transcribe(route, fields, audio, filename)
         except _ApiError as e:
             self._error(e)
         except Exception as e:  # answer 500 for this request; the server keeps serving
             log.exception("internal error on %s", route)
-            self._error(_ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error"))
+            self._error(_ApiError(500, f"internal error ({type(e).__name__}); the server's log has the "
+                                       "details", kind="server_error"))
 
-    def _discard_body(self, limit: int = 64 * 1024 * 1024) -> None:
-        """Read and drop an unwanted body (up to ``limit``) so the client gets our answer,
-        not a connection reset."""
-        left = min(int(self.headers.get("Content-Length") or 0), limit)
-        self.connection.settimeout(5)
+    def _transcribe(self, route: str, fields: dict, audio: bytes | None, filename: str | None) -> None:
+        if not audio:
+            raise _ApiError(400, "the form has no 'file' part with audio", "file")
+        fmt = fields.get("response_format") or "json"
+        if fmt not in _FORMATS:
+            raise _ApiError(400, f"response_format={fmt[:50]!r}: use one of {', '.join(_FORMATS)}",
+                            "response_format")
+        bad = set(fields.get("timestamp_granularities[]", [])) - {"segment", "word"}
+        if bad:
+            raise _ApiError(400, f"timestamp_granularities {sorted(g[:50] for g in bad)}: use segment or word",
+                            "timestamp_granularities[]")
+        model = fields.get("model") or "whisper-1"
+        if model not in (self.app.config["model"], "whisper-1"):
+            raise _ApiError(400, f"model {model[:100]!r} is not served here; use "
+                                 f"{self.app.config['model']!r} or 'whisper-1'", "model")
+        result, duration = self.app.transcribe(fields, audio, filename, _TASKS[route], self._client_gone)
+        content_type, text = _response_body(result, fmt, _TASKS[route], duration)
+        self._send(200, text, content_type)
+
+class Server:
+    """The HTTP service: the model, the scheduler, limits, metrics.
+
+    It answers from a background thread as soon as it is made (``port=0`` picks a free port,
+    see ``address``); /ready says 503 until a model is given (``model=``) or ``load()`` has
+    loaded the configured one. ``shutdown()`` stops accepting, then ``drain(grace)`` waits for
+    the requests in flight. Its settings are the ``serve`` options of ``config``, and any given
+    here as keywords (``host``, ``port``, ``api_key``, ``max_batch``, ``queue_size``,
+    ``max_upload_mb``, ``request_timeout``).
+    """
+
+    def __init__(self, config: Config, *, model: Model | None = None, **settings):
+        self.config = config = config.override(**settings).with_defaults("serve")
+        s = config.scope("serve")
+        if min(s["max_batch"], s["queue_size"], s["max_connections"]) < 1:
+            raise ConfigError("serve: max_batch, queue_size and max_connections must be at least 1")
+        self.api_key, self.max_batch, self.queue_size = s["api_key"], s["max_batch"], s["queue_size"]
+        self.max_upload_bytes = int(s["max_upload_mb"] * 1024 * 1024)
+        self.request_timeout = s["request_timeout"]
+        host, port = s["host"], s["port"]
+        self.model: Model | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: Exception | None = None
+        self._lock = threading.Condition()
+        self.in_flight = 0
+        self.stopping = False
+        self.requests: dict[tuple[str, int], int] = {}
+        self.cancelled = 0
+        self.latency = _Histogram(_LATENCY_BUCKETS)
+        handler = type("Handler", (_Handler,), {"app": self, "timeout": s["client_timeout"]})
         try:
-            while left > 0:
-                chunk = self.rfile.read(min(left, 1 << 16))
-                if not chunk:
-                    break
-                left -= len(chunk)
-        except OSError:
-            pass
+            self.httpd = _HTTPServer((host, port), handler, s["max_connections"])
+        except OSError as e:
+            raise ConfigError(f"serve: cannot listen on {host}:{port} ({e.strerror}); "
+                              "pick another --port or --host") from e
+        self.address = self.httpd.server_address[:2]
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="maxwhisper-http", daemon=True).start()
+        if model is not None:
+            self._serve_model(model)
+
+    def load(self) -> None:
+        """Load and compile the configured model in this thread, then start serving it."""
+        try:
+            self._serve_model(load(config=self.config))
+        except Exception as e:  # requests get a 500 that names it
+            self.load_error = e
+            raise
+
+    def _serve_model(self, model: Model) -> None:
+        self.model = model
+        self.scheduler = Scheduler(model, self.max_batch, self.queue_size)
+        log.info("serving %s on http://%s:%d", model.weights.source, *self.address)
+
+    def shutdown(self) -> None:
+        """Stop accepting connections (the listening socket closes: a new client is refused at
+        once, not left waiting); requests in flight go on (see ``drain``)."""
+        self.stopping = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def drain(self, grace: float = 30.0) -> bool:
+        """Wait up to ``grace`` s for the requests in flight, then stop the scheduler; True if
+        all ended in time. Past ``grace`` the round being decoded ends, the requests left are
+        answered 503 and no decoding runs on (a process exiting under it would abort)."""
+        ended = self._idle(grace)
+        if self.scheduler:
+            self.scheduler.stop(finish=ended)
+            self._idle(5)               # give the handlers a moment to send their 503s
+        return ended
+
+    def _idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until no request is in flight; True if none is."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.in_flight == 0, timeout=timeout)
+
+    def count(self, route: str, status: int, seconds: float | None = None) -> None:
+        """Record an answered request (and its latency, for transcriptions) for /metrics;
+        ``route`` is one of ``_ROUTES`` or ``other``, so a client cannot add series."""
+        with self._lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+            if seconds is not None:
+                self.latency.observe(seconds)
+
+    def metrics_text(self) -> str:
+        """Prometheus text: requests by route and status, queue depth, latency, batch sizes,
+        and the model's own counters (audio seconds, tokens, ...)."""
+        with self._lock:
+            lines = _prometheus("maxwhisper_http_requests_total", "counter", "HTTP requests answered",
+                                [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(self.requests.items())])
+            lines += self.latency.lines("maxwhisper_request_seconds", "transcription request latency")
+            lines += _prometheus("maxwhisper_requests_cancelled_total", "counter",
+                                 "transcriptions stopped because their client went away", [("", self.cancelled)])
+        lines += _prometheus("maxwhisper_connections_refused_total", "counter",
+                             "connections answered 503 past max_connections", [("", self.httpd.refused)])
+        lines += _prometheus("maxwhisper_queue_depth", "gauge", "requests queued or being decoded",
+                             [("", self.scheduler.depth() if self.scheduler else 0)])
+        if self.scheduler:
+            lines += self.scheduler.batch_sizes.lines("maxwhisper_batch_windows", "windows decoded together per round")
+        text = "\n".join(lines) + "\n"
+        return text + (self.model.metrics(format="prometheus") if self.model else "")
+
+    def transcribe(self, fields: dict, audio: bytes, filename: str | None, task: str,
+                   client_gone: Callable[[], bool] = lambda: False) -> tuple[dict, float]:
+        """Run one request's transcription through the scheduler; (result, audio seconds).
+        When ``client_gone()`` turns true while it waits, the transcription is cancelled: the
+        scheduler drops it at its next window."""
+        import queue
+        import tempfile
+        if self.model is None or self.scheduler is None:
+            if self.load_error:
+                raise _ApiError(500, f"the model failed to load: {self.load_error}", kind="server_error")
+            raise _ApiError(503, "the model is still loading; retry shortly", kind="server_error",
+                            headers={"Retry-After": "5"})
+        options = {**self.config.scope("transcribe"), **_form_options(fields, task)}
+        name, suffix = _upload_name(filename)
+        with tempfile.NamedTemporaryFile(suffix=suffix) as f:
+            f.write(audio)
+            f.flush()
+            try:
+                job = _Job(_Transcription(self.model, f.name, _transcribe_options(self.model, options), name=name))
+            except (AudioError, CapacityError) as e:
+                raise _ApiError(400, str(e), "file")
+            except ConfigError as e:
+                raise _ApiError(400, str(e), next((k for k in ("language", "prompt") if k in str(e)), None))
+        try:
+            self.scheduler.submit(job)
+        except queue.Full:
+            raise _ApiError(503, f"the server is busy ({self.queue_size} requests queued); retry later",
+                            kind="server_error", headers={"Retry-After": "1"})
+        deadline = time.monotonic() + self.request_timeout
+        while not job.done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
+            if client_gone() or time.monotonic() >= deadline:
+                if time.monotonic() < deadline:
+                    with self._lock:
+                        self.cancelled += 1
+                    job.cancelled = True
+                    raise _ApiError(499, "the client closed the connection", kind="server_error")
+                job.cancelled = True
+                raise _ApiError(504, f"the transcription took longer than {self.request_timeout:g} s",
+                                kind="server_error")
+        if isinstance(job.error, _ApiError):
+            raise job.error
+        if job.error is not None:
+            raise _ApiError(500, f"decoding failed: {type(job.error).__name__}: {job.error}", kind="server_error")
+        return job.result, job.transcription.audio_seconds
 
 
 def serve(argv: Sequence[str] | None = None) -> int:
-    """``python -m maxwhisper serve``: run the HTTP server until SIGTERM/SIGINT; exit code."""
-    import argparse
+    """``python -m maxwhisper serve``: run the HTTP server until SIGTERM/SIGINT; exit code.
+    Every ``load``, ``transcribe`` (the requests' defaults), ``serve`` and ``logging`` option
+    is a flag."""
     import signal
-    p = argparse.ArgumentParser(prog="python -m maxwhisper serve",
-                                description="OpenAI-compatible speech-to-text server (POST /v1/audio/transcriptions).")
-    p.add_argument("--model", default=None, help="model name, CTranslate2 folder or .pt checkpoint")
-    p.add_argument("--device", default=None, help="auto, cpu or gpu")
-    p.add_argument("--config", help="config file with a [maxwhisper] section (or $MAXWHISPER_CONFIG)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", "--api_key", dest="api_key", default=os.environ.get("MAXWHISPER_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (or $MAXWHISPER_API_KEY)")
-    p.add_argument("--max-batch", "--max_batch", dest="max_batch", type=int, default=8,
-                   help="transcriptions decoded together (1 turns batching off)")
-    p.add_argument("--queue-size", "--queue_size", dest="queue_size", type=int, default=64,
-                   help="requests waiting before 503")
-    p.add_argument("--max-upload-mb", "--max_upload_mb", dest="max_upload_mb", type=float, default=25.0)
-    p.add_argument("--request-timeout", "--request_timeout", dest="request_timeout", type=float, default=300.0)
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish requests on SIGTERM")
-    p.add_argument("--log-format", "--log_format", dest="log_format", choices=["text", "json"], default=None)
-    args = p.parse_args(argv)
+    args = _arg_parser("python -m maxwhisper serve", "OpenAI-compatible speech-to-text server "
+                       "(POST /v1/audio/transcriptions).", _SERVE_SCOPES).parse_args(argv)
     try:
-        cfg = Config.resolve(args.config, origin="command line", model=args.model, device=args.device,
-                             log_format=args.log_format)
+        cfg = _config_from_args(args, _SERVE_SCOPES)
+        configure_logging(cfg, verbose=True)
+        server = Server(cfg)
     except ConfigError as e:
         sys.stderr.write(f"maxwhisper: error: {e}\n")
         return 2
-    _cli_logging(cfg, verbose=True)
-    if args.max_batch < 1 or args.queue_size < 1:
-        sys.stderr.write("maxwhisper: error: --max-batch and --queue-size must be at least 1\n")
-        return 2
-    try:
-        server = Server(cfg, args.host, args.port, api_key=args.api_key, max_batch=args.max_batch,
-                        queue_size=args.queue_size, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                        request_timeout=args.request_timeout)
-    except ConfigError as e:
-        sys.stderr.write(f"maxwhisper: error: {e}\n")
-        return 2
+    grace = cfg["grace"]
 
     stopping = threading.Event()
 
@@ -3467,7 +4104,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         if stopping.is_set():
             return
         log.info("%s: finishing requests in flight (up to %g s), then exiting",
-                 signal.Signals(signum).name, args.grace)
+                 signal.Signals(signum).name, grace)
         stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
@@ -3484,79 +4121,31 @@ def serve(argv: Sequence[str] | None = None) -> int:
     while not stopping.wait(0.5):
         pass
     server.shutdown()
-    if not server.drain(args.grace):
+    if not server.drain(grace):
         log.warning("grace period over with requests still in flight")
     return 0
 
 
 # =============================================================================================
-# 11. CLI
+# 13. CLI
 # =============================================================================================
 
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per log line: time, level, logger, message (and the exception, if any)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": round(record.created, 3), "level": record.levelname.lower(),
-                 "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+_CLI_SCOPES = ("load", "transcribe", "cli", "logging")
 
 
-def _cli_parser():
-    import argparse
-    p = argparse.ArgumentParser(
-        prog="python -m maxwhisper",
-        description="Transcribe audio files with Whisper running on MAX. Flags are named as "
-                    "openai-whisper's; each setting also reads from --config and MAXWHISPER_<NAME>.")
-    p.add_argument("audio", nargs="*", help="audio file(s) to transcribe")
-    p.add_argument("--config", help="config file with a [maxwhisper] section (or $MAXWHISPER_CONFIG)")
-    p.add_argument("--print-config", "--print_config", action="store_true",
-                   help="print the effective settings and where each came from, then exit")
-    p.add_argument("--warmup", action="store_true",
-                   help="load the model, compile its graphs and keep them in graph_cache, then exit")
-    short = {"output_dir": ["-o"], "output_format": ["-f"]}
-    for name, (default, _, _, help_text) in SETTINGS.items():
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else []) + short.get(name, [])
-        p.add_argument(*flags, dest=name, default=None, help=f"{help_text} (default: {default!r})")
-    p.add_argument("--verbose", type=_parse_bool, default=True,
-                   help="print segments as each file finishes, and progress messages")
-    p.add_argument("--temperature_increment_on_fallback", type=_parse_optional(float), default=0.2,
-                   help="with a single --temperature, the step of the fallback schedule up to 1.0")
-    p.add_argument("--length_penalty", type=_parse_optional(float), default=None,
-                   help="length penalty alpha for ranking samples; None = length normalisation")
-    p.add_argument("--suppress_tokens", default="-1", help="comma-separated token ids to suppress")
-    p.add_argument("--carry_initial_prompt", type=_parse_bool, default=False,
-                   help="prepend initial_prompt to every window's prompt")
-    p.add_argument("--clip_timestamps", default="0",
-                   help="comma-separated start,end,... seconds of the clips to process")
-    p.add_argument("--highlight_words", type=_parse_bool, default=False,
-                   help="(needs --word_timestamps) underline each word as it is spoken in srt and vtt")
-    p.add_argument("--max_line_width", type=_parse_optional(int), default=None,
-                   help="(needs --word_timestamps) characters in a subtitle line before it breaks")
-    p.add_argument("--max_line_count", type=_parse_optional(int), default=None,
-                   help="(needs --word_timestamps) lines in a subtitle segment")
-    p.add_argument("--max_words_per_line", type=_parse_optional(int), default=None,
-                   help="(needs --word_timestamps, not with --max_line_width) words in a subtitle line")
-    p.add_argument("--hallucination_silence_threshold", type=_parse_optional(float), default=None,
-                   help="(needs --word_timestamps) skip silences longer than this (s) before a "
-                        "possible hallucination")
-    p.add_argument("--prepend_punctuations", default=_PREPEND,
-                   help="with --word_timestamps, punctuation merged into the next word")
-    p.add_argument("--append_punctuations", default=_APPEND,
-                   help="with --word_timestamps, punctuation merged into the previous word")
-    return p
-
-
-def _cli_logging(cfg: Config, verbose: bool) -> None:
-    """Send the library's log lines to stderr, as text or JSON lines, at the configured level."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if cfg["log_format"] == "json"
-                         else logging.Formatter("maxwhisper: %(message)s"))
-    log.addHandler(handler)
-    log.propagate = False           # MAX may configure the root logger; the CLI owns its stderr
-    log.setLevel(getattr(logging, cfg["log_level"].upper()) if verbose else logging.WARNING)
+def _fallback_schedule(temperature: str | None, increment: str | None) -> str | None:
+    """openai-whisper's CLI: a single ``--temperature`` t with an increment i is the schedule
+    t, t + i, ... up to 1.0 (``--temperature_increment_on_fallback``, default 0.2; none: t only)."""
+    if temperature is None or "," in temperature:
+        return temperature
+    try:
+        step = SETTINGS["temperature_increment_on_fallback"].default if increment is None \
+            else SETTINGS["temperature_increment_on_fallback"].parse(increment)
+        if not step:
+            return temperature
+        return ",".join(str(t) for t in np.arange(float(temperature), 1.0 + 1e-6, step).round(6).tolist())
+    except ValueError:
+        return temperature                             # Config reports the bad value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -3569,31 +4158,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
-    args = _cli_parser().parse_args(argv)
-    temperature = args.temperature
-    if temperature is not None and "," not in temperature and args.temperature_increment_on_fallback:
-        try:
-            temperature = tuple(np.arange(float(temperature), 1.0 + 1e-6,
-                                          args.temperature_increment_on_fallback).round(6).tolist())
-        except ValueError:
-            pass                                       # Config reports the bad value
+    parser = _arg_parser("python -m maxwhisper", "Transcribe audio files with Whisper running on MAX. "
+                         "Flags are named as openai-whisper's; each setting also reads from --config "
+                         "and MAXWHISPER_<NAME>.", _CLI_SCOPES)
+    parser.add_argument("audio", nargs="*", help="audio file(s) to transcribe")
+    parser.add_argument("--print-config", "--print_config", action="store_true",
+                        help="print the effective settings and where each came from, then exit")
+    parser.add_argument("--warmup", action="store_true",
+                        help="load the model, compile its graphs and keep them in graph_cache, then exit")
+    args = parser.parse_args(argv)
     try:
-        cfg = Config.resolve(args.config, origin="command line",
-                             **{**{k: getattr(args, k) for k in SETTINGS}, "temperature": temperature})
+        cfg = _config_from_args(args, _CLI_SCOPES, temperature=_fallback_schedule(
+            args.temperature, args.temperature_increment_on_fallback)).with_defaults("cli")
     except ConfigError as e:
         sys.stderr.write(f"maxwhisper: error: {e}\n")
         return 2
-    _cli_logging(cfg, args.verbose)
+    configure_logging(cfg, cfg["verbose"])
     if args.print_config:
         sys.stdout.write(cfg.describe() + "\n")
         return 0
-    layout = {k: getattr(args, k) for k in ("highlight_words", "max_line_width", "max_line_count",
-                                            "max_words_per_line")}
+    layout = {k: cfg[k] for k in ("highlight_words", "max_line_width", "max_line_count", "max_words_per_line")}
     needs_words = [f"--{k}" for k, v in layout.items() if v]
     if needs_words and not cfg["word_timestamps"]:
         sys.stderr.write(f"maxwhisper: error: {', '.join(needs_words)} need(s) --word_timestamps True\n")
         return 2
-    if args.max_line_count and not args.max_line_width:
+    if cfg["max_line_count"] and not cfg["max_line_width"]:
         sys.stderr.write("maxwhisper: error: --max_line_count needs --max_line_width\n")
         return 2
     if not args.audio and not args.warmup:
@@ -3618,12 +4207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     for path in args.audio:
         try:
-            result = transcribe(model, path, length_penalty=args.length_penalty,
-                                suppress_tokens=args.suppress_tokens, clip_timestamps=args.clip_timestamps,
-                                carry_initial_prompt=args.carry_initial_prompt,
-                                prepend_punctuations=args.prepend_punctuations,
-                                append_punctuations=args.append_punctuations,
-                                hallucination_silence_threshold=args.hallucination_silence_threshold)
+            result = transcribe(model, path, verbose=False)            # segments are printed below
         except Exception as e:  # one bad file must not stop the others
             if isinstance(e, MaxWhisperError) and not isinstance(e, DeviceError):
                 sys.stderr.write(f"maxwhisper: error: {e}\n")
@@ -3633,7 +4217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sys.stderr.write(f"maxwhisper: internal error on {path}: {type(e).__name__}: {e}\n")
                 status = status or 1
             continue
-        if args.verbose:
+        if cfg["verbose"]:
             for seg in result["segments"]:
                 sys.stdout.write(f"[{_timestamp(seg['start'])} --> {_timestamp(seg['end'])}] {seg['text']}\n")
             sys.stdout.flush()
@@ -3643,3 +4227,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

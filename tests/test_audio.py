@@ -1,7 +1,6 @@
 """Audio input: the WAV reader, the resampler, the ffmpeg path and typed errors."""
 
 import shutil
-import struct
 import subprocess
 import tempfile
 import unittest
@@ -9,28 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from support import mw
+from support import mw, wav_bytes
 
 RATE = 16000
-
-
-def wav_bytes(samples: np.ndarray, rate: int, bits: int, fmt_tag: int = 1) -> bytes:
-    """A RIFF/WAVE file of [frames, channels] float samples in [-1, 1]."""
-    frames, channels = samples.shape
-    if fmt_tag == 3:
-        data = samples.astype("<f4").tobytes()
-    elif bits == 8:
-        data = np.clip(np.round(samples * 128 + 128), 0, 255).astype(np.uint8).tobytes()
-    elif bits == 24:
-        v = np.clip(np.round(samples * (1 << 23)), -(1 << 23), (1 << 23) - 1).astype("<i4")
-        data = v.view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
-    else:
-        scale = float(1 << (bits - 1))
-        data = np.clip(np.round(samples * scale), -scale, scale - 1).astype(f"<i{bits // 8}").tobytes()
-    block = channels * bits // 8
-    fmt = struct.pack("<HHIIHH", fmt_tag, channels, rate, rate * block, block, bits)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
 class AudioTest(unittest.TestCase):

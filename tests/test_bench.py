@@ -9,10 +9,13 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import numpy as np
+
 import support
 from support import mw
 
 ROOT = Path(__file__).resolve().parent.parent
+PROBE_KERNELS = ROOT / "bench_kernels"                       # bench.py's read-rate probe op
 
 
 def bench(*args):
@@ -58,7 +61,7 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertIs(result["kernels"], False)
         self.assertEqual(set(result["fraction_of_bandwidth_limit"]), {"10", "50"})
         self.assertEqual(len(result["bandwidth_probes_gbs"]), 3)          # before, then after each position
-        readers = {"max_all_cores", "mojo_all_cores"} if (mw.KERNELS_DIR / "probe.mojo").is_file() else {"max_all_cores"}
+        readers = {"max_all_cores", "mojo_all_cores"} if (PROBE_KERNELS / "probe.mojo").is_file() else {"max_all_cores"}
         self.assertEqual(set(result["bandwidth_probes_gbs"][0]), readers)
         probed = [max(r.values()) for r in result["bandwidth_probes_gbs"]]
         for p, rate in result["bandwidth_gbs"].items():
@@ -109,6 +112,31 @@ class BenchSmokeTest(unittest.TestCase):
         import bench as b
         self.assertEqual(b.word_errors("The quick brown fox.", "the quick, brown fox", english=True), (0, 4))
         self.assertEqual(b.word_errors("the quick brown fox", "the slow brown dog cat", english=False), (3, 4))
+
+
+@unittest.skipUnless((PROBE_KERNELS / "probe.mojo").is_file(), "bench_kernels/ is not present")
+class StreamSumOpTest(unittest.TestCase):
+    """whisper_stream_sum, bench.py's memory read probe: the sum of every element, the runs
+    split over the cores with their tails, down to tensors smaller than one vector."""
+
+    def test_sum(self):
+        from max.driver import Buffer
+        from max.graph import Graph, ops
+        from max import engine
+        from max.driver import CPU
+        from max.dtype import DType
+        from max.graph import DeviceRef, TensorType
+        session, dev = engine.InferenceSession(devices=[CPU()]), DeviceRef.CPU()
+        f32 = lambda shape: TensorType(DType.float32, shape, device=dev)          # noqa: E731
+        with Graph("stream_sum", input_types=[f32(["r", "c"])], custom_extensions=[PROBE_KERNELS]) as g:
+            g.output(ops.custom("whisper_stream_sum", dev, [g.inputs[0].tensor], out_types=[f32([1])])[0].tensor)
+        model = session.load(g)
+        rng = np.random.default_rng(3)
+        for shape in ((1, 1), (3, 5), (7, 64), (1000, 1003), (128, 8192)):
+            with self.subTest(shape=shape):
+                x = rng.random(shape, dtype=np.float32) - 0.25
+                got = model.execute(Buffer.from_numpy(x))[0].to_numpy()[0]
+                self.assertAlmostEqual(float(got), float(x.sum(dtype=np.float64)), delta=1e-5 * x.size)
 
 
 if __name__ == "__main__":

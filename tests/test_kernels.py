@@ -1,4 +1,4 @@
-"""The Mojo kernels (kernels/attention.mojo, step.mojo, probe.mojo) against numpy, and kernels on vs off."""
+"""The Mojo kernels (kernels/attention.mojo, step.mojo) against numpy, and kernels on vs off."""
 
 import subprocess
 import sys
@@ -206,26 +206,6 @@ def _gelu(y):
     return 0.5 * y * (1 + np.vectorize(erf)(y / np.sqrt(2)))
 
 
-@unittest.skipUnless((mw.KERNELS_DIR / "probe.mojo").is_file(), "kernels/ is not present")
-class StreamSumOpTest(unittest.TestCase):
-    """whisper_stream_sum, bench.py's memory read probe: the sum of every element, the runs
-    split over the cores with their tails, down to tensors smaller than one vector."""
-
-    def test_sum(self):
-        from max.driver import Buffer
-        from max.graph import Graph, ops
-        device, dev, session, f32 = _session("cpu")
-        with Graph("stream_sum", input_types=[f32(["r", "c"])], custom_extensions=[mw.KERNELS_DIR]) as g:
-            g.output(ops.custom("whisper_stream_sum", dev, [g.inputs[0].tensor], out_types=[f32([1])])[0].tensor)
-        model = session.load(g)
-        rng = np.random.default_rng(3)
-        for shape in ((1, 1), (3, 5), (7, 64), (1000, 1003), (128, 8192)):
-            with self.subTest(shape=shape):
-                x = rng.random(shape, dtype=np.float32) - 0.25
-                got = model.execute(Buffer.from_numpy(x))[0].to_numpy()[0]
-                self.assertAlmostEqual(float(got), float(x.sum(dtype=np.float64)), delta=1e-5 * x.size)
-
-
 def _bfloat16(x):
     """x rounded to bfloat16 as the model stores it, back in float32."""
     return (mw._bfloat16_bits(x).astype(np.uint32) << 16).view(np.float32)
@@ -262,19 +242,20 @@ class DecoderStepOpTest(unittest.TestCase):
         dims = self.dims[wt]
         L, d, h, frames = dims["n_text_layer"], dims["n_text_state"], dims["n_text_head"], dims["n_audio_ctx"]
         rng = np.random.default_rng(batch * 100 + h + pos)
-        names = mw.decoder_param_names(dims)
-        shapes = mw._state_shapes(dims)
+        spec = [q for q in mw.weight_spec(dims) if q.graph == "decoder"]
+        low = {q.name for q in spec if q.low_precision}
         p = {}
-        for n in names:
-            x = rng.standard_normal(shapes[n], dtype=np.float32)
-            if mw._low_precision(n):
-                x = x / np.float32(np.sqrt(shapes[n][-1]))
+        for q in spec:
+            n = q.name
+            x = rng.standard_normal(q.shape, dtype=np.float32)
+            if n in low:
+                x = x / np.float32(np.sqrt(q.shape[-1]))
                 p[n] = _bfloat16(x) if wt == "bfloat16" else x
             else:
                 p[n] = 1 + 0.1 * x if n.endswith("ln.weight") else 0.1 * x
         bf16 = wt == "bfloat16"
-        vectors = np.concatenate([p[n].ravel() for n in names if not mw._low_precision(n)])
-        matrices = np.concatenate([p[n].ravel() for n in names if mw._low_precision(n)])
+        vectors = np.concatenate([p[q.name].ravel() for q in spec if q.name not in low])
+        matrices = np.concatenate([p[q.name].ravel() for q in spec if q.name in low])
         cross = [rng.standard_normal(shape, dtype=np.float32) * 2 for _ in range(L)
                  for shape in ((batch, h, 64, frames), (batch, h, frames, 64))]
         cross = [_bfloat16(c) if bf16 else c for c in cross]

@@ -4,26 +4,7 @@ import math
 import unittest
 
 import support
-from support import mw
-
-
-def transcribe_both(name, audio, **options):
-    """(maxwhisper result, openai-whisper result) for the same samples and options."""
-    import whisper
-    ours = support.model(name).transcribe(audio, temperature=0.0, **options)
-    theirs = whisper.transcribe(support.reference(name), audio, fp16=False, temperature=0.0, **options)
-    return ours, theirs
-
-
-def tokens(result):
-    return [t for s in result["segments"] for t in s["tokens"]]
-
-
-def word_diff(a: str, b: str) -> int:
-    """Words in one text and not the other, by multiset difference of normalised words."""
-    from collections import Counter
-    wa, wb = Counter(a.lower().split()), Counter(b.lower().split())
-    return max(sum((wa - wb).values()), sum((wb - wa).values()))
+from support import mw, tokens, transcribe_both, word_diff
 
 
 class TinyEnParityTest(unittest.TestCase):

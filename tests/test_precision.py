@@ -7,8 +7,7 @@ from unittest import mock
 import numpy as np
 
 import support
-from support import mw
-from test_parity import tokens
+from support import mw, tokens
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,7 +66,7 @@ class BFloat16Test(unittest.TestCase):
         from max.dtype import DType
         m = bf16("tiny.en")
         names = mw.decoder_param_names(m.dims)
-        kinds = {n: b.dtype for n, b in zip(names, m._dec_w)}
+        kinds = {n: b.dtype for n, b in zip(names, m.device_weights.decoder)}
         self.assertEqual(kinds["decoder.token_embedding.weight"], DType.bfloat16)
         self.assertEqual(kinds["decoder.blocks.0.mlp.0.weight"], DType.bfloat16)
         self.assertEqual(kinds["decoder.blocks.0.mlp_ln.weight"], DType.float32)
@@ -115,12 +114,12 @@ class BFloat16Test(unittest.TestCase):
         cpu = DeviceRef.CPU()
         for terms in (1, 2):
             blocks = mw.quantize_q4_0(w, terms)
-            packed = m._run("repack", m._put(blocks))[0]
+            packed = m.runner.run("repack", m.put(blocks))[0]
             with Graph(f"q4_gemv_test_{terms}", input_types=[
                     TensorType(DType.float32, [3, 384], device=cpu),
                     TensorType(DType.uint8, [1152 * terms, 216], device=cpu)]) as g:
                 g.output(mw._gemv(g.inputs[1].tensor, g.inputs[0].tensor, terms))
-            out = m._session.load(g).execute(Buffer.from_numpy(x), packed)[0].to_numpy()
+            out = m.runner.session.load(g).execute(Buffer.from_numpy(x), packed)[0].to_numpy()
             weights = sum(dequantize(blocks[k * 1152:(k + 1) * 1152], 384)[0] for k in range(terms))
             ref = x @ weights.T
             with self.subTest(terms=terms):
@@ -140,8 +139,8 @@ class BFloat16Test(unittest.TestCase):
             with self.subTest(text=text[:20]):
                 self.assertLessEqual(ours, ref + (1 if n < 50 else 0.05 * n), (ours, ref, n))
         m = q4("tiny.en")
-        kinds = {n: b.dtype for n, b in zip(mw.decoder_param_names(m.dims, quantized=True), m._dec_w)}
-        kinds.update((n, b.dtype) for n, b in zip(mw.encoder_param_names(m.dims), m._enc_w))
+        kinds = {n: b.dtype for n, b in zip(mw.decoder_param_names(m.dims, quantized=True), m.device_weights.decoder)}
+        kinds.update((n, b.dtype) for n, b in zip(mw.encoder_param_names(m.dims), m.device_weights.encoder))
         self.assertEqual(kinds["decoder.logits.weight"], DType.uint8)
         self.assertEqual(kinds["decoder.blocks.0.attn.qkv.weight"], DType.uint8)
         self.assertEqual(kinds["decoder.token_embedding.weight"], DType.bfloat16)

@@ -13,8 +13,7 @@ import unittest
 import numpy as np
 
 import support
-from support import mw
-from bench import multipart
+from support import multipart, mw
 
 
 def request(address, method: str, path: str, body: bytes = b"", headers: dict | None = None):
@@ -123,7 +122,7 @@ class ServerTest(unittest.TestCase):
 
     def test_a_failing_transcription_fails_alone(self):
         scheduler = self.server.scheduler
-        s = mw._settings(self.model, {})
+        s = mw._transcribe_options(self.model, {})
         good = mw._Job(mw._Transcription(self.model, self.wavs[0], s))
         bad = mw._Job(mw._Transcription(self.model, self.wavs[1], s))
         bad.transcription.mel = np.zeros((128, 6000), np.float32)      # not this model's features
@@ -155,7 +154,7 @@ class ServerLimitsTest(unittest.TestCase):
         self.assertEqual(request(addr, "GET", "/health")[0], 200)
 
     def test_upload_limit_is_answered_not_reset(self):
-        addr = self.serve(max_upload_bytes=50_000)
+        addr = self.serve(max_upload_mb=50_000 / 2**20)
         status, _, body = transcribe(addr, bytes(200_000))             # sent whole, no Expect header
         self.assertEqual(status, 413)
         self.assertIn("limit", json.loads(body)["error"]["message"])
@@ -206,7 +205,7 @@ class ServerLimitsTest(unittest.TestCase):
         self.assertEqual(status, 503, body)
         self.assertIn("shut down", json.loads(body)["error"]["message"])
         self.assertEqual(headers["Retry-After"], "5")
-        job = mw._Job(mw._Transcription(self.model, support.samples("en")[0][0], mw._settings(self.model, {})))
+        job = mw._Job(mw._Transcription(self.model, support.samples("en")[0][0], mw._transcribe_options(self.model, {})))
         with self.assertRaises(mw._ApiError):                  # a late submit is refused, not left waiting
             server.scheduler.submit(job)
 

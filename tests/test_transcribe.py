@@ -1,11 +1,11 @@
-"""transcribe(): options, fallback, language handling and typed errors."""
+"""transcribe() and transcribe_batch(): options, fallback, language handling, typed errors."""
 
 import unittest
 
 import numpy as np
 
 import support
-from support import mw
+from support import mw, tokens
 
 
 class TranscribeTest(unittest.TestCase):
@@ -52,6 +52,25 @@ class TranscribeTest(unittest.TestCase):
     def test_english_only_model_cannot_detect_language(self):
         with self.assertRaises(mw.ConfigError):
             self.model.detect_language(np.zeros((80, mw.N_FRAMES), np.float32))
+
+
+
+class TranscribeBatchTest(unittest.TestCase):
+    def test_batch_equals_one_at_a_time(self):
+        m = support.model("tiny.en")
+        audios = [mw.load_audio(w) for w, _ in support.samples("en")] + [mw.load_audio(support.long_clip())]
+        for options in ({"temperature": 0.0}, {"temperature": 0.0, "condition_on_previous_text": False}):
+            with self.subTest(**options):
+                together = mw.transcribe_batch(m, audios, batch_size=4, **options)
+                alone = [m.transcribe(a, **options) for a in audios]
+                self.assertEqual([tokens(r) for r in together], [tokens(r) for r in alone])
+                self.assertEqual([[(s["start"], s["end"]) for s in r["segments"]] for r in together],
+                                 [[(s["start"], s["end"]) for s in r["segments"]] for r in alone])
+
+    def test_bad_audio_raises_before_decoding(self):
+        with self.assertRaises(mw.AudioError) as ctx:
+            mw.transcribe_batch(support.model("tiny.en"), [support.samples("en")[0][0], "/no/such.wav"])
+        self.assertIn("/no/such.wav", str(ctx.exception))
 
 
 if __name__ == "__main__":
