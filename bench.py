@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import maxwhisper as mw
-from tests.support import multipart, sample_files, speech_clip        # the audio sets
+from tests.support import multipart, sample_files, speech_clip, word_errors    # audio sets, WER
 
 ROOT = Path(__file__).resolve().parent
 PROBE_KERNELS = ROOT / "bench_kernels"           # the read-rate probe's Mojo op
@@ -159,19 +159,6 @@ def run_worker(engine: str, model: str, files: list[Path], threads: int, env=Non
 # ---------------------------------------------------------------------------------------------
 # accuracy
 # ---------------------------------------------------------------------------------------------
-
-def word_errors(reference: str, hypothesis: str, english: bool) -> tuple[int, int]:
-    """(edit distance in words, reference length) after openai-whisper's text normalizer."""
-    from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
-    norm = EnglishTextNormalizer() if english else BasicTextNormalizer()
-    ref, hyp = norm(reference).split(), norm(hypothesis).split()
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1], len(ref)
-
 
 def corpus_wer(files: list[dict], english: bool) -> float | None:
     """Word error rate over the files that have a reference .txt beside them."""

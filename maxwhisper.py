@@ -1342,7 +1342,9 @@ class _GraphStore:
 # 7. graphs
 # =============================================================================================
 # Every builder is a plain function of the model dimensions. Weights are graph inputs, in the
-# order and layout ``weight_spec`` gives.
+# order and layout ``weight_spec`` gives. MAX is imported inside the builders, not at the top of
+# the module: ``import max.graph`` costs 0.4 s, which the tokenizer-only, --help and
+# --print-config paths would otherwise pay.
 
 def _mel_filters(n_mels: int) -> np.ndarray:
     """openai-whisper's mel filterbank [n_mels, 201] (librosa's slaney filters, shipped as data)."""
@@ -2001,17 +2003,19 @@ class Precision:
     packed: bool = False
 
     @classmethod
-    def choose(cls, dtype: str, device_ref, kernels: Path | None) -> "Precision":
+    def choose(cls, dtype: str, device, kernels: Path | None) -> "Precision":
+        from max.driver import CPU
         from max.dtype import DType
+        from max.graph import DeviceRef
         if dtype not in ("float32", "bfloat16", Q4_0, Q4_0X2):
             raise ConfigError(f"dtype={dtype!r}: use 'float32', 'bfloat16', 'q4_0' or 'q4_0x2'")
-        if dtype in _Q4_TERMS and not device_ref.is_cpu():
+        if dtype in _Q4_TERMS and not isinstance(device, CPU):
             raise ConfigError(f"dtype={dtype!r}: the Q4_0 matmul (MAX's vroom_q4_0 op) is CPU-only; use "
                               "dtype='bfloat16' or 'float32' on a GPU, or device='cpu'")
         matrices = {"bfloat16": DType.bfloat16, Q4_0: Q4_0, Q4_0X2: Q4_0X2}.get(dtype)
         return cls(dtype, matrices, dtype if dtype in _Q4_TERMS else None,
                    DType.bfloat16 if matrices is not None and kernels else None,
-                   kernels is not None and _packs_step(device_ref, matrices))
+                   kernels is not None and _packs_step(DeviceRef.from_device(device), matrices))
 
     @property
     def terms(self) -> int:
@@ -2173,8 +2177,8 @@ class Model:
         self.device = _pick_device(device)
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
         self.kernels = _kernels_dir(kernels)
+        self.dtype, self.precision = dtype, Precision.choose(dtype, self.device, self.kernels)
         ref = DeviceRef.from_device(self.device)
-        self.dtype, self.precision = dtype, Precision.choose(dtype, ref, self.kernels)
         self.runner = _GraphRunner(self.device, self.device_name,
                                    _graph_builders(self.dims, ref, self.precision, self.kernels),
                                    _GraphStore(self.config["graph_cache"], self.device), weights.source)
@@ -3303,23 +3307,11 @@ def transcribe(model: Model, audio, **options) -> dict:
     ``temperature`` (``best_of`` samples) when the text is too repetitive (gzip ratio >
     ``compression_ratio_threshold``) or too unlikely (average log-probability <
     ``logprob_threshold``); a window whose no-speech probability passes
-    ``no_speech_threshold`` with low confidence is skipped as silence. Timestamp tokens decide
-    where the next window starts.
+    ``no_speech_threshold`` with low confidence is skipped as silence, and so is a window of
+    digital silence. Timestamp tokens decide where the next window starts.
 
-    Options, with defaults from ``model.config`` (see ``SETTINGS``): ``language`` (None
-    detects it from the first 30 s), ``task`` ("transcribe" or "translate"), ``temperature``,
-    ``best_of``, ``beam_size``, ``patience``, ``compression_ratio_threshold``,
-    ``logprob_threshold``, ``no_speech_threshold``, ``condition_on_previous_text``,
-    ``initial_prompt``, ``word_timestamps`` (segments get ``words``: word, start, end,
-    probability), ``vad_filter`` (skip long silences before decoding; ``vad_parameters`` tunes
-    ``speech_regions``), ``repetition_limit`` (cut a decoding loop and retry hotter),
-    ``silence_threshold_db`` (skip a window that the model calls silent and whose loudest
-    100 ms is under this level, however confident the text), ``max_audio_seconds``; and
-    ``verbose``, ``carry_initial_prompt``, ``clip_timestamps``, ``prepend_punctuations``,
-    ``append_punctuations``, ``hallucination_silence_threshold`` (with word timestamps: skip
-    silences longer than this many seconds before anomalous words, as openai-whisper), and the other ``DecodingOptions`` fields (``length_penalty``,
-    ``prefix``, ``suppress_tokens``, ``suppress_blank``, ``without_timestamps``,
-    ``max_initial_timestamp``, ``sample_len``, ``seed``).
+    ``options`` are the ``transcribe`` rows of ``OPTIONS`` (``TranscribeOptions`` lists them
+    with their defaults and help); unset ones come from ``model.config``.
 
     Returns ``{"text", "segments", "language"}`` shaped as openai-whisper's result (each
     segment has id, seek, start, end, text, tokens, temperature, avg_logprob,

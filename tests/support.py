@@ -113,6 +113,19 @@ def words(result):
     return [(w["word"], w["start"], w["end"]) for s in result["segments"] for w in s["words"]]
 
 
+def word_errors(reference: str, hypothesis: str, english: bool) -> tuple[int, int]:
+    """(edit distance in words, reference length) after openai-whisper's text normalizer."""
+    from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
+    norm = EnglishTextNormalizer() if english else BasicTextNormalizer()
+    ref, hyp = norm(reference).split(), norm(hypothesis).split()
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1], len(ref)
+
+
 def word_diff(a: str, b: str) -> int:
     """Words in one text and not the other, by multiset difference of normalised words."""
     wa, wb = Counter(a.lower().split()), Counter(b.lower().split())

@@ -68,21 +68,34 @@ class GraphTest(unittest.TestCase):
             self.assertEqual(len(step.inputs), 2 + 2 + 2 * 2 + 1)     # packed weights, cross K/V, cache
 
     def test_every_graph_builds_for_a_gpu(self):
-        """Graph construction checks devices (no GPU needed): MAX takes slice bounds from host
-        tensors, so a cache offset typed on the GPU failed here before it reached one."""
+        """Graph construction checks devices (no GPU needed): every input is on the GPU but the
+        slice bounds MAX takes from host tensors, and the GPU step is MAX ops around the two
+        attention ops, not the CPU's one-op step."""
         from max.dtype import DType
         from max.graph import DeviceRef
         dims, gpu = dict(self.model.dims, n_text_layer=2, n_audio_layer=1), DeviceRef.GPU()
+        n_dec, L = len(mw.decoder_param_names(dims)), dims["n_text_layer"]
         for dtype, kv in ((None, None), (DType.bfloat16, DType.bfloat16)):
-            with self.subTest(dtype=dtype):
-                mw.build_mel_graph(dims["n_mels"], gpu)
-                mw.build_encoder_graph(dims, gpu, kv)
-                mw.build_decoder_graph(dims, gpu, dtype, kv)
-                mw.build_reorder_graph(dims, gpu)
-                mw.build_gather_graph(dims, gpu, kv)
-                mw.build_alignment_graph(dims, gpu, dtype, kv)
-                if (mw.KERNELS_DIR / "attention.mojo").is_file():
-                    mw.build_step_graph(dims, gpu, mw.KERNELS_DIR, dtype, kv)
+            graphs = {  # name: (graph, its input count, the inputs on the host)
+                "mel": (mw.build_mel_graph(dims["n_mels"], gpu), 1, set()),
+                "encoder": (mw.build_encoder_graph(dims, gpu, kv), 1 + len(mw.encoder_param_names(dims)), set()),
+                "decoder": (mw.build_decoder_graph(dims, gpu, dtype, kv), 5 + n_dec + 4 * L, {1}),
+                "reorder": (mw.build_reorder_graph(dims, gpu), 2 + 2 * L, {1}),
+                "gather": (mw.build_gather_graph(dims, gpu, kv), 1 + 2 * L, set()),
+                "alignment": (mw.build_alignment_graph(dims, gpu, dtype, kv), 4 + n_dec + 2 * L, set())}
+            if (mw.KERNELS_DIR / "attention.mojo").is_file():
+                graphs["step"] = (mw.build_step_graph(dims, gpu, mw.KERNELS_DIR, dtype, kv), 2 + n_dec + 4 * L, set())
+            for name, (graph, count, host) in graphs.items():
+                with self.subTest(graph=name, dtype=dtype):
+                    self.assertEqual(len(graph.inputs), count)
+                    devices = [str(v.type.device) for v in graph.inputs]
+                    self.assertEqual({i for i, d in enumerate(devices) if d.startswith("cpu")}, host, devices)
+            if "step" in graphs:
+                text = str(graphs["step"][0])
+                self.assertIn("whisper_self_attention", text)
+                self.assertNotIn("whisper_decoder_step", text)
+            if kv is not None:
+                self.assertTrue(all(v.type.dtype == kv for v in graphs["gather"][0].inputs[1:]))
 
 
 class GraphStoreTest(unittest.TestCase):

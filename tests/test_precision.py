@@ -54,11 +54,10 @@ class BFloat16Test(unittest.TestCase):
         self.assert_samples_match_float32(bf16("tiny.en"))
 
     def test_long_form_accuracy_holds(self):
-        from bench import LONG_TEXT, word_errors
         audio = mw.load_audio(support.long_clip())
         errors = {}
         for label, m in (("float32", support.model("tiny.en")), ("bfloat16", bf16("tiny.en"))):
-            wrong, total = word_errors(LONG_TEXT, m.transcribe(audio, temperature=0.0)["text"], True)
+            wrong, total = support.word_errors(support.LONG_TEXT, m.transcribe(audio, temperature=0.0)["text"], True)
             errors[label] = wrong / total
         self.assertLessEqual(errors["bfloat16"], errors["float32"] + 0.05, errors)
 
@@ -130,11 +129,10 @@ class BFloat16Test(unittest.TestCase):
         """Q4_0 is not exact: on each English sample it may make one word error more than
         float32 (the counting sample's reference normalises to one word, "12345678910"), on
         the long clip 5 points of WER more; and its weights are uint8 blocks."""
-        from bench import LONG_TEXT, word_errors
         from max.dtype import DType
         clips = [(mw.load_audio(wav), text) for wav, text in support.samples("en")]
-        for audio, text in clips + [(mw.load_audio(support.long_clip()), LONG_TEXT)]:
-            (ref, n), (ours, _) = [word_errors(text, m.transcribe(audio, temperature=0.0)["text"], True)
+        for audio, text in clips + [(mw.load_audio(support.long_clip()), support.LONG_TEXT)]:
+            (ref, n), (ours, _) = [support.word_errors(text, m.transcribe(audio, temperature=0.0)["text"], True)
                                    for m in (support.model("tiny.en"), q4("tiny.en"))]
             with self.subTest(text=text[:20]):
                 self.assertLessEqual(ours, ref + (1 if n < 50 else 0.05 * n), (ours, ref, n))
