@@ -3756,7 +3756,7 @@ class _HTTPHandler(BaseHTTPRequestHandler):
             error = _ApiError(405, f"{self.command} is not allowed on this route; use {allowed}",
                               headers={"Allow": allowed})
         else:
-            error = _ApiError(code, message or explain or "bad request")
+            error = _ApiError(code, (message or explain or "bad request")[:200])
         self.close_connection = True
         if self.request_version == "HTTP/0.9":          # a request line that is not HTTP: answer as 1.0
             self.request_version = "HTTP/1.0"
@@ -3932,9 +3932,9 @@ class Server:
     It answers from a background thread as soon as it is made (``port=0`` picks a free port,
     see ``address``); /ready says 503 until a model is given (``model=``) or ``load()`` has
     loaded the configured one. ``shutdown()`` stops accepting, then ``drain(grace)`` waits for
-    the requests in flight. Its settings are the ``serve`` options of ``config``, and any given
-    here as keywords (``host``, ``port``, ``api_key``, ``max_batch``, ``queue_size``,
-    ``max_upload_mb``, ``request_timeout``).
+    the requests in flight. Its settings are the ``serve`` options of ``config`` (any of them
+    may be given here as a keyword, ``port=0``), and its ``transcribe`` options are the
+    requests' defaults.
     """
 
     def __init__(self, config: Config, *, model: Model | None = None, **settings):
@@ -3942,6 +3942,8 @@ class Server:
         s = config.scope("serve")
         if min(s["max_batch"], s["queue_size"], s["max_connections"]) < 1:
             raise ConfigError("serve: max_batch, queue_size and max_connections must be at least 1")
+        if min(s["max_upload_mb"], s["request_timeout"], s["client_timeout"]) <= 0:
+            raise ConfigError("serve: max_upload_mb, request_timeout and client_timeout must be above 0")
         self.api_key, self.max_batch, self.queue_size = s["api_key"], s["max_batch"], s["queue_size"]
         self.max_upload_bytes = int(s["max_upload_mb"] * 1024 * 1024)
         self.request_timeout = s["request_timeout"]
