@@ -1976,7 +1976,7 @@ _COUNTERS = {   # name: help; per-call records carry the same names
     "windows": "30 s windows decoded",
     "tokens": "tokens decoded",
     "fallbacks": "windows decoded again at a higher temperature",
-    "silence_skips": "windows skipped by silence_threshold_db",
+    "silence_skips": "windows skipped as silence (digital silence, or silence_threshold_db)",
     "encoder_seconds": "time in the encoder graph",
     "decode_seconds": "time decoding tokens",
     "compile_seconds": "time compiling graphs",
