@@ -3554,9 +3554,10 @@ def _form_options(fields: dict, task: str) -> dict:
         if raw in (None, "") or (o.name == "language" and task == "translate"):
             continue
         try:
-            options[o.name] = o.parse(raw)
+            value = o.parse(raw)
         except ValueError as e:
             raise _ApiError(400, f"{o.form}={raw[:100]!r}: {e}", o.form) from None
+        options[o.name] = raw if value is None else value     # "none" from a client is text, not unset
     if "temperature" in options:           # OpenAI's one value, no fallback schedule
         t = options.pop("temperature")
         if len(t) != 1 or not 0 <= t[0] <= 1:
@@ -4060,15 +4061,15 @@ class Server:
                             kind="server_error", headers={"Retry-After": "1"})
         deadline = time.monotonic() + self.request_timeout
         while not job.done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
-            if client_gone() or time.monotonic() >= deadline:
-                if time.monotonic() < deadline:
-                    with self._lock:
-                        self.cancelled += 1
-                    job.cancelled = True
-                    raise _ApiError(499, "the client closed the connection", kind="server_error")
+            if time.monotonic() >= deadline:
                 job.cancelled = True
                 raise _ApiError(504, f"the transcription took longer than {self.request_timeout:g} s",
                                 kind="server_error")
+            if client_gone():
+                with self._lock:
+                    self.cancelled += 1
+                job.cancelled = True
+                raise _ApiError(499, "the client closed the connection", kind="server_error")
         if isinstance(job.error, _ApiError):
             raise job.error
         if job.error is not None:

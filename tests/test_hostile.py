@@ -155,6 +155,14 @@ class HostileClientTest(unittest.TestCase):
         self.assertEqual(status, 400)
         self.assertNotIn("/tmp", json.loads(answer)["error"]["message"])
 
+    def test_form_fields_are_the_clients_text(self):
+        options = mw._form_options({"prompt": "None", "language": "en", "temperature": "0.4"}, "transcribe")
+        self.assertEqual(options, {"task": "transcribe", "initial_prompt": "None", "language": "en",
+                                   "temperature": (0.4,)})
+        with self.assertRaises(mw._ApiError) as ctx:
+            mw._form_options({"temperature": "0.2,0.4"}, "transcribe")
+        self.assertEqual((ctx.exception.status, ctx.exception.param), (400, "temperature"))
+
     def test_framing_that_a_proxy_could_read_another_way_is_refused(self):
         addr = self.serve().address
         body, ctype = multipart({}, self.fox)
