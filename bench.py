@@ -7,6 +7,7 @@
     python bench.py batch     --model tiny.en --batch 1,4,8,16
     python bench.py serve-load --model tiny.en --clients 32 --seconds 60
     python bench.py decode    --model tiny.en
+    python bench.py sizes     --model small,medium,large-v3-turbo
 
 Every engine runs in its own subprocess (PyTorch timed right after MAX in one process runs
 slower), on the same audio, the same weights and greedy decoding with the same temperature
@@ -32,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 import maxwhisper as mw
-from tests.support import multipart, sample_files, speech_clip, word_errors    # audio sets, WER
+from tests.support import (MODEL_DIMS, hf_model, multipart, random_whisper, sample_files, save_ct2,  # audio sets, WER,
+                           save_pt, speech_clip, word_errors)                                 # random models
 
 ROOT = Path(__file__).resolve().parent
 PROBE_KERNELS = ROOT / "bench_kernels"           # the read-rate probe's Mojo op
@@ -351,16 +353,6 @@ def step_latency(m: mw.Model, cross: list, batch: int, position: int, steps: int
     return 1000 * statistics.median(times[1:])
 
 
-# openai-whisper's ModelDimensions of its checkpoints (width, heads and layers by size; the
-# English-only ones have one token fewer), for timing a size whose weights are not at hand
-# (``scaling --weights random``).
-MODEL_DIMS = {name: dict(n_mels=80, n_audio_ctx=1500, n_audio_state=d, n_audio_head=h, n_audio_layer=n,
-                         n_vocab=51864 if name.endswith(".en") else 51865, n_text_ctx=448, n_text_state=d,
-                         n_text_head=h, n_text_layer=n)
-              for size, (d, h, n) in {"tiny": (384, 6, 4), "base": (512, 8, 6), "small": (768, 12, 12),
-                                      "medium": (1024, 16, 24)}.items() for name in (size, size + ".en")}
-
-
 def random_weights(name: str, seed: int = 0) -> mw.Weights:
     """Weights of checkpoint ``name``'s names and shapes with random values: a decoder step
     takes the same time whatever the values, so ``scaling --weights random`` can time a model
@@ -437,12 +429,14 @@ def scaling(args) -> dict:
     return out
 
 
-def rss_mb() -> float:
+def _status_mb(key: str) -> float:
+    """A /proc/self/status memory line (``VmRSS``, ``VmHWM``) in MiB."""
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+
+
+def rss_mb() -> float:
+    return _status_mb("VmRSS")
 
 
 def stress(args) -> dict:
@@ -573,6 +567,143 @@ def decode(args) -> dict:
                   f"{r['tokens_per_second'] / ref:.2f}" if ref else "-"] for r in rows])
     return {"command": "decode", "model": args.model, "clip": clip.name, "repeats": args.repeats,
             "engines": rows, "machine": machine()}
+
+
+SIZE_ENGINES = ("maxwhisper", "openai", "faster-whisper-fp32")
+
+
+def _sizes_worker(args) -> None:
+    """In its own process: one engine on one random-weight checkpoint; the encoder on a 30 s
+    window and the decoder's greedy step, median of ``--repeats``; memory. Prints JSON."""
+    import torch
+    pt, ct2_dir = Path(args.files[0]), Path(args.files[1])
+    audio = sample_audio()
+    dims = mw.load_weights(pt).dims if args.engine != "faster-whisper-fp32" else None
+    before = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    if args.engine == "maxwhisper":
+        m = mw.load(str(pt), device="cpu")
+        load_s = time.perf_counter() - t0
+        weight_mb = sum(a.nbytes for a in m.weights.state.values()) / 2**20
+        load_peak = _status_mb("VmHWM") - before
+        mel = m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
+        prompt = list(m.tokenizer(language="en" if m.is_multilingual else None).sot_sequence)
+
+        def encode():
+            return m.encode(mel)[1]
+
+        def steps(cross, n):
+            cache = m.new_cache(cross)
+            m.decode(cache, np.array([prompt]))
+            t = time.perf_counter()
+            token = prompt[-1]
+            for _ in range(n):
+                token = int(m.decode(cache, np.array([[token]]))[0, -1].argmax())
+            return time.perf_counter() - t
+    elif args.engine == "openai":
+        import whisper
+        torch.set_num_threads(args.threads)
+        ref = whisper.load_model(str(pt), device="cpu")
+        load_s, weight_mb, load_peak = time.perf_counter() - t0, None, None
+        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), dims["n_mels"])[None]
+        prompt = list(whisper.tokenizer.get_tokenizer(dims["n_vocab"] >= 51865, num_languages=dims["n_vocab"] - 51765 - (dims["n_vocab"] >= 51865),
+                                                      language="en").sot_sequence)
+
+        def encode():
+            with torch.no_grad():
+                return ref.encoder(mel)
+
+        def steps(features, n):
+            cache, hooks = ref.install_kv_cache_hooks()
+            try:
+                with torch.no_grad():
+                    tokens = torch.tensor([prompt])
+                    logits = ref.decoder(tokens, features, kv_cache=cache)
+                    t = time.perf_counter()
+                    for _ in range(n):
+                        token = logits[:, -1].argmax(-1, keepdim=True)
+                        logits = ref.decoder(token, features, kv_cache=cache)
+                    return time.perf_counter() - t
+            finally:
+                for h in hooks:
+                    h.remove()
+    else:
+        import ctranslate2
+        import whisper
+        ct2 = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32", intra_threads=args.threads)
+        load_s, weight_mb, load_peak = time.perf_counter() - t0, None, None
+        n_mels = ct2.n_mels
+        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), n_mels)[None].numpy()
+        prompt = [50258, 50259, 50360] if ct2.is_multilingual else [50257, 50358]
+        eot = prompt[0] - 1
+
+        def encode():
+            return ct2.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)))
+
+        def steps(features, n):                       # max_length counts more than the new tokens
+            t = time.perf_counter()
+            out = ct2.generate(features, [prompt], beam_size=1, max_length=2 * (n + len(prompt)),
+                               suppress_tokens=[eot], suppress_blank=False)
+            made = len(out[0].sequences_ids[0])
+            if made < n:
+                raise mw.MaxWhisperError(f"faster-whisper stopped after {made} of {n} tokens")
+            return (time.perf_counter() - t) * n / made
+    features = encode()                                                   # warm-up
+    steps(features, 4)
+    enc, step = [], []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        features = encode()
+        enc.append(time.perf_counter() - t)
+        step.append(steps(features, args.steps) / args.steps)
+    print(json.dumps({"engine": args.engine, "load_s": load_s, "encode_ms": 1000 * statistics.median(enc),
+                      "step_ms": 1000 * statistics.median(step), "weights_mb": weight_mb,
+                      "load_peak_over_weights": load_peak / weight_mb if weight_mb else None,
+                      "peak_rss_mb": _status_mb("VmHWM")}))
+
+
+def sizes(args) -> dict:
+    """The larger shapes on this CPU with seeded random weights (the time of a step does not
+    depend on the values): one checkpoint per size, written as openai-whisper's .pt and, by
+    CTranslate2's own converter, as a float32 CTranslate2 folder; each engine in its own
+    process times the encoder on one 30 s window and the greedy decoder step."""
+    workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-sizes-"))
+    rows = []
+    try:
+        for name in args.model.split(","):
+            if name not in MODEL_DIMS:
+                raise mw.ConfigError(f"--model {name!r}: choose from {', '.join(MODEL_DIMS)}")
+            ref = random_whisper(MODEL_DIMS[name])
+            pt = save_pt(ref, workdir / f"{name}.pt")
+            engines = args.engines.split(",")
+            ct2_dir = workdir / f"{name}-ct2"
+            if "faster-whisper-fp32" in engines:
+                save_ct2(hf_model(ref), ct2_dir)
+            del ref
+            for engine in engines:
+                done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "_sizes", "--engine", engine,
+                                       "--threads", str(args.threads), "--repeats", str(args.repeats),
+                                       "--steps", str(args.steps), "--files", str(pt), str(ct2_dir)],
+                                      capture_output=True, text=True, cwd=ROOT)
+                if done.returncode:
+                    raise mw.MaxWhisperError(f"{engine} on {name} failed: {done.stderr[-2000:]}")
+                rows.append(dict(json.loads(done.stdout.strip().splitlines()[-1]), model=name))
+            shutil.rmtree(ct2_dir, ignore_errors=True)
+            pt.unlink()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def ratio(r, key):
+        peer = next((p for p in rows if p["model"] == r["model"] and p["engine"] == "maxwhisper"), None)
+        return f"{r[key] / peer[key]:.2f}" if peer else "-"
+    print_table(f"model sizes on CPU ({args.threads} threads), random weights, float32: encoder per 30 s window "
+                f"and decoder step ({args.steps} greedy steps), median of {args.repeats}; x = time / maxwhisper's",
+                ["model", "engine", "encoder ms", "x", "step ms", "x", "peak RSS MiB", "load peak / weights"],
+                [[r["model"], r["engine"], f"{r['encode_ms']:.0f}", ratio(r, "encode_ms"), f"{r['step_ms']:.1f}",
+                  ratio(r, "step_ms"), f"{r['peak_rss_mb']:.0f}",
+                  f"{r['load_peak_over_weights']:.2f}" if r["load_peak_over_weights"] else "-"] for r in rows])
+    return {"command": "sizes", "threads": args.threads, "repeats": args.repeats, "steps": args.steps,
+            "runs": rows, "machine": machine()}
 
 
 def _post_clip(port: int, name: str, data: bytes) -> tuple[int, str]:
@@ -747,6 +878,14 @@ def main(argv=None) -> int:
     for flag, kind in (("--engine", str), ("--model", str), ("--threads", int), ("--repeats", int)):
         dw.add_argument(flag, type=kind)
     dw.add_argument("--files", nargs=1)
+    sz = sub.add_parser("sizes", parents=[common], help="larger shapes, random weights: encoder and step vs peers")
+    sz.add_argument("--engines", default=",".join(SIZE_ENGINES))
+    sz.add_argument("--repeats", type=int, default=3)
+    sz.add_argument("--steps", type=int, default=32)
+    zw = sub.add_parser("_sizes")
+    for flag, kind in (("--engine", str), ("--threads", int), ("--repeats", int), ("--steps", int)):
+        zw.add_argument(flag, type=kind)
+    zw.add_argument("--files", nargs=2)
     w = sub.add_parser("_worker")
     w.add_argument("--engine")
     w.add_argument("--model")
@@ -757,12 +896,12 @@ def main(argv=None) -> int:
     # aborts on CPU in MAX 26.7), so --threads pins the process (and its workers) to that
     # many cores; the peers also get the count through their own thread options.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-    if args.command in ("_worker", "_decode"):
-        (worker if args.command == "_worker" else _decode_worker)(args)
+    if args.command in ("_worker", "_decode", "_sizes"):
+        {"_worker": worker, "_decode": _decode_worker, "_sizes": _sizes_worker}[args.command](args)
         return 0
     try:
         result = {"compare": compare, "coldstart": coldstart, "scaling": scaling, "stress": stress,
-                  "batch": batch, "serve-load": serve_load, "decode": decode}[args.command](args)
+                  "batch": batch, "serve-load": serve_load, "decode": decode, "sizes": sizes}[args.command](args)
     except mw.MaxWhisperError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2

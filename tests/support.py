@@ -185,3 +185,166 @@ def run_cli(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "maxwhisper", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+# -- every checkpoint: canonical shapes, seeded random models, one writer per format -----------
+
+def _dims(d, h, enc, dec, mels=80, vocab=51865):
+    return dict(n_mels=mels, n_audio_ctx=1500, n_audio_state=d, n_audio_head=h, n_audio_layer=enc,
+                n_vocab=vocab, n_text_ctx=448, n_text_state=d, n_text_head=h, n_text_layer=dec)
+
+
+# The released Whisper shapes (English-only ones have one token fewer). ``bench.py`` times
+# them with random weights.
+MODEL_DIMS = {"tiny": _dims(384, 6, 4, 4), "tiny.en": _dims(384, 6, 4, 4, vocab=51864),
+              "base": _dims(512, 8, 6, 6), "base.en": _dims(512, 8, 6, 6, vocab=51864),
+              "small": _dims(768, 12, 12, 12), "small.en": _dims(768, 12, 12, 12, vocab=51864),
+              "medium": _dims(1024, 16, 24, 24), "medium.en": _dims(1024, 16, 24, 24, vocab=51864),
+              "large-v2": _dims(1280, 20, 32, 32),
+              "large-v3": _dims(1280, 20, 32, 32, mels=128, vocab=51866),
+              "large-v3-turbo": _dims(1280, 20, 32, 4, mels=128, vocab=51866),
+              "distil-large-v3": _dims(1280, 20, 32, 2, mels=128, vocab=51866)}
+
+# The shapes the random-weight parity tests run in CI time: every width, head count, mel count
+# and vocabulary of MODEL_DIMS, fewer layers, the encoder/decoder depth ratio kept. tiny.en and
+# base keep their whole depth (their graphs are the real models' own, compiled already).
+REDUCED_LAYERS = {"tiny.en": (4, 4), "base": (6, 6), "small": (2, 2), "medium": (2, 2),
+                  "large-v3": (2, 2), "large-v3-turbo": (8, 1), "distil-large-v3": (16, 1)}
+
+
+def reduced_dims(name: str) -> dict:
+    enc, dec = REDUCED_LAYERS[name]
+    return dict(MODEL_DIMS[name], n_audio_layer=enc, n_text_layer=dec)
+
+
+def random_whisper(dims: dict, seed: int = 0):
+    """openai-whisper's ``Whisper`` of these dimensions with seeded random weights, float32.
+
+    PyTorch's default initialisation, except the decoder's embeddings: with a token table of
+    N(0, 1) the input token dominates the residual stream and greedy decoding repeats it
+    forever; a table of N(0, 0.1²) and positions (which openai-whisper leaves uninitialised)
+    of N(0, 1) make a greedy run pick a different token nearly every step, with logits spread
+    by ~3 so the top two stay apart by far more than float32's rounding (the tests report the
+    smallest margin)."""
+    import torch
+    from whisper.model import ModelDimensions, Whisper
+    torch.manual_seed(seed)
+    model = Whisper(ModelDimensions(**dims))
+    with torch.no_grad():
+        model.decoder.token_embedding.weight.mul_(0.1)
+        model.decoder.positional_embedding.normal_(0, 1.0)
+    return model.eval()
+
+
+def save_pt(model, path: Path) -> Path:
+    """An openai-whisper checkpoint file, as ``whisper.load_model`` reads it."""
+    import dataclasses as dc
+    import torch
+    torch.save({"dims": dc.asdict(model.dims), "model_state_dict": model.state_dict()}, path)
+    return path
+
+
+def hf_model(model):
+    """transformers' ``WhisperForConditionalGeneration`` holding ``model``'s weights. The
+    renaming is checked by the caller against openai-whisper's own forward pass."""
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    d = model.dims
+    config = WhisperConfig(vocab_size=d.n_vocab, num_mel_bins=d.n_mels, d_model=d.n_audio_state,
+                           encoder_layers=d.n_audio_layer, encoder_attention_heads=d.n_audio_head,
+                           decoder_layers=d.n_text_layer, decoder_attention_heads=d.n_text_head,
+                           encoder_ffn_dim=4 * d.n_audio_state, decoder_ffn_dim=4 * d.n_text_state,
+                           max_source_positions=d.n_audio_ctx, max_target_positions=d.n_text_ctx,
+                           pad_token_id=50257, bos_token_id=50257, eos_token_id=50257,
+                           decoder_start_token_id=50258)
+    hf = WhisperForConditionalGeneration(config).eval()
+    parts = {"attn": "self_attn", "cross_attn": "encoder_attn", "query": "q_proj", "key": "k_proj",
+             "value": "v_proj", "out": "out_proj", "attn_ln": "self_attn_layer_norm",
+             "cross_attn_ln": "encoder_attn_layer_norm", "mlp_ln": "final_layer_norm", "blocks": "layers"}
+    whole = {"encoder.ln_post": "encoder.layer_norm", "decoder.ln": "decoder.layer_norm",
+             "decoder.token_embedding": "decoder.embed_tokens", "encoder.positional_embedding":
+             "encoder.embed_positions.weight", "decoder.positional_embedding": "decoder.embed_positions.weight"}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        hf_name = name
+        for a, b in whole.items():
+            if name.startswith(a):
+                hf_name = b + name[len(a):]
+        words = hf_name.split(".")
+        words = [parts.get(w, w) for w in words]
+        hf_name = ".".join(words).replace("mlp.0", "fc1").replace("mlp.2", "fc2")
+        state["model." + hf_name] = tensor
+    state["proj_out.weight"] = model.decoder.token_embedding.weight
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"proj_out.weight"}, (missing, unexpected)
+    with torch.no_grad():
+        hf.proj_out.weight.copy_(model.decoder.token_embedding.weight)
+    return hf
+
+
+def save_hf(hf, folder: Path, shard: str | None = None, safe: bool = True, alignment_heads=None) -> Path:
+    """A Hugging Face folder as ``save_pretrained`` writes it (``shard``: its ``max_shard_size``;
+    ``safe=False``: ``pytorch_model.bin``)."""
+    kwargs = {"max_shard_size": shard} if shard else {}
+    if alignment_heads is not None:
+        hf.generation_config.alignment_heads = [list(h) for h in alignment_heads]
+    if safe:
+        hf.save_pretrained(folder, **kwargs)
+    else:
+        import torch
+        hf.config.save_pretrained(folder)
+        hf.generation_config.save_pretrained(folder)
+        torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def save_ggml(model, path: Path, f16: bool = True) -> Path:
+    """A whisper.cpp ``ggml`` file in the layout of its ``convert-pt-to-ggml.py``: hparams,
+    the mel filters, a vocabulary, then each tensor (dims innermost first, the 1-D tensors,
+    conv biases and positional embeddings float32, the rest float16 when ``f16``)."""
+    d = model.dims
+    head = [0x67676D6C, d.n_vocab, d.n_audio_ctx, d.n_audio_state, d.n_audio_head, d.n_audio_layer,
+            d.n_text_ctx, d.n_text_state, d.n_text_head, d.n_text_layer, d.n_mels, int(f16)]
+    filters = mw._mel_filters(d.n_mels)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<12i", *head))
+        f.write(struct.pack("<2i", *filters.shape) + filters.astype("<f4").tobytes())
+        tokens = [b"!", b"hello", b" world"]
+        f.write(struct.pack("<i", len(tokens)) + b"".join(struct.pack("<i", len(t)) + t for t in tokens))
+        for name, tensor in model.state_dict().items():
+            data = tensor.numpy()
+            if name in ("encoder.conv1.bias", "encoder.conv2.bias"):
+                data = data.reshape(-1, 1)
+            wide = not f16 or data.ndim < 2 or name.endswith(("conv1.bias", "conv2.bias", "positional_embedding"))
+            data = data.astype("<f4" if wide else "<f2")
+            key = name.encode()
+            f.write(struct.pack("<3i", data.ndim, len(key), 0 if wide else 1))
+            f.write(struct.pack(f"<{data.ndim}i", *reversed(data.shape)) + key + data.tobytes())
+    return path
+
+
+def save_ct2(hf, folder: Path, quantization: str | None = None) -> Path:
+    """A CTranslate2 folder written by ctranslate2's own Whisper converter from ``hf``; skips
+    the test when ctranslate2 is not installed."""
+    try:
+        from ctranslate2.converters.transformers import WhisperLoader
+    except ImportError:
+        raise unittest.SkipTest("ctranslate2 is not installed (pip install ctranslate2)")
+    spec = WhisperLoader().get_model_spec(hf)
+    # CTranslate2 finds the special tokens by name; the text tokens' names are never read here
+    n_vocab = hf.config.vocab_size
+    tokenizer = mw._openai("tokenizer").get_tokenizer(n_vocab >= 51865, num_languages=n_vocab - 51765 - (n_vocab >= 51865))
+    vocabulary = [f"<|t{i}|>" for i in range(n_vocab)]
+    for name, i in tokenizer.special_tokens.items():
+        vocabulary[i] = name
+    for i in range(tokenizer.timestamp_begin, n_vocab):
+        vocabulary[i] = f"<|{(i - tokenizer.timestamp_begin) * 0.02:.2f}|>"
+    spec.register_vocabulary(vocabulary)
+    L, h = hf.config.decoder_layers, hf.config.decoder_attention_heads
+    spec.config.alignment_heads = [[i, j] for i in range(L // 2, L) for j in range(h)]
+    spec.config.suppress_ids, spec.config.suppress_ids_begin, spec.config.lang_ids = [], [], []
+    spec.validate()
+    spec.optimize(quantization=quantization)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec.save(str(folder))
+    return folder

@@ -73,6 +73,14 @@ class BenchSmokeTest(unittest.TestCase):
                          {"50": 50, "100": 100, "200": 200, "440": 440})
         self.assertTrue(result["capacity_error_past_448"])
 
+    def test_sizes_runs_each_engine_on_the_same_random_checkpoint(self):
+        out = self.dir / "sizes.json"
+        bench("sizes", "--model", "tiny.en", "--repeats", "1", "--steps", "4", "--json", out)
+        runs = json.loads(out.read_text())["runs"]
+        self.assertEqual([r["engine"] for r in runs], ["maxwhisper", "openai", "faster-whisper-fp32"])
+        self.assertTrue(all(r["encode_ms"] > 0 and r["step_ms"] > 0 for r in runs))
+        self.assertGreater(runs[0]["load_peak_over_weights"], 0)
+
     def test_random_weights_have_the_checkpoints_names_and_shapes(self):
         import bench as b
         for name in ("tiny.en", "base"):

@@ -1,0 +1,309 @@
+"""Every checkpoint: each format people keep Whisper in loads to the same weights, and every
+released shape decodes as openai-whisper does (seeded random weights: the comparison is exact
+whatever the values, so no download is needed).
+
+``MW_TEST_FULL_SHAPES=1`` adds the whole-depth large-v3 and large-v3-turbo (about 20 GB of
+memory and 20 minutes here); docs/PERFORMANCE.md has its last result.
+"""
+
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+
+import support
+from support import MODEL_DIMS, mw, random_whisper
+
+STEPS = 64                                        # greedy steps compared per shape
+# One seed per shape, each checked to have no near-tie in the reference's greedy run (smallest
+# top-1/top-2 margin 0.005 or more; tiny.en's seed 7 has one of 0.0002, a coin toss for float32).
+SEEDS = {"tiny.en": 3, "base": 4, "small": 5, "medium": 6, "large-v3": 8, "large-v3-turbo": 14,
+         "distil-large-v3": 15}
+
+
+def _state(model) -> dict:
+    return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+class FormatsTest(unittest.TestCase):
+    """One large-v3-turbo-shaped model (128 mels, 51866 tokens, 20 heads, a decoder shallower
+    than its encoder), two encoder layers and one decoder layer, written in every format."""
+
+    @classmethod
+    def setUpClass(cls):
+        import torch
+        cls.dims = dict(MODEL_DIMS["large-v3-turbo"], n_audio_layer=2, n_text_layer=1)
+        cls.model = random_whisper(cls.dims)
+        cls.state = _state(cls.model)
+        cls.hf = support.hf_model(cls.model)
+        mel = torch.randn(1, cls.dims["n_mels"], mw.N_FRAMES)
+        tokens = torch.tensor([[50258, 50259, 50360, 50364, 400, 500]])
+        with torch.no_grad():               # the Hugging Face copy is the same model
+            theirs = cls.hf(input_features=mel, decoder_input_ids=tokens).logits
+            np.testing.assert_allclose(theirs.numpy(), cls.model(mel, tokens).numpy(), rtol=1e-4, atol=1e-3)
+        cls.dir = Path(tempfile.mkdtemp(prefix="maxwhisper-formats-"))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir)
+
+    def folder(self, name: str) -> Path:
+        path = self.dir / name
+        path.mkdir()
+        return path
+
+    def assertSameWeights(self, weights, half=False):
+        self.assertEqual(weights.dims, self.dims)
+        self.assertEqual(set(weights.state), set(self.state))
+        for k, v in self.state.items():
+            got = weights.state[k]
+            self.assertEqual(got.dtype, np.float32)
+            if half and not np.array_equal(got, v):          # a tensor the format kept in float16
+                v = v.astype(np.float16).astype(np.float32)
+            np.testing.assert_array_equal(got, v, err_msg=k)
+
+    def test_openai_pt(self):
+        self.assertSameWeights(mw.load_weights(support.save_pt(self.model, self.dir / "model.pt")))
+
+    def test_openai_pt_half(self):
+        import copy
+        half = copy.deepcopy(self.model).half()
+        w = mw.load_weights(support.save_pt(half, self.dir / "half.pt"))
+        for k, v in half.state_dict().items():
+            np.testing.assert_array_equal(w.state[k], v.float().numpy())
+
+    def test_hugging_face_safetensors(self):
+        heads = [(0, 3), (0, 17)]
+        w = mw.load_weights(support.save_hf(self.hf, self.folder("hf"), alignment_heads=heads))
+        self.assertSameWeights(w)
+        self.assertEqual([tuple(h) for h in w.alignment_heads], heads)     # generation_config.json's
+
+    def test_hugging_face_sharded(self):
+        folder = support.save_hf(self.hf, self.folder("sharded"), shard="100MB")
+        self.assertGreater(len(list(folder.glob("model-*.safetensors"))), 1)
+        self.assertSameWeights(mw.load_weights(folder))
+        next(folder.glob("model-00002-*.safetensors")).unlink()
+        with self.assertRaises(mw.ModelError) as ctx:
+            mw.load_weights(folder)
+        self.assertIn("model-00002", str(ctx.exception))
+
+    def test_hugging_face_pytorch_bin(self):
+        folder = support.save_hf(self.hf, self.folder("bin"), safe=False)
+        self.assertSameWeights(mw.load_weights(folder))
+        self.assertSameWeights(mw.load_weights(folder / "pytorch_model.bin"))
+
+    def test_hugging_face_half(self):
+        import copy
+        folder = support.save_hf(copy.deepcopy(self.hf).half(), self.folder("hf16"))
+        w = mw.load_weights(folder)
+        for k, v in self.state.items():
+            np.testing.assert_array_equal(w.state[k], v.astype(np.float16).astype(np.float32), err_msg=k)
+
+    def test_ggml(self):
+        self.assertSameWeights(mw.load_weights(support.save_ggml(self.model, self.dir / "ggml-f32.bin", f16=False)))
+        self.assertSameWeights(mw.load_weights(support.save_ggml(self.model, self.dir / "ggml-f16.bin")), half=True)
+
+    def test_ggml_quantized_types_are_named(self):
+        path = support.save_ggml(self.model, self.dir / "ggml-q8.bin", f16=False)
+        data = bytearray(path.read_bytes())
+        first = data.index(b"encoder.conv1.weight") - 12 - 4 * 3        # that tensor's header
+        data[first + 8:first + 12] = struct.pack("<i", 8)                # ggml type q8_0
+        path.write_bytes(bytes(data))
+        with self.assertRaises(mw.ModelError) as ctx:
+            mw.load_weights(path)
+        self.assertIn("q8_0", str(ctx.exception))
+        self.assertIn("f16", str(ctx.exception))
+
+    def test_ctranslate2(self):
+        self.assertSameWeights(mw.load_weights(support.save_ct2(self.hf, self.dir / "ct2")))
+        w = mw.load_weights(support.save_ct2(self.hf, self.dir / "ct2-f16", "float16"))
+        self.assertSameWeights(w, half=True)
+
+    def test_truncated_files_name_themselves(self):
+        for path in (support.save_pt(self.model, self.dir / "cut.pt"),
+                     support.save_ggml(self.model, self.dir / "ggml-cut.bin"),
+                     support.save_hf(self.hf, self.folder("cut")) / "model.safetensors"):
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+            with self.subTest(path.name), self.assertRaises(mw.ModelError) as ctx:
+                mw.load_weights(path)
+            self.assertIn(path.name, str(ctx.exception))
+
+
+class NamesTest(unittest.TestCase):
+    """Names resolve offline: openai-whisper's download folder, then the Hugging Face hub cache."""
+
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp(prefix="maxwhisper-names-"))
+        self.addCleanup(shutil.rmtree, self.dir)
+        env = {"XDG_CACHE_HOME": str(self.dir), "HF_HUB_CACHE": str(self.dir / "hub")}
+        patcher = mock.patch.dict(os.environ, env)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def hub_folder(self, repo: str) -> Path:
+        root = self.dir / "hub" / ("models--" + repo.replace("/", "--"))
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text("0123abcd")
+        (root / "snapshots" / "0123abcd").mkdir(parents=True)
+        return root / "snapshots" / "0123abcd"
+
+    def test_hub_cache_by_short_and_repository_name(self):
+        # turbo's decoder (4 layers of 20 heads) under its name: openai-whisper's alignment heads
+        dims = dict(MODEL_DIMS["large-v3-turbo"], n_audio_layer=1)
+        model = random_whisper(dims)
+        support.save_hf(support.hf_model(model), self.hub_folder("openai/whisper-large-v3-turbo"))
+        import base64
+        import gzip
+        import whisper
+        table = gzip.decompress(base64.b85decode(whisper._ALIGNMENT_HEADS["large-v3-turbo"]))
+        expected = [tuple(int(x) for x in ij) for ij in np.argwhere(np.frombuffer(table, bool).reshape(4, 20))]
+        for name in ("large-v3-turbo", "turbo", "openai/whisper-large-v3-turbo"):
+            with self.subTest(name):
+                w = mw.load_weights(name)
+                self.assertEqual(w.dims, dims)
+                self.assertEqual(w.num_languages, 100)
+                self.assertEqual(w.alignment_heads, expected)           # openai-whisper's table
+
+    def test_distil_and_openai_cache(self):
+        dims = dict(MODEL_DIMS["distil-large-v3"], n_audio_layer=1)
+        support.save_hf(support.hf_model(random_whisper(dims)), self.hub_folder("distil-whisper/distil-large-v3"))
+        self.assertEqual(mw.load_weights("distil-large-v3").dims, dims)
+        (self.dir / "whisper").mkdir()
+        small = dict(MODEL_DIMS["small"], n_audio_layer=1, n_text_layer=1)
+        support.save_pt(random_whisper(small), self.dir / "whisper" / "small.pt")
+        self.assertEqual(mw.load_weights("small").dims, small)
+
+    def test_faster_whisper_conversion_in_the_hub_cache(self):
+        dims = dict(MODEL_DIMS["medium.en"], n_audio_layer=1, n_text_layer=1)
+        support.save_ct2(support.hf_model(random_whisper(dims)), self.hub_folder("Systran/faster-whisper-medium.en"))
+        w = mw.load_weights("medium.en")
+        self.assertEqual(w.dims, dims)
+        self.assertFalse(w.is_multilingual)
+
+    def test_a_missing_name_says_where_it_looked(self):
+        with self.assertRaises(mw.ModelError) as ctx:
+            mw.load_weights("large-v3")
+        msg = str(ctx.exception)
+        for part in (str(self.dir / "whisper" / "large-v3.pt"), "models--openai--whisper-large-v3",
+                     "huggingface-cli download openai/whisper-large-v3", "whisper.load_model"):
+            self.assertIn(part, msg)
+
+
+class ShapesTest(unittest.TestCase):
+    """Every released shape's dimensions come from the checkpoint alone."""
+
+    def test_every_shape_round_trips(self):
+        tmp = Path(tempfile.mkdtemp(prefix="maxwhisper-shapes-"))
+        self.addCleanup(shutil.rmtree, tmp)
+        for name, full in MODEL_DIMS.items():
+            dims = dict(full, n_audio_layer=2 if full["n_text_layer"] < full["n_audio_layer"] else 1, n_text_layer=1)
+            with self.subTest(name):
+                w = mw.load_weights(support.save_pt(random_whisper(dims), tmp / "model.pt"))
+                self.assertEqual(w.dims, dims)
+                self.assertEqual(w.is_multilingual, not name.endswith(".en"))
+                self.assertEqual(w.num_languages, {51864: 99, 51865: 99, 51866: 100}[dims["n_vocab"]])
+
+
+class RandomWeightParityTest(unittest.TestCase):
+    """Each released shape (fewer layers, ``support.REDUCED_LAYERS``) with random weights:
+    log-mel, encoder output and decoder logits within float32 tolerance of openai-whisper's,
+    and the same greedy tokens for ``STEPS`` steps."""
+
+    margins: dict = {}
+
+    @classmethod
+    def setUpClass(cls):
+        import torch
+        import whisper
+        cls.dir = Path(tempfile.mkdtemp(prefix="maxwhisper-parity-"))
+        wav, _ = support.samples("en")[0]
+        cls.audio = mw.load_audio(wav)
+        cls.padded = whisper.pad_or_trim(torch.from_numpy(cls.audio))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir)
+        if cls.margins:
+            print("\nsmallest top-1/top-2 logit margin over the greedy steps: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in cls.margins.items()), file=sys.stderr)
+
+    def check(self, name: str, dims: dict):
+        import torch
+        import whisper
+        ref = random_whisper(dims, seed=SEEDS[name.split()[0]])
+        m = mw.load(support.save_pt(ref, self.dir / f"{name}-random.pt"), device=support.DEVICE, warmup=False)
+        mel = whisper.log_mel_spectrogram(self.padded, dims["n_mels"])
+        ours_mel = m.log_mel(self.audio, padding=mw.N_SAMPLES)[:, :mw.N_FRAMES]
+        np.testing.assert_allclose(ours_mel, mel.numpy(), atol=2e-4)
+
+        with torch.no_grad():
+            features = ref.encoder(mel[None])
+        ours, cross = m.encode(mel[None].numpy())
+        scale = float(features.abs().max())
+        np.testing.assert_allclose(ours, features.numpy(), atol=2e-4 * scale)
+
+        tokenizer = m.tokenizer(language="en" if m.is_multilingual else None)
+        prompt = list(tokenizer.sot_sequence_including_notimestamps)
+        cache = m.new_cache(cross)
+        theirs, mine, margin = list(prompt), list(prompt), np.inf
+        for t in prompt[:-1]:                                    # one token at a time: the step graph
+            m.decode(cache, np.array([[t]]))
+        last = prompt[-1]
+        for step in range(STEPS):
+            with torch.no_grad():
+                expected = ref.decoder(torch.tensor([theirs]), features)[0, -1].numpy()
+            got = m.decode(cache, np.array([[last]]))[0, -1]
+            if step == 0:
+                np.testing.assert_allclose(got, expected, atol=2e-4 * float(np.abs(expected).max()))
+            top2 = np.sort(expected)[-2:]
+            margin = min(margin, float(top2[1] - top2[0]))
+            theirs.append(int(expected.argmax()))
+            last = int(got.argmax())
+            mine.append(last)
+            self.assertEqual(mine, theirs, f"{name}: step {step}")
+        self.assertGreater(len(set(theirs[len(prompt):])), STEPS // 4)   # not a repeated token
+        self.margins[name] = margin
+        return m, ref
+
+    def test_tiny_en(self):
+        self.check("tiny.en", support.reduced_dims("tiny.en"))
+
+    def test_base(self):
+        self.check("base", support.reduced_dims("base"))
+
+    def test_small(self):
+        self.check("small", support.reduced_dims("small"))
+
+    def test_medium(self):
+        self.check("medium", support.reduced_dims("medium"))
+
+    def test_large_v3(self):
+        self.check("large-v3", support.reduced_dims("large-v3"))
+
+    def test_large_v3_turbo_and_its_transcript(self):
+        """Also the whole transcribe() path: 128 mels, 100 languages, language detection."""
+        import whisper
+        m, ref = self.check("large-v3-turbo", support.reduced_dims("large-v3-turbo"))
+        ours = m.transcribe(self.audio, temperature=0.0)
+        theirs = whisper.transcribe(ref, self.audio, fp16=False, temperature=0.0)
+        self.assertEqual(ours["language"], theirs["language"])
+        self.assertEqual(support.tokens(ours), support.tokens(theirs))
+
+    def test_distil_large_v3(self):
+        self.check("distil-large-v3", support.reduced_dims("distil-large-v3"))
+
+    @unittest.skipUnless(os.environ.get("MW_TEST_FULL_SHAPES"), "MW_TEST_FULL_SHAPES=1 runs the whole-depth shapes")
+    def test_full_large_v3_and_turbo(self):
+        for name in ("large-v3-turbo", "large-v3"):
+            with self.subTest(name):
+                self.check(name + " (full)", MODEL_DIMS[name])
+
+
+if __name__ == "__main__":
+    unittest.main()
