@@ -19,6 +19,7 @@ drawn when matplotlib is importable.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -34,7 +35,7 @@ import numpy as np
 
 import maxwhisper as mw
 from tests.support import (MODEL_DIMS, hf_model, multipart, random_whisper, sample_files, save_ct2,  # audio sets, WER,
-                           save_pt, speech_clip, word_errors)                                 # random models
+                           save_pt, speech_clip, tokenizer_for, word_errors)                  # random models
 
 ROOT = Path(__file__).resolve().parent
 PROBE_KERNELS = ROOT / "bench_kernels"           # the read-rate probe's Mojo op
@@ -578,11 +579,13 @@ def _sizes_worker(args) -> None:
     import torch
     pt, ct2_dir = Path(args.files[0]), Path(args.files[1])
     audio = sample_audio()
-    dims = mw.load_weights(pt).dims if args.engine != "faster-whisper-fp32" else None
+    if args.engine == "maxwhisper":                     # MAX's libraries are not the weights: loaded before counting
+        for module in ("max.engine", "max.graph", "max.driver"):
+            importlib.import_module(module)
     before = _status_mb("VmRSS")
     t0 = time.perf_counter()
     if args.engine == "maxwhisper":
-        m = mw.load(str(pt), device="cpu")
+        m = mw.load(str(pt), device="cpu", warmup=False)        # memory of the weights, not of compiling
         load_s = time.perf_counter() - t0
         weight_mb = sum(a.nbytes for a in m.weights.state.values()) / 2**20
         load_peak = _status_mb("VmHWM") - before
@@ -605,9 +608,8 @@ def _sizes_worker(args) -> None:
         torch.set_num_threads(args.threads)
         ref = whisper.load_model(str(pt), device="cpu")
         load_s, weight_mb, load_peak = time.perf_counter() - t0, None, None
-        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), dims["n_mels"])[None]
-        prompt = list(whisper.tokenizer.get_tokenizer(dims["n_vocab"] >= 51865, num_languages=dims["n_vocab"] - 51765 - (dims["n_vocab"] >= 51865),
-                                                      language="en").sot_sequence)
+        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), ref.dims.n_mels)[None]
+        prompt = list(tokenizer_for(ref.dims.n_vocab, "en").sot_sequence)
 
         def encode():
             with torch.no_grad():
@@ -634,8 +636,8 @@ def _sizes_worker(args) -> None:
         load_s, weight_mb, load_peak = time.perf_counter() - t0, None, None
         n_mels = ct2.n_mels
         mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), n_mels)[None].numpy()
-        prompt = [50258, 50259, 50360] if ct2.is_multilingual else [50257, 50358]
-        eot = prompt[0] - 1
+        tokenizer = tokenizer_for(len(json.loads((ct2_dir / "vocabulary.json").read_text())), "en")
+        prompt, eot = list(tokenizer.sot_sequence), tokenizer.eot
 
         def encode():
             return ct2.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel)))
@@ -674,11 +676,11 @@ def sizes(args) -> dict:
             if name not in MODEL_DIMS:
                 raise mw.ConfigError(f"--model {name!r}: choose from {', '.join(MODEL_DIMS)}")
             ref = random_whisper(MODEL_DIMS[name])
-            pt = save_pt(ref, workdir / f"{name}.pt")
             engines = args.engines.split(",")
             ct2_dir = workdir / f"{name}-ct2"
             if "faster-whisper-fp32" in engines:
                 save_ct2(hf_model(ref), ct2_dir)
+            pt = save_pt(ref.half() if args.half else ref, workdir / f"{name}.pt")
             del ref
             for engine in engines:
                 done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "_sizes", "--engine", engine,
@@ -696,13 +698,14 @@ def sizes(args) -> dict:
     def ratio(r, key):
         peer = next((p for p in rows if p["model"] == r["model"] and p["engine"] == "maxwhisper"), None)
         return f"{r[key] / peer[key]:.2f}" if peer else "-"
-    print_table(f"model sizes on CPU ({args.threads} threads), random weights, float32: encoder per 30 s window "
+    print_table(f"model sizes on CPU ({args.threads} threads), random weights{' (a float16 .pt)' if args.half else ''}, "
+                f"float32: encoder per 30 s window "
                 f"and decoder step ({args.steps} greedy steps), median of {args.repeats}; x = time / maxwhisper's",
                 ["model", "engine", "encoder ms", "x", "step ms", "x", "peak RSS MiB", "load peak / weights"],
                 [[r["model"], r["engine"], f"{r['encode_ms']:.0f}", ratio(r, "encode_ms"), f"{r['step_ms']:.1f}",
                   ratio(r, "step_ms"), f"{r['peak_rss_mb']:.0f}",
                   f"{r['load_peak_over_weights']:.2f}" if r["load_peak_over_weights"] else "-"] for r in rows])
-    return {"command": "sizes", "threads": args.threads, "repeats": args.repeats, "steps": args.steps,
+    return {"command": "sizes", "threads": args.threads, "repeats": args.repeats, "steps": args.steps, "half": args.half,
             "runs": rows, "machine": machine()}
 
 
@@ -882,6 +885,7 @@ def main(argv=None) -> int:
     sz.add_argument("--engines", default=",".join(SIZE_ENGINES))
     sz.add_argument("--repeats", type=int, default=3)
     sz.add_argument("--steps", type=int, default=32)
+    sz.add_argument("--half", action="store_true", help="write the .pt in float16, as openai-whisper ships them")
     zw = sub.add_parser("_sizes")
     for flag, kind in (("--engine", str), ("--threads", int), ("--repeats", int), ("--steps", int)):
         zw.add_argument(flag, type=kind)

@@ -222,17 +222,18 @@ def random_whisper(dims: dict, seed: int = 0):
 
     PyTorch's default initialisation, except the decoder's embeddings: with a token table of
     N(0, 1) the input token dominates the residual stream and greedy decoding repeats it
-    forever; a table of N(0, 0.1²) and positions (which openai-whisper leaves uninitialised)
-    of N(0, 1) make a greedy run pick a different token nearly every step, with logits spread
-    by ~3 so the top two stay apart by far more than float32's rounding (the tests report the
-    smallest margin)."""
+    forever, and 32 random decoder layers drown positions of N(0, 1) the same way; a table of
+    N(0, 0.1²) and positions (which openai-whisper leaves uninitialised) of N(0, 3²) make a
+    greedy run of every released depth pick a different token nearly every step, with logits
+    spread by ~3 so the top two stay apart by far more than float32's rounding (the tests
+    report the smallest margin)."""
     import torch
     from whisper.model import ModelDimensions, Whisper
     torch.manual_seed(seed)
     model = Whisper(ModelDimensions(**dims))
     with torch.no_grad():
         model.decoder.token_embedding.weight.mul_(0.1)
-        model.decoder.positional_embedding.normal_(0, 1.0)
+        model.decoder.positional_embedding.normal_(0, 3.0)
     return model.eval()
 
 
@@ -323,6 +324,13 @@ def save_ggml(model, path: Path, f16: bool = True) -> Path:
     return path
 
 
+def tokenizer_for(n_vocab: int, language: str | None = None):
+    """openai-whisper's tokenizer for a vocabulary size (51866: large-v3's 100 languages)."""
+    multilingual = n_vocab >= 51865
+    return mw._openai("tokenizer").get_tokenizer(multilingual, num_languages=n_vocab - 51765 - multilingual,
+                                                 language=language if multilingual else None)
+
+
 def save_ct2(hf, folder: Path, quantization: str | None = None) -> Path:
     """A CTranslate2 folder written by ctranslate2's own Whisper converter from ``hf``; skips
     the test when ctranslate2 is not installed."""
@@ -333,7 +341,7 @@ def save_ct2(hf, folder: Path, quantization: str | None = None) -> Path:
     spec = WhisperLoader().get_model_spec(hf)
     # CTranslate2 finds the special tokens by name; the text tokens' names are never read here
     n_vocab = hf.config.vocab_size
-    tokenizer = mw._openai("tokenizer").get_tokenizer(n_vocab >= 51865, num_languages=n_vocab - 51765 - (n_vocab >= 51865))
+    tokenizer = tokenizer_for(n_vocab)
     vocabulary = [f"<|t{i}|>" for i in range(n_vocab)]
     for name, i in tokenizer.special_tokens.items():
         vocabulary[i] = name
@@ -342,7 +350,8 @@ def save_ct2(hf, folder: Path, quantization: str | None = None) -> Path:
     spec.register_vocabulary(vocabulary)
     L, h = hf.config.decoder_layers, hf.config.decoder_attention_heads
     spec.config.alignment_heads = [[i, j] for i in range(L // 2, L) for j in range(h)]
-    spec.config.suppress_ids, spec.config.suppress_ids_begin, spec.config.lang_ids = [], [], []
+    spec.config.suppress_ids, spec.config.suppress_ids_begin = [], []
+    spec.config.lang_ids = list(tokenizer.all_language_tokens) if n_vocab >= 51865 else []   # "is multilingual"
     spec.validate()
     spec.optimize(quantization=quantization)
     folder.mkdir(parents=True, exist_ok=True)
