@@ -907,9 +907,12 @@ def _bfloat16_bits(array: np.ndarray) -> np.ndarray:
 # the file and the weights both.
 
 def _read_exact(f, n: int, path: Path) -> bytearray:
+    """The next ``n`` bytes of ``f``; a size past the end of the file (a truncated or corrupt
+    one) raises ``ModelError`` before anything is allocated."""
+    if not 0 <= n <= os.fstat(f.fileno()).st_size - f.tell():
+        raise ModelError(f"{path}: the file ends early; it is truncated or corrupt, download or convert it again")
     buf = bytearray(n)
-    if f.readinto(buf) != n:
-        raise ModelError(f"{path}: the file ends early; it is truncated, download or convert it again")
+    f.readinto(buf)
     return buf
 
 
@@ -1245,12 +1248,15 @@ def _load_ggml(path: Path, name: str | None = None) -> Weights:
         if magic != _GGML_MAGIC:
             raise ModelError(f"{path}: not a whisper.cpp ggml file (magic {magic:#x})")
         dims = dict(zip(fields, hparams))
-        n_mel, n_fft = ints(2)
-        f.seek(4 * n_mel * n_fft, os.SEEK_CUR)              # mel filters: maxwhisper has its own
+        def skip(count: int, size: int, limit: int):
+            if not 0 <= count * size <= limit:
+                raise ModelError(f"{path}: corrupt ggml header; download or convert the file again")
+            f.seek(count * size, os.SEEK_CUR)
+
+        skip(math.prod(ints(2)), 4, 1 << 24)                 # the mel filters: maxwhisper has its own
         (n_tokens,) = ints(1)
-        for _ in range(n_tokens):                          # vocabulary: openai-whisper's tokenizer is used
-            (length,) = ints(1)
-            f.seek(length, os.SEEK_CUR)
+        for _ in range(max(0, min(n_tokens, 1 << 20))):      # the vocabulary: openai-whisper's is used
+            skip(ints(1)[0], 1, 1 << 16)
         shapes = checkpoint_shapes(dims)
         state = {}
         while header := f.read(12):

@@ -135,6 +135,35 @@ class FormatsTest(unittest.TestCase):
             self.assertIn(path.name, str(ctx.exception))
 
 
+class CorruptFilesTest(unittest.TestCase):
+    """Any byte of a file's headers flipped: the load succeeds or raises ``ModelError``, and
+    never allocates more than the file holds."""
+
+    def test_flipped_header_bytes(self):
+        import random
+        tmp = Path(tempfile.mkdtemp(prefix="maxwhisper-corrupt-"))
+        self.addCleanup(shutil.rmtree, tmp)
+        model = random_whisper(dict(MODEL_DIMS["tiny"], n_audio_layer=1, n_text_layer=1))
+        hf = support.hf_model(model)
+        files = [support.save_pt(model, tmp / "m.pt"), support.save_ggml(model, tmp / "ggml-m.bin"),
+                 support.save_hf(hf, tmp / "hf") / "model.safetensors",
+                 support.save_ct2(hf, tmp / "ct2") / "model.bin"]
+        rng = random.Random(0)
+        for path in files:
+            whole = path.read_bytes()
+            for _ in range(40):
+                data = bytearray(whole)
+                at = rng.randrange(min(len(data), 4096))
+                data[at] ^= 1 << rng.randrange(8)
+                path.write_bytes(bytes(data))
+                with self.subTest(file=path.name, byte=at):
+                    try:
+                        mw.load_weights(path.parent if path.name == "model.bin" else path)
+                    except mw.ModelError:
+                        pass
+            path.write_bytes(whole)
+
+
 class NamesTest(unittest.TestCase):
     """Names resolve offline: openai-whisper's download folder, then the Hugging Face hub cache."""
 
