@@ -286,6 +286,8 @@ def hf_model(model):
 def save_hf(hf, folder: Path, shard: str | None = None, safe: bool = True, alignment_heads=None) -> Path:
     """A Hugging Face folder as ``save_pretrained`` writes it (``shard``: its ``max_shard_size``;
     ``safe=False``: ``pytorch_model.bin``)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()                   # no progress bars in the test log
     kwargs = {"max_shard_size": shard} if shard else {}
     if alignment_heads is not None:
         hf.generation_config.alignment_heads = [list(h) for h in alignment_heads]
