@@ -2307,7 +2307,7 @@ def _graph_builders(dims: dict, ref, precision: Precision, kernels: Path | None)
     dt, kv = precision.matrices, precision.cross
     enc_kernels = kernels if ref.is_cpu() else None          # its attention ops are CPU ones
     key = lambda *dtypes: _dims_key(dims, *dtypes)            # noqa: E731
-    return {"mel": (key(), lambda: build_mel_graph(dims["n_mels"], ref)),
+    return {"mel": (f"m{dims['n_mels']}", lambda: build_mel_graph(dims["n_mels"], ref)),   # shared by sizes
             "encoder": (_encoder_key(dims, precision.encoder, kv, enc_kernels),
                         lambda: build_encoder_graph(dims, ref, kv, precision.encoder, enc_kernels)),
             "decoder": (key(dt, kv), lambda: build_decoder_graph(dims, ref, dt, kv)),
