@@ -1095,9 +1095,9 @@ def _torch_state(tensors: dict, skip=lambda name: False) -> dict:
     return state
 
 
-def _load_openai_checkpoint(path: Path, name: str | None = None) -> Weights:
-    """Load an openai-whisper ``.pt`` checkpoint (a dict with ``dims`` and ``model_state_dict``).
-    ``name``: the model name it was found under, for openai-whisper's alignment-head table."""
+def _load_openai_checkpoint(path: Path) -> Weights:
+    """Load an openai-whisper ``.pt`` checkpoint (a dict with ``dims`` and ``model_state_dict``);
+    a released model's file name (``small.pt``) picks openai-whisper's alignment heads."""
     import torch
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1112,7 +1112,7 @@ def _load_openai_checkpoint(path: Path, name: str | None = None) -> Weights:
     inferred = _dims_from_state(state, path, (dims.get("n_audio_head"), dims.get("n_text_head")))
     if {k: dims.get(k) for k in inferred} != inferred:
         raise ModelError(f"{path}: checkpoint 'dims' {dims} disagree with its tensor shapes {inferred}")
-    return _checked(state, dims, path, _openai_alignment_heads(name or path.stem, dims))
+    return _checked(state, dims, path, _openai_alignment_heads(path.stem, dims))
 
 
 _OPENAI_NAMES = ("tiny.en", "tiny", "base.en", "base", "small.en", "small", "medium.en", "medium",
@@ -1235,7 +1235,7 @@ _GGML_QUANTIZED = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q
                    12: "q4_k", 13: "q5_k", 14: "q6_k", 15: "q8_k"}
 
 
-def _load_ggml(path: Path, name: str | None = None) -> Weights:
+def _load_ggml(path: Path) -> Weights:
     """Load a whisper.cpp ``ggml-*.bin`` file of float32 or float16 tensors (its quantized
     types are not read: ``ModelError`` names the type)."""
     fields = ("n_vocab", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
@@ -1276,7 +1276,7 @@ def _load_ggml(path: Path, name: str | None = None) -> Weights:
             if math.prod(shape) != count:
                 raise ModelError(f"{path}: tensor {key} has {count} values, expected {shape}")
             state[key] = _widen(_read_exact(f, count * np.dtype(dtype).itemsize, path), dtype, shape)
-    return _checked(state, dims, path, _openai_alignment_heads(name or path.stem.removeprefix("ggml-"), dims))
+    return _checked(state, dims, path, _openai_alignment_heads(path.stem.removeprefix("ggml-"), dims))
 
 
 # model names: packaged, openai-whisper's cache, the Hugging Face hub cache -----------------------
@@ -1347,7 +1347,7 @@ def _name_candidates(name: str) -> tuple[list[Path], list[str]]:
     return [_cache_dir("whisper") / f"{file}.pt"], repos
 
 
-def _load_path(path: Path, name: str | None = None) -> Weights:
+def _load_path(path: Path) -> Weights:
     """Load a checkpoint file or folder of any format, told apart by its contents."""
     if path.is_dir():
         if (path / "model.bin").exists():
@@ -1362,10 +1362,10 @@ def _load_path(path: Path, name: str | None = None) -> Weights:
     except OSError as e:
         raise ModelError(f"{path}: cannot read ({e.strerror})") from None
     if len(magic) == 4 and struct.unpack("<I", magic)[0] == _GGML_MAGIC:
-        return _load_ggml(path, name)
+        return _load_ggml(path)
     if path.suffix == ".safetensors" or path.name == "pytorch_model.bin":
         return _load_hf_dir(path.parent)
-    return _load_openai_checkpoint(path, name)
+    return _load_openai_checkpoint(path)
 
 
 def load_weights(model: str | os.PathLike) -> Weights:
@@ -1392,8 +1392,8 @@ def load_weights(model: str | os.PathLike) -> Weights:
     files, repos = _name_candidates(name)
     for found in [f for f in files if f.exists()] + [_hub_snapshot(r) for r in repos]:
         if found is not None:
-            weights = _load_path(found, name)
-            if not weights.alignment_heads:
+            weights = _load_path(found)
+            if not weights.alignment_heads:                 # a hub folder without its own
                 weights.alignment_heads = _openai_alignment_heads(name.removeprefix("openai/whisper-"), weights.dims)
             return weights
     raise ModelError(
