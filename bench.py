@@ -436,10 +436,6 @@ def _status_mb(key: str) -> float:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
 
 
-def rss_mb() -> float:
-    return _status_mb("VmRSS")
-
-
 def stress(args) -> dict:
     m = mw.load(args.model, device="cpu")
     audio = sample_audio()
@@ -464,7 +460,7 @@ def stress(args) -> dict:
     for i in range(args.repeats):
         m.transcribe(audio)
         if i % 10 == 0 or i == args.repeats - 1:
-            rss.append(rss_mb())
+            rss.append(_status_mb("VmRSS"))
     out = {"command": "stress", "model": args.model, "decodes": decodes,
            "capacity_error_past_448": overflow, "rss_mb_samples": rss,
            "rss_drift_mb": rss[-1] - rss[0],

@@ -952,7 +952,8 @@ def _checked(state: dict, dims: dict, source, heads=None) -> Weights:
             raise ModelError(f"{source}: {dims[f'n_{side}_head']} heads of width "
                              f"{dims[f'n_{side}_state']}; maxwhisper runs Whisper's 64-wide heads only")
     _check_state(state, dims, source)
-    return Weights(dims=dims, state=state, source=str(source), alignment_heads=heads)
+    return Weights(dims=dims, state=state, source=str(source),
+                   alignment_heads=[tuple(h) for h in heads] if heads else None)
 
 
 # CTranslate2 (faster-whisper) ----------------------------------------------------------------
@@ -2403,13 +2404,13 @@ class _DeviceWeights:
             for p in dec:
                 array = graph_weights(weights, [p])[0]
                 self.decoder.append(self._place(p, array))
-                if not (self.precision.matrices and p.low_precision):
-                    self._share(weights, p, array)
+                self._share(weights, p, array)
 
     def _share(self, weights: Weights, p: Param, placed: np.ndarray) -> None:
         """Point the state's entries for ``p`` at ``placed``, its float32 graph-layout copy
-        that the device now holds (a fused input's parts at their rows)."""
-        if not self._aliases or placed.dtype != np.float32:
+        that the device now holds (a fused input's parts at their rows). A decoder matrix of a
+        bfloat16 or Q4_0 model is placed as a copy of its own, so its state stays."""
+        if not self._aliases or (p.graph == "decoder" and p.low_precision and self.precision.matrices):
             return
         if p.parts:
             rows = placed.shape[0] // len(p.parts)
@@ -2448,8 +2449,7 @@ class _DeviceWeights:
                 a = graph_weights(weights, [params[i]])[0]
                 part = flat[at:at + a.size].reshape(a.shape)
                 part[...] = _bfloat16_bits(a) if bf16 else a
-                if not bf16:
-                    self._share(weights, params[i], part)
+                self._share(weights, params[i], part)
                 views[i] = _host(part).view(DType.bfloat16) if bf16 else _host(part)
                 at += a.size
             self.step.append(_host(flat).view(DType.bfloat16) if bf16 else _host(flat))
