@@ -74,7 +74,7 @@ __all__ = [
     "Option", "OPTIONS", "SETTINGS", "Config", "TranscribeOptions",
     "load_audio", "speech_regions", "Weights", "load_weights", "weight_spec", "KVCache", "Model",
     "Precision", "load", "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions",
-    "DecodingResult", "build_mel_graph", "build_encoder_graph", "build_decoder_graph",
+    "DecodingResult", "log_mel_spectrogram", "build_encoder_graph", "build_decoder_graph",
     "build_step_graph", "build_reorder_graph", "build_gather_graph", "build_repack_graph",
     "build_alignment_graph", "quantize_q4_0", "Scheduler", "Server", "serve",
 ]
@@ -605,6 +605,48 @@ def _stft_frames(audio: np.ndarray, padding: int = 0) -> np.ndarray | None:
     xp = np.pad(x, (half, half), mode="reflect")
     step = xp.strides[0]
     return np.lib.stride_tricks.as_strided(xp, (len(x) // HOP_LENGTH, N_FFT), (step * HOP_LENGTH, step))
+
+
+def _openai_dir() -> Path:
+    """openai-whisper's package folder, found without importing it (``whisper/__init__.py``
+    imports torch and numba: 1.3 s of every process start)."""
+    import importlib.util
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or spec.origin is None:
+        raise ModelError("openai-whisper is not installed (its tokenizer and mel filters are needed): "
+                         "pip install openai-whisper")
+    return Path(spec.origin).parent
+
+
+def _mel_filters(n_mels: int) -> np.ndarray:
+    """openai-whisper's mel filterbank [n_mels, 201] (librosa's slaney filters, shipped as data)."""
+    with np.load(_openai_dir() / "assets" / "mel_filters.npz") as f:
+        return f[f"mel_{n_mels}"].astype(np.float32)
+
+
+_MEL_CHUNK = 4096           # frames per FFT pass: bounds the complex spectrum to ~13 MB
+
+
+def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray:
+    """Log-mel spectrogram [n_mels, frames] of 16 kHz audio plus ``padding`` zeros, as
+    openai-whisper's ``log_mel_spectrogram``: periodic-Hann STFT (400 points, hop 160), power,
+    the mel filterbank, log10, the clamp to (max - 8) over the whole audio, then (x + 4) / 4.
+
+    numpy, not a MAX graph: an FFT and one small matmul take ~20 ms per 30 s window on 2
+    cores, while a graph of them cost a minute and a half to compile on a cold start."""
+    frames = _stft_frames(audio, padding)
+    if frames is None:
+        return np.zeros((n_mels, 0), np.float32)
+    window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
+    filters = _mel_filters(n_mels).T.copy()
+    mel = np.empty((len(frames), n_mels), np.float32)
+    for a in range(0, len(frames), _MEL_CHUNK):
+        spec = np.fft.rfft(frames[a:a + _MEL_CHUNK] * window, axis=1)
+        power = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
+        np.maximum(power @ filters, 1e-10, out=mel[a:a + _MEL_CHUNK])
+    logmel = np.log10(mel, out=mel)
+    np.maximum(logmel, logmel.max() - 8.0, out=logmel)
+    return np.ascontiguousarray(((logmel + 4.0) / 4.0).T)
 
 
 def speech_regions(samples: np.ndarray, *, threshold_db: float | None = None,
@@ -1434,17 +1476,6 @@ def _host(array: np.ndarray):
     return Buffer.from_numpy(np.ascontiguousarray(array))
 
 
-def _openai_dir() -> Path:
-    """openai-whisper's package folder, found without importing it (``whisper/__init__.py``
-    imports torch and numba: 1.3 s of every process start)."""
-    import importlib.util
-    spec = importlib.util.find_spec("whisper")
-    if spec is None or spec.origin is None:
-        raise ModelError("openai-whisper is not installed (its tokenizer and mel filters are needed): "
-                         "pip install openai-whisper")
-    return Path(spec.origin).parent
-
-
 _OPENAI_MODULES: dict = {}
 _OPENAI_LOCK = threading.Lock()
 
@@ -1502,26 +1533,74 @@ def _kernels_dir(mode: str) -> Path | None:
 
 
 class _CompileProgress:
-    """Logs a line every few seconds while a graph compiles, so a cold start is not silent."""
+    """What a cold start is doing: a log line as each graph starts compiling (with the share of
+    the work done and the time left) and as it ends; with ``bar`` set (the CLI on a terminal) a
+    bar on stderr, redrawn every second. ``expected``: {graph: the seconds its compile should
+    take} for every graph this start compiles, the basis of the share and the time left."""
 
-    def __init__(self, what: str, every: float = 10.0):
-        self.what, self.every = what, every
+    bar = False
+
+    def __init__(self, expected: dict[str, float]):
+        self.expected = dict(expected)
+        self._started: dict[str, float] = {}
+        self._finished: dict[str, float] = {}
+        self._lock = threading.Lock()
         self._done = threading.Event()
 
     def __enter__(self):
-        self.start = time.perf_counter()
-        log.info("loading %s (the first load of a model size compiles it: tens of seconds)", self.what)
-        threading.Thread(target=self._tick, daemon=True).start()
+        if self.bar and self.expected:
+            threading.Thread(target=self._draw, daemon=True, name="compile-progress").start()
         return self
-
-    def _tick(self):
-        while not self._done.wait(self.every):
-            log.info("  still compiling %s ... %.0f s", self.what, time.perf_counter() - self.start)
 
     def __exit__(self, *exc):
         self._done.set()
-        self.seconds = time.perf_counter() - self.start
-        log.info("%s ready in %.1f s", self.what, self.seconds)
+        if self.bar and self._started:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def status(self, now: float | None = None) -> tuple[float, float]:
+        """(share done, seconds left), the graphs compiling one after another."""
+        now = time.perf_counter() if now is None else now
+        with self._lock:
+            done = left = 0.0
+            for name, expected in self.expected.items():
+                if name in self._finished:
+                    done += expected
+                    continue
+                spent = now - self._started[name] if name in self._started else 0.0
+                done += min(spent, 0.95 * expected)
+                left += max(expected - spent, 1.0)
+            total = sum(self.expected.values())
+        return (done / total if total else 1.0), left
+
+    @contextlib.contextmanager
+    def graph(self, name: str):
+        """Reports one graph's compile as it starts and as it ends."""
+        start = time.perf_counter()
+        with self._lock:
+            self._started[name] = start
+        share, left = self.status(start)
+        log.info("compiling the %s graph (once per model size and device: ~%.0f s; %.0f%% of this "
+                 "start done, ~%.0f s left)", name, self.expected[name], 100 * share, left)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._finished[name] = time.perf_counter() - start
+        share, left = self.status()
+        log.info("%s graph ready in %.1f s%s", name, self._finished[name],
+                 f" ({100 * share:.0f}% done, ~{left:.0f} s left)" if share < 1 else "")
+
+    def _draw(self):
+        while not self._done.wait(1.0):
+            running = [n for n in self._started if n not in self._finished]
+            if not running:
+                continue
+            share, left = self.status()
+            filled = int(30 * share)
+            sys.stderr.write(f"\r\033[Kcompiling the {running[0]} graph [{'#' * filled}{'.' * (30 - filled)}] "
+                             f"{100 * share:3.0f}%  ~{left:.0f} s left (once; later starts take a second)")
+            sys.stderr.flush()
 
 
 def _graph_source() -> str:
@@ -1554,6 +1633,8 @@ class _GraphStore:
     max_idle_days = 30
 
     def __init__(self, setting: str, device):
+        self._seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
         if setting == "off":
             self.folder = None
             return
@@ -1576,6 +1657,33 @@ class _GraphStore:
                 if cpuinfo.exists() else [platform.processor()]
             h.update("".join(flags[:1]).encode())
         self.digest = h.hexdigest()[:16]
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            self._seconds = {k: float(v) for k, v in json.loads((self.folder / "compile-seconds.json").read_text()).items()}
+
+    def _path(self, name: str) -> Path:
+        return self.folder / f"{name}-{self.digest}.mef"
+
+    def has(self, name: str) -> bool:
+        """Whether graph ``name`` is stored (its load takes milliseconds, not a compile)."""
+        return self.folder is not None and self._path(name).exists()
+
+    def compile_seconds(self) -> dict[str, float]:
+        """{graph name: seconds its last compile took here}: the next cold start's estimates."""
+        return self._seconds
+
+    def record_compile(self, name: str, seconds: float) -> None:
+        """Keep the time graph ``name`` took to compile (``compile-seconds.json``)."""
+        if self.folder is None:
+            return
+        with self._lock:
+            self._seconds = {**self._seconds, name: round(seconds, 1)}
+            tmp = self.folder / f"compile-seconds.{os.getpid()}.tmp"
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps(self._seconds))
+                os.replace(tmp, self.folder / "compile-seconds.json")
+            except OSError:                                     # a read-only store: estimates only
+                tmp.unlink(missing_ok=True)
 
     def load(self, session, name: str, build):
         """The compiled graph ``name`` (a file-name-safe tag), from its file or built by ``build()``.
@@ -1583,7 +1691,7 @@ class _GraphStore:
         Returns (model, where) with where ``"stored"`` or ``"compiled"``."""
         if self.folder is None:
             return session.load(build()), "compiled"
-        path = self.folder / f"{name}-{self.digest}.mef"
+        path = self._path(name)
         if path.exists():
             try:
                 model = session.load(path)
@@ -1624,43 +1732,6 @@ class _GraphStore:
 # order and layout ``weight_spec`` gives. MAX is imported inside the builders, not at the top of
 # the module: ``import max.graph`` costs 0.4 s, which the tokenizer-only, --help and
 # --print-config paths would otherwise pay.
-
-def _mel_filters(n_mels: int) -> np.ndarray:
-    """openai-whisper's mel filterbank [n_mels, 201] (librosa's slaney filters, shipped as data)."""
-    with np.load(_openai_dir() / "assets" / "mel_filters.npz") as f:
-        return f[f"mel_{n_mels}"].astype(np.float32)
-
-
-def build_mel_graph(n_mels: int, device):
-    """Log-mel spectrogram graph: windowed frames [n_frames, 400] -> log-mel [n_mels, n_frames].
-
-    The STFT is a matmul of the frames with a Hann-windowed DFT basis (cosine and sine halves,
-    201 bins each); then power, the mel filterbank, log10, openai-whisper's dynamic-range clamp
-    (max - 8) and scaling, all in the graph. Framing (reflect padding, hop 160) is a strided
-    view made on the host.
-    """
-    from max.dtype import DType
-    from max.graph import Graph, TensorType, ops
-
-    n = np.arange(N_FFT)
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * n / N_FFT)               # periodic Hann
-    freqs = np.arange(N_FFT // 2 + 1)
-    angle = 2 * np.pi * np.outer(n, freqs) / N_FFT
-    basis = np.concatenate([window[:, None] * np.cos(angle), -window[:, None] * np.sin(angle)], 1)
-    with Graph(f"whisper_mel_{n_mels}",
-               input_types=[TensorType(DType.float32, ["n_frames", N_FFT], device=device)]) as g:
-        frames = g.inputs[0].tensor
-        spec = frames @ ops.constant(basis.astype(np.float32), DType.float32, device=device)
-        re, im = spec[:, :N_FFT // 2 + 1], spec[:, N_FFT // 2 + 1:]
-        power = re * re + im * im
-        mel = power @ ops.constant(_mel_filters(n_mels).T.copy(), DType.float32, device=device)
-        logmel = ops.log(ops.max(mel, ops.constant(1e-10, DType.float32, device=device))) \
-            * (1.0 / np.log(10.0))
-        peak = ops.max(ops.max(logmel, axis=1), axis=0)
-        logmel = ops.max(logmel, peak - 8.0)
-        g.output(ops.transpose((logmel + 4.0) / 4.0, 0, 1))
-    return g
-
 
 def _param_types(params: Sequence[Param], device, dtype=None) -> list:
     """Graph input types of the given weights; ``dtype`` (a MAX ``DType``, ``Q4_0`` or
@@ -1805,10 +1876,16 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
     Outputs: the encoder output [batch, 1500, d], then for each decoder layer its
     cross-attention keys, transposed, [batch, heads, 64, 1500] and values
     [batch, heads, 1500, 64] — computed once per window and kept in the ``KVCache``, in
-    ``kv_dtype`` (a MAX ``DType``; default float32). With ``kernels`` (the Mojo package) on a
-    CPU, each layer's self-attention is one Mojo op, without the [heads, 1500, 1500] scores in
-    memory: ``whisper_attention`` in float32 (1.1x faster than MAX's matmul → softmax → matmul
-    on tiny.en) or, with Q4_0 weights (``dtype``), ``whisper_attention_bf16``: bfloat16
+    ``kv_dtype`` (a MAX ``DType``; default float32). Inputs: the log-mel, then the encoder's
+    weights in ``weight_spec`` order.
+
+    With ``kernels`` (the Mojo package) on a CPU and float weights the whole encoder is one op,
+    ``whisper_encoder`` (``kernels/encoder.mojo``), and the graph takes the weights packed end
+    to end in one buffer; it outputs the features and one [2L, batch, heads, 64 * 1500] tensor
+    of every layer's cross K^T and V (``Model.encode`` splits it). It runs about as fast as the
+    MAX-ops graph but compiles in 20 s instead of 100: MAX's matmul and convolution kernels are
+    most of a cold start. With Q4_0 weights (``dtype``) the graph is MAX ops (its quantized
+    matmul) with each layer's self-attention one ``whisper_attention_bf16`` op: bfloat16
     products with float32 sums, 2x faster, within the quantized encoder's own error.
     """
     from max.dtype import DType
@@ -1819,6 +1896,17 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
     n_head, d, n_audio = dims["n_audio_head"], dims["n_audio_state"], dims["n_audio_ctx"]
     kv_dtype = kv_dtype or DType.float32
     kernels = kernels if device.is_cpu() else None
+    if kernels and dtype not in _Q4_TERMS:
+        L = dims["n_text_layer"]
+        with Graph(f"whisper_encoder_{_encoder_key(dims, dtype, kv_dtype, kernels)}",
+                   input_types=[mel_type, TensorType(DType.float32, [sum(math.prod(p.shape) for p in params)],
+                                                     device=device)],
+                   custom_extensions=[kernels]) as g:
+            mel, packed = (v.tensor for v in g.inputs)
+            out = [TensorType(DType.float32, [mel.shape[0], n_audio, d], device=device),
+                   TensorType(kv_dtype, [2 * L, mel.shape[0], n_head, 64 * n_audio], device=device)]
+            g.output(*(v.tensor for v in ops.custom("whisper_encoder", device, [mel, packed], out_types=out)))
+        return g
     with Graph(f"whisper_encoder_{_encoder_key(dims, dtype, kv_dtype, kernels)}",
                input_types=[mel_type] + _param_types(params, device, dtype),
                custom_extensions=[kernels] if kernels else []) as g:
@@ -1832,20 +1920,16 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
                                 bias=p["encoder.conv2.bias"]))
         x = ops.squeeze(x, 1) + p["encoder.positional_embedding"]               # [B,1500,d]
         scale = (d // n_head) ** -0.5
-        frames = ops.broadcast_to(ops.constant(n_audio, DType.int64, device), [n_audio])  # keys per query
         for i in range(dims["n_audio_layer"]):
             b = f"encoder.blocks.{i}"
             h = p.norm(x, f"{b}.attn_ln")
             q, k, v = (p.linear(h, f"{b}.attn.{n}") for n in ("query", "key", "value"))
-            out = [TensorType(DType.float32, q.shape, device=device)]
-            if kernels and dtype in _Q4_TERMS:
-                a = ops.custom("whisper_attention_bf16", device, [q, k, v], out_types=out)[0].tensor
+            if kernels:                                   # Q4_0 weights
+                a = ops.custom("whisper_attention_bf16", device, [q, k, v],
+                               out_types=[TensorType(DType.float32, q.shape, device=device)])[0].tensor
             else:
                 k_t = ops.permute(_heads(k, n_head), [0, 1, 3, 2])
-                if kernels:
-                    a = ops.custom("whisper_attention", device, [q, k_t, _heads(v, n_head), frames], out_types=out)[0].tensor
-                else:
-                    a = _merge_heads(_attend(_heads(q, n_head), k_t, _heads(v, n_head), scale))
+                a = _merge_heads(_attend(_heads(q, n_head), k_t, _heads(v, n_head), scale))
             x = x + p.linear(a, f"{b}.attn.out")
             x = p.mlp(x, b)
         x = p.norm(x, "encoder.ln_post")
@@ -2010,13 +2094,17 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
     half the bytes of the step's largest read after the weights.
 
     On a CPU with float32 or bfloat16 matrices (``_packs_step``) the whole step is one op,
-    ``whisper_decoder_step`` (``kernels/step.mojo``): embeddings, every block (the token's key
-    and value appended to the cache, attention over its filled rows and over the audio frames),
+    ``whisper_decoder_step`` (``kernels/step.mojo``): embeddings, every block (the tokens' keys
+    and values appended to the cache, attention over its filled rows and over the audio frames),
     the final norm and the logits, the cores kept busy across them — against an op per block,
-    it drops MAX's dispatch between ops and the wake-up of its worker threads. Inputs:
-    ``tokens`` [batch, 1] int64, ``positions`` [1] int64 (= the cache offset), the two packed
-    weight buffers of ``_step_weight_types``, the 2L cross K/V of ``_cross_types``, then the
-    cache's ``self_kv`` [2L, batch, heads, 64 * n_text_ctx], written in place.
+    it drops MAX's dispatch between ops and the wake-up of its worker threads. It takes any
+    number of new tokens, so the prompt's prefill runs through it too and a CPU model needs no
+    ``build_decoder_graph`` (whose MAX matmuls would add a minute and a half to a cold start).
+    Inputs: ``tokens`` [batch, n_tok] int64, ``positions`` [1] int64 (= the cache offset),
+    ``out_idx`` [n_out] int64 (the new tokens whose logits to return; output [batch, n_out,
+    n_vocab]), the two packed weight buffers of ``_step_weight_types``, the 2L cross K/V of
+    ``_cross_types``, then the cache's ``self_kv`` [2L, batch, heads, 64 * n_text_ctx], written
+    in place.
 
     Elsewhere (a GPU; Q4_0 matrices) the blocks are MAX ops around two attention ops per block,
     ``whisper_self_attention`` (appends the token's key and value to the cache, reads only the
@@ -2029,22 +2117,22 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
 
     L, n_audio = dims["n_text_layer"], dims["n_audio_ctx"]
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
-    head = [i64(["batch", 1]), i64([1])]
     name = f"whisper_step_{_dims_key(dims, dtype, kv_dtype)}"
     if _packs_step(device, dtype):
         planes = BufferType(DType.float32, [2 * L, "batch", dims["n_text_head"], 64 * dims["n_text_ctx"]],
                             device=device)
-        types = head + _step_weight_types(dims, device, dtype) + _cross_types(dims, device, kv_dtype) + [planes]
+        types = [i64(["batch", "n_tok"]), i64([1]), i64(["n_out"])] + _step_weight_types(dims, device, dtype) \
+            + _cross_types(dims, device, kv_dtype) + [planes]
         with Graph(name, input_types=types, custom_extensions=[kernels]) as g:
-            tokens, positions, vectors, matrices, *cross = (v.tensor for v in g.inputs[:-1])
-            out = TensorType(DType.float32, [tokens.shape[0], 1, dims["n_vocab"]], device=device)
+            tokens, positions, out_idx, vectors, matrices, *cross = (v.tensor for v in g.inputs[:-1])
+            out = TensorType(DType.float32, [tokens.shape[0], out_idx.shape[0], dims["n_vocab"]], device=device)
             g.output(ops.inplace_custom("whisper_decoder_step", device,
-                                        [g.inputs[-1], tokens, positions, vectors, matrices, *cross],
+                                        [g.inputs[-1], tokens, positions, out_idx, vectors, matrices, *cross],
                                         out_types=[out])[0].tensor)
         return g
 
     names, types = _decoder_types(dims, device, dtype, kv_dtype)
-    with Graph(name, input_types=head + types, custom_extensions=[kernels]) as g:
+    with Graph(name, input_types=[i64(["batch", 1]), i64([1])] + types, custom_extensions=[kernels]) as g:
         tokens, positions = (v.tensor for v in g.inputs[:2])
         p = _Params(names, g.inputs[2:2 + len(names)], gemv=True, dtype=dtype)
         cross = [v.tensor for v in g.inputs[2 + len(names):2 + len(names) + 2 * L]]
@@ -2271,8 +2359,9 @@ class Precision:
     dtypes, else float32: the encoder is compute-bound and bfloat16 matmuls were no faster);
     ``cross``: the cross K/V (bfloat16 where the Mojo kernels read them with bfloat16 weights,
     else float32: MAX-ops attention would widen them at every step, costing more than the
-    bytes saved); ``packed``: the CPU step is the one ``whisper_decoder_step`` op, the decoder's
-    weights packed into two buffers.
+    bytes saved); ``packed``: on a CPU with the kernels and float weights, the encoder is the one
+    ``whisper_encoder`` op (its weights packed into one buffer) and the decoder the one
+    ``whisper_decoder_step`` op (its weights packed into two).
     """
 
     dtype: str
@@ -2303,28 +2392,43 @@ class Precision:
 
 
 def _graph_builders(dims: dict, ref, precision: Precision, kernels: Path | None) -> dict:
-    """{graph name: (file-name tag, builder)} of a model's graphs: the first three (and the
-    kernel step) compile at load, the others on first use."""
+    """{graph name: (file-name tag, builder, seconds its compile takes)} of a model's graphs.
+
+    The seconds are what a compile with empty caches took on 2 cores (docs/PERFORMANCE.md,
+    about the same at every model size): the cold start's first estimate, until this machine's
+    own times are in the graph store. A graph of one Mojo op costs MAX's fixed ~20 s; one with
+    MAX's matmul, ~100 s."""
     dt, kv = precision.matrices, precision.cross
     enc_kernels = kernels if ref.is_cpu() else None          # its attention ops are CPU ones
     key = lambda *dtypes: _dims_key(dims, *dtypes)            # noqa: E731
-    return {"mel": (f"m{dims['n_mels']}", lambda: build_mel_graph(dims["n_mels"], ref)),   # shared by sizes
-            "encoder": (_encoder_key(dims, precision.encoder, kv, enc_kernels),
-                        lambda: build_encoder_graph(dims, ref, kv, precision.encoder, enc_kernels)),
-            "decoder": (key(dt, kv), lambda: build_decoder_graph(dims, ref, dt, kv)),
-            "step": (key(dt, kv), lambda: build_step_graph(dims, ref, kernels, dt, kv)),
-            "reorder": (key(), lambda: build_reorder_graph(dims, ref)),
-            "gather": (key(None, kv), lambda: build_gather_graph(dims, ref, kv)),
-            "repack": (key(), lambda: build_repack_graph(ref)),
-            "alignment": (key(dt, kv), lambda: build_alignment_graph(dims, ref, dt, kv))}
+    return {"encoder": (_encoder_key(dims, precision.encoder, kv, enc_kernels),
+                        lambda: build_encoder_graph(dims, ref, kv, precision.encoder, enc_kernels),
+                        25.0 if precision.packed else 100.0),
+            "decoder": (key(dt, kv), lambda: build_decoder_graph(dims, ref, dt, kv), 100.0),
+            "step": (key(dt, kv), lambda: build_step_graph(dims, ref, kernels, dt, kv), 25.0 if precision.packed else 100.0),
+            "reorder": (key(), lambda: build_reorder_graph(dims, ref), 35.0),
+            "gather": (key(None, kv), lambda: build_gather_graph(dims, ref, kv), 25.0),
+            "repack": (key(), lambda: build_repack_graph(ref), 25.0),
+            "alignment": (key(dt, kv), lambda: build_alignment_graph(dims, ref, dt, kv), 100.0)}
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def _built(build: Callable):
+    """``build()`` under a process-wide lock: building a graph that names the kernels package
+    compiles that package into a staging file named by the process id, so two threads building
+    at once race on it in MAX 26.7 (a FileNotFoundError)."""
+    with _BUILD_LOCK:
+        return build()
 
 
 class _GraphRunner:
     """Compiles a model's graphs on first use (or loads them from the graph store) and runs
-    them, one at a time under ``lock``. Compiles take turns under a lock of their own, so a
-    graph compiling for one caller (tens of seconds) does not stop the others' graphs from
-    running. A graph that fails to compile raises ``DeviceError`` and is compiled again by the
-    next call that needs it."""
+    them, one at a time under ``lock``. Each graph compiles under a lock of its own, so a graph
+    compiling for one caller (tens of seconds) does not stop the others' graphs from running.
+    A graph that fails to compile raises ``DeviceError`` and is compiled again by the next call
+    that needs it."""
 
     def __init__(self, device, device_name: str, builders: dict, store: _GraphStore, source: str):
         from max import engine
@@ -2332,31 +2436,55 @@ class _GraphRunner:
         self.source = source                       # the checkpoint, for messages
         self.session = engine.InferenceSession(devices=[device])
         self.lock = threading.Lock()
-        self._compiling = threading.Lock()
+        self._compiling = {name: threading.Lock() for name in builders}
         self.graphs: dict = {}
         self.compile_seconds: dict[str, float] = {}
         self.compile_total = 0.0
         self.graph_sources: dict[str, str] = {}    # name -> "stored" or "compiled"
 
-    def compiled(self, name: str):
-        """The compiled graph ``name``, compiling it now if needed."""
+    def expected_seconds(self, name: str) -> float:
+        """How long graph ``name`` should take to compile: its last compile here, else the
+        measured default of ``_graph_builders``."""
+        tag, _, default = self.builders[name]
+        return self.store.compile_seconds().get(f"{name}_{tag}") or default
+
+    def compiled(self, name: str, progress: "_CompileProgress | None" = None):
+        """The compiled graph ``name``, compiling it now if needed (reported to ``progress``)."""
         graph = self.graphs.get(name)
         if graph is not None:
             return graph
-        with self._compiling:
+        with self._compiling[name]:
             if name in self.graphs:
                 return self.graphs[name]
-            tag, build = self.builders[name]
-            with _CompileProgress(f"{name} graph") as p:
+            tag, build, _ = self.builders[name]
+            start = time.perf_counter()
+            with contextlib.ExitStack() as stack:
+                cold = not self.store.has(f"{name}_{tag}")
+                if cold:
+                    p = progress or stack.enter_context(_CompileProgress({name: self.expected_seconds(name)}))
+                    stack.enter_context(p.graph(name))
                 try:
-                    self.graphs[name], self.graph_sources[name] = self.store.load(self.session, f"{name}_{tag}", build)
+                    self.graphs[name], self.graph_sources[name] = self.store.load(
+                        self.session, f"{name}_{tag}", lambda: _built(build))
                 except Exception as e:  # MAX raises several types; the user gets one
                     raise DeviceError(f"compiling the {name} graph for {self.source} on {self.device_name} "
                                       f"failed ({type(e).__name__}: {e}); the next call retries; check "
                                       "free memory and the MAX install") from e
-            self.compile_seconds[name] = p.seconds
-            self.compile_total += p.seconds
+            self.compile_seconds[name] = time.perf_counter() - start
+            self.compile_total += self.compile_seconds[name]
+            if cold and self.graph_sources[name] == "compiled":
+                self.store.record_compile(f"{name}_{tag}", self.compile_seconds[name])
         return self.graphs[name]
+
+    def compile_all(self, names: Sequence[str]) -> None:
+        """Compile (or load) the graphs ``names``, reporting the progress of the whole set. One
+        after another: MAX 26.7 compiles one graph at a time in a process (two threads took as
+        long as the two compiles in turn)."""
+        cold = {n: self.expected_seconds(n) for n in names
+                if n not in self.graphs and not self.store.has(f"{n}_{self.builders[n][0]}")}
+        with _CompileProgress(cold) as progress:
+            for name in names:
+                self.compiled(name, progress)
 
     def run(self, name: str, *inputs) -> list:
         """Execute graph ``name`` on device buffers, under the lock; errors become DeviceError."""
@@ -2388,7 +2516,9 @@ class _DeviceWeights:
         self._aliases = isinstance(device, CPU)        # a host buffer on a CPU device is not copied
         spec = weight_spec(weights.dims, quantized=precision.matrices in _Q4_TERMS)
         self.encoder = []
-        for p in (p for p in spec if p.graph == "encoder"):
+        if precision.packed:                           # the whisper_encoder op: one buffer
+            self.encoder = [self._pack_encoder(weights, [p for p in spec if p.graph == "encoder"])]
+        for p in (p for p in spec if p.graph == "encoder" and not precision.packed):
             if precision.encoder and p.low_precision:
                 self.encoder.append(self._quantized(weights.state[p.name]))
             else:
@@ -2434,6 +2564,19 @@ class _DeviceWeights:
         if kind in _Q4_TERMS and p.kind == "matrix":
             return self._quantized(array)
         return _bfloat16(array).to(self.device)            # bfloat16, or a Q4_0 model's token table
+
+    def _pack_encoder(self, weights: Weights, params: list[Param]):
+        """The encoder's weights in graph layout, end to end in one float32 buffer (the
+        ``whisper_encoder`` op's input); the state's arrays become views of it."""
+        flat = np.empty(sum(math.prod(p.shape) for p in params), np.float32)
+        at = 0
+        for p in params:
+            a = graph_weights(weights, [p])[0]
+            part = flat[at:at + a.size].reshape(a.shape)
+            part[...] = a
+            self._share(weights, p, part)
+            at += a.size
+        return _host(flat)
 
     def _pack(self, weights: Weights, params: list[Param]) -> list:
         """Lay the decoder's weights out for ``whisper_decoder_step`` (``_step_weight_types``)
@@ -2491,8 +2634,31 @@ class Model:
         self._totals = dict.fromkeys(_COUNTERS, 0.0)
         self.device_weights = _DeviceWeights(weights, self.precision, self.device, self.runner.run)
         if warmup:
-            for name in ("mel", "encoder", "decoder") + (("step",) if self.kernels else ()):
-                self.runner.compiled(name)
+            self.runner.compile_all(self._core_graphs())
+
+    def _core_graphs(self) -> list[str]:
+        """The graphs every transcription runs: the encoder and the decoder's (the one-op step
+        for prefill and steps alike, else the decoder graph, and the kernel step with kernels)."""
+        if self.precision.packed:
+            return ["encoder", "step"]
+        return ["encoder", "decoder"] + (["step"] if self.kernels else [])
+
+    def graphs_for(self, **options) -> list[str]:
+        """The graphs a ``transcribe`` call with these options (over the configured ones) may
+        run: the core ones; beam reorder with ``beam_size``; the cross K/V gather where a window
+        is decoded as several rows (beams, or ``best_of`` samples on a temperature fallback) or
+        word timing picks a window out of a batch; alignment with ``word_timestamps``."""
+        o = _transcribe_options(self, options)
+        temps = o.temperature if isinstance(o.temperature, (tuple, list)) else (o.temperature,)
+        beams = bool(o.beam_size) and 0 in temps
+        samples = (o.best_of or 1) > 1 and any(t > 0 for t in temps)
+        return self._core_graphs() + ["reorder"] * beams + ["gather"] * (beams or samples or bool(o.word_timestamps)) \
+            + ["alignment"] * bool(o.word_timestamps)
+
+    def warmup(self, **options) -> None:
+        """Compile (or load from the graph store) every graph ``graphs_for(**options)`` names,
+        side by side, so that no transcription with these options waits for a compile."""
+        self.runner.compile_all(self.graphs_for(**options))
 
     def put(self, array: np.ndarray):
         """A numpy array as a MAX buffer on this model's device (no copy on CPU)."""
@@ -2531,11 +2697,9 @@ class Model:
     # -- building blocks -------------------------------------------------------------------
 
     def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:
-        """Log-mel spectrogram [n_mels, frames] of 16 kHz audio, as ``whisper.log_mel_spectrogram``."""
-        frames = _stft_frames(audio, padding)
-        if frames is None:
-            return np.zeros((self.dims["n_mels"], 0), np.float32)
-        return self.runner.run("mel", self.put(frames))[0].to_numpy()
+        """Log-mel spectrogram [n_mels, frames] of 16 kHz audio with this model's mel count
+        (``log_mel_spectrogram``)."""
+        return log_mel_spectrogram(audio, self.dims["n_mels"], padding)
 
     def encode(self, mel: np.ndarray) -> tuple[np.ndarray, list]:
         """Run the encoder on log-mel windows [batch, n_mels, 3000].
@@ -2544,7 +2708,17 @@ class Model:
         (K^T, V) device buffers for a ``KVCache``.
         """
         out = self.runner.run("encoder", self.put(mel.astype(np.float32, copy=False)), *self.device_weights.encoder)
-        return out[0].to_numpy(), [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(self.dims["n_text_layer"])]
+        L = self.dims["n_text_layer"]
+        if not self.precision.packed:
+            return out[0].to_numpy(), [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(L)]
+        from max.dtype import DType                    # the whisper_encoder op: [2L, B, h, 64 * S]
+        kv = out[1].dtype
+        planes = (out[1].view(DType.uint16) if kv == DType.bfloat16 else out[1]).to_numpy()
+        b, h, s = planes.shape[1], planes.shape[2], self.dims["n_audio_ctx"]
+        views = [_host(planes[2 * i + j].reshape((b, h, 64, s) if j == 0 else (b, h, s, 64))) for i in range(L) for j in (0, 1)]
+        if kv == DType.bfloat16:
+            views = [v.view(DType.bfloat16) for v in views]
+        return out[0].to_numpy(), [(views[2 * i], views[2 * i + 1]) for i in range(L)]
 
     def new_cache(self, cross: list, batch: int = 1) -> KVCache:
         """A fresh ``KVCache`` for ``batch`` sequences attending to the given cross K/V.
@@ -2576,10 +2750,13 @@ class Model:
         idx = [i % n for i in out_idx]
         put = self.put
         cross = [b for kv in cache.cross for b in kv]
-        if self.kernels and n == 1:             # one token (every index is it): the Mojo kernel graph
+        if self.precision.packed:               # any number of tokens: the one-op step graph
             graph = "step"
-            inputs = [put(tokens), put(positions), *self.device_weights.step, *cross, cache.self_kv] if self.precision.packed \
-                else [put(tokens), put(positions), *self.device_weights.decoder, *cross, *cache.self_buffers()]
+            inputs = [put(tokens), put(positions[:1]), put(np.array(idx, np.int64)), *self.device_weights.step,
+                      *cross, cache.self_kv]
+        elif self.kernels and n == 1:           # one token (every index is it): the Mojo kernel graph
+            graph = "step"
+            inputs = [put(tokens), put(positions), *self.device_weights.decoder, *cross, *cache.self_buffers()]
         else:
             mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
             mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
@@ -2589,7 +2766,7 @@ class Model:
         out = self.runner.run(graph, *inputs)
         cache.length += n
         logits = out[0].to_numpy()
-        return np.repeat(logits, len(idx), axis=1) if graph == "step" and len(idx) != 1 else logits
+        return np.repeat(logits, len(idx), axis=1) if logits.shape[1] != len(idx) else logits
 
     def cross_rows(self, cross: list, rows: Sequence[int]) -> list:
         """New cross K/V holding the given rows of ``cross`` (any may repeat), on the device."""
@@ -4466,7 +4643,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--print-config", "--print_config", action="store_true",
                         help="print the effective settings and where each came from, then exit")
     parser.add_argument("--warmup", action="store_true",
-                        help="load the model, compile its graphs and keep them in graph_cache, then exit")
+                        help="compile every graph the model and these options need (beam search, word "
+                             "timestamps, ...), keep them in graph_cache, then exit: for a container "
+                             "image, or before a server starts")
     args = parser.parse_args(argv)
     try:
         cfg = _config_from_args(args, _CLI_SCOPES, temperature=_fallback_schedule(
@@ -4475,6 +4654,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"maxwhisper: error: {e}\n")
         return 2
     configure_logging(cfg, cfg["verbose"])
+    _CompileProgress.bar = bool(cfg["verbose"]) and sys.stderr.isatty()
     if args.print_config:
         sys.stdout.write(cfg.describe() + "\n")
         return 0
@@ -4492,7 +4672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model = load(config=cfg)
         if args.warmup:
-            log.info("%s graphs compiled and cached for %s", cfg["model"], model.device_name)
+            model.warmup()
+            log.info("%s: graphs %s compiled and kept in the graph store for %s", cfg["model"],
+                     ", ".join(model.graphs_for()), model.device_name)
             return 0
         os.makedirs(cfg["output_dir"], exist_ok=True)
     except DeviceError as e:

@@ -5,7 +5,7 @@ from max.algorithm import sync_parallelize
 from std.atomic import Atomic
 from std.runtime import parallelism_level
 
-from .attention import D, _attend_cpu_block, _self_attend_step_cpu
+from .attention import D, QB, _attend_cpu_block
 from .linear import LW, ROWS, _gemv_rows, _layer_norm
 
 comptime MIN_ROWS = 16     # the shortest run of weight rows a phase hands out
@@ -71,6 +71,32 @@ def _guided_start(n: Int, i: Int, p: Int) -> Int:
         k -= p
 
 
+def _self_attend_cpu(
+    o: Pointer[Float32, MutAnyOrigin],
+    qkv: Pointer[Float32, MutAnyOrigin],
+    k_cache: Pointer[Float32, MutAnyOrigin],
+    v_cache: Pointer[Float32, MutAnyOrigin],
+    lengths: Pointer[Int64, MutAnyOrigin],
+    heads: Int,
+    n_tok: Int,
+    n_ctx: Int,
+    pos: Int,
+    bh: Int,
+):
+    """(batch, head) bh of n_tok new tokens: writes their keys and values (from their q|k|v
+    rows) into the cache at pos .., then each attends over the cache rows up to its own
+    (lengths[t] = pos + t + 1: causal)."""
+    var d = heads * D
+    var src = qkv.unsafe_offset((bh // heads) * n_tok * 3 * d + (bh % heads) * D)
+    for t in range(n_tok):
+        var row = src.unsafe_offset(t * 3 * d)
+        for j in range(D):
+            k_cache[unsafe_offset=(bh * D + j) * n_ctx + pos + t] = row[unsafe_offset=d + j]
+        v_cache.unsafe_offset((bh * n_ctx + pos + t) * D).unsafe_store(row.unsafe_offset(2 * d).unsafe_load[width=D]())
+    for t0 in range(0, n_tok, QB):
+        _attend_cpu_block[DType.float32](o, qkv, k_cache, v_cache, lengths, heads, n_tok, 3 * d, n_ctx, bh, t0)
+
+
 def _layer_phases[wt: DType, kv: DType](
     c: Pointer[Int64, MutAnyOrigin],
     p0: Int,
@@ -86,6 +112,7 @@ def _layer_phases[wt: DType, kv: DType](
     fp: Pointer[Int64, MutAnyOrigin],
     scratch: Pointer[Float32, MutAnyOrigin],
     batch: Int,
+    n_tok: Int,
     d: Int,
     heads: Int,
     n_ctx: Int,
@@ -93,16 +120,18 @@ def _layer_phases[wt: DType, kv: DType](
     pos: Int,
 ) raises:
     """One decoder block, phases p0 .. p0 + 7, as one worker runs it: the residual stream xs
-    [B, d] in place, the block's vectors ``vec`` (17 d floats) and matrices ``mat`` (14 d x d,
-    `WhisperDecoderStep` gives the order)."""
+    [B * n_tok, d] in place (the n_tok new tokens of each sequence, at positions pos ..), the
+    block's vectors ``vec`` (17 d floats) and matrices ``mat`` (14 d x d, `WhisperDecoderStep`
+    gives the order); lp holds each new token's key count, fp each one's audio frames."""
     var hidden = 4 * d
-    var qkv = scratch                                # [B, 3d]
-    var att = qkv.unsafe_offset(batch * 3 * d)       # [B, d] self-attention, heads side by side
-    var x1 = att.unsafe_offset(batch * d)
-    var cq = x1.unsafe_offset(batch * d)
-    var cat = cq.unsafe_offset(batch * d)            # cross-attention
-    var x2 = cat.unsafe_offset(batch * d)
-    var f = x2.unsafe_offset(batch * d)              # [B, hidden]
+    var rows = batch * n_tok
+    var qkv = scratch                                # [rows, 3d]
+    var att = qkv.unsafe_offset(rows * 3 * d)       # [rows, d] self-attention, heads side by side
+    var x1 = att.unsafe_offset(rows * d)
+    var cq = x1.unsafe_offset(rows * d)
+    var cat = cq.unsafe_offset(rows * d)            # cross-attention
+    var x2 = cat.unsafe_offset(rows * d)
+    var f = x2.unsafe_offset(rows * d)              # [rows, hidden]
     var w_o = mat.unsafe_offset(3 * d * d)
     var w_cq = w_o.unsafe_offset(d * d)
     var w_co = w_cq.unsafe_offset(d * d)
@@ -116,42 +145,45 @@ def _layer_phases[wt: DType, kv: DType](
     var ln3 = b_co.unsafe_offset(d)
     var b_1 = ln3.unsafe_offset(2 * d)
     var b_2 = b_1.unsafe_offset(hidden)
-    _layer_norm(h, xs, vec, vec.unsafe_offset(d), batch, d)
-    _gemv_phase[wt, False, False](c, p0, qkv, h, mat, b_qkv, qkv, batch, d, 3 * d)
+    _layer_norm(h, xs, vec, vec.unsafe_offset(d), rows, d)
+    _gemv_phase[wt, False, False](c, p0, qkv, h, mat, b_qkv, qkv, rows, d, 3 * d)
     var bh = _claim(c, p0 + 1)
     while bh < batch * heads:
-        _self_attend_step_cpu(att, qkv, kp, vp, lp, heads, n_ctx, pos, bh)
+        _self_attend_cpu(att, qkv, kp, vp, lp, heads, n_tok, n_ctx, pos, bh)
         _done(c, p0 + 1)
         bh = _claim(c, p0 + 1)
     _wait(c, p0 + 1, batch * heads)
-    _gemv_phase[wt, False, True](c, p0 + 2, x1, att, w_o, b_o, xs, batch, d, d)
-    _layer_norm(h, x1, ln2, ln2.unsafe_offset(d), batch, d)
-    _gemv_phase[wt, False, False](c, p0 + 3, cq, h, w_cq, b_cq, cq, batch, d, d)
+    _gemv_phase[wt, False, True](c, p0 + 2, x1, att, w_o, b_o, xs, rows, d, d)
+    _layer_norm(h, x1, ln2, ln2.unsafe_offset(d), rows, d)
+    _gemv_phase[wt, False, False](c, p0 + 3, cq, h, w_cq, b_cq, cq, rows, d, d)
     bh = _claim(c, p0 + 4)
     while bh < batch * heads:
-        _attend_cpu_block[kv](cat, cq, ckp, cvp, fp, heads, 1, d, frames, bh, 0)
+        for t0 in range(0, n_tok, QB):
+            _attend_cpu_block[kv](cat, cq, ckp, cvp, fp, heads, n_tok, d, frames, bh, t0)
         _done(c, p0 + 4)
         bh = _claim(c, p0 + 4)
     _wait(c, p0 + 4, batch * heads)
-    _gemv_phase[wt, False, True](c, p0 + 5, x2, cat, w_co, b_co, x1, batch, d, d)
-    _layer_norm(h, x2, ln3, ln3.unsafe_offset(d), batch, d)
-    _gemv_phase[wt, True, False](c, p0 + 6, f, h, w_1, b_1, f, batch, d, hidden)
-    _gemv_phase[wt, False, True](c, p0 + 7, xs, f, w_2, b_2, x2, batch, hidden, d)
+    _gemv_phase[wt, False, True](c, p0 + 5, x2, cat, w_co, b_co, x1, rows, d, d)
+    _layer_norm(h, x2, ln3, ln3.unsafe_offset(d), rows, d)
+    _gemv_phase[wt, True, False](c, p0 + 6, f, h, w_1, b_1, f, rows, d, hidden)
+    _gemv_phase[wt, False, True](c, p0 + 7, xs, f, w_2, b_2, x2, rows, hidden, d)
 
 
 @extensibility.register("whisper_decoder_step")
 struct WhisperDecoderStep:
-    """A whole one-token decoder step in one op (CPU): embeddings, every block, final norm and
-    logits.
+    """The cached decoder in one op (CPU): n_tok new tokens of each sequence — the prompt's
+    prefill, or one token of a decoding step — through the embeddings, every block, the final
+    norm and the logits of the tokens asked for.
 
-    logits [B, 1, V] float32 out; cache [2L, B, h, 64 * ctx] float32, layer i's keys
-    (transposed, [64, ctx] per head) at 2i and values ([ctx, 64]) at 2i + 1, written at
-    position positions[0]; tokens [B, 1] int64; vectors: float32, the positional embedding
-    [ctx, d], then per block its norms' gamma and beta, the q|k|v bias, the out bias, the cross
-    norm, the cross query and out biases, the MLP norm and its two biases (17 d floats), then
-    the final norm (2 d); matrices, float32 or bfloat16: the token embedding [V, d], then per
-    block W_qkv [3d, d], W_o, W_cq, W_co [d, d], W_1 [4d, d], W_2 [d, 4d]; cross: 2L tensors,
-    layer i's K^T [B, h, 64, S] and V [B, h, S, 64], float32 or bfloat16.
+    logits [B, n_out, V] float32 out, for the new tokens out_idx [n_out] int64 (indices into
+    the n_tok); cache [2L, B, h, 64 * ctx] float32, layer i's keys (transposed, [64, ctx] per
+    head) at 2i and values ([ctx, 64]) at 2i + 1, written at positions positions[0] ..
+    positions[0] + n_tok - 1; tokens [B, n_tok] int64; vectors: float32, the positional
+    embedding [ctx, d], then per block its norms' gamma and beta, the q|k|v bias, the out bias,
+    the cross norm, the cross query and out biases, the MLP norm and its two biases (17 d
+    floats), then the final norm (2 d); matrices, float32 or bfloat16: the token embedding
+    [V, d], then per block W_qkv [3d, d], W_o, W_cq, W_co [d, d], W_1 [4d, d], W_2 [d, 4d];
+    cross: 2L tensors, layer i's K^T [B, h, 64, S] and V [B, h, S, 64], float32 or bfloat16.
     """
 
     @staticmethod
@@ -160,6 +192,7 @@ struct WhisperDecoderStep:
         cache: _MutableInputTensor[dtype=DType.float32, rank=4, ...],
         tokens: InputTensor[dtype=DType.int64, rank=2, ...],
         positions: InputTensor[dtype=DType.int64, rank=1, ...],
+        out_idx: InputTensor[dtype=DType.int64, rank=1, ...],
         vectors: InputTensor[dtype=DType.float32, rank=1, ...],
         matrices: InputTensor[rank=1, ...],
         cross: InputVariadicTensors[rank=4, ...],
@@ -176,33 +209,42 @@ struct WhisperDecoderStep:
         var d = heads * D
         var vocab = logits.shape()[2]
         var frames = cross[0].shape()[3]
-        if cross.size != 2 * n_layer or tokens.shape()[0] != batch or logits.shape()[0] != batch:
+        var n_tok = tokens.shape()[1]
+        var n_out = out_idx.shape()[0]
+        if cross.size != 2 * n_layer or tokens.shape()[0] != batch or logits.shape()[0] != batch \
+                or logits.shape()[1] != n_out:
             raise Error("whisper_decoder_step: cache, cross K/V, tokens and logits disagree on layers or batch")
         if vectors.shape()[0] != n_ctx * d + 17 * d * n_layer + 2 * d or \
            matrices.shape()[0] != vocab * d + 14 * d * d * n_layer:
             raise Error("whisper_decoder_step: the vectors or matrices do not hold ", n_layer, " blocks of d = ", d)
         var pos = Int(positions.unsafe_ptr()[unsafe_offset=0])
-        if pos < 0 or pos >= n_ctx:
-            raise Error("whisper_decoder_step: position ", pos, " is outside the cache of ", n_ctx)
+        if n_tok < 1 or pos < 0 or pos + n_tok > n_ctx:
+            raise Error("whisper_decoder_step: positions ", pos, " .. ", pos + n_tok - 1, " are outside the cache of ", n_ctx)
         var tp = tokens.unsafe_ptr()
-        for b in range(batch):
+        for b in range(batch * n_tok):
             if tp[unsafe_offset=b] < 0 or tp[unsafe_offset=b] >= Int64(vocab):
                 raise Error("whisper_decoder_step: token ", tp[unsafe_offset=b], " is outside the vocabulary of ", vocab)
+        var ip = out_idx.unsafe_ptr()
+        for o in range(n_out):
+            if ip[unsafe_offset=o] < 0 or ip[unsafe_offset=o] >= Int64(n_tok):
+                raise Error("whisper_decoder_step: out_idx ", ip[unsafe_offset=o], " is not one of the ", n_tok, " tokens")
         var ck = List[Pointer[Scalar[kv], MutAnyOrigin]]()
         var cv = List[Pointer[Scalar[kv], MutAnyOrigin]]()
         comptime for i in range(cross.size // 2):
             ck.append(cross[2 * i].unsafe_ptr())
             cv.append(cross[2 * i + 1].unsafe_ptr())
+        var rows = batch * n_tok
         var phases = 8 * n_layer + 2
-        var state = List[Float32](length=batch * 13 * d, fill=0.0)
-        var xs = state.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()      # residual stream [B, d]
-        var scratch = xs.unsafe_offset(batch * d)        # a block's activations, 12 d per row
+        var state = List[Float32](length=rows * 13 * d, fill=0.0)
+        var xs = state.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()      # residual stream [rows, d]
+        var scratch = xs.unsafe_offset(rows * d)         # a block's activations, 12 d per row
         var counters = List[Int64](length=2 * phases, fill=0)
         var c = counters.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
-        var ints = List[Int64](length=2, fill=Int64(pos + 1))
-        ints[1] = Int64(frames)
+        var ints = List[Int64](length=2 * n_tok, fill=Int64(frames))       # keys, then frames, per token
+        for t in range(n_tok):
+            ints[t] = Int64(pos + t + 1)
         var lp = ints.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
-        var fp = lp.unsafe_offset(1)
+        var fp = lp.unsafe_offset(n_tok)
         var ckp = ck.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
         var cvp = cv.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
         var cp = cache.unsafe_ptr()
@@ -211,28 +253,31 @@ struct WhisperDecoderStep:
         var op = logits.unsafe_ptr()
         var plane = batch * heads * D * n_ctx            # one layer's keys (or values)
 
-        def worker(_w: Int) raises {var c, var xs, var scratch, var lp, var fp, var ckp, var cvp, var cp, var tp, var vec, var mat, var op, var n_layer, var batch, var heads, var n_ctx, var d, var vocab, var frames, var pos, var plane}:
-            var b = _claim(c, 0)                         # embeddings: a sequence per item
-            while b < batch:
-                var row = mat.unsafe_offset(Int(tp[unsafe_offset=b]) * d)
-                var pe = vec.unsafe_offset(pos * d)
+        def worker(_w: Int) raises {var c, var xs, var scratch, var lp, var fp, var ckp, var cvp, var cp, var tp, var ip, var vec, var mat, var op, var n_layer, var batch, var n_tok, var n_out, var rows, var heads, var n_ctx, var d, var vocab, var frames, var pos, var plane}:
+            var r = _claim(c, 0)                         # embeddings: a token per item
+            while r < rows:
+                var row = mat.unsafe_offset(Int(tp[unsafe_offset=r]) * d)
+                var pe = vec.unsafe_offset((pos + r % n_tok) * d)
                 for j in range(0, d, LW):
-                    xs.unsafe_offset(b * d + j).unsafe_store(row.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]()
+                    xs.unsafe_offset(r * d + j).unsafe_store(row.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]()
                                                              + pe.unsafe_offset(j).unsafe_load[width=LW]())
                 _done(c, 0)
-                b = _claim(c, 0)
-            _wait(c, 0, batch)
-            var normed = List[Float32](length=batch * d, fill=0.0)
+                r = _claim(c, 0)
+            _wait(c, 0, rows)
+            var normed = List[Float32](length=max(rows, batch * n_out) * d, fill=0.0)   # then the rows asked for
             var h = normed.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
             for i in range(n_layer):
                 _layer_phases[wt, kv](c, 1 + 8 * i, xs, h, vec.unsafe_offset(n_ctx * d + 17 * d * i),
                                       mat.unsafe_offset(vocab * d + 14 * d * d * i),
                                       cp.unsafe_offset(2 * i * plane), cp.unsafe_offset((2 * i + 1) * plane),
                                       ckp[unsafe_offset=i], cvp[unsafe_offset=i], lp, fp, scratch,
-                                      batch, d, heads, n_ctx, frames, pos)
+                                      batch, n_tok, d, heads, n_ctx, frames, pos)
             var ln = vec.unsafe_offset(n_ctx * d + 17 * d * n_layer)
-            _layer_norm(h, xs, ln, ln.unsafe_offset(d), batch, d)
-            _gemv_phase[wt, False, False, False](c, 8 * n_layer + 1, op, h, mat, ln, op, batch, d, vocab)   # no bias
+            for b in range(batch):                       # the final norm of the rows asked for
+                for o in range(n_out):
+                    var src = xs.unsafe_offset((b * n_tok + Int(ip[unsafe_offset=o])) * d)
+                    _layer_norm(h.unsafe_offset((b * n_out + o) * d), src, ln, ln.unsafe_offset(d), 1, d)
+            _gemv_phase[wt, False, False, False](c, 8 * n_layer + 1, op, h, mat, ln, op, batch * n_out, d, vocab)   # no bias
 
         sync_parallelize(worker, parallelism_level())
         _ = state^                                       # the buffers the workers used live to here

@@ -155,7 +155,7 @@ class LogsAndMetricsTest(unittest.TestCase):
         self.assertTrue(all({"time", "level", "logger", "message"} <= set(e) for e in entries))
         warm = run_cli("--warmup")
         self.assertEqual(warm.returncode, 0, warm.stderr)
-        self.assertIn("compiled and cached", warm.stderr)
+        self.assertIn("kept in the graph store", warm.stderr)
 
 
 if __name__ == "__main__":

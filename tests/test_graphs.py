@@ -1,11 +1,12 @@
 """The MAX graphs against openai-whisper's PyTorch modules: log-mel, encoder, cross K/V; the
-store of compiled graphs that makes warm starts fast."""
+store of compiled graphs that makes warm starts fast; how a cold start compiles."""
 
 import os
 import tempfile
 import time
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class GraphTest(unittest.TestCase):
         self.assertEqual(len(dec.inputs), 5 + len(mw.decoder_param_names(dims)) + 4 * 2)
         if (mw.KERNELS_DIR / "attention.mojo").is_file():
             step = mw.build_step_graph(dims, DeviceRef.CPU(), mw.KERNELS_DIR)
-            self.assertEqual(len(step.inputs), 2 + 2 + 2 * 2 + 1)     # packed weights, cross K/V, cache
+            self.assertEqual(len(step.inputs), 3 + 2 + 2 * 2 + 1)     # packed weights, cross K/V, cache
 
     def test_every_graph_builds_for_a_gpu(self):
         """Graph construction checks devices (no GPU needed): every input is on the GPU but the
@@ -77,7 +78,6 @@ class GraphTest(unittest.TestCase):
         n_dec, L = len(mw.decoder_param_names(dims)), dims["n_text_layer"]
         for dtype, kv in ((None, None), (DType.bfloat16, DType.bfloat16)):
             graphs = {  # name: (graph, its input count, the inputs on the host)
-                "mel": (mw.build_mel_graph(dims["n_mels"], gpu), 1, set()),
                 "encoder": (mw.build_encoder_graph(dims, gpu, kv), 1 + len(mw.encoder_param_names(dims)), set()),
                 "decoder": (mw.build_decoder_graph(dims, gpu, dtype, kv), 5 + n_dec + 4 * L, {1}),
                 "reorder": (mw.build_reorder_graph(dims, gpu), 2 + 2 * L, {1}),
@@ -120,17 +120,82 @@ class GraphStoreTest(unittest.TestCase):
             second = mw.load(config=cfg)
             self.assertEqual(set(second.graph_sources.values()), {"stored"})
             self.assertEqual(second.transcribe(wav)["text"], want)
-            decoder = next(f for f in files if f.name.startswith("decoder_"))
-            decoder.write_bytes(b"not a graph")
+            encoder = next(f for f in files if f.name.startswith("encoder_"))
+            encoder.write_bytes(b"not a graph")
             with self.assertLogs("maxwhisper", "WARNING") as logs:
                 third = mw.load(config=cfg)
-            self.assertIn(str(decoder), "\n".join(logs.output))
-            self.assertEqual(third.graph_sources["decoder"], "compiled")
-            self.assertGreater(decoder.stat().st_size, 1_000_000)        # written again
+            self.assertIn(str(encoder), "\n".join(logs.output))
+            self.assertEqual(third.graph_sources["encoder"], "compiled")
+            self.assertGreater(encoder.stat().st_size, 1_000_000)        # written again
             self.assertEqual(third.transcribe(wav)["text"], want)
             self.assertEqual(mw.load(config=mw.Config.resolve(model="tiny.en", device="cpu",
                                                                graph_cache="off")).graph_sources,
                              dict.fromkeys(first.graph_sources, "compiled"))
+
+
+class ColdStartTest(unittest.TestCase):
+    """What a first load compiles and what it reports while it does."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.weights = support.model("tiny.en").weights
+
+    def test_a_cpu_model_compiles_two_graphs_of_one_op_each(self):
+        """The encoder and the decoder (prefill and steps) are one Mojo op each on a CPU with
+        the kernels: no MAX matmul to compile before the first transcript."""
+        m = mw.Model(self.weights, device="cpu", warmup=False)
+        if not m.precision.packed:
+            self.skipTest("no kernels/ folder")
+        self.assertEqual(m.graphs_for(temperature=0.0), ["encoder", "step"])
+        for name, op in (("encoder", "whisper_encoder"), ("step", "whisper_decoder_step")):
+            text = str(m.runner.builders[name][1]())
+            self.assertIn(op, text)
+            self.assertNotIn("matmul", text)
+
+    def test_cold_graphs_are_reported_with_the_time_left(self):
+        m = mw.Model(self.weights, device="cpu", warmup=False)
+        seconds = {}
+        m.runner.store = mock.Mock(load=lambda session, name, build: (object(), "compiled"),
+                                   has=lambda name: name.startswith("gather"),        # stored
+                                   compile_seconds=lambda: {f"reorder_{m.runner.builders['reorder'][0]}": 7.0},
+                                   record_compile=lambda name, s: seconds.update({name: s}))
+        with self.assertLogs("maxwhisper", "INFO") as logs:
+            m.runner.compile_all(["reorder", "gather"])
+        text = "\n".join(logs.output)
+        self.assertIn("compiling the reorder graph (once per model size and device: ~7 s; 0% of this start done, ~7 s left)", text)
+        self.assertIn("reorder graph ready in", text)
+        self.assertNotIn("compiling the gather graph", text)                      # loaded, not compiled
+        self.assertEqual(list(seconds), [f"reorder_{m.runner.builders['reorder'][0]}"])
+        self.assertEqual(m.graph_sources, {"reorder": "compiled", "gather": "compiled"})
+
+    def test_progress_share_and_time_left(self):
+        p = mw._CompileProgress({"encoder": 100.0, "step": 20.0})
+        self.assertEqual(p.status(0.0), (0.0, 120.0))
+        p._started["encoder"] = 0.0
+        self.assertEqual(p.status(40.0), (40 / 120, 60.0 + 20.0))
+        p._finished["encoder"], p._started["step"] = 90.0, 90.0
+        self.assertEqual(p.status(100.0), (110 / 120, 10.0))
+        share, left = p.status(500.0)                                  # late: never past 100%
+        self.assertLess(share, 1.0)
+        self.assertEqual(left, 1.0)
+
+    def test_compile_times_are_kept_for_the_next_estimate(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            mw._GraphStore(tmp, "cpu").record_compile("encoder_x", 81.25)
+            self.assertEqual(mw._GraphStore(tmp, "cpu").compile_seconds(), {"encoder_x": 81.2})
+            (Path(tmp) / "compile-seconds.json").write_text("not json")
+            self.assertEqual(mw._GraphStore(tmp, "cpu").compile_seconds(), {})
+
+    def test_the_graphs_each_configuration_needs(self):
+        m = mw.Model(self.weights, device="cpu", warmup=False)
+        core = ["encoder", "step"] if m.precision.packed else ["encoder", "decoder"]
+        self.assertEqual(m.graphs_for(temperature=0.0), core)
+        self.assertEqual(m.graphs_for(temperature=0.0, beam_size=5), core + ["reorder", "gather"])
+        self.assertEqual(m.graphs_for(), core)
+        self.assertEqual(m.graphs_for(best_of=5), core + ["gather"])         # samples on a fallback
+        self.assertEqual(m.graphs_for(temperature=0.0, word_timestamps=True), core + ["gather", "alignment"])
+        with self.assertRaises(mw.ConfigError):
+            m.graphs_for(beams=5)
 
 
 if __name__ == "__main__":

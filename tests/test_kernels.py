@@ -214,11 +214,12 @@ def _bfloat16(x):
 @unittest.skipUnless((mw.KERNELS_DIR / "step.mojo").is_file(), "kernels/ is not present")
 @unittest.skipUnless(support.DEVICE == "cpu", "the one-op step is the CPU step graph's")
 class DecoderStepOpTest(unittest.TestCase):
-    """whisper_decoder_step, a whole one-token step in one op, through ``build_step_graph``
-    against a numpy decoder with random weights packed in ``decoder_param_names`` order: two
-    blocks, float32 and bfloat16 matrices and cross K/V, batch 1, 4 and 5, 6 and 8 heads, 1500
-    and 64 audio frames, cache positions at both ends; the token's keys and values land in the
-    cache, nothing else moves."""
+    """whisper_decoder_step, the cached decoder in one op, through ``build_step_graph`` against
+    a numpy decoder run a token at a time, with random weights packed in ``decoder_param_names``
+    order: two blocks, float32 and bfloat16 matrices and cross K/V, batch 1, 4 and 5, 6 and 8
+    heads, 1500 and 64 audio frames, cache positions at both ends, one new token (a step) or
+    several (a prefill, causal), the logits of the tokens asked for; the tokens' keys and
+    values land in the cache, nothing else moves."""
 
     CASES = {"float32": (6, 1500), "bfloat16": (8, 64)}        # heads, audio frames
 
@@ -235,9 +236,9 @@ class DecoderStepOpTest(unittest.TestCase):
             dtype = DType.bfloat16 if wt == "bfloat16" else None
             cls.graphs[wt] = session.load(mw.build_step_graph(cls.dims[wt], dev, mw.KERNELS_DIR, dtype, dtype))
 
-    def run_step(self, batch, pos, wt, token=None):
-        """The op's logits and cache against numpy's step for random weights (matrices and
-        cross K/V rounded to ``wt``), cache and tokens."""
+    def run_step(self, batch, pos, wt, token=None, n_new=1, out_idx=(-1,)):
+        """The op's logits and cache against numpy's steps for random weights (matrices and
+        cross K/V rounded to ``wt``), cache and ``n_new`` new tokens."""
         from max.driver import Buffer
         dims = self.dims[wt]
         L, d, h, frames = dims["n_text_layer"], dims["n_text_state"], dims["n_text_head"], dims["n_audio_ctx"]
@@ -261,42 +262,46 @@ class DecoderStepOpTest(unittest.TestCase):
         cross = [_bfloat16(c) if bf16 else c for c in cross]
         planes = rng.standard_normal((2 * L, batch, h, 64 * 448), dtype=np.float32)
         before = planes.copy()
-        tokens = rng.integers(0, dims["n_vocab"], (batch, 1)) if token is None else np.full((batch, 1), token)
+        tokens = rng.integers(0, dims["n_vocab"], (batch, n_new)) if token is None else np.full((batch, n_new), token)
+        idx = np.array([i % n_new for i in out_idx], np.int64)
 
         def buf(x, low):
             return mw._bfloat16(x) if low and bf16 else Buffer.from_numpy(x)
 
         out = self.graphs[wt].execute(Buffer.from_numpy(tokens), Buffer.from_numpy(np.array([pos])),
-                                      buf(vectors, False), buf(matrices, True), *(buf(c, True) for c in cross),
+                                      Buffer.from_numpy(idx), buf(vectors, False), buf(matrices, True), *(buf(c, True) for c in cross),
                                       Buffer.from_numpy(planes))[0].to_numpy()
 
         def norm_linear(x, norm, layer):
             return (_layer_norm(x) * p[f"{norm}.weight"] + p[f"{norm}.bias"]) @ p[f"{layer}.weight"].T \
                 + p[f"{layer}.bias"]
 
-        x = p["decoder.token_embedding.weight"][tokens] + p["decoder.positional_embedding"][pos]
-        want = before.copy()
-        for i in range(L):
-            b = f"decoder.blocks.{i}"
-            qkv = norm_linear(x, f"{b}.attn_ln", f"{b}.attn.qkv")
-            k_cache = want[2 * i].reshape(batch, h, 64, 448)
-            v_cache = want[2 * i + 1].reshape(batch, h, 448, 64)
-            k_cache[..., pos] = qkv[:, 0, d:2 * d].reshape(batch, h, 64)
-            v_cache[:, :, pos] = qkv[:, 0, 2 * d:].reshape(batch, h, 64)
-            x = x + reference(qkv, k_cache, v_cache, [pos + 1]) @ p[f"{b}.attn.out.weight"].T \
-                + p[f"{b}.attn.out.bias"]
-            q = norm_linear(x, f"{b}.cross_attn_ln", f"{b}.cross_attn.query")
-            x = x + reference(q, cross[2 * i], cross[2 * i + 1], [frames]) @ p[f"{b}.cross_attn.out.weight"].T \
-                + p[f"{b}.cross_attn.out.bias"]
-            x = x + _gelu(norm_linear(x, f"{b}.mlp_ln", f"{b}.mlp.0")) @ p[f"{b}.mlp.2.weight"].T \
-                + p[f"{b}.mlp.2.bias"]
-        logits = (_layer_norm(x) * p["decoder.ln.weight"] + p["decoder.ln.bias"]) @ p["decoder.token_embedding.weight"].T
-        np.testing.assert_allclose(out, logits, atol=2e-4, rtol=1e-4)
-        np.testing.assert_allclose(planes, want, atol=1e-5)          # the token's K/V at pos
+        want, logits = before.copy(), []
+        for t in range(n_new):                                             # a token at a time: causal
+            x = p["decoder.token_embedding.weight"][tokens[:, t:t + 1]] + p["decoder.positional_embedding"][pos + t]
+            for i in range(L):
+                b = f"decoder.blocks.{i}"
+                qkv = norm_linear(x, f"{b}.attn_ln", f"{b}.attn.qkv")
+                k_cache = want[2 * i].reshape(batch, h, 64, 448)
+                v_cache = want[2 * i + 1].reshape(batch, h, 448, 64)
+                k_cache[..., pos + t] = qkv[:, 0, d:2 * d].reshape(batch, h, 64)
+                v_cache[:, :, pos + t] = qkv[:, 0, 2 * d:].reshape(batch, h, 64)
+                x = x + reference(qkv, k_cache, v_cache, [pos + t + 1]) @ p[f"{b}.attn.out.weight"].T \
+                    + p[f"{b}.attn.out.bias"]
+                q = norm_linear(x, f"{b}.cross_attn_ln", f"{b}.cross_attn.query")
+                x = x + reference(q, cross[2 * i], cross[2 * i + 1], [frames]) @ p[f"{b}.cross_attn.out.weight"].T \
+                    + p[f"{b}.cross_attn.out.bias"]
+                x = x + _gelu(norm_linear(x, f"{b}.mlp_ln", f"{b}.mlp.0")) @ p[f"{b}.mlp.2.weight"].T \
+                    + p[f"{b}.mlp.2.bias"]
+            logits.append((_layer_norm(x) * p["decoder.ln.weight"] + p["decoder.ln.bias"])
+                          @ p["decoder.token_embedding.weight"].T)
+        self.assertEqual(out.shape, (batch, len(idx), dims["n_vocab"]))
+        np.testing.assert_allclose(out, np.concatenate([logits[i] for i in idx], axis=1), atol=2e-4, rtol=1e-4)
+        np.testing.assert_allclose(planes, want, atol=1e-5)          # the tokens' K/V from pos
         for i in range(L):
             for kv in (planes, before):
-                kv[2 * i].reshape(batch, h, 64, 448)[..., pos] = 0
-                kv[2 * i + 1].reshape(batch, h, 448, 64)[:, :, pos] = 0
+                kv[2 * i].reshape(batch, h, 64, 448)[..., pos:pos + n_new] = 0
+                kv[2 * i + 1].reshape(batch, h, 448, 64)[:, :, pos:pos + n_new] = 0
         np.testing.assert_array_equal(planes, before)                  # no other slot moved
 
     def test_step_against_numpy(self):
@@ -305,9 +310,18 @@ class DecoderStepOpTest(unittest.TestCase):
                 with self.subTest(wt=wt, batch=batch, pos=pos):
                     self.run_step(batch, pos, wt)
 
+    def test_prefill_against_numpy(self):
+        for wt in self.CASES:
+            for batch, pos, n, out_idx in ((1, 0, 3, (0, -1)), (2, 5, 11, (-1,)), (4, 430, 18, (3, 17, 0))):
+                with self.subTest(wt=wt, batch=batch, pos=pos, n=n):
+                    self.run_step(batch, pos, wt, n_new=n, out_idx=out_idx)
+
     def test_position_outside_the_cache_is_refused(self):
         with self.assertRaises(Exception) as caught:
             self.run_step(1, 448, "bfloat16")
+        self.assertIn("outside the cache", str(caught.exception))
+        with self.assertRaises(Exception) as caught:
+            self.run_step(1, 440, "bfloat16", n_new=9)                    # its last token past the end
         self.assertIn("outside the cache", str(caught.exception))
 
     def test_token_outside_the_vocabulary_is_refused(self):

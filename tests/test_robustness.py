@@ -136,7 +136,7 @@ class RecoveryAndThreadsTest(unittest.TestCase):
         m.runner.store = mock.Mock(load=flaky_load)
         with self.assertRaises(mw.DeviceError) as ctx:
             m.transcribe(self.clips[0])
-        self.assertIn("mel graph", str(ctx.exception))
+        self.assertIn("encoder graph", str(ctx.exception))
         self.assertEqual(m.transcribe(self.clips[0])["text"], self.expected[self.clips[0]])
 
     def test_device_error_then_recovery(self):

@@ -1,0 +1,250 @@
+import extensibility
+from max.gpu.host import DeviceContext
+from extensibility import InputTensor, OutputTensor
+from max.algorithm import sync_parallelize
+from std.math import erf
+from std.utils import StaticTuple
+
+from .attention import D, QB, _attend_cpu_block
+from .linear import _layer_norm
+
+comptime V = 16          # float32 lanes of one AVX-512 register
+comptime MR = 6          # rows of x per register tile
+comptime NV = 4          # column vectors per register tile: 6 x 64 outputs in 24 registers
+comptime NT = NV * V     # columns per tile (every Whisper width is a multiple of 64)
+comptime MB = 96         # rows per work item: its rows of x stay in cache while W's columns stream by
+comptime LN_ROWS = 64    # rows per layer-norm work item
+
+
+def _gemm_rows[gelu: Bool, residual: Bool, biased: Bool](
+    o: Pointer[Float32, MutAnyOrigin],
+    ldo: Int,
+    x: Pointer[Float32, MutAnyOrigin],
+    ldx: Int,
+    w: Pointer[Float32, MutAnyOrigin],
+    ldw: Int,
+    bias: Pointer[Float32, MutAnyOrigin],
+    res: Pointer[Float32, MutAnyOrigin],
+    ldr: Int,
+    m0: Int,
+    m1: Int,
+    n0: Int,
+    k: Int,
+):
+    """o[m, n0 : n0 + 64] = act(x[m] . w[:, n0 : n0 + 64] + bias) (+ res[m]) for rows m0 .. m1 - 1,
+    w [k, ldw] row-major ([in, out]: the encoder's layout). A 6 x 64 tile of sums stays in
+    registers while k runs: per step, four vectors of w and six broadcasts of x feed 24 FMAs."""
+    var m = m0
+    while m < m1:
+        var rows = min(MR, m1 - m)
+        var xo = StaticTuple[Int, MR](0)
+        comptime for r in range(MR):
+            xo[r] = (m + min(r, rows - 1)) * ldx        # rows past the end repeat the last one
+        var acc = StaticTuple[SIMD[DType.float32, V], MR * NV](SIMD[DType.float32, V](0))
+        for kk in range(k):
+            var wrow = w.unsafe_offset(kk * ldw + n0)
+            var wv = StaticTuple[SIMD[DType.float32, V], NV](SIMD[DType.float32, V](0))
+            comptime for c in range(NV):
+                wv[c] = wrow.unsafe_offset(c * V).unsafe_load[width=V]()
+            comptime for r in range(MR):
+                var xs = SIMD[DType.float32, V](x[unsafe_offset=xo[r] + kk])
+                comptime for c in range(NV):
+                    acc[r * NV + c] += xs * wv[c]
+        comptime for r in range(MR):
+            if r < rows:
+                comptime for c in range(NV):
+                    var y = acc[r * NV + c]
+                    comptime if biased:
+                        y += bias.unsafe_offset(n0 + c * V).unsafe_load[width=V]()
+                    comptime if gelu:
+                        y = 0.5 * y * (1.0 + erf(y * 0.7071067811865476))
+                    comptime if residual:
+                        y += res.unsafe_offset((m + r) * ldr + n0 + c * V).unsafe_load[width=V]()
+                    o.unsafe_offset((m + r) * ldo + n0 + c * V).unsafe_store(y)
+        m += MR
+
+
+def _gemm[gelu: Bool, residual: Bool, biased: Bool](
+    o: Pointer[Float32, MutAnyOrigin],
+    ldo: Int,
+    x: Pointer[Float32, MutAnyOrigin],
+    ldx: Int,
+    w: Pointer[Float32, MutAnyOrigin],
+    n: Int,
+    bias: Pointer[Float32, MutAnyOrigin],
+    res: Pointer[Float32, MutAnyOrigin],
+    ldr: Int,
+    m: Int,
+    k: Int,
+) raises:
+    """o = act(x w + bias) (+ res) for x [m, k] (rows ldx apart), w [k, n]; the cores share
+    work items of MB rows x 64 columns."""
+    var panels = n // NT
+    var blocks = (m + MB - 1) // MB
+
+    def work(i: Int) raises {var o, var ldo, var x, var ldx, var w, var n, var bias, var res, var ldr, var m, var k, var panels}:
+        var b = i // panels
+        _gemm_rows[gelu, residual, biased](o, ldo, x, ldx, w, n, bias, res, ldr, b * MB, min(m, b * MB + MB),
+                                           (i % panels) * NT, k)
+
+    sync_parallelize(work, blocks * panels)
+
+
+def _norm_rows(dst: Pointer[Float32, MutAnyOrigin], x: Pointer[Float32, MutAnyOrigin],
+               gamma: Pointer[Float32, MutAnyOrigin], m: Int, d: Int) raises:
+    """dst = LayerNorm(x) for m rows of d, with gamma then beta at ``gamma``."""
+    def work(i: Int) raises {var dst, var x, var gamma, var m, var d}:
+        var r0 = i * LN_ROWS
+        _layer_norm(dst.unsafe_offset(r0 * d), x.unsafe_offset(r0 * d), gamma, gamma.unsafe_offset(d),
+                    min(LN_ROWS, m - r0), d)
+
+    sync_parallelize(work, (m + LN_ROWS - 1) // LN_ROWS)
+
+
+def _heads_t[kv: DType](dst: Pointer[Scalar[kv], MutAnyOrigin], src: Pointer[Float32, MutAnyOrigin],
+                        batch: Int, heads: Int, s: Int, transposed: Bool) raises:
+    """Rows src [batch * s, heads * 64] to per-head planes: keys transposed [batch, heads, 64, s]
+    (``transposed``), values [batch, heads, s, 64]."""
+    var d = heads * D
+
+    def work(bh: Int) raises {var dst, var src, var heads, var s, var d, var transposed}:
+        var b = bh // heads
+        var col = (bh % heads) * D
+        var plane = dst.unsafe_offset(bh * D * s)
+        for t in range(s):
+            var row = src.unsafe_offset((b * s + t) * d + col)
+            if transposed:
+                for j in range(D):
+                    plane[unsafe_offset=j * s + t] = row[unsafe_offset=j].cast[kv]()
+            else:
+                plane.unsafe_offset(t * D).unsafe_store(row.unsafe_load[width=D]().cast[kv]())
+
+    sync_parallelize(work, batch * heads)
+
+
+@extensibility.register("whisper_encoder")
+struct WhisperEncoder:
+    """Whisper's audio encoder in one op (CPU, float32): the two convolutions (as matrix
+    products over overlapping rows of the transposed mel, no copies), the positional embedding,
+    every block (attention by `_attend_cpu_block`, the rest by `_gemm` with its bias, GELU and
+    residual folded into the stores), the final norm, then each decoder layer's cross-attention
+    keys and values.
+
+    features [B, S, d] float32 out (after ln_post); cross [2L, B, h, 64 * S] out, layer i's keys
+    transposed ([64, S] per head) at 2i and values ([S, 64]) at 2i + 1, float32 or bfloat16;
+    mel [B, n_mels, 2S] float32; weights: float32, every encoder-graph parameter of
+    ``weight_spec`` in its order and graph layout (convolutions [3, in, out], matrices [in, out]),
+    flattened end to end.
+
+    Against the same encoder built from MAX ops it gives the same numbers to float32 rounding,
+    and compiles in the time of one op (MAX's matmul and conv kernels are most of a cold start).
+    """
+
+    @staticmethod
+    def execute[target: StaticString](
+        features: OutputTensor[dtype=DType.float32, rank=3, ...],
+        cross: OutputTensor[rank=4, ...],
+        mel: InputTensor[dtype=DType.float32, rank=3, ...],
+        weights: InputTensor[dtype=DType.float32, rank=1, ...],
+        ctx: DeviceContext,
+    ) raises:
+        comptime if target == "gpu":
+            raise Error("whisper_encoder is a CPU op; on a GPU the encoder graph is MAX ops")
+        comptime kv = cross.dtype
+        var batch = mel.shape()[0]
+        var n_mels = mel.shape()[1]
+        var s = features.shape()[1]
+        var d = features.shape()[2]
+        var heads = d // D
+        var n_text = cross.shape()[0] // 2
+        var m = batch * s
+        if mel.shape()[2] != 2 * s or features.shape()[0] != batch or cross.shape()[1] != batch \
+                or cross.shape()[2] != heads or cross.shape()[3] != D * s or d % NT != 0:
+            raise Error("whisper_encoder: mel [B, n_mels, 2S], features [B, S, d] and cross [2L, B, d / 64, 64 S] disagree")
+        var fixed = 3 * n_mels * d + d + 3 * d * d + d + s * d + 2 * d + n_text * (2 * d * d + d)
+        var block = 12 * d * d + 12 * d
+        var size = weights.shape()[0]
+        if size < fixed or (size - fixed) % block != 0:
+            raise Error("whisper_encoder: ", size, " weights are not an encoder of width ", d, " and ", n_mels, " mels")
+        var n_layer = (size - fixed) // block
+
+        var buf = List[Float32](length=10 * m * d + (2 * s + 2) * (n_mels + d), fill=0.0)
+        var x = buf.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()     # residual stream [m, d]
+        var h = x.unsafe_offset(m * d)                   # normed rows
+        var q = h.unsafe_offset(m * d)
+        var k = q.unsafe_offset(m * d)
+        var v = k.unsafe_offset(m * d)
+        var att = v.unsafe_offset(m * d)
+        var f = att.unsafe_offset(m * d)                 # [m, 4d] MLP hidden; keys and values per head first
+        var kt = f
+        var vh = f.unsafe_offset(m * d)
+        var tmel = f.unsafe_offset(4 * m * d)            # one window's mel, transposed, a zero frame each side
+        var c1 = tmel.unsafe_offset((2 * s + 2) * n_mels)    # conv1's output, a zero row each side
+        var keys = List[Int64](length=s, fill=Int64(s))
+        var lens = keys.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+        var wp = weights.unsafe_ptr()
+        var mp = mel.unsafe_ptr()
+
+        var conv1 = wp
+        var conv1_b = conv1.unsafe_offset(3 * n_mels * d)
+        var conv2 = conv1_b.unsafe_offset(d)
+        var conv2_b = conv2.unsafe_offset(3 * d * d)
+        var pos = conv2_b.unsafe_offset(d)
+        for b in range(batch):                           # the stem, a window at a time
+            var src = mp.unsafe_offset(b * n_mels * 2 * s)
+            for c in range(n_mels):
+                for t in range(2 * s):
+                    tmel[unsafe_offset=(t + 1) * n_mels + c] = src[unsafe_offset=c * 2 * s + t]
+            # conv1 (kernel 3, pad 1): output t reads frames t-1, t, t+1 = rows t .. t+2 of tmel
+            _gemm[True, False, True](c1.unsafe_offset(d), d, tmel, n_mels, conv1, d, conv1_b, c1, d, 2 * s, 3 * n_mels)
+            # conv2 (stride 2): output t reads conv1 rows 2t-1 .. 2t+1 = 3d floats from c1 + 2t d
+            _gemm[True, True, True](x.unsafe_offset(b * s * d), d, c1, 2 * d, conv2, d, conv2_b, pos, d, s, 3 * d)
+
+        var p = pos.unsafe_offset(s * d)
+        var n_blocks = (s + QB - 1) // QB
+        for _ in range(n_layer):
+            var wq = p.unsafe_offset(2 * d)
+            var bq = wq.unsafe_offset(d * d)
+            var wk = bq.unsafe_offset(d)
+            var wv = wk.unsafe_offset(d * d)
+            var bv = wv.unsafe_offset(d * d)
+            var wo = bv.unsafe_offset(d)
+            var bo = wo.unsafe_offset(d * d)
+            var ln2 = bo.unsafe_offset(d)
+            var w1 = ln2.unsafe_offset(2 * d)
+            var b1 = w1.unsafe_offset(4 * d * d)
+            var w2 = b1.unsafe_offset(4 * d)
+            var b2 = w2.unsafe_offset(4 * d * d)
+            _norm_rows(h, x, p, m, d)
+            _gemm[False, False, True](q, d, h, d, wq, d, bq, q, d, m, d)
+            _gemm[False, False, False](k, d, h, d, wk, d, bq, k, d, m, d)
+            _gemm[False, False, True](v, d, h, d, wv, d, bv, v, d, m, d)
+            _heads_t[DType.float32](kt, k, batch, heads, s, True)
+            _heads_t[DType.float32](vh, v, batch, heads, s, False)
+
+            def attend(i: Int) raises {var att, var q, var kt, var vh, var lens, var heads, var s, var d, var n_blocks}:
+                _attend_cpu_block[DType.float32](att, q, kt, vh, lens, heads, s, d, s, i // n_blocks, (i % n_blocks) * QB)
+
+            sync_parallelize(attend, batch * heads * n_blocks)
+            _gemm[False, True, True](x, d, att, d, wo, d, bo, x, d, m, d)
+            _norm_rows(h, x, ln2, m, d)
+            _gemm[True, False, True](f, 4 * d, h, d, w1, 4 * d, b1, f, 4 * d, m, d)
+            _gemm[False, True, True](x, d, f, 4 * d, w2, d, b2, x, d, m, 4 * d)
+            p = b2.unsafe_offset(d)
+
+        var out = features.unsafe_ptr()
+        _norm_rows(out, x, p, m, d)
+        var cw = p.unsafe_offset(2 * d)
+        var cp = cross.unsafe_ptr()
+        var plane = batch * heads * D * s
+        for i in range(n_text):
+            var wk = cw
+            var wv = wk.unsafe_offset(d * d)
+            var bv = wv.unsafe_offset(d * d)
+            _gemm[False, False, False](k, d, out, d, wk, d, bv, k, d, m, d)
+            _gemm[False, False, True](v, d, out, d, wv, d, bv, v, d, m, d)
+            _heads_t[kv](cp.unsafe_offset(2 * i * plane), k, batch, heads, s, True)
+            _heads_t[kv](cp.unsafe_offset((2 * i + 1) * plane), v, batch, heads, s, False)
+            cw = bv.unsafe_offset(d)
+        _ = buf^                                         # the scratch the workers used lives to here
+        _ = keys^
