@@ -1,7 +1,7 @@
 """Side-by-side benchmarks of maxwhisper against openai-whisper and faster-whisper.
 
     python bench.py compare   --model tiny.en --engines maxwhisper,openai,faster-whisper-fp32,faster-whisper-int8
-    python bench.py coldstart --model tiny.en
+    python bench.py coldstart --model tiny.en,base --ops
     python bench.py scaling   --model tiny.en,base --json scaling.json
     python bench.py stress    --model tiny.en
     python bench.py batch     --model tiny.en --batch 1,4,8,16
@@ -240,37 +240,117 @@ def compare(args) -> dict:
 # coldstart
 # ---------------------------------------------------------------------------------------------
 
-FIRST_TRANSCRIPT = """
-import sys, time, json
-import maxwhisper as mw
-m = mw.load(sys.argv[1], device="cpu")
-r = m.transcribe(sys.argv[2])
-print(json.dumps({"compile_s": m.compile_seconds, "text": r["text"]}))
+OP_COSTS = """
+import json, sys, time
+from pathlib import Path
+from max import engine
+from max.driver import CPU
+from max.dtype import DType
+from max.graph import DeviceRef, Graph, TensorType, ops
+cpu = DeviceRef.CPU()
+f32 = lambda *shape: TensorType(DType.float32, list(shape), device=cpu)
+kernels = Path(sys.argv[1])
+graphs = {  # name: (input types, output of the inputs, custom extensions); tiny.en's shapes
+    "add (first graph of the process)": ([f32("n", 384)] * 2, lambda a, b: a + b, []),
+    "add": ([f32("n", 384)] * 2, lambda a, b: a - b, []),
+    "matmul": ([f32("n", 384), f32(384, 384)], lambda a, b: a @ b, []),
+    "conv2d": ([f32("b", 1, 3000, 80), f32(1, 3, 80, 384)], lambda x, w: ops.conv2d(x, w, padding=(0, 0, 1, 1)), []),
+    "layer_norm": ([f32("n", 384)] * 3, lambda x, w, b: ops.layer_norm(x, w, b, epsilon=1e-5), []),
+    "gelu": ([f32("n", 384)], ops.gelu, []),
+    "softmax": ([f32("n", 384)], lambda x: ops.softmax(x, axis=-1), []),
+    "Mojo op (whisper_attention)": (
+        [f32("b", 1500, 384), f32("b", 6, 64, 1500), f32("b", 6, 1500, 64), TensorType(DType.int64, [1500], device=cpu)],
+        lambda q, k, v, n: ops.custom("whisper_attention", cpu, [q, k, v, n],
+                                      out_types=[f32(q.shape[0], 1500, 384)])[0].tensor, [kernels]),
+}
+session = engine.InferenceSession(devices=[CPU()])
+for name, (types, body, ext) in graphs.items():
+    t = time.perf_counter()
+    with Graph("g" + str(abs(hash(name))), input_types=types, custom_extensions=ext) as g:
+        g.output(body(*(v.tensor for v in g.inputs)))
+    session.compile(g)
+    print(json.dumps({name: time.perf_counter() - t}), flush=True)
 """
 
 
+def _fresh_caches(root: Path) -> dict:
+    """An environment with an empty MAX compile cache and an empty graph store under root."""
+    root.mkdir(parents=True)
+    return {**os.environ, "MODULAR_CACHE_DIR": str(root / "modular"), "MAXWHISPER_GRAPH_CACHE": str(root / "graphs"),
+            "PYTHONPATH": str(ROOT)}
+
+
+def _first_transcript(model: str, clip: Path, env: dict, out: str) -> tuple[float, str, dict]:
+    """The Quick start's command: seconds from process start to exit, the transcript, and each
+    graph's compile seconds from its log lines."""
+    import re
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "maxwhisper", str(clip), "--model", model,
+                           "--output_format", "txt", "--output_dir", out],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(f"python -m maxwhisper failed: {proc.stderr[-2000:]}")
+    compiled = {g: float(s) for g, s in re.findall(r"(\w+) graph ready in ([\d.]+) s", proc.stderr)}
+    return seconds, (Path(out) / f"{clip.stem}.txt").read_text().strip(), compiled
+
+
+def _server_ready(model: str, env: dict) -> float:
+    """Seconds from ``python -m maxwhisper serve`` to its /ready answering 200."""
+    import re
+    import threading
+    import urllib.request
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "maxwhisper", "serve", "--model", model, "--port", "0"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        port = int(re.search(r":(\d+) ", proc.stderr.readline()).group(1))
+        threading.Thread(target=proc.stderr.read, daemon=True).start()          # keep the pipe drained
+        while proc.poll() is None:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready").status == 200:
+                    return time.perf_counter() - t
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"the server exited with {proc.returncode} before /ready")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def coldstart(args) -> dict:
-    clip = sample_files("en")[:1] or [speech_clip(Path(tempfile.mkdtemp()) / "clip.wav", "Hello world.")]
-    out = {"command": "coldstart", "model": args.model, "machine": machine()}
-    with tempfile.TemporaryDirectory(prefix="maxwhisper-cache-") as cache:
-        env = {**os.environ, "MODULAR_CACHE_DIR": cache, "MAXWHISPER_GRAPH_CACHE": str(Path(cache) / "graphs"),
-               "PYTHONPATH": str(ROOT)}
-        for label, n in (("cold", 1), ("warm", args.repeats)):
-            times, compiles = [], []
-            for _ in range(n):
-                t = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-c", FIRST_TRANSCRIPT, args.model, str(clip[0])],
-                                      capture_output=True, text=True, env=env, check=True)
-                times.append(time.perf_counter() - t)
-                compiles.append(json.loads(proc.stdout.strip().splitlines()[-1])["compile_s"])
-            out[label] = {"first_transcript_s": statistics.median(times), "compile_s": compiles[-1]}
-        out["cache_mb"] = sum(f.stat().st_size for f in Path(cache).rglob("*") if f.is_file()) / 2**20
-    graphs = list(out["cold"]["compile_s"])                 # mel, encoder, decoder (, step)
-    print_table(f"coldstart: {args.model}, process start to first transcript",
-                ["cache", "first transcript s"] + [f"{g} s" for g in graphs],
-                [[k, f"{out[k]['first_transcript_s']:.1f}"] + [f"{out[k]['compile_s'][g]:.2f}" for g in graphs]
-                 for k in ("cold", "warm")])
-    print(f"compile cache + graph store: {out['cache_mb']:.0f} MB")
+    """Process start to first transcript with empty caches (a fresh MAX compile cache and graph
+    store each run), then warm; the server's start to /ready, cold; with ``--ops``, what one
+    graph of each MAX op kind costs to compile."""
+    clips = sorted(sample_files("en"), key=lambda f: f.stem != "quick_brown_fox")        # the Quick start's
+    clip = (clips or [speech_clip(Path(tempfile.mkdtemp()) / "clip.wav", "Hello world.")])[0]
+    out = {"command": "coldstart", "clip": clip.name, "machine": machine(), "models": {}}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="maxwhisper-coldstart-") as tmp:
+        for model in args.model.split(","):
+            cold, texts, graphs = [], set(), {}
+            for i in range(args.repeats):
+                env = _fresh_caches(Path(tmp) / f"{model}-cold-{i}")
+                seconds, text, graphs = _first_transcript(model, clip, env, tmp)
+                cold.append(seconds)
+                texts.add(text)
+            warm = [_first_transcript(model, clip, env, tmp)[0] for _ in range(args.repeats)]
+            ready = _server_ready(model, _fresh_caches(Path(tmp) / f"{model}-server"))
+            cache_mb = sum(f.stat().st_size for f in (Path(tmp) / f"{model}-cold-0").rglob("*") if f.is_file()) / 2**20
+            out["models"][model] = {"cold_s": cold, "warm_s": warm, "server_ready_cold_s": ready,
+                                    "graph_compile_s": graphs, "transcripts": sorted(texts), "cache_mb": cache_mb}
+            rows.append([model, f"{statistics.median(cold):.1f}", f"{statistics.median(warm):.2f}", f"{ready:.1f}",
+                         ", ".join(f"{g} {s:.0f}" for g, s in graphs.items()), f"{cache_mb:.0f}", " | ".join(sorted(texts))])
+        print_table(f"coldstart: `python -m maxwhisper {clip.name}`, process start to exit, median of {args.repeats}",
+                    ["model", "cold s", "warm s", "server /ready cold s", "graphs compiled (s)", "caches MB",
+                     "transcript"], rows)
+        if args.ops:
+            env = _fresh_caches(Path(tmp) / "ops")
+            proc = subprocess.run([sys.executable, "-c", OP_COSTS, str(mw.KERNELS_DIR)], capture_output=True,
+                                  text=True, env=env, check=True)
+            out["op_compile_s"] = {k: v for line in proc.stdout.splitlines() for k, v in json.loads(line).items()}
+            print_table("compile seconds of a graph of one op, empty caches, one process in turn",
+                        ["op", "s"], [[k, f"{v:.1f}"] for k, v in out["op_compile_s"].items()])
     return out
 
 
@@ -845,8 +925,9 @@ def main(argv=None) -> int:
     c.add_argument("--no-long-form", action="store_true", help="skip the generated long clips")
     c.add_argument("--normalizer", choices=["english", "basic"], default="english",
                    help="openai-whisper text normalizer used before WER")
-    cs = sub.add_parser("coldstart", parents=[common], help="process start to first transcript")
+    cs = sub.add_parser("coldstart", parents=[common], help="process start to first transcript, empty caches")
     cs.add_argument("--repeats", type=int, default=3)
+    cs.add_argument("--ops", action="store_true", help="also time one graph of each MAX op kind")
     s = sub.add_parser("scaling", parents=[common], help="decoder step latency by position")
     s.add_argument("--positions", default="10,50,100,200,400")
     s.add_argument("--batch", default="1", help="comma-separated batch sizes")

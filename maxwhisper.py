@@ -2621,6 +2621,9 @@ class Model:
 
         self.weights, self.dims = weights, weights.dims
         self.config = config or Config.resolve()
+        # openai-whisper's tokenizer reads its vocabulary file (~0.2 s): read it while the
+        # weights are placed and the graphs load
+        threading.Thread(target=self.tokenizer, daemon=True, name="tokenizer-warmup").start()
         self.device = _pick_device(device)
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
         self.kernels = _kernels_dir(kernels)
@@ -2848,10 +2851,12 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     argument given here wins over it): by default ``tiny.en`` on ``auto`` with ``kernels=auto``. The configuration's transcribe
     settings become this model's ``transcribe`` defaults.
 
-    The first load of a model size compiles its graphs (tens of seconds each) and keeps them
-    in the ``graph_cache`` folder; later processes load them from there in a fraction of a
-    second (``graph_cache="off"``: from MAX's compile cache, a few seconds). ``warmup=False`` defers each
-    graph's compile to its first use. MAX runs on every core the process may use; to cap it,
+    The first load of a model size compiles its graphs and keeps them in the ``graph_cache``
+    folder (on a CPU with ``kernels/``, two graphs of one Mojo op each, ~20-25 s apiece; MAX-ops
+    graphs take ~100 s each); later processes load them from there in a fraction of a second
+    (``graph_cache="off"``: from MAX's compile cache, a few seconds). ``warmup=False`` defers
+    each graph's compile to its first use; ``Model.warmup(**options)`` compiles every graph a
+    transcription with those options needs. MAX runs on every core the process may use; to cap it,
     restrict the process's CPU affinity (``taskset``, ``os.sched_setaffinity``) first.
     """
     given = dict(model=model, device=device, kernels=kernels, dtype=dtype)
@@ -3130,13 +3135,45 @@ class BeamSearchDecoder:
                 [list(done.values()) for done in finished])
 
 
+_NON_SPEECH: dict[str, list[int]] = {}
+_NON_SPEECH_LOCK = threading.Lock()
+
+
+def _non_speech_tokens(tokenizer) -> list[int]:
+    """openai-whisper's ``tokenizer.non_speech_tokens`` (the symbols ``suppress_tokens=-1``
+    suppresses), kept in the cache folder by vocabulary and openai-whisper version: computing
+    them compiles tiktoken's regex of every special token, 0.2-0.4 s of a process's first
+    transcript. Safe under concurrent first use (one lock; the file is written whole)."""
+    from importlib.metadata import version
+    key = f"{tokenizer.encoding.name}/{tokenizer.num_languages}/openai-whisper {version('openai-whisper')}"
+    if key in _NON_SPEECH:
+        return _NON_SPEECH[key]
+    with _NON_SPEECH_LOCK:
+        if key not in _NON_SPEECH:
+            path = _cache_dir() / "non_speech_tokens.json"
+            stored: dict = {}
+            with contextlib.suppress(OSError, ValueError):
+                stored = json.loads(path.read_text())
+            if not isinstance(stored.get(key), list):
+                stored = {**(stored if isinstance(stored, dict) else {}), key: sorted(tokenizer.non_speech_tokens)}
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp.write_text(json.dumps(stored))
+                    os.replace(tmp, path)
+                except OSError:                          # a read-only home: computed each process
+                    tmp.unlink(missing_ok=True)
+            _NON_SPEECH[key] = [int(t) for t in stored[key]]
+        return _NON_SPEECH[key]
+
+
 def _suppress_ids(options: DecodingOptions, tokenizer) -> list[int]:
     ids = options.suppress_tokens
     if isinstance(ids, str):
         ids = [int(t) for t in ids.split(",") if t.strip()]
     ids = list(ids or [])
     if -1 in ids:
-        ids = [t for t in ids if t >= 0] + list(tokenizer.non_speech_tokens)
+        ids = [t for t in ids if t >= 0] + _non_speech_tokens(tokenizer)
     ids += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
             tokenizer.sot_lm]
     if tokenizer.no_speech is not None:

@@ -84,8 +84,15 @@ def _gemm[gelu: Bool, residual: Bool, biased: Bool](
 
     def work(i: Int) raises {var o, var ldo, var x, var ldx, var w, var n, var bias, var res, var ldr, var m, var k, var panels}:
         var b = i // panels
-        _gemm_rows[gelu, residual, biased](o, ldo, x, ldx, w, n, bias, res, ldr, b * MB, min(m, b * MB + MB),
-                                           (i % panels) * NT, k)
+        var n0 = (i % panels) * NT
+        var panel = List[Float32](unsafe_uninit_length=k * NT)     # W's 64 columns, contiguous
+        var pp = panel.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+        for kk in range(k):
+            comptime for c in range(NV):
+                pp.unsafe_offset(kk * NT + c * V).unsafe_store(w.unsafe_offset(kk * n + n0 + c * V).unsafe_load[width=V]())
+        _gemm_rows[gelu, residual, biased](o.unsafe_offset(n0), ldo, x, ldx, pp, NT, bias.unsafe_offset(n0),
+                                           res.unsafe_offset(n0), ldr, b * MB, min(m, b * MB + MB), 0, k)
+        _ = panel^
 
     sync_parallelize(work, blocks * panels)
 

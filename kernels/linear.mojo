@@ -1,4 +1,5 @@
 from std.math import erf, sqrt
+from std.utils import StaticTuple
 from std.sys.intrinsics import PrefetchOptions, prefetch
 
 comptime LW = 16         # SIMD width over the input features (float32: one AVX-512 register)
@@ -60,41 +61,43 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool, biased: Bool = True](
 ):
     """Output o[m, r] = act(x[m] . w[r] + bias[r]) (+ res[m, r]) for weight rows r0 .. r1 - 1
     and every input row m, the bias added where ``biased``. Each weight row streams from
-    memory once (the step is bandwidth-bound), read in order; four input rows at a time share
-    each weight load, a single row keeps two partial sums to hide the add latency."""
+    memory once (a step is bandwidth-bound), read in order; four input rows at a time take four
+    weight rows in a 4 x 4 tile of sums (each load serves four products: a prompt's prefill is
+    compute-bound), and a single row keeps two partial sums to hide the add latency."""
     for r in range(r0, r1, ROWS):
         var nr = min(ROWS, r1 - r)
         var m = 0
-        while m + 4 <= m_rows:
+        while m + 4 <= m_rows and nr == ROWS:     # 4 x 4 dot products: 8 loads feed 16 FMAs
             var x0 = x.unsafe_offset(m * k)
             var x1 = x0.unsafe_offset(k)
             var x2 = x0.unsafe_offset(2 * k)
             var x3 = x0.unsafe_offset(3 * k)
-            var y0 = SIMD[DType.float32, ROWS](0)
-            var y1 = SIMD[DType.float32, ROWS](0)
-            var y2 = SIMD[DType.float32, ROWS](0)
-            var y3 = SIMD[DType.float32, ROWS](0)
-            for i in range(nr):
-                var wr = w.unsafe_offset((r + i) * k)
-                var s0 = SIMD[DType.float32, LW](0)
-                var s1 = SIMD[DType.float32, LW](0)
-                var s2 = SIMD[DType.float32, LW](0)
-                var s3 = SIMD[DType.float32, LW](0)
-                for j in range(0, k, LW):
-                    _prefetch_ahead(wr.unsafe_offset(j))
-                    var wv = wr.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]()
-                    s0 += wv * x0.unsafe_offset(j).unsafe_load[width=LW]()
-                    s1 += wv * x1.unsafe_offset(j).unsafe_load[width=LW]()
-                    s2 += wv * x2.unsafe_offset(j).unsafe_load[width=LW]()
-                    s3 += wv * x3.unsafe_offset(j).unsafe_load[width=LW]()
-                y0[i] = s0.reduce_add()
-                y1[i] = s1.reduce_add()
-                y2[i] = s2.reduce_add()
-                y3[i] = s3.reduce_add()
-            _finish[gelu, residual, biased](o, bias, res, y0, m * n + r, r, nr)
-            _finish[gelu, residual, biased](o, bias, res, y1, (m + 1) * n + r, r, nr)
-            _finish[gelu, residual, biased](o, bias, res, y2, (m + 2) * n + r, r, nr)
-            _finish[gelu, residual, biased](o, bias, res, y3, (m + 3) * n + r, r, nr)
+            var w0 = w.unsafe_offset(r * k)
+            var w1 = w0.unsafe_offset(k)
+            var w2 = w0.unsafe_offset(2 * k)
+            var w3 = w0.unsafe_offset(3 * k)
+            var acc = StaticTuple[SIMD[DType.float32, LW], 16](SIMD[DType.float32, LW](0))
+            for j in range(0, k, LW):
+                _prefetch_ahead(w0.unsafe_offset(j))
+                _prefetch_ahead(w1.unsafe_offset(j))
+                _prefetch_ahead(w2.unsafe_offset(j))
+                _prefetch_ahead(w3.unsafe_offset(j))
+                var wv = StaticTuple[SIMD[DType.float32, LW], 4](
+                    w0.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32](),
+                    w1.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32](),
+                    w2.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32](),
+                    w3.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]())
+                var xv = StaticTuple[SIMD[DType.float32, LW], 4](
+                    x0.unsafe_offset(j).unsafe_load[width=LW](), x1.unsafe_offset(j).unsafe_load[width=LW](),
+                    x2.unsafe_offset(j).unsafe_load[width=LW](), x3.unsafe_offset(j).unsafe_load[width=LW]())
+                comptime for a in range(4):
+                    comptime for b in range(4):
+                        acc[a * 4 + b] += wv[b] * xv[a]
+            comptime for a in range(4):
+                var y = SIMD[DType.float32, ROWS](0)
+                comptime for b in range(4):
+                    y[b] = acc[a * 4 + b].reduce_add()
+                _finish[gelu, residual, biased](o, bias, res, y, (m + a) * n + r, r, nr)
             m += 4
         while m < m_rows:
             var xr = x.unsafe_offset(m * k)

@@ -53,6 +53,21 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertEqual(engines["maxwhisper"]["wall_ratio_to_first"], 1.0)
         self.assertIn("| maxwhisper |", proc.stdout)
 
+    def test_coldstart_with_empty_caches(self):
+        """The Quick start's command with a fresh compile cache and graph store: it compiles the
+        two one-op graphs, says so, and prints the sample's words; then warm, and a cold server."""
+        text = dict((w.stem, t) for w, t in support.samples("en"))["quick_brown_fox"]
+        out = self.dir / "coldstart.json"
+        proc = bench("coldstart", "--model", "tiny.en", "--repeats", "1", "--json", out)
+        result = json.loads(out.read_text())["models"]["tiny.en"]
+        self.assertEqual(len(result["transcripts"]), 1)
+        self.assertEqual(support.word_errors(text, result["transcripts"][0], english=True)[0], 0)
+        if (mw.KERNELS_DIR / "encoder.mojo").is_file():
+            self.assertEqual(set(result["graph_compile_s"]), {"encoder", "step"})
+        self.assertGreater(result["server_ready_cold_s"], 0)
+        self.assertEqual(len(result["warm_s"]), 1)
+        self.assertIn("| tiny.en |", proc.stdout)
+
     def test_scaling_and_stress(self):
         out = self.dir / "scaling.json"
         bench("scaling", "--positions", "10,50", "--steps", "3", "--kernels", "off", "--json", out)

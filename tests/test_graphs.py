@@ -126,7 +126,7 @@ class GraphStoreTest(unittest.TestCase):
                 third = mw.load(config=cfg)
             self.assertIn(str(encoder), "\n".join(logs.output))
             self.assertEqual(third.graph_sources["encoder"], "compiled")
-            self.assertGreater(encoder.stat().st_size, 1_000_000)        # written again
+            self.assertGreater(encoder.stat().st_size, 100_000)          # written again
             self.assertEqual(third.transcribe(wav)["text"], want)
             self.assertEqual(mw.load(config=mw.Config.resolve(model="tiny.en", device="cpu",
                                                                graph_cache="off")).graph_sources,
