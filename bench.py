@@ -255,7 +255,7 @@ graphs = {  # name: (input types, output of the inputs, custom extensions); tiny
     "add": ([f32("n", 384)] * 2, lambda a, b: a - b, []),
     "matmul": ([f32("n", 384), f32(384, 384)], lambda a, b: a @ b, []),
     "conv2d": ([f32("b", 1, 3000, 80), f32(1, 3, 80, 384)], lambda x, w: ops.conv2d(x, w, padding=(0, 0, 1, 1)), []),
-    "layer_norm": ([f32("n", 384)] * 3, lambda x, w, b: ops.layer_norm(x, w, b, epsilon=1e-5), []),
+    "layer_norm": ([f32("n", 384), f32(384), f32(384)], lambda x, w, b: ops.layer_norm(x, w, b, epsilon=1e-5), []),
     "gelu": ([f32("n", 384)], ops.gelu, []),
     "softmax": ([f32("n", 384)], lambda x: ops.softmax(x, axis=-1), []),
     "Mojo op (whisper_attention)": (

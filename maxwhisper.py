@@ -23,13 +23,13 @@ above it:
     1. errors        typed exceptions, each message names the culprit and the fix
     2. options       ONE table of every option: name, default, parser, scope, help
     3. config        defaults < maxwhisper.cfg < MAXWHISPER_* < arguments; logs; cache folder
-    4. audio I/O     WAV reader, ffmpeg fallback, resampler, voice activity by frame energy
+    4. audio I/O     WAV reader, ffmpeg fallback, resampler, log-mel, voice activity by energy
     5. weights       ONE parameter spec (name, shape, layout, precision); Q4_0 and bfloat16
                      encodings; .pt, Hugging Face, CTranslate2 and ggml loaders; model names
                      (packaged, openai-whisper's downloads, the Hugging Face hub cache)
     6. runtime       openai-whisper modules, devices, the compiled-graph store, compile progress
-    7. graphs        MAX graph builders: log-mel, encoder (+ cross K/V), cached decoder,
-                     one-token step, beam reorder, cross K/V gather, alignment, Q4_0 repack
+    7. graphs        MAX graph builders: encoder (+ cross K/V), cached decoder, step (the
+                     CPU's prefill too), beam reorder, cross K/V gather, alignment, Q4_0 repack
     8. KVCache       the decoder's explicit key/value cache
     9. Model         weights placed on a device, a graph runner, and the building blocks
    10. decoding      logit filters, greedy/sampling and beam search over a batch of windows
@@ -39,8 +39,9 @@ above it:
    13. CLI           ``python -m maxwhisper audio.wav``
 
 Truth is openai-whisper: with the same weights and options the greedy transcript is the same
-tokens. The tokenizer and output writers are openai-whisper's own; everything that computes
-(mel spectrogram, encoder, decoder) runs as MAX graphs.
+tokens. The tokenizer and output writers are openai-whisper's own; the encoder and decoder run
+as MAX graphs (on a CPU with ``kernels/``, one Mojo op each: a first start compiles in under a
+minute), the log-mel spectrogram is numpy's FFT.
 
 Weights enter every graph as *inputs*, never as baked-in constants, so one compiled graph
 serves every checkpoint of the same dimensions; compiled graphs are kept as MAX ``.mef`` files

@@ -1,5 +1,7 @@
 """Robustness: a bad-input corpus, recovery from graph failures, threads, lazy modules."""
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -183,6 +185,34 @@ class OpenAIModulesTest(unittest.TestCase):
                 "print(t.encode(' hello'), 'torch' in sys.modules)")
         out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
         self.assertEqual(out.stdout.split(), ["[23748]", "False"], out.stderr[-2000:])
+
+    def test_non_speech_tokens_are_kept_and_safe_under_concurrent_first_use(self):
+        """A fresh process, 8 threads asking at once: each gets openai-whisper's list and the
+        cache file holds it; the next process reads the file (a planted list comes back), and
+        a corrupt file is computed and written again."""
+        code = ("import json, os, sys, threading, maxwhisper as mw\n"
+                "tok = mw._openai('tokenizer').get_tokenizer(False, num_languages=99)\n"
+                "got = []\n"
+                "threads = [threading.Thread(target=lambda: got.append(mw._non_speech_tokens(tok))) for _ in range(8)]\n"
+                "[t.start() for t in threads]; [t.join() for t in threads]\n"
+                "print(json.dumps({'got': got, 'want': sorted(tok.non_speech_tokens)}))\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            def run():
+                out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                     timeout=120, env={**os.environ, "XDG_CACHE_HOME": tmp})
+                self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+                return json.loads(out.stdout)
+            path = Path(tmp) / "maxwhisper" / "non_speech_tokens.json"
+            first = run()
+            self.assertTrue(first["want"])
+            self.assertEqual(first["got"], [first["want"]] * 8)
+            (key, stored), = json.loads(path.read_text()).items()
+            self.assertEqual(stored, first["want"])
+            path.write_text(json.dumps({key: [1, 2, 3]}))
+            self.assertEqual(run()["got"], [[1, 2, 3]] * 8)
+            path.write_text("{not json")
+            self.assertEqual(run()["got"], [first["want"]] * 8)
+            self.assertEqual(json.loads(path.read_text()), {key: first["want"]})
 
     def test_a_module_importing_its_package_falls_back_to_the_import(self):
         with tempfile.TemporaryDirectory() as tmp:
