@@ -1658,7 +1658,7 @@ class _GraphStore:
                 if cpuinfo.exists() else [platform.processor()]
             h.update("".join(flags[:1]).encode())
         self.digest = h.hexdigest()[:16]
-        with contextlib.suppress(OSError, ValueError, AttributeError):
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):     # none, or not ours
             self._seconds = {k: float(v) for k, v in json.loads((self.folder / "compile-seconds.json").read_text()).items()}
 
     def _path(self, name: str) -> Path:
@@ -2516,16 +2516,17 @@ class _DeviceWeights:
         self.precision, self.device, self._run = precision, device, run
         self._aliases = isinstance(device, CPU)        # a host buffer on a CPU device is not copied
         spec = weight_spec(weights.dims, quantized=precision.matrices in _Q4_TERMS)
-        self.encoder = []
         if precision.packed:                           # the whisper_encoder op: one buffer
             self.encoder = [self._pack_encoder(weights, [p for p in spec if p.graph == "encoder"])]
-        for p in (p for p in spec if p.graph == "encoder" and not precision.packed):
-            if precision.encoder and p.low_precision:
-                self.encoder.append(self._quantized(weights.state[p.name]))
-            else:
-                array = graph_weights(weights, [p])[0]
-                self.encoder.append(self._put(array))
-                self._share(weights, p, array)
+        else:
+            self.encoder = []
+            for p in (p for p in spec if p.graph == "encoder"):
+                if precision.encoder and p.low_precision:
+                    self.encoder.append(self._quantized(weights.state[p.name]))
+                else:
+                    array = graph_weights(weights, [p])[0]
+                    self.encoder.append(self._put(array))
+                    self._share(weights, p, array)
         dec = [p for p in spec if p.graph == "decoder"]
         self.step: list = []
         if precision.packed:
@@ -2661,7 +2662,7 @@ class Model:
 
     def warmup(self, **options) -> None:
         """Compile (or load from the graph store) every graph ``graphs_for(**options)`` names,
-        side by side, so that no transcription with these options waits for a compile."""
+        so that no transcription with these options waits for a compile."""
         self.runner.compile_all(self.graphs_for(**options))
 
     def put(self, array: np.ndarray):

@@ -183,8 +183,9 @@ class ColdStartTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             mw._GraphStore(tmp, "cpu").record_compile("encoder_x", 81.25)
             self.assertEqual(mw._GraphStore(tmp, "cpu").compile_seconds(), {"encoder_x": 81.2})
-            (Path(tmp) / "compile-seconds.json").write_text("not json")
-            self.assertEqual(mw._GraphStore(tmp, "cpu").compile_seconds(), {})
+            for bad in ("not json", "[1, 2]", '{"encoder_x": null}'):
+                (Path(tmp) / "compile-seconds.json").write_text(bad)
+                self.assertEqual(mw._GraphStore(tmp, "cpu").compile_seconds(), {})
 
     def test_the_graphs_each_configuration_needs(self):
         m = mw.Model(self.weights, device="cpu", warmup=False)
