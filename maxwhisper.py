@@ -403,6 +403,20 @@ def _cache_dir(app: str = "maxwhisper") -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / app
 
 
+def _write_json(path: Path, data) -> bool:
+    """Write ``data`` as JSON to ``path`` whole (a temporary file, then a rename: a reader never
+    sees half a file); False where the folder is not writable (the caller keeps it in memory)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+
+
 class _JsonFormatter(logging.Formatter):
     """One JSON object per log line: time, level, logger, message (and the exception, if any)."""
 
@@ -1678,13 +1692,7 @@ class _GraphStore:
             return
         with self._lock:
             self._seconds = {**self._seconds, name: round(seconds, 1)}
-            tmp = self.folder / f"compile-seconds.{os.getpid()}.tmp"
-            try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(json.dumps(self._seconds))
-                os.replace(tmp, self.folder / "compile-seconds.json")
-            except OSError:                                     # a read-only store: estimates only
-                tmp.unlink(missing_ok=True)
+            _write_json(self.folder / "compile-seconds.json", self._seconds)    # read-only: in memory
 
     def load(self, session, name: str, build):
         """The compiled graph ``name`` (a file-name-safe tag), from its file or built by ``build()``.
@@ -2517,7 +2525,7 @@ class _DeviceWeights:
         self._aliases = isinstance(device, CPU)        # a host buffer on a CPU device is not copied
         spec = weight_spec(weights.dims, quantized=precision.matrices in _Q4_TERMS)
         if precision.packed:                           # the whisper_encoder op: one buffer
-            self.encoder = [self._pack_encoder(weights, [p for p in spec if p.graph == "encoder"])]
+            self.encoder = [_host(self._end_to_end(weights, [p for p in spec if p.graph == "encoder"])[0])]
         else:
             self.encoder = []
             for p in (p for p in spec if p.graph == "encoder"):
@@ -2567,18 +2575,19 @@ class _DeviceWeights:
             return self._quantized(array)
         return _bfloat16(array).to(self.device)            # bfloat16, or a Q4_0 model's token table
 
-    def _pack_encoder(self, weights: Weights, params: list[Param]):
-        """The encoder's weights in graph layout, end to end in one float32 buffer (the
-        ``whisper_encoder`` op's input); the state's arrays become views of it."""
-        flat = np.empty(sum(math.prod(p.shape) for p in params), np.float32)
-        at = 0
+    def _end_to_end(self, weights: Weights, params: list[Param], bf16: bool = False) -> tuple[np.ndarray, list]:
+        """``params`` in graph layout, end to end in one new array (float32, or bfloat16 bits),
+        and each one's view of it; the state's arrays become views of it too (``_share``)."""
+        flat = np.empty(sum(math.prod(p.shape) for p in params), np.uint16 if bf16 else np.float32)
+        parts, at = [], 0
         for p in params:
             a = graph_weights(weights, [p])[0]
             part = flat[at:at + a.size].reshape(a.shape)
-            part[...] = a
+            part[...] = _bfloat16_bits(a) if bf16 else a
             self._share(weights, p, part)
+            parts.append(part)
             at += a.size
-        return _host(flat)
+        return flat, parts
 
     def _pack(self, weights: Weights, params: list[Param]) -> list:
         """Lay the decoder's weights out for ``whisper_decoder_step`` (``_step_weight_types``)
@@ -2588,15 +2597,9 @@ class _DeviceWeights:
         for matrices in (False, True):
             picked = [i for i, p in enumerate(params) if p.low_precision == matrices]
             bf16 = matrices and self.precision.matrices is not None
-            flat = np.empty(sum(math.prod(params[i].graph_shape) for i in picked), np.uint16 if bf16 else np.float32)
-            at = 0
-            for i in picked:
-                a = graph_weights(weights, [params[i]])[0]
-                part = flat[at:at + a.size].reshape(a.shape)
-                part[...] = _bfloat16_bits(a) if bf16 else a
-                self._share(weights, params[i], part)
+            flat, parts = self._end_to_end(weights, [params[i] for i in picked], bf16)
+            for i, part in zip(picked, parts):
                 views[i] = _host(part).view(DType.bfloat16) if bf16 else _host(part)
-                at += a.size
             self.step.append(_host(flat).view(DType.bfloat16) if bf16 else _host(flat))
         return views
 
@@ -3158,13 +3161,7 @@ def _non_speech_tokens(tokenizer) -> list[int]:
                 stored = json.loads(path.read_text())
             if not isinstance(stored.get(key), list):
                 stored = {**(stored if isinstance(stored, dict) else {}), key: sorted(tokenizer.non_speech_tokens)}
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp.write_text(json.dumps(stored))
-                    os.replace(tmp, path)
-                except OSError:                          # a read-only home: computed each process
-                    tmp.unlink(missing_ok=True)
+                _write_json(path, stored)                # a read-only home: computed each process
             _NON_SPEECH[key] = [int(t) for t in stored[key]]
         return _NON_SPEECH[key]
 
