@@ -8,6 +8,7 @@
     python bench.py serve-load --model tiny.en --clients 32 --seconds 60
     python bench.py decode    --model tiny.en
     python bench.py sizes     --model small,medium,large-v3-turbo
+    python bench.py stream    --model tiny.en --concurrency 1,2,4,6 --memory-minutes 30
 
 Every engine runs in its own subprocess (PyTorch timed right after MAX in one process runs
 slower), on the same audio, the same weights and greedy decoding with the same temperature
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -874,6 +876,186 @@ def serve_load(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# stream: live transcription replayed in real time
+# ---------------------------------------------------------------------------------------------
+
+def _word_latencies(words: list[tuple[str, float]], commits: list[tuple[str, float]]) -> list[float]:
+    """Commit latency of each word: when its text was committed (seconds after the stream
+    began) minus when it ended in the audio (from the offline word timestamps). Words are
+    paired by aligning the normalised word sequences; unmatched ones are left out."""
+    import difflib
+    from whisper.normalizers import EnglishTextNormalizer
+    norm = EnglishTextNormalizer()
+    said = [(w, t) for text, t in commits for w in text.split()]
+    a, b = [norm(w) for w, _ in words], [norm(w) for w, _ in said]
+    return [said[blk.b + k][1] - words[blk.a + k][1]
+            for blk in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
+            for k in range(blk.size)]
+
+
+def _percentiles(values: list[float]) -> tuple[float, float]:
+    return (float(np.median(values)), float(np.percentile(values, 95))) if values else (float("nan"),) * 2
+
+
+def _replay_api(m: mw.Model, audio: np.ndarray, step: float) -> dict:
+    """Feed ``audio`` through ``Model.stream`` at its own pace, 100 ms at a time."""
+    stream, commits, chunk, fed = m.stream(step=step), [], mw.SAMPLE_RATE // 10, 0
+    cpu, started = time.process_time(), time.perf_counter()
+    while fed < len(audio):
+        # what a live source has produced by now: the chunks that came during a decoding
+        # arrive together, as a microphone's buffer delivers them
+        due = min(len(audio), int((time.perf_counter() - started) * mw.SAMPLE_RATE) // chunk * chunk)
+        if due <= fed:
+            time.sleep((fed + chunk) / mw.SAMPLE_RATE - (time.perf_counter() - started))
+            continue
+        for e in stream.feed(audio[fed:due]):
+            if e.type == "committed":
+                commits.append((e.text, time.perf_counter() - started))
+        fed = due
+    for e in stream.close():
+        commits.append((e.text, time.perf_counter() - started))
+    wall = time.perf_counter() - started
+    return {"text": stream.text, "commits": commits, "cpu": (time.process_time() - cpu) / wall}
+
+
+def _replay_ws(port: int, audio: np.ndarray, out: dict, start: threading.Event) -> None:
+    """One Realtime WebSocket client: streams ``audio`` at its own pace as 24 kHz PCM16 with
+    server-side turn detection; records every delta's arrival."""
+    import base64
+    from websockets.sync.client import connect
+    pcm = (np.clip(mw.resample(audio, mw.SAMPLE_RATE, 24000), -1, 1) * 32767).astype("<i2")
+    commits, items, last = [], {}, [0.0]
+    with connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", open_timeout=60,
+                 max_size=None) as ws:
+        def read():
+            for message in ws:
+                e = json.loads(message)
+                last[0] = time.perf_counter()
+                if e["type"].endswith("transcription.delta"):
+                    commits.append((e["delta"], time.perf_counter() - began))
+                elif e["type"].endswith("transcription.completed"):
+                    items[e["item_id"]] = e["transcript"]
+        reader = threading.Thread(target=read, daemon=True)
+        start.wait()
+        began = time.perf_counter()
+        reader.start()
+        for i in range(0, len(pcm), 2400):
+            time.sleep(max(0.0, began + i / 24000 - time.perf_counter()))
+            ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                "audio": base64.b64encode(pcm[i:i + 2400].tobytes()).decode()}))
+        ws.send(json.dumps({"type": "input_audio_buffer.append",
+                            "audio": base64.b64encode(np.zeros(24000, "<i2").tobytes()).decode()}))
+        ended = time.perf_counter()
+        while time.perf_counter() - max(ended, last[0]) < 3.0 and time.perf_counter() - ended < 60:
+            time.sleep(0.1)                        # until the last turn's text stops coming
+        out.update(commits=commits, text="".join(c for c, _ in commits), lag=max(0.0, last[0] - ended))
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds a process has used (user + system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stream_server(model: str):
+    import re
+    import urllib.request
+    proc = subprocess.Popen([sys.executable, "-m", "maxwhisper", "serve", "--model", model, "--port", "0",
+                             "--max-batch", "16"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    port = int(re.search(r":(\d+) ", proc.stderr.readline()).group(1))
+    threading.Thread(target=proc.stderr.read, daemon=True).start()
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready").status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.5)
+
+
+def stream_bench(args) -> dict:
+    """Live transcription of long clips replayed in real time: through ``Model.stream`` and
+    through the server's Realtime WebSocket with 1..N concurrent streams; commit latency
+    (median, p95), the committed text's WER next to the offline transcript's, CPU; and the
+    memory of one long stream."""
+    import signal
+    workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-stream-"))
+    clips = audio_arg(args.audio) if args.audio else [speech_clip(workdir / "long_70s.wav")]
+    m = mw.load(args.model, device="cpu")
+    english = not m.is_multilingual
+    result = {"command": "stream", "model": args.model, "step": args.step, "clips": [], "machine": machine()}
+    refs = {}
+    for clip in clips:
+        audio = mw.load_audio(str(clip))
+        reference = clip.with_suffix(".txt").read_text() if clip.with_suffix(".txt").exists() else None
+        offline = m.transcribe(str(clip), seed=0)["text"]
+        timed = m.transcribe(str(clip), seed=0, word_timestamps=True)
+        words = [(w["word"], w["end"]) for s in timed["segments"] for w in s["words"]]
+        refs[clip] = (audio, reference or offline, words)
+        api = _replay_api(m, audio, args.step)
+        lat = _word_latencies(words, api["commits"])
+        wer = lambda text: 100 * np.divide(*word_errors(reference or offline, text, english))  # noqa: E731
+        row = {"clip": clip.name, "seconds": len(audio) / mw.SAMPLE_RATE, "median_latency": _percentiles(lat)[0],
+               "p95_latency": _percentiles(lat)[1], "words_matched": len(lat), "wer_stream": wer(api["text"]),
+               "wer_offline": wer(offline), "wer_against": "reference" if reference else "offline",
+               "cpu_cores": api["cpu"], "text": api["text"]}
+        result["clips"].append(row)
+    print_table(f"stream: {args.model}, Python API, real-time replay, step {args.step} s",
+                ["clip", "audio s", "latency median s", "p95 s", "WER stream %", "WER offline %", "CPU cores"],
+                [[r["clip"], f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
+                  f"{r['wer_stream']:.1f}", f"{r['wer_offline']:.1f}", f"{r['cpu_cores']:.2f}"] for r in result["clips"]])
+    if args.concurrency:
+        del m                                               # the server holds its own copy
+        proc, port = _stream_server(args.model)
+        runs = []
+        try:
+            for n in [int(c) for c in args.concurrency.split(",")]:
+                audio, reference, words = refs[clips[0]]
+                outs, start = [{} for _ in range(n)], threading.Event()
+                threads = [threading.Thread(target=_replay_ws, args=(port, audio, out, start)) for out in outs]
+                for t in threads:
+                    t.start()
+                time.sleep(1.0)
+                cpu, began = _proc_cpu(proc.pid), time.perf_counter()
+                start.set()
+                for t in threads:
+                    t.join()
+                cpu = (_proc_cpu(proc.pid) - cpu) / (time.perf_counter() - began)
+                lat = [x for out in outs for x in _word_latencies(words, out["commits"])]
+                wers = [100 * np.divide(*word_errors(reference, out["text"], english)) for out in outs]
+                runs.append({"streams": n, "median_latency": _percentiles(lat)[0], "p95_latency": _percentiles(lat)[1],
+                             "wer_stream": float(np.mean(wers)), "max_final_lag": max(o["lag"] for o in outs),
+                             "server_cpu_cores": cpu})
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        result["websocket"] = runs
+        print_table(f"stream: {args.model}, Realtime WebSocket, {clips[0].name} replayed by N clients at once",
+                    ["streams", "latency median s", "p95 s", "WER %", "last text after end s", "server CPU cores"],
+                    [[r["streams"], f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}", f"{r['wer_stream']:.1f}",
+                      f"{r['max_final_lag']:.1f}", f"{r['server_cpu_cores']:.2f}"] for r in runs])
+    if args.memory_minutes:
+        m = mw.load(args.model, device="cpu")
+        audio = refs[clips[0]][0]
+        stream, fed, marks = m.stream(step=args.memory_step), 0, []
+        chunk, total = mw.SAMPLE_RATE // 10, int(args.memory_minutes * 60 * mw.SAMPLE_RATE)
+        while fed < total:
+            piece = audio[(fed % len(audio)):(fed % len(audio)) + chunk]
+            stream.feed(piece)
+            fed += len(piece)
+            if fed // (5 * 60 * mw.SAMPLE_RATE) > len(marks):
+                marks.append({"audio_minutes": round(fed / mw.SAMPLE_RATE / 60, 1), "rss_mb": _status_mb("VmRSS"),
+                              "buffer_seconds": len(stream.audio) / mw.SAMPLE_RATE, "prompt_tokens": len(stream.prompt)})
+        stream.close()
+        result["memory"] = marks
+        print_table(f"stream: {args.model}, one {args.memory_minutes:g}-minute stream fed as fast as it decodes, "
+                    f"step {args.memory_step} s", ["audio min", "RSS MiB", "buffer s", "prompt tokens"],
+                    [[r["audio_minutes"], f"{r['rss_mb']:.0f}", f"{r['buffer_seconds']:.1f}", r["prompt_tokens"]]
+                     for r in marks])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------------------------
 
@@ -963,6 +1145,13 @@ def main(argv=None) -> int:
     sz.add_argument("--repeats", type=int, default=3)
     sz.add_argument("--steps", type=int, default=32)
     sz.add_argument("--half", action="store_true", help="write the .pt in float16, as openai-whisper ships them")
+    sm = sub.add_parser("stream", parents=[common], help="live transcription replayed in real time")
+    sm.add_argument("--audio", nargs="*", help="long clips (default: a generated 70 s clip); a .txt beside "
+                                              "a clip is its reference text")
+    sm.add_argument("--step", type=float, default=0.5, help="the streams' step (seconds between decodings)")
+    sm.add_argument("--concurrency", default="1,2,4", help="WebSocket streams at once, comma-separated ('' skips)")
+    sm.add_argument("--memory-minutes", type=float, default=0, help="also feed one stream this long, RSS each 5 min")
+    sm.add_argument("--memory-step", type=float, default=3.0, help="that stream's step")
     zw = sub.add_parser("_sizes")
     for flag, kind in (("--engine", str), ("--threads", int), ("--repeats", int), ("--steps", int)):
         zw.add_argument(flag, type=kind)
@@ -982,7 +1171,8 @@ def main(argv=None) -> int:
         return 0
     try:
         result = {"compare": compare, "coldstart": coldstart, "scaling": scaling, "stress": stress,
-                  "batch": batch, "serve-load": serve_load, "decode": decode, "sizes": sizes}[args.command](args)
+                  "batch": batch, "serve-load": serve_load, "decode": decode, "sizes": sizes,
+                  "stream": stream_bench}[args.command](args)
     except mw.MaxWhisperError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2

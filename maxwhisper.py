@@ -10,6 +10,10 @@ Usage::
     for seg in result["segments"]:
         print(seg["start"], seg["end"], seg["text"], seg["words"][0])
 
+    stream = model.stream()                             # live: feed chunks, get committed text
+    for event in stream.feed(chunk, sample_rate=48000):  # chunk: float32 or int16 samples
+        print(event.type, event.text)                   # "committed" (final) or "tentative"
+
     # the building blocks transcribe() uses, with an explicit cache
     mel = model.log_mel(maxwhisper.load_audio("meeting.wav"), padding=maxwhisper.N_SAMPLES)
     features, cross = model.encode(mel[None, :, :maxwhisper.N_FRAMES])
@@ -77,7 +81,8 @@ __all__ = [
     "Precision", "load", "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions",
     "DecodingResult", "log_mel_spectrogram", "build_encoder_graph", "build_decoder_graph",
     "build_step_graph", "build_reorder_graph", "build_gather_graph", "build_repack_graph",
-    "build_alignment_graph", "quantize_q4_0", "Scheduler", "Server", "serve",
+    "build_alignment_graph", "quantize_q4_0", "StreamingTranscriber", "StreamEvent", "Scheduler",
+    "Server", "serve",
 ]
 
 log = logging.getLogger("maxwhisper")
@@ -2828,6 +2833,10 @@ class Model:
         probs /= probs.sum()
         return dict(zip(tok.all_language_codes, probs.tolist()))
 
+    def stream(self, **options) -> "StreamingTranscriber":
+        """A ``StreamingTranscriber`` on this model: live transcription of audio fed in chunks."""
+        return StreamingTranscriber(self, **options)
+
     def transcribe(self, audio, **options) -> dict:
         """Transcribe audio; see the module-level ``transcribe`` for the options."""
         return transcribe(self, audio, **options)
@@ -2886,6 +2895,11 @@ class DecodingOptions:
     ``repetition_limit`` (maxwhisper's own, off by default): a row whose text ends in the same
     n-gram (1 to 50 tokens) repeated this many times back to back is ended there, and the
     window counts as failed, so ``transcribe`` decodes it again at the next temperature.
+
+    ``continue_prefix`` (maxwhisper's own, for streaming): the ``prefix`` tokens (timestamps
+    too) are the start of the window's text, decoded before: the timestamp rules and blank
+    suppression see them as sampled, so the decoding continues the text mid-segment instead
+    of opening a new one. The result's tokens are those after the prefix.
     """
 
     task: str = _default("task")
@@ -2904,6 +2918,7 @@ class DecodingOptions:
     max_initial_timestamp: float | None = _default("max_initial_timestamp")
     repetition_limit: int | None = _default("repetition_limit")
     seed: int | None = _default("seed")
+    continue_prefix: bool = False
 
     def group_size(self) -> int:
         """Rows decoded per audio: beams at temperature 0, samples above it, else 1."""
@@ -3218,7 +3233,8 @@ def _best_candidate(rows: list, scores: list, sample_begin: int, eot: int,
     candidates = [[int(t) for t in list(row)[sample_begin:list(row).index(eot, sample_begin)]] for row in rows]
     lengths = np.array([len(c) for c in candidates], np.float64)
     penalty = lengths if length_penalty is None else ((5 + lengths) / 6) ** length_penalty
-    best = int(np.argmax(np.array(scores) / penalty))
+    with np.errstate(divide="ignore", invalid="ignore"):   # a continuation may be empty (streaming)
+        best = int(np.argmax(np.array(scores) / penalty))
     return candidates[best], scores[best]
 
 
@@ -3251,7 +3267,9 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     if cache.batch != n_group * len(options):
         raise ConfigError(f"decode_batch: {len(options)} window(s) x {n_group} rows need a KVCache "
                           f"of batch {n_group * len(options)}, not {cache.batch}")
-    filters = _logit_filters(first, tokenizer, sample_begin)
+    # with continue_prefix the rules start at the prefix, right after the start-of-transcript sequence
+    rules_begin = sot_index + len(tokenizer.sot_sequence) if first.continue_prefix else sample_begin
+    filters = _logit_filters(first, tokenizer, rules_begin)
     guard = next((f for f in filters if isinstance(f, RepetitionGuard)), None)
     if first.temperature == 0 and first.beam_size:
         decoder = BeamSearchDecoder(first.beam_size, eot, first.patience,
@@ -3550,6 +3568,21 @@ def _skip_hallucinations(current: list[dict], threshold: float, seek: int, segme
     return next_seek, False
 
 
+def _language_code(model: Model, language: str) -> str:
+    """A given language's Whisper code ('French' -> 'fr'); ``ConfigError`` for one the model
+    does not know."""
+    if model.is_multilingual:
+        tok = _openai("tokenizer")
+        code = tok.TO_LANGUAGE_CODE.get(str(language).lower(), str(language).lower())
+        if code not in tok.LANGUAGES:
+            raise ConfigError(f"language={language!r} is not a Whisper language; use a code "
+                              "such as 'en', 'fr' or a name such as 'French'")
+        return code
+    if language != "en":
+        raise ConfigError(f"language={language!r}: {model.weights.source} is English-only")
+    return language
+
+
 class _Transcription:
     """One audio going through openai-whisper's long-form algorithm a window at a time.
 
@@ -3614,16 +3647,7 @@ class _Transcription:
             language = max(probs, key=probs.get)
             log.info("%s: detected language %s (p=%.2f)", self.name, language, probs[language])
             return language
-        if model.is_multilingual:
-            tok = _openai("tokenizer")
-            code = tok.TO_LANGUAGE_CODE.get(str(language).lower(), str(language).lower())
-            if code not in tok.LANGUAGES:
-                raise ConfigError(f"language={language!r} is not a Whisper language; use a code "
-                                  "such as 'en', 'fr' or a name such as 'French'")
-            return code
-        if language != "en":
-            raise ConfigError(f"language={language!r}: {model.weights.source} is English-only")
-        return language
+        return _language_code(model, language)
 
     def window(self, seek: int, size: int = N_FRAMES) -> np.ndarray:
         """Log-mel frames [1, n_mels, 3000] from ``seek``: ``size`` frames, zero-padded."""
@@ -3797,9 +3821,10 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
     todo = list(range(len(jobs)))
     half_ctx = model.dims["n_text_ctx"] // 2 - 1
     for i, t in enumerate(temperatures):
-        groups: dict[int, list[int]] = {}
-        for k in todo:
-            groups.setdefault(len(jobs[k].prompt[-half_ctx:]), []).append(k)
+        groups: dict[tuple, list[int]] = {}
+        for k in todo:                            # windows whose initial tokens line up
+            prefix = jobs[k].options(t).prefix or ()
+            groups.setdefault((len(jobs[k].prompt[-half_ctx:]), len(prefix)), []).append(k)
         for ks in groups.values():
             opts = [jobs[k].options(t) for k in ks]
             cache = model.new_cache(_cross_part(model, cross, ks), batch=len(ks) * opts[0].group_size())
@@ -3815,7 +3840,8 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
         job.metrics["windows"] += 1
         job.metrics["encoder_seconds"] += (t1 - t0) / len(jobs)
         job.metrics["decode_seconds"] += (t2 - t1) / len(jobs)
-        job.accept(results[k], _cross_part(model, cross, [k]) if o.word_timestamps else None)
+        wants_cross = o.word_timestamps or isinstance(job, _StreamWindow)   # a stream may look for a cut
+        job.accept(results[k], _cross_part(model, cross, [k]) if wants_cross else None)
 
 
 def transcribe(model: Model, audio, **options) -> dict:
@@ -3870,7 +3896,426 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
 
 
 # =============================================================================================
-# 12. server
+# 12. streaming
+# =============================================================================================
+# Live transcription: audio arrives in chunks and text leaves as it becomes certain. The buffer
+# since the last cut (at most 30 s) is decoded again each time ``step`` seconds of audio have
+# come in, with the text already committed in it forced as the start of the window's text (the
+# decoder's prefix, continued rather than restarted) and the text before it as the prompt.
+# LocalAgreement-2 (Macháček et al., "Turning Whisper into a real-time transcription system",
+# 2023) decides what is final: the tokens that two decodings in a row agree on after the
+# committed ones, short of the last word. A pause commits the whole hypothesis. Past ``trim``
+# seconds the buffer is cut where the committed text ends (in a pause, at a segment's end
+# timestamp, or after its last word by word alignment), so memory and the cost of an update
+# stay bounded however long the stream runs.
+
+@dataclasses.dataclass
+class StreamEvent:
+    """What a ``StreamingTranscriber`` reports. ``committed``: final text (never revised),
+    following the committed text before it; ``tentative``: the current guess at the words
+    after the committed text (it replaces the previous tentative text). ``start`` and ``end``
+    are seconds from the stream's start."""
+
+    type: str
+    text: str
+    start: float
+    end: float
+
+
+class _StreamResampler:
+    """``resample`` over a stream of chunks: the same output as resampling the whole signal
+    at once, keeping only the input the next outputs still need (a filter's width)."""
+
+    def __init__(self, rate: int):
+        if not isinstance(rate, int) or not 8000 <= rate <= 384000:
+            raise ConfigError(f"sample_rate={rate!r}: give the audio's rate in Hz, 8000 to 384000")
+        self.rate = rate
+        g = math.gcd(rate, SAMPLE_RATE)
+        self.up, self.down = SAMPLE_RATE // g, rate // g
+        self.half = int(np.ceil(32 / (0.95 * min(1.0, self.up / self.down))))
+        self.pending = np.zeros(0, np.float32)       # input from absolute sample ``start`` on
+        self.start = 0                               # a multiple of ``down``: outputs align
+        self.emitted = 0                             # outputs given so far
+
+    def __call__(self, x: np.ndarray, final: bool = False) -> np.ndarray:
+        if self.rate == SAMPLE_RATE:
+            return x
+        self.pending = np.concatenate([self.pending, x])
+        end = self.start + len(self.pending)
+        # output j reads input around j·down/up ± half: ready once that input has arrived
+        ready = end * self.up // self.down + 1 if final else max(0, (end - self.half) * self.up // self.down)
+        first = self.start * self.up // self.down    # the output index of pending[0]
+        if ready <= self.emitted:
+            return np.zeros(0, np.float32)
+        out = resample(self.pending, self.rate)[self.emitted - first:ready - first]
+        self.emitted += len(out)
+        keep_from = max(self.start, (self.emitted * self.down // self.up - self.half - 1) // self.down * self.down)
+        self.pending, self.start = self.pending[keep_from - self.start:], keep_from
+        return out
+
+
+def _pcm_float(chunk) -> np.ndarray:
+    """Mono float32 samples of a chunk: float arrays as they are, int16 scaled to [-1, 1)."""
+    x = np.asarray(chunk)
+    if x.ndim != 1:
+        raise AudioError(f"a stream chunk must be 1-D mono samples, not shape {x.shape}")
+    if x.dtype == np.int16:
+        return x.astype(np.float32) / 32768.0
+    if x.dtype.kind != "f":
+        raise AudioError(f"a stream chunk must be float32 or int16 samples, not {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    _check_finite("stream chunk", x)
+    return x
+
+
+class _StreamWindow:
+    """One decoding of a stream's buffer, shaped as a one-window ``_Transcription`` so that
+    ``_decode_round`` (and the server's ``Scheduler``) batch it with other streams' windows."""
+
+    def __init__(self, o: TranscribeOptions, name: str, mel: np.ndarray, options: DecodingOptions):
+        self.o, self.name, self.mel, self.decoding = o, name, mel, options
+        self.prompt = list(options.prompt or [])
+        self.key = "stream " + repr(dataclasses.replace(o, language=None, initial_prompt=None))
+        self.encoded, self.rng = None, np.random.default_rng(0)
+        self.metrics = {"windows": 0, "fallbacks": 0, "encoder_seconds": 0.0, "decode_seconds": 0.0}
+        self.audio_seconds, self.decoded, self.cross = 0.0, None, None
+
+    def next_window(self) -> np.ndarray | None:
+        mel, self.mel = self.mel, None
+        return mel
+
+    def options(self, temperature: float) -> DecodingOptions:
+        return self.decoding
+
+    def accept(self, result: DecodingResult, cross) -> None:
+        self.decoded, self.cross = result, cross
+
+    def result(self) -> DecodingResult | None:
+        return self.decoded
+
+
+def _run_window(model: Model, window: _StreamWindow) -> DecodingResult:
+    """Decode a stream's window in this thread."""
+    _decode_round(model, [(window, window.next_window())])
+    return window.result()
+
+
+_STREAM_FULL = 25.0          # seconds of buffer at which everything decoded so far is committed
+
+
+class StreamingTranscriber:
+    """Live transcription of a stream fed in chunks of any size (``Model.stream`` makes one).
+
+    Usage::
+
+        stream = model.stream(language="en")
+        for chunk in chunks:                    # 1-D float32 in [-1, 1] or int16, any length
+            for event in stream.feed(chunk, sample_rate=48000):
+                print(event.type, event.start, event.end, event.text)
+        for event in stream.close():            # commits what is left
+            ...
+
+    ``feed`` decodes when ``step`` seconds of new audio have come in since the last decoding
+    (a decoding takes what has arrived, so a slow machine decodes less often rather than
+    falling behind) and returns the events it produced: newly ``committed`` text (what two
+    decodings in a row agree on, short of the last word; all of it after ``pause`` seconds of
+    quiet at the end of the buffer) and the ``tentative`` rest. Committed text is the prompt of
+    later decodings; once the buffer is longer than ``trim`` seconds it is cut where the
+    committed text ends (found by word alignment: the first cut compiles the alignment graph
+    if the graph store lacks it), and in any case before 30 s. Decoding is greedy at
+    temperature 0; a decoding that looks
+    like silence (openai-whisper's no-speech rule) or a loop (compression ratio over
+    ``compression_ratio_threshold``) commits nothing. Audio quieter than ``silence_db`` dBFS
+    throughout is not decoded at all.
+
+    ``runner`` decodes a ``_StreamWindow`` (default: in the calling thread; the server hands
+    its windows to the scheduler, which batches them with other streams').
+    """
+
+    def __init__(self, model: Model, *, language: str | None = None, task: str = "transcribe",
+                 initial_prompt: str | None = None, step: float = 0.5, pause: float = 0.4,
+                 trim: float = 20.0, silence_db: float = -50.0, name: str = "stream",
+                 runner: Callable[[_StreamWindow], DecodingResult | None] | None = None):
+        if not 0.1 <= step <= 10 or not 0.1 <= pause <= 10 or not 1 <= trim <= 25:
+            raise ConfigError(f"stream: step={step}, pause={pause}, trim={trim}: use step and pause of "
+                              "0.1 to 10 s and trim of 1 to 25 s")
+        self.model, self.name, self.step, self.pause, self.trim = model, name, step, pause, trim
+        self.silence_db = silence_db
+        self.runner = runner or (lambda window: _run_window(model, window))
+        self.o = _transcribe_options(model, {"language": language, "task": task, "temperature": (0.0,),
+                                             "word_timestamps": False, "initial_prompt": None,
+                                             "condition_on_previous_text": True})
+        self.language = _language_code(model, language) if language else None if model.is_multilingual else "en"
+        self.tokenizer = model.tokenizer(language=self.language, task=task) if self.language else None
+        self.prompt: list[int] = []                  # committed text before the buffer
+        if initial_prompt:
+            self.prompt = self._tokenizer().encode(" " + initial_prompt.strip())
+        self.resampler: _StreamResampler | None = None
+        self.audio = np.zeros(0, np.float32)         # the buffer: samples since the last cut
+        self.offset = 0                              # stream sample of the buffer's first
+        self.fresh = 0                               # samples not yet decoded
+        self.committed: list[int] = []               # committed tokens in the buffer (timestamps too)
+        self.hypothesis: list[int] = []              # the last decoding's tokens after them
+        self.undecoded: list[int] = []               # committed text tokens not yet a whole character
+        self.committed_end = 0.0
+        self.cross: list | None = None               # the last decoding's cross K/V
+        self.text = ""                               # every committed text, in order
+        self.closed = False
+
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            self.tokenizer = self.model.tokenizer(language=self.language, task=self.o.task)
+        return self.tokenizer
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def feed(self, chunk, sample_rate: int = SAMPLE_RATE) -> list[StreamEvent]:
+        """Add audio; returns the events of the decoding it triggered (often none)."""
+        if self.closed:
+            raise ConfigError(f"{self.name}: the stream is closed; start a new one")
+        if self.resampler is None:
+            self.resampler = _StreamResampler(sample_rate)
+        elif sample_rate != self.resampler.rate:
+            raise ConfigError(f"{self.name}: sample_rate changed from {self.resampler.rate} to "
+                              f"{sample_rate}; a stream keeps one rate")
+        x, events = self.resampler(_pcm_float(chunk)), []
+        while len(x):
+            # one decoding for all that came (a stream behind catches up, not falls further
+            # back), but pieces that keep the buffer under 30 s when a file comes at once
+            piece = int(min(10.0, max(1.0, 29.0 - len(self.audio) / SAMPLE_RATE)) * SAMPLE_RATE)
+            self._append(x[:piece])
+            x = x[piece:]
+            if self.fresh >= self.step * SAMPLE_RATE:
+                events += self._update(final=False)
+        return events
+
+    def close(self) -> list[StreamEvent]:
+        """Decode what is left and commit all of it; the stream takes no more audio."""
+        if self.closed:
+            return []
+        if self.resampler is not None:
+            self._append(self.resampler(np.zeros(0, np.float32), final=True))
+        self.closed = True
+        events = self._update(final=True) if self.fresh or self.hypothesis else []
+        tail = self._text(self.undecoded, final=True)
+        if tail:
+            events.append(self._committed(tail, self.committed_end, self.committed_end))
+        return events
+
+    def _append(self, x: np.ndarray) -> None:
+        self.audio = np.concatenate([self.audio, x])
+        self.fresh += len(x)
+
+    # -- one decoding ----------------------------------------------------------------------
+
+    def _levels(self) -> np.ndarray:
+        """The buffer's 20 ms frames' energy in dBFS."""
+        frame = SAMPLE_RATE // 50
+        n = len(self.audio) // frame
+        power = np.mean(self.audio[:n * frame].astype(np.float64).reshape(n, frame) ** 2, axis=1)
+        return 10 * np.log10(power + 1e-12)
+
+    def _quiet_tail(self, db: np.ndarray) -> int:
+        """Samples of quiet at the buffer's end: frames under ``silence_db``, or on a noisy
+        line under both 10 dB over its quietest tenth and 20 dB under its loudest frame."""
+        if len(db) == 0:
+            return len(self.audio)
+        threshold = max(self.silence_db, min(np.percentile(db, 10) + 10, db.max() - 20))
+        loud = np.flatnonzero(db >= threshold)
+        return len(self.audio) - (loud[-1] + 1) * (SAMPLE_RATE // 50) if len(loud) else len(self.audio)
+
+    def _update(self, final: bool) -> list[StreamEvent]:
+        self.fresh = 0
+        self.cross = None
+        db = self._levels()
+        if not (db >= self.silence_db).any() and not self.committed:
+            # nothing said since the last cut: keep only the last second (a word may be starting)
+            keep = min(len(self.audio), SAMPLE_RATE)
+            self._cut(len(self.audio) - keep, [])
+            self.hypothesis = []
+            return []
+        window = self._window()
+        result = self.runner(window)
+        self.cross = window.cross
+        tokens = [] if result is None or self._unreliable(result) else list(result.tokens)
+        quiet = self._quiet_tail(db)
+        paused = quiet >= self.pause * SAMPLE_RATE
+        full = len(self.audio) >= _STREAM_FULL * SAMPLE_RATE
+        n = len(tokens) if final or paused or full else self._agreed(tokens)
+        events = self._commit(tokens[:n], tokens[n:])
+        self.hypothesis = tokens[n:]
+        if self.hypothesis or not final:
+            events.append(StreamEvent("tentative", self._tokenizer().decode(self._texts(self.hypothesis)),
+                                      self.committed_end, self._seconds(len(self.audio))))
+        self._trim(force=final or full, pause_at=len(self.audio) - quiet if paused else None)
+        return events
+
+    def _agreed(self, tokens: list[int]) -> int:
+        """How many of a decoding's tokens to commit: those the previous decoding agrees on
+        (a timestamp agrees with any timestamp: they move by a step as audio comes), short of
+        the last word, whose end may not have been heard yet."""
+        tok = self._tokenizer()
+        same = lambda a, b: a == b or (a >= tok.timestamp_begin and b >= tok.timestamp_begin)  # noqa: E731
+        n = next((i for i, (a, b) in enumerate(zip(tokens, self.hypothesis)) if not same(a, b)),
+                 min(len(tokens), len(self.hypothesis)))
+        words = [i for i, t in enumerate(tokens) if t < tok.eot and tok.encoding.decode_single_token_bytes(t)[:1] == b" "]
+        return min(n, words[-1]) if words else n
+
+    def _window(self) -> _StreamWindow:
+        model = self.model
+        if self.language is None:
+            mel = self._mel()
+            probs = model.detect_language(mel[0], model.new_cache(model.encode(mel)[1]))
+            self.language = max(probs, key=probs.get)
+            log.info("%s: detected language %s (p=%.2f)", self.name, self.language, probs[self.language])
+        half_ctx = model.dims["n_text_ctx"] // 2 - 1
+        options = _decoding_options(self.o, self.language, 0.0, self.prompt[-half_ctx:],
+                                    prefix=list(self.committed), continue_prefix=True,
+                                    beam_size=None, patience=None, without_timestamps=False)
+        return _StreamWindow(self.o, self.name, self._mel(), options)
+
+    def _mel(self) -> np.ndarray:
+        """The buffer's log-mel [1, n_mels, 3000], padded as ``transcribe`` pads a window."""
+        frames = len(self.audio) // HOP_LENGTH
+        mel = self.model.log_mel(self.audio, padding=N_SAMPLES)[:, :frames]
+        return np.pad(mel, ((0, 0), (0, N_FRAMES - frames)))[None]
+
+    def _unreliable(self, r: DecodingResult) -> bool:
+        o = self.o
+        silence = (o.no_speech_threshold is not None and r.no_speech_prob > o.no_speech_threshold
+                   and (o.logprob_threshold is None or r.avg_logprob < o.logprob_threshold))
+        loop = o.compression_ratio_threshold is not None and r.compression_ratio > o.compression_ratio_threshold
+        return silence or loop or r.looped
+
+    # -- tokens, text and times ------------------------------------------------------------
+
+    def _ts(self) -> int:
+        return self._tokenizer().timestamp_begin
+
+    def _texts(self, tokens: list[int]) -> list[int]:
+        return [t for t in tokens if t < self._tokenizer().eot]
+
+    def _seconds(self, buffer_samples: float) -> float:
+        return round((self.offset + buffer_samples) / SAMPLE_RATE, 3)
+
+    def _stamp(self, token: int) -> float:
+        return self._seconds((token - self._ts()) * TIME_PRECISION * SAMPLE_RATE)
+
+    def _text(self, tokens: list[int], final: bool = False) -> str:
+        """The text of committed tokens once whole: a character split across tokens waits
+        for its last byte (``undecoded`` keeps the tokens until then)."""
+        text = self._tokenizer().decode(tokens) if tokens else ""
+        if text.endswith("\ufffd") and not final:
+            self.undecoded = tokens
+            return ""
+        self.undecoded = []
+        return text
+
+    def _committed(self, text: str, start: float, end: float) -> StreamEvent:
+        if not self.text:
+            text = text.lstrip()
+        self.text += text
+        return StreamEvent("committed", text, start, end)
+
+    def _commit(self, new: list[int], rest: list[int]) -> list[StreamEvent]:
+        """Commit ``new`` tokens; the event's times come from the timestamps around them (for
+        a segment still open, the share of its text committed of the span the hypothesis
+        gives it)."""
+        if not new:
+            return []
+        ts = self._ts()
+        before = self.committed
+        self.committed = before + new
+        texts = self._texts(new)
+        if not texts:
+            return []
+        first_text = len(before) + next(i for i, t in enumerate(new) if t < ts)
+        opening = [t for t in self.committed[:first_text] if t >= ts]
+        start = max(self.committed_end, self._stamp(opening[-1]) if opening else self._seconds(0))
+        if new[-1] >= ts:                          # a segment's end timestamp
+            end = self._stamp(new[-1])
+        else:
+            seg_start = next((i for i in range(len(self.committed) - 1, -1, -1) if self.committed[i] >= ts), None)
+            said = len(self._texts(self.committed[seg_start + 1 if seg_start is not None else 0:]))
+            left = next((i for i, t in enumerate(rest) if t >= ts), None)
+            seg_end = self._stamp(rest[left]) if left is not None else self._seconds(len(self.audio))
+            seg_begin = self._stamp(self.committed[seg_start]) if seg_start is not None else self._seconds(0)
+            pending = len(self._texts(rest[:left] if left is not None else rest))
+            end = seg_begin + (seg_end - seg_begin) * said / max(1, said + pending)
+        end = round(max(start, end), 3)
+        self.committed_end = end
+        text = self._text(self.undecoded + texts)
+        return [self._committed(text, start, end)] if text else []
+
+    # -- cutting the buffer ----------------------------------------------------------------
+
+    def _trim(self, force: bool, pause_at: int | None) -> None:
+        """Once the buffer is over ``trim`` s, cut it where the committed text ends: in a
+        pause once everything is committed (``pause_at``: where the quiet began), at the end
+        timestamp of a committed segment, or, after a committed sentence or clause (or 3 s
+        more), after the committed text's last word by word alignment. ``force`` (a buffer near
+        30 s) cuts all of it when none of those is found; the stream's end cuts all."""
+        ts = self._ts()
+        if len(self.audio) < self.trim * SAMPLE_RATE and not force:
+            return
+        closes = [i for i in range(1, len(self.committed))
+                  if self.committed[i] >= ts and self.committed[i - 1] < ts]
+        at = round((self.committed[closes[-1]] - ts) * TIME_PRECISION * SAMPLE_RATE) if closes else None
+        if pause_at is not None and not self.hypothesis:        # all said is committed: cut in the quiet
+            return self._cut(pause_at, self.committed)
+        if self.closed:
+            return self._cut(len(self.audio), self.committed)
+        if at is not None and len(self.audio) - at < self.trim * SAMPLE_RATE:
+            return self._cut(at, self.committed[:closes[-1] + 1])
+        if self._texts(self.committed) and (force or self._sentence_end()
+                                            or len(self.audio) > (self.trim + 3) * SAMPLE_RATE):
+            end = self._committed_end_sample()
+            if end is not None:
+                return self._cut(end, self.committed)
+        if force:
+            self._cut(len(self.audio), self.committed)
+
+    def _sentence_end(self) -> bool:
+        text = self._tokenizer().decode(self._texts(self.committed[-3:]))
+        return text.rstrip().endswith((".", "?", "!", ","))
+
+    def _committed_end_sample(self) -> int | None:
+        """Where the committed text ends in the buffer: the end of its last word by
+        openai-whisper's word alignment (cross-attention DTW) of all the buffer's text,
+        moved to the quietest 20 ms within 0.1 s. None when that is not 0.3 s before the end."""
+        if self.cross is None:
+            return None
+        tok = self._tokenizer()
+        said = self._texts(self.committed)
+        words = _find_alignment(self.model, tok, said + self._texts(self.hypothesis), self.cross,
+                                len(self.audio) // HOP_LENGTH)
+        spoken = 0
+        for w in words:                   # the last word made only of committed tokens
+            if spoken + len(w.tokens) > len(said):
+                break
+            spoken += len(w.tokens)
+            end = w.end
+        if spoken == 0 or not 0 < end * SAMPLE_RATE < len(self.audio) - 0.3 * SAMPLE_RATE:
+            return None
+        db, frame = self._levels(), SAMPLE_RATE // 50
+        at = round(end * SAMPLE_RATE) // frame
+        lo, hi = max(0, at - 5), min(len(db), at + 6)
+        return (lo + int(np.argmin(db[lo:hi]))) * frame
+
+    def _cut(self, samples: int, done: list[int]) -> None:
+        """Drop the buffer's first ``samples``; ``done`` (committed tokens up to there) joins
+        the prompt, the rest of the committed tokens and of the hypothesis move back in time."""
+        samples = max(0, min(samples, len(self.audio)))
+        ts, shift = self._ts(), round(samples / SAMPLE_RATE / TIME_PRECISION)
+        self.prompt = (self.prompt + self._texts(done))[-self.model.dims["n_text_ctx"]:]
+        moved = lambda tokens: [max(ts, t - shift) if t >= ts else t for t in tokens]  # noqa: E731
+        self.committed = moved(self.committed[len(done):])
+        self.hypothesis = moved(self.hypothesis)
+        self.audio, self.offset = self.audio[samples:], self.offset + samples
+
+
+# =============================================================================================
+# 13. server
 # =============================================================================================
 # ``python -m maxwhisper serve``: OpenAI's /v1/audio/transcriptions and /translations over the
 # standard library's ThreadingHTTPServer. Request threads parse the upload and wait; one
@@ -4195,12 +4640,528 @@ def _response_body(result: dict, fmt: str, task: str, duration: float) -> tuple[
     return "application/json", json.dumps(body)
 
 
+class _WebSocket:
+    """RFC 6455 on an HTTP handler's connection, after the handshake: text and binary
+    messages (fragments joined), ping/pong, close. Client frames must be masked; a message
+    over ``max_bytes`` closes the connection with 1009 (no unbounded allocation). ``send``
+    may be called from any thread; a client that does not read within the socket's timeout
+    is hung up on rather than waited for."""
+
+    def __init__(self, rfile, sock, max_bytes: int):
+        self.rfile, self.sock, self.max_bytes = rfile, sock, max_bytes
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def _read(self, n: int) -> bytes:
+        data = self.rfile.read(n)
+        if len(data) < n:
+            raise ConnectionError("the client closed the connection")
+        return data
+
+    def receive(self) -> str | bytes | None:
+        """The next message (str for text, bytes for binary), or None once closed."""
+        parts, kind = [], None
+        while not self.closed:
+            b0, b1 = self._read(2)
+            fin, opcode, masked, n = b0 & 0x80, b0 & 0x0F, b1 & 0x80, b1 & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read(8))[0]
+            if not masked:
+                self.close(1002, "client frames must be masked")
+                return None
+            if n + sum(len(p) for p in parts) > self.max_bytes:
+                self.close(1009, f"a message is limited to {self.max_bytes} bytes")
+                return None
+            mask = np.frombuffer(self._read(4), np.uint8)
+            payload = np.frombuffer(self._read(n), np.uint8)
+            payload = (payload ^ np.resize(mask, n)).tobytes()
+            if opcode == 0x8:
+                code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else 1000
+                self.close(code if code in (1000, 1001) else 1000)
+                return None
+            if opcode == 0x9:
+                self._frame(0xA, payload[:125])
+                continue
+            if opcode == 0xA:
+                continue
+            if opcode in (0x1, 0x2):
+                if kind is not None:
+                    self.close(1002, "a new message began before the last one ended")
+                    return None
+                kind = opcode
+            elif opcode != 0x0 or kind is None:
+                self.close(1002, f"unexpected frame opcode {opcode}")
+                return None
+            parts.append(payload)
+            if fin:
+                data = b"".join(parts)
+                if kind == 0x2:
+                    return data
+                try:
+                    return data.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.close(1007, "a text message must be UTF-8")
+                    return None
+        return None
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        n = len(payload)
+        head = bytes([0x80 | opcode]) + (bytes([n]) if n < 126 else
+                                         b"\x7e" + struct.pack(">H", n) if n < 65536 else
+                                         b"\x7f" + struct.pack(">Q", n))
+        with self.lock:
+            if self.closed and opcode != 0x8:
+                raise ConnectionError("the WebSocket is closed")
+            self.sock.sendall(head + payload)
+
+    def send(self, message: dict) -> None:
+        """Send one JSON message (ConnectionError when the client is gone or too slow)."""
+        try:
+            self._frame(0x1, json.dumps(message).encode())
+        except OSError as e:           # a timeout included: a client that does not read
+            self.closed = True
+            raise ConnectionError(f"sending failed: {e}") from None
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        if self.closed:
+            return
+        with contextlib.suppress(OSError, ConnectionError):
+            self._frame(0x8, struct.pack(">H", code) + reason.encode()[:120])
+        self.closed = True
+
+
+def _websocket_accept(key: str) -> str:
+    """The handshake's Sec-WebSocket-Accept for a client's Sec-WebSocket-Key."""
+    import base64
+    import hashlib
+    return base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+
+
+_TURN_DETECTION = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+_MAX_WS_MESSAGE = 4 * 1024 * 1024      # one Realtime client message (a base64 audio chunk), bytes
+_MAX_BEHIND = 60.0                     # seconds of a session's audio waiting to be decoded, at most
+_MAX_WAITING = 1000                    # a session's appends, commits and clears waiting, at most
+
+
+class _TurnDetector:
+    """The Realtime API's ``server_vad`` by frame energy: speech starts at a 20 ms frame over
+    the threshold (``threshold`` 0..1 maps to -70..-20 dBFS; 0.5 is -45 dBFS) and takes the
+    ``prefix_padding_ms`` before it along; it stops after ``silence_duration_ms`` of frames
+    under it. Fed 16 kHz samples, returns ("start", ms), ("audio", samples) and ("stop", ms)
+    in order."""
+
+    def __init__(self, threshold: float, prefix_padding_ms: int, silence_duration_ms: int):
+        self.db = -70.0 + 50.0 * min(1.0, max(0.0, float(threshold)))
+        self.pad = max(0, int(prefix_padding_ms)) * SAMPLE_RATE // 1000
+        self.hang = max(20, int(silence_duration_ms)) // 20
+        self.rest = np.zeros(0, np.float32)
+        self.before = np.zeros(0, np.float32)     # recent quiet audio, up to the padding
+        self.speaking, self.quiet, self.at = False, 0, 0
+
+    def __call__(self, x: np.ndarray) -> list[tuple]:
+        frame = SAMPLE_RATE // 50
+        x = np.concatenate([self.rest, x])
+        n = len(x) // frame
+        self.rest = x[n * frame:]
+        if n == 0:
+            return []
+        frames = x[:n * frame].reshape(n, frame)
+        loud = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-12) > self.db
+        out: list[tuple] = []
+        for f, is_loud in zip(frames, loud):
+            ms = self.at * 1000 // SAMPLE_RATE
+            self.at += frame
+            if not self.speaking:
+                if is_loud:
+                    self.speaking, self.quiet = True, 0
+                    out += [("start", max(0, ms - len(self.before) * 1000 // SAMPLE_RATE)),
+                            ("audio", np.concatenate([self.before, f]))]
+                    self.before = np.zeros(0, np.float32)
+                elif self.pad:
+                    self.before = np.concatenate([self.before, f])[-self.pad:]
+                continue
+            out.append(("audio", f))
+            self.quiet = 0 if is_loud else self.quiet + 1
+            if self.quiet >= self.hang:
+                self.speaking = False
+                out.append(("stop", ms + 20))
+        merged: list[tuple] = []
+        for event in out:                          # one audio event per run of frames
+            if event[0] == "audio" and merged and merged[-1][0] == "audio":
+                merged[-1] = ("audio", np.concatenate([merged[-1][1], event[1]]))
+            else:
+                merged.append(event)
+        return merged
+
+
+class _RealtimeSession:
+    """One ``/v1/realtime?intent=transcription`` WebSocket, OpenAI's Realtime transcription
+    protocol: the session's settings, turns found by server-side voice activity (or the
+    client's ``input_audio_buffer.commit``), and a worker thread that streams each turn (an
+    *item*) through a ``StreamingTranscriber`` whose windows the scheduler batches with every
+    other stream's and request's. The reader thread (the connection's) never decodes; the
+    worker never reads, so a client that stops reading stalls only its own session."""
+
+    def __init__(self, server: "Server", ws: _WebSocket):
+        import collections
+        import itertools
+        self.server, self.ws = server, ws
+        self.ids = itertools.count(1)
+        self.rate, self.language, self.prompt = 24000, None, None
+        self.turn: dict | None = dict(_TURN_DETECTION)
+        self.tentative = False                    # maxwhisper's own event, when asked for
+        self.resampler = _StreamResampler(self.rate)
+        self.vad = self._detector()
+        self.item: str | None = None              # the item audio goes to now
+        self.previous: str | None = None
+        self.work: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.behind = 0                           # samples queued for the worker
+        self.done = False
+        self.context = ""                         # the last turns' text: the next turn's prompt
+        self.id = f"sess_{os.urandom(8).hex()}"
+
+    def _detector(self) -> _TurnDetector | None:
+        t = self.turn
+        return None if t is None else _TurnDetector(t.get("threshold", 0.5), t.get("prefix_padding_ms", 300),
+                                                    t.get("silence_duration_ms", 500))
+
+    def send(self, kind: str, **fields) -> None:
+        self.ws.send({"type": kind, "event_id": f"event_{next(self.ids)}", **fields})
+
+    def error(self, message: str, code: str, event_id=None, param=None, kind="invalid_request_error") -> None:
+        self.send("error", error={"type": kind, "code": code, "message": message, "param": param,
+                                  "event_id": event_id})
+
+    def session(self) -> dict:
+        return {"object": "realtime.session", "type": "transcription", "id": self.id,
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.rate},
+                                    "transcription": {"model": self.server.config["model"],
+                                                      "language": self.language, "prompt": self.prompt or ""},
+                                    "turn_detection": self.turn, "noise_reduction": None}},
+                "include": ["maxwhisper.tentative"] if self.tentative else []}
+
+    # -- the reader: the connection's thread ------------------------------------------------
+
+    def run(self) -> None:
+        worker = threading.Thread(target=self._work, name=f"maxwhisper-{self.id}", daemon=True)
+        worker.start()
+        try:
+            self.send("session.created", session=self.session())
+            while True:
+                message = self.ws.receive()
+                if message is None:
+                    break
+                self.handle(message)
+        except (ConnectionError, OSError):
+            pass                                  # the client went away
+        finally:
+            with self.cond:
+                self.done = True
+                self.cond.notify_all()
+            worker.join(timeout=self.server.request_timeout)
+            self.ws.close(1000)
+
+    def handle(self, message) -> None:
+        try:
+            event = json.loads(message) if isinstance(message, str) else None
+        except ValueError:
+            event = None
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            return self.error("each message must be a JSON object with a 'type'", "invalid_event")
+        kind, event_id = event["type"], event.get("event_id")
+        try:
+            if kind in ("session.update", "transcription_session.update"):
+                self._update(event.get("session"))
+                self.send("session.updated" if kind == "session.update" else "transcription_session.updated",
+                          session=self.session())
+            elif kind == "input_audio_buffer.append":
+                self._append(event.get("audio"))
+            elif kind == "input_audio_buffer.commit":
+                if self.item is None:
+                    return self.error("the input audio buffer is empty", "input_audio_buffer_commit_empty", event_id)
+                self._end_item(None)
+            elif kind == "input_audio_buffer.clear":
+                if self.item is not None:
+                    self._queue(("clear", self.item, None))
+                    self.item = None
+                self.vad = self._detector()
+                self.send("input_audio_buffer.cleared")
+            else:
+                self.error(f"unknown or unsupported event type {kind[:60]!r}; a transcription session takes "
+                           "session.update and input_audio_buffer.append/commit/clear", "invalid_event_type",
+                           event_id)
+        except ConfigError as e:
+            self.error(str(e), "invalid_value", event_id)
+        except (TypeError, AttributeError, ValueError) as e:   # a field of the wrong JSON type
+            self.error(f"{kind[:60]}: a field has the wrong type or value ({type(e).__name__}: {str(e)[:100]})",
+                       "invalid_value", event_id)
+
+    def _update(self, session) -> None:
+        """Apply a ``session.update``: the GA shape (``audio.input.format/transcription/
+        turn_detection``) or the beta one (``input_audio_format``, ``input_audio_transcription``)."""
+        if not isinstance(session, dict):
+            raise ConfigError("session.update needs a 'session' object")
+        audio = (session.get("audio") or {}).get("input") or {}
+        fmt = audio.get("format", {})
+        if "input_audio_format" in session:
+            fmt = {"type": session["input_audio_format"]}
+        if fmt:
+            kind = fmt.get("type") if isinstance(fmt, dict) else None
+            if kind not in ("audio/pcm", "pcm16"):
+                raise ConfigError(f"input format {kind!r}: only audio/pcm (16-bit little-endian mono) is taken")
+            rate = fmt.get("rate", self.rate)
+            if rate != self.rate:
+                if self.item is not None:
+                    raise ConfigError("the input rate can't change while a turn is open; commit or clear first")
+                self.resampler, self.rate = _StreamResampler(rate), rate
+        transcription = audio.get("transcription", session.get("input_audio_transcription")) or {}
+        if "language" in transcription:
+            language = transcription["language"] or None
+            self.language = None if language is None else _language_code(self.server.model, language)
+        if "prompt" in transcription:
+            self.prompt = transcription["prompt"] or None
+        turn_key = "turn_detection"
+        turn = audio[turn_key] if turn_key in audio else session.get(turn_key, self.turn)
+        if turn is not None and (not isinstance(turn, dict) or turn.get("type", "server_vad") != "server_vad"):
+            raise ConfigError("turn_detection: use {\"type\": \"server_vad\", ...} or null (commit by hand)")
+        if turn != self.turn:
+            self.turn = None if turn is None else {**_TURN_DETECTION, **turn}
+            self.vad = self._detector()
+        if "include" in session:
+            self.tentative = "maxwhisper.tentative" in (session["include"] or [])
+
+    def _append(self, data) -> None:
+        import base64
+        import binascii
+        try:
+            raw = base64.b64decode(data if isinstance(data, str) else "", validate=True)
+        except binascii.Error:
+            raise ConfigError("input_audio_buffer.append: 'audio' must be base64 PCM16") from None
+        if len(raw) % 2:
+            raise ConfigError("input_audio_buffer.append: PCM16 audio has an even number of bytes")
+        x = self.resampler(np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0)
+        if self.vad is None:
+            if self.item is None:
+                self.item = f"item_{os.urandom(8).hex()}"
+            return self._queue(("audio", self.item, x))
+        for action, value in self.vad(x):
+            if action == "start":
+                self.item = f"item_{os.urandom(8).hex()}"
+                self.send("input_audio_buffer.speech_started", audio_start_ms=value, item_id=self.item)
+            elif action == "audio" and self.item is not None:
+                self._queue(("audio", self.item, value))
+            elif action == "stop" and self.item is not None:
+                self.send("input_audio_buffer.speech_stopped", audio_end_ms=value, item_id=self.item)
+                self._end_item(value)
+
+    def _end_item(self, end_ms) -> None:
+        self.send("input_audio_buffer.committed", previous_item_id=self.previous, item_id=self.item)
+        self._queue(("end", self.item, None))
+        self.previous, self.item = self.item, None
+        if self.vad is not None and end_ms is None:                 # committed by hand mid-speech
+            self.vad = self._detector()
+
+    def _queue(self, work: tuple) -> None:
+        n = len(work[2]) if work[0] == "audio" else 0
+        if work[0] == "audio" and n == 0:
+            return
+        with self.cond:
+            if self.behind + n > _MAX_BEHIND * SAMPLE_RATE or len(self.work) >= _MAX_WAITING:
+                raise ConfigError(f"the server is {_MAX_BEHIND:g} s of audio (or {_MAX_WAITING} events) behind "
+                                  "this session; this event was dropped: send audio no faster than real time")
+            self.behind += n
+            self.work.append(work)
+            self.cond.notify()
+
+    # -- the worker: decodes, sends the transcription's events ------------------------------
+
+    def _work(self) -> None:
+        streams: dict[str, StreamingTranscriber] = {}
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.work or self.done)
+                if self.done and not self.work:
+                    return
+                kind, item, x = self.work.popleft()
+                while kind == "audio" and self.work and self.work[0][:2] == ("audio", item):
+                    x = np.concatenate([x, self.work.popleft()[2]])  # catch up in one decoding
+                self.behind -= len(x) if x is not None else 0
+            try:
+                if kind == "clear":
+                    streams.pop(item, None)
+                    continue
+                stream = streams.get(item)
+                if stream is None:
+                    prompt = " ".join(p for p in (self.prompt, self.context[-400:]) if p) or None
+                    stream = streams[item] = self.server.model.stream(
+                        language=self.language, initial_prompt=prompt, name=f"{self.id}/{item}",
+                        runner=self._decode)
+                events = stream.feed(x) if kind == "audio" else stream.close()
+                for e in events:
+                    if e.type == "committed" and e.text:
+                        self.send("conversation.item.input_audio_transcription.delta", item_id=item,
+                                  content_index=0, delta=e.text)
+                    elif e.type == "tentative" and self.tentative:
+                        self.send("maxwhisper.input_audio_transcription.tentative", item_id=item, text=e.text)
+                if kind == "end":
+                    streams.pop(item)
+                    self.context = (self.context + " " + stream.text)[-1000:]
+                    self.send("conversation.item.input_audio_transcription.completed", item_id=item,
+                              content_index=0, transcript=stream.text)
+            except (ConnectionError, OSError):
+                return
+            except Exception as e:  # this item fails; the session goes on
+                log.error("%s/%s: %s: %s", self.id, item, type(e).__name__, e)
+                streams.pop(item, None)
+                with contextlib.suppress(ConnectionError, OSError):
+                    self.send("conversation.item.input_audio_transcription.failed", item_id=item, content_index=0,
+                              error={"type": "server_error", "code": "transcription_failed", "message": str(e)})
+
+    def _decode(self, window: _StreamWindow) -> DecodingResult | None:
+        """Decode a stream window through the server's scheduler (batched with the others)."""
+        import queue
+        job = _Job(window)
+        try:
+            self.server.scheduler.submit(job)
+        except queue.Full:
+            raise CapacityError("the server is busy; this update was skipped") from None
+        deadline = time.monotonic() + self.server.request_timeout
+        while not job.done.wait(0.25):
+            if self.done or time.monotonic() > deadline:
+                job.cancelled = True
+                raise ConnectionError("the session ended")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+
+# The captions page at GET / (plain HTML and JS, no build step): the microphone or a dropped file
+# streamed over the Realtime WebSocket; tentative text grey, committed black; txt/srt downloads.
+_CAPTIONS_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>maxwhisper live captions</title>
+<style>
+body{font:17px/1.5 system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;color:#111}
+button,label.file{font:inherit;padding:.4rem .9rem;margin:0 .4rem .4rem 0;border:1px solid #888;border-radius:6px;background:#f4f4f4;cursor:pointer}
+#drop{border:2px dashed #aaa;border-radius:8px;padding:1rem;margin:1rem 0;color:#555;text-align:center}
+#drop.over{background:#eef}
+#captions{min-height:8rem;border-top:1px solid #ddd;padding-top:1rem}
+#captions p{margin:.3rem 0}.tentative{color:#999}#status{color:#555;font-size:.9rem}
+input{font:inherit;padding:.3rem}
+</style></head><body>
+<h1>Live captions</h1>
+<p><button id="mic">🎤 Start microphone</button>
+<label class="file">Stream a file…<input id="file" type="file" accept="audio/*,video/*" hidden></label>
+<button id="copy">Copy</button><button id="txt">Download .txt</button><button id="srt">Download .srt</button>
+<input id="key" type="password" placeholder="API key (if the server needs one)" size="28"></p>
+<div id="drop">Drop an audio file here to stream it at its own pace</div>
+<p id="status">Idle.</p>
+<div id="captions" aria-live="polite"></div>
+<script>
+"use strict";
+const RATE = 24000, $ = id => document.getElementById(id);
+const items = new Map();       // item id -> {p, committed, tentative, start, end}
+let ws = null, ctx = null, source = null, node = null, stopFile = null, t0 = 0;
+
+function status(text) { $("status").textContent = text; }
+function item(id) {
+  if (!items.has(id)) {
+    const p = document.createElement("p"), c = document.createElement("span"), t = document.createElement("span");
+    t.className = "tentative"; p.append(c, t); $("captions").append(p);
+    items.set(id, {p, c, t, start: null, end: null});
+  }
+  return items.get(id);
+}
+function connect() {
+  return new Promise((resolve, reject) => {
+    if (ws && ws.readyState === WebSocket.OPEN) return resolve(ws);
+    const key = $("key").value.trim(), url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/realtime?intent=transcription";
+    ws = new WebSocket(url, key ? ["realtime", "openai-insecure-api-key." + key] : ["realtime"]);
+    ws.onopen = () => {
+      ws.send(JSON.stringify({type: "session.update", session: {type: "transcription", include: ["maxwhisper.tentative"],
+        audio: {input: {format: {type: "audio/pcm", rate: RATE},
+                        turn_detection: {type: "server_vad", threshold: 0.5, prefix_padding_ms: 300, silence_duration_ms: 700}}}}}));
+      resolve(ws);
+    };
+    ws.onerror = () => { status("Could not connect (is an API key needed?)"); reject(new Error("WebSocket error")); };
+    ws.onclose = e => status("Disconnected" + (e.reason ? ": " + e.reason : "."));
+    ws.onmessage = m => on(JSON.parse(m.data));
+  });
+}
+function on(e) {
+  if (e.type === "input_audio_buffer.speech_started") { item(e.item_id).start = e.audio_start_ms / 1000; status("Listening…"); }
+  else if (e.type === "input_audio_buffer.speech_stopped") item(e.item_id).end = e.audio_end_ms / 1000;
+  else if (e.type === "conversation.item.input_audio_transcription.delta") { const i = item(e.item_id); i.c.textContent += e.delta; i.t.textContent = ""; }
+  else if (e.type === "maxwhisper.input_audio_transcription.tentative") item(e.item_id).t.textContent = e.text;
+  else if (e.type === "conversation.item.input_audio_transcription.completed") { const i = item(e.item_id); i.c.textContent = e.transcript; i.t.textContent = ""; }
+  else if (e.type === "error") status("Error: " + e.error.message);
+}
+function send(samples) {          // Float32Array at RATE -> base64 PCM16 append
+  const pcm = new Int16Array(samples.length);
+  for (let i = 0; i < samples.length; i++) pcm[i] = Math.max(-32768, Math.min(32767, Math.round(samples[i] * 32767)));
+  const bytes = new Uint8Array(pcm.buffer); let bin = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) bin += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({type: "input_audio_buffer.append", audio: btoa(bin)}));
+}
+async function startMic() {
+  await connect();
+  const stream = await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true}});
+  ctx = new AudioContext({sampleRate: RATE});
+  source = ctx.createMediaStreamSource(stream);
+  node = ctx.createScriptProcessor(4096, 1, 1);
+  node.onaudioprocess = ev => send(ev.inputBuffer.getChannelData(0));
+  const mute = ctx.createGain(); mute.gain.value = 0;
+  source.connect(node); node.connect(mute); mute.connect(ctx.destination);
+  $("mic").textContent = "⏹ Stop microphone"; status("Microphone on: speak.");
+}
+function stopMic() {
+  if (source) source.mediaStream.getTracks().forEach(t => t.stop());
+  if (ctx) ctx.close(); ctx = source = node = null;
+  send(new Float32Array(RATE));   // a second of quiet ends the last turn
+  $("mic").textContent = "🎤 Start microphone"; status("Microphone off.");
+}
+$("mic").onclick = () => (ctx ? stopMic() : startMic().catch(e => status("Microphone: " + e.message)));
+async function streamFile(file) {
+  if (stopFile) stopFile();
+  await connect();
+  const decoded = await new OfflineAudioContext(1, 1, RATE).decodeAudioData(await file.arrayBuffer());
+  const off = new OfflineAudioContext(1, Math.ceil(decoded.duration * RATE), RATE), src = off.createBufferSource();
+  src.buffer = decoded; src.connect(off.destination); src.start();
+  const pcm = (await off.startRendering()).getChannelData(0), step = RATE / 10, start = performance.now();
+  let at = 0, stopped = false; stopFile = () => { stopped = true; };
+  status("Streaming " + file.name + " (" + decoded.duration.toFixed(1) + " s)…");
+  while (at < pcm.length && !stopped) {
+    send(pcm.subarray(at, at + step)); at += step;
+    await new Promise(r => setTimeout(r, Math.max(0, start + at / RATE * 1000 - performance.now())));
+  }
+  send(new Float32Array(RATE)); status("Streamed " + file.name + ".");
+}
+$("file").onchange = e => e.target.files[0] && streamFile(e.target.files[0]);
+const drop = $("drop");
+drop.ondragover = e => { e.preventDefault(); drop.classList.add("over"); };
+drop.ondragleave = () => drop.classList.remove("over");
+drop.ondrop = e => { e.preventDefault(); drop.classList.remove("over"); if (e.dataTransfer.files[0]) streamFile(e.dataTransfer.files[0]); };
+function text() { return [...items.values()].map(i => i.c.textContent.trim()).filter(Boolean).join("\n"); }
+function stamp(s) { const ms = Math.round((s || 0) * 1000), h = Math.floor(ms / 3600000), m = Math.floor(ms / 60000) % 60, x = Math.floor(ms / 1000) % 60;
+  return [h, m, x].map(v => String(v).padStart(2, "0")).join(":") + "," + String(ms % 1000).padStart(3, "0"); }
+function srt() { return [...items.values()].filter(i => i.c.textContent.trim()).map((i, k) =>
+  `${k + 1}\n${stamp(i.start)} --> ${stamp(i.end ?? i.start)}\n${i.c.textContent.trim()}\n`).join("\n"); }
+function download(name, body) { const a = document.createElement("a"); a.href = URL.createObjectURL(new Blob([body], {type: "text/plain"})); a.download = name; a.click(); }
+$("copy").onclick = () => navigator.clipboard.writeText(text()).then(() => status("Copied."));
+$("txt").onclick = () => download("transcript.txt", text() + "\n");
+$("srt").onclick = () => download("transcript.srt", srt());
+</script></body></html>
+"""
+
 _FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 _SERVE_SCOPES = ("load", "transcribe", "serve", "logging")
 
 
-_ROUTES = {"/health": "GET", "/ready": "GET", "/metrics": "GET", "/v1/models": "GET",
-           "/v1/audio/transcriptions": "POST", "/v1/audio/translations": "POST"}
+_ROUTES = {"/": "GET", "/health": "GET", "/ready": "GET", "/metrics": "GET", "/v1/models": "GET",
+           "/v1/realtime": "GET", "/v1/audio/transcriptions": "POST", "/v1/audio/translations": "POST"}
 _TASKS = {"/v1/audio/transcriptions": "transcribe", "/v1/audio/translations": "translate"}
 
 
@@ -4355,10 +5316,11 @@ class _HTTPHandler(BaseHTTPRequestHandler):
 class _Handler(_HTTPHandler):
     """The routes: health, readiness, metrics, models and the two transcription routes."""
 
-    def _auth_error(self) -> _ApiError | None:
-        """The 401 to answer when an API key is required and this request lacks it."""
+    def _auth_error(self, key: str | None = None) -> _ApiError | None:
+        """The 401 to answer when an API key is required and this request lacks it (``key``:
+        one given another way, as a browser's WebSocket does)."""
         import hmac
-        given = self.headers.get("Authorization", "")
+        given = self.headers.get("Authorization", "") if key is None else f"Bearer {key}"
         if not self.app.api_key or hmac.compare_digest(given.encode(), f"Bearer {self.app.api_key}".encode()):
             return None
         return _ApiError(401, "missing or wrong API key (Authorization: Bearer …)", kind="authentication_error")
@@ -4369,7 +5331,11 @@ class _Handler(_HTTPHandler):
             if _ROUTES.get(route) != "GET":
                 raise _ApiError(404 if route == "other" else 405, f"no GET route {self.path[:100]}",
                                 headers={} if route == "other" else {"Allow": _ROUTES[route]})
-            if route == "/health":
+            if route == "/v1/realtime":
+                self._realtime()
+            elif route == "/":
+                self._send(200, _CAPTIONS_PAGE, "text/html; charset=utf-8")
+            elif route == "/health":
                 self._send(200, json.dumps({"status": "ok"}))
             elif route == "/ready":
                 ready = app.scheduler is not None and not app.stopping
@@ -4388,6 +5354,51 @@ class _Handler(_HTTPHandler):
         app.count(route, self.status)
 
     do_HEAD = do_GET
+
+    def _realtime(self) -> None:
+        """``GET /v1/realtime?intent=transcription`` with ``Upgrade: websocket``: a Realtime
+        transcription session. The API key comes as ``Authorization: Bearer`` or, from a
+        browser, as the subprotocol ``openai-insecure-api-key.<key>`` (OpenAI's form)."""
+        from urllib.parse import parse_qs, urlsplit
+        app = self.app
+        if (self.headers.get("Upgrade", "").lower() != "websocket"
+                or "upgrade" not in self.headers.get("Connection", "").lower() or self.command != "GET"):
+            raise _ApiError(426, "/v1/realtime is a WebSocket: connect with Upgrade: websocket",
+                            headers={"Upgrade": "websocket"})
+        intent = parse_qs(urlsplit(self.path).query).get("intent", ["transcription"])[0]
+        if intent != "transcription":
+            raise _ApiError(400, f"intent={intent[:50]!r}: this server has transcription sessions only "
+                                 "(?intent=transcription)", "intent")
+        offered = [p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        key = next((p[len("openai-insecure-api-key."):] for p in offered
+                    if p.startswith("openai-insecure-api-key.")), None)
+        denied = self._auth_error(key)
+        if denied:
+            raise denied
+        if app.scheduler is None or app.stopping:
+            raise _ApiError(503, "the model is still loading or the server is stopping; retry shortly",
+                            kind="server_error", headers={"Retry-After": "5"})
+        ws_key = self.headers.get("Sec-WebSocket-Key", "")
+        if self.headers.get("Sec-WebSocket-Version") != "13" or len(ws_key) != 24:
+            raise _ApiError(400, "a WebSocket handshake needs Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key")
+        self.status = 101
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", _websocket_accept(ws_key))
+        if "realtime" in offered:
+            self.send_header("Sec-WebSocket-Protocol", "realtime")
+        self.end_headers()
+        self.close_connection = True
+        self.connection.settimeout(app.request_timeout)     # a session may be quiet a while
+        session = _RealtimeSession(app, _WebSocket(self.rfile, self.connection, _MAX_WS_MESSAGE))
+        with app._lock:
+            app.sessions[session] = self.connection
+        try:
+            session.run()
+        finally:
+            with app._lock:
+                app.sessions.pop(session, None)
 
     def do_POST(self) -> None:
         app, route = self.app, self.route
@@ -4442,9 +5453,58 @@ class _Handler(_HTTPHandler):
         if model not in (self.app.config["model"], "whisper-1"):
             raise _ApiError(400, f"model {model[:100]!r} is not served here; use "
                                  f"{self.app.config['model']!r} or 'whisper-1'", "model")
+        try:
+            stream = _parse_bool(fields.get("stream") or "false")
+        except ValueError:
+            raise _ApiError(400, f"stream={fields['stream'][:20]!r}: use true or false", "stream") from None
+        if stream:
+            if fmt not in ("json", "text"):
+                raise _ApiError(400, "stream=true sends text events: use response_format json or text",
+                                "response_format")
+            return self._transcribe_events(route, fields, audio, filename)
         result, duration = self.app.transcribe(fields, audio, filename, _TASKS[route], self._client_gone)
         content_type, text = _response_body(result, fmt, _TASKS[route], duration)
         self._send(200, text, content_type)
+
+    def _transcribe_events(self, route: str, fields: dict, audio: bytes, filename: str | None) -> None:
+        """``stream=true``: a ``text/event-stream`` of ``transcript.text.delta`` events as the
+        windows are decoded, then ``transcript.text.done`` with the whole text (the deltas
+        add up to it); an error after the first event is an ``error`` event."""
+        sent = ""
+
+        def event(body: dict) -> None:
+            if self.status != 200:
+                self.status = 200
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+            data = f"data: {json.dumps(body)}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+        def delta(text: str) -> None:
+            nonlocal sent
+            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+                event({"type": "transcript.text.delta", "delta": text[len(sent):]})
+                sent = text
+
+        def progress(t: _Transcription) -> None:        # the committed windows' text so far
+            delta(t.tokenizer.decode(t.all_tokens[len(t.initial_prompt):]).strip())
+
+        try:
+            result, duration = self.app.transcribe(fields, audio, filename, _TASKS[route], self._client_gone,
+                                                   progress)
+        except _ApiError as e:
+            if self.status != 200:
+                raise
+            event({"type": "error", "error": json.loads(e.body())["error"]})
+        else:
+            delta(result["text"].strip())
+            event({"type": "transcript.text.done", "text": result["text"].strip(),
+                   "usage": {"type": "duration", "seconds": math.ceil(duration)}})
+        self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
 
 class Server:
     """The HTTP service: the model, the scheduler, limits, metrics.
@@ -4476,6 +5536,7 @@ class Server:
         self.stopping = False
         self.requests: dict[tuple[str, int], int] = {}
         self.cancelled = 0
+        self.sessions: dict[_RealtimeSession, object] = {}    # open Realtime WebSockets -> connection
         self.latency = _Histogram(_LATENCY_BUCKETS)
         handler = type("Handler", (_Handler,), {"app": self, "timeout": s["client_timeout"]})
         try:
@@ -4508,6 +5569,12 @@ class Server:
         self.stopping = True
         self.httpd.shutdown()
         self.httpd.server_close()
+        with self._lock:
+            sessions = list(self.sessions.items())
+        for session, connection in sessions:               # Realtime sessions end: 1001, going away
+            session.ws.close(1001, "the server is shutting down")
+            with contextlib.suppress(OSError):
+                connection.shutdown(0)                    # socket.SHUT_RD: the reader returns
 
     def drain(self, grace: float = 30.0) -> bool:
         """Wait up to ``grace`` s for the requests in flight, then stop the scheduler; True if
@@ -4543,6 +5610,8 @@ class Server:
                                  "transcriptions stopped because their client went away", [("", self.cancelled)])
         lines += _prometheus("maxwhisper_connections_refused_total", "counter",
                              "connections answered 503 past max_connections", [("", self.httpd.refused)])
+        lines += _prometheus("maxwhisper_realtime_sessions", "gauge", "open Realtime transcription WebSockets",
+                             [("", len(self.sessions))])
         lines += _prometheus("maxwhisper_queue_depth", "gauge", "requests queued or being decoded",
                              [("", self.scheduler.depth() if self.scheduler else 0)])
         if self.scheduler:
@@ -4551,10 +5620,13 @@ class Server:
         return text + (self.model.metrics(format="prometheus") if self.model else "")
 
     def transcribe(self, fields: dict, audio: bytes, filename: str | None, task: str,
-                   client_gone: Callable[[], bool] = lambda: False) -> tuple[dict, float]:
+                   client_gone: Callable[[], bool] = lambda: False,
+                   progress: Callable[[_Transcription], None] | None = None) -> tuple[dict, float]:
         """Run one request's transcription through the scheduler; (result, audio seconds).
         When ``client_gone()`` turns true while it waits, the transcription is cancelled: the
-        scheduler drops it at its next window."""
+        scheduler drops it at its next window. ``progress(transcription)`` is called every
+        0.1 s while it waits (a streamed response sends the text decoded so far); an
+        ``OSError`` from it (the client went away) cancels too."""
         import queue
         import tempfile
         if self.model is None or self.scheduler is None:
@@ -4579,7 +5651,13 @@ class Server:
             raise _ApiError(503, f"the server is busy ({self.queue_size} requests queued); retry later",
                             kind="server_error", headers={"Retry-After": "1"})
         deadline = time.monotonic() + self.request_timeout
-        while not job.done.wait(min(0.25, max(0.0, deadline - time.monotonic()))):
+        while not job.done.wait(min(0.1 if progress else 0.25, max(0.0, deadline - time.monotonic()))):
+            if progress:
+                try:
+                    progress(job.transcription)
+                except OSError:
+                    job.cancelled = True
+                    raise _ApiError(499, "the client closed the connection", kind="server_error") from None
             if time.monotonic() >= deadline:
                 job.cancelled = True
                 raise _ApiError(504, f"the transcription took longer than {self.request_timeout:g} s",
@@ -4641,7 +5719,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
 
 
 # =============================================================================================
-# 13. CLI
+# 14. CLI
 # =============================================================================================
 
 _CLI_SCOPES = ("load", "transcribe", "cli", "logging")
@@ -4662,16 +5740,103 @@ def _fallback_schedule(temperature: str | None, increment: str | None) -> str | 
         return temperature                             # Config reports the bad value
 
 
+def _report(e: MaxWhisperError) -> int:
+    """Print an error in one line; the exit code: 1 for a device (internal) error, else 2."""
+    if isinstance(e, DeviceError):
+        sys.stderr.write(f"maxwhisper: internal error: {e}\n")
+        return 1
+    sys.stderr.write(f"maxwhisper: error: {e}\n")
+    return 2
+
+
+def _print_stream(events: list[StreamEvent], state: dict) -> None:
+    """Committed text as it comes, a line per sentence; with ``partial`` (a TTY) the current
+    line is redrawn with the tentative text after it in grey."""
+    out = sys.stdout
+    for e in events:
+        if e.type == "committed":
+            state["line"] += e.text
+            if not state["partial"]:
+                out.write(e.text)
+            if state["line"].rstrip().endswith((".", "?", "!")):
+                out.write(("\r\033[K" + state["line"].strip() if state["partial"] else "") + "\n")
+                state["line"], state["tentative"] = "", ""
+        else:
+            state["tentative"] = e.text
+        if state["partial"]:
+            out.write("\r\033[K" + state["line"].strip() + "\033[90m" + state["tentative"] + "\033[0m")
+    out.flush()
+
+
+def stream_main(argv: Sequence[str]) -> int:
+    """``python -m maxwhisper stream SOURCE``: live transcription of raw 16 kHz mono s16le on
+    stdin (``-``) or of an audio file (``--realtime`` replays it at its own pace)."""
+    parser = _arg_parser("python -m maxwhisper stream", "Live transcription: committed text is printed as "
+                         "it becomes final. SOURCE '-' reads raw 16 kHz mono s16le from stdin, e.g. "
+                         "ffmpeg -i SOURCE -f s16le -ac 1 -ar 16000 - | python -m maxwhisper stream -",
+                         ("load", "logging"))
+    parser.add_argument("source", help="'-' for raw PCM on stdin, or an audio file")
+    parser.add_argument("--language", default=None, help="spoken language (default: detected)")
+    parser.add_argument("--initial_prompt", default=None, help="text to prime the first decoding with")
+    parser.add_argument("--step", type=float, default=0.5, help="seconds of new audio between decodings")
+    parser.add_argument("--partial", action="store_true", help="show the tentative text too (on a TTY)")
+    parser.add_argument("--realtime", action="store_true", help="replay a file at its own pace")
+    args = parser.parse_args(argv)
+    try:
+        cfg = _config_from_args(args, ("load", "logging"))
+        configure_logging(cfg, verbose=True)
+        _CompileProgress.bar = sys.stderr.isatty()
+        stream = load(config=cfg).stream(language=args.language, initial_prompt=args.initial_prompt,
+                                         step=args.step, name=args.source)
+        state = {"line": "", "tentative": "", "partial": args.partial and sys.stdout.isatty()}
+        chunk = SAMPLE_RATE // 10
+        if args.source == "-":
+            fd, rest = sys.stdin.buffer.fileno(), b""
+            while True:
+                data = os.read(fd, 1 << 20)              # all that came during the last decoding
+                if not data:
+                    break
+                data, rest = rest + data, b""
+                if len(data) % 2:
+                    data, rest = data[:-1], data[-1:]
+                _print_stream(stream.feed(np.frombuffer(data, "<i2")), state)
+        else:
+            audio, started, fed = load_audio(args.source), time.perf_counter(), 0
+            while fed < len(audio):
+                due = len(audio)
+                if args.realtime:        # what has "arrived" by now, in whole chunks
+                    due = min(due, int((time.perf_counter() - started) * SAMPLE_RATE) // chunk * chunk)
+                    if due <= fed:
+                        time.sleep((fed + chunk) / SAMPLE_RATE - (time.perf_counter() - started))
+                        continue
+                _print_stream(stream.feed(audio[fed:due]), state)
+                fed = due
+        if state["partial"]:
+            sys.stdout.write("\r\033[K" + state["line"].strip())
+            state["partial"] = False
+        _print_stream(stream.close(), state)
+        if state["line"].strip():
+            sys.stdout.write("\n")
+    except KeyboardInterrupt:
+        return 130
+    except MaxWhisperError as e:
+        return _report(e)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``python -m maxwhisper`` command; returns the process exit code.
 
-    ``python -m maxwhisper serve …`` runs the HTTP server (see ``serve``). Otherwise: 0, every
+    ``python -m maxwhisper serve …`` runs the HTTP server (see ``serve``), ``… stream SOURCE``
+    live transcription (see ``stream_main``). Otherwise: 0, every
     file transcribed; 2, a user error (bad option or config, unreadable audio, missing model),
     reported in one line, other files still processed; 1, an internal error.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
+    if argv[:1] == ["stream"]:
+        return stream_main(argv[1:])
     parser = _arg_parser("python -m maxwhisper", "Transcribe audio files with Whisper running on MAX. "
                          "Flags are named as openai-whisper's; each setting also reads from --config "
                          "and MAXWHISPER_<NAME>.", _CLI_SCOPES)
@@ -4713,12 +5878,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      ", ".join(model.graphs_for()), model.device_name)
             return 0
         os.makedirs(cfg["output_dir"], exist_ok=True)
-    except DeviceError as e:
-        sys.stderr.write(f"maxwhisper: internal error: {e}\n")
-        return 1
     except MaxWhisperError as e:
-        sys.stderr.write(f"maxwhisper: error: {e}\n")
-        return 2
+        return _report(e)
     except OSError as e:
         sys.stderr.write(f"maxwhisper: error: output_dir {cfg['output_dir']}: {e.strerror}\n")
         return 2

@@ -53,6 +53,25 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertEqual(engines["maxwhisper"]["wall_ratio_to_first"], 1.0)
         self.assertIn("| maxwhisper |", proc.stdout)
 
+    def test_stream_replays_through_the_api_and_the_websocket(self):
+        try:
+            import websockets  # noqa: F401
+        except ImportError:
+            self.skipTest("websockets is not installed (pip install websockets)")
+        wav, text = next((w, t) for w, t in support.samples("en") if w.stem == "quick_brown_fox")
+        copy = self.dir / wav.name                               # a .txt beside it is its reference
+        shutil.copy(wav, copy)
+        copy.with_suffix(".txt").write_text(text)
+        out = self.dir / "stream.json"
+        bench("stream", "--audio", copy, "--concurrency", "1", "--memory-minutes", "0.1", "--memory-step", "1",
+              "--json", out)
+        result = json.loads(out.read_text())
+        row = result["clips"][0]
+        self.assertGreater(row["words_matched"], 5)
+        self.assertIn("brown fox", row["text"])
+        self.assertEqual([r["streams"] for r in result["websocket"]], [1])
+        self.assertGreater(result["websocket"][0]["median_latency"], 0)
+
     def test_coldstart_with_empty_caches(self):
         """The Quick start's command with a fresh compile cache and graph store: it compiles the
         two one-op graphs, says so, and prints the sample's words; then warm, and a cold server."""

@@ -1,0 +1,356 @@
+"""Live transcription: the stream resampler, prefix continuation, LocalAgreement commits, the
+CLI's ``stream``, the server's ``stream=true`` events and Realtime WebSocket, and the
+captions page in a real browser."""
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from pathlib import Path
+
+import numpy as np
+
+import support
+from support import mw
+
+from test_server import request, transcribe
+
+
+def chunks(x: np.ndarray, sizes) -> list:
+    out, i, k = [], 0, 0
+    while i < len(x):
+        n = sizes[k % len(sizes)]
+        out.append(x[i:i + n])
+        i, k = i + n, k + 1
+    return out
+
+
+class ResamplerTest(unittest.TestCase):
+    def test_chunked_equals_whole(self):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(50_000).astype(np.float32) * 0.1
+        for rate in (8000, 22050, 24000, 44100, 48000):
+            r = mw._StreamResampler(rate)
+            parts = [r(c) for c in chunks(x, [1, 997, 4800, 333, 12000])] + [r(np.zeros(0, np.float32), final=True)]
+            np.testing.assert_allclose(np.concatenate(parts), mw.resample(x, rate), atol=2e-6, err_msg=str(rate))
+
+    def test_bad_rate_and_chunks_are_typed_errors(self):
+        with self.assertRaises(mw.ConfigError):
+            mw._StreamResampler(1000)
+        with self.assertRaises(mw.AudioError):
+            mw._pcm_float(np.zeros((2, 10), np.float32))
+        with self.assertRaises(mw.AudioError):
+            mw._pcm_float(np.zeros(10, np.int32))
+        np.testing.assert_array_equal(mw._pcm_float(np.array([-32768, 16384], np.int16)), [-1.0, 0.5])
+
+
+class TurnDetectorTest(unittest.TestCase):
+    def test_speech_between_silences_is_one_turn(self):
+        rng = np.random.default_rng(0)
+        quiet, loud = np.zeros(16000, np.float32), (0.1 * rng.standard_normal(16000)).astype(np.float32)
+        vad = mw._TurnDetector(0.5, prefix_padding_ms=300, silence_duration_ms=500)
+        x = np.concatenate([quiet, loud, quiet])
+        events = [e for piece in chunks(x, [999, 4800, 1]) for e in vad(piece)]
+        kinds = [e[0] for e in events]
+        self.assertEqual((kinds[0], kinds[-1], kinds.count("start"), kinds.count("stop")), ("start", "stop", 1, 1))
+        self.assertEqual(events[0][1], 700)                   # 1000 ms, less 300 ms of padding
+        self.assertEqual(events[-1][1], 2500)                 # 2000 ms + 500 ms of quiet
+        audio = np.concatenate([e[1] for e in events if e[0] == "audio"])
+        self.assertEqual(len(audio), 16000 * 18 // 10)        # padding + speech + the quiet until the stop
+        self.assertEqual(mw._TurnDetector(0.5, 0, 500)(quiet), [])
+
+
+class StreamingTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = support.model("tiny.en")
+        cls.samples = {w.stem: (w, text) for w, text in support.samples("en")}
+
+    def test_continue_prefix_continues_the_decoding(self):
+        """Forcing the first tokens of a greedy decoding (timestamps too) as a continued
+        prefix gives back the rest of that decoding, token for token."""
+        m = self.model
+        mel = m.log_mel(mw.load_audio(str(self.samples["counting"][0])), padding=mw.N_SAMPLES)
+        mel = np.pad(mel[:, :mw.N_FRAMES], ((0, 0), (0, max(0, mw.N_FRAMES - mel.shape[1]))))[None, :, :mw.N_FRAMES]
+        cross = m.encode(mel)[1]
+        full = mw.decode_batch(m, m.new_cache(cross), [mw.DecodingOptions(language="en")])[0].tokens
+        ts = m.tokenizer().timestamp_begin
+        self.assertGreater(len(full), 8)
+        for k in (1, 4, len(full) // 2, len(full) - 1):
+            options = mw.DecodingOptions(language="en", prefix=full[:k], continue_prefix=True)
+            rest = mw.decode_batch(m, m.new_cache(cross), [options])[0].tokens
+            self.assertEqual(full[:k] + rest, full, f"prefix of {k} tokens")
+        self.assertGreaterEqual(full[0], ts)                   # k = 1: a timestamp alone
+
+    def feed(self, audio, rate=mw.SAMPLE_RATE, chunk=0.1, int16=False, **options):
+        stream = self.model.stream(**options)
+        events, longest = [], 0
+        x = (np.clip(audio, -1, 1) * 32767).astype(np.int16) if int16 else audio
+        for piece in chunks(x, [int(chunk * rate)]):
+            events += stream.feed(piece, sample_rate=rate)
+            longest = max(longest, len(stream.audio))
+        events += stream.close()
+        return stream, events, longest
+
+    def check_events(self, stream, events):
+        committed = [e for e in events if e.type == "committed"]
+        self.assertEqual("".join(e.text for e in committed), stream.text)
+        ends = [e.end for e in committed]
+        self.assertEqual(ends, sorted(ends))
+        self.assertTrue(all(e.start <= e.end for e in committed))
+
+    def test_short_clips_commit_the_offline_text(self):
+        for name in ("quick_brown_fox", "counting", "hello_world"):
+            wav, text = self.samples[name]
+            audio = mw.load_audio(str(wav))
+            stream, events, _ = self.feed(audio)
+            self.check_events(stream, events)
+            offline = self.model.transcribe(str(wav))["text"].strip()
+            errors, _ = support.word_errors(text, stream.text, True)
+            self.assertLessEqual(errors, support.word_errors(text, offline, True)[0] + 1, (name, stream.text, offline))
+
+    def test_rates_and_int16_give_the_same_text(self):
+        wav, _ = self.samples["quick_brown_fox"]
+        audio = mw.load_audio(str(wav))
+        base = self.feed(audio)[0].text
+        at48k = mw.resample(audio, mw.SAMPLE_RATE, 48000)
+        self.assertEqual(self.feed(at48k, rate=48000, int16=True, chunk=0.02)[0].text, base)
+
+    def test_long_stream_commits_as_it_goes_and_stays_bounded(self):
+        wav = support.long_clip()
+        audio = mw.load_audio(str(wav))
+        stream, events, longest = self.feed(audio)
+        self.check_events(stream, events)
+        committed = [e for e in events if e.type == "committed"]
+        self.assertGreater(len(committed), 20)                          # text leaves as it comes
+        self.assertLessEqual(longest, mw._STREAM_FULL * mw.SAMPLE_RATE + 2 * mw.SAMPLE_RATE)
+        self.assertLessEqual(len(stream.prompt), self.model.dims["n_text_ctx"])
+        reference = wav.with_suffix(".txt").read_text()
+        offline = self.model.transcribe(str(wav))["text"]
+        errors_stream, n = support.word_errors(reference, stream.text, True)
+        errors_offline, _ = support.word_errors(reference, offline, True)
+        self.assertLessEqual(errors_stream, errors_offline + 0.10 * n, (stream.text, offline))
+
+    def test_silence_commits_nothing_and_is_not_decoded(self):
+        decoded = []
+        stream = self.model.stream(runner=lambda w: decoded.append(w) or mw._run_window(self.model, w))
+        for _ in range(50):
+            self.assertEqual(stream.feed(np.zeros(1600, np.float32)), [])
+        self.assertEqual((stream.close(), decoded, stream.text), ([], [], ""))
+        self.assertLessEqual(len(stream.audio), mw.SAMPLE_RATE)
+
+    def test_closed_stream_and_bad_options(self):
+        stream = self.model.stream()
+        stream.close()
+        with self.assertRaises(mw.ConfigError):
+            stream.feed(np.zeros(10, np.float32))
+        with self.assertRaises(mw.ConfigError):
+            self.model.stream(step=0)
+        with self.assertRaises(mw.ConfigError):
+            self.model.stream(language="fr")                # tiny.en is English-only
+        s = self.model.stream()
+        s.feed(np.zeros(10, np.float32), sample_rate=16000)
+        with self.assertRaises(mw.ConfigError):
+            s.feed(np.zeros(10, np.float32), sample_rate=48000)
+
+
+class StreamCliTest(unittest.TestCase):
+    def test_stdin_pcm_prints_committed_text(self):
+        wav, _ = next((w, t) for w, t in support.samples("en") if w.stem == "quick_brown_fox")
+        audio = mw.load_audio(str(wav))
+        pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+        r = subprocess.run([sys.executable, "-m", "maxwhisper", "stream", "-", "--model", "tiny.en"],
+                           input=pcm, capture_output=True, timeout=900, cwd=support.ROOT,
+                           env={**os.environ, "PYTHONPATH": str(support.ROOT)})
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.assertIn("quick brown fox", r.stdout.decode())
+        r = support.run_cli("stream", "--model", "tiny.en", "--step", "0")
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("step", r.stderr)
+
+
+def pcm16_b64(x: np.ndarray) -> str:
+    return base64.b64encode((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+
+
+class StreamServerTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.model = support.model("tiny.en")
+        cls.samples = {w.stem: w for w, _ in support.samples("en")}
+        # seeded: a window decoded again hotter samples the same tokens in every request
+        cls.server = mw.Server(mw.Config.resolve(model="tiny.en", seed=0), port=0, model=cls.model,
+                               api_key="sekret")
+        cls.addr = cls.server.address
+        cls.auth = {"Authorization": "Bearer sekret"}
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.shutdown()
+        cls.server.drain(10)
+
+    def events(self, body: bytes) -> list:
+        return [json.loads(line[6:]) for line in body.decode().split("\n") if line.startswith("data: ")]
+
+    def test_stream_true_deltas_add_up_to_the_response(self):
+        long = support.long_clip().read_bytes()
+        for audio in (self.samples["quick_brown_fox"].read_bytes(), long):
+            status, _, plain = transcribe(self.addr, audio, self.auth)
+            status2, headers, body = transcribe(self.addr, audio, self.auth, stream="true")
+            self.assertEqual((status, status2), (200, 200), body[:300])
+            self.assertEqual(headers["Content-Type"], "text/event-stream")
+            events = self.events(body)
+            deltas = [e["delta"] for e in events if e["type"] == "transcript.text.delta"]
+            self.assertEqual(events[-1]["type"], "transcript.text.done")
+            self.assertEqual("".join(deltas), json.loads(plain)["text"])
+            self.assertEqual(events[-1]["text"], json.loads(plain)["text"])
+        self.assertGreater(len(deltas), 1)                         # the long clip: a delta per window
+        status, _, body = transcribe(self.addr, long, self.auth, stream="true", response_format="srt")
+        self.assertEqual((status, json.loads(body)["error"]["param"]), (400, "response_format"))
+        status, _, body = transcribe(self.addr, b"not audio", self.auth, stream="true")
+        self.assertEqual(status, 400)                              # refused before any event
+
+    def connect(self, subprotocols=("realtime", "openai-insecure-api-key.sekret"), **kw):
+        from websockets.sync.client import connect
+        return connect(f"ws://{self.addr[0]}:{self.addr[1]}/v1/realtime?intent=transcription",
+                       subprotocols=list(subprotocols), open_timeout=30, **kw)
+
+    def receive_until(self, ws, kind, timeout=300):
+        seen, deadline = [], time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            event = json.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+            seen.append(event)
+            if event["type"] == kind:
+                return seen
+        self.fail(f"no {kind} in {[e['type'] for e in seen]}")
+
+    def test_realtime_transcription_with_server_vad(self):
+        try:
+            import websockets  # noqa: F401
+        except ImportError:
+            self.skipTest("websockets is not installed (pip install websockets)")
+        audio = mw.load_audio(str(self.samples["quick_brown_fox"]))
+        x24 = mw.resample(np.concatenate([np.zeros(8000, np.float32), audio, np.zeros(24000, np.float32)]),
+                          mw.SAMPLE_RATE, 24000)
+        with self.connect() as ws:
+            self.assertEqual(ws.subprotocol, "realtime")
+            created = json.loads(ws.recv(timeout=30))
+            self.assertEqual((created["type"], created["session"]["type"]), ("session.created", "transcription"))
+            ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+                "transcription": {"language": "en"}, "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}}}))
+            updated = self.receive_until(ws, "session.updated")[-1]
+            self.assertEqual(updated["session"]["audio"]["input"]["turn_detection"]["silence_duration_ms"], 500)
+            for piece in chunks(x24, [2400]):
+                ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_b64(piece)}))
+            seen = self.receive_until(ws, "conversation.item.input_audio_transcription.completed")
+            kinds = [e["type"] for e in seen]
+            for kind in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                         "input_audio_buffer.committed"):
+                self.assertIn(kind, kinds)
+            started = next(e for e in seen if e["type"] == "input_audio_buffer.speech_started")
+            self.assertAlmostEqual(started["audio_start_ms"], 500, delta=350)
+            completed = seen[-1]
+            deltas = "".join(e["delta"] for e in seen if e["type"].endswith("transcription.delta"))
+            self.assertEqual(deltas, completed["transcript"])
+            self.assertIn("quick brown fox", completed["transcript"])
+            self.assertEqual(completed["item_id"], started["item_id"])
+            # a bad event is an error event; the session goes on
+            ws.send("not json")
+            self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "invalid_event")
+            ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": "***"}))
+            self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "invalid_value")
+            ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "input_audio_buffer_commit_empty")
+            for bad in ({"audio": [1]}, {"audio": {"input": {"format": {"type": "audio/pcm", "rate": "fast"}}}},
+                        {"audio": {"input": {"transcription": {"language": "klingon"}}}}, None):
+                ws.send(json.dumps({"type": "session.update", "session": bad}))
+                self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "invalid_value", bad)
+            ws.send(json.dumps({"type": "response.create"}))
+            self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "invalid_event_type")
+
+    def test_realtime_manual_commit_and_auth(self):
+        try:
+            from websockets.exceptions import ConnectionClosed, InvalidStatus
+        except ImportError:
+            self.skipTest("websockets is not installed (pip install websockets)")
+        with self.assertRaises(InvalidStatus) as refused:
+            self.connect(subprotocols=("realtime",))
+        self.assertEqual(refused.exception.response.status_code, 401)
+        audio = mw.load_audio(str(self.samples["counting"]))
+        with self.connect(subprotocols=(), additional_headers=self.auth) as ws:
+            ws.send(json.dumps({"type": "session.update", "session": {
+                "input_audio_format": "pcm16", "turn_detection": None,
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}))
+            self.receive_until(ws, "session.updated")
+            for piece in chunks(audio, [3200]):
+                ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_b64(piece)}))
+            ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            seen = self.receive_until(ws, "conversation.item.input_audio_transcription.completed")
+            self.assertNotIn("input_audio_buffer.speech_started", [e["type"] for e in seen])
+            self.assertRegex(seen[-1]["transcript"].lower(), r"seven|7")
+            with self.assertRaises(ConnectionClosed):                # over the message limit: closed
+                ws.send("x" * (mw._MAX_WS_MESSAGE + 1))
+                while True:
+                    ws.recv(timeout=30)
+        status, headers, _ = request(self.addr, "GET", "/v1/realtime", headers=self.auth)
+        self.assertEqual(status, 426)
+
+    def test_captions_page(self):
+        status, headers, body = request(self.addr, "GET", "/")
+        self.assertEqual(status, 200)
+        self.assertTrue(headers["Content-Type"].startswith("text/html"))
+        self.assertIn(b"/v1/realtime?intent=transcription", body)
+
+
+def _chromium() -> str | None:
+    return next((p for p in (os.environ.get("MW_CHROMIUM"), shutil.which("chromium"),
+                             shutil.which("chromium-browser"), shutil.which("google-chrome")) if p), None)
+
+
+class CaptionsBrowserTest(unittest.TestCase):
+    """The captions page in Chromium (playwright drives it): its fake microphone plays a WAV,
+    the page streams it over the WebSocket, and the words appear."""
+
+    def test_microphone_to_captions(self):
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError:
+            self.skipTest("playwright is not installed (pip install playwright)")
+        chromium = _chromium()
+        if chromium is None:
+            self.skipTest("no Chromium (apt-get install chromium)")
+        model = support.model("tiny.en")
+        fox = next(w for w, _ in support.samples("en") if w.stem == "quick_brown_fox")
+        folder = Path(tempfile.mkdtemp(prefix="maxwhisper-browser-"))
+        wav = folder / "mic.wav"            # Chromium loops the file: speech, then quiet
+        subprocess.run(["sox", str(fox), "-r", "48000", "-c", "1", str(wav), "pad", "0.5", "3"], check=True) \
+            if shutil.which("sox") else wav.write_bytes(support.wav_bytes(
+                np.concatenate([mw.load_audio(str(fox)), np.zeros(48000, np.float32)]), 16000, 16))
+        server = mw.Server(mw.Config.resolve(model="tiny.en"), port=0, model=model)
+        try:
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=chromium, args=[
+                    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                    f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+                    "--no-sandbox"])
+                page = browser.new_page()
+                page.goto(f"http://{server.address[0]}:{server.address[1]}/")
+                page.click("#mic")
+                page.wait_for_function("document.querySelector('#captions').innerText.toLowerCase()"
+                                       ".includes('brown fox')", timeout=120_000)
+                text = page.inner_text("#captions")
+                browser.close()
+        finally:
+            server.shutdown()
+            server.drain(5)
+        self.assertIn("quick brown fox", text.lower())
+
+
+if __name__ == "__main__":
+    unittest.main()
