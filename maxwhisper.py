@@ -39,8 +39,11 @@ above it:
    10. decoding      logit filters, greedy/sampling and beam search over a batch of windows
    11. transcribe    openai-whisper's long-form algorithm: windows, seeking, fallback, word
                      timing, batches of audios, hallucination guards
-   12. server        ``python -m maxwhisper serve``: OpenAI's transcription API, batched
-   13. CLI           ``python -m maxwhisper audio.wav``
+   12. streaming     live transcription of audio fed in chunks: committed and tentative text
+   13. batch jobs    ``BatchTranscriber`` over files, folders and manifests, resumable; on Ray
+   14. server        ``python -m maxwhisper serve``: OpenAI's transcription API (streamed too),
+                     the Realtime transcription WebSocket, the captions page; batched
+   15. CLI           ``python -m maxwhisper audio.wav``, ``stream``, ``batch``, ``serve``
 
 Truth is openai-whisper: with the same weights and options the greedy transcript is the same
 tokens. The tokenizer and output writers are openai-whisper's own; the encoder and decoder run
@@ -81,8 +84,8 @@ __all__ = [
     "Precision", "load", "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions",
     "DecodingResult", "log_mel_spectrogram", "build_encoder_graph", "build_decoder_graph",
     "build_step_graph", "build_reorder_graph", "build_gather_graph", "build_repack_graph",
-    "build_alignment_graph", "quantize_q4_0", "StreamingTranscriber", "StreamEvent", "Scheduler",
-    "Server", "serve",
+    "build_alignment_graph", "quantize_q4_0", "StreamingTranscriber", "StreamEvent", "BatchTranscriber",
+    "batch_inputs", "Scheduler", "Server", "serve",
 ]
 
 log = logging.getLogger("maxwhisper")
@@ -4315,7 +4318,216 @@ class StreamingTranscriber:
 
 
 # =============================================================================================
-# 13. server
+# 13. batch jobs
+# =============================================================================================
+# ``python -m maxwhisper batch INPUT... --output_dir DIR``: transcribe whole archives, resumably.
+# ``BatchTranscriber`` is the unit of work — a callable over a batch of paths that loads its
+# model once and writes each audio's outputs — so one machine runs it in a loop and a Ray
+# cluster maps it over a dataset with Ray Data (``map_batches``, one model per actor); Ray is
+# imported only for ``--ray``.
+
+AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".webm", ".mp4",
+                    ".mkv", ".mov", ".aiff", ".aif", ".amr")
+_FORMAT_EXTENSIONS = ("txt", "vtt", "srt", "tsv", "json")
+
+
+def _manifest_paths(path: Path) -> list[Path]:
+    """The audio paths a manifest lists: one per line (.txt, .lst), or the ``path``, ``audio``
+    or ``file`` column of a .csv or .jsonl; relative paths are from the manifest's folder."""
+    import csv
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".csv", ".jsonl"):
+        rows = (list(csv.DictReader(text.splitlines())) if path.suffix.lower() == ".csv"
+                else [json.loads(line) for line in text.splitlines() if line.strip()])
+        column = next((c for c in ("path", "audio", "file") if rows and c in rows[0]), None)
+        if column is None:
+            raise ConfigError(f"{path}: a manifest needs a 'path', 'audio' or 'file' column")
+        entries = [str(r[column]) for r in rows]
+    else:
+        entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
+
+
+def batch_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
+    """(audio path, output name) of every input: a file, a folder (its audio files, recursively,
+    named by their path under it), or a manifest (``.txt``/``.lst``/``.csv``/``.jsonl``). A file
+    is named by its stem. Two audios with one output name are a ``ConfigError``."""
+    found: list[tuple[str, str]] = []
+    for given in map(Path, inputs):
+        if given.is_dir():
+            found += [(str(p), str(p.relative_to(given).with_suffix(""))) for p in sorted(given.rglob("*"))
+                      if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS]
+        elif given.suffix.lower() in (".txt", ".lst", ".csv", ".jsonl") and given.is_file():
+            found += [(str(p), p.stem) for p in _manifest_paths(given)]
+        elif given.exists():
+            found.append((str(given), given.stem))
+        else:
+            raise ConfigError(f"{given}: no such file or folder")
+    names: dict[str, str] = {}
+    for path, name in found:
+        if names.setdefault(name, path) != path:
+            raise ConfigError(f"{names[name]} and {path} would write the same outputs ({name}.*); "
+                              "put them in different folders or list them apart")
+    return list(dict.fromkeys(found))
+
+
+def _output_paths(output_dir: str, name: str, output_format: str) -> list[Path]:
+    formats = _FORMAT_EXTENSIONS if output_format == "all" else (output_format,)
+    return [Path(output_dir) / f"{name}.{ext}" for ext in formats]
+
+
+def batch_done(output_dir: str, name: str, output_format: str) -> bool:
+    """Whether an audio's outputs are all there (each is written whole or not at all)."""
+    return all(p.exists() for p in _output_paths(output_dir, name, output_format))
+
+
+def _claim_cores(n: int) -> list:
+    """Pin this process to ``n`` cores no other maxwhisper process on the machine has claimed
+    (a lock file per core, held while the process lives): MAX sizes its thread pool by the
+    cores a process may use, so workers sharing a machine each get their own. Returns the
+    held locks."""
+    import fcntl
+    import tempfile
+    held, cores = [], sorted(os.sched_getaffinity(0))
+    for core in cores:
+        f = open(Path(tempfile.gettempdir()) / f"maxwhisper-core-{core}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        held.append((core, f))
+        if len(held) == n:
+            break
+    os.sched_setaffinity(0, [c for c, _ in held] or cores[:n])
+    return held
+
+
+class BatchTranscriber:
+    """Transcribes a batch of audio files and writes each one's outputs into ``output_dir``
+    (``output_format``: txt, vtt, srt, tsv, json or all; each file written to a temporary name
+    and renamed, so an output is complete or absent). One model per instance, loaded once.
+
+    ``config``: a ``Config``, or a dict of settings (what crosses to another process).
+    ``threads``: cores for this worker, claimed so that workers on one machine do not share.
+    ``transcriber({"path": [...], "name": [...]})`` returns the same columns plus ``status``
+    (``ok``, ``done`` — its outputs were already there — or ``failed``), ``error`` (the typed
+    error's class), ``message``, ``audio_seconds`` and ``text``. A file that fails is reported,
+    never raised: the others in the batch are still transcribed. It imports nothing from Ray:
+    any engine that maps a callable over batches of rows can use it (``batch --ray`` passes it
+    to Ray Data's ``map_batches``).
+    """
+
+    def __init__(self, model: str | None = None, output_dir: str = ".", output_format: str = "txt",
+                 batch_size: int = 8, config: Config | dict | None = None, threads: int | None = None,
+                 **options):
+        self._cores = _claim_cores(threads) if threads else []
+        if output_format not in _FORMAT_EXTENSIONS + ("all",):
+            raise ConfigError(f"output_format={output_format!r}: use txt, vtt, srt, tsv, json or all")
+        self.output_dir, self.output_format, self.batch_size = output_dir, output_format, batch_size
+        self.options = options
+        if isinstance(config, dict):        # settings sent to another process (a Ray actor)
+            config = Config.resolve(**config)
+        self.model = load(model, config=config)
+
+    def __call__(self, batch: dict) -> dict:
+        paths, names = [str(p) for p in batch["path"]], [str(n) for n in batch["name"]]
+        rows = [{"path": p, "name": n, "status": "done", "error": "", "message": "", "audio_seconds": 0.0,
+                 "text": ""} for p, n in zip(paths, names)]
+        todo = [k for k, n in enumerate(names) if not batch_done(self.output_dir, n, self.output_format)]
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i:i + self.batch_size]
+            try:
+                results = transcribe_batch(self.model, [paths[k] for k in chunk], self.batch_size, **self.options)
+            except Exception:  # one bad file spoils the batch: transcribe them one by one
+                results = [self._one(paths[k], rows[k]) for k in chunk]
+            for k, result in zip(chunk, results):
+                if result is not None:
+                    self._write(result, names[k])
+                    rows[k].update(status="ok", text=result["text"].strip(),
+                                   audio_seconds=result["metrics"]["audio_seconds"])
+        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+
+    def _one(self, path: str, row: dict) -> dict | None:
+        try:
+            return transcribe(self.model, path, **self.options)
+        except Exception as e:  # recorded, the batch goes on
+            row.update(status="failed", error=type(e).__name__, message=str(e)[:500])
+            if not isinstance(e, MaxWhisperError):
+                log.error("%s: %s: %s", path, type(e).__name__, e)
+            return None
+
+    def _write(self, result: dict, name: str) -> None:
+        import tempfile
+        final = _output_paths(self.output_dir, name, self.output_format)
+        final[0].parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=final[0].parent, prefix=".maxwhisper-") as tmp:
+            layout = {"highlight_words": False, "max_line_width": None, "max_line_count": None,
+                      "max_words_per_line": None}
+            # the writers name their file after the audio's, less its extension
+            _openai("utils").get_writer(self.output_format, tmp)(result, Path(name).name + ".audio", layout)
+            for path in final:
+                os.replace(Path(tmp) / path.name, path)
+
+
+class _BatchProgress:
+    """Files, audio hours and time left of a batch job on stderr: a bar on a TTY, a line a
+    minute otherwise; the summary at the end."""
+
+    def __init__(self, total: int, done_before: int):
+        self.total, self.done_before, self.started = total, done_before, time.perf_counter()
+        self.ok = self.failed = 0
+        self.audio = 0.0
+        self.logged = self.started
+        self.tty = sys.stderr.isatty()
+
+    def add(self, row: dict) -> None:
+        self.ok += row["status"] in ("ok", "done")       # done: a retried batch's earlier attempt
+        self.failed += row["status"] == "failed"
+        self.audio += float(row["audio_seconds"])
+        finished, now = self.ok + self.failed, time.perf_counter()
+        left = (now - self.started) / finished * (self.total - finished) if finished else 0.0
+        line = (f"{finished}/{self.total} files, {self.audio / 3600:.2f} h of audio, "
+                f"{self.failed} failed, about {left:.0f} s left")
+        if self.tty:
+            width = 30
+            fill = int(width * finished / max(1, self.total))
+            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {line}\033[K")
+            sys.stderr.flush()
+        elif now - self.logged >= 60 or finished == self.total:
+            sys.stderr.write(f"batch: {line}\n")
+            self.logged = now
+
+    def summary(self) -> str:
+        wall = time.perf_counter() - self.started
+        return (f"{self.ok} ok, {self.failed} failed, {self.done_before} done before; {self.audio / 3600:.2f} h "
+                f"of audio in {wall:.1f} s ({self.audio / wall if wall else 0:.1f}x real time)")
+
+
+def _ray_rows(address: str | None, todo: list[tuple[str, str]], kwargs: dict, workers: int, batch_size: int,
+              cpus: float, gpus: float = 0) -> Iterable[dict]:
+    """Run ``BatchTranscriber`` over ``todo`` with Ray Data: ``workers`` actors, each loading
+    the model once; an actor that dies is restarted and its batch retried."""
+    import importlib
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs Ray: pip install -e '.[ray]'") from None
+    ray.init(address=address or None, ignore_reinit_error=True, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}})
+    # a block per batch: Ray Data batches within a block, and a retried block redoes one batch
+    ds = ray.data.from_items([{"path": p, "name": n} for p, n in todo],
+                             override_num_blocks=max(1, -(-len(todo) // batch_size)))
+    # the class as the importable module names it (not __main__'s, under python -m), so that
+    # each actor imports maxwhisper instead of unpickling a copy of it
+    transcriber = importlib.import_module("maxwhisper").BatchTranscriber
+    ds = ds.map_batches(transcriber, fn_constructor_kwargs=kwargs, batch_size=batch_size,
+                        concurrency=workers, num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
+    yield from ds.iter_rows()
+
+
+# =============================================================================================
+# 14. server
 # =============================================================================================
 # ``python -m maxwhisper serve``: OpenAI's /v1/audio/transcriptions and /translations over the
 # standard library's ThreadingHTTPServer. Request threads parse the upload and wait; one
@@ -5614,6 +5826,10 @@ class Server:
                              [("", len(self.sessions))])
         lines += _prometheus("maxwhisper_queue_depth", "gauge", "requests queued or being decoded",
                              [("", self.scheduler.depth() if self.scheduler else 0)])
+        lines += _prometheus("maxwhisper_queue_limit", "gauge", "queue_size + max_batch: the depth past "
+                             "which requests are refused", [("", self.queue_size + self.max_batch)])
+        lines += _prometheus("maxwhisper_ready", "gauge", "1 while /ready answers 200",
+                             [("", int(self.scheduler is not None and not self.stopping))])
         if self.scheduler:
             lines += self.scheduler.batch_sizes.lines("maxwhisper_batch_windows", "windows decoded together per round")
         text = "\n".join(lines) + "\n"
@@ -5719,7 +5935,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
 
 
 # =============================================================================================
-# 14. CLI
+# 15. CLI
 # =============================================================================================
 
 _CLI_SCOPES = ("load", "transcribe", "cli", "logging")
@@ -5824,11 +6040,80 @@ def stream_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def batch_main(argv: Sequence[str]) -> int:
+    """``python -m maxwhisper batch INPUT... --output_dir DIR``: a resumable batch job over files,
+    folders and manifests, on this machine or (``--ray``) a Ray cluster; exit code 0 when it
+    ran to the end (files that failed are in ``DIR/failures.jsonl``), 2 for a user error."""
+    scopes = ("load", "transcribe", "logging")
+    parser = _arg_parser("python -m maxwhisper batch", "Transcribe files, folders and manifests into "
+                         "--output_dir, skipping inputs whose outputs are complete (a second run does what "
+                         "is missing); failures go to DIR/failures.jsonl.", scopes)
+    parser.add_argument("inputs", nargs="+", help="audio files, folders (recursive) or manifests "
+                                                  "(.txt/.lst lines, .csv/.jsonl with a path column)")
+    parser.add_argument("--output_dir", "--output-dir", required=True, help="where the outputs go")
+    parser.add_argument("--output_format", "--output-format", default="txt",
+                        choices=_FORMAT_EXTENSIONS + ("all",), help="output format(s)")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=8, help="files decoded together")
+    parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run on a Ray cluster (a local one without an ADDRESS)")
+    parser.add_argument("--workers", type=int, default=1, help="Ray actors, each with its own model")
+    parser.add_argument("--threads", type=int, default=None, help="cores per worker (default: all it gets)")
+    parser.add_argument("--gpus", type=float, default=0, help="GPUs per Ray actor (with --device gpu)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = _config_from_args(args, scopes)
+        configure_logging(cfg, verbose=False)            # the progress line says how it goes
+        if args.batch_size < 1 or args.workers < 1:
+            raise ConfigError("--batch_size and --workers must be at least 1")
+        inputs = batch_inputs(args.inputs)
+        todo = [(p, n) for p, n in inputs if not batch_done(args.output_dir, n, args.output_format)]
+        sys.stderr.write(f"batch: {len(inputs)} inputs, {len(inputs) - len(todo)} done before, {len(todo)} to do\n")
+        os.makedirs(args.output_dir, exist_ok=True)
+        options = {k: v for k, v in cfg.scope("transcribe").items() if k != "verbose"}
+        kwargs = dict(model=cfg["model"], output_dir=args.output_dir, output_format=args.output_format,
+                      batch_size=args.batch_size, threads=args.threads, **options)
+        progress, failures = _BatchProgress(len(todo), len(inputs) - len(todo)), []
+        if args.ray is None:
+            transcriber = BatchTranscriber(config=cfg, **kwargs)
+            step = args.batch_size
+            rows = (row for i in range(0, len(todo), step) for row in _rows(transcriber(
+                {"path": [p for p, _ in todo[i:i + step]], "name": [n for _, n in todo[i:i + step]]})))
+        else:
+            rows = _ray_rows(args.ray, todo, {**kwargs, "config": cfg.scope("load")}, args.workers, args.batch_size,
+                             args.threads or 1, args.gpus)
+        for row in rows:
+            progress.add(row)
+            if row["status"] == "failed":
+                failures.append({k: row[k] for k in ("path", "name", "error", "message")})
+        if progress.tty:
+            sys.stderr.write("\n")
+        _write_jsonl(Path(args.output_dir) / "failures.jsonl", failures)
+        sys.stdout.write(f"batch: {progress.summary()}\n")
+    except KeyboardInterrupt:
+        return 130
+    except MaxWhisperError as e:
+        return _report(e)
+    return 0
+
+
+def _rows(columns: dict) -> list[dict]:
+    keys = list(columns)
+    return [dict(zip(keys, values)) for values in zip(*columns.values())] if keys else []
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write JSON lines whole (a temporary file renamed over the old one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``python -m maxwhisper`` command; returns the process exit code.
 
     ``python -m maxwhisper serve …`` runs the HTTP server (see ``serve``), ``… stream SOURCE``
-    live transcription (see ``stream_main``). Otherwise: 0, every
+    live transcription (see ``stream_main``), ``… batch INPUT…`` a resumable batch job (see
+    ``batch_main``). Otherwise: 0, every
     file transcribed; 2, a user error (bad option or config, unreadable audio, missing model),
     reported in one line, other files still processed; 1, an internal error.
     """
@@ -5837,6 +6122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(argv[1:])
     if argv[:1] == ["stream"]:
         return stream_main(argv[1:])
+    if argv[:1] == ["batch"]:
+        return batch_main(argv[1:])
     parser = _arg_parser("python -m maxwhisper", "Transcribe audio files with Whisper running on MAX. "
                          "Flags are named as openai-whisper's; each setting also reads from --config "
                          "and MAXWHISPER_<NAME>.", _CLI_SCOPES)
