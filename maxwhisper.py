@@ -3824,12 +3824,12 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
     todo = list(range(len(jobs)))
     half_ctx = model.dims["n_text_ctx"] // 2 - 1
     for i, t in enumerate(temperatures):
+        options = {k: jobs[k].options(t) for k in todo}
         groups: dict[tuple, list[int]] = {}
         for k in todo:                            # windows whose initial tokens line up
-            prefix = jobs[k].options(t).prefix or ()
-            groups.setdefault((len(jobs[k].prompt[-half_ctx:]), len(prefix)), []).append(k)
+            groups.setdefault((len(jobs[k].prompt[-half_ctx:]), len(options[k].prefix or ())), []).append(k)
         for ks in groups.values():
-            opts = [jobs[k].options(t) for k in ks]
+            opts = [options[k] for k in ks]
             cache = model.new_cache(_cross_part(model, cross, ks), batch=len(ks) * opts[0].group_size())
             for k, r in zip(ks, decode_batch(model, cache, opts, [jobs[k].rng for k in ks])):
                 results[k] = r
