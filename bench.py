@@ -278,7 +278,8 @@ for name, (types, body, ext) in graphs.items():
 def _fresh_caches(root: Path) -> dict:
     """An environment with an empty MAX compile cache and an empty graph store under root."""
     root.mkdir(parents=True)
-    return {**os.environ, "MODULAR_CACHE_DIR": str(root / "modular"), "MAXWHISPER_GRAPH_CACHE": str(root / "graphs"),
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}    # as on a user's machine
+    return {**env, "MODULAR_CACHE_DIR": str(root / "modular"), "MAXWHISPER_GRAPH_CACHE": str(root / "graphs"),
             "PYTHONPATH": str(ROOT)}
 
 
@@ -899,19 +900,12 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
 
 def _replay_api(m: mw.Model, audio: np.ndarray, step: float) -> dict:
     """Feed ``audio`` through ``Model.stream`` at its own pace, 100 ms at a time."""
-    stream, commits, chunk, fed = m.stream(step=step), [], mw.SAMPLE_RATE // 10, 0
+    stream, commits = m.stream(step=step), []
     cpu, started = time.process_time(), time.perf_counter()
-    while fed < len(audio):
-        # what a live source has produced by now: the chunks that came during a decoding
-        # arrive together, as a microphone's buffer delivers them
-        due = min(len(audio), int((time.perf_counter() - started) * mw.SAMPLE_RATE) // chunk * chunk)
-        if due <= fed:
-            time.sleep((fed + chunk) / mw.SAMPLE_RATE - (time.perf_counter() - started))
-            continue
-        for e in stream.feed(audio[fed:due]):
+    for piece in mw._arrivals(audio, started=started):
+        for e in stream.feed(piece):
             if e.type == "committed":
                 commits.append((e.text, time.perf_counter() - started))
-        fed = due
     for e in stream.close():
         commits.append((e.text, time.perf_counter() - started))
     wall = time.perf_counter() - started

@@ -641,6 +641,15 @@ def _openai_dir() -> Path:
     return Path(spec.origin).parent
 
 
+def _openai_version() -> str:
+    """openai-whisper's ``__version__``, read from its ``version.py`` (importlib.metadata
+    would scan site-packages, ~0.2 s of a process start)."""
+    import re
+    text = (_openai_dir() / "version.py").read_text()
+    found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text)
+    return found.group(1) if found else "unknown"
+
+
 def _mel_filters(n_mels: int) -> np.ndarray:
     """openai-whisper's mel filterbank [n_mels, 201] (librosa's slaney filters, shipped as data)."""
     with np.load(_openai_dir() / "assets" / "mel_filters.npz") as f:
@@ -907,7 +916,9 @@ def graph_weights(weights: "Weights", params: Sequence[Param]) -> list[np.ndarra
         if p.parts:
             arrays = [weights.state.get(part) if part else None for part in p.parts]
             like = next(a for a in arrays if a is not None)
-            a = arrays[0] if len(arrays) == 1 else np.concatenate([np.zeros_like(like) if x is None else x for x in arrays])
+            joined = None if any(x is None for x in arrays) else _adjacent(arrays)
+            a = (arrays[0] if len(arrays) == 1 else joined.reshape(p.shape) if joined is not None
+                 else np.concatenate([np.zeros_like(like) if x is None else x for x in arrays]))
         else:
             a = weights.state[p.name]
         out.append(a if p.layout is None else np.ascontiguousarray(a.transpose(p.layout)))
@@ -1017,8 +1028,49 @@ def _checked(state: dict, dims: dict, source, heads=None) -> Weights:
             raise ModelError(f"{source}: {dims[f'n_{side}_head']} heads of width "
                              f"{dims[f'n_{side}_state']}; maxwhisper runs Whisper's 64-wide heads only")
     _check_state(state, dims, source)
-    return Weights(dims=dims, state=state, source=str(source),
+    return Weights(dims=dims, state=_in_graph_order(state, dims), source=str(source),
                    alignment_heads=[tuple(h) for h in heads] if heads else None)
+
+
+def _in_graph_order(state: dict, dims: dict) -> dict:
+    """Move every parameter of ``state`` into one new float32 buffer, in the order the graphs
+    take them: the encoder's inputs, then the decoder's float32 kinds, then its
+    ``low_precision`` ones (``weight_spec``, grouped as ``_DeviceWeights._pack`` groups them),
+    a fused input's parts side by side. A float16 checkpoint is widened here, once, and the
+    decoder's packed weights are then a view of this buffer (``_adjacent``), not a copy of
+    it: a tiny.en warm start saves ~0.15 s and a copy of the model's memory. Each entry is
+    replaced as it is copied, so the loader's array can go at once: the peak is the buffer
+    and what the loader still holds."""
+    spec = weight_spec(dims)
+    decoder = [p for p in spec if p.graph == "decoder"]
+    order = [p for p in spec if p.graph == "encoder"] + sorted(decoder, key=lambda p: p.low_precision)
+    names = list(dict.fromkeys(n for p in order for n in (p.parts or (p.name,)) if n in state))
+    buffer = np.empty(sum(state[n].size for n in names), np.float32)
+    at = 0
+    for n in names:
+        part = buffer[at:at + state[n].size].reshape(state[n].shape)
+        part[...] = state[n]
+        state[n] = part
+        at += part.size
+    return state
+
+
+def _adjacent(arrays: Sequence[np.ndarray]) -> np.ndarray | None:
+    """One 1-D float32 view spanning ``arrays`` when they are C-contiguous float32 views lying
+    back to back in the same buffer, in order (as ``_in_graph_order`` lays them); else None."""
+    if not arrays:
+        return None
+    root = arrays[0].base if arrays[0].base is not None else arrays[0]
+    if not isinstance(root, np.ndarray) or root.dtype != np.float32 or not root.flags.c_contiguous:
+        return None
+    start = end = arrays[0].__array_interface__["data"][0]
+    for a in arrays:
+        if (a.base is not root or a.dtype != np.float32 or not a.flags.c_contiguous
+                or a.__array_interface__["data"][0] != end):
+            return None
+        end += a.nbytes
+    first = (start - root.__array_interface__["data"][0]) // 4
+    return root.reshape(-1)[first:first + (end - start) // 4]
 
 
 # CTranslate2 (faster-whisper) ----------------------------------------------------------------
@@ -1028,7 +1080,7 @@ _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float1
 
 def _read_ct2_model_bin(path: Path) -> dict:
     """Parse a CTranslate2 ``model.bin`` (format version 5 or 6) into {name: numpy array},
-    floats widened to float32."""
+    float16 as stored (``_in_graph_order`` widens it), bfloat16 widened to float32."""
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -1063,7 +1115,7 @@ def _read_ct2_model_bin(path: Path) -> dict:
                     raise ModelError(f"{path}: variable {name} has unknown dtype code {code}")
                 dtype = _CT2_DTYPES[code]
                 raw = _read_exact(f, nbytes, path)
-                out[name] = (_widen(raw, dtype, shape) if dtype in (np.float16, "bfloat16")
+                out[name] = (_widen(raw, dtype, shape) if dtype == "bfloat16"
                              else np.frombuffer(raw, dtype).reshape(shape))
             (n_alias,) = take("<I")
             for _ in range(n_alias):
@@ -1076,24 +1128,23 @@ def _read_ct2_model_bin(path: Path) -> dict:
 
 def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict]:
     """Rename and split CTranslate2 Whisper variables into openai-whisper's state dict."""
-    f32 = lambda a: np.ascontiguousarray(a, np.float32)   # noqa: E731
     state: dict = {}
 
     def linear(dst, src, has_bias=True):
-        state[f"{dst}.weight"] = f32(v[f"{src}/weight"])
+        state[f"{dst}.weight"] = v[f"{src}/weight"]
         if has_bias:
-            state[f"{dst}.bias"] = f32(v[f"{src}/bias"])
+            state[f"{dst}.bias"] = v[f"{src}/bias"]
 
     def norm(dst, src):
-        state[f"{dst}.weight"], state[f"{dst}.bias"] = f32(v[f"{src}/gamma"]), f32(v[f"{src}/beta"])
+        state[f"{dst}.weight"], state[f"{dst}.bias"] = v[f"{src}/gamma"], v[f"{src}/beta"]
 
     def split(dst_names, src):
         w, b = v[f"{src}/weight"], v[f"{src}/bias"]
         d = w.shape[1]
         for i, dst in enumerate(dst_names):
-            state[f"{dst}.weight"] = f32(w[i * d:(i + 1) * d])
+            state[f"{dst}.weight"] = w[i * d:(i + 1) * d]
             if not dst.endswith(".key"):
-                state[f"{dst}.bias"] = f32(b[i * d:(i + 1) * d])
+                state[f"{dst}.bias"] = b[i * d:(i + 1) * d]
 
     try:
         for side in ("encoder", "decoder"):
@@ -1113,10 +1164,10 @@ def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict]:
                 norm(f"{o}.mlp_ln", f"{s}/ffn/layer_norm")
         linear("encoder.conv1", "encoder/conv1")
         linear("encoder.conv2", "encoder/conv2")
-        state["encoder.positional_embedding"] = f32(v["encoder/position_encodings/encodings"])
+        state["encoder.positional_embedding"] = v["encoder/position_encodings/encodings"]
         norm("encoder.ln_post", "encoder/layer_norm")
-        state["decoder.token_embedding.weight"] = f32(v["decoder/embeddings/weight"])
-        state["decoder.positional_embedding"] = f32(v["decoder/position_encodings/encodings"])
+        state["decoder.token_embedding.weight"] = v["decoder/embeddings/weight"]
+        state["decoder.positional_embedding"] = v["decoder/position_encodings/encodings"]
         norm("decoder.ln", "decoder/layer_norm")
     except KeyError as e:
         raise ModelError(f"{path}: CTranslate2 Whisper model lacks variable {e.args[0]}") from None
@@ -1665,13 +1716,14 @@ class _GraphStore:
             self.folder = _cache_dir() / "graphs"
         else:
             self.folder = Path(setting).expanduser()
-        from importlib.metadata import version
         import hashlib
         import platform
+        from max import _core
         h = hashlib.sha256(_graph_source().encode())
         for f in sorted(KERNELS_DIR.glob("*.mojo")):    # whether this model uses them or not
             h.update(f.name.encode() + f.read_bytes())
-        h.update(f"max {version('max')} {platform.machine()} {device}".encode())
+        # max._core's version, not importlib.metadata's: that import scans site-packages (~0.2 s)
+        h.update(f"max {_core.__version__} {platform.machine()} {device}".encode())
         try:
             h.update(device.architecture_name.encode())       # accelerators
         except Exception:                                      # CPUs: the instruction sets
@@ -2584,12 +2636,18 @@ class _DeviceWeights:
         return _bfloat16(array).to(self.device)            # bfloat16, or a Q4_0 model's token table
 
     def _end_to_end(self, weights: Weights, params: list[Param], bf16: bool = False) -> tuple[np.ndarray, list]:
-        """``params`` in graph layout, end to end in one new array (float32, or bfloat16 bits),
-        and each one's view of it; the state's arrays become views of it too (``_share``)."""
+        """``params`` in graph layout, end to end in one array (float32, or bfloat16 bits), and
+        each one's view of it; the state's arrays become views of it too (``_share``). float32
+        weights that ``load_weights`` laid out in this order already are used in place."""
+        arrays = graph_weights(weights, params)
+        flat = None if bf16 else _adjacent(arrays)
+        if flat is not None:
+            for p, a in zip(params, arrays):
+                self._share(weights, p, a)
+            return flat, arrays
         flat = np.empty(sum(math.prod(p.shape) for p in params), np.uint16 if bf16 else np.float32)
         parts, at = [], 0
-        for p in params:
-            a = graph_weights(weights, [p])[0]
+        for p, a in zip(params, arrays):
             part = flat[at:at + a.size].reshape(a.shape)
             part[...] = _bfloat16_bits(a) if bf16 else a
             self._share(weights, p, part)
@@ -2878,8 +2936,35 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     """
     given = dict(model=model, device=device, kernels=kernels, dtype=dtype)
     cfg = config.override(**given) if isinstance(config, Config) else Config.resolve(config, **given)
-    return Model(load_weights(cfg["model"]), device=cfg["device"], config=cfg, warmup=warmup,
+    # Reading the checkpoint is file reads and numpy casts, which release the GIL; importing
+    # MAX (~0.2 s) is Python: on a warm start the two overlap.
+    reading = _Background(load_weights, cfg["model"])
+    import max.driver, max.engine, max.graph  # noqa: E401,F401
+    return Model(reading.result(), device=cfg["device"], config=cfg, warmup=warmup,
                  kernels=cfg["kernels"], dtype=cfg["dtype"])
+
+
+class _Background:
+    """``fn(*args)`` on a daemon thread; ``result()`` waits for it and returns its value or
+    raises its exception in the caller."""
+
+    def __init__(self, fn: Callable, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True,
+                                        name=f"maxwhisper-{fn.__name__}")
+        self._thread.start()
+
+    def _run(self, fn: Callable, args: tuple) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as e:                   # handed to the caller of result()
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 # =============================================================================================
@@ -2975,7 +3060,9 @@ class SuppressBlank:
     """At the first sampled position, forbid a blank (space) or end-of-text token."""
 
     def __init__(self, tokenizer, sample_begin: int):
-        self.ids = tokenizer.encode(" ") + [tokenizer.eot]
+        # a plain space holds no special token: skipping tiktoken's check of them saves
+        # compiling its regex of every special token (~0.15 s of a process's first window)
+        self.ids = tokenizer.encode(" ", disallowed_special=()) + [tokenizer.eot]
         self.sample_begin = sample_begin
 
     def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
@@ -3167,8 +3254,7 @@ def _non_speech_tokens(tokenizer) -> list[int]:
     suppresses), kept in the cache folder by vocabulary and openai-whisper version: computing
     them compiles tiktoken's regex of every special token, 0.2-0.4 s of a process's first
     transcript. Safe under concurrent first use (one lock; the file is written whole)."""
-    from importlib.metadata import version
-    key = f"{tokenizer.encoding.name}/{tokenizer.num_languages}/openai-whisper {version('openai-whisper')}"
+    key = f"{tokenizer.encoding.name}/{tokenizer.num_languages}/openai-whisper {_openai_version()}"
     if key in _NON_SPEECH:
         return _NON_SPEECH[key]
     with _NON_SPEECH_LOCK:
@@ -4521,8 +4607,11 @@ def _ray_rows(address: str | None, todo: list[tuple[str, str]], kwargs: dict, wo
     # the class as the importable module names it (not __main__'s, under python -m), so that
     # each actor imports maxwhisper instead of unpickling a copy of it
     transcriber = importlib.import_module("maxwhisper").BatchTranscriber
+    # one block in flight per actor: Ray Data's default queues several on the first actor up,
+    # and a small job then runs on one actor while the others idle
+    pool = ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1)
     ds = ds.map_batches(transcriber, fn_constructor_kwargs=kwargs, batch_size=batch_size,
-                        concurrency=workers, num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
+                        compute=pool, num_cpus=cpus, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)
     yield from ds.iter_rows()
 
 
@@ -5984,6 +6073,24 @@ def _print_stream(events: list[StreamEvent], state: dict) -> None:
     out.flush()
 
 
+def _arrivals(audio: np.ndarray, realtime: bool = True, started: float | None = None,
+              chunk: int = SAMPLE_RATE // 10) -> Iterable[np.ndarray]:
+    """``audio`` in the pieces a live source delivers: with ``realtime``, at each call the whole
+    ``chunk``s that have played since ``started`` (default: the first call) and not been
+    given yet, so that the chunks that came during a slow decoding arrive together, as from a
+    microphone's buffer (waiting for the next chunk when none has); else all of it at once."""
+    started, fed = time.perf_counter() if started is None else started, 0
+    while fed < len(audio):
+        due = len(audio)
+        if realtime:
+            due = min(due, int((time.perf_counter() - started) * SAMPLE_RATE) // chunk * chunk)
+            if due <= fed:
+                time.sleep(max(0.0, (fed + chunk) / SAMPLE_RATE - (time.perf_counter() - started)))
+                continue
+        yield audio[fed:due]
+        fed = due
+
+
 def stream_main(argv: Sequence[str]) -> int:
     """``python -m maxwhisper stream SOURCE``: live transcription of raw 16 kHz mono s16le on
     stdin (``-``) or of an audio file (``--realtime`` replays it at its own pace)."""
@@ -6005,7 +6112,6 @@ def stream_main(argv: Sequence[str]) -> int:
         stream = load(config=cfg).stream(language=args.language, initial_prompt=args.initial_prompt,
                                          step=args.step, name=args.source)
         state = {"line": "", "tentative": "", "partial": args.partial and sys.stdout.isatty()}
-        chunk = SAMPLE_RATE // 10
         if args.source == "-":
             fd, rest = sys.stdin.buffer.fileno(), b""
             while True:
@@ -6017,16 +6123,8 @@ def stream_main(argv: Sequence[str]) -> int:
                     data, rest = data[:-1], data[-1:]
                 _print_stream(stream.feed(np.frombuffer(data, "<i2")), state)
         else:
-            audio, started, fed = load_audio(args.source), time.perf_counter(), 0
-            while fed < len(audio):
-                due = len(audio)
-                if args.realtime:        # what has "arrived" by now, in whole chunks
-                    due = min(due, int((time.perf_counter() - started) * SAMPLE_RATE) // chunk * chunk)
-                    if due <= fed:
-                        time.sleep((fed + chunk) / SAMPLE_RATE - (time.perf_counter() - started))
-                        continue
-                _print_stream(stream.feed(audio[fed:due]), state)
-                fed = due
+            for piece in _arrivals(load_audio(args.source), args.realtime):
+                _print_stream(stream.feed(piece), state)
         if state["partial"]:
             sys.stdout.write("\r\033[K" + state["line"].strip())
             state["partial"] = False

@@ -34,6 +34,18 @@ class WeightsTest(unittest.TestCase):
         self.assertEqual((missing, unexpected), ([], []))
         self.assertTrue(all(a.dtype == np.float32 for a in w.state.values()))
 
+    def test_weights_are_laid_out_for_the_packed_decoder(self):
+        # load_weights puts the decoder's matrices end to end in the step op's order, so
+        # packing them for it takes a view (a warm start's copy of the model saved)
+        spec = [p for p in mw.weight_spec(self.tiny.dims) if p.graph == "decoder" and p.low_precision]
+        flat = mw._adjacent(mw.graph_weights(self.tiny, spec))
+        self.assertEqual(flat.size, sum(np.prod(p.shape) for p in spec))
+        self.assertTrue(np.shares_memory(flat, self.tiny.state["decoder.token_embedding.weight"]))
+        a = np.arange(10, dtype=np.float32)
+        np.testing.assert_array_equal(mw._adjacent([a[0:3], a[3:5].reshape(2, 1)]), a[:5])
+        for apart in ([a[0:3], a[4:5]], [a[3:5], a[0:3]], [a[0:3], np.zeros(2, np.float32)], [a[::2]]):
+            self.assertIsNone(mw._adjacent(apart))
+
     def test_openai_checkpoint_round_trip(self):
         import torch
         path = self.dir / "tiny.en.pt"
