@@ -298,27 +298,40 @@ def _first_transcript(model: str, clip: Path, env: dict, out: str) -> tuple[floa
     return seconds, (Path(out) / f"{clip.stem}.txt").read_text().strip(), compiled
 
 
-def _server_ready(model: str, env: dict) -> float:
-    """Seconds from ``python -m maxwhisper serve`` to its /ready answering 200."""
+def _start_server(model: str, *flags: str, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """``python -m maxwhisper serve --model MODEL --port 0 FLAGS`` in its own process, returned
+    with its port once ``/ready`` answers 200 (stderr kept drained); the process is stopped and
+    RuntimeError raised if it exits first."""
     import re
     import threading
     import urllib.request
-    t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "maxwhisper", "serve", "--model", model, "--port", "0"],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "maxwhisper", "serve", "--model", model, "--port", "0", *flags],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env=env or {**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         port = int(re.search(r":(\d+) ", proc.stderr.readline()).group(1))
         threading.Thread(target=proc.stderr.read, daemon=True).start()          # keep the pipe drained
         while proc.poll() is None:
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready").status == 200:
-                    return time.perf_counter() - t
+                    return proc, port
             except OSError:
                 time.sleep(0.2)
         raise RuntimeError(f"the server exited with {proc.returncode} before /ready")
-    finally:
+    except BaseException:
         proc.terminate()
         proc.wait()
+        raise
+
+
+def _server_ready(model: str, env: dict) -> float:
+    """Seconds from ``python -m maxwhisper serve`` to its /ready answering 200."""
+    t = time.perf_counter()
+    proc, _ = _start_server(model, env=env)
+    seconds = time.perf_counter() - t
+    proc.terminate()
+    proc.wait()
+    return seconds
 
 
 def coldstart(args) -> dict:
@@ -805,23 +818,10 @@ def _post_clip(port: int, name: str, data: bytes) -> tuple[int, str]:
 def _load_run(args, clips: list[Path], max_batch: int) -> dict:
     """Start a server with ``max_batch``, drive it with ``args.clients`` clients for
     ``args.seconds``, check every transcript; the server is stopped with SIGTERM."""
-    import re
     import signal
     import threading
-    import urllib.request
-    proc = subprocess.Popen([sys.executable, "-m", "maxwhisper", "serve", "--model", args.model, "--port", "0",
-                             "--max-batch", str(max_batch), "--queue-size", str(4 * args.clients)],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc, port = _start_server(args.model, "--max-batch", str(max_batch), "--queue-size", str(4 * args.clients))
     try:
-        port = int(re.search(r":(\d+) ", proc.stderr.readline()).group(1))
-        threading.Thread(target=proc.stderr.read, daemon=True).start()          # keep the pipe drained
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready").status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
         data = {c.name: c.read_bytes() for c in clips}
         seconds = {c.name: len(mw.load_audio(c)) / mw.SAMPLE_RATE for c in clips}
         expected = {name: _post_clip(port, name, d)[1] for name, d in data.items()}
@@ -951,22 +951,6 @@ def _proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _stream_server(model: str):
-    import re
-    import urllib.request
-    proc = subprocess.Popen([sys.executable, "-m", "maxwhisper", "serve", "--model", model, "--port", "0",
-                             "--max-batch", "16"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    port = int(re.search(r":(\d+) ", proc.stderr.readline()).group(1))
-    threading.Thread(target=proc.stderr.read, daemon=True).start()
-    while True:
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready").status == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.5)
-
-
 def stream_bench(args) -> dict:
     """Live transcription of long clips replayed in real time: through ``Model.stream`` and
     through the server's Realtime WebSocket with 1..N concurrent streams; commit latency
@@ -1000,7 +984,7 @@ def stream_bench(args) -> dict:
                   f"{r['wer_stream']:.1f}", f"{r['wer_offline']:.1f}", f"{r['cpu_cores']:.2f}"] for r in result["clips"]])
     if args.concurrency:
         del m                                               # the server holds its own copy
-        proc, port = _stream_server(args.model)
+        proc, port = _start_server(args.model, "--max-batch", "16")
         runs = []
         try:
             for n in [int(c) for c in args.concurrency.split(",")]:
