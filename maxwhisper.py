@@ -1671,10 +1671,15 @@ class _CompileProgress:
             if not running:
                 continue
             share, left = self.status()
-            filled = int(30 * share)
-            sys.stderr.write(f"\r\033[Kcompiling the {running[0]} graph [{'#' * filled}{'.' * (30 - filled)}] "
+            sys.stderr.write(f"\r\033[Kcompiling the {running[0]} graph {_bar(share)} "
                              f"{100 * share:3.0f}%  ~{left:.0f} s left (once; later starts take a second)")
             sys.stderr.flush()
+
+
+def _bar(share: float, width: int = 30) -> str:
+    """A progress bar for a terminal line: ``[####......]`` filled to ``share`` (0 to 1)."""
+    filled = int(width * min(max(share, 0.0), 1.0))
+    return f"[{'#' * filled}{'.' * (width - filled)}]"
 
 
 def _graph_source() -> str:
@@ -4576,9 +4581,7 @@ class _BatchProgress:
         line = (f"{finished}/{self.total} files, {self.audio / 3600:.2f} h of audio, "
                 f"{self.failed} failed, about {left:.0f} s left")
         if self.tty:
-            width = 30
-            fill = int(width * finished / max(1, self.total))
-            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {line}\033[K")
+            sys.stderr.write(f"\r{_bar(finished / max(1, self.total))} {line}\033[K")
             sys.stderr.flush()
         elif now - self.logged >= 60 or finished == self.total:
             sys.stderr.write(f"batch: {line}\n")
