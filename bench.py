@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 import maxwhisper as mw
-from tests.support import (MODEL_DIMS, hf_model, multipart, random_whisper, sample_files, save_ct2,  # audio sets, WER,
-                           save_pt, speech_clip, tokenizer_for, word_errors)                  # random models
+from tests.support import (MODEL_DIMS, hf_model, multipart, random_whisper, sample_files,  # audio sets, WER,
+                           save_ct2, save_pt, speech_clip, story_clips, tokenizer_for,    # random models
+                           word_errors)
 
 ROOT = Path(__file__).resolve().parent
 PROBE_KERNELS = ROOT / "bench_kernels"           # the read-rate probe's Mojo op
@@ -958,11 +959,11 @@ def stream_bench(args) -> dict:
     memory of one long stream."""
     import signal
     workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-stream-"))
-    clips = audio_arg(args.audio) if args.audio else [speech_clip(workdir / "long_70s.wav")]
+    clips = audio_arg(args.audio) if args.audio else story_clips(workdir)
     m = mw.load(args.model, device="cpu")
     english = not m.is_multilingual
     result = {"command": "stream", "model": args.model, "step": args.step, "clips": [], "machine": machine()}
-    refs = {}
+    refs, errors, latencies = {}, np.zeros(3), []
     for clip in clips:
         audio = mw.load_audio(str(clip))
         reference = clip.with_suffix(".txt").read_text() if clip.with_suffix(".txt").exists() else None
@@ -972,16 +973,24 @@ def stream_bench(args) -> dict:
         refs[clip] = (audio, reference or offline, words)
         api = _replay_api(m, audio, args.step)
         lat = _word_latencies(words, api["commits"])
-        wer = lambda text: 100 * np.divide(*word_errors(reference or offline, text, english))  # noqa: E731
+        (wrong, n), (wrong_offline, _) = (word_errors(reference or offline, text, english) for text in (api["text"], offline))
+        errors += [wrong, wrong_offline, n]
+        latencies += lat
         row = {"clip": clip.name, "seconds": len(audio) / mw.SAMPLE_RATE, "median_latency": _percentiles(lat)[0],
-               "p95_latency": _percentiles(lat)[1], "words_matched": len(lat), "wer_stream": wer(api["text"]),
-               "wer_offline": wer(offline), "wer_against": "reference" if reference else "offline",
+               "p95_latency": _percentiles(lat)[1], "words_matched": len(lat), "wer_stream": 100 * wrong / n,
+               "wer_offline": 100 * wrong_offline / n, "wer_against": "reference" if reference else "offline",
                "cpu_cores": api["cpu"], "text": api["text"]}
         result["clips"].append(row)
+    # every clip's words together: WER as total errors over total words, latency over all words
+    result["all"] = {"seconds": sum(r["seconds"] for r in result["clips"]), "median_latency": _percentiles(latencies)[0],
+                     "p95_latency": _percentiles(latencies)[1], "wer_stream": 100 * errors[0] / errors[2],
+                     "wer_offline": 100 * errors[1] / errors[2],
+                     "cpu_cores": float(np.mean([r["cpu_cores"] for r in result["clips"]]))}
     print_table(f"stream: {args.model}, Python API, real-time replay, step {args.step} s",
                 ["clip", "audio s", "latency median s", "p95 s", "WER stream %", "WER offline %", "CPU cores"],
-                [[r["clip"], f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
-                  f"{r['wer_stream']:.1f}", f"{r['wer_offline']:.1f}", f"{r['cpu_cores']:.2f}"] for r in result["clips"]])
+                [[name, f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
+                  f"{r['wer_stream']:.1f}", f"{r['wer_offline']:.1f}", f"{r['cpu_cores']:.2f}"]
+                 for name, r in [(r["clip"], r) for r in result["clips"]] + [("all", result["all"])]])
     if args.concurrency:
         del m                                               # the server holds its own copy
         proc, port = _start_server(args.model, "--max-batch", "16")
@@ -1124,7 +1133,7 @@ def main(argv=None) -> int:
     sz.add_argument("--steps", type=int, default=32)
     sz.add_argument("--half", action="store_true", help="write the .pt in float16, as openai-whisper ships them")
     sm = sub.add_parser("stream", parents=[common], help="live transcription replayed in real time")
-    sm.add_argument("--audio", nargs="*", help="long clips (default: a generated 70 s clip); a .txt beside "
+    sm.add_argument("--audio", nargs="*", help="long clips (default: five generated one-minute clips); a .txt beside "
                                               "a clip is its reference text")
     sm.add_argument("--step", type=float, default=0.5, help="the streams' step (seconds between decodings)")
     sm.add_argument("--concurrency", default="1,2,4", help="WebSocket streams at once, comma-separated ('' skips)")

@@ -43,6 +43,61 @@ LONG_TEXT = (
 )
 
 
+# More minute-long texts on other subjects, for measurements that need more than one clip's
+# words (a streamed transcript's WER next to the offline one's: one clip is ~170 words, so two
+# points of WER are three or four words).
+STORY_TEXTS = {
+    "weather": (
+        "Every morning before dawn, a small team at the weather station climbs the hill to read the "
+        "instruments. They write down the temperature, the pressure of the air and the speed of the "
+        "wind, and they look at the clouds to see how high and how thick they are. A balloon filled "
+        "with gas carries a little radio into the sky, and as it rises it sends back numbers about "
+        "the cold, thin air far above the ground. All of these numbers travel to large computers that "
+        "divide the whole planet into boxes and work out how the air in each box will move during the "
+        "next hours. The answers are never perfect, because small changes grow quickly, so the "
+        "forecasters run the same model many times with slightly different starting values. When most "
+        "of the runs agree, they can say with confidence that it will rain tomorrow afternoon. When "
+        "the runs disagree, the honest forecast is a range, and a good forecaster explains why."
+    ),
+    "bread": (
+        "To bake a simple loaf of bread you need only flour, water, salt and yeast. Mix five hundred "
+        "grams of flour with ten grams of salt and a small spoon of dry yeast, then pour in about "
+        "three hundred and fifty millilitres of warm water. Stir until no dry flour is left, cover "
+        "the bowl and let it rest for half an hour. Then knead the dough on a clean table for ten "
+        "minutes, pushing it away with the heel of your hand and folding it back, until it feels "
+        "smooth and springs back when you press it. Put it back in the bowl and wait until it has "
+        "doubled in size, which takes one or two hours in a warm kitchen. Shape it gently into a "
+        "round loaf, place it on a floured tray and let it rise once more. Bake it in a hot oven for "
+        "about forty minutes. The bread is ready when the crust is dark brown and the bottom sounds "
+        "hollow when you knock on it."
+    ),
+    "harbour": (
+        "The old harbour was busy long before the sun came up. Fishing boats returned from the open "
+        "sea with their lights still burning, and the crews lifted heavy boxes of fish onto the stone "
+        "quay. Buyers from the restaurants walked between the boxes, lifting a fish here and there to "
+        "look at its eyes and smell its skin, and then they shouted their prices to the auctioneer. "
+        "Gulls circled above the market and waited for anything that fell. By eight o'clock the fish "
+        "had been sold and loaded into small white vans, and the fishermen sat down together at the "
+        "cafe on the corner to drink coffee and talk about the weather, the price of fuel and the "
+        "new rules about nets. Later in the day the harbour grew quiet. Children jumped from the "
+        "wall into the cold green water, tourists took photographs of the painted boats, and an old "
+        "man mended a torn net in the shade, just as his father had done."
+    ),
+    "moon": (
+        "The moon is the only natural satellite of the earth, and it is about a quarter of the size "
+        "of our planet. It takes roughly twenty seven days to travel once around us, and because it "
+        "turns on its own axis in the same time, we always see the same face. The light we call "
+        "moonlight is sunlight reflected from its grey surface of dust and rock. Its gravity pulls on "
+        "the oceans and raises the tides, two high waters and two low waters almost every day. Long "
+        "ago, scientists believe, a body the size of Mars struck the young earth, and the moon formed "
+        "from the cloud of rock that was thrown into space. In nineteen sixty nine two astronauts "
+        "walked on its surface for the first time and brought back samples that are still studied "
+        "today. Several countries now plan to return, to build a base near the south pole, where "
+        "deep craters may hold ice that could give future visitors water and fuel."
+    ),
+}
+
+
 def speech_clip(path: Path, text: str = LONG_TEXT, repeat: int = 1) -> Path:
     """Speak ``text`` (``repeat`` times) into a WAV with espeak-ng, with its .txt reference."""
     if shutil.which("espeak-ng") is None:
@@ -51,6 +106,12 @@ def speech_clip(path: Path, text: str = LONG_TEXT, repeat: int = 1) -> Path:
     subprocess.run(["espeak-ng", "-s", "140", "-w", str(path), full], check=True)
     path.with_suffix(".txt").write_text(full)
     return path
+
+
+def story_clips(folder: Path) -> list[Path]:
+    """The long clip and one clip per ``STORY_TEXTS`` entry, spoken into ``folder``."""
+    return [speech_clip(folder / "long_70s.wav")] + [speech_clip(folder / f"{name}.wav", text)
+                                                     for name, text in STORY_TEXTS.items()]
 
 
 def sample_files(lang: str = "en") -> list[Path]:

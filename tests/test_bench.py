@@ -69,6 +69,7 @@ class BenchSmokeTest(unittest.TestCase):
         row = result["clips"][0]
         self.assertGreater(row["words_matched"], 5)
         self.assertIn("brown fox", row["text"])
+        self.assertAlmostEqual(result["all"]["wer_stream"], row["wer_stream"])     # one clip: all = it
         self.assertEqual([r["streams"] for r in result["websocket"]], [1])
         self.assertGreater(result["websocket"][0]["median_latency"], 0)
 
