@@ -973,7 +973,8 @@ def stream_bench(args) -> dict:
         refs[clip] = (audio, reference or offline, words)
         api = _replay_api(m, audio, args.step)
         lat = _word_latencies(words, api["commits"])
-        (wrong, n), (wrong_offline, _) = (word_errors(reference or offline, text, english) for text in (api["text"], offline))
+        (wrong, n), (wrong_offline, _) = (word_errors(reference or offline, text, english)
+                                          for text in (api["text"], offline))
         errors += [wrong, wrong_offline, n]
         latencies += lat
         row = {"clip": clip.name, "seconds": len(audio) / mw.SAMPLE_RATE, "median_latency": _percentiles(lat)[0],
@@ -982,15 +983,15 @@ def stream_bench(args) -> dict:
                "cpu_cores": api["cpu"], "text": api["text"]}
         result["clips"].append(row)
     # every clip's words together: WER as total errors over total words, latency over all words
-    result["all"] = {"seconds": sum(r["seconds"] for r in result["clips"]), "median_latency": _percentiles(latencies)[0],
-                     "p95_latency": _percentiles(latencies)[1], "wer_stream": 100 * errors[0] / errors[2],
-                     "wer_offline": 100 * errors[1] / errors[2],
+    result["all"] = {"clip": "all", "seconds": sum(r["seconds"] for r in result["clips"]),
+                     "median_latency": _percentiles(latencies)[0], "p95_latency": _percentiles(latencies)[1],
+                     "wer_stream": 100 * errors[0] / errors[2], "wer_offline": 100 * errors[1] / errors[2],
                      "cpu_cores": float(np.mean([r["cpu_cores"] for r in result["clips"]]))}
     print_table(f"stream: {args.model}, Python API, real-time replay, step {args.step} s",
                 ["clip", "audio s", "latency median s", "p95 s", "WER stream %", "WER offline %", "CPU cores"],
-                [[name, f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
+                [[r["clip"], f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
                   f"{r['wer_stream']:.1f}", f"{r['wer_offline']:.1f}", f"{r['cpu_cores']:.2f}"]
-                 for name, r in [(r["clip"], r) for r in result["clips"]] + [("all", result["all"])]])
+                 for r in result["clips"] + [result["all"]]])
     if args.concurrency:
         del m                                               # the server holds its own copy
         proc, port = _start_server(args.model, "--max-batch", "16")
