@@ -277,11 +277,12 @@ for name, (types, body, ext) in graphs.items():
 
 
 def _fresh_caches(root: Path) -> dict:
-    """An environment with an empty MAX compile cache and an empty graph store under root."""
+    """An environment with an empty MAX compile cache, graph store and user cache folder (where
+    maxwhisper keeps the tokenizer's vocabulary and assembles base) under root."""
     root.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}    # as on a user's machine
     return {**env, "MODULAR_CACHE_DIR": str(root / "modular"), "MAXWHISPER_GRAPH_CACHE": str(root / "graphs"),
-            "PYTHONPATH": str(ROOT)}
+            "XDG_CACHE_HOME": str(root / "cache"), "PYTHONPATH": str(ROOT)}
 
 
 def _first_transcript(model: str, clip: Path, env: dict, out: str) -> tuple[float, str, dict]:

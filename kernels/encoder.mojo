@@ -4,8 +4,11 @@ from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from std.math import erf
 from std.utils import StaticTuple
+from std.math import exp
+from std.runtime import parallelism_level
+from std.utils.numerics import min_or_neg_inf
 
-from .attention import D, QB, _attend_cpu_block
+from .attention import D
 from .linear import _layer_norm
 
 comptime V = 16          # float32 lanes of one AVX-512 register
@@ -76,23 +79,27 @@ def _gemm[gelu: Bool, residual: Bool, biased: Bool](
     ldr: Int,
     m: Int,
     k: Int,
+    pk: Pointer[Float32, MutAnyOrigin],
 ) raises:
-    """o = act(x w + bias) (+ res) for x [m, k] (rows ldx apart), w [k, n]; the cores share
-    work items of MB rows x 64 columns."""
+    """o = act(x w + bias) (+ res) for x [m, k] (rows ldx apart), w [k, n]; pk (k x n floats)
+    receives W's 64-column panels, each contiguous, packed once for every row block; the cores
+    share work items of MB rows x 64 columns."""
     var panels = n // NT
     var blocks = (m + MB - 1) // MB
 
-    def work(i: Int) raises {var o, var ldo, var x, var ldx, var w, var n, var bias, var res, var ldr, var m, var k, var panels}:
-        var b = i // panels
-        var n0 = (i % panels) * NT
-        var panel = List[Float32](unsafe_uninit_length=k * NT)     # W's 64 columns, contiguous
-        var pp = panel.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+    def pack(p: Int) raises {var w, var n, var k, var pk}:
+        var dst = pk.unsafe_offset(p * k * NT)
         for kk in range(k):
             comptime for c in range(NV):
-                pp.unsafe_offset(kk * NT + c * V).unsafe_store(w.unsafe_offset(kk * n + n0 + c * V).unsafe_load[width=V]())
-        _gemm_rows[gelu, residual, biased](o.unsafe_offset(n0), ldo, x, ldx, pp, NT, bias.unsafe_offset(n0),
+                dst.unsafe_offset(kk * NT + c * V).unsafe_store(w.unsafe_offset(kk * n + p * NT + c * V).unsafe_load[width=V]())
+
+    sync_parallelize(pack, panels)
+
+    def work(i: Int) raises {var o, var ldo, var x, var ldx, var n, var bias, var res, var ldr, var m, var k, var panels, var pk}:
+        var b = i // panels
+        var n0 = (i % panels) * NT
+        _gemm_rows[gelu, residual, biased](o.unsafe_offset(n0), ldo, x, ldx, pk.unsafe_offset(n0 * k), NT, bias.unsafe_offset(n0),
                                            res.unsafe_offset(n0), ldr, b * MB, min(m, b * MB + MB), 0, k)
-        _ = panel^
 
     sync_parallelize(work, blocks * panels)
 
@@ -129,11 +136,148 @@ def _heads_t[kv: DType](dst: Pointer[Scalar[kv], MutAnyOrigin], src: Pointer[Flo
     sync_parallelize(work, batch * heads)
 
 
+comptime QE = 48         # queries per encoder attention block: their scores (QE x keys) stay in L2
+comptime KC = 128        # keys per chunk of the output product: 32 KB of values stay in L1
+
+
+def _key_panels(kp: Pointer[Float32, MutAnyOrigin], k: Pointer[Float32, MutAnyOrigin],
+                batch: Int, heads: Int, s: Int, sp: Int) raises:
+    """Keys, rows [batch * s, heads * 64], to per-head panels of 64 keys, dim-major:
+    kp[bh, key // 64, dim, key % 64]; keys s .. sp - 1 (sp: s rounded up to 64) are zero."""
+    var d = heads * D
+    var panels = sp // NT
+
+    def work(i: Int) raises {var kp, var k, var heads, var s, var d, var panels}:
+        var bh = i // panels
+        var p = i % panels
+        var src = k.unsafe_offset((bh // heads) * s * d + (bh % heads) * D)
+        var dst = kp.unsafe_offset(i * D * NT)
+        for t in range(NT):
+            var key = p * NT + t
+            if key < s:
+                var row = src.unsafe_offset(key * d)
+                for j in range(D):
+                    dst[unsafe_offset=j * NT + t] = row[unsafe_offset=j]
+            else:
+                for j in range(D):
+                    dst[unsafe_offset=j * NT + t] = 0.0
+
+    sync_parallelize(work, batch * heads * panels)
+
+
+def _attend_rows(o: Pointer[Float32, MutAnyOrigin], q: Pointer[Float32, MutAnyOrigin],
+                 kp: Pointer[Float32, MutAnyOrigin], v: Pointer[Float32, MutAnyOrigin],
+                 sc: Pointer[Float32, MutAnyOrigin], heads: Int, s: Int, sp: Int, bh: Int, q0: Int):
+    """softmax(q k^T / 8) v for queries q0 .. q0 + QE - 1 (those below s) of (batch, head) bh,
+    into o's head columns; q, v and o rows [batch * s, heads * 64], keys as `_key_panels`, sc a
+    QE x sp scratch. Both products run on `_gemm_rows`' 6 x 64 register tile: scores 6 queries
+    x 64 keys over the 64 dims, outputs 6 queries x 64 dims over the keys; the softmax's
+    division is applied to the outputs."""
+    var d = heads * D
+    var nq = min(QE, s - q0)
+    var col = (bh // heads) * s * d + (bh % heads) * D
+    var qb = q.unsafe_offset(col + q0 * d)
+    var vb = v.unsafe_offset(col)
+    var kb = kp.unsafe_offset(bh * sp * D)
+    var inv = StaticTuple[Float32, QE](0)
+    for p in range(sp // NT):                    # a panel of 64 keys (16 KB) serves every query tile
+        var panel = kb.unsafe_offset(p * D * NT)
+        var m = 0
+        while m < nq:
+            var rows = min(MR, nq - m)
+            var xo = StaticTuple[Int, MR](0)
+            comptime for r in range(MR):
+                xo[r] = (m + min(r, rows - 1)) * d
+            var acc = StaticTuple[SIMD[DType.float32, V], MR * NV](SIMD[DType.float32, V](0))
+            for j in range(D):
+                var wv = StaticTuple[SIMD[DType.float32, V], NV](SIMD[DType.float32, V](0))
+                comptime for c in range(NV):
+                    wv[c] = panel.unsafe_offset(j * NT + c * V).unsafe_load[width=V]()
+                comptime for r in range(MR):
+                    var xs = SIMD[DType.float32, V](qb[unsafe_offset=xo[r] + j])
+                    comptime for c in range(NV):
+                        acc[r * NV + c] += xs * wv[c]
+            comptime for r in range(MR):
+                if r < rows:
+                    comptime for c in range(NV):
+                        sc.unsafe_offset((m + r) * sp + p * NT + c * V).unsafe_store(acc[r * NV + c] * 0.125)
+            m += MR
+    var n_vec = s // V * V
+    for r in range(nq):
+        var row = sc.unsafe_offset(r * sp)
+        var mv = SIMD[DType.float32, V](min_or_neg_inf[DType.float32]())
+        for j in range(0, n_vec, V):
+            mv = max(mv, row.unsafe_offset(j).unsafe_load[width=V]())
+        var mx = mv.reduce_max()
+        for j in range(n_vec, s):
+            mx = max(mx, row[unsafe_offset=j])
+        var tv = SIMD[DType.float32, V](0)
+        for j in range(0, n_vec, V):
+            var e = exp(row.unsafe_offset(j).unsafe_load[width=V]() - mx)
+            row.unsafe_offset(j).unsafe_store(e)
+            tv += e
+        var total = tv.reduce_add()
+        for j in range(n_vec, s):
+            var e = exp(row[unsafe_offset=j] - mx)
+            row[unsafe_offset=j] = e
+            total += e
+        inv[r] = 1.0 / total
+    var cacc = sc.unsafe_offset(QE * sp)         # QE x 64 sums while the keys go by in chunks
+    for j0 in range(0, s, KC):
+        var j1 = min(s, j0 + KC)
+        var m = 0
+        while m < nq:
+            var rows = min(MR, nq - m)
+            var po = StaticTuple[Int, MR](0)
+            comptime for r in range(MR):
+                po[r] = (m + min(r, rows - 1)) * sp
+            var acc = StaticTuple[SIMD[DType.float32, V], MR * NV](SIMD[DType.float32, V](0))
+            if j0 > 0:
+                comptime for r in range(MR):
+                    comptime for c in range(NV):
+                        acc[r * NV + c] = cacc.unsafe_offset((m + r) * NT + c * V).unsafe_load[width=V]()
+            for j in range(j0, j1):
+                var vrow = vb.unsafe_offset(j * d)
+                var wv = StaticTuple[SIMD[DType.float32, V], NV](SIMD[DType.float32, V](0))
+                comptime for c in range(NV):
+                    wv[c] = vrow.unsafe_offset(c * V).unsafe_load[width=V]()
+                comptime for r in range(MR):
+                    var ps = SIMD[DType.float32, V](sc[unsafe_offset=po[r] + j])
+                    comptime for c in range(NV):
+                        acc[r * NV + c] += ps * wv[c]
+            comptime for r in range(MR):
+                comptime for c in range(NV):
+                    cacc.unsafe_offset((m + r) * NT + c * V).unsafe_store(acc[r * NV + c])
+            m += MR
+    for r in range(nq):
+        comptime for c in range(NV):
+            o.unsafe_offset(col + (q0 + r) * d + c * V).unsafe_store(cacc.unsafe_offset(r * NT + c * V).unsafe_load[width=V]() * inv[r])
+
+
+def _attend_all(o: Pointer[Float32, MutAnyOrigin], q: Pointer[Float32, MutAnyOrigin],
+                kp: Pointer[Float32, MutAnyOrigin], v: Pointer[Float32, MutAnyOrigin],
+                batch: Int, heads: Int, s: Int, sp: Int) raises:
+    """Self-attention of every query block (`_attend_rows`); each core takes a contiguous run
+    of blocks with one scratch."""
+    var blocks = (s + QE - 1) // QE
+    var items = batch * heads * blocks
+    var runs = min(items, parallelism_level())
+
+    def work(i: Int) raises {var o, var q, var kp, var v, var heads, var s, var sp, var blocks, var items, var runs}:
+        var scratch = List[Float32](unsafe_uninit_length=QE * sp + (QE + MR) * NT)
+        var sc = scratch.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+        for item in range(i * items // runs, (i + 1) * items // runs):
+            _attend_rows(o, q, kp, v, sc, heads, s, sp, item // blocks, (item % blocks) * QE)
+        _ = scratch^
+
+    sync_parallelize(work, runs)
+
+
 @extensibility.register("whisper_encoder")
 struct WhisperEncoder:
     """Whisper's audio encoder in one op (CPU, float32): the two convolutions (as matrix
     products over overlapping rows of the transposed mel, no copies), the positional embedding,
-    every block (attention by `_attend_cpu_block`, the rest by `_gemm` with its bias, GELU and
+    every block (attention by `_attend_all`, the rest by `_gemm` with its bias, GELU and
     residual folded into the stores), the final norm, then each decoder layer's cross-attention
     keys and values.
 
@@ -175,20 +319,18 @@ struct WhisperEncoder:
             raise Error("whisper_encoder: ", size, " weights are not an encoder of width ", d, " and ", n_mels, " mels")
         var n_layer = (size - fixed) // block
 
-        var buf = List[Float32](length=10 * m * d + (2 * s + 2) * (n_mels + d), fill=0.0)
+        var buf = List[Float32](length=10 * m * d + (2 * s + 2) * (n_mels + d) + 4 * d * d, fill=0.0)
         var x = buf.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()     # residual stream [m, d]
         var h = x.unsafe_offset(m * d)                   # normed rows
         var q = h.unsafe_offset(m * d)
         var k = q.unsafe_offset(m * d)
         var v = k.unsafe_offset(m * d)
         var att = v.unsafe_offset(m * d)
-        var f = att.unsafe_offset(m * d)                 # [m, 4d] MLP hidden; keys and values per head first
+        var f = att.unsafe_offset(m * d)                 # [m, 4d] MLP hidden; the keys' panels first
         var kt = f
-        var vh = f.unsafe_offset(m * d)
         var tmel = f.unsafe_offset(4 * m * d)            # one window's mel, transposed, a zero frame each side
         var c1 = tmel.unsafe_offset((2 * s + 2) * n_mels)    # conv1's output, a zero row each side
-        var keys = List[Int64](length=s, fill=Int64(s))
-        var lens = keys.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+        var pk = c1.unsafe_offset((2 * s + 2) * d)         # a matrix's packed panels
         var wp = weights.unsafe_ptr()
         var mp = mel.unsafe_ptr()
 
@@ -203,12 +345,12 @@ struct WhisperEncoder:
                 for t in range(2 * s):
                     tmel[unsafe_offset=(t + 1) * n_mels + c] = src[unsafe_offset=c * 2 * s + t]
             # conv1 (kernel 3, pad 1): output t reads frames t-1, t, t+1 = rows t .. t+2 of tmel
-            _gemm[True, False, True](c1.unsafe_offset(d), d, tmel, n_mels, conv1, d, conv1_b, c1, d, 2 * s, 3 * n_mels)
+            _gemm[True, False, True](c1.unsafe_offset(d), d, tmel, n_mels, conv1, d, conv1_b, c1, d, 2 * s, 3 * n_mels, pk)
             # conv2 (stride 2): output t reads conv1 rows 2t-1 .. 2t+1 = 3d floats from c1 + 2t d
-            _gemm[True, True, True](x.unsafe_offset(b * s * d), d, c1, 2 * d, conv2, d, conv2_b, pos, d, s, 3 * d)
+            _gemm[True, True, True](x.unsafe_offset(b * s * d), d, c1, 2 * d, conv2, d, conv2_b, pos, d, s, 3 * d, pk)
 
         var p = pos.unsafe_offset(s * d)
-        var n_blocks = (s + QB - 1) // QB
+        var sp = (s + NT - 1) // NT * NT
         for _ in range(n_layer):
             var wq = p.unsafe_offset(2 * d)
             var bq = wq.unsafe_offset(d * d)
@@ -223,20 +365,16 @@ struct WhisperEncoder:
             var w2 = b1.unsafe_offset(4 * d)
             var b2 = w2.unsafe_offset(4 * d * d)
             _norm_rows(h, x, p, m, d)
-            _gemm[False, False, True](q, d, h, d, wq, d, bq, q, d, m, d)
-            _gemm[False, False, False](k, d, h, d, wk, d, bq, k, d, m, d)
-            _gemm[False, False, True](v, d, h, d, wv, d, bv, v, d, m, d)
-            _heads_t[DType.float32](kt, k, batch, heads, s, True)
-            _heads_t[DType.float32](vh, v, batch, heads, s, False)
+            _gemm[False, False, True](q, d, h, d, wq, d, bq, q, d, m, d, pk)
+            _gemm[False, False, False](k, d, h, d, wk, d, bq, k, d, m, d, pk)
+            _gemm[False, False, True](v, d, h, d, wv, d, bv, v, d, m, d, pk)
+            _key_panels(kt, k, batch, heads, s, sp)
 
-            def attend(i: Int) raises {var att, var q, var kt, var vh, var lens, var heads, var s, var d, var n_blocks}:
-                _attend_cpu_block[DType.float32](att, q, kt, vh, lens, heads, s, d, s, i // n_blocks, (i % n_blocks) * QB)
-
-            sync_parallelize(attend, batch * heads * n_blocks)
-            _gemm[False, True, True](x, d, att, d, wo, d, bo, x, d, m, d)
+            _attend_all(att, q, kt, v, batch, heads, s, sp)
+            _gemm[False, True, True](x, d, att, d, wo, d, bo, x, d, m, d, pk)
             _norm_rows(h, x, ln2, m, d)
-            _gemm[True, False, True](f, 4 * d, h, d, w1, 4 * d, b1, f, 4 * d, m, d)
-            _gemm[False, True, True](x, d, f, 4 * d, w2, d, b2, x, d, m, 4 * d)
+            _gemm[True, False, True](f, 4 * d, h, d, w1, 4 * d, b1, f, 4 * d, m, d, pk)
+            _gemm[False, True, True](x, d, f, 4 * d, w2, d, b2, x, d, m, 4 * d, pk)
             p = b2.unsafe_offset(d)
 
         var out = features.unsafe_ptr()
@@ -248,10 +386,9 @@ struct WhisperEncoder:
             var wk = cw
             var wv = wk.unsafe_offset(d * d)
             var bv = wv.unsafe_offset(d * d)
-            _gemm[False, False, False](k, d, out, d, wk, d, bv, k, d, m, d)
-            _gemm[False, False, True](v, d, out, d, wv, d, bv, v, d, m, d)
+            _gemm[False, False, False](k, d, out, d, wk, d, bv, k, d, m, d, pk)
+            _gemm[False, False, True](v, d, out, d, wv, d, bv, v, d, m, d, pk)
             _heads_t[kv](cp.unsafe_offset(2 * i * plane), k, batch, heads, s, True)
             _heads_t[kv](cp.unsafe_offset((2 * i + 1) * plane), v, batch, heads, s, False)
             cw = bv.unsafe_offset(d)
         _ = buf^                                         # the scratch the workers used lives to here
-        _ = keys^

@@ -214,6 +214,38 @@ class OpenAIModulesTest(unittest.TestCase):
             self.assertEqual(run()["got"], [first["want"]] * 8)
             self.assertEqual(json.loads(path.read_text()), {key: first["want"]})
 
+    def test_the_vocabulary_copy_builds_openai_whispers_encoding_once_under_concurrent_first_use(self):
+        """A fresh process, 8 threads building a multilingual tokenizer at once: openai-whisper's
+        get_encoding runs once, every thread gets one Encoding equal to openai-whisper's, and
+        the vocabulary is kept; the next process builds the same Encoding from the copy without
+        openai-whisper's parse; a torn copy is parsed and kept again."""
+        code = ("import json, threading, maxwhisper as mw\n"
+                "tok = mw._openai('tokenizer')\n"
+                "vocabulary, calls, got = tok.get_encoding.__self__, [], []\n"
+                "original = vocabulary.original\n"
+                "vocabulary.original = lambda **kw: calls.append(kw) or original(**kw)\n"
+                "ask = lambda: got.append(tok.get_tokenizer(True, num_languages=100, language='de').encoding)\n"
+                "threads = [threading.Thread(target=ask) for _ in range(8)]\n"
+                "[t.start() for t in threads]; [t.join() for t in threads]\n"
+                "want = original(name='multilingual', num_languages=100)\n"
+                "print(json.dumps({'calls': len(calls), 'objects': len({id(e) for e in got}), 'threads': len(got),\n"
+                "    'same': got[0].__getstate__() == want.__getstate__() and got[0].n_vocab == want.n_vocab,\n"
+                "    'tokens': got[0].encode(' Grüße, world!')}))\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            def run():
+                out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                     timeout=120, env={**os.environ, "XDG_CACHE_HOME": tmp})
+                self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+                return json.loads(out.stdout)
+            first = run()
+            self.assertEqual({k: first[k] for k in ("calls", "objects", "threads", "same")},
+                             {"calls": 1, "objects": 1, "threads": 8, "same": True})
+            (copy,) = Path(tmp, "maxwhisper", "tokenizer").iterdir()
+            self.assertEqual(run(), {**first, "calls": 0})
+            copy.write_bytes(copy.read_bytes()[:1000])
+            self.assertEqual(run(), first)
+            self.assertEqual(run(), {**first, "calls": 0})
+
     def test_a_module_importing_its_package_falls_back_to_the_import(self):
         with tempfile.TemporaryDirectory() as tmp:
             Path(tmp, "tokenizer.py").write_text("from .utils import format_timestamp\n")

@@ -98,5 +98,79 @@ class WeightsTest(unittest.TestCase):
         self.assertIn("n_text_layer", str(ctx.exception))
 
 
+class WeightImageTest(unittest.TestCase):
+    """The float32 image of a checkpoint that a warm start maps instead of reading the file."""
+
+    def setUp(self):
+        import support
+        self.dir = Path(tempfile.mkdtemp(prefix="maxwhisper-image-"))
+        self.addCleanup(shutil.rmtree, self.dir)
+        self.folder = self.dir / "graphs"
+        self.checkpoint = support.save_pt(support.random_whisper(support._dims(64, 1, 1, 1)), self.dir / "m.pt")
+
+    def load(self, checkpoint=None):
+        return mw._WeightImage(self.folder).load(checkpoint or self.checkpoint)
+
+    def assert_same(self, got, want):
+        self.assertEqual((got.dims, got.source, got.alignment_heads), (want.dims, want.source, want.alignment_heads))
+        self.assertEqual(sorted(got.state), sorted(want.state))
+        for name, array in want.state.items():
+            np.testing.assert_array_equal(got.state[name], array, err_msg=name)
+
+    def image(self) -> Path:
+        (image,) = self.folder.glob("weights-*.bin")
+        return image
+
+    def test_mapped_weights_equal_the_checkpoints_and_reach_the_graphs_uncopied(self):
+        want = mw.load_weights(self.checkpoint)
+        self.assert_same(self.load(), want)                      # read, and the image kept
+        with mock.patch.object(mw, "load_weights", side_effect=AssertionError("read the checkpoint")):
+            mapped = self.load()
+        self.assert_same(mapped, want)
+        spec = mw.weight_spec(mapped.dims)
+        encoder = mw.graph_weights(mapped, [p for p in spec if p.graph == "encoder"])
+        self.assertIsNotNone(mw._adjacent(encoder))              # one view of the image: no copy
+        self.assertTrue(mapped.state["decoder.token_embedding.weight"].flags.writeable)
+
+    def test_a_changed_checkpoint_or_a_torn_image_is_read_and_kept_again(self):
+        import support
+        self.load()
+        image = self.image()
+        whole = image.read_bytes()
+        image.write_bytes(whole[:len(whole) // 2])
+        want = mw.load_weights(self.checkpoint)
+        with mock.patch.object(mw, "load_weights", wraps=mw.load_weights) as read:
+            self.assert_same(self.load(), want)
+        read.assert_called_once()
+        self.assertEqual(image.read_bytes(), whole)
+        support.save_pt(support.random_whisper(support._dims(64, 1, 1, 1), seed=1), self.checkpoint)
+        self.assert_same(self.load(), mw.load_weights(self.checkpoint))
+        self.assertNotEqual(image.read_bytes(), whole)
+
+    def test_images_of_large_or_deleted_checkpoints_are_not_kept(self):
+        with mock.patch.object(mw._WeightImage, "limit", 1 << 20):
+            self.assert_same(self.load(), mw.load_weights(self.checkpoint))
+        self.assertEqual(list(self.folder.glob("*")), [])
+        other = Path(shutil.copy(self.checkpoint, self.dir / "other.pt"))
+        self.load(other)
+        other.unlink()
+        self.load()                                             # written: the other's image goes
+        self.assertEqual(len(list(self.folder.glob("weights-*.bin"))), 1)
+
+    def test_concurrent_first_loads_write_one_whole_image(self):
+        import threading
+        got = []
+        threads = [threading.Thread(target=lambda: got.append(self.load())) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        want = mw.load_weights(self.checkpoint)
+        self.assertEqual(len(got), 4)
+        for weights in got:
+            self.assert_same(weights, want)
+        self.assertEqual([f.name for f in self.folder.iterdir()], [self.image().name])   # no temporary left
+        with mock.patch.object(mw, "load_weights", side_effect=AssertionError("read the checkpoint")):
+            self.assert_same(self.load(), want)
+
+
 if __name__ == "__main__":
     unittest.main()
