@@ -1925,18 +1925,16 @@ class _WeightImage:
     def load(self, model: str | os.PathLike) -> Weights:
         """``load_weights(model)``: mapped from the image, else read from the checkpoint (and kept)."""
         import hashlib
-        self.checkpoint, self.name = _checkpoint(model)
+        self.checkpoint, name = _checkpoint(model)
         where = str(self.checkpoint.resolve())
         self.path = self.folder / f"weights-{hashlib.sha256(where.encode()).hexdigest()[:16]}.bin"
         files = [self.checkpoint] if self.checkpoint.is_file() else sorted(f for f in self.checkpoint.iterdir() if f.is_file())
         h = hashlib.sha256(_source(("# 5. weights\n", "# 6. runtime\n")).encode())
-        h.update(json.dumps([where, self.name] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]).encode())
+        h.update(json.dumps([where, name] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]).encode())
         self.key = h.hexdigest()
         weights = self._mapped()
         if weights is None:
-            weights = load_weights(self.checkpoint)
-            if self.name and not weights.alignment_heads:
-                weights.alignment_heads = _openai_alignment_heads(self.name, weights.dims)
+            weights = load_weights(model)
             self._keep(weights)
         return weights
 
@@ -3146,10 +3144,11 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     folder (on a CPU with ``kernels/``, two graphs of one Mojo op each, ~20-25 s apiece; MAX-ops
     graphs take ~100 s each); later processes load them from there in a fraction of a second
     (``graph_cache="off"``: from MAX's compile cache, a few seconds), and map the weights from
-    the image of the checkpoint kept there (checkpoints up to 1 GiB of float32: ``_WeightImage``). ``warmup=False`` defers
-    each graph's compile to its first use; ``Model.warmup(**options)`` compiles every graph a
-    transcription with those options needs. MAX runs on every core the process may use; to cap it,
-    restrict the process's CPU affinity (``taskset``, ``os.sched_setaffinity``) first.
+    the image of the checkpoint kept there (checkpoints up to 1 GiB of float32: ``_WeightImage``).
+    ``warmup=False`` defers each graph's compile to its first use; ``Model.warmup(**options)``
+    compiles every graph a transcription with those options needs. MAX runs on every core the
+    process may use; to cap it, restrict the process's CPU affinity (``taskset``,
+    ``os.sched_setaffinity``) first.
     """
     given = dict(model=model, device=device, kernels=kernels, dtype=dtype)
     cfg = config.override(**given) if isinstance(config, Config) else Config.resolve(config, **given)

@@ -2,10 +2,9 @@ import extensibility
 from max.gpu.host import DeviceContext
 from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
-from std.math import erf
-from std.utils import StaticTuple
-from std.math import exp
+from std.math import erf, exp
 from std.runtime import parallelism_level
+from std.utils import StaticTuple
 from std.utils.numerics import min_or_neg_inf
 
 from .attention import D
@@ -82,8 +81,8 @@ def _gemm[gelu: Bool, residual: Bool, biased: Bool](
     pk: Pointer[Float32, MutAnyOrigin],
 ) raises:
     """o = act(x w + bias) (+ res) for x [m, k] (rows ldx apart), w [k, n]; pk (k x n floats)
-    receives W's 64-column panels, each contiguous, packed once for every row block; the cores
-    share work items of MB rows x 64 columns."""
+    receives W's 64-column panels, each contiguous, packed once and read by every row block; the
+    cores share work items of MB rows x 64 columns."""
     var panels = n // NT
     var blocks = (m + MB - 1) // MB
 

@@ -180,6 +180,14 @@ class RecoveryAndThreadsTest(unittest.TestCase):
 class OpenAIModulesTest(unittest.TestCase):
     """openai-whisper's tokenizer is loaded without its torch-importing package __init__."""
 
+    def fresh_process(self, code: str, cache: str):
+        """What ``code``, run in a new interpreter with ``cache`` as its user cache folder,
+        prints as JSON."""
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "XDG_CACHE_HOME": cache})
+        self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+        return json.loads(out.stdout)
+
     def test_tokenizer_without_torch(self):
         code = ("import sys, maxwhisper as mw; t = mw._openai('tokenizer').get_tokenizer(False); "
                 "print(t.encode(' hello'), 'torch' in sys.modules)")
@@ -197,21 +205,16 @@ class OpenAIModulesTest(unittest.TestCase):
                 "[t.start() for t in threads]; [t.join() for t in threads]\n"
                 "print(json.dumps({'got': got, 'want': sorted(tok.non_speech_tokens)}))\n")
         with tempfile.TemporaryDirectory() as tmp:
-            def run():
-                out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                                     timeout=120, env={**os.environ, "XDG_CACHE_HOME": tmp})
-                self.assertEqual(out.returncode, 0, out.stderr[-2000:])
-                return json.loads(out.stdout)
             path = Path(tmp) / "maxwhisper" / "non_speech_tokens.json"
-            first = run()
+            first = self.fresh_process(code, tmp)
             self.assertTrue(first["want"])
             self.assertEqual(first["got"], [first["want"]] * 8)
             (key, stored), = json.loads(path.read_text()).items()
             self.assertEqual(stored, first["want"])
             path.write_text(json.dumps({key: [1, 2, 3]}))
-            self.assertEqual(run()["got"], [[1, 2, 3]] * 8)
+            self.assertEqual(self.fresh_process(code, tmp)["got"], [[1, 2, 3]] * 8)
             path.write_text("{not json")
-            self.assertEqual(run()["got"], [first["want"]] * 8)
+            self.assertEqual(self.fresh_process(code, tmp)["got"], [first["want"]] * 8)
             self.assertEqual(json.loads(path.read_text()), {key: first["want"]})
 
     def test_the_vocabulary_copy_builds_openai_whispers_encoding_once_under_concurrent_first_use(self):
@@ -232,19 +235,14 @@ class OpenAIModulesTest(unittest.TestCase):
                 "    'same': got[0].__getstate__() == want.__getstate__() and got[0].n_vocab == want.n_vocab,\n"
                 "    'tokens': got[0].encode(' Grüße, world!')}))\n")
         with tempfile.TemporaryDirectory() as tmp:
-            def run():
-                out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                                     timeout=120, env={**os.environ, "XDG_CACHE_HOME": tmp})
-                self.assertEqual(out.returncode, 0, out.stderr[-2000:])
-                return json.loads(out.stdout)
-            first = run()
+            first = self.fresh_process(code, tmp)
             self.assertEqual({k: first[k] for k in ("calls", "objects", "threads", "same")},
                              {"calls": 1, "objects": 1, "threads": 8, "same": True})
             (copy,) = Path(tmp, "maxwhisper", "tokenizer").iterdir()
-            self.assertEqual(run(), {**first, "calls": 0})
+            self.assertEqual(self.fresh_process(code, tmp), {**first, "calls": 0})
             copy.write_bytes(copy.read_bytes()[:1000])
-            self.assertEqual(run(), first)
-            self.assertEqual(run(), {**first, "calls": 0})
+            self.assertEqual(self.fresh_process(code, tmp), first)
+            self.assertEqual(self.fresh_process(code, tmp), {**first, "calls": 0})
 
     def test_a_module_importing_its_package_falls_back_to_the_import(self):
         with tempfile.TemporaryDirectory() as tmp:
