@@ -414,17 +414,29 @@ def _cache_dir(app: str = "maxwhisper") -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / app
 
 
-def _write_json(path: Path, data) -> bool:
-    """Write ``data`` as JSON to ``path`` whole (a temporary file, then a rename: a reader never
-    sees half a file); False where the folder is not writable (the caller keeps it in memory)."""
+def _write_whole(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` whole: into a temporary file of this thread's, then renamed,
+    so a reader never sees half a file. OSError (the temporary file removed) where the folder
+    is not writable."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data))
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
         os.replace(tmp, path)
-        return True
     except OSError:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, data) -> bool:
+    """Write ``data`` as JSON to ``path`` whole (``_write_whole``); False where the folder is not
+    writable (the caller keeps it in memory)."""
+    try:
+        _write_whole(path, [json.dumps(data).encode()])
+        return True
+    except OSError:
         return False
 
 
@@ -1672,14 +1684,10 @@ class _Vocabulary:
         head = json.dumps({"key": key, "name": state["name"], "pat_str": state["pat_str"],
                            "special_tokens": state["special_tokens"], "tokens": len(tokens)}).encode()
         lengths = np.array([len(t) for t in tokens], np.uint16).tobytes()
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(self.magic + struct.pack("<Q", len(head)) + head + lengths + b"".join(tokens))
-            os.replace(tmp, path)                          # whole: a reader never sees half a file
-        except OSError as e:                               # read-only: parsed each time, as before
+            _write_whole(path, [self.magic, struct.pack("<Q", len(head)), head, lengths, *tokens])
+        except OSError as e:                               # read-only: parsed each time
             log.debug("cannot keep the %s vocabulary in %s (%s)", state["name"], path.parent, e)
-            tmp.unlink(missing_ok=True)
 
 
 def _bfloat16(array: np.ndarray):
@@ -1906,16 +1914,16 @@ class _WeightImage:
     kept as one file in the ``graph_cache`` folder, so a warm start maps it instead of reading
     and widening the checkpoint (tiny.en: 0.3-0.45 s of a warm start, mapped in milliseconds).
 
-    The file is a JSON header (the key, dims, alignment heads and each array's place) and the
-    float32 arrays back to back; it is mapped copy-on-write, so processes share its pages and
-    nothing writes to it. The key covers the checkpoint's files (names, sizes, modification
-    times) and the loaders' source: a changed checkpoint or loader is read again and the image
-    rewritten (whole, under a temporary name, then renamed over the old one). Images are kept
-    for checkpoints up to ``limit`` bytes of float32 (tiny … small): a larger model's read is a
-    small share of its start, and its image would be gigabytes. An image whose checkpoint is
-    gone, or unused for ``_GraphStore.max_idle_days``, is removed when another is written."""
+    The file is a JSON header (the key, dims, alignment heads and each array's place) and, from
+    the next page on, the float32 arrays back to back; it is mapped copy-on-write, so processes
+    share its pages and nothing writes to it. The key covers the checkpoint's files (names,
+    sizes, modification times) and the loaders' source: a changed checkpoint or loader is read
+    again and the image rewritten whole (``_write_whole``). Images are kept for checkpoints up
+    to ``limit`` bytes of float32 (tiny … small): a larger model's read is a small share of its
+    start, and its image would be gigabytes. An image whose checkpoint is gone, or unused for
+    ``_GraphStore.max_idle_days``, is removed when another is written."""
 
-    magic = b"MXWIMG2\n"
+    magic = b"MXWIMG3\n"
     limit = 1 << 30
     align = 4096                                   # the arrays start on a page
 
@@ -1925,32 +1933,41 @@ class _WeightImage:
     def load(self, model: str | os.PathLike) -> Weights:
         """``load_weights(model)``: mapped from the image, else read from the checkpoint (and kept)."""
         import hashlib
-        self.checkpoint, name = _checkpoint(model)
-        where = str(self.checkpoint.resolve())
-        self.path = self.folder / f"weights-{hashlib.sha256(where.encode()).hexdigest()[:16]}.bin"
-        files = [self.checkpoint] if self.checkpoint.is_file() else sorted(f for f in self.checkpoint.iterdir() if f.is_file())
+        checkpoint, name = _checkpoint(model)
+        where = str(checkpoint.resolve())
+        path = self.folder / f"weights-{hashlib.sha256(where.encode()).hexdigest()[:16]}.bin"
+        files = [checkpoint] if checkpoint.is_file() else sorted(f for f in checkpoint.iterdir() if f.is_file())
         h = hashlib.sha256(_source(("# 5. weights\n", "# 6. runtime\n")).encode())
         h.update(json.dumps([where, name] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]).encode())
-        self.key = h.hexdigest()
-        weights = self._mapped()
+        key = h.hexdigest()
+        weights = self._mapped(path, key)
         if weights is None:
             weights = load_weights(model)
-            self._keep(weights)
+            self._keep(path, key, where, weights)
         return weights
 
-    def _mapped(self) -> Weights | None:
+    @classmethod
+    def _head(cls, path: Path) -> tuple[dict, int]:
+        """An image's header and where its arrays start; ValueError where it is not an image."""
+        with open(path, "rb") as f:
+            if f.read(len(cls.magic)) != cls.magic:
+                raise ValueError(f"{path} is not a weight image")
+            n = struct.unpack("<Q", f.read(8))[0]
+            return json.loads(f.read(n)), -(-(len(cls.magic) + 8 + n) // cls.align) * cls.align
+
+    def _mapped(self, path: Path, key: str) -> Weights | None:
         try:
-            head = self._head(self.path)
-            if head["key"] != self.key:
+            head, offset = self._head(path)
+            if head["key"] != key:
                 return None
-            with open(self.path, "rb") as f:
+            with open(path, "rb") as f:
                 # copy-on-write, as a plain array: its views' ``base`` is it, which ``_adjacent`` checks
                 data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), np.float32,
-                                     head["floats"], head["offset"])
+                                     head["floats"], offset)
         except (OSError, ValueError, KeyError, struct.error):    # none, torn or stale: read the checkpoint
             return None
         with contextlib.suppress(OSError):
-            os.utime(self.path)                                   # used: not idle
+            os.utime(path)                                        # used: not idle
         state = {}
         for n, at, shape, layout in head["arrays"]:
             a = data[at:at + math.prod(shape)].reshape(shape)
@@ -1959,7 +1976,7 @@ class _WeightImage:
         return Weights(dims=head["dims"], state=state, source=head["source"],
                        alignment_heads=[tuple(h) for h in heads] if heads else None)
 
-    def _keep(self, weights: Weights) -> None:
+    def _keep(self, path: Path, key: str, checkpoint: str, weights: Weights) -> None:
         state = weights.state
         names = _graph_order(state, weights.dims)
         names += [n for n in state if n not in names]
@@ -1968,45 +1985,32 @@ class _WeightImage:
         # a parameter the graphs take transposed is kept transposed, so that on a warm start
         # ``graph_weights`` hands the graphs views of the image, not copies
         layouts = {p.name: p.layout for p in weight_spec(weights.dims) if p.layout and not p.parts}
-        stored = {n: state[n].transpose(layouts[n]) if n in layouts else state[n] for n in names}
+        stored = [state[n].transpose(layouts[n]) if n in layouts else state[n] for n in names]
         arrays, at = [], 0
-        for n in names:
-            arrays.append([n, at, list(stored[n].shape), layouts.get(n)])
-            at += state[n].size
+        for n, a in zip(names, stored):
+            arrays.append([n, at, list(a.shape), layouts.get(n)])
+            at += a.size
         heads = [[int(layer), int(head)] for layer, head in weights.alignment_heads or []]
-        head = {"key": self.key, "checkpoint": str(self.checkpoint.resolve()), "source": weights.source,
-                "dims": {k: int(v) for k, v in weights.dims.items()}, "alignment_heads": heads or None,
-                "arrays": arrays, "floats": at}
-        size = len(json.dumps({**head, "offset": 0}).encode()) + 64
-        head["offset"] = -(-(len(self.magic) + 8 + size) // self.align) * self.align
-        text = json.dumps(head).encode()
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        text = json.dumps({"key": key, "checkpoint": checkpoint, "source": weights.source,
+                           "dims": {k: int(v) for k, v in weights.dims.items()},
+                           "alignment_heads": heads or None, "arrays": arrays, "floats": at}).encode()
+        start = len(self.magic) + 8 + len(text)
+
+        def chunks():                              # an array at a time: no second copy of the model
+            yield self.magic + struct.pack("<Q", len(text)) + text + bytes(-(-start // self.align) * self.align - start)
+            for a in stored:
+                yield np.ascontiguousarray(a).data
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(self.magic + struct.pack("<Q", len(text)) + text)
-                f.write(bytes(head["offset"] - f.tell()))
-                for n in names:
-                    f.write(np.ascontiguousarray(stored[n]).data)
-            os.replace(tmp, self.path)
+            _write_whole(path, chunks())
         except OSError as e:
             log.warning("cannot keep the weights of %s in %s (%s); set graph_cache to a writable "
-                        "folder or 'off'", self.checkpoint, self.path.parent, e.strerror or e)
-            tmp.unlink(missing_ok=True)
+                        "folder or 'off'", checkpoint, path.parent, e.strerror or e)
             return
         idle = time.time() - _GraphStore.max_idle_days * 86400
-        for f in self.path.parent.glob("weights-*.bin"):
+        for f in path.parent.glob("weights-*.bin"):
             with contextlib.suppress(OSError, ValueError, KeyError, struct.error):   # gone already, or not ours
-                if f != self.path and (f.stat().st_mtime < idle or not Path(self._head(f)["checkpoint"]).exists()):
+                if f != path and (f.stat().st_mtime < idle or not Path(self._head(f)[0]["checkpoint"]).exists()):
                     f.unlink()
-
-    @classmethod
-    def _head(cls, path: Path) -> dict:
-        """An image's header; ValueError where the file is not an image."""
-        with open(path, "rb") as f:
-            if f.read(len(cls.magic)) != cls.magic:
-                raise ValueError(f"{path} is not a weight image")
-            return json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
 
 
 # =============================================================================================
