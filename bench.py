@@ -978,14 +978,16 @@ def stream_bench(args) -> dict:
                                           for text in (api["text"], offline))
         errors += [wrong, wrong_offline, n]
         latencies += lat
-        row = {"clip": clip.name, "seconds": len(audio) / mw.SAMPLE_RATE, "median_latency": _percentiles(lat)[0],
-               "p95_latency": _percentiles(lat)[1], "words_matched": len(lat), "wer_stream": 100 * wrong / n,
+        median, p95 = _percentiles(lat)
+        row = {"clip": clip.name, "seconds": len(audio) / mw.SAMPLE_RATE, "median_latency": median,
+               "p95_latency": p95, "words_matched": len(lat), "wer_stream": 100 * wrong / n,
                "wer_offline": 100 * wrong_offline / n, "wer_against": "reference" if reference else "offline",
                "cpu_cores": api["cpu"], "text": api["text"]}
         result["clips"].append(row)
     # every clip's words together: WER as total errors over total words, latency over all words
+    median, p95 = _percentiles(latencies)
     result["all"] = {"clip": "all", "seconds": sum(r["seconds"] for r in result["clips"]),
-                     "median_latency": _percentiles(latencies)[0], "p95_latency": _percentiles(latencies)[1],
+                     "median_latency": median, "p95_latency": p95,
                      "wer_stream": 100 * errors[0] / errors[2], "wer_offline": 100 * errors[1] / errors[2],
                      "cpu_cores": float(np.mean([r["cpu_cores"] for r in result["clips"]]))}
     print_table(f"stream: {args.model}, Python API, real-time replay, step {args.step} s",
