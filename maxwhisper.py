@@ -74,7 +74,6 @@ import sys
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -1618,10 +1617,10 @@ class _Vocabulary:
     vocabulary kept in the cache folder as the token bytes back to back and their lengths.
 
     openai-whisper parses its 50,257 base64 lines in Python (~0.1 s, a tenth of a warm run);
-    the kept copy is read in ~0.02 s. The first call for a vocabulary and language count runs
+    the kept copy is read in ~0.01 s. The first call for a vocabulary and language count runs
     openai-whisper's own ``get_encoding`` and keeps what tiktoken's ``Encoding`` was built
-    from (its pickling state: name, pattern, ranks, special tokens); later processes build the
-    ``Encoding`` from the copy. The copy's key covers tiktoken's version and the sizes and
+    from (its pickling state: name, pattern, ranks, special tokens); later processes get a
+    ``_KeptEncoding`` of the copy. The copy's key covers tiktoken's version and the sizes and
     times of the tokenizer module and its vocabulary file; a copy that does not match or does
     not read is replaced. Results are cached per process, as openai-whisper's are."""
 
@@ -1646,14 +1645,14 @@ class _Vocabulary:
             return self.original(name=name, num_languages=num_languages)
         key = json.dumps([tiktoken.__version__, name, num_languages, stats])
         path = _cache_dir() / "tokenizer" / f"{name}-{num_languages}.bin"
-        state = self._read(path, key)
-        if state is None:
+        kept = self._read(path, key)
+        if kept is None:
             encoding = self.original(name=name, num_languages=num_languages)
             self._keep(path, key, encoding.__getstate__())
             return encoding
-        return tiktoken.Encoding(**state)
+        return _KeptEncoding(*kept)
 
-    def _read(self, path: Path, key: str) -> dict | None:
+    def _read(self, path: Path, key: str) -> tuple[dict, list[bytes]] | None:
         try:
             data = path.read_bytes()
             if not data.startswith(self.magic):
@@ -1672,7 +1671,7 @@ class _Vocabulary:
             tokens = [data[a:b] for a, b in zip(starts, ends.tolist())]
         except (OSError, ValueError, KeyError, IndexError, struct.error):    # none, or torn
             return None
-        return {**head, "mergeable_ranks": dict(zip(tokens, range(len(tokens))))}
+        return head, tokens
 
     def _keep(self, path: Path, key: str, state) -> None:
         if not isinstance(state, dict) or set(state) != {"name", "pat_str", "mergeable_ranks", "special_tokens"}:
@@ -1688,6 +1687,67 @@ class _Vocabulary:
             _write_whole(path, [self.magic, struct.pack("<Q", len(head)), head, lengths, *tokens])
         except OSError as e:                               # read-only: parsed each time
             log.debug("cannot keep the %s vocabulary in %s (%s)", state["name"], path.parent, e)
+
+
+class _KeptEncoding:
+    """tiktoken's ``Encoding`` of a kept vocabulary (``_Vocabulary``) that decodes from the
+    token bytes itself: tiktoken's own, its BPE (~0.05 s to build), is built on the first call
+    that needs it, ``encode`` above all, so a transcript without a prompt never builds it.
+    Decoding is tiktoken's: the tokens' bytes joined (a special token's are its name), then
+    UTF-8 with ``errors``."""
+
+    def __init__(self, head: dict, tokens: list[bytes]):
+        self.name, self._head, self._tokens = head["name"], head, tokens
+        self._special: dict[str, int] = head["special_tokens"]
+        self._special_bytes = {i: s.encode() for s, i in self._special.items()}
+        self._lock, self._built = threading.Lock(), None
+
+    special_tokens_set = property(lambda self: set(self._special))
+    eot_token = property(lambda self: self._special["<|endoftext|>"])
+    max_token_value = property(lambda self: max(len(self._tokens) - 1, *self._special.values()))
+    n_vocab = property(lambda self: self.max_token_value + 1)
+
+    def encode(self, text: str, **kwargs) -> list[int]:
+        # Spaces alone are one piece of Whisper's pattern (its ``\s+(?!\S)``) and tiktoken
+        # encodes a piece that is a token as that token: SuppressBlank's " " needs no BPE.
+        if text and not text.strip(" ") and text.encode() in self._tokens:
+            return [self._tokens.index(text.encode())]
+        return self._tiktoken().encode(text, **kwargs)
+
+    def encode_single_token(self, text: str | bytes) -> int:
+        if isinstance(text, str) and text in self._special:
+            return self._special[text]
+        return self._tiktoken().encode_single_token(text)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        """A token's bytes; KeyError for a token outside the vocabulary, as tiktoken."""
+        return self._tokens[token] if 0 <= token < len(self._tokens) else self._special_bytes[token]
+
+    def decode_bytes(self, tokens: Sequence[int]) -> bytes:
+        return b"".join(map(self.decode_single_token_bytes, tokens))
+
+    def decode(self, tokens: Sequence[int], errors: str = "replace") -> str:
+        return self.decode_bytes(tokens).decode("utf-8", errors=errors)
+
+    def _tiktoken(self):
+        """tiktoken's ``Encoding``, built once however many threads ask for it first."""
+        with self._lock:
+            if self._built is None:
+                import tiktoken
+                ranks = dict(zip(self._tokens, range(len(self._tokens))))
+                self._built = tiktoken.Encoding(**self._head, mergeable_ranks=ranks)
+            return self._built
+
+    def __getattr__(self, name: str):                      # encode and the rest of tiktoken's API
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._tiktoken(), name)
+
+    def __getstate__(self):
+        return self._tiktoken().__getstate__()
+
+    def __reduce__(self):
+        return _KeptEncoding, (self._head, self._tokens)
 
 
 def _bfloat16(array: np.ndarray):
@@ -4996,9 +5056,10 @@ _BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: applicatio
                   b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY.body()), _BUSY.body()))
 
 
-class _HTTPServer(ThreadingHTTPServer):
+class _HTTPServer:
     """The standard library's threaded server with a cap on open connections: one past
-    ``max_connections`` is answered 503 from the accepting thread and closed."""
+    ``max_connections`` is answered 503 from the accepting thread and closed. A mixin that
+    ``Server`` puts before ``ThreadingHTTPServer`` (``_http_classes``)."""
 
     request_queue_size = 256        # the listen backlog: bursts of clients queue, not reset
     daemon_threads = True
@@ -5685,12 +5746,13 @@ _ROUTES = {"/": "GET", "/health": "GET", "/ready": "GET", "/metrics": "GET", "/v
 _TASKS = {"/v1/audio/transcriptions": "transcribe", "/v1/audio/translations": "translate"}
 
 
-class _HTTPHandler(BaseHTTPRequestHandler):
+class _HTTPHandler:
     """The HTTP layer under the routes: answers in OpenAI's error JSON, the standard library's
     own refusals included (a malformed request line, 414, 431, an unknown method); framing a
-    proxy could read another way refused; time limits on slow clients. ``app`` (the ``Server``)
-    and ``timeout`` (its ``client_timeout``, which the standard library applies to every read
-    of the connection) are set on a subclass per server. A request's line and headers must
+    proxy could read another way refused; time limits on slow clients. A mixin before
+    ``BaseHTTPRequestHandler``; ``app`` (the ``Server``) and ``timeout`` (its
+    ``client_timeout``, which the standard library applies to every read of the connection)
+    are set on a class per server (``_http_classes``). A request's line and headers must
     arrive within ``timeout`` (a timer closes the connection past it: a client dripping bytes
     is not kept), and its body within the server's ``request_timeout``."""
 
@@ -6058,9 +6120,9 @@ class Server:
         self.cancelled = 0
         self.sessions: dict[_RealtimeSession, object] = {}    # open Realtime WebSockets -> connection
         self.latency = _Histogram(_LATENCY_BUCKETS)
-        handler = type("Handler", (_Handler,), {"app": self, "timeout": s["client_timeout"]})
+        server, handler = _http_classes(self, s["client_timeout"])
         try:
-            self.httpd = _HTTPServer((host, port), handler, s["max_connections"])
+            self.httpd = server((host, port), handler, s["max_connections"])
         except OSError as e:
             raise ConfigError(f"serve: cannot listen on {host}:{port} ({e.strerror}); "
                               "pick another --port or --host") from e
@@ -6196,6 +6258,15 @@ class Server:
         if job.error is not None:
             raise _ApiError(500, f"decoding failed: {type(job.error).__name__}: {job.error}", kind="server_error")
         return job.result, job.transcription.audio_seconds
+
+
+def _http_classes(app: Server, timeout: float) -> tuple[type, type]:
+    """The server and handler classes of one ``Server``: the mixins above on the standard
+    library's, imported here because ``http.server`` (with ``http.client`` and ``ssl``) is
+    ~20 ms of every process start that never serves."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    handler = type("Handler", (_Handler, BaseHTTPRequestHandler), {"app": app, "timeout": timeout})
+    return type("HTTPServer", (_HTTPServer, ThreadingHTTPServer), {}), handler
 
 
 def serve(argv: Sequence[str] | None = None) -> int:

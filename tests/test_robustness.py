@@ -219,30 +219,41 @@ class OpenAIModulesTest(unittest.TestCase):
 
     def test_the_vocabulary_copy_builds_openai_whispers_encoding_once_under_concurrent_first_use(self):
         """A fresh process, 8 threads building a multilingual tokenizer at once: openai-whisper's
-        get_encoding runs once, every thread gets one Encoding equal to openai-whisper's, and
-        the vocabulary is kept; the next process builds the same Encoding from the copy without
-        openai-whisper's parse; a torn copy is parsed and kept again."""
-        code = ("import json, threading, maxwhisper as mw\n"
+        get_encoding runs once, every thread gets one encoding equal to openai-whisper's, and
+        the vocabulary is kept; the next process gets the same encoding from the copy without
+        openai-whisper's parse, decoding without tiktoken's BPE and building it once when 8
+        threads first encode; a torn copy is parsed and kept again."""
+        code = ("import json, random, threading, maxwhisper as mw\n"
                 "tok = mw._openai('tokenizer')\n"
                 "vocabulary, calls, got = tok.get_encoding.__self__, [], []\n"
                 "original = vocabulary.original\n"
                 "vocabulary.original = lambda **kw: calls.append(kw) or original(**kw)\n"
-                "ask = lambda: got.append(tok.get_tokenizer(True, num_languages=100, language='de').encoding)\n"
-                "threads = [threading.Thread(target=ask) for _ in range(8)]\n"
-                "[t.start() for t in threads]; [t.join() for t in threads]\n"
-                "want = original(name='multilingual', num_languages=100)\n"
+                "def run(target):\n"
+                "    threads = [threading.Thread(target=target) for _ in range(8)]\n"
+                "    [t.start() for t in threads]; [t.join() for t in threads]\n"
+                "run(lambda: got.append(tok.get_tokenizer(True, num_languages=100, language='de').encoding))\n"
+                "want, e = original(name='multilingual', num_languages=100), got[0]\n"
+                "random.seed(0); ids = [[random.randrange(want.n_vocab) for _ in range(20)] for _ in range(200)]\n"
+                "decoded = all(e.decode(i) == want.decode(i) and e.decode_bytes(i) == want.decode_bytes(i) for i in ids)\n"
+                "special = [(e.encode_single_token(t), t in e.special_tokens_set) for t in want.special_tokens_set]\n"
+                "decoded &= special == [(want.encode_single_token(t), True) for t in want.special_tokens_set]\n"
+                "lazy = getattr(e, '_built', 'not kept') is None and e.encode(' ') == want.encode(' ') == [220]\n"
+                "lazy &= getattr(e, '_built', 'not kept') is None\n"
+                "encoded = []; run(lambda: encoded.append((e.encode(' Grüße, world!'), id(e._tiktoken()) if lazy else 0)))\n"
                 "print(json.dumps({'calls': len(calls), 'objects': len({id(e) for e in got}), 'threads': len(got),\n"
-                "    'same': got[0].__getstate__() == want.__getstate__() and got[0].n_vocab == want.n_vocab,\n"
-                "    'tokens': got[0].encode(' Grüße, world!')}))\n")
+                "    'same': e.__getstate__() == want.__getstate__() and e.n_vocab == want.n_vocab and e.eot_token == want.eot_token,\n"
+                "    'decoded': decoded, 'lazy': lazy, 'built': len({b for _, b in encoded}),\n"
+                "    'tokens': [t for t, _ in encoded] == [want.encode(' Grüße, world!')] * 8}))\n")
         with tempfile.TemporaryDirectory() as tmp:
             first = self.fresh_process(code, tmp)
-            self.assertEqual({k: first[k] for k in ("calls", "objects", "threads", "same")},
-                             {"calls": 1, "objects": 1, "threads": 8, "same": True})
+            self.assertEqual(first, {"calls": 1, "objects": 1, "threads": 8, "same": True, "decoded": True,
+                                     "lazy": False, "built": 1, "tokens": True})
             (copy,) = Path(tmp, "maxwhisper", "tokenizer").iterdir()
-            self.assertEqual(self.fresh_process(code, tmp), {**first, "calls": 0})
+            kept = {**first, "calls": 0, "lazy": True}
+            self.assertEqual(self.fresh_process(code, tmp), kept)
             copy.write_bytes(copy.read_bytes()[:1000])
             self.assertEqual(self.fresh_process(code, tmp), first)
-            self.assertEqual(self.fresh_process(code, tmp), {**first, "calls": 0})
+            self.assertEqual(self.fresh_process(code, tmp), kept)
 
     def test_a_module_importing_its_package_falls_back_to_the_import(self):
         with tempfile.TemporaryDirectory() as tmp:
