@@ -664,10 +664,14 @@ def _openai_version() -> str:
     return found.group(1) if found else "unknown"
 
 
+@functools.lru_cache(maxsize=None)
 def _mel_filters(n_mels: int) -> np.ndarray:
-    """openai-whisper's mel filterbank [n_mels, 201] (librosa's slaney filters, shipped as data)."""
+    """openai-whisper's mel filterbank [n_mels, 201] (librosa's slaney filters, shipped as data),
+    read once per process (read-only)."""
     with np.load(_openai_dir() / "assets" / "mel_filters.npz") as f:
-        return f[f"mel_{n_mels}"].astype(np.float32)
+        filters = f[f"mel_{n_mels}"].astype(np.float32)
+    filters.setflags(write=False)
+    return filters
 
 
 _MEL_CHUNK = 4096           # frames per FFT pass: bounds the complex spectrum to ~13 MB
@@ -685,11 +689,16 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
         return np.zeros((n_mels, 0), np.float32)
     window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
     filters = _mel_filters(n_mels).T.copy()
-    mel = np.empty((len(frames), n_mels), np.float32)
-    for a in range(0, len(frames), _MEL_CHUNK):
-        spec = np.fft.rfft(frames[a:a + _MEL_CHUNK] * window, axis=1)
+    # Frames past the last sound (the 30 s of padding zeros, mostly) have zero power: their
+    # rows are the floor, 1e-10, without an FFT (9/10 of a short clip's frames).
+    sounding = frames.any(axis=1)
+    live = len(sounding) - int(np.argmax(sounding[::-1])) if sounding.any() else 0
+    mel = np.full((len(frames), n_mels), 1e-10, np.float32)
+    for a in range(0, live, _MEL_CHUNK):
+        b = min(a + _MEL_CHUNK, live)
+        spec = np.fft.rfft(frames[a:b] * window, axis=1)
         power = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
-        np.maximum(power @ filters, 1e-10, out=mel[a:a + _MEL_CHUNK])
+        np.maximum(power @ filters, 1e-10, out=mel[a:b])
     logmel = np.log10(mel, out=mel)
     np.maximum(logmel, logmel.max() - 8.0, out=logmel)
     return np.ascontiguousarray(((logmel + 4.0) / 4.0).T)
