@@ -1,6 +1,7 @@
 """The MAX graphs against openai-whisper's PyTorch modules: log-mel, encoder, cross K/V; the
 store of compiled graphs that makes warm starts fast; how a cold start compiles."""
 
+import json
 import os
 import tempfile
 import time
@@ -168,6 +169,29 @@ class ColdStartTest(unittest.TestCase):
         self.assertEqual(list(seconds), [f"reorder_{m.runner.builders['reorder'][0]}"])
         self.assertEqual(m.graph_sources, {"reorder": "compiled", "gather": "compiled"})
 
+    def test_several_cold_graphs_compile_in_child_processes_at_once(self):
+        """Two graphs to compile: a child process compiles the second into the store while this
+        one compiles the first; both are the model's, reported as compiled, their times kept. A
+        child that fails leaves its graph to this process, with a warning naming why."""
+        names = ["reorder", "gather"]
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.object(mw, "_cores", lambda: 2):
+            m = mw.Model(self.weights, device="cpu", warmup=False, config=mw.Config.resolve(graph_cache=tmp))
+            with self.assertLogs("maxwhisper", "INFO") as logs:
+                m.runner.compile_all(names)
+            self.assertIn("compiling the gather graph in another process", "\n".join(logs.output))
+            self.assertEqual(m.graph_sources, dict.fromkeys(names, "compiled"))
+            self.assertEqual(sorted(f.name.split("_")[0] for f in Path(tmp).glob("*.mef")), sorted(names))
+            self.assertEqual(len(json.loads((Path(tmp) / "compile-seconds.json").read_text())), 2)
+        with tempfile.TemporaryDirectory() as tmp, mock.patch.object(mw, "_cores", lambda: 2), \
+                mock.patch.object(mw, "_COMPILE_CHILD", "import sys; sys.exit('no MAX here')"):
+            m = mw.Model(self.weights, device="cpu", warmup=False, config=mw.Config.resolve(graph_cache=tmp))
+            with self.assertLogs("maxwhisper", "INFO") as logs:
+                m.runner.compile_all(names)
+            text = "\n".join(logs.output)
+            self.assertIn("compiling the gather graph in another process failed (no MAX here); compiling it here", text)
+            self.assertIn("compiling the gather graph (once", text)
+            self.assertEqual(m.graph_sources, dict.fromkeys(names, "compiled"))
+
     def test_progress_share_and_time_left(self):
         p = mw._CompileProgress({"encoder": 100.0, "step": 20.0})
         self.assertEqual(p.status(0.0), (0.0, 120.0))
@@ -178,6 +202,10 @@ class ColdStartTest(unittest.TestCase):
         share, left = p.status(500.0)                                  # late: never past 100%
         self.assertLess(share, 1.0)
         self.assertEqual(left, 1.0)
+        p = mw._CompileProgress({"encoder": 100.0, "step": 20.0, "reorder": 30.0}, workers=2)
+        self.assertEqual(p.status(0.0), (0.0, 100.0))                 # 150 s on 2 workers, but the encoder is 100
+        p._started.update(encoder=0.0, step=0.0)
+        self.assertEqual(p.status(50.0)[1], 50.0)                      # the encoder's 50 s is the longest
 
     def test_compile_times_are_kept_for_the_next_estimate(self):
         with tempfile.TemporaryDirectory() as tmp:
