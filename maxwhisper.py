@@ -1859,7 +1859,8 @@ class _CompileProgress:
             if not running:
                 continue
             share, left = self.status()
-            sys.stderr.write(f"\r\033[Kcompiling the {' and '.join(running)} graph{'s' * (len(running) > 1)} {_bar(share)} "
+            graphs = " and ".join(running) + (" graphs" if len(running) > 1 else " graph")
+            sys.stderr.write(f"\r\033[Kcompiling the {graphs} {_bar(share)} "
                              f"{100 * share:3.0f}%  ~{left:.0f} s left (once; later starts take a second)")
             sys.stderr.flush()
 

@@ -1,8 +1,10 @@
 """deploy/: the alerting rules (promtool), the dashboard's and rules' metric names against what
 the server exports, the Kubernetes manifests against the server's routes and flags, the
-Dockerfiles against the README, the settings template against OPTIONS."""
+Dockerfiles against the README, the settings template against OPTIONS, the GPU check script's
+steps and what it returns."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -103,6 +105,36 @@ class SettingsTemplateTest(unittest.TestCase):
         every = mw.Config.resolve(path=path, env={})
         for o in mw.OPTIONS:
             self.assertEqual(every[o.name], o.default, o.name)
+
+
+class GpuScriptsTest(unittest.TestCase):
+    def test_a_spent_budget_skips_every_check_but_still_returns_the_graph_store(self):
+        """deploy/gpu/run.sh with no time left (its CPU rehearsal, MW_GPU_DRY): every check
+        step is skipped in the results table, the graph store goes out as pieces that unpack
+        to it, and what $OUT holds fits the device tool's limits (8 files, plain names)."""
+        for script in ("pack.sh", "run.sh"):
+            self.assertEqual(subprocess.run(["bash", "-n", str(DEPLOY / "gpu" / script)]).returncode, 0, script)
+        if shutil.which("xz") is None:
+            self.skipTest("xz is not installed")
+        with tempfile.TemporaryDirectory() as tmp:
+            work, out = Path(tmp, "work"), Path(tmp, "out")
+            (work / "payload" / "site").mkdir(parents=True)
+            (work / "graphs").mkdir()
+            (work / "graphs" / "encoder_x.mef").write_bytes(os.urandom(100_000))
+            (work / "graphs" / "weights-x.bin").write_bytes(os.urandom(100_000))      # stays behind
+            env = {**os.environ, "MW_GPU_WORK": str(work), "OUT": str(out), "MW_GPU_SECONDS": "0", "MW_GPU_DRY": "1"}
+            r = subprocess.run(["bash", str(DEPLOY / "gpu" / "run.sh"), "check"], env=env, capture_output=True,
+                               text=True, timeout=300)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+            table = (out / "results.md").read_text()
+            self.assertEqual(table.count("skipped: the call's time is spent"), 6, table)
+            self.assertIn("| 7. the graph store out | ok: 1 graphs |", table)
+            files = sorted(p.name for p in out.iterdir())
+            self.assertLessEqual(len(files), 8, files)
+            self.assertTrue(all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files)
+            listing = subprocess.run(f"cat {out}/graphs.tar.xz.* | xz -dc | tar -t", shell=True,
+                                     capture_output=True, text=True, check=True).stdout
+            self.assertEqual(listing.split(), ["encoder_x.mef"])
 
 
 if __name__ == "__main__":

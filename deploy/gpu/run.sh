@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# maxwhisper's GPU checks on a bare GPU machine (Python 3.12 with PyTorch, no network), fed
+# with the pieces deploy/gpu/pack.sh made, one per device call (docs/GPU.md):
+#
+#   bash deploy/gpu/run.sh stage    # a call carrying .gpu/pK: keep its piece in $MW_GPU_WORK
+#   bash deploy/gpu/run.sh check    # the last call: unpack, then the steps below; results in $OUT
+#
+# The steps, in order of what a GPU session most needs, each with a time limit; past the
+# call's budget (MW_GPU_SECONDS, default 540 s) the rest are skipped, and the graph store
+# always goes out last so that the next run compiles nothing:
+#   1. the machine: GPU, driver, Python, MAX sees the accelerator
+#   2. tiny.en's graphs for the GPU (`--warmup`: compiled in parallel processes, or loaded)
+#   3. the Quick start sample and the long clip transcribed on the GPU, tokens against the CPU's
+#   4. the kernel op tests on the GPU
+#   5. tiny.en parity with openai-whisper on the GPU (test_parity.TinyEnParityTest)
+#   6. random-weight parity with openai-whisper at tiny.en and large-v3-turbo shapes
+#   7. the graph store, as graphs.tar.xz.N pieces of 15 MiB
+# $OUT gets results.md (a table of the steps, the token comparison), log.txt and the pieces.
+# MW_GPU_DRY=1 runs the same steps on this CPU with this checkout's .venv (a rehearsal).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+W=${MW_GPU_WORK:-/tmp/mwgpu}
+OUT=${OUT:-$W/out}
+case "${1:-}" in
+  stage) mkdir -p "$W/parts" && cp .gpu/p*/part.* "$W/parts/" && ls -l "$W/parts"; exit ;;
+  check) ;;
+  *) echo "usage: $0 stage|check" >&2; exit 2 ;;
+esac
+
+deadline=$(( $(date +%s) + ${MW_GPU_SECONDS:-540} ))
+mkdir -p "$OUT" "$W/graphs"
+exec > >(tee -a "$OUT/log.txt") 2>&1
+results=$OUT/results.md
+echo "| step | result | seconds |" > "$results"
+echo "| --- | --- | --- |" >> "$results"
+
+unxz() {                                 # xz's decoder, or Python's where the image lacks xz
+  if command -v xz >/dev/null; then xz -dc; else python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)'; fi
+}
+
+# step NAME LIMIT COMMAND...: run it within LIMIT seconds and what is left of the budget
+step() {
+  local name=$1 limit=$2 left start rc
+  shift 2
+  left=$(( deadline - $(date +%s) - 45 ))               # 45 s kept for the graph store
+  if [ "$left" -lt 30 ]; then
+    echo "| $name | skipped: the call's time is spent | |" >> "$results"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "=== $name (at most $limit s)"
+  start=$(date +%s)
+  timeout -k 10 "$limit" "$@"
+  rc=$?
+  local verdict="ok"
+  [ "$rc" = 124 ] && verdict="timed out after $limit s"
+  [ "$rc" != 0 ] && [ "$rc" != 124 ] && verdict="failed (exit $rc)"
+  echo "| $name | $verdict | $(( $(date +%s) - start )) |" >> "$results"
+}
+
+P=$W/payload
+if [ ! -d "$P/site" ]; then
+  start=$(date +%s)
+  mkdir -p "$P"
+  if cat "$W"/parts/part.* | unxz | tar -x -C "$P"; then verdict=ok; else verdict="failed: are all the pieces staged?"; fi
+  echo "| unpack the pieces | $verdict | $(( $(date +%s) - start )) |" >> "$results"
+fi
+if [ "${MW_GPU_DRY:-}" = 1 ]; then         # this checkout's .venv instead of the carried packages
+  PY=$PWD/.venv/bin/python DEVICE=cpu
+else
+  PY=python3 DEVICE=gpu
+  export PYTHONPATH="$P/site"
+fi
+export PYTHONUNBUFFERED=1 MODULAR_CACHE_DIR="$W/modular" MAXWHISPER_GRAPH_CACHE="$W/graphs" \
+       XDG_CACHE_HOME="$W/cache" MW_TEST_LONG_CLIP="$P/long.wav" MW_TEST_DEVICE=$DEVICE
+if ls "$P"/graphs/graphs.tar.xz.* >/dev/null 2>&1; then
+  cat "$P"/graphs/graphs.tar.xz.* | unxz | tar -x -C "$W/graphs" && echo "graphs carried in: $(ls "$W/graphs" | wc -l) files"
+fi
+
+step "1. the machine" 60 sh -c "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null;
+  $PY -c 'import sys, max.driver as d; print(sys.version.split()[0], \"accelerators:\", d.accelerator_count())'"
+step "2. tiny.en graphs (--warmup)" 420 "$PY" -m maxwhisper --model tiny.en --device "$DEVICE" --warmup
+sample=$("$PY" -c 'import pytest_audioeval as p; print(p.__path__[0])')/samples/audio/en/quick_brown_fox.wav
+step "3. transcripts on the $DEVICE" 120 "$PY" -m maxwhisper "$sample" "$P/long.wav" --model tiny.en \
+  --device "$DEVICE" --temperature 0 --temperature_increment_on_fallback none \
+  --output_format json --output_dir "$W/transcripts"
+"$PY" - "$P/expected" "$W/transcripts" >> "$results" <<'PYEOF'
+import json, sys
+from pathlib import Path
+for want in sorted(Path(sys.argv[1]).glob("*.json")):
+    got = Path(sys.argv[2]) / want.name
+    if not got.exists():
+        print(f"| {want.stem} | no transcript | |")
+        continue
+    a, b = (json.loads(p.read_text()) for p in (want, got))
+    ta, tb = ([t for s in r["segments"] for t in s["tokens"]] for r in (a, b))
+    first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), None if len(ta) == len(tb) else min(len(ta), len(tb)))
+    verdict = "the CPU's tokens" if first is None else f"differs from the CPU's at token {first} of {len(ta)}"
+    print(f"| {want.stem}: {len(tb)} tokens | {verdict}: {b['text'][:70]!r} | |")
+PYEOF
+step "4. kernel op tests" 240 "$PY" -m unittest discover -s tests -p test_kernels.py
+step "5. tiny.en parity with openai-whisper" 300 "$PY" -m unittest discover -s tests -p test_parity.py -k TinyEnParityTest
+step "6. random-weight parity, tiny.en and large-v3-turbo shapes" 600 "$PY" -m unittest discover -s tests \
+  -p test_checkpoints.py -k test_tiny_en -k test_large_v3_turbo_and_its_transcript
+
+start=$(date +%s)                          # whatever the budget: the next run needs no compile
+# the compiled graphs and their compile times, oldest first (tiny.en's), not the weight images
+graphs=$(cd "$W/graphs" && ls -tr -- *.mef compile-seconds.json 2>/dev/null)
+# shellcheck disable=SC2086
+if (cd "$W/graphs" && tar -cf - $graphs) | xz -6 -T0 | split -b 15M -d -a 1 - "$OUT/graphs.tar.xz."; then
+  verdict="ok: $(echo "$graphs" | grep -c mef) graphs"
+else
+  verdict=failed
+fi
+for piece in "$OUT"/graphs.tar.xz.[5-9]; do      # $OUT returns 8 files: 5 pieces (the first graphs whole)
+  [ -e "$piece" ] && rm "$piece" && verdict="cut to 5 pieces of 15 MiB"
+done
+echo "| 7. the graph store out | $verdict | $(( $(date +%s) - start )) |" >> "$results"
+[ -d "$W/transcripts" ] && tar -C "$W" -cf "$OUT/transcripts.tar" transcripts
+cat "$results"
