@@ -2802,6 +2802,22 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _spare_memory() -> float:
+    """Bytes of memory still free to this process: the machine's available memory, or less
+    where a cgroup (v2, or v1) limits its container."""
+    spare = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/meminfo") as f:
+            spare.append(1024 * int(next(ln for ln in f if ln.startswith("MemAvailable:")).split()[1]))
+    for limit, used in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        with contextlib.suppress(OSError, ValueError):           # no such cgroup, or "max"
+            spare.append(int(Path("/sys/fs/cgroup", limit).read_text()) - int(Path("/sys/fs/cgroup", used).read_text()))
+    return min(spare, default=math.inf)
+
+
+_COMPILE_MEMORY = 1.5 * 2**30   # a compile process's peak, with margin (tiny.en's step graph: 1.16 GB)
+
+
 # A child process of ``_GraphRunner.compile_all``: this module loaded from its file (installed or
 # vendored alike), then ``_compile_child`` with the recipe.
 _COMPILE_CHILD = ("import importlib.util, json, sys\n"
@@ -2884,12 +2900,13 @@ class _GraphRunner:
         MAX 26.7 compiles one graph at a time in a process (two threads took as long as the
         two compiles in turn), but two processes compile two graphs in about the time of one
         (tiny.en's two: 31 s against 47 s in turn, 2 cores). So with several graphs to compile
-        and a graph store to share, child processes (as many as there are cores beside this
-        one) compile the others into the store while this process compiles the first; each is
-        then loaded from the store, or compiled here if its child failed."""
+        and a graph store to share, child processes (one per core beside this one, as many as
+        the spare memory holds) compile the others into the store while this process compiles
+        the first; each is then loaded from the store, or compiled here if its child failed."""
         cold = [n for n in dict.fromkeys(names)
                 if n not in self.graphs and not self.store.has(f"{n}_{self.builders[n][0]}")]
-        helped = cold[1:_cores()] if self.recipe and self.recipe["graph_cache"] else []
+        children = min(_cores() - 1, int(_spare_memory() // _COMPILE_MEMORY))
+        helped = cold[1:1 + children] if self.recipe and self.recipe["graph_cache"] else []
         with _CompileProgress({n: self.expected_seconds(n) for n in cold}, 1 + len(helped)) as progress:
             children = {name: child for name in helped if (child := self._spawn(name, progress))}
             try:

@@ -192,6 +192,22 @@ class ColdStartTest(unittest.TestCase):
             self.assertIn("compiling the gather graph (once", text)
             self.assertEqual(m.graph_sources, dict.fromkeys(names, "compiled"))
 
+    def test_child_processes_only_where_cores_and_memory_allow(self):
+        """One child per core beside this process, but only as many as the spare memory holds
+        at ~1.5 GB each; the first cold graph is always this process's."""
+        m = mw.Model(self.weights, device="cpu", warmup=False)
+        m.runner.store = mock.Mock(load=lambda session, name, build: (object(), "compiled"), has=lambda name: False,
+                                   compile_seconds=dict, record_compile=lambda name, s: None)
+        spawned = []
+        for cores, spare, want in ((8, 64 * 2**30, ["gather", "alignment"]), (2, 64 * 2**30, ["gather"]),
+                                   (8, 2 * 2**30, ["gather"]), (8, 2**30, []), (1, 64 * 2**30, [])):
+            spawned.clear()
+            m.runner.graphs.clear()
+            with mock.patch.object(m.runner, "_spawn", lambda name, progress: spawned.append(name)), \
+                    mock.patch.object(mw, "_cores", lambda: cores), mock.patch.object(mw, "_spare_memory", lambda: spare):
+                m.runner.compile_all(["reorder", "gather", "alignment"])
+            self.assertEqual(spawned, want, (cores, spare))
+
     def test_progress_share_and_time_left(self):
         p = mw._CompileProgress({"encoder": 100.0, "step": 20.0})
         self.assertEqual(p.status(0.0), (0.0, 120.0))
