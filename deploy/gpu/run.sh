@@ -34,8 +34,12 @@ results=$OUT/results.md
 echo "| step | result | seconds |" > "$results"
 echo "| --- | --- | --- |" >> "$results"
 
-unxz() {                                 # xz's decoder, or Python's where the image lacks xz
+# xz, or Python's lzma where the image lacks xz
+unxz() {
   if command -v xz >/dev/null; then xz -dc; else python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)'; fi
+}
+toxz() {
+  if command -v xz >/dev/null; then xz -6 -T0; else python3 -c 'import lzma, shutil, sys; f = lzma.open(sys.stdout.buffer, "w", preset=6); shutil.copyfileobj(sys.stdin.buffer, f); f.close()'; fi
 }
 
 # step NAME LIMIT COMMAND...: run it within LIMIT seconds and what is left of the budget
@@ -107,7 +111,7 @@ start=$(date +%s)                          # whatever the budget: the next run n
 # the compiled graphs and their compile times, oldest first (tiny.en's), not the weight images
 graphs=$(cd "$W/graphs" && ls -tr -- *.mef compile-seconds.json 2>/dev/null)
 # shellcheck disable=SC2086
-if (cd "$W/graphs" && tar -cf - $graphs) | xz -6 -T0 | split -b 15M -d -a 1 - "$OUT/graphs.tar.xz."; then
+if (cd "$W/graphs" && tar -cf - $graphs) | toxz | split -b 15M -d -a 1 - "$OUT/graphs.tar.xz."; then
   verdict="ok: $(echo "$graphs" | grep -c mef) graphs"
 else
   verdict=failed
