@@ -816,7 +816,7 @@ class Param:
     def low_precision(self) -> bool:
         """Stored in the model's ``dtype``: the linear layers' matrices and the token table;
         norms, biases, convolutions and positional embeddings stay float32. (The encoder's
-        matrices are only ever quantized, never bfloat16: see ``Precision``.)"""
+        matrices are bfloat16 only on a GPU: see ``Precision``.)"""
         return self.kind in ("matrix", "embedding")
 
     @property
@@ -2187,10 +2187,17 @@ class _Params:
         return name in self._by_name
 
     def linear(self, x, prefix: str):
-        """x W^T (+ bias, where the layer has one)."""
+        """x W^T (+ bias, where the layer has one), float32 out. A bfloat16 [in, out] W (the
+        encoder's on a GPU) multiplies a bfloat16 copy of x, summing in float32."""
         from max.dtype import DType
+        from max.graph import ops
         w = self[f"{prefix}.weight"]
-        y = self.gemv(w, x) if self._gemv or w.dtype == DType.uint8 else x @ w
+        if self._gemv or w.dtype == DType.uint8:
+            y = self.gemv(w, x)
+        elif w.dtype == DType.float32:
+            y = x @ w
+        else:
+            y = ops.cast(ops.cast(x, w.dtype) @ w, DType.float32)
         return y + self[f"{prefix}.bias"] if f"{prefix}.bias" in self else y
 
     def norm(self, x, prefix: str):
@@ -2233,12 +2240,19 @@ def _merge_heads(x):
     return ops.reshape(ops.permute(x, [0, 2, 1, 3]), [b, t, h * dh])
 
 
-def _attend(q, k_t, v, scale: float, mask=None):
+def _attend(q, k_t, v, scale: float, mask=None, dtype=None):
     """softmax(q k^T * scale + mask) v with k already transposed: q [B,h,T,64], k_t [B,h,64,S].
     q is scaled before the product: T x 64 multiplies instead of T x S (the encoder's 1500 x
-    1500 scores per head)."""
+    1500 scores per head). With a ``dtype`` (bfloat16) q k^T takes its operands in it (64-term
+    sums); the softmax and its product with v stay float32: MAX's batched bfloat16 matmul
+    summed the 1500 weighted values with a 2.5% error on a CPU (measured), 10% on the
+    encoder's output after two layers."""
+    from max.dtype import DType
     from max.graph import ops
-    scores = (q * scale) @ k_t
+    if dtype is None:
+        scores = (q * scale) @ k_t
+    else:
+        scores = ops.cast(ops.cast(q * scale, dtype) @ ops.cast(k_t, dtype), DType.float32)
     if mask is not None:
         scores = scores + mask
     return ops.softmax(scores, axis=-1) @ v
@@ -2260,7 +2274,10 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
     MAX-ops graph but compiles in 20 s instead of 100: MAX's matmul and convolution kernels are
     most of a cold start. With Q4_0 weights (``dtype``) the graph is MAX ops (its quantized
     matmul) with each layer's self-attention one ``whisper_attention_bf16`` op: bfloat16
-    products with float32 sums, 2x faster, within the quantized encoder's own error.
+    products with float32 sums, 2x faster, within the quantized encoder's own error. With
+    bfloat16 weights (``dtype``; a GPU's bfloat16 model) the linear layers and attention's
+    q k^T take bfloat16 operands; norms, softmax, its product with v and the residual stream
+    stay float32.
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
@@ -2303,7 +2320,8 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
                                out_types=[TensorType(DType.float32, q.shape, device=device)])[0].tensor
             else:
                 k_t = ops.permute(_heads(k, n_head), [0, 1, 3, 2])
-                a = _merge_heads(_attend(_heads(q, n_head), k_t, _heads(v, n_head), scale))
+                a = _merge_heads(_attend(_heads(q, n_head), k_t, _heads(v, n_head), scale,
+                                         dtype=DType.bfloat16 if dtype == DType.bfloat16 else None))
             x = x + p.linear(a, f"{b}.attn.out")
             x = p.mlp(x, b)
         x = p.norm(x, "encoder.ln_post")
@@ -2552,6 +2570,45 @@ def build_reorder_graph(dims: dict, device):
     return g
 
 
+def build_greedy_graph(dims: dict, device):
+    """Greedy choice graph: the next token of each row of a decoder step's logits, and its
+    log-probability, with the greedy decoder's logit rules applied on the device (so a GPU
+    sends back two numbers per row, not the vocabulary's logits; ``_GreedyOnDevice``).
+
+    Inputs: the step's logits [batch, 1, n_vocab]; ``bias`` [n_vocab], 0 or -inf (the tokens
+    every step suppresses); ``cuts`` [batch, 4] int64, two token ranges [lo, hi) ruled out per
+    row (``ApplyTimestampRules.row_cuts``); ``rule`` [2] int64, the first timestamp token and
+    1 where timestamps take every text token's place when their summed probability beats the
+    likeliest text token. Outputs: tokens [batch, 1] int64, log-probabilities [batch, 1].
+    """
+    from max.dtype import DType
+    from max.graph import Graph, TensorType, ops
+    V, f32, i64 = dims["n_vocab"], DType.float32, DType.int64
+    with Graph(f"whisper_greedy_v{V}", input_types=[
+            TensorType(f32, ["batch", 1, V], device=device), TensorType(f32, [V], device=device),
+            TensorType(i64, ["batch", 4], device=device), TensorType(i64, [2], device=device)]) as g:
+        logits, bias, cuts, rule = (v.tensor for v in g.inputs)
+        ids = ops.range(0, V, 1, out_dim=V, dtype=i64, device=device)                      # [V]
+        minus_inf = ops.constant(-np.inf, f32, device=device)
+
+        def inside(lo: int):                                                  # [batch, V]
+            return ops.logical_and(ops.greater_equal(ids, cuts[:, lo:lo + 1]), ops.greater(cuts[:, lo + 1:lo + 2], ids))
+
+        def logsumexp(x):                                 # [batch, 1]; -inf for a row of -inf
+            top = ops.max(x, axis=-1)
+            top = ops.where(ops.equal(top, minus_inf), ops.constant(0.0, f32, device=device), top)
+            return top + ops.log(ops.sum(ops.exp(x - top), axis=-1))
+
+        x = ops.where(ops.logical_or(inside(0), inside(2)), minus_inf, ops.reshape(logits, [logits.shape[0], V]) + bias)
+        stamp = ops.greater_equal(ids, rule[0:1])                                           # [V]
+        stamps_win = ops.logical_and(ops.greater(logsumexp(ops.where(stamp, x, minus_inf)),
+                                                 ops.max(ops.where(stamp, minus_inf, x), axis=-1)),
+                                     ops.equal(rule[1:2], ops.constant(1, i64, device=device)))
+        x = ops.where(ops.logical_and(stamps_win, ops.logical_not(stamp)), minus_inf, x)
+        g.output(ops.argmax(x, axis=-1), ops.max(x, axis=-1) - logsumexp(x))
+    return g
+
+
 def build_repack_graph(device):
     """Q4_0 weight blocks [rows, bytes] uint8 into the layout MAX's quantized matmul reads
     (``_gemv``); run once per matrix when a quantized (``q4_0``, ``q4_0x2``) model loads."""
@@ -2730,7 +2787,9 @@ class Precision:
 
     ``matrices``: the decoder's matrices and token table (None = float32, a MAX ``DType``,
     ``Q4_0`` or ``Q4_0X2``); ``encoder``: the encoder's matrices (Q4_0 blocks for the Q4_0
-    dtypes, else float32: the encoder is compute-bound and bfloat16 matmuls were no faster);
+    dtypes; bfloat16 for a bfloat16 model on a GPU, whose matrix units multiply bfloat16 many
+    times faster than float32; else float32: on a CPU the encoder's bfloat16 matmuls were no
+    faster);
     ``cross``: the cross K/V (bfloat16 where the Mojo kernels read them with bfloat16 weights,
     else float32: MAX-ops attention would widen them at every step, costing more than the
     bytes saved); ``packed``: on a CPU with the kernels and float weights, the encoder is the one
@@ -2755,7 +2814,10 @@ class Precision:
             raise ConfigError(f"dtype={dtype!r}: the Q4_0 matmul (MAX's vroom_q4_0 op) is CPU-only; use "
                               "dtype='bfloat16' or 'float32' on a GPU, or device='cpu'")
         matrices = {"bfloat16": DType.bfloat16, Q4_0: Q4_0, Q4_0X2: Q4_0X2}.get(dtype)
-        return cls(dtype, matrices, dtype if dtype in _Q4_TERMS else None,
+        encoder = dtype if dtype in _Q4_TERMS else None
+        if matrices == DType.bfloat16 and not isinstance(device, CPU):
+            encoder = DType.bfloat16
+        return cls(dtype, matrices, encoder,
                    DType.bfloat16 if matrices is not None and kernels else None,
                    kernels is not None and _packs_step(DeviceRef.from_device(device), matrices))
 
@@ -2783,6 +2845,7 @@ def _graph_builders(dims: dict, ref, precision: Precision, kernels: Path | None)
             "reorder": (key(), lambda: build_reorder_graph(dims, ref), 35.0),
             "gather": (key(None, kv), lambda: build_gather_graph(dims, ref, kv), 25.0),
             "repack": (key(), lambda: build_repack_graph(ref), 25.0),
+            "greedy": (f"v{dims['n_vocab']}", lambda: build_greedy_graph(dims, ref), 25.0),
             "alignment": (key(dt, kv), lambda: build_alignment_graph(dims, ref, dt, kv), 100.0)}
 
 
@@ -2979,8 +3042,10 @@ class _DeviceWeights:
         else:
             self.encoder = []
             for p in (p for p in spec if p.graph == "encoder"):
-                if precision.encoder and p.low_precision:
+                if precision.encoder in _Q4_TERMS and p.low_precision:
                     self.encoder.append(self._quantized(weights.state[p.name]))
+                elif precision.encoder and p.low_precision:                  # bfloat16, a copy
+                    self.encoder.append(_bfloat16(graph_weights(weights, [p])[0]).to(device))
                 else:
                     array = graph_weights(weights, [p])[0]
                     self.encoder.append(self._put(array))
@@ -3072,7 +3137,9 @@ class Model:
     concurrent calls are correct and each is as fast as alone, but throughput does not grow
     with threads. A graph that fails to compile or run raises ``DeviceError`` and leaves the
     model usable. ``kernels`` and ``dtype``: see ``load``; ``self.kernels`` is the Mojo package
-    used, or None, and ``self.precision`` what ``dtype`` means here.
+    used, or None, and ``self.precision`` what ``dtype`` means here. ``greedy_on_device``:
+    greedy decoding picks tokens on the device (``_GreedyOnDevice``); True on a GPU, where
+    copying every step's logits to the host costs more than the step, False on a CPU.
     """
 
     def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,
@@ -3088,6 +3155,7 @@ class Model:
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
         self.kernels = _kernels_dir(kernels)
         self.dtype, self.precision = dtype, Precision.choose(dtype, self.device, self.kernels)
+        self.greedy_on_device = self.device_name == "gpu"
         ref = DeviceRef.from_device(self.device)
         store = _GraphStore(self.config["graph_cache"], self.device)
         recipe = {"dims": self.dims, "device": self.device_name, "dtype": dtype, "source": str(weights.source),
@@ -3104,10 +3172,11 @@ class Model:
 
     def _core_graphs(self) -> list[str]:
         """The graphs every transcription runs: the encoder and the decoder's (the one-op step
-        for prefill and steps alike, else the decoder graph, and the kernel step with kernels)."""
-        if self.precision.packed:
-            return ["encoder", "step"]
-        return ["encoder", "decoder"] + (["step"] if self.kernels else [])
+        for prefill and steps alike, else the decoder graph, and the kernel step with kernels),
+        and the greedy choice where it is made on the device."""
+        graphs = ["encoder", "step"] if self.precision.packed else \
+            ["encoder", "decoder"] + (["step"] if self.kernels else [])
+        return graphs + ["greedy"] * self.greedy_on_device
 
     def graphs_for(self, **options) -> list[str]:
         """The graphs a ``transcribe`` call with these options (over the configured ones) may
@@ -3206,6 +3275,19 @@ class Model:
         ``out_idx`` picks which of the n positions to return logits for (negative counts from
         the end). The cache grows by n. Returns float32 logits [batch, len(out_idx), n_vocab].
         """
+        logits = self._decode(cache, tokens, out_idx).to_numpy()
+        return np.repeat(logits, len(out_idx), axis=1) if logits.shape[1] != len(out_idx) else logits
+
+    def greedy(self, cache: KVCache, tokens: np.ndarray, rules: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Feed one token per row [batch, 1] and pick each row's next token on the device
+        (``build_greedy_graph``; ``rules`` its bias, cuts and rule inputs, device buffers):
+        returns the tokens [batch] and their log-probabilities [batch]."""
+        out = self.runner.run("greedy", self._decode(cache, tokens, (-1,)), *rules)
+        return out[0].to_numpy()[:, 0], out[1].to_numpy()[:, 0]
+
+    def _decode(self, cache: KVCache, tokens: np.ndarray, out_idx: Sequence[int]):
+        """``decode``'s step, its logits left on the device: [batch, len(out_idx) or 1, n_vocab]
+        (1 where every index is the same position)."""
         tokens = np.ascontiguousarray(tokens, np.int64)
         batch, n = tokens.shape
         cache.check_room(n)
@@ -3231,8 +3313,7 @@ class Model:
                       put(np.array(idx, np.int64)), put(mask), *self.device_weights.decoder, *cross, *cache.self_buffers()]
         out = self.runner.run(graph, *inputs)
         cache.length += n
-        logits = out[0].to_numpy()
-        return np.repeat(logits, len(idx), axis=1) if logits.shape[1] != len(idx) else logits
+        return out[0]
 
     def cross_rows(self, cross: list, rows: Sequence[int]) -> list:
         """New cross K/V holding the given rows of ``cross`` (any may repeat), on the device."""
@@ -3484,23 +3565,31 @@ class ApplyTimestampRules:
         self.tok, self.sample_begin = tokenizer, sample_begin
         self.max_initial = max_initial_timestamp_index
 
+    def row_cuts(self, seq: np.ndarray, n_vocab: int) -> tuple[int, int, int, int]:
+        """The two token ranges [lo, hi) ruled out after a row's sampled tokens ``seq``: the
+        text tokens, or none; from the first timestamp to the least one still allowed."""
+        ts_begin = self.tok.timestamp_begin
+        last_ts = len(seq) >= 1 and seq[-1] >= ts_begin
+        penultimate_ts = len(seq) < 2 or seq[-2] >= ts_begin
+        text_end, ts_end = 0, ts_begin
+        if last_ts:
+            if penultimate_ts:
+                ts_end = n_vocab                            # a pair just closed: text next
+            else:
+                text_end = self.tok.eot                     # an open pair: timestamp or end
+        stamps = seq[seq >= ts_begin]
+        if len(stamps):                                     # timestamps never go back
+            ts_end = max(ts_end, int(stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1))
+        return 0, text_end, ts_begin, ts_end
+
     def apply(self, logits: np.ndarray, tokens: np.ndarray) -> None:
-        ts_begin, eot = self.tok.timestamp_begin, self.tok.eot
+        ts_begin = self.tok.timestamp_begin
         if self.tok.no_timestamps is not None:
             logits[:, self.tok.no_timestamps] = -np.inf
         for k in range(tokens.shape[0]):
-            seq = tokens[k, self.sample_begin:]
-            last_ts = len(seq) >= 1 and seq[-1] >= ts_begin
-            penultimate_ts = len(seq) < 2 or seq[-2] >= ts_begin
-            if last_ts:
-                if penultimate_ts:
-                    logits[k, ts_begin:] = -np.inf          # a pair just closed: text next
-                else:
-                    logits[k, :eot] = -np.inf               # an open pair: timestamp or end
-            stamps = seq[seq >= ts_begin]
-            if len(stamps):
-                floor = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
-                logits[k, ts_begin:floor] = -np.inf         # timestamps never go back
+            _, text_end, _, ts_end = self.row_cuts(tokens[k, self.sample_begin:], logits.shape[1])
+            logits[k, :text_end] = -np.inf
+            logits[k, ts_begin:ts_end] = -np.inf
         if tokens.shape[1] == self.sample_begin:
             logits[:, :ts_begin] = -np.inf                  # a window starts with a timestamp
             if self.max_initial is not None:
@@ -3561,10 +3650,14 @@ class TokenSampler:
             p = np.exp(_log_softmax(logits.astype(np.float64) / self.temperature))
             nxt = np.array([self.rngs[k // self.n_group].choice(len(row), p=row / row.sum())
                             for k, row in enumerate(p)])
-        logprobs = _log_softmax(logits)
+        return self.append(tokens, nxt, _log_softmax(logits)[np.arange(len(nxt)), nxt], sum_logprobs)
+
+    def append(self, tokens: np.ndarray, nxt: np.ndarray, logprobs: np.ndarray, sum_logprobs: np.ndarray):
+        """Append the chosen tokens ``nxt`` with their log-probabilities (a row that has ended
+        gains end-of-text and no score); returns (tokens, every row has ended)."""
         finished = tokens[:, -1] == self.eot
-        sum_logprobs += np.where(finished, 0.0, logprobs[np.arange(len(nxt)), nxt]).astype(np.float32)
-        nxt[finished] = self.eot
+        sum_logprobs += np.where(finished, 0.0, logprobs).astype(np.float32)
+        nxt = np.where(finished, self.eot, nxt)
         tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
         return tokens, bool((tokens[:, -1] == self.eot).all())
 
@@ -3574,6 +3667,52 @@ class TokenSampler:
         g = self.n_group
         return ([list(tokens[i:i + g]) for i in range(0, len(tokens), g)],
                 [sum_logprobs[i:i + g].tolist() for i in range(0, len(tokens), g)])
+
+
+class _GreedyOnDevice:
+    """Greedy steps whose logit rules run on the model's device (``Model.greedy``): the fixed
+    suppressions as one bias vector put there once, each row's timestamp ranges (``row_cuts``)
+    sent per step, the timestamp-probability rule and the choice computed there. Only rows'
+    tokens and log-probabilities come back, not [rows, n_vocab] logits: on a GPU the copy and
+    the host's work on them cost more than the step. The first sampled step, with its own
+    rules (blank, initial timestamp), stays on the host.
+
+    The timestamp rule compares log-sum-exp against the best text logit in float32 as the host
+    does, but not with its tie-breaking order of operations (``ApplyTimestampRules.apply``),
+    so within ~1e-6 of a tie the two may choose differently."""
+
+    def __init__(self, model: "Model", filters: list, rules_begin: int):
+        suppress = next(f for f in filters if isinstance(f, SuppressTokens))
+        self.stamps = next((f for f in filters if isinstance(f, ApplyTimestampRules)), None)
+        self.model, self.rules_begin, self.n_vocab = model, rules_begin, model.dims["n_vocab"]
+        bias = np.zeros(self.n_vocab, np.float32)
+        bias[suppress.ids] = -np.inf
+        ts_begin = self.n_vocab
+        if self.stamps:
+            ts_begin = self.stamps.tok.timestamp_begin
+            if self.stamps.tok.no_timestamps is not None:
+                bias[self.stamps.tok.no_timestamps] = -np.inf
+        self.bias = model.put(bias)
+        self.rule = model.put(np.array([ts_begin, int(self.stamps is not None)], np.int64))
+
+    @staticmethod
+    def usable(model: "Model", options: DecodingOptions, filters: list) -> bool:
+        """Greedy decoding with no rule the device lacks (the repetition guard) on a model that
+        chooses on its device."""
+        return (model.greedy_on_device and options.temperature == 0 and not options.beam_size
+                and all(isinstance(f, (SuppressBlank, SuppressTokens, ApplyTimestampRules)) for f in filters))
+
+    def rules(self, tokens: np.ndarray) -> tuple:
+        """``build_greedy_graph``'s rule inputs after the token rows ``tokens``."""
+        cuts = np.zeros((len(tokens), 4), np.int64)
+        if self.stamps:
+            for k in range(len(tokens)):
+                cuts[k] = self.stamps.row_cuts(tokens[k, self.rules_begin:], self.n_vocab)
+        return self.bias, self.model.put(cuts), self.rule
+
+    def step(self, cache: KVCache, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feed each row's last token; the next tokens and their log-probabilities."""
+        return self.model.greedy(cache, tokens[:, -1:], self.rules(tokens))
 
 
 class BeamSearchDecoder:
@@ -3755,6 +3894,7 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     rules_begin = sot_index + len(tokenizer.sot_sequence) if first.continue_prefix else sample_begin
     filters = _logit_filters(first, tokenizer, rules_begin)
     guard = next((f for f in filters if isinstance(f, RepetitionGuard)), None)
+    on_device = _GreedyOnDevice(model, filters, rules_begin) if _GreedyOnDevice.usable(model, first, filters) else None
     if first.temperature == 0 and first.beam_size:
         decoder = BeamSearchDecoder(first.beam_size, eot, first.patience,
                                     lambda rows: model.reorder(cache, rows))
@@ -3772,12 +3912,18 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
         no_speech_probs = probs[:, tokenizer.no_speech].tolist()
     logits = logits[:, -1].copy()
     for i in range(sample_len):
-        for f in filters:
-            f.apply(logits, tokens)
-        tokens, completed = decoder.update(tokens, logits, sum_logprobs)
+        if logits is None:                                                  # chosen on the device
+            tokens, completed = decoder.append(tokens, *chosen, sum_logprobs)
+        else:
+            for f in filters:
+                f.apply(logits, tokens)
+            tokens, completed = decoder.update(tokens, logits, sum_logprobs)
         if completed or tokens.shape[1] > n_ctx or i == sample_len - 1:
             break
-        logits = model.decode(cache, tokens[:, -1:])[:, 0].copy()
+        if on_device:
+            logits, chosen = None, on_device.step(cache, tokens)
+        else:
+            logits = model.decode(cache, tokens[:, -1:])[:, 0].copy()
 
     groups, scores = decoder.finalize(tokens, sum_logprobs)
     results = []

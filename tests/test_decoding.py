@@ -34,6 +34,61 @@ class TimestampRuleTest(unittest.TestCase):
                 np.testing.assert_array_equal(np.isinf(ours), np.isinf(want.numpy()))
 
 
+class GreedyOnDeviceTest(unittest.TestCase):
+    """Greedy choices made on the device (a GPU's default; forced here on this run's device)
+    are the host's: the same tokens and log-probabilities from the same logits, and the same
+    transcripts."""
+
+    def test_choices_match_the_host_rules(self):
+        """Random logits where timestamps or text win by a clear margin, after every kind of
+        token history (text, an open pair, a closed pair, earlier timestamps): the device's
+        token and log-probability are the host filters' argmax and log-softmax."""
+        m = support.model("tiny.en")
+        tok = m.tokenizer()
+        options = mw.DecodingOptions()
+        begin, ts = len(tok.sot_sequence), tok.timestamp_begin
+        filters = mw._logit_filters(options, tok, begin)[1:]           # SuppressBlank: first step only
+        chooser = mw._GreedyOnDevice(m, filters, begin)
+        rng = np.random.default_rng(0)
+        histories = [[262, 290], [ts + 10], [ts + 10, 262], [ts + 4, 262, ts + 9], [ts + 4, 262, ts + 9, ts + 9],
+                     [ts + 3, 290, ts + 7, ts + 7, 262, 11], [ts + 1500], [ts + 2, 50]]
+        for case in range(20):
+            for h in histories:
+                tokens = np.array([list(tok.sot_sequence) + h] * 3)
+                logits = (rng.standard_normal((3, m.dims["n_vocab"])) * 2 - 10).astype(np.float32)
+                logits[:, ts:] = rng.standard_normal((3, m.dims["n_vocab"] - ts)) * 4
+                mass = np.logaddexp.reduce(logits[:, ts:].astype(np.float64), axis=-1)
+                logits[np.arange(3), rng.integers(0, tok.eot, 3)] = (mass + rng.choice([-3.0, 3.0], 3)).astype(np.float32)
+                want = logits.copy()
+                for f in filters:
+                    f.apply(want, tokens)
+                got = m.runner.run("greedy", m.put(logits[:, None]), *chooser.rules(tokens))
+                with self.subTest(case=case, history=h):
+                    np.testing.assert_array_equal(got[0].to_numpy()[:, 0], want.argmax(-1))
+                    np.testing.assert_allclose(got[1].to_numpy()[:, 0], mw._log_softmax(want).max(-1), atol=1e-5)
+
+    def test_transcripts_match_the_host(self):
+        m = mw.load("tiny.en", device=support.DEVICE)
+        m.greedy_on_device = True
+        calls = []
+        chosen = m.greedy
+        m.greedy = lambda *args: calls.append(1) or chosen(*args)
+        reference = support.model("tiny.en")
+        clips = [(w.name, mw.load_audio(w)) for w, _ in support.samples("en")]
+        for name, audio in clips + [("long", mw.load_audio(support.long_clip()))]:
+            for options in ({}, {"without_timestamps": True}):
+                with self.subTest(clip=name, **options):
+                    want = reference.transcribe(audio, temperature=0.0, **options)
+                    got = m.transcribe(audio, temperature=0.0, **options)
+                    self.assertEqual(tokens(got), tokens(want))
+                    for a, b in zip(got["segments"], want["segments"]):
+                        self.assertAlmostEqual(a["avg_logprob"], b["avg_logprob"], places=4)
+        self.assertGreater(len(calls), 300)
+        self.assertFalse(mw._GreedyOnDevice.usable(m, mw.DecodingOptions(repetition_limit=4),
+                                                   mw._logit_filters(mw.DecodingOptions(repetition_limit=4),
+                                                                     m.tokenizer(), 3)))
+
+
 class BeamSearchParityTest(unittest.TestCase):
     def test_beam_5_matches_openai(self):
         clips = [wav for wav, _ in support.samples("en")] + [support.long_clip()]

@@ -1,7 +1,11 @@
 """Lower-precision weights (bfloat16, Q4_0 blocks, two-term Q4_0): checked against float32."""
 
+import contextlib
 import functools
+import shutil
+import tempfile
 import unittest
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -178,6 +182,41 @@ class BFloat16Test(unittest.TestCase):
             for dtype in (mw.Q4_0, mw.Q4_0X2):
                 with self.subTest(dtype=dtype), self.assertRaisesRegex(mw.ConfigError, "CPU-only"):
                     mw.Model(weights, device="gpu", dtype=dtype, warmup=False)
+
+
+class GpuBFloat16EncoderTest(unittest.TestCase):
+    def test_encoder_products_in_bfloat16(self):
+        """A bfloat16 model on a GPU runs its encoder in bfloat16 (built here for this test
+        run's device with a GPU's precision): bfloat16 matrices, features and cross K/V within
+        bfloat16's error of openai-whisper's float32 encoder, and not equal to them."""
+        import torch
+        from max.dtype import DType
+        dims = dict(support.MODEL_DIMS["tiny.en"], n_audio_layer=2, n_text_layer=1)
+        ref = support.random_whisper(dims)
+        folder = Path(tempfile.mkdtemp(prefix="maxwhisper-bf16-encoder-"))
+        self.addCleanup(shutil.rmtree, folder)
+        pt = support.save_pt(ref, folder / "model.pt")
+        gpu = mw.Precision("bfloat16", DType.bfloat16, DType.bfloat16)
+        as_on_gpu = mock.patch.object(mw.Precision, "choose", return_value=gpu) if support.DEVICE == "cpu" \
+            else contextlib.nullcontext()
+        with as_on_gpu:
+            m = mw.load(str(pt), device=support.DEVICE, dtype="bfloat16", kernels="off", warmup=False)
+        self.assertEqual(m.precision.encoder, DType.bfloat16)
+        spec = [p for p in mw.weight_spec(dims) if p.graph == "encoder"]
+        kinds = {p.name: b.dtype for p, b in zip(spec, m.device_weights.encoder)}
+        self.assertEqual(kinds["encoder.blocks.0.mlp.0.weight"], DType.bfloat16)
+        self.assertEqual(kinds["encoder.conv1.weight"], DType.float32)
+        mel = np.random.default_rng(0).uniform(-1, 1, (1, dims["n_mels"], mw.N_FRAMES)).astype(np.float32)
+        ours, cross = m.encode(mel)
+        with torch.no_grad():
+            features = ref.encoder(torch.from_numpy(mel))
+            key = ref.decoder.blocks[0].cross_attn.key(features)
+        for got, want in ((ours, features.numpy()),
+                          (np.swapaxes(cross[0][0].to_numpy(), 2, 3).transpose(0, 2, 1, 3).reshape(key.shape),
+                           key.numpy())):
+            error = np.linalg.norm(got - want) / np.linalg.norm(want)
+            self.assertLess(error, 2e-2)
+            self.assertGreater(error, 1e-5)                     # float32 products would be ~1e-7
 
 
 if __name__ == "__main__":
