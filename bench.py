@@ -9,6 +9,7 @@
     python bench.py decode    --model tiny.en
     python bench.py sizes     --model small,medium,large-v3-turbo
     python bench.py stream    --model tiny.en --concurrency 1,2,4,6 --memory-minutes 30
+    python bench.py throughput --model large-v3-turbo,large-v3 --device gpu --batch 1,8,16,32,64
 
 Every engine runs in its own subprocess (PyTorch timed right after MAX in one process runs
 slower), on the same audio, the same weights and greedy decoding with the same temperature
@@ -803,6 +804,165 @@ def sizes(args) -> dict:
             "runs": rows, "machine": machine()}
 
 
+THROUGHPUT_ENGINES = ("maxwhisper", "transformers", "openai")
+
+
+class _PeakMemory:
+    """Peak memory of this process while it runs: on a GPU the device memory ``nvidia-smi``
+    reports for this process (the same reading for MAX and PyTorch, whose allocators both hold
+    what they once took), sampled every 0.1 s; on a CPU the peak RSS."""
+
+    def __init__(self, device: str):
+        self.gpu, self.peak, self._stop = device != "cpu", 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True) if self.gpu else None
+        if self._thread:
+            self._thread.start()
+
+    def _read(self) -> float:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 0.0
+        return sum(float(mb) for pid, mb in (line.split(",") for line in out.splitlines() if "," in line)
+                   if int(pid) == os.getpid())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self._read())
+
+    def mb(self) -> float:
+        """The peak so far, MiB."""
+        return max(self.peak, self._read()) if self.gpu else _status_mb("VmHWM")
+
+
+def _throughput_worker(args) -> None:
+    """In its own process: one engine transcribes ``--windows`` random log-mel windows of one
+    random-weight checkpoint in batches of each ``--batch``, greedy, exactly ``--tokens`` new
+    tokens per window (end of text suppressed as a token, or transformers' ``min_new_tokens``),
+    the encoder included, each engine through its own decoding function; median wall time of
+    ``--repeats`` after a warm-up run. Prints one JSON line per batch size."""
+    import torch
+    import whisper
+    gpu = args.device != "cpu"
+    half = args.dtype != "float32"
+    memory = _PeakMemory(args.device)
+    pt = args.files[0]
+    dims = MODEL_DIMS[args.model]
+    rng = np.random.default_rng(1)
+    mels = rng.uniform(-1.0, 1.0, (max(args.windows, max(args.batch)), dims["n_mels"], mw.N_FRAMES)).astype(np.float32)
+    prompt = list(tokenizer_for(dims["n_vocab"], "en").sot_sequence_including_notimestamps)
+    eot = tokenizer_for(dims["n_vocab"]).eot
+    if args.engine == "maxwhisper":                          # its own greedy decoding, openai-whisper's options
+        m = mw.load(pt, device=args.device, dtype=args.dtype)
+        options = mw.DecodingOptions(language="en", without_timestamps=True, sample_len=args.tokens,
+                                     suppress_tokens=[-1, eot])
+
+        def run(mel: np.ndarray) -> int:
+            cache = m.new_cache(m.encode(mel)[1], batch=len(mel))
+            return min(len(r.tokens) for r in mw.decode_batch(m, cache, [options] * len(mel)))
+    else:
+        torch.set_num_threads(args.threads)
+        where = "cuda" if gpu else "cpu"
+        ref = whisper.load_model(pt, device="cpu")
+        if args.engine == "openai":                  # its own fp16 path: float32 weights cast per call
+            model = ref.to(where)
+            options = whisper.DecodingOptions(language="en", without_timestamps=True, sample_len=args.tokens,
+                                              fp16=gpu and half, suppress_tokens=[-1, eot])
+
+            def run(mel: np.ndarray) -> int:
+                results = whisper.decode(model, torch.from_numpy(mel).to(where), options)
+                return min(len(r.tokens) for r in results)
+        else:
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+            hf = hf_model(ref).to(where, dtype)
+            hf.generation_config.max_length = hf.generation_config.min_length = None
+            ids = torch.tensor([prompt], device=where)
+
+            def run(mel: np.ndarray) -> int:
+                with torch.no_grad():
+                    out = hf.generate(input_features=torch.from_numpy(mel).to(where, dtype),
+                                      decoder_input_ids=ids.expand(len(mel), -1), min_new_tokens=args.tokens,
+                                      max_new_tokens=args.tokens, do_sample=False, num_beams=1)
+                return out.shape[1] if out.shape[1] == args.tokens else out.shape[1] - len(prompt)
+        del ref
+
+    def sync():
+        if gpu and args.engine != "maxwhisper":
+            torch.cuda.synchronize()
+    for b in args.batch:
+        n = -(-max(args.windows, b) // b) * b                  # whole batches
+        chunks = [np.take(mels, range(i, i + b), axis=0, mode="wrap") for i in range(0, n, b)]
+        made = run(chunks[0])                                    # warm: compiles, allocates
+        if made != args.tokens:
+            raise mw.MaxWhisperError(f"{args.engine} made {made} tokens per window, not {args.tokens}")
+        times = []
+        for _ in range(args.repeats):
+            sync()
+            t = time.perf_counter()
+            for chunk in chunks:
+                run(chunk)
+            sync()
+            times.append(time.perf_counter() - t)
+        wall = statistics.median(times)
+        print(json.dumps({"engine": args.engine, "model": args.model, "batch": b, "windows": n, "seconds": wall,
+                          "x_real_time": n * mw.CHUNK_LENGTH / wall, "tokens_per_s": n * args.tokens / wall,
+                          "peak_memory_mb": memory.mb()}), flush=True)
+
+
+def throughput(args) -> dict:
+    """Batched throughput against transformers and openai-whisper, same device, same run: the
+    random-weight checkpoint of each ``--model`` written once (openai-whisper's .pt, float16 as
+    released), each engine in its own process transcribing the same random windows at each
+    batch size (``_throughput_worker``); audio seconds per second and the ratio to the best
+    peer's best batch."""
+    engines = args.engines.split(",")
+    unknown = [e for e in engines if e not in THROUGHPUT_ENGINES]
+    if unknown:
+        raise mw.ConfigError(f"--engines {','.join(unknown)}: choose from {', '.join(THROUGHPUT_ENGINES)}")
+    batches = [int(b) for b in args.batch.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-throughput-"))
+    rows, failed = [], {}
+    try:
+        for name in args.model.split(","):
+            if name not in MODEL_DIMS:
+                raise mw.ConfigError(f"--model {name!r}: choose from {', '.join(MODEL_DIMS)}")
+            pt = save_pt(random_whisper(MODEL_DIMS[name]).half(), workdir / f"{name}.pt")
+            for engine in engines:
+                cmd = [sys.executable, str(ROOT / "bench.py"), "_throughput", "--engine", engine, "--model", name,
+                       "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+                       "--windows", str(args.windows), "--tokens", str(args.tokens), "--repeats", str(args.repeats),
+                       "--batch", *map(str, batches), "--files", str(pt)]
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                got = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+                for r in got:                      # as they come: a run cut short keeps them in its log
+                    print(f"{name} {engine} batch {r['batch']}: {r['x_real_time']:.0f}x real time", flush=True)
+                rows += got
+                if done.returncode:               # an out-of-memory batch keeps the ones before it
+                    failed[f"{name} {engine}"] = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+                    print(f"bench: {engine} on {name} stopped after {len(got)} batch sizes: "
+                          f"{done.stderr[-1500:]}", file=sys.stderr)
+            pt.unlink()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    best = {}
+    for r in rows:
+        key = (r["model"], r["engine"])
+        best[key] = max(best.get(key, 0.0), r["x_real_time"])
+    for r in rows:
+        peers = [v for (model, engine), v in best.items() if model == r["model"] and engine != "maxwhisper"]
+        r["x_best_peer"] = r["x_real_time"] / max(peers) if peers else None
+    print_table(f"throughput on {args.device}, {args.dtype}, random weights: {args.windows}+ windows of 30 s, "
+                f"{args.tokens} greedy tokens each, encoder included; median of {args.repeats}; "
+                f"x best peer = audio s/s over the best batch of the fastest other engine",
+                ["model", "engine", "batch", "s", "x real time", "tokens/s", "x best peer", "peak memory MiB"],
+                [[r["model"], r["engine"], r["batch"], f"{r['seconds']:.2f}", f"{r['x_real_time']:.0f}",
+                  f"{r['tokens_per_s']:.0f}", f"{r['x_best_peer']:.2f}" if r["x_best_peer"] else "-",
+                  f"{r['peak_memory_mb']:.0f}"] for r in rows])
+    return {"command": "throughput", "device": args.device, "dtype": args.dtype, "windows": args.windows,
+            "tokens": args.tokens, "repeats": args.repeats, "runs": rows, "failed": failed, "machine": machine()}
+
+
 def _post_clip(port: int, name: str, data: bytes) -> tuple[int, str]:
     """POST one clip to a local server's /v1/audio/transcriptions; (status, text)."""
     import http.client
@@ -1136,6 +1296,22 @@ def main(argv=None) -> int:
     sz.add_argument("--repeats", type=int, default=3)
     sz.add_argument("--steps", type=int, default=32)
     sz.add_argument("--half", action="store_true", help="write the .pt in float16, as openai-whisper ships them")
+    tp = sub.add_parser("throughput", parents=[common], help="batched windows per second against transformers, openai")
+    tp.add_argument("--device", choices=["cpu", "gpu"], default="gpu")
+    tp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                    help="maxwhisper's and transformers' precision (openai-whisper: float16 on a GPU)")
+    tp.add_argument("--engines", default=",".join(THROUGHPUT_ENGINES))
+    tp.add_argument("--batch", default="1,8,16,32,64", help="comma-separated batch sizes")
+    tp.add_argument("--windows", type=int, default=8,
+                    help="30 s windows per timed run, at least (whole batches: a batch of 64 runs 64)")
+    tp.add_argument("--tokens", type=int, default=100, help="greedy tokens decoded per window")
+    tp.add_argument("--repeats", type=int, default=3)
+    tw = sub.add_parser("_throughput")
+    for flag, kind in (("--engine", str), ("--model", str), ("--device", str), ("--dtype", str), ("--threads", int),
+                       ("--windows", int), ("--tokens", int), ("--repeats", int)):
+        tw.add_argument(flag, type=kind)
+    tw.add_argument("--batch", nargs="+", type=int)
+    tw.add_argument("--files", nargs=1)
     sm = sub.add_parser("stream", parents=[common], help="live transcription replayed in real time")
     sm.add_argument("--audio", nargs="*", help="long clips (default: five generated one-minute clips); a .txt beside "
                                               "a clip is its reference text")
@@ -1157,13 +1333,14 @@ def main(argv=None) -> int:
     # aborts on CPU in MAX 26.7), so --threads pins the process (and its workers) to that
     # many cores; the peers also get the count through their own thread options.
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
-    if args.command in ("_worker", "_decode", "_sizes"):
-        {"_worker": worker, "_decode": _decode_worker, "_sizes": _sizes_worker}[args.command](args)
+    if args.command in ("_worker", "_decode", "_sizes", "_throughput"):
+        {"_worker": worker, "_decode": _decode_worker, "_sizes": _sizes_worker,
+         "_throughput": _throughput_worker}[args.command](args)
         return 0
     try:
         result = {"compare": compare, "coldstart": coldstart, "scaling": scaling, "stress": stress,
                   "batch": batch, "serve-load": serve_load, "decode": decode, "sizes": sizes,
-                  "stream": stream_bench}[args.command](args)
+                  "stream": stream_bench, "throughput": throughput}[args.command](args)
     except mw.MaxWhisperError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2

@@ -116,6 +116,22 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertTrue(all(r["encode_ms"] > 0 and r["step_ms"] > 0 for r in runs))
         self.assertGreater(runs[0]["load_peak_over_weights"], 0)
 
+    def test_throughput_runs_each_engine_on_the_same_windows(self):
+        out = self.dir / "throughput.json"
+        proc = bench("throughput", "--model", "tiny.en", "--device", "cpu", "--dtype", "float32", "--batch", "1,2",
+                     "--windows", "2", "--tokens", "6", "--repeats", "1", "--json", out)
+        result = json.loads(out.read_text())
+        self.assertEqual(result["failed"], {})              # a worker fails when a window gets other than 6 tokens
+        self.assertEqual([(r["engine"], r["batch"]) for r in result["runs"]],
+                         [(e, b) for e in ("maxwhisper", "transformers", "openai") for b in (1, 2)])
+        for r in result["runs"]:
+            self.assertEqual(r["windows"], 2)
+            self.assertAlmostEqual(r["x_real_time"], 2 * 30 / r["seconds"])
+            self.assertGreater(r["peak_memory_mb"], 0)
+        best = max(r["x_real_time"] for r in result["runs"] if r["engine"] != "maxwhisper")
+        self.assertAlmostEqual(result["runs"][0]["x_best_peer"], result["runs"][0]["x_real_time"] / best)
+        self.assertIn("| tiny.en | transformers | 2 |", proc.stdout)
+
     def test_random_weights_have_the_checkpoints_names_and_shapes(self):
         import bench as b
         for name in ("tiny.en", "base"):

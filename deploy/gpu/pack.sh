@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Packs what a bare GPU machine of this project's device tool needs to run deploy/gpu/run.sh —
-# MAX 26.7 for CPython 3.12, openai-whisper, tiny.en, the spoken samples, a long clip and this
+# MAX 26.7 for CPython 3.12, openai-whisper, transformers, tiny.en, the spoken samples, a long clip and this
 # CPU's transcripts of two clips — as one xz stream cut into pieces of 62 MiB, one piece per
 # device call (a call carries at most 64 MiB): .gpu/p1 ... .gpu/pN, ignored by git.
 #
@@ -25,6 +25,18 @@ plat="--platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platfo
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat \
     -d "$work/whl" max==26.7.0 max-core==26.7.0 max-mojo-libs==26.7.0 max-shmem-libs==26.7.0 \
     mojo-compiler==1.2.0 mojo-compiler-mojo-libs==1.2.0 msgspec taskgroup exceptiongroup more-itertools
+# transformers (bench.py throughput's peer) with what it needs, less what the device's PyTorch
+# and rich bring (their own versions stay)
+transformers_version=$("$PY" -c 'import importlib.metadata as m; print(m.version("transformers"))')
+# shellcheck disable=SC2086
+"$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp $plat \
+    -d "$work/tfw" "transformers==$transformers_version"
+for w in "$work"/tfw/*.whl; do
+  case "$(basename "$w")" in
+    numpy-*|typing_extensions-*|filelock-*|fsspec-*|rich-*|pygments-*|markdown_it_py-*|mdurl-*) ;;
+    *) mv "$w" "$work/whl/" ;;
+  esac
+done
 whisper_version=$("$PY" -c 'import importlib.metadata as m; print(m.version("openai-whisper"))')
 "$PY" -m pip wheel -q --no-deps -w "$work/whl" "openai-whisper==$whisper_version"     # an sdist on PyPI
 for w in "$work"/whl/*.whl; do unzip -q -o "$w" -d "$site"; done
