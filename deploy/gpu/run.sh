@@ -114,7 +114,8 @@ step "6. random-weight parity, tiny.en and large-v3-turbo shapes" 600 "$PY" -m u
   -p test_checkpoints.py -k test_tiny_en -k test_large_v3_turbo_and_its_transcript
 step "7. bfloat16 encoder" 240 "$PY" -m unittest discover -s tests -p test_precision.py -k GpuBFloat16EncoderTest
 step "8. throughput against transformers and openai-whisper" 570 "$PY" bench.py throughput --model "$MODELS" \
-  --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" --windows 8 --tokens 100 --repeats 2 --json "$OUT/throughput.json"
+  --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" --engines "${MW_GPU_ENGINES:-maxwhisper,transformers,openai}" \
+  --windows 8 --tokens 100 --repeats 2 --json "$OUT/throughput.json"
 
 start=$(date +%s)                          # whatever the budget: the next run needs no compile
 # the compiled graphs and their compile times, oldest first (tiny.en's), not the weight images
