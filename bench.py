@@ -813,10 +813,9 @@ class _PeakMemory:
     what they once took), sampled every 0.1 s; on a CPU the peak RSS."""
 
     def __init__(self, device: str):
-        self.gpu, self.peak, self._stop = device != "cpu", 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True) if self.gpu else None
-        if self._thread:
-            self._thread.start()
+        self.gpu, self.peak = device != "cpu", 0.0
+        if self.gpu:
+            threading.Thread(target=self._sample, daemon=True).start()
 
     def _read(self) -> float:
         try:
@@ -828,7 +827,8 @@ class _PeakMemory:
                    if int(pid) == os.getpid())
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.1):
+        while True:                                     # until the worker process exits
+            time.sleep(0.1)
             self.peak = max(self.peak, self._read())
 
     def mb(self) -> float:
@@ -851,8 +851,8 @@ def _throughput_worker(args) -> None:
     dims = MODEL_DIMS[args.model]
     rng = np.random.default_rng(1)
     mels = rng.uniform(-1.0, 1.0, (max(args.windows, max(args.batch)), dims["n_mels"], mw.N_FRAMES)).astype(np.float32)
-    prompt = list(tokenizer_for(dims["n_vocab"], "en").sot_sequence_including_notimestamps)
-    eot = tokenizer_for(dims["n_vocab"]).eot
+    tokenizer = tokenizer_for(dims["n_vocab"], "en")
+    prompt, eot = list(tokenizer.sot_sequence_including_notimestamps), tokenizer.eot
     if args.engine == "maxwhisper":                          # its own greedy decoding, openai-whisper's options
         m = mw.load(pt, device=args.device, dtype=args.dtype)
         options = mw.DecodingOptions(language="en", without_timestamps=True, sample_len=args.tokens,

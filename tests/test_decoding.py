@@ -84,9 +84,8 @@ class GreedyOnDeviceTest(unittest.TestCase):
                     for a, b in zip(got["segments"], want["segments"]):
                         self.assertAlmostEqual(a["avg_logprob"], b["avg_logprob"], places=4)
         self.assertGreater(len(calls), 300)
-        self.assertFalse(mw._GreedyOnDevice.usable(m, mw.DecodingOptions(repetition_limit=4),
-                                                   mw._logit_filters(mw.DecodingOptions(repetition_limit=4),
-                                                                     m.tokenizer(), 3)))
+        guarded = mw.DecodingOptions(repetition_limit=4)                 # a rule the device lacks
+        self.assertFalse(mw._GreedyOnDevice.usable(m, guarded, mw._logit_filters(guarded, m.tokenizer(), 3)))
 
 
 class BeamSearchParityTest(unittest.TestCase):
