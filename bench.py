@@ -39,7 +39,7 @@ import numpy as np
 import maxwhisper as mw
 from tests.support import (MODEL_DIMS, hf_model, multipart, random_whisper, sample_files,  # audio sets, WER,
                            save_ct2, save_pt, speech_clip, story_clips, tokenizer_for,    # random models
-                           word_errors)
+                           VOICES, word_errors)
 
 ROOT = Path(__file__).resolve().parent
 PROBE_KERNELS = ROOT / "bench_kernels"           # the read-rate probe's Mojo op
@@ -453,14 +453,18 @@ def step_latency(m: mw.Model, cross: list, batch: int, position: int, steps: int
     return 1000 * statistics.median(times[1:])
 
 
+def model_dims(name: str) -> dict:
+    """A released checkpoint's dimensions (random weights of its shapes need no download)."""
+    if name not in MODEL_DIMS:
+        raise mw.ConfigError(f"--model {name!r}: no dimensions for it; use one of {', '.join(MODEL_DIMS)}")
+    return MODEL_DIMS[name]
+
+
 def random_weights(name: str, seed: int = 0) -> mw.Weights:
     """Weights of checkpoint ``name``'s names and shapes with random values: a decoder step
     takes the same time whatever the values, so ``scaling --weights random`` can time a model
     size on a machine without its checkpoint (a GPU host that reaches no registry)."""
-    if name not in MODEL_DIMS:
-        raise mw.ConfigError(f"--weights random: no dimensions for --model {name!r}; use one of "
-                             f"{', '.join(MODEL_DIMS)}")
-    dims = MODEL_DIMS[name]
+    dims = model_dims(name)
     shapes = mw.checkpoint_shapes(dims)
     rng = np.random.default_rng(seed)
     return mw.Weights(dims=dims, state={k: 0.02 * rng.standard_normal(s, dtype=np.float32) for k, s in shapes.items()},
@@ -768,9 +772,7 @@ def sizes(args) -> dict:
     rows = []
     try:
         for name in args.model.split(","):
-            if name not in MODEL_DIMS:
-                raise mw.ConfigError(f"--model {name!r}: choose from {', '.join(MODEL_DIMS)}")
-            ref = random_whisper(MODEL_DIMS[name])
+            ref = random_whisper(model_dims(name))
             engines = args.engines.split(",")
             ct2_dir = workdir / f"{name}-ct2"
             if "faster-whisper-fp32" in engines:
@@ -925,9 +927,7 @@ def throughput(args) -> dict:
     rows, failed = [], {}
     try:
         for name in args.model.split(","):
-            if name not in MODEL_DIMS:
-                raise mw.ConfigError(f"--model {name!r}: choose from {', '.join(MODEL_DIMS)}")
-            pt = save_pt(random_whisper(MODEL_DIMS[name]).half(), workdir / f"{name}.pt")
+            pt = save_pt(random_whisper(model_dims(name)).half(), workdir / f"{name}.pt")
             for engine in engines:
                 cmd = [sys.executable, str(ROOT / "bench.py"), "_throughput", "--engine", engine, "--model", name,
                        "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
@@ -1120,12 +1120,15 @@ def stream_bench(args) -> dict:
     memory of one long stream."""
     import signal
     workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-stream-"))
-    clips = audio_arg(args.audio) if args.audio else story_clips(workdir)
+    # (set, clip): the given clips, or the five texts in each voice
+    clips = ([("given", c) for c in audio_arg(args.audio)] if args.audio else
+             [(voice, c) for voice in args.voices.split(",") for c in story_clips(workdir / voice, voice)])
     m = mw.load(args.model, device="cpu")
     english = not m.is_multilingual
-    result = {"command": "stream", "model": args.model, "step": args.step, "clips": [], "machine": machine()}
-    refs, errors, latencies = {}, np.zeros(3), []
-    for clip in clips:
+    result = {"command": "stream", "model": args.model, "step": args.step, "clips": [], "sets": {},
+              "machine": machine()}
+    refs, errors, latencies = {}, {}, {}
+    for name, clip in clips:
         audio = mw.load_audio(str(clip))
         reference = clip.with_suffix(".txt").read_text() if clip.with_suffix(".txt").exists() else None
         offline = m.transcribe(str(clip), seed=0)["text"]
@@ -1136,32 +1139,38 @@ def stream_bench(args) -> dict:
         lat = _word_latencies(words, api["commits"])
         (wrong, n), (wrong_offline, _) = (word_errors(reference or offline, text, english)
                                           for text in (api["text"], offline))
-        errors += [wrong, wrong_offline, n]
-        latencies += lat
+        errors[name] = errors.get(name, np.zeros(3)) + [wrong, wrong_offline, n]
+        latencies.setdefault(name, []).extend(lat)
         median, p95 = _percentiles(lat)
-        row = {"clip": clip.name, "seconds": len(audio) / mw.SAMPLE_RATE, "median_latency": median,
+        row = {"set": name, "clip": clip.name, "seconds": len(audio) / mw.SAMPLE_RATE, "median_latency": median,
                "p95_latency": p95, "words_matched": len(lat), "wer_stream": 100 * wrong / n,
                "wer_offline": 100 * wrong_offline / n, "wer_against": "reference" if reference else "offline",
                "cpu_cores": api["cpu"], "text": api["text"]}
         result["clips"].append(row)
-    # every clip's words together: WER as total errors over total words, latency over all words
-    median, p95 = _percentiles(latencies)
-    result["all"] = {"clip": "all", "seconds": sum(r["seconds"] for r in result["clips"]),
-                     "median_latency": median, "p95_latency": p95,
-                     "wer_stream": 100 * errors[0] / errors[2], "wer_offline": 100 * errors[1] / errors[2],
-                     "cpu_cores": float(np.mean([r["cpu_cores"] for r in result["clips"]]))}
+    # a set's (and then every clip's) words together: WER as total errors over total words,
+    # latency over all words
+    def together(label: str, names: list[str]) -> dict:
+        rows = [r for r in result["clips"] if r["set"] in names]
+        wrong, wrong_offline, n = sum(errors[k] for k in names)
+        median, p95 = _percentiles([x for k in names for x in latencies[k]])
+        return {"set": label, "clip": "all", "seconds": sum(r["seconds"] for r in rows), "median_latency": median,
+                "p95_latency": p95, "wer_stream": 100 * wrong / n, "wer_offline": 100 * wrong_offline / n,
+                "cpu_cores": float(np.mean([r["cpu_cores"] for r in rows]))}
+    result["sets"] = {k: together(k, [k]) for k in errors}
+    result["all"] = together("all", list(errors))
     print_table(f"stream: {args.model}, Python API, real-time replay, step {args.step} s",
-                ["clip", "audio s", "latency median s", "p95 s", "WER stream %", "WER offline %", "CPU cores"],
-                [[r["clip"], f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
+                ["voice", "clip", "audio s", "latency median s", "p95 s", "WER stream %", "WER offline %", "CPU cores"],
+                [[r["set"], r["clip"], f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
                   f"{r['wer_stream']:.1f}", f"{r['wer_offline']:.1f}", f"{r['cpu_cores']:.2f}"]
-                 for r in result["clips"] + [result["all"]]])
+                 for r in result["clips"] + list(result["sets"].values())
+                 + ([result["all"]] if len(result["sets"]) > 1 else [])])
     if args.concurrency:
         del m                                               # the server holds its own copy
         proc, port = _start_server(args.model, "--max-batch", "16")
         runs = []
         try:
             for n in [int(c) for c in args.concurrency.split(",")]:
-                audio, reference, words = refs[clips[0]]
+                audio, reference, words = refs[clips[0][1]]
                 outs, start = [{} for _ in range(n)], threading.Event()
                 threads = [threading.Thread(target=_replay_ws, args=(port, audio, out, start)) for out in outs]
                 for t in threads:
@@ -1181,13 +1190,13 @@ def stream_bench(args) -> dict:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
         result["websocket"] = runs
-        print_table(f"stream: {args.model}, Realtime WebSocket, {clips[0].name} replayed by N clients at once",
+        print_table(f"stream: {args.model}, Realtime WebSocket, {clips[0][1].name} replayed by N clients at once",
                     ["streams", "latency median s", "p95 s", "WER %", "last text after end s", "server CPU cores"],
                     [[r["streams"], f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}", f"{r['wer_stream']:.1f}",
                       f"{r['max_final_lag']:.1f}", f"{r['server_cpu_cores']:.2f}"] for r in runs])
     if args.memory_minutes:
         m = mw.load(args.model, device="cpu")
-        audio = refs[clips[0]][0]
+        audio = refs[clips[0][1]][0]
         stream, fed, marks = m.stream(step=args.memory_step), 0, []
         chunk, total = mw.SAMPLE_RATE // 10, int(args.memory_minutes * 60 * mw.SAMPLE_RATE)
         while fed < total:
@@ -1313,8 +1322,10 @@ def main(argv=None) -> int:
     tw.add_argument("--batch", nargs="+", type=int)
     tw.add_argument("--files", nargs=1)
     sm = sub.add_parser("stream", parents=[common], help="live transcription replayed in real time")
-    sm.add_argument("--audio", nargs="*", help="long clips (default: five generated one-minute clips); a .txt beside "
-                                              "a clip is its reference text")
+    sm.add_argument("--audio", nargs="*", help="long clips (default: five generated one-minute clips in each "
+                                              "--voices voice); a .txt beside a clip is its reference text")
+    sm.add_argument("--voices", default="espeak-ng", help=f"text-to-speech voices of the generated clips, "
+                                                        f"comma-separated: {', '.join(VOICES)}")
     sm.add_argument("--step", type=float, default=0.5, help="the streams' step (seconds between decodings)")
     sm.add_argument("--concurrency", default="1,2,4", help="WebSocket streams at once, comma-separated ('' skips)")
     sm.add_argument("--memory-minutes", type=float, default=0, help="also feed one stream this long, RSS each 5 min")

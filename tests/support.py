@@ -98,20 +98,35 @@ STORY_TEXTS = {
 }
 
 
-def speech_clip(path: Path, text: str = LONG_TEXT, repeat: int = 1) -> Path:
-    """Speak ``text`` (``repeat`` times) into a WAV with espeak-ng, with its .txt reference."""
-    if shutil.which("espeak-ng") is None:
-        raise mw.MaxWhisperError("espeak-ng is not installed (apt-get install espeak-ng)")
+# Text-to-speech voices from Debian's packages, each a command with the text in a file:
+# espeak-ng's formant synthesis (package espeak-ng), flite's CMU ARCTIC voice "rms" (flite) and
+# festival's HMM voice "slt" (festival, festvox-us-slt-hts), from robotic to nearly natural.
+VOICES = {
+    "espeak-ng": ["espeak-ng", "-s", "140", "-w", "{wav}", "-f", "{txt}"],
+    "flite": ["flite", "-voice", "rms", "-f", "{txt}", "-o", "{wav}"],
+    "festival": ["text2wave", "-eval", "(voice_cmu_us_slt_arctic_hts)", "{txt}", "-o", "{wav}"],
+}
+
+
+def speech_clip(path: Path, text: str = LONG_TEXT, repeat: int = 1, voice: str = "espeak-ng") -> Path:
+    """Speak ``text`` (``repeat`` times) into a WAV with a ``VOICES`` voice, beside its .txt
+    reference."""
+    command = VOICES[voice]
+    if shutil.which(command[0]) is None:
+        raise mw.MaxWhisperError(f"{command[0]} is not installed (apt-get install "
+                                 f"{'festival festvox-us-slt-hts' if voice == 'festival' else voice})")
     full = " ".join([text] * repeat)
-    subprocess.run(["espeak-ng", "-s", "140", "-w", str(path), full], check=True)
     path.with_suffix(".txt").write_text(full)
+    subprocess.run([a.format(wav=path, txt=path.with_suffix(".txt")) for a in command], check=True,
+                   stdout=subprocess.DEVNULL)
     return path
 
 
-def story_clips(folder: Path) -> list[Path]:
+def story_clips(folder: Path, voice: str = "espeak-ng") -> list[Path]:
     """The long clip and one clip per ``STORY_TEXTS`` entry, spoken into ``folder``."""
-    return [speech_clip(folder / "long_70s.wav")] + [speech_clip(folder / f"{name}.wav", text)
-                                                     for name, text in STORY_TEXTS.items()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return [speech_clip(folder / "long_70s.wav", voice=voice)] + [
+        speech_clip(folder / f"{name}.wav", text, voice=voice) for name, text in STORY_TEXTS.items()]
 
 
 def sample_files(lang: str = "en") -> list[Path]:
