@@ -1123,10 +1123,10 @@ def stream_bench(args) -> dict:
     # (set, clip): the given clips, or the five texts in each voice
     clips = ([("given", c) for c in audio_arg(args.audio)] if args.audio else
              [(voice, c) for voice in args.voices.split(",") for c in story_clips(workdir / voice, voice)])
+    first = clips[0][1]                                 # the WebSocket and memory runs' clip
     m = mw.load(args.model, device="cpu")
     english = not m.is_multilingual
-    result = {"command": "stream", "model": args.model, "step": args.step, "clips": [], "sets": {},
-              "machine": machine()}
+    result = {"command": "stream", "model": args.model, "step": args.step, "clips": [], "machine": machine()}
     refs, errors, latencies = {}, {}, {}
     for name, clip in clips:
         audio = mw.load_audio(str(clip))
@@ -1170,7 +1170,7 @@ def stream_bench(args) -> dict:
         runs = []
         try:
             for n in [int(c) for c in args.concurrency.split(",")]:
-                audio, reference, words = refs[clips[0][1]]
+                audio, reference, words = refs[first]
                 outs, start = [{} for _ in range(n)], threading.Event()
                 threads = [threading.Thread(target=_replay_ws, args=(port, audio, out, start)) for out in outs]
                 for t in threads:
@@ -1190,13 +1190,13 @@ def stream_bench(args) -> dict:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
         result["websocket"] = runs
-        print_table(f"stream: {args.model}, Realtime WebSocket, {clips[0][1].name} replayed by N clients at once",
+        print_table(f"stream: {args.model}, Realtime WebSocket, {first.name} replayed by N clients at once",
                     ["streams", "latency median s", "p95 s", "WER %", "last text after end s", "server CPU cores"],
                     [[r["streams"], f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}", f"{r['wer_stream']:.1f}",
                       f"{r['max_final_lag']:.1f}", f"{r['server_cpu_cores']:.2f}"] for r in runs])
     if args.memory_minutes:
         m = mw.load(args.model, device="cpu")
-        audio = refs[clips[0][1]][0]
+        audio = refs[first][0]
         stream, fed, marks = m.stream(step=args.memory_step), 0, []
         chunk, total = mw.SAMPLE_RATE // 10, int(args.memory_minutes * 60 * mw.SAMPLE_RATE)
         while fed < total:

@@ -98,23 +98,25 @@ STORY_TEXTS = {
 }
 
 
-# Text-to-speech voices from Debian's packages, each a command with the text in a file:
-# espeak-ng's formant synthesis (package espeak-ng), flite's CMU ARCTIC voice "rms" (flite) and
-# festival's HMM voice "slt" (festival, festvox-us-slt-hts), from robotic to nearly natural.
+# Text-to-speech voices, from robotic to nearly natural: espeak-ng's formant synthesis, flite's
+# CMU ARCTIC voice "rms" and festival's HMM voice "slt". Each: the Debian packages it needs and
+# its command, the text in a file.
 VOICES = {
-    "espeak-ng": ["espeak-ng", "-s", "140", "-w", "{wav}", "-f", "{txt}"],
-    "flite": ["flite", "-voice", "rms", "-f", "{txt}", "-o", "{wav}"],
-    "festival": ["text2wave", "-eval", "(voice_cmu_us_slt_arctic_hts)", "{txt}", "-o", "{wav}"],
+    "espeak-ng": ("espeak-ng", ["espeak-ng", "-s", "140", "-w", "{wav}", "-f", "{txt}"]),
+    "flite": ("flite", ["flite", "-voice", "rms", "-f", "{txt}", "-o", "{wav}"]),
+    "festival": ("festival festvox-us-slt-hts",
+                 ["text2wave", "-eval", "(voice_cmu_us_slt_arctic_hts)", "{txt}", "-o", "{wav}"]),
 }
 
 
 def speech_clip(path: Path, text: str = LONG_TEXT, repeat: int = 1, voice: str = "espeak-ng") -> Path:
     """Speak ``text`` (``repeat`` times) into a WAV with a ``VOICES`` voice, beside its .txt
     reference."""
-    command = VOICES[voice]
+    if voice not in VOICES:
+        raise mw.ConfigError(f"voice {voice!r}: use one of {', '.join(VOICES)}")
+    packages, command = VOICES[voice]
     if shutil.which(command[0]) is None:
-        raise mw.MaxWhisperError(f"{command[0]} is not installed (apt-get install "
-                                 f"{'festival festvox-us-slt-hts' if voice == 'festival' else voice})")
+        raise mw.MaxWhisperError(f"{command[0]} is not installed (apt-get install {packages})")
     full = " ".join([text] * repeat)
     path.with_suffix(".txt").write_text(full)
     subprocess.run([a.format(wav=path, txt=path.with_suffix(".txt")) for a in command], check=True,
