@@ -1060,16 +1060,24 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return (float(np.median(values)), float(np.percentile(values, 95))) if values else (float("nan"),) * 2
 
 
-def _replay_api(m: mw.Model, audio: np.ndarray, step: float) -> dict:
-    """Feed ``audio`` through ``Model.stream`` at its own pace, 100 ms at a time."""
-    stream, commits = m.stream(step=step), []
+def _replay_api(m: mw.Model, audio: np.ndarray, step: float, beam_size: int | None, paced: bool = True) -> dict:
+    """Feed ``audio`` through ``Model.stream`` at its own pace, 100 ms at a time; or, not
+    ``paced``, a step at a time without waiting, so that every decoding sees one step more
+    whatever it costs (commit times are then the audio fed so far: the policy's latency alone)."""
+    stream, commits = m.stream(step=step, beam_size=beam_size), []
     cpu, started = time.process_time(), time.perf_counter()
-    for piece in mw._arrivals(audio, started=started):
-        for e in stream.feed(piece):
-            if e.type == "committed":
-                commits.append((e.text, time.perf_counter() - started))
-    for e in stream.close():
-        commits.append((e.text, time.perf_counter() - started))
+    if paced:                                   # (piece, None): committed when it was
+        pieces = ((piece, None) for piece in mw._arrivals(audio, started=started))
+    else:                                       # (piece, seconds of audio fed with it)
+        n = round(step * mw.SAMPLE_RATE)
+        pieces = ((audio[i:i + n], min(len(audio), i + n) / mw.SAMPLE_RATE) for i in range(0, len(audio), n))
+
+    def note(events, at):
+        commits.extend((e.text, time.perf_counter() - started if at is None else at)
+                       for e in events if e.type == "committed")
+    for piece, at in pieces:
+        note(stream.feed(piece), at)
+    note(stream.close(), None if paced else len(audio) / mw.SAMPLE_RATE)
     wall = time.perf_counter() - started
     return {"text": stream.text, "commits": commits, "cpu": (time.process_time() - cpu) / wall}
 
@@ -1126,7 +1134,8 @@ def stream_bench(args) -> dict:
     first = clips[0][1]                                 # the WebSocket and memory runs' clip
     m = mw.load(args.model, device="cpu")
     english = not m.is_multilingual
-    result = {"command": "stream", "model": args.model, "step": args.step, "clips": [], "machine": machine()}
+    result = {"command": "stream", "model": args.model, "step": args.step, "beam_size": args.beam_size,
+              "paced": not args.unpaced, "clips": [], "machine": machine()}
     refs, errors, latencies = {}, {}, {}
     for name, clip in clips:
         audio = mw.load_audio(str(clip))
@@ -1135,7 +1144,7 @@ def stream_bench(args) -> dict:
         timed = m.transcribe(str(clip), seed=0, word_timestamps=True)
         words = [(w["word"], w["end"]) for s in timed["segments"] for w in s["words"]]
         refs[clip] = (audio, reference or offline, words)
-        api = _replay_api(m, audio, args.step)
+        api = _replay_api(m, audio, args.step, args.beam_size, paced=not args.unpaced)
         lat = _word_latencies(words, api["commits"])
         (wrong, n), (wrong_offline, _) = (word_errors(reference or offline, text, english)
                                           for text in (api["text"], offline))
@@ -1158,7 +1167,8 @@ def stream_bench(args) -> dict:
                 "cpu_cores": float(np.mean([r["cpu_cores"] for r in rows]))}
     result["sets"] = {k: together(k, [k]) for k in errors}
     result["all"] = together("all", list(errors))
-    print_table(f"stream: {args.model}, Python API, real-time replay, step {args.step} s",
+    pace = "fed a step at a time without waiting" if args.unpaced else "real-time replay"
+    print_table(f"stream: {args.model}, Python API, {pace}, step {args.step} s, beam_size {args.beam_size}",
                 ["voice", "clip", "audio s", "latency median s", "p95 s", "WER stream %", "WER offline %", "CPU cores"],
                 [[r["set"], r["clip"], f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
                   f"{r['wer_stream']:.1f}", f"{r['wer_offline']:.1f}", f"{r['cpu_cores']:.2f}"]
@@ -1197,7 +1207,7 @@ def stream_bench(args) -> dict:
     if args.memory_minutes:
         m = mw.load(args.model, device="cpu")
         audio = refs[first][0]
-        stream, fed, marks = m.stream(step=args.memory_step), 0, []
+        stream, fed, marks = m.stream(step=args.memory_step, beam_size=args.beam_size), 0, []
         chunk, total = mw.SAMPLE_RATE // 10, int(args.memory_minutes * 60 * mw.SAMPLE_RATE)
         while fed < total:
             piece = audio[(fed % len(audio)):(fed % len(audio)) + chunk]
@@ -1327,6 +1337,10 @@ def main(argv=None) -> int:
     sm.add_argument("--voices", default="espeak-ng", help=f"text-to-speech voices of the generated clips, "
                                                         f"comma-separated: {', '.join(VOICES)}")
     sm.add_argument("--step", type=float, default=0.5, help="the streams' step (seconds between decodings)")
+    sm.add_argument("--beam-size", type=mw._int, default=5, help="the Python API streams' beams ('none': greedy; "
+                                                                "the server's streams keep its default)")
+    sm.add_argument("--unpaced", action="store_true", help="feed the Python API streams a step at a time without "
+                                                          "waiting: latency in audio time, the commit policy's own")
     sm.add_argument("--concurrency", default="1,2,4", help="WebSocket streams at once, comma-separated ('' skips)")
     sm.add_argument("--memory-minutes", type=float, default=0, help="also feed one stream this long, RSS each 5 min")
     sm.add_argument("--memory-step", type=float, default=3.0, help="that stream's step")

@@ -1988,11 +1988,18 @@ class _GraphStore:
 
     def _prune(self, kept: Path, name: str) -> None:
         """Remove the other files of graph ``name`` and any file unused for ``max_idle_days``."""
-        idle = time.time() - self.max_idle_days * 86400
-        for f in self.folder.glob("*.mef"):
-            with contextlib.suppress(OSError):                 # gone already: another process
-                if f != kept and (f.name.startswith(f"{name}-") or f.stat().st_mtime < idle):
-                    f.unlink()
+        _prune_folder(self.folder.glob("*.mef"), kept, lambda f: f.name.startswith(f"{name}-"))
+
+
+def _prune_folder(files, kept: Path, replaced: Callable[[Path], bool]) -> None:
+    """Remove each of ``files`` but ``kept`` that ``kept`` replaces, or that no process has
+    used for ``_GraphStore.max_idle_days``. A file another process removed first, or one that
+    ``replaced`` cannot read, is passed over."""
+    idle = time.time() - _GraphStore.max_idle_days * 86400
+    for f in files:
+        with contextlib.suppress(OSError, ValueError, KeyError, struct.error):
+            if f != kept and (f.stat().st_mtime < idle or replaced(f)):
+                f.unlink()
 
 
 class _WeightImage:
@@ -2092,11 +2099,9 @@ class _WeightImage:
             log.warning("cannot keep the weights of %s in %s (%s); set graph_cache to a writable "
                         "folder or 'off'", checkpoint, path.parent, e.strerror or e)
             return
-        idle = time.time() - _GraphStore.max_idle_days * 86400
-        for f in path.parent.glob("weights-*.bin"):
-            with contextlib.suppress(OSError, ValueError, KeyError, struct.error):   # gone already, or not ours
-                if f != path and (f.stat().st_mtime < idle or not Path(self._head(f)[0]["checkpoint"]).exists()):
-                    f.unlink()
+        # an image whose checkpoint is gone is replaced (a file not ours fails to read)
+        _prune_folder(path.parent.glob("weights-*.bin"), path,
+                      lambda f: not Path(self._head(f)[0]["checkpoint"]).exists())
 
 
 # =============================================================================================
@@ -3368,8 +3373,15 @@ class Model:
         return dict(zip(tok.all_language_codes, probs.tolist()))
 
     def stream(self, **options) -> "StreamingTranscriber":
-        """A ``StreamingTranscriber`` on this model: live transcription of audio fed in chunks."""
-        return StreamingTranscriber(self, **options)
+        """A ``StreamingTranscriber`` on this model: live transcription of audio fed in chunks.
+
+        The graphs a stream runs besides the core ones (beam search's, and the word alignment
+        that places its buffer cuts) are compiled, or loaded from the graph store, here: a
+        compile at a decoding would hold the stream's text back for as long."""
+        stream = StreamingTranscriber(self, **options)
+        beams = ["reorder", "gather"] if stream.o.beam_size else []
+        self.runner.compile_all(self._core_graphs() + beams + ["alignment"])
+        return stream
 
     def transcribe(self, audio, **options) -> dict:
         """Transcribe audio; see the module-level ``transcribe`` for the options."""
@@ -4651,10 +4663,10 @@ class StreamingTranscriber:
     decodings in a row agree on, short of the last word; all of it after ``pause`` seconds of
     quiet at the end of the buffer) and the ``tentative`` rest. Committed text is the prompt of
     later decodings; once the buffer is longer than ``trim`` seconds it is cut where the
-    committed text ends (found by word alignment: the first cut compiles the alignment graph
-    if the graph store lacks it), and in any case before 30 s. Decoding is greedy at
-    temperature 0; a decoding that looks
-    like silence (openai-whisper's no-speech rule) or a loop (compression ratio over
+    committed text ends (found by word alignment), and in any case before 30 s. Decoding is
+    a beam search of ``beam_size`` beams at temperature 0 (None: greedy), which commits fewer
+    wrong words than greedy decoding at the same latency (docs/PERFORMANCE.md); a decoding
+    that looks like silence (openai-whisper's no-speech rule) or a loop (compression ratio over
     ``compression_ratio_threshold``) commits nothing. Audio quieter than ``silence_db`` dBFS
     throughout is not decoded at all.
 
@@ -4664,7 +4676,8 @@ class StreamingTranscriber:
 
     def __init__(self, model: Model, *, language: str | None = None, task: str = "transcribe",
                  initial_prompt: str | None = None, step: float = 0.5, pause: float = 0.4,
-                 trim: float = 20.0, silence_db: float = -50.0, name: str = "stream",
+                 trim: float = 20.0, silence_db: float = -50.0, beam_size: int | None = 5,
+                 name: str = "stream",
                  runner: Callable[[_StreamWindow], DecodingResult | None] | None = None):
         if not 0.1 <= step <= 10 or not 0.1 <= pause <= 10 or not 1 <= trim <= 25:
             raise ConfigError(f"stream: step={step}, pause={pause}, trim={trim}: use step and pause of "
@@ -4672,9 +4685,10 @@ class StreamingTranscriber:
         self.model, self.name, self.step, self.pause, self.trim = model, name, step, pause, trim
         self.silence_db = silence_db
         self.runner = runner or (lambda window: _run_window(model, window))
+        greedy = {} if beam_size else {"patience": None}          # a configured patience needs beams
         self.o = _transcribe_options(model, {"language": language, "task": task, "temperature": (0.0,),
-                                             "word_timestamps": False, "initial_prompt": None,
-                                             "condition_on_previous_text": True})
+                                             "beam_size": beam_size, **greedy, "word_timestamps": False,
+                                             "initial_prompt": None, "condition_on_previous_text": True})
         self.language = _language_code(model, language) if language else None if model.is_multilingual else "en"
         self.tokenizer = model.tokenizer(language=self.language, task=task) if self.language else None
         self.prompt: list[int] = []                  # committed text before the buffer
@@ -4801,7 +4815,7 @@ class StreamingTranscriber:
         half_ctx = model.dims["n_text_ctx"] // 2 - 1
         options = _decoding_options(self.o, self.language, 0.0, self.prompt[-half_ctx:],
                                     prefix=list(self.committed), continue_prefix=True,
-                                    beam_size=None, patience=None, without_timestamps=False)
+                                    without_timestamps=False)
         return _StreamWindow(self.o, self.name, self._mel(), options)
 
     def _mel(self) -> np.ndarray:
@@ -6652,6 +6666,7 @@ def stream_main(argv: Sequence[str]) -> int:
     parser.add_argument("--language", default=None, help="spoken language (default: detected)")
     parser.add_argument("--initial_prompt", default=None, help="text to prime the first decoding with")
     parser.add_argument("--step", type=float, default=0.5, help="seconds of new audio between decodings")
+    parser.add_argument("--beam_size", type=_int, default=5, help="beams of each decoding ('none': greedy)")
     parser.add_argument("--partial", action="store_true", help="show the tentative text too (on a TTY)")
     parser.add_argument("--realtime", action="store_true", help="replay a file at its own pace")
     args = parser.parse_args(argv)
@@ -6660,7 +6675,7 @@ def stream_main(argv: Sequence[str]) -> int:
         configure_logging(cfg, verbose=True)
         _CompileProgress.bar = sys.stderr.isatty()
         stream = load(config=cfg).stream(language=args.language, initial_prompt=args.initial_prompt,
-                                         step=args.step, name=args.source)
+                                         step=args.step, beam_size=args.beam_size, name=args.source)
         state = {"line": "", "tentative": "", "partial": args.partial and sys.stdout.isatty()}
         if args.source == "-":
             fd, rest = sys.stdin.buffer.fileno(), b""

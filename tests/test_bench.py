@@ -72,6 +72,13 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertAlmostEqual(result["all"]["wer_stream"], row["wer_stream"])     # one clip: all = it
         self.assertEqual([r["streams"] for r in result["websocket"]], [1])
         self.assertGreater(result["websocket"][0]["median_latency"], 0)
+        # greedy, fed a step at a time without waiting: commits are timed in audio fed
+        bench("stream", "--audio", copy, "--unpaced", "--beam-size", "none", "--concurrency", "", "--json", out)
+        result = json.loads(out.read_text())
+        row = result["clips"][0]
+        self.assertEqual((result["paced"], result["beam_size"]), (False, None))
+        self.assertIn("brown fox", row["text"])
+        self.assertLessEqual(row["p95_latency"], row["seconds"])
 
     def test_coldstart_with_empty_caches(self):
         """The Quick start's command with a fresh compile cache and graph store: it compiles the
