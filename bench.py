@@ -1337,8 +1337,8 @@ def main(argv=None) -> int:
     sm.add_argument("--voices", default="espeak-ng", help=f"text-to-speech voices of the generated clips, "
                                                         f"comma-separated: {', '.join(VOICES)}")
     sm.add_argument("--step", type=float, default=0.5, help="the streams' step (seconds between decodings)")
-    sm.add_argument("--beam-size", type=mw._int, default=5, help="the Python API streams' beams ('none': greedy; "
-                                                                "the server's streams keep its default)")
+    sm.add_argument("--beam-size", type=mw._int, default=None, help="the Python API streams' beams (default: "
+                                                                   "greedy; the server's streams stay greedy)")
     sm.add_argument("--unpaced", action="store_true", help="feed the Python API streams a step at a time without "
                                                           "waiting: latency in audio time, the commit policy's own")
     sm.add_argument("--concurrency", default="1,2,4", help="WebSocket streams at once, comma-separated ('' skips)")

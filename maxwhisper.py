@@ -4664,8 +4664,9 @@ class StreamingTranscriber:
     quiet at the end of the buffer) and the ``tentative`` rest. Committed text is the prompt of
     later decodings; once the buffer is longer than ``trim`` seconds it is cut where the
     committed text ends (found by word alignment), and in any case before 30 s. Decoding is
-    a beam search of ``beam_size`` beams at temperature 0 (None: greedy), which commits fewer
-    wrong words than greedy decoding at the same latency (docs/PERFORMANCE.md); a decoding
+    greedy at temperature 0, or a beam search of ``beam_size`` beams: fewer wrong words
+    committed from the same audio, but each decoding costs more, and on a CPU that a stream
+    keeps busy its text comes later (docs/PERFORMANCE.md); a decoding
     that looks like silence (openai-whisper's no-speech rule) or a loop (compression ratio over
     ``compression_ratio_threshold``) commits nothing. Audio quieter than ``silence_db`` dBFS
     throughout is not decoded at all.
@@ -4676,7 +4677,7 @@ class StreamingTranscriber:
 
     def __init__(self, model: Model, *, language: str | None = None, task: str = "transcribe",
                  initial_prompt: str | None = None, step: float = 0.5, pause: float = 0.4,
-                 trim: float = 20.0, silence_db: float = -50.0, beam_size: int | None = 5,
+                 trim: float = 20.0, silence_db: float = -50.0, beam_size: int | None = None,
                  name: str = "stream",
                  runner: Callable[[_StreamWindow], DecodingResult | None] | None = None):
         if not 0.1 <= step <= 10 or not 0.1 <= pause <= 10 or not 1 <= trim <= 25:
@@ -6666,7 +6667,7 @@ def stream_main(argv: Sequence[str]) -> int:
     parser.add_argument("--language", default=None, help="spoken language (default: detected)")
     parser.add_argument("--initial_prompt", default=None, help="text to prime the first decoding with")
     parser.add_argument("--step", type=float, default=0.5, help="seconds of new audio between decodings")
-    parser.add_argument("--beam_size", type=_int, default=5, help="beams of each decoding ('none': greedy)")
+    parser.add_argument("--beam_size", type=_int, default=None, help="beams of each decoding (default: greedy)")
     parser.add_argument("--partial", action="store_true", help="show the tentative text too (on a TTY)")
     parser.add_argument("--realtime", action="store_true", help="replay a file at its own pace")
     args = parser.parse_args(argv)

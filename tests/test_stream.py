@@ -115,16 +115,16 @@ class StreamingTest(unittest.TestCase):
             errors, _ = support.word_errors(text, stream.text, True)
             self.assertLessEqual(errors, support.word_errors(text, offline, True)[0] + 1, (name, stream.text, offline))
 
-    def test_greedy_stream_and_the_graphs_a_stream_runs(self):
-        """beam_size=None decodes greedily; a stream compiles (or loads) its beam search and
-        alignment graphs when it is made, not at a decoding."""
+    def test_beam_search_stream_and_the_graphs_a_stream_runs(self):
+        """beam_size decodes each update with beams; a stream compiles (or loads) its beam
+        search and alignment graphs when it is made, not at a decoding."""
         wav, text = self.samples["quick_brown_fox"]
-        greedy = self.feed(mw.load_audio(str(wav)), beam_size=None)[0]
+        beams = self.feed(mw.load_audio(str(wav)), beam_size=5)[0]
         offline = self.model.transcribe(str(wav))["text"]
-        self.assertLessEqual(support.word_errors(text, greedy.text, True)[0],
-                             support.word_errors(text, offline, True)[0] + 1, (greedy.text, offline))
-        self.assertIsNone(greedy.o.beam_size)
-        self.assertEqual(self.model.stream().o.beam_size, 5)
+        self.assertLessEqual(support.word_errors(text, beams.text, True)[0],
+                             support.word_errors(text, offline, True)[0] + 1, (beams.text, offline))
+        self.assertEqual(beams.o.beam_size, 5)
+        self.assertIsNone(self.model.stream().o.beam_size)
         self.assertLessEqual({"reorder", "gather", "alignment"}, set(self.model.runner.graphs))
         with self.assertRaises(mw.ConfigError):
             self.model.stream(beam_size=0)
