@@ -3375,9 +3375,9 @@ class Model:
     def stream(self, **options) -> "StreamingTranscriber":
         """A ``StreamingTranscriber`` on this model: live transcription of audio fed in chunks.
 
-        The graphs a stream runs besides the core ones (beam search's, and the word alignment
-        that places its buffer cuts) are compiled, or loaded from the graph store, here: a
-        compile at a decoding would hold the stream's text back for as long."""
+        The graphs a stream runs besides the core ones (the word alignment that places its
+        buffer cuts, and with ``beam_size`` beam search's) are compiled, or loaded from the
+        graph store, here: a compile at a decoding would hold the stream's text back for as long."""
         stream = StreamingTranscriber(self, **options)
         beams = ["reorder", "gather"] if stream.o.beam_size else []
         self.runner.compile_all(self._core_graphs() + beams + ["alignment"])
