@@ -2973,7 +2973,9 @@ class _GraphRunner:
         the first; each is then loaded from the store, or compiled here if its child failed."""
         cold = [n for n in dict.fromkeys(names)
                 if n not in self.graphs and not self.store.has(f"{n}_{self.builders[n][0]}")]
-        children = min(_cores() - 1, int(_spare_memory() // _COMPILE_MEMORY))
+        # helpers only for a second cold graph on: with all loaded (each ``Model.stream``) no
+        # /proc or cgroup reads
+        children = min(_cores() - 1, int(_spare_memory() // _COMPILE_MEMORY)) if len(cold) > 1 else 0
         helped = cold[1:1 + children] if self.recipe and self.recipe["graph_cache"] else []
         with _CompileProgress({n: self.expected_seconds(n) for n in cold}, 1 + len(helped)) as progress:
             children = {name: child for name in helped if (child := self._spawn(name, progress))}
