@@ -4,18 +4,48 @@ from extensibility import InputTensor, OutputTensor
 from max.algorithm import sync_parallelize
 from std.math import erf, exp
 from std.runtime import parallelism_level
+from std.sys import simd_width_of
 from std.utils import StaticTuple
 from std.utils.numerics import min_or_neg_inf
 
 from .attention import D
 from .linear import _layer_norm
 
-comptime V = 16          # float32 lanes of one AVX-512 register
+comptime V = simd_width_of[DType.float32]()  # float32 lanes of one register: 16 (AVX-512), 8 (AVX2)
 comptime MR = 6          # rows of x per register tile
-comptime NV = 4          # column vectors per register tile: 6 x 64 outputs in 24 registers
-comptime NT = NV * V     # columns per tile (every Whisper width is a multiple of 64)
+# Column vectors per register tile: 6 x 4 sums fill 24 of AVX-512's 32 registers, 6 x 2 fill 12
+# of AVX2's 16 (with the row of W and a broadcast). A wider tile on AVX2 spills every step.
+comptime NV = 4 if V >= 16 else 2
+comptime TW = NV * V     # columns per register tile
+comptime NT = 64         # columns per packed panel of W (every Whisper width is a multiple of 64)
 comptime MB = 96         # rows per work item: its rows of x stay in cache while W's columns stream by
 comptime LN_ROWS = 64    # rows per layer-norm work item
+comptime Tile = StaticTuple[SIMD[DType.float32, V], MR * NV]
+
+
+@always_inline
+def _tile_sums(mut acc: Tile, x: Pointer[Float32, MutAnyOrigin], xo: StaticTuple[Int, MR],
+               w: Pointer[Float32, MutAnyOrigin], ldw: Int, k0: Int, k1: Int):
+    """acc[r, c] += sum over k0 <= kk < k1 of x[xo[r] + kk] * w[kk * ldw + c]: the register tile
+    every product here runs on. Per step NV vectors of w and MR broadcasts of x feed MR x NV FMAs."""
+    for kk in range(k0, k1):
+        var wrow = w.unsafe_offset(kk * ldw)
+        var wv = StaticTuple[SIMD[DType.float32, V], NV](SIMD[DType.float32, V](0))
+        comptime for c in range(NV):
+            wv[c] = wrow.unsafe_offset(c * V).unsafe_load[width=V]()
+        comptime for r in range(MR):
+            var xs = SIMD[DType.float32, V](x[unsafe_offset=xo[r] + kk])
+            comptime for c in range(NV):
+                acc[r * NV + c] += xs * wv[c]
+
+
+@always_inline
+def _row_offsets(m: Int, rows: Int, ld: Int) -> StaticTuple[Int, MR]:
+    """Offsets of rows m .. m + MR - 1, rows past the first ``rows`` repeating the last one."""
+    var xo = StaticTuple[Int, MR](0)
+    comptime for r in range(MR):
+        xo[r] = (m + min(r, rows - 1)) * ld
+    return xo
 
 
 def _gemm_rows[gelu: Bool, residual: Bool, biased: Bool](
@@ -23,47 +53,37 @@ def _gemm_rows[gelu: Bool, residual: Bool, biased: Bool](
     ldo: Int,
     x: Pointer[Float32, MutAnyOrigin],
     ldx: Int,
-    w: Pointer[Float32, MutAnyOrigin],
-    ldw: Int,
+    panel: Pointer[Float32, MutAnyOrigin],
     bias: Pointer[Float32, MutAnyOrigin],
     res: Pointer[Float32, MutAnyOrigin],
     ldr: Int,
     m0: Int,
     m1: Int,
-    n0: Int,
     k: Int,
 ):
-    """o[m, n0 : n0 + 64] = act(x[m] . w[:, n0 : n0 + 64] + bias) (+ res[m]) for rows m0 .. m1 - 1,
-    w [k, ldw] row-major ([in, out]: the encoder's layout). A 6 x 64 tile of sums stays in
-    registers while k runs: per step, four vectors of w and six broadcasts of x feed 24 FMAs."""
-    var m = m0
-    while m < m1:
-        var rows = min(MR, m1 - m)
-        var xo = StaticTuple[Int, MR](0)
-        comptime for r in range(MR):
-            xo[r] = (m + min(r, rows - 1)) * ldx        # rows past the end repeat the last one
-        var acc = StaticTuple[SIMD[DType.float32, V], MR * NV](SIMD[DType.float32, V](0))
-        for kk in range(k):
-            var wrow = w.unsafe_offset(kk * ldw + n0)
-            var wv = StaticTuple[SIMD[DType.float32, V], NV](SIMD[DType.float32, V](0))
-            comptime for c in range(NV):
-                wv[c] = wrow.unsafe_offset(c * V).unsafe_load[width=V]()
+    """o[m, :64] = act(x[m] . w + bias) (+ res[m]) for rows m0 .. m1 - 1, w a [k, 64] panel of W
+    packed as 64 / TW column strips, each [k, TW] contiguous. A strip (k x TW floats: 24 KB
+    for k = 384 on AVX2) stays in L1 while every row tile passes it."""
+    for t in range(0, NT, TW):
+        var strip = panel.unsafe_offset(t * k)
+        var m = m0
+        while m < m1:
+            var rows = min(MR, m1 - m)
+            var acc = Tile(SIMD[DType.float32, V](0))
+            _tile_sums(acc, x, _row_offsets(m, rows, ldx), strip, TW, 0, k)
             comptime for r in range(MR):
-                var xs = SIMD[DType.float32, V](x[unsafe_offset=xo[r] + kk])
-                comptime for c in range(NV):
-                    acc[r * NV + c] += xs * wv[c]
-        comptime for r in range(MR):
-            if r < rows:
-                comptime for c in range(NV):
-                    var y = acc[r * NV + c]
-                    comptime if biased:
-                        y += bias.unsafe_offset(n0 + c * V).unsafe_load[width=V]()
-                    comptime if gelu:
-                        y = 0.5 * y * (1.0 + erf(y * 0.7071067811865476))
-                    comptime if residual:
-                        y += res.unsafe_offset((m + r) * ldr + n0 + c * V).unsafe_load[width=V]()
-                    o.unsafe_offset((m + r) * ldo + n0 + c * V).unsafe_store(y)
-        m += MR
+                if r < rows:
+                    comptime for c in range(NV):
+                        var col = t + c * V
+                        var y = acc[r * NV + c]
+                        comptime if biased:
+                            y += bias.unsafe_offset(col).unsafe_load[width=V]()
+                        comptime if gelu:
+                            y = 0.5 * y * (1.0 + erf(y * 0.7071067811865476))
+                        comptime if residual:
+                            y += res.unsafe_offset((m + r) * ldr + col).unsafe_load[width=V]()
+                        o.unsafe_offset((m + r) * ldo + col).unsafe_store(y)
+            m += MR
 
 
 def _gemm[gelu: Bool, residual: Bool, biased: Bool](
@@ -81,24 +101,25 @@ def _gemm[gelu: Bool, residual: Bool, biased: Bool](
     pk: Pointer[Float32, MutAnyOrigin],
 ) raises:
     """o = act(x w + bias) (+ res) for x [m, k] (rows ldx apart), w [k, n]; pk (k x n floats)
-    receives W's 64-column panels, each contiguous, packed once and read by every row block; the
-    cores share work items of MB rows x 64 columns."""
+    receives W's 64-column panels, each as `_gemm_rows` reads it, packed once and read by every
+    row block; the cores share work items of MB rows x 64 columns."""
     var panels = n // NT
     var blocks = (m + MB - 1) // MB
 
     def pack(p: Int) raises {var w, var n, var k, var pk}:
-        var dst = pk.unsafe_offset(p * k * NT)
-        for kk in range(k):
-            comptime for c in range(NV):
-                dst.unsafe_offset(kk * NT + c * V).unsafe_store(w.unsafe_offset(kk * n + p * NT + c * V).unsafe_load[width=V]())
+        for t in range(0, NT, TW):
+            var dst = pk.unsafe_offset(p * k * NT + t * k)
+            for kk in range(k):
+                comptime for c in range(NV):
+                    dst.unsafe_offset(kk * TW + c * V).unsafe_store(w.unsafe_offset(kk * n + p * NT + t + c * V).unsafe_load[width=V]())
 
     sync_parallelize(pack, panels)
 
     def work(i: Int) raises {var o, var ldo, var x, var ldx, var n, var bias, var res, var ldr, var m, var k, var panels, var pk}:
         var b = i // panels
         var n0 = (i % panels) * NT
-        _gemm_rows[gelu, residual, biased](o.unsafe_offset(n0), ldo, x, ldx, pk.unsafe_offset(n0 * k), NT, bias.unsafe_offset(n0),
-                                           res.unsafe_offset(n0), ldr, b * MB, min(m, b * MB + MB), 0, k)
+        _gemm_rows[gelu, residual, biased](o.unsafe_offset(n0), ldo, x, ldx, pk.unsafe_offset(n0 * k), bias.unsafe_offset(n0),
+                                           res.unsafe_offset(n0), ldr, b * MB, min(m, b * MB + MB), k)
 
     sync_parallelize(work, blocks * panels)
 
@@ -169,9 +190,9 @@ def _attend_rows(o: Pointer[Float32, MutAnyOrigin], q: Pointer[Float32, MutAnyOr
                  sc: Pointer[Float32, MutAnyOrigin], heads: Int, s: Int, sp: Int, bh: Int, q0: Int):
     """softmax(q k^T / 8) v for queries q0 .. q0 + QE - 1 (those below s) of (batch, head) bh,
     into o's head columns; q, v and o rows [batch * s, heads * 64], keys as `_key_panels`, sc a
-    QE x sp scratch. Both products run on `_gemm_rows`' 6 x 64 register tile: scores 6 queries
-    x 64 keys over the 64 dims, outputs 6 queries x 64 dims over the keys; the softmax's
-    division is applied to the outputs."""
+    QE x sp scratch. Both products run on `_tile_sums`: scores 6 queries x 64 keys over the 64
+    dims, outputs 6 queries x 64 dims over the keys; the softmax's division is applied to the
+    outputs."""
     var d = heads * D
     var nq = min(QE, s - q0)
     var col = (bh // heads) * s * d + (bh % heads) * D
@@ -184,22 +205,14 @@ def _attend_rows(o: Pointer[Float32, MutAnyOrigin], q: Pointer[Float32, MutAnyOr
         var m = 0
         while m < nq:
             var rows = min(MR, nq - m)
-            var xo = StaticTuple[Int, MR](0)
-            comptime for r in range(MR):
-                xo[r] = (m + min(r, rows - 1)) * d
-            var acc = StaticTuple[SIMD[DType.float32, V], MR * NV](SIMD[DType.float32, V](0))
-            for j in range(D):
-                var wv = StaticTuple[SIMD[DType.float32, V], NV](SIMD[DType.float32, V](0))
-                comptime for c in range(NV):
-                    wv[c] = panel.unsafe_offset(j * NT + c * V).unsafe_load[width=V]()
+            var xo = _row_offsets(m, rows, d)
+            for t in range(0, NT, TW):
+                var acc = Tile(SIMD[DType.float32, V](0))
+                _tile_sums(acc, qb, xo, panel.unsafe_offset(t), NT, 0, D)
                 comptime for r in range(MR):
-                    var xs = SIMD[DType.float32, V](qb[unsafe_offset=xo[r] + j])
-                    comptime for c in range(NV):
-                        acc[r * NV + c] += xs * wv[c]
-            comptime for r in range(MR):
-                if r < rows:
-                    comptime for c in range(NV):
-                        sc.unsafe_offset((m + r) * sp + p * NT + c * V).unsafe_store(acc[r * NV + c] * 0.125)
+                    if r < rows:
+                        comptime for c in range(NV):
+                            sc.unsafe_offset((m + r) * sp + p * NT + t + c * V).unsafe_store(acc[r * NV + c] * 0.125)
             m += MR
     var n_vec = s // V * V
     for r in range(nq):
@@ -226,30 +239,20 @@ def _attend_rows(o: Pointer[Float32, MutAnyOrigin], q: Pointer[Float32, MutAnyOr
         var j1 = min(s, j0 + KC)
         var m = 0
         while m < nq:
-            var rows = min(MR, nq - m)
-            var po = StaticTuple[Int, MR](0)
-            comptime for r in range(MR):
-                po[r] = (m + min(r, rows - 1)) * sp
-            var acc = StaticTuple[SIMD[DType.float32, V], MR * NV](SIMD[DType.float32, V](0))
-            if j0 > 0:
+            var po = _row_offsets(m, min(MR, nq - m), sp)
+            for t in range(0, NT, TW):
+                var acc = Tile(SIMD[DType.float32, V](0))
+                if j0 > 0:
+                    comptime for r in range(MR):
+                        comptime for c in range(NV):
+                            acc[r * NV + c] = cacc.unsafe_offset((m + r) * NT + t + c * V).unsafe_load[width=V]()
+                _tile_sums(acc, sc, po, vb.unsafe_offset(t), d, j0, j1)
                 comptime for r in range(MR):
                     comptime for c in range(NV):
-                        acc[r * NV + c] = cacc.unsafe_offset((m + r) * NT + c * V).unsafe_load[width=V]()
-            for j in range(j0, j1):
-                var vrow = vb.unsafe_offset(j * d)
-                var wv = StaticTuple[SIMD[DType.float32, V], NV](SIMD[DType.float32, V](0))
-                comptime for c in range(NV):
-                    wv[c] = vrow.unsafe_offset(c * V).unsafe_load[width=V]()
-                comptime for r in range(MR):
-                    var ps = SIMD[DType.float32, V](sc[unsafe_offset=po[r] + j])
-                    comptime for c in range(NV):
-                        acc[r * NV + c] += ps * wv[c]
-            comptime for r in range(MR):
-                comptime for c in range(NV):
-                    cacc.unsafe_offset((m + r) * NT + c * V).unsafe_store(acc[r * NV + c])
+                        cacc.unsafe_offset((m + r) * NT + t + c * V).unsafe_store(acc[r * NV + c])
             m += MR
     for r in range(nq):
-        comptime for c in range(NV):
+        comptime for c in range(NT // V):
             o.unsafe_offset(col + (q0 + r) * d + c * V).unsafe_store(cacc.unsafe_offset(r * NT + c * V).unsafe_load[width=V]() * inv[r])
 
 
