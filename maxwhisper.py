@@ -4022,11 +4022,71 @@ def _median_filter(x: np.ndarray, width: int) -> np.ndarray:
     return np.median(np.lib.stride_tricks.sliding_window_view(padded, width, axis=-1), axis=-1)
 
 
+def _dtw(x: np.ndarray) -> np.ndarray:
+    """The cheapest monotonic path through cost matrix ``x`` [tokens, frames], as (token
+    indices, frame indices): openai-whisper's ``dtw_cpu`` step for step (float64 sums, a tie
+    going to the frame step), without numba, whose compile of it took 5.5 s of a process's
+    first word alignment (a live stream's first buffer cut). Cells on one anti-diagonal depend
+    only on the two before it, so a diagonal is one vector step; matrices are kept skewed
+    (``cost[d, i]`` is cell ``(i, d - i)``) so that each diagonal is a contiguous row."""
+    n, m = x.shape
+    skew = np.full((n + m - 1, n), np.inf)          # skew[k, r] = x[r, k - r]
+    for r in range(n):
+        skew[r:r + m, r] = x[r]
+    cost = np.full((n + m + 1, n + 1), np.inf)
+    cost[0, 0] = 0
+    trace = np.full((n + m + 1, n + 1), 2, np.int8)  # 0: diagonal step, 1: token step, 2: frame step
+    for d in range(2, n + m + 1):
+        lo, hi = max(1, d - m), min(n, d - 1)
+        diagonal, up, left = cost[d - 2, lo - 1:hi], cost[d - 1, lo - 1:hi], cost[d - 1, lo:hi + 1]
+        step = np.where((up < diagonal) & (up < left), 1, 2).astype(np.int8)
+        step[(diagonal < up) & (diagonal < left)] = 0
+        cost[d, lo:hi + 1] = skew[d - 2, lo - 1:hi] + np.choose(step, (diagonal, up, left))
+        trace[d, lo:hi + 1] = step
+    i, j, path = n, m, []
+    while i > 0 or j > 0:
+        path.append((i - 1, j - 1))
+        step = trace[i + j, i] if i and j else 1 if i else 2
+        i, j = i - (step < 2), j - (step != 1)
+    return np.array(path)[::-1].T
+
+
+@dataclasses.dataclass
+class _WordTiming:
+    """One aligned word: its text, tokens, start and end in the window (s), mean probability."""
+    word: str
+    tokens: list[int]
+    start: float
+    end: float
+    probability: float
+
+
+def _merge_punctuations(words: list[_WordTiming], prepended: str, appended: str) -> None:
+    """Opening punctuation (a word of ``prepended`` after a space) joins the word after it,
+    closing punctuation (in ``appended``) the word before it, leaving an empty word where it
+    was: openai-whisper's rule, so that word lists match its output."""
+    into = len(words) - 1
+    for i in range(len(words) - 2, -1, -1):
+        w = words[i]
+        if w.word.startswith(" ") and w.word.strip() in prepended:
+            words[into].word, words[into].tokens = w.word + words[into].word, w.tokens + words[into].tokens
+            w.word, w.tokens = "", []
+        else:
+            into = i
+    into = 0
+    for i in range(1, len(words)):
+        w = words[i]
+        if not words[into].word.endswith(" ") and w.word in appended:
+            words[into].word, words[into].tokens = words[into].word + w.word, words[into].tokens + w.tokens
+            w.word, w.tokens = "", []
+        else:
+            into = i
+
+
 def _find_alignment(model: Model, tokenizer, text_tokens: list[int], cross: list, num_frames: int,
-                    medfilt_width: int = 7, qk_scale: float = 1.0) -> list:
+                    medfilt_width: int = 7, qk_scale: float = 1.0) -> list[_WordTiming]:
     """Word start/end times in one window by dynamic time warping over the alignment heads'
     cross-attention (openai-whisper's ``find_alignment``, its DTW and word splitting)."""
-    from whisper.timing import WordTiming, dtw_cpu
     if not text_tokens:
         return []
     sot = list(tokenizer.sot_sequence)
@@ -4037,14 +4097,14 @@ def _find_alignment(model: Model, tokenizer, text_tokens: list[int], cross: list
     with np.errstate(invalid="ignore", divide="ignore"):    # a zero std gives NaN, as torch does
         weights = (weights - weights.mean(axis=-2, keepdims=True)) / weights.std(axis=-2, keepdims=True)
     matrix = _median_filter(weights, medfilt_width).mean(axis=0)[len(sot):-1]
-    text_idx, time_idx = dtw_cpu(-matrix.astype(np.float64))
+    text_idx, time_idx = _dtw(-matrix.astype(np.float64))
     words, word_tokens = tokenizer.split_to_word_tokens(text_tokens + [tokenizer.eot])
     if len(word_tokens) <= 1:
         return []
     bounds = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
     jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
     jump_times = time_idx[jumps] / (FRAMES_PER_SECOND / INPUT_STRIDE)
-    return [WordTiming(w, t, s, e, float(np.mean(text_probs[i:j])))
+    return [_WordTiming(w, t, s, e, float(np.mean(text_probs[i:j])))
             for w, t, s, e, i, j in zip(words, word_tokens, jump_times[bounds[:-1]],
                                         jump_times[bounds[1:]], bounds[:-1], bounds[1:])]
 
@@ -4054,7 +4114,6 @@ def _add_word_timestamps(model: Model, tokenizer, segments: list[dict], cross: l
     """Give each of one window's segments its ``words`` (openai-whisper's rules: long words
     at sentence and segment boundaries are shortened, punctuation joins its word, segment
     bounds follow the words)."""
-    from whisper.timing import merge_punctuations
     per_segment = [[t for t in s["tokens"] if t < tokenizer.eot] for s in segments]
     alignment = _find_alignment(model, tokenizer, [t for ts in per_segment for t in ts], cross, num_frames)
     durations = np.array([w.end - w.start for w in alignment])
@@ -4068,7 +4127,7 @@ def _add_word_timestamps(model: Model, tokenizer, segments: list[dict], cross: l
                     alignment[i].end = alignment[i].start + longest
                 elif alignment[i - 1].word in ".。!！?？":
                     alignment[i].start = alignment[i].end - longest
-    merge_punctuations(alignment, prepend, append)
+    _merge_punctuations(alignment, prepend, append)
     offset = segments[0]["seek"] * HOP_LENGTH / SAMPLE_RATE
     index = 0
     for segment, text_tokens in zip(segments, per_segment):
