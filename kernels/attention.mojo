@@ -9,13 +9,18 @@ from std.math import exp
 from std.memory import bitcast, stack_allocation
 from std.utils.numerics import min_or_neg_inf
 from std.utils import StaticTuple
-from std.sys import CompilationTarget, llvm_intrinsic
+from std.sys import CompilationTarget, llvm_intrinsic, simd_width_of
 from std.runtime import parallelism_level
 
 comptime W = 16          # SIMD width over key positions (float32: one AVX-512 register)
 comptime D = 64          # head dimension of every released Whisper size
 comptime QB = 8          # queries per work item in prefill: each key vector loaded serves 8
-comptime KB = 2          # key vectors per score tile: QB x KB accumulators in registers
+comptime KB = 2          # key vectors per bfloat16 score tile: QB x KB accumulators in registers
+# The float32 prefill tiles' width: one register (16 lanes on AVX-512, 8 on AVX2). Key vectors per
+# score tile and value vectors per output pass: QB x 2 sums fill 16 of AVX-512's 32 registers;
+# AVX2 has 16 in all, so there QB x 1 (QB x 2 spills every step).
+comptime AV = simd_width_of[DType.float32]()
+comptime AK = 2 if AV >= 16 else 1
 comptime GPU_THREADS = 256       # threads per GPU block; one block per (batch, head, query)
 comptime GPU_MAX_KEYS = 2048     # a block keeps its scores in shared memory (Whisper: <= 1500)
 
@@ -156,18 +161,18 @@ def _score_tile[kv: DType, n_vec: Int](
     keys: Int,
     j: Int,
 ):
-    """Scores of QB queries against keys j .. j + n_vec * W - 1: QB x n_vec accumulators in
+    """Scores of QB queries against keys j .. j + n_vec * AV - 1: QB x n_vec accumulators in
     registers while the 64 rows of K^T stream by; qs holds the queries, scaled, dim-major."""
-    var acc = StaticTuple[SIMD[DType.float32, W], QB * n_vec](SIMD[DType.float32, W](0))
+    var acc = StaticTuple[SIMD[DType.float32, AV], QB * n_vec](SIMD[DType.float32, AV](0))
     for d in range(D):
         var krow = kbase.unsafe_offset(d * keys + j)
         comptime for c in range(n_vec):
-            var kv_ = krow.unsafe_offset(c * W).unsafe_load[width=W]().cast[DType.float32]()
+            var kv_ = krow.unsafe_offset(c * AV).unsafe_load[width=AV]().cast[DType.float32]()
             comptime for r in range(QB):
                 acc[r * n_vec + c] += kv_ * qs[unsafe_offset=d * QB + r]
     comptime for r in range(QB):
         comptime for c in range(n_vec):
-            sp.unsafe_offset(r * keys + j + c * W).unsafe_store(acc[r * n_vec + c])
+            sp.unsafe_offset(r * keys + j + c * AV).unsafe_store(acc[r * n_vec + c])
 
 
 def _attend_cpu_block[kv: DType](
@@ -186,8 +191,8 @@ def _attend_cpu_block[kv: DType](
     """Queries t0 .. t0 + QB - 1 (those below n_tok) of (batch, head) bh on one CPU core.
 
     One query streams each row of K^T once (the step is memory-bound). A block of queries is
-    register-tiled: QB queries x KB key vectors of scores (`_score_tile`), then QB queries x 32
-    dims of output, so each key or value vector loaded serves QB queries.
+    register-tiled: QB queries x AK key vectors of scores (`_score_tile`), then QB queries x AK
+    value vectors of output, so each key or value vector loaded serves QB queries.
     """
     var nq = min(QB, n_tok - t0)
     var lens = List[Int](length=QB, fill=0)
@@ -230,12 +235,12 @@ def _attend_cpu_block[kv: DType](
         var qr = qrow.unsafe_offset(min(r, nq - 1) * q_stride)
         for d in range(D):
             qs[unsafe_offset=d * QB + r] = qr[unsafe_offset=d] * 0.125
-    var tiled = longest // (KB * W) * (KB * W)
-    for j in range(0, tiled, KB * W):
-        _score_tile[kv, KB](sp, qs, kbase, keys, j)
-    if longest >= W:                         # the rest a vector at a time, the last one ending at longest
-        for j in range(tiled, longest, W):
-            _score_tile[kv, 1](sp, qs, kbase, keys, min(j, longest - W))
+    var tiled = longest // (AK * AV) * (AK * AV)
+    for j in range(0, tiled, AK * AV):
+        _score_tile[kv, AK](sp, qs, kbase, keys, j)
+    if longest >= AV:                        # the rest a vector at a time, the last one ending at longest
+        for j in range(tiled, longest, AV):
+            _score_tile[kv, 1](sp, qs, kbase, keys, min(j, longest - AV))
     else:
         for j in range(longest):
             for r in range(QB):
@@ -246,20 +251,21 @@ def _attend_cpu_block[kv: DType](
     # softmax of each row over its own length; weights past it are zero
     for r in range(nq):
         _softmax_row(sp.unsafe_offset(r * keys), lens[r], longest)
-    comptime for half in range(2):           # 32 of the 64 dims at a time: QB x 2 accumulators
-        var acc = StaticTuple[SIMD[DType.float32, W], QB * 2](SIMD[DType.float32, W](0))
+    comptime for part in range(D // (AK * AV)):  # AK * AV of the 64 dims at a time: QB x AK sums
+        var acc = StaticTuple[SIMD[DType.float32, AV], QB * AK](SIMD[DType.float32, AV](0))
         for j in range(longest):
-            var vrow = vbase.unsafe_offset(j * D + half * 2 * W)
-            var v0 = vrow.unsafe_load[width=W]().cast[DType.float32]()
-            var v1 = vrow.unsafe_offset(W).unsafe_load[width=W]().cast[DType.float32]()
+            var vrow = vbase.unsafe_offset(j * D + part * AK * AV)
+            var vv = StaticTuple[SIMD[DType.float32, AV], AK](SIMD[DType.float32, AV](0))
+            comptime for c in range(AK):
+                vv[c] = vrow.unsafe_offset(c * AV).unsafe_load[width=AV]().cast[DType.float32]()
             comptime for r in range(QB):
                 var p = sp[unsafe_offset=r * keys + j]
-                acc[2 * r] += v0 * p
-                acc[2 * r + 1] += v1 * p
+                comptime for c in range(AK):
+                    acc[AK * r + c] += vv[c] * p
         comptime for r in range(QB):
             if r < nq:
-                out.unsafe_offset(r * o_stride + half * 2 * W).unsafe_store(acc[2 * r])
-                out.unsafe_offset(r * o_stride + half * 2 * W + W).unsafe_store(acc[2 * r + 1])
+                comptime for c in range(AK):
+                    out.unsafe_offset(r * o_stride + part * AK * AV + c * AV).unsafe_store(acc[AK * r + c])
 
 
 def _dot_pairs(

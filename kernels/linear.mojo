@@ -1,9 +1,13 @@
 from std.math import erf, sqrt
 from std.utils import StaticTuple
+from std.sys import simd_width_of
 from std.sys.intrinsics import PrefetchOptions, prefetch
 
 comptime LW = 16         # SIMD width over the input features (float32: one AVX-512 register)
 comptime ROWS = 4        # weight rows per output store (one bias / residual / output vector)
+comptime TV = simd_width_of[DType.float32]()  # the prefill tile's width: one register (16 or 8 lanes)
+comptime TX = 4 if TV >= 16 else 2            # input rows per prefill tile: 4 x 4 sums in 16 of
+                                              # AVX-512's 32 registers, 2 x 4 in 8 of AVX2's 16
 comptime PF = 4096       # software prefetch distance of a weight stream, in elements (16 KB of
                          # float32); a prefetch past the end of W is a hint, and never faults
 
@@ -61,44 +65,31 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool, biased: Bool = True](
 ):
     """Output o[m, r] = act(x[m] . w[r] + bias[r]) (+ res[m, r]) for weight rows r0 .. r1 - 1
     and every input row m, the bias added where ``biased``. Each weight row streams from
-    memory once (a step is bandwidth-bound), read in order; four input rows at a time take four
-    weight rows in a 4 x 4 tile of sums (each load serves four products: a prompt's prefill is
-    compute-bound), and a single row keeps two partial sums to hide the add latency."""
+    memory once (a step is bandwidth-bound), read in order; TX input rows at a time take four
+    weight rows in a TX x 4 tile of sums held in registers (each load serves several products:
+    a prompt's prefill is compute-bound), and a single row keeps two partial sums to hide the
+    add latency."""
     for r in range(r0, r1, ROWS):
         var nr = min(ROWS, r1 - r)
         var m = 0
-        while m + 4 <= m_rows and nr == ROWS:     # 4 x 4 dot products: 8 loads feed 16 FMAs
-            var x0 = x.unsafe_offset(m * k)
-            var x1 = x0.unsafe_offset(k)
-            var x2 = x0.unsafe_offset(2 * k)
-            var x3 = x0.unsafe_offset(3 * k)
+        while m + TX <= m_rows and nr == ROWS:    # TX x 4 dot products: 4 + TX loads feed 4 TX FMAs
             var w0 = w.unsafe_offset(r * k)
-            var w1 = w0.unsafe_offset(k)
-            var w2 = w0.unsafe_offset(2 * k)
-            var w3 = w0.unsafe_offset(3 * k)
-            var acc = StaticTuple[SIMD[DType.float32, LW], 16](SIMD[DType.float32, LW](0))
-            for j in range(0, k, LW):
-                _prefetch_ahead(w0.unsafe_offset(j))
-                _prefetch_ahead(w1.unsafe_offset(j))
-                _prefetch_ahead(w2.unsafe_offset(j))
-                _prefetch_ahead(w3.unsafe_offset(j))
-                var wv = StaticTuple[SIMD[DType.float32, LW], 4](
-                    w0.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32](),
-                    w1.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32](),
-                    w2.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32](),
-                    w3.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]())
-                var xv = StaticTuple[SIMD[DType.float32, LW], 4](
-                    x0.unsafe_offset(j).unsafe_load[width=LW](), x1.unsafe_offset(j).unsafe_load[width=LW](),
-                    x2.unsafe_offset(j).unsafe_load[width=LW](), x3.unsafe_offset(j).unsafe_load[width=LW]())
-                comptime for a in range(4):
+            var acc = StaticTuple[SIMD[DType.float32, TV], TX * 4](SIMD[DType.float32, TV](0))
+            for j in range(0, k, TV):
+                var wv = StaticTuple[SIMD[DType.float32, TV], 4](SIMD[DType.float32, TV](0))
+                comptime for b in range(4):
+                    _prefetch_ahead(w0.unsafe_offset(b * k + j))
+                    wv[b] = w0.unsafe_offset(b * k + j).unsafe_load[width=TV]().cast[DType.float32]()
+                comptime for a in range(TX):
+                    var xv = x.unsafe_offset((m + a) * k + j).unsafe_load[width=TV]()
                     comptime for b in range(4):
-                        acc[a * 4 + b] += wv[b] * xv[a]
-            comptime for a in range(4):
+                        acc[a * 4 + b] += wv[b] * xv
+            comptime for a in range(TX):
                 var y = SIMD[DType.float32, ROWS](0)
                 comptime for b in range(4):
                     y[b] = acc[a * 4 + b].reduce_add()
                 _finish[gelu, residual, biased](o, bias, res, y, (m + a) * n + r, r, nr)
-            m += 4
+            m += TX
         while m < m_rows:
             var xr = x.unsafe_offset(m * k)
             var y = SIMD[DType.float32, ROWS](0)
