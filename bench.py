@@ -1060,11 +1060,12 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
     return (float(np.median(values)), float(np.percentile(values, 95))) if values else (float("nan"),) * 2
 
 
-def _replay_api(m: mw.Model, audio: np.ndarray, step: float, beam_size: int | None, paced: bool = True) -> dict:
+def _replay_api(m: mw.Model, audio: np.ndarray, step: float, beam_size: int | None, paced: bool = True,
+                prompt_tokens: int = mw.PROMPT_TOKENS) -> dict:
     """Feed ``audio`` through ``Model.stream`` at its own pace, 100 ms at a time; or, not
     ``paced``, a step at a time without waiting, so that every decoding sees one step more
     whatever it costs (commit times are then the audio fed so far: the policy's latency alone)."""
-    stream, commits = m.stream(step=step, beam_size=beam_size), []
+    stream, commits = m.stream(step=step, beam_size=beam_size, prompt_tokens=prompt_tokens), []
     cpu, started = time.process_time(), time.perf_counter()
     if paced:                                   # (piece, None): committed when it was
         pieces = ((piece, None) for piece in mw._arrivals(audio, started=started))
@@ -1135,6 +1136,7 @@ def stream_bench(args) -> dict:
     m = mw.load(args.model, device="cpu")
     english = not m.is_multilingual
     result = {"command": "stream", "model": args.model, "step": args.step, "beam_size": args.beam_size,
+              "prompt_tokens": args.prompt_tokens,
               "paced": not args.unpaced, "clips": [], "machine": machine()}
     refs, errors, latencies = {}, {}, {}
     for name, clip in clips:
@@ -1144,7 +1146,7 @@ def stream_bench(args) -> dict:
         timed = m.transcribe(str(clip), seed=0, word_timestamps=True)
         words = [(w["word"], w["end"]) for s in timed["segments"] for w in s["words"]]
         refs[clip] = (audio, reference or offline, words)
-        api = _replay_api(m, audio, args.step, args.beam_size, paced=not args.unpaced)
+        api = _replay_api(m, audio, args.step, args.beam_size, paced=not args.unpaced, prompt_tokens=args.prompt_tokens)
         lat = _word_latencies(words, api["commits"])
         (wrong, n), (wrong_offline, _) = (word_errors(reference or offline, text, english)
                                           for text in (api["text"], offline))
@@ -1168,7 +1170,7 @@ def stream_bench(args) -> dict:
     result["sets"] = {k: together(k, [k]) for k in errors}
     result["all"] = together("all", list(errors))
     pace = "fed a step at a time without waiting" if args.unpaced else "real-time replay"
-    print_table(f"stream: {args.model}, Python API, {pace}, step {args.step} s, beam_size {args.beam_size}",
+    print_table(f"stream: {args.model}, Python API, {pace}, step {args.step} s, beam_size {args.beam_size}, prompt {args.prompt_tokens} tokens",
                 ["voice", "clip", "audio s", "latency median s", "p95 s", "WER stream %", "WER offline %", "CPU cores"],
                 [[r["set"], r["clip"], f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
                   f"{r['wer_stream']:.1f}", f"{r['wer_offline']:.1f}", f"{r['cpu_cores']:.2f}"]
@@ -1339,6 +1341,8 @@ def main(argv=None) -> int:
     sm.add_argument("--step", type=float, default=0.5, help="the streams' step (seconds between decodings)")
     sm.add_argument("--beam-size", type=mw._int, default=None, help="the Python API streams' beams (default: "
                                                                    "greedy; the server's streams stay greedy)")
+    sm.add_argument("--prompt-tokens", type=mw._int, default=mw.PROMPT_TOKENS,
+                    help="the Python API streams' prompt: the committed text's last tokens")
     sm.add_argument("--unpaced", action="store_true", help="feed the Python API streams a step at a time without "
                                                           "waiting: latency in audio time, the commit policy's own")
     sm.add_argument("--concurrency", default="1,2,4", help="WebSocket streams at once, comma-separated ('' skips)")

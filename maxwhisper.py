@@ -4706,6 +4706,13 @@ def _run_window(model: Model, window: _StreamWindow) -> DecodingResult:
 _STREAM_FULL = 25.0          # seconds of buffer at which everything decoded so far is committed
 
 
+# A stream's prompt: the committed text's last tokens before its buffer. openai-whisper's
+# transcribe takes up to 223 (half the text context), but a stream pays the prompt's prefill at
+# every update: on tiny.en 64 tokens committed text as good (unpaced WER 23.1 % against 23.4 %)
+# and cut ~80 ms of a ~0.65 s update on 2 cores (docs/PERFORMANCE.md, Live transcription).
+PROMPT_TOKENS = 64
+
+
 class StreamingTranscriber:
     """Live transcription of a stream fed in chunks of any size (``Model.stream`` makes one).
 
@@ -4723,7 +4730,8 @@ class StreamingTranscriber:
     falling behind) and returns the events it produced: newly ``committed`` text (what two
     decodings in a row agree on, short of the last word; all of it after ``pause`` seconds of
     quiet at the end of the buffer) and the ``tentative`` rest. Committed text is the prompt of
-    later decodings; once the buffer is longer than ``trim`` seconds it is cut where the
+    later decodings (its last ``prompt_tokens`` tokens before the buffer: each decoding's
+    prefill reads them all, and a long prompt adds to every update's time); once the buffer is longer than ``trim`` seconds it is cut where the
     committed text ends (found by word alignment), and in any case before 30 s. Decoding is
     greedy at temperature 0, or a beam search of ``beam_size`` beams: fewer wrong words
     committed from the same audio, but each decoding costs more, and on a CPU that a stream
@@ -4739,12 +4747,16 @@ class StreamingTranscriber:
     def __init__(self, model: Model, *, language: str | None = None, task: str = "transcribe",
                  initial_prompt: str | None = None, step: float = 0.5, pause: float = 0.4,
                  trim: float = 20.0, silence_db: float = -50.0, beam_size: int | None = None,
-                 name: str = "stream",
+                 prompt_tokens: int = PROMPT_TOKENS, name: str = "stream",
                  runner: Callable[[_StreamWindow], DecodingResult | None] | None = None):
         if not 0.1 <= step <= 10 or not 0.1 <= pause <= 10 or not 1 <= trim <= 25:
             raise ConfigError(f"stream: step={step}, pause={pause}, trim={trim}: use step and pause of "
                               "0.1 to 10 s and trim of 1 to 25 s")
+        half_ctx = model.dims["n_text_ctx"] // 2 - 1
+        if not 0 <= prompt_tokens <= half_ctx:
+            raise ConfigError(f"stream: prompt_tokens={prompt_tokens}: use 0 to {half_ctx} (half the text context)")
         self.model, self.name, self.step, self.pause, self.trim = model, name, step, pause, trim
+        self.prompt_tokens = prompt_tokens
         self.silence_db = silence_db
         self.runner = runner or (lambda window: _run_window(model, window))
         greedy = {} if beam_size else {"patience": None}          # a configured patience needs beams
@@ -4874,8 +4886,7 @@ class StreamingTranscriber:
             probs = model.detect_language(mel[0], model.new_cache(model.encode(mel)[1]))
             self.language = max(probs, key=probs.get)
             log.info("%s: detected language %s (p=%.2f)", self.name, self.language, probs[self.language])
-        half_ctx = model.dims["n_text_ctx"] // 2 - 1
-        options = _decoding_options(self.o, self.language, 0.0, self.prompt[-half_ctx:],
+        options = _decoding_options(self.o, self.language, 0.0, self.prompt[len(self.prompt) - self.prompt_tokens:],
                                     prefix=list(self.committed), continue_prefix=True,
                                     without_timestamps=False)
         return _StreamWindow(self.o, self.name, self._mel(), options)

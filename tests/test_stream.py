@@ -159,6 +159,17 @@ class StreamingTest(unittest.TestCase):
         self.assertEqual((stream.close(), decoded, stream.text), ([], [], ""))
         self.assertLessEqual(len(stream.audio), mw.SAMPLE_RATE)
 
+    def test_the_prompt_is_the_last_prompt_tokens_tokens(self):
+        windows = []
+        text = " ".join(f"word{i}" for i in range(200))
+        for limit, expected in ((16, 16), (0, 0), (223, 223)):
+            stream = self.model.stream(initial_prompt=text, prompt_tokens=limit,
+                                       runner=lambda w: windows.append(w) or mw._run_window(self.model, w))
+            stream.feed((0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32))
+            whole = stream.prompt
+            self.assertGreater(len(whole), 223)
+            self.assertEqual(windows[-1].prompt, whole[len(whole) - expected:] if expected else [])
+
     def test_closed_stream_and_bad_options(self):
         stream = self.model.stream()
         stream.close()
@@ -168,6 +179,9 @@ class StreamingTest(unittest.TestCase):
             self.model.stream(step=0)
         with self.assertRaises(mw.ConfigError):
             self.model.stream(language="fr")                # tiny.en is English-only
+        for bad in (-1, 224):                               # 0 .. half of tiny.en's 448 positions
+            with self.assertRaises(mw.ConfigError):
+                self.model.stream(prompt_tokens=bad)
         s = self.model.stream()
         s.feed(np.zeros(10, np.float32), sample_rate=16000)
         with self.assertRaises(mw.ConfigError):
