@@ -4731,8 +4731,9 @@ class StreamingTranscriber:
     decodings in a row agree on, short of the last word; all of it after ``pause`` seconds of
     quiet at the end of the buffer) and the ``tentative`` rest. Committed text is the prompt of
     later decodings (its last ``prompt_tokens`` tokens before the buffer: each decoding's
-    prefill reads them all, and a long prompt adds to every update's time); once the buffer is longer than ``trim`` seconds it is cut where the
-    committed text ends (found by word alignment), and in any case before 30 s. Decoding is
+    prefill reads them all, so a long prompt adds to every update's time); once the buffer is
+    longer than ``trim`` seconds it is cut where the committed text ends (found by word
+    alignment), and in any case before 30 s. Decoding is
     greedy at temperature 0, or a beam search of ``beam_size`` beams: fewer wrong words
     committed from the same audio, but each decoding costs more, and on a CPU that a stream
     keeps busy its text comes later (docs/PERFORMANCE.md); a decoding

@@ -168,7 +168,7 @@ class StreamingTest(unittest.TestCase):
             stream.feed((0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32))
             whole = stream.prompt
             self.assertGreater(len(whole), 223)
-            self.assertEqual(windows[-1].prompt, whole[len(whole) - expected:] if expected else [])
+            self.assertEqual(windows[-1].prompt, whole[len(whole) - expected:])
 
     def test_closed_stream_and_bad_options(self):
         stream = self.model.stream()
