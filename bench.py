@@ -1209,7 +1209,8 @@ def stream_bench(args) -> dict:
     if args.memory_minutes:
         m = mw.load(args.model, device="cpu")
         audio = refs[first][0]
-        stream, fed, marks = m.stream(step=args.memory_step, beam_size=args.beam_size), 0, []
+        stream, fed, marks = m.stream(step=args.memory_step, beam_size=args.beam_size,
+                                        prompt_tokens=args.prompt_tokens), 0, []
         chunk, total = mw.SAMPLE_RATE // 10, int(args.memory_minutes * 60 * mw.SAMPLE_RATE)
         while fed < total:
             piece = audio[(fed % len(audio)):(fed % len(audio)) + chunk]
