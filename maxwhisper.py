@@ -4705,6 +4705,12 @@ def _run_window(model: Model, window: _StreamWindow) -> DecodingResult:
 
 _STREAM_FULL = 25.0          # seconds of buffer at which everything decoded so far is committed
 
+# A stream without a language detects it on its buffer, as ``transcribe`` does on its first
+# window, but not on the first step's half second: base took the opening "The moon" for French
+# (p=0.20) and went on in French. From 1 s of audio with the best language at p >= 0.5 (base
+# on three generated English clips: right at 1-1.5 s), and at the latest from 10 s or the end.
+_DETECT_SECONDS, _DETECT_PROBABILITY, _DETECT_LATEST = 1.0, 0.5, 10.0
+
 
 # A stream's prompt: the committed text's last tokens before its buffer. openai-whisper's
 # transcribe takes up to 223 (half the text context), but a stream pays the prompt's prefill at
@@ -4739,7 +4745,9 @@ class StreamingTranscriber:
     keeps busy its text comes later (docs/PERFORMANCE.md); a decoding
     that looks like silence (openai-whisper's no-speech rule) or a loop (compression ratio over
     ``compression_ratio_threshold``) commits nothing. Audio quieter than ``silence_db`` dBFS
-    throughout is not decoded at all.
+    throughout is not decoded at all. Without a ``language`` a multilingual model's stream
+    detects it once it has a second of audio, or more while the guess is unsure, and decodes
+    nothing before.
 
     ``runner`` decodes a ``_StreamWindow`` (default: in the calling thread; the server hands
     its windows to the scheduler, which batches them with other streams').
@@ -4853,7 +4861,14 @@ class StreamingTranscriber:
             self._cut(len(self.audio) - keep, [])
             self.hypothesis = []
             return []
-        window = self._window()
+        mel = self._mel()
+        encoded = None
+        if self.language is None:
+            encoded = self._detect_language(mel, final)
+            if encoded is None:
+                return []                          # not sure yet: decode once it is
+        window = self._window(mel)
+        window.encoded = encoded
         result = self.runner(window)
         self.cross = window.cross
         tokens = [] if result is None or self._unreliable(result) else list(result.tokens)
@@ -4880,17 +4895,29 @@ class StreamingTranscriber:
         words = [i for i, t in enumerate(tokens) if t < tok.eot and tok.encoding.decode_single_token_bytes(t)[:1] == b" "]
         return min(n, words[-1]) if words else n
 
-    def _window(self) -> _StreamWindow:
-        model = self.model
-        if self.language is None:
-            mel = self._mel()
-            probs = model.detect_language(mel[0], model.new_cache(model.encode(mel)[1]))
-            self.language = max(probs, key=probs.get)
-            log.info("%s: detected language %s (p=%.2f)", self.name, self.language, probs[self.language])
+    def _detect_language(self, mel: np.ndarray, final: bool) -> tuple | None:
+        """Detect the stream's language on the buffer once it holds ``_DETECT_SECONDS``; a
+        guess under ``_DETECT_PROBABILITY`` waits for more audio (up to ``_DETECT_LATEST``
+        s, or the stream's end). Returns the window's encoding for the decoding to reuse, or
+        None while undecided."""
+        seconds = len(self.audio) / SAMPLE_RATE
+        if seconds < _DETECT_SECONDS and not final:
+            return None
+        encoded = (mel, self.model.encode(mel)[1])
+        probs = self.model.detect_language(mel[0], self.model.new_cache(encoded[1]))
+        best = max(probs, key=probs.get)
+        if probs[best] < _DETECT_PROBABILITY and seconds < _DETECT_LATEST and not final:
+            log.debug("%s: language not clear yet after %.1f s (%s p=%.2f)", self.name, seconds, best, probs[best])
+            return None
+        self.language, self.tokenizer = best, None
+        log.info("%s: detected language %s (p=%.2f, %.1f s of audio)", self.name, best, probs[best], seconds)
+        return encoded
+
+    def _window(self, mel: np.ndarray) -> _StreamWindow:
         options = _decoding_options(self.o, self.language, 0.0, self.prompt[len(self.prompt) - self.prompt_tokens:],
                                     prefix=list(self.committed), continue_prefix=True,
                                     without_timestamps=False)
-        return _StreamWindow(self.o, self.name, self._mel(), options)
+        return _StreamWindow(self.o, self.name, mel, options)
 
     def _mel(self) -> np.ndarray:
         """The buffer's log-mel [1, n_mels, 3000], padded as ``transcribe`` pads a window."""
@@ -5750,6 +5777,7 @@ class _RealtimeSession:
         self.behind = 0                           # samples queued for the worker
         self.done = False
         self.context = ""                         # the last turns' text: the next turn's prompt
+        self.detected: str | None = None          # the language detected in a turn, for the next
         self.id = f"sess_{os.urandom(8).hex()}"
 
     def _detector(self) -> _TurnDetector | None:
@@ -5848,7 +5876,7 @@ class _RealtimeSession:
                 self.resampler, self.rate = _StreamResampler(rate), rate
         transcription = audio.get("transcription", session.get("input_audio_transcription")) or {}
         if "language" in transcription:
-            language = transcription["language"] or None
+            language, self.detected = transcription["language"] or None, None
             self.language = None if language is None else _language_code(self.server.model, language)
         if "prompt" in transcription:
             self.prompt = transcription["prompt"] or None
@@ -5926,7 +5954,7 @@ class _RealtimeSession:
                 if stream is None:
                     prompt = " ".join(p for p in (self.prompt, self.context[-400:]) if p) or None
                     stream = streams[item] = self.server.model.stream(
-                        language=self.language, initial_prompt=prompt, name=f"{self.id}/{item}",
+                        language=self.language or self.detected, initial_prompt=prompt, name=f"{self.id}/{item}",
                         runner=self._decode)
                 events = stream.feed(x) if kind == "audio" else stream.close()
                 for e in events:
@@ -5938,6 +5966,7 @@ class _RealtimeSession:
                 if kind == "end":
                     streams.pop(item)
                     self.context = (self.context + " " + stream.text)[-1000:]
+                    self.detected = self.detected or stream.language    # later turns, as a file's windows
                     self.send("conversation.item.input_audio_transcription.completed", item_id=item,
                               content_index=0, transcript=stream.text)
             except (ConnectionError, OSError):

@@ -188,6 +188,30 @@ class StreamingTest(unittest.TestCase):
             s.feed(np.zeros(10, np.float32), sample_rate=48000)
 
 
+class MultilingualStreamTest(unittest.TestCase):
+    def test_the_language_is_detected_on_a_second_or_more(self):
+        """A multilingual stream without a language detects it once its buffer holds 1 s of
+        audio (a half second's guess took English for French) and decodes in it."""
+        if not support.has_base():
+            raise unittest.SkipTest("the base model's packages are not installed")
+        m = support.model("base")
+        for lang, name in (("en", "quick_brown_fox"), ("fr", "pangrama")):
+            wav, text = dict((w.stem, (w, t)) for w, t in support.samples(lang))[name]
+            decoded = []                               # (the window's language, the buffer's samples)
+            stream = m.stream(runner=lambda w: decoded.append((w.decoding.language, len(stream.audio)))
+                              or mw._run_window(m, w))
+            for piece in chunks(mw.load_audio(str(wav)), [mw.SAMPLE_RATE // 2]):
+                stream.feed(piece)
+            stream.close()
+            self.assertEqual(stream.language, lang)
+            self.assertTrue(decoded)
+            self.assertEqual({language for language, _ in decoded}, {lang})
+            self.assertGreaterEqual(min(n for _, n in decoded), mw.SAMPLE_RATE, name)
+            offline = m.transcribe(str(wav))["text"]
+            self.assertLessEqual(support.word_errors(text, stream.text, lang == "en")[0],
+                                 support.word_errors(text, offline, lang == "en")[0] + 2, (stream.text, offline))
+
+
 class StreamCliTest(unittest.TestCase):
     def test_stdin_pcm_prints_committed_text(self):
         wav, _ = next((w, t) for w, t in support.samples("en") if w.stem == "quick_brown_fox")
