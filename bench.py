@@ -1085,11 +1085,12 @@ def _replay_api(m: mw.Model, audio: np.ndarray, step: float, beam_size: int | No
 
 def _replay_ws(port: int, audio: np.ndarray, out: dict, start: threading.Event) -> None:
     """One Realtime WebSocket client: streams ``audio`` at its own pace as 24 kHz PCM16 with
-    server-side turn detection; records every delta's arrival."""
+    server-side turn detection; records every delta's arrival, and waits after the audio for
+    every committed turn's transcript (a busy server sends it many seconds later)."""
     import base64
     from websockets.sync.client import connect
     pcm = (np.clip(mw.resample(audio, mw.SAMPLE_RATE, 24000), -1, 1) * 32767).astype("<i2")
-    commits, items, last = [], {}, [0.0]
+    commits, items, turns, last = [], {}, set(), [0.0]
     with connect(f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription", open_timeout=60,
                  max_size=None) as ws:
         def read():
@@ -1100,6 +1101,8 @@ def _replay_ws(port: int, audio: np.ndarray, out: dict, start: threading.Event) 
                     commits.append((e["delta"], time.perf_counter() - began))
                 elif e["type"].endswith("transcription.completed"):
                     items[e["item_id"]] = e["transcript"]
+                elif e["type"] == "input_audio_buffer.committed":
+                    turns.add(e["item_id"])
         reader = threading.Thread(target=read, daemon=True)
         start.wait()
         began = time.perf_counter()
@@ -1111,8 +1114,9 @@ def _replay_ws(port: int, audio: np.ndarray, out: dict, start: threading.Event) 
         ws.send(json.dumps({"type": "input_audio_buffer.append",
                             "audio": base64.b64encode(np.zeros(24000, "<i2").tobytes()).decode()}))
         ended = time.perf_counter()
-        while time.perf_counter() - max(ended, last[0]) < 3.0 and time.perf_counter() - ended < 60:
-            time.sleep(0.1)                        # until the last turn's text stops coming
+        while ((turns - items.keys() or time.perf_counter() - max(ended, last[0]) < 3.0)
+               and time.perf_counter() - ended < 120):
+            time.sleep(0.1)                        # until every turn's text has come
         out.update(commits=commits, text="".join(c for c, _ in commits), lag=max(0.0, last[0] - ended))
 
 
