@@ -4707,9 +4707,11 @@ _STREAM_FULL = 25.0          # seconds of buffer at which everything decoded so 
 
 # A stream without a language detects it on its buffer, as ``transcribe`` does on its first
 # window, but not on the first step's half second: base took the opening "The moon" for French
-# (p=0.20) and went on in French. From 1 s of audio with the best language at p >= 0.5 (base
-# on three generated English clips: right at 1-1.5 s), and at the latest from 10 s or the end.
-_DETECT_SECONDS, _DETECT_PROBABILITY, _DETECT_LATEST = 1.0, 0.5, 10.0
+# (p=0.20) and went on in French, and other English clips for Thai up to p=0.62 on 1.75-5 s of
+# audio. From 1 s of audio when the best language has p >= 0.7 (base on five generated English
+# clips, buffers of 1-6 s: English by 1.0-2.75 s, nothing else above 0.62); at 10 s or the end,
+# the language most probable over all the detections so far.
+_DETECT_SECONDS, _DETECT_PROBABILITY, _DETECT_LATEST = 1.0, 0.7, 10.0
 
 
 # A stream's prompt: the committed text's last tokens before its buffer. openai-whisper's
@@ -4746,8 +4748,8 @@ class StreamingTranscriber:
     that looks like silence (openai-whisper's no-speech rule) or a loop (compression ratio over
     ``compression_ratio_threshold``) commits nothing. Audio quieter than ``silence_db`` dBFS
     throughout is not decoded at all. Without a ``language`` a multilingual model's stream
-    detects it once it has a second of audio, or more while the guess is unsure, and decodes
-    nothing before.
+    detects it once it has a second of audio, or more while the guess is unsure (up to 10 s),
+    and decodes nothing before.
 
     ``runner`` decodes a ``_StreamWindow`` (default: in the calling thread; the server hands
     its windows to the scheduler, which batches them with other streams').
@@ -4774,6 +4776,7 @@ class StreamingTranscriber:
                                              "initial_prompt": None, "condition_on_previous_text": True})
         self.language = _language_code(model, language) if language else None if model.is_multilingual else "en"
         self.tokenizer = model.tokenizer(language=self.language, task=task) if self.language else None
+        self.language_votes: dict[str, float] = {}   # the language detections' probabilities, summed
         self.prompt: list[int] = []                  # committed text before the buffer
         if initial_prompt:
             self.prompt = self._tokenizer().encode(" " + initial_prompt.strip())
@@ -4906,9 +4909,13 @@ class StreamingTranscriber:
         encoded = (mel, self.model.encode(mel)[1])
         probs = self.model.detect_language(mel[0], self.model.new_cache(encoded[1]))
         best = max(probs, key=probs.get)
-        if probs[best] < _DETECT_PROBABILITY and seconds < _DETECT_LATEST and not final:
-            log.debug("%s: language not clear yet after %.1f s (%s p=%.2f)", self.name, seconds, best, probs[best])
-            return None
+        for code, p in probs.items():
+            self.language_votes[code] = self.language_votes.get(code, 0.0) + p
+        if probs[best] < _DETECT_PROBABILITY:
+            if seconds < _DETECT_LATEST and not final:
+                log.debug("%s: language not clear yet after %.1f s (%s p=%.2f)", self.name, seconds, best, probs[best])
+                return None
+            best = max(self.language_votes, key=self.language_votes.get)
         self.language, self.tokenizer = best, None
         log.info("%s: detected language %s (p=%.2f, %.1f s of audio)", self.name, best, probs[best], seconds)
         return encoded
