@@ -211,6 +211,28 @@ class MultilingualStreamTest(unittest.TestCase):
             self.assertLessEqual(support.word_errors(text, stream.text, lang == "en")[0],
                                  support.word_errors(text, offline, lang == "en")[0] + 2, (stream.text, offline))
 
+    def test_an_unsure_language_waits_then_takes_the_most_probable_over_the_guesses(self):
+        """Noise: base's best guess stays under p 0.7 (Norwegian Nynorsk, ~0.6), so the stream
+        decodes nothing before 10 s and then takes the language of the largest summed guesses."""
+        if not support.has_base():
+            raise unittest.SkipTest("the base model's packages are not installed")
+        m = support.model("base")
+        noise = (0.05 * np.random.default_rng(0).standard_normal(12 * mw.SAMPLE_RATE)).astype(np.float32)
+        decoded, guesses = [], []
+        stream = m.stream(runner=lambda w: decoded.append(len(stream.audio)) or mw._run_window(m, w))
+        detect = m.detect_language
+        m.detect_language = lambda *a: guesses.append(detect(*a)) or guesses[-1]    # the real one, recorded
+        try:
+            for piece in chunks(noise, [mw.SAMPLE_RATE // 2]):
+                stream.feed(piece)
+        finally:
+            del m.detect_language
+        self.assertEqual(len(guesses), 19)                           # at 1, 1.5, ... 10 s
+        self.assertLess(max(max(g.values()) for g in guesses), mw._DETECT_PROBABILITY)
+        self.assertGreaterEqual(min(decoded), 10 * mw.SAMPLE_RATE)
+        sums = {code: sum(g[code] for g in guesses) for code in guesses[0]}
+        self.assertEqual(stream.language, max(sums, key=sums.get))
+
 
 class StreamCliTest(unittest.TestCase):
     def test_stdin_pcm_prints_committed_text(self):
