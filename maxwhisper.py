@@ -4707,8 +4707,8 @@ _STREAM_FULL = 25.0          # seconds of buffer at which everything decoded so 
 
 # A stream without a language detects it on its buffer, as ``transcribe`` does on its first
 # window, but not on the first step's half second: base took the opening "The moon" for French
-# (p=0.20) and went on in French, and other English clips for Thai up to p=0.62 on 1.75-5 s of
-# audio. From 1 s of audio when the best language has p >= 0.7 (base on five generated English
+# (p=0.20) and went on in French, and two other English clips for Thai up to p=0.62 on 1.75-5 s
+# of audio. From 1 s of audio when the best language has p >= 0.7 (base on five generated English
 # clips, buffers of 1-6 s: English by 1.0-2.75 s, nothing else above 0.62); at 10 s or the end,
 # the language most probable over all the detections so far.
 _DETECT_SECONDS, _DETECT_PROBABILITY, _DETECT_LATEST = 1.0, 0.7, 10.0
