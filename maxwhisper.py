@@ -4777,6 +4777,7 @@ class StreamingTranscriber:
         self.language = _language_code(model, language) if language else None if model.is_multilingual else "en"
         self.tokenizer = model.tokenizer(language=self.language, task=task) if self.language else None
         self.language_votes: dict[str, float] = {}   # the language detections' probabilities, summed
+        self.language_probability = 1.0 if self.language else 0.0     # the detection's, when detected
         self.prompt: list[int] = []                  # committed text before the buffer
         if initial_prompt:
             self.prompt = self._tokenizer().encode(" " + initial_prompt.strip())
@@ -4916,7 +4917,7 @@ class StreamingTranscriber:
                 log.debug("%s: language not clear yet after %.1f s (%s p=%.2f)", self.name, seconds, best, probs[best])
                 return None
             best = max(self.language_votes, key=self.language_votes.get)
-        self.language, self.tokenizer = best, None
+        self.language, self.tokenizer, self.language_probability = best, None, probs[best]
         log.info("%s: detected language %s (p=%.2f, %.1f s of audio)", self.name, best, probs[best], seconds)
         return encoded
 
@@ -5973,7 +5974,8 @@ class _RealtimeSession:
                 if kind == "end":
                     streams.pop(item)
                     self.context = (self.context + " " + stream.text)[-1000:]
-                    self.detected = self.detected or stream.language    # later turns, as a file's windows
+                    if stream.language_probability >= _DETECT_PROBABILITY:    # later turns, as a file's windows
+                        self.detected = self.detected or stream.language
                     self.send("conversation.item.input_audio_transcription.completed", item_id=item,
                               content_index=0, transcript=stream.text)
             except (ConnectionError, OSError):

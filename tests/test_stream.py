@@ -204,6 +204,7 @@ class MultilingualStreamTest(unittest.TestCase):
                 stream.feed(piece)
             stream.close()
             self.assertEqual(stream.language, lang)
+            self.assertGreaterEqual(stream.language_probability, mw._DETECT_PROBABILITY)
             self.assertTrue(decoded)
             self.assertEqual({language for language, _ in decoded}, {lang})
             self.assertGreaterEqual(min(n for _, n in decoded), mw.SAMPLE_RATE, name)
@@ -213,7 +214,8 @@ class MultilingualStreamTest(unittest.TestCase):
 
     def test_an_unsure_language_waits_then_takes_the_most_probable_over_the_guesses(self):
         """Noise: base's best guess stays under p 0.7 (Norwegian Nynorsk, ~0.6), so the stream
-        decodes nothing before 10 s and then takes the language of the largest summed guesses."""
+        decodes nothing before 10 s, then takes the language of the largest summed guesses (and
+        marks it unsure, so a Realtime session does not keep it for its later turns)."""
         if not support.has_base():
             raise unittest.SkipTest("the base model's packages are not installed")
         m = support.model("base")
@@ -232,6 +234,7 @@ class MultilingualStreamTest(unittest.TestCase):
         self.assertGreaterEqual(min(decoded), 10 * mw.SAMPLE_RATE)
         sums = {code: sum(g[code] for g in guesses) for code in guesses[0]}
         self.assertEqual(stream.language, max(sums, key=sums.get))
+        self.assertLess(stream.language_probability, mw._DETECT_PROBABILITY)   # a session won't keep it
 
 
 class StreamCliTest(unittest.TestCase):
