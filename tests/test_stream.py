@@ -189,12 +189,16 @@ class StreamingTest(unittest.TestCase):
 
 
 class MultilingualStreamTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        if not support.has_base():
+            raise unittest.SkipTest("the base model's packages are not installed")
+        cls.model = support.model("base")
+
     def test_the_language_is_detected_on_a_second_or_more(self):
         """A multilingual stream without a language detects it once its buffer holds 1 s of
         audio (a half second's guess took English for French) and decodes in it."""
-        if not support.has_base():
-            raise unittest.SkipTest("the base model's packages are not installed")
-        m = support.model("base")
+        m = self.model
         for lang, name in (("en", "quick_brown_fox"), ("fr", "pangrama")):
             wav, text = dict((w.stem, (w, t)) for w, t in support.samples(lang))[name]
             decoded = []                               # (the window's language, the buffer's samples)
@@ -216,9 +220,7 @@ class MultilingualStreamTest(unittest.TestCase):
         """Noise: base's best guess stays under p 0.7 (Norwegian Nynorsk, ~0.6), so the stream
         decodes nothing before 10 s, then takes the language of the largest summed guesses (and
         marks it unsure, so a Realtime session does not keep it for its later turns)."""
-        if not support.has_base():
-            raise unittest.SkipTest("the base model's packages are not installed")
-        m = support.model("base")
+        m = self.model
         noise = (0.05 * np.random.default_rng(0).standard_normal(12 * mw.SAMPLE_RATE)).astype(np.float32)
         decoded, guesses = [], []
         stream = m.stream(runner=lambda w: decoded.append(len(stream.audio)) or mw._run_window(m, w))
