@@ -4344,9 +4344,7 @@ class _Transcription:
         if language is None:
             if not model.is_multilingual:
                 return "en"
-            mel = self.window(0)
-            self.encoded = (mel, model.encode(mel)[1])
-            probs = model.detect_language(mel[0], model.new_cache(self.encoded[1]))
+            self.encoded, probs = _detect_window(model, self.window(0))
             language = max(probs, key=probs.get)
             log.info("%s: detected language %s (p=%.2f)", self.name, language, probs[language])
             return language
@@ -4502,6 +4500,13 @@ def _batches(work: list, batch_size: int) -> list[list]:
     for item in work:
         groups.setdefault(item[0].key, []).append(item)
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
+def _detect_window(model: Model, mel: np.ndarray) -> tuple[tuple, dict]:
+    """Encode a window [1, n_mels, 3000] and detect its language: ((mel, cross K/V), which
+    ``_decode_round`` reuses for the window's decoding, and {code: p})."""
+    encoded = (mel, model.encode(mel)[1])
+    return encoded, model.detect_language(mel[0], model.new_cache(encoded[1]))
 
 
 def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -> None:
@@ -4907,8 +4912,7 @@ class StreamingTranscriber:
         seconds = len(self.audio) / SAMPLE_RATE
         if seconds < _DETECT_SECONDS and not final:
             return None
-        encoded = (mel, self.model.encode(mel)[1])
-        probs = self.model.detect_language(mel[0], self.model.new_cache(encoded[1]))
+        encoded, probs = _detect_window(self.model, mel)
         best = max(probs, key=probs.get)
         for code, p in probs.items():
             self.language_votes[code] = self.language_votes.get(code, 0.0) + p
