@@ -4832,7 +4832,9 @@ class StreamingTranscriber:
         if self.resampler is not None:
             self._append(self.resampler(np.zeros(0, np.float32), final=True))
         self.closed = True
-        events = self._update(final=True) if self.fresh or self.hypothesis else []
+        # a buffer still waiting for a sure language has had no decoding: decode it now
+        undecided = self.language is None and len(self.audio)
+        events = self._update(final=True) if self.fresh or self.hypothesis or undecided else []
         tail = self._text(self.undecoded, final=True)
         if tail:
             events.append(self._committed(tail, self.committed_end, self.committed_end))

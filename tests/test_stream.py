@@ -4,6 +4,7 @@ captions page in a real browser."""
 
 import base64
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -237,6 +238,62 @@ class MultilingualStreamTest(unittest.TestCase):
         sums = {code: sum(g[code] for g in guesses) for code in guesses[0]}
         self.assertEqual(stream.language, max(sums, key=sums.get))
         self.assertLess(stream.language_probability, mw._DETECT_PROBABILITY)   # a session won't keep it
+
+    def test_a_realtime_session_keeps_only_a_sure_language(self):
+        """A Realtime session without a language keeps what its first sure turn detected for
+        the turns after it (as ``transcribe`` detects once per file): a later turn does not
+        detect again. An unsure turn (noise) is not kept, and a session.update naming a
+        language resets it."""
+        try:
+            from websockets.sync.client import connect
+        except ImportError:
+            self.skipTest("websockets is not installed (pip install websockets)")
+        english = mw.load_audio(str(dict((w.stem, w) for w, _ in support.samples("en"))["quick_brown_fox"]))
+        noise = (0.05 * np.random.default_rng(0).standard_normal(3 * mw.SAMPLE_RATE)).astype(np.float32)
+        server = mw.Server(mw.Config.resolve(model="base", seed=0), port=0, model=self.model)
+
+        detections = []                                 # one per "detected language" log line
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda record: detections.append(record) if "detected language" in record.msg else None
+
+        def turns(ws, *clips):
+            """Commit each clip as a turn; the number of detections each turn logged."""
+            counts = []
+            for clip in clips:
+                before = len(detections)
+                for piece in chunks(clip, [8000]):
+                    ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_b64(piece)}))
+                ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                while json.loads(ws.recv(timeout=300))["type"] != "conversation.item.input_audio_transcription.completed":
+                    pass
+                counts.append(len(detections) - before)
+            return counts
+
+        def session(ws, **transcription):
+            ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+                "format": {"type": "audio/pcm", "rate": 16000}, "turn_detection": None,
+                "transcription": transcription}}}}))
+            while json.loads(ws.recv(timeout=30))["type"] != "session.updated":
+                pass
+
+        level = mw.log.level
+        mw.log.addHandler(handler)
+        mw.log.setLevel(logging.INFO)
+        try:
+            url = f"ws://{server.address[0]}:{server.address[1]}/v1/realtime?intent=transcription"
+            with connect(url, open_timeout=30) as ws:
+                session(ws)
+                self.assertEqual(turns(ws, english, english), [1, 0])      # kept after a sure turn
+                session(ws, language=None)
+                self.assertEqual(turns(ws, english), [1])                  # reset: detects again
+            with connect(url, open_timeout=30) as ws:
+                session(ws)
+                self.assertEqual(turns(ws, noise, english), [1, 1])        # an unsure turn is not kept
+        finally:
+            mw.log.removeHandler(handler)
+            mw.log.setLevel(level)
+            server.shutdown()
+            server.drain(10)
 
 
 class StreamCliTest(unittest.TestCase):
