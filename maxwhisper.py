@@ -4753,8 +4753,8 @@ class StreamingTranscriber:
     that looks like silence (openai-whisper's no-speech rule) or a loop (compression ratio over
     ``compression_ratio_threshold``) commits nothing. Audio quieter than ``silence_db`` dBFS
     throughout is not decoded at all. Without a ``language`` a multilingual model's stream
-    detects it once it has a second of audio, or more while the guess is unsure (up to 10 s),
-    and decodes nothing before.
+    detects it once it has a second of audio, or more while the guess is unsure (up to 10 s
+    or the stream's end), and decodes nothing before.
 
     ``runner`` decodes a ``_StreamWindow`` (default: in the calling thread; the server hands
     its windows to the scheduler, which batches them with other streams').
