@@ -1063,16 +1063,25 @@ def _in_graph_order(state: dict, dims: dict) -> dict:
     decoder's packed weights are then a view of this buffer (``_adjacent``), not a copy of
     it: a tiny.en warm start saves ~0.15 s and a copy of the model's memory. Each entry is
     replaced as it is copied, so the loader's array can go at once: the peak is the buffer
-    and what the loader still holds."""
-    names = _graph_order(state, dims)
+    and what the loader still holds. A parameter a graph takes transposed is stored
+    transposed (``_stored_layouts``) and its entry is a view in the checkpoint's layout, so
+    ``graph_weights`` hands the graphs views, not copies: a copy of those parameters would
+    be held beside this buffer, which the other parameters' views keep alive."""
+    names, layouts = _graph_order(state, dims), _stored_layouts(dims)
     buffer = np.empty(sum(state[n].size for n in names), np.float32)
     at = 0
     for n in names:
-        part = buffer[at:at + state[n].size].reshape(state[n].shape)
-        part[...] = state[n]
-        state[n] = part
+        source = state[n].transpose(layouts[n]) if n in layouts else state[n]
+        part = buffer[at:at + source.size].reshape(source.shape)
+        part[...] = source
+        state[n] = part.transpose(np.argsort(layouts[n])) if n in layouts else part
         at += part.size
     return state
+
+
+def _stored_layouts(dims: dict) -> dict[str, tuple]:
+    """The parameters graphs take transposed (not fused from parts), and the axes' order."""
+    return {p.name: p.layout for p in weight_spec(dims) if p.layout and not p.parts}
 
 
 def _graph_order(state: dict, dims: dict) -> list[str]:
@@ -2077,7 +2086,7 @@ class _WeightImage:
             return
         # a parameter the graphs take transposed is kept transposed, so that on a warm start
         # ``graph_weights`` hands the graphs views of the image, not copies
-        layouts = {p.name: p.layout for p in weight_spec(weights.dims) if p.layout and not p.parts}
+        layouts = _stored_layouts(weights.dims)
         stored = [state[n].transpose(layouts[n]) if n in layouts else state[n] for n in names]
         arrays, at = [], 0
         for n, a in zip(names, stored):

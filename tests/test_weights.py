@@ -41,6 +41,8 @@ class WeightsTest(unittest.TestCase):
         flat = mw._adjacent(mw.graph_weights(self.tiny, spec))
         self.assertEqual(flat.size, sum(np.prod(p.shape) for p in spec))
         self.assertTrue(np.shares_memory(flat, self.tiny.state["decoder.token_embedding.weight"]))
+        encoder = [p for p in mw.weight_spec(self.tiny.dims) if p.graph == "encoder"]
+        self.assertIsNotNone(mw._adjacent(mw.graph_weights(self.tiny, encoder)))   # transposed ones too
         a = np.arange(10, dtype=np.float32)
         np.testing.assert_array_equal(mw._adjacent([a[0:3], a[3:5].reshape(2, 1)]), a[:5])
         for apart in ([a[0:3], a[4:5]], [a[3:5], a[0:3]], [a[0:3], np.zeros(2, np.float32)], [a[::2]]):
