@@ -242,8 +242,8 @@ class ShapesTest(unittest.TestCase):
 class LoadingMemoryTest(unittest.TestCase):
     """A model on a CPU keeps one float32 copy of its weights: the state's arrays are views of
     the device buffers, with the checkpoint's values, and the buffers they are views of hold
-    little more than the weights (a copy of the parameters the graphs take transposed, beside
-    the checkpoint's buffer that the others keep alive, made that 1.2x on tiny.en)."""
+    little more than the weights (a copy of the parameters the graphs take transposed would
+    sit beside the checkpoint's buffer, which the other parameters' views keep alive)."""
 
     def test_state_is_the_device_copy(self):
         fresh = mw.load_weights("tiny.en")
