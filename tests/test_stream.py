@@ -242,8 +242,8 @@ class MultilingualStreamTest(unittest.TestCase):
     def test_a_realtime_session_keeps_only_a_sure_language(self):
         """A Realtime session without a language keeps what its first sure turn detected for
         the turns after it (as ``transcribe`` detects once per file): a later turn does not
-        detect again. An unsure turn (noise) is not kept, and a session.update naming a
-        language resets it."""
+        detect again. A session.update that sets ``language`` (here to null) resets it. An
+        unsure turn (noise) is still decoded when it ends, and its language is not kept."""
         try:
             from websockets.sync.client import connect
         except ImportError:
