@@ -1076,6 +1076,8 @@ def _in_graph_order(state: dict, dims: dict) -> dict:
         part[...] = source
         state[n] = part.transpose(np.argsort(layouts[n])) if n in layouts else part
         at += part.size
+    for n in state.keys() - set(names):                  # none the graphs take: float32 too
+        state[n] = state[n].astype(np.float32, copy=False)
     return state
 
 
@@ -1239,13 +1241,15 @@ def _json_file(path: Path) -> dict:
 # openai-whisper .pt ---------------------------------------------------------------------------
 
 def _torch_state(tensors: dict, skip=lambda name: False) -> dict:
-    """{name: float32 array} from a dict of torch tensors, emptying it as it goes so a
-    half-precision checkpoint is never held beside all of its float32 copy."""
+    """{name: numpy array} from a dict of torch tensors: float16 as stored (``_in_graph_order``
+    widens it into the model's buffer: widened here first, large-v3's load peaked at 1.42x its
+    float32 weights), other dtypes as float32; emptying the dict as it goes."""
+    import torch
     state = {}
     for name in list(tensors):
         t = tensors.pop(name)
         if not skip(name):
-            state[name] = np.ascontiguousarray(t.float().numpy())
+            state[name] = np.ascontiguousarray((t if t.dtype == torch.float16 else t.float()).numpy())
     return state
 
 
