@@ -1241,9 +1241,9 @@ def _json_file(path: Path) -> dict:
 # openai-whisper .pt ---------------------------------------------------------------------------
 
 def _torch_state(tensors: dict, skip=lambda name: False) -> dict:
-    """{name: numpy array} from a dict of torch tensors: float16 as stored (``_in_graph_order``
-    widens it into the model's buffer: widened here first, large-v3's load peaked at 1.42x its
-    float32 weights), other dtypes as float32; emptying the dict as it goes."""
+    """{name: numpy array} from a dict of torch tensors, emptying it as it goes: float16 as
+    stored, for ``_in_graph_order`` to widen straight into the model's buffer (a float32 array
+    of each here first would be freed too late to lower the load's peak), others as float32."""
     import torch
     state = {}
     for name in list(tensors):
