@@ -2278,17 +2278,20 @@ def _attend(q, k_t, v, scale: float, mask=None, dtype=None):
 
 
 def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: Path | None = None):
-    """Encoder graph: log-mel [batch, n_mels, 3000] -> audio features and cross-attention K/V.
+    """Encoder graph: log-mel [batch, n_mels, frames] -> audio features and cross-attention K/V.
 
-    Outputs: the encoder output [batch, 1500, d], then for each decoder layer its
-    cross-attention keys, transposed, [batch, heads, 64, 1500] and values
-    [batch, heads, 1500, 64] — computed once per window and kept in the ``KVCache``, in
+    Outputs: the encoder output [batch, S, d] (S = frames / 2: 1500 for a 30 s window), then
+    for each decoder layer its cross-attention keys, transposed, [batch, heads, 64, S] and
+    values [batch, heads, S, 64] — computed once per window and kept in the ``KVCache``, in
     ``kv_dtype`` (a MAX ``DType``; default float32). Inputs: the log-mel, then the encoder's
-    weights in ``weight_spec`` order.
+    weights in ``weight_spec`` order. ``transcribe`` encodes 30 s windows (3000 frames), as
+    openai-whisper does; a live stream encodes its buffer padded to a 10 s multiple
+    (``StreamingTranscriber._mel``), an even frame count up to 3000, with the first S rows of
+    the positional embedding.
 
     With ``kernels`` (the Mojo package) on a CPU and float weights the whole encoder is one op,
     ``whisper_encoder`` (``kernels/encoder.mojo``), and the graph takes the weights packed end
-    to end in one buffer; it outputs the features and one [2L, batch, heads, 64 * 1500] tensor
+    to end in one buffer; it outputs the features and one [2L, batch, heads, 64 * S] tensor
     of every layer's cross K^T and V (``Model.encode`` splits it). It runs about as fast as the
     MAX-ops graph but compiles in 20 s instead of 100: MAX's matmul and convolution kernels are
     most of a cold start. With Q4_0 weights (``dtype``) the graph is MAX ops (its quantized
@@ -2302,8 +2305,8 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
     from max.graph import Graph, TensorType, ops
 
     params = [p for p in weight_spec(dims) if p.graph == "encoder"]
-    mel_type = TensorType(DType.float32, ["batch", dims["n_mels"], N_FRAMES], device=device)
-    n_head, d, n_audio = dims["n_audio_head"], dims["n_audio_state"], dims["n_audio_ctx"]
+    mel_type = TensorType(DType.float32, ["batch", dims["n_mels"], "frames"], device=device)
+    n_head, d = dims["n_audio_head"], dims["n_audio_state"]
     kv_dtype = kv_dtype or DType.float32
     kernels = kernels if device.is_cpu() else None
     if kernels and dtype not in _Q4_TERMS:
@@ -2313,8 +2316,9 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
                                                      device=device)],
                    custom_extensions=[kernels]) as g:
             mel, packed = (v.tensor for v in g.inputs)
-            out = [TensorType(DType.float32, [mel.shape[0], n_audio, d], device=device),
-                   TensorType(kv_dtype, [2 * L, mel.shape[0], n_head, 64 * n_audio], device=device)]
+            s = mel.shape[2] // 2
+            out = [TensorType(DType.float32, [mel.shape[0], s, d], device=device),
+                   TensorType(kv_dtype, [2 * L, mel.shape[0], n_head, 64 * s], device=device)]
             g.output(*(v.tensor for v in ops.custom("whisper_encoder", device, [mel, packed], out_types=out)))
         return g
     with Graph(f"whisper_encoder_{_encoder_key(dims, dtype, kv_dtype, kernels)}",
@@ -2328,7 +2332,8 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
                                 bias=p["encoder.conv1.bias"]))
         x = ops.gelu(ops.conv2d(x, rscf("encoder.conv2.weight"), stride=(1, 2), padding=(0, 0, 1, 1),
                                 bias=p["encoder.conv2.bias"]))
-        x = ops.squeeze(x, 1) + p["encoder.positional_embedding"]               # [B,1500,d]
+        x = ops.squeeze(x, 1)                                                   # [B,S,d]
+        x = x + ops.rebind(p["encoder.positional_embedding"][:x.shape[1]], [x.shape[1], d])
         scale = (d // n_head) ** -0.5
         for i in range(dims["n_audio_layer"]):
             b = f"encoder.blocks.{i}"
@@ -2355,14 +2360,15 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
 
 
 def _cross_types(dims: dict, device, kv_dtype=None) -> list:
-    """Each layer's cross K^T [batch, h, 64, 1500] and V [batch, h, 1500, 64] in ``kv_dtype``
-    (default float32), as graph input types."""
+    """Each layer's cross K^T [batch, h, 64, S] and V [batch, h, S, 64] in ``kv_dtype``
+    (default float32), as graph input types; S, the encoded audio frames, is 1500 for a 30 s
+    window and fewer for a stream's shorter buffer (``build_encoder_graph``)."""
     from max.dtype import DType
     from max.graph import TensorType
-    n_head, n_audio, kv = dims["n_text_head"], dims["n_audio_ctx"], kv_dtype or DType.float32
+    n_head, kv = dims["n_text_head"], kv_dtype or DType.float32
     dh = dims["n_text_state"] // n_head
-    return [TensorType(kv, ["batch", n_head, dh, n_audio], device=device),
-            TensorType(kv, ["batch", n_head, n_audio, dh], device=device)] * dims["n_text_layer"]
+    return [TensorType(kv, ["batch", n_head, dh, "audio"], device=device),
+            TensorType(kv, ["batch", n_head, "audio", dh], device=device)] * dims["n_text_layer"]
 
 
 def _cache_types(dims: dict, device) -> list:
@@ -2526,7 +2532,7 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
     from max.dtype import DType
     from max.graph import BufferType, Graph, TensorType, ops
 
-    L, n_audio = dims["n_text_layer"], dims["n_audio_ctx"]
+    L = dims["n_text_layer"]
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
     name = f"whisper_step_{_dims_key(dims, dtype, kv_dtype)}"
     if _packs_step(device, dtype):
@@ -2549,7 +2555,9 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
         cross = [v.tensor for v in g.inputs[2 + len(names):2 + len(names) + 2 * L]]
         cache = g.inputs[2 + len(names) + 2 * L:]
         out_type = TensorType(DType.float32, [tokens.shape[0], 1, dims["n_text_state"]], device=device)
-        lengths, frames = positions + 1, positions * 0 + n_audio      # keys each query sees
+        # keys each query sees: the cache's filled rows, every encoded audio frame
+        frames = ops.transfer_to(ops.shape_to_tensor([cross[0].shape[3]]), device)
+        lengths = positions + 1
 
         def self_attend(i, qkv):                      # appends the token's K/V, then attends
             return ops.inplace_custom("whisper_self_attention", device, [qkv, cache[2 * i], cache[2 * i + 1], lengths],
@@ -2643,8 +2651,8 @@ def build_gather_graph(dims: dict, device, kv_dtype=None):
     """Cross K/V row selection on the device: every output is its input's rows ``rows``
     (repeated for the samples or beams of a window, or one window picked out of a batch).
 
-    Inputs: ``rows`` [n] int64, then each layer's cross K^T [batch, h, 64, 1500] and V
-    [batch, h, 1500, 64] in ``kv_dtype``; outputs the same tensors with batch n.
+    Inputs: ``rows`` [n] int64, then each layer's cross K^T [batch, h, 64, S] and V
+    [batch, h, S, 64] in ``kv_dtype``; outputs the same tensors with batch n.
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
@@ -2665,7 +2673,7 @@ def build_alignment_graph(dims: dict, device, dtype=None, kv_dtype=None):
     [n_tok, n_tok] float32 (causal, made on the host), ``heads`` [n_heads] int64 (alignment
     heads as ``layer * n_text_head + head``), the decoder weights and each layer's cross K^T/V.
     Outputs: logits [batch, n_tok, n_vocab] and the chosen heads' scaled cross-attention scores
-    q·k/8 [batch, n_heads, n_tok, 1500]. ``dtype`` and ``kv_dtype`` as for
+    q·k/8 [batch, n_heads, n_tok, S]. ``dtype`` and ``kv_dtype`` as for
     ``build_decoder_graph`` (the graphs take the same buffers).
     """
     from max.dtype import DType
@@ -2725,9 +2733,10 @@ class KVCache:
     ``self_k[i]`` / ``self_v[i]``: layer i's self-attention keys (transposed) and values,
     device buffers [batch, heads, 64, n_text_ctx] and [batch, heads, n_text_ctx, 64],
     preallocated to the whole 448-token text context and written in place by the decoder
-    graph at ``length``. ``cross[i]``: layer i's cross-attention (K^T, V) over the 1500 audio
-    frames, computed once per 30 s window by the encoder graph. ``length``: how many token
-    positions are filled; slots past it are masked, never read. ``self_kv``: where the step is
+    graph at ``length``. ``cross[i]``: layer i's cross-attention (K^T, V) over the window's S
+    encoded audio frames (1500 for 30 s), computed once per window by the encoder graph.
+    ``length``: how many token positions are filled; slots past it are masked, never read.
+    ``self_kv``: where the step is
     the one CPU op (``build_step_graph``), every layer's K^T and V in one host buffer
     [2 * layers, batch, heads, 64 * n_text_ctx], of which ``self_k`` / ``self_v`` are views;
     otherwise None.
@@ -3258,11 +3267,16 @@ class Model:
         return log_mel_spectrogram(audio, self.dims["n_mels"], padding)
 
     def encode(self, mel: np.ndarray) -> tuple[np.ndarray, list]:
-        """Run the encoder on log-mel windows [batch, n_mels, 3000].
+        """Run the encoder on log-mel windows [batch, n_mels, frames]: 3000 frames (30 s) as
+        openai-whisper encodes them, or an even number fewer (``build_encoder_graph``).
 
-        Returns the audio features [batch, 1500, d] as numpy and the per-layer cross-attention
-        (K^T, V) device buffers for a ``KVCache``.
+        Returns the audio features [batch, frames / 2, d] as numpy and the per-layer
+        cross-attention (K^T, V) device buffers for a ``KVCache``.
         """
+        frames, most = mel.shape[-1], 2 * self.dims["n_audio_ctx"]
+        if mel.ndim != 3 or mel.shape[1] != self.dims["n_mels"] or frames % 2 or not 0 < frames <= most:
+            raise ConfigError(f"encode: log-mel of shape {mel.shape}; give [batch, {self.dims['n_mels']}, frames] "
+                              f"with an even number of frames up to {most}")
         out = self.runner.run("encoder", self.put(mel.astype(np.float32, copy=False)), *self.device_weights.encoder)
         L = self.dims["n_text_layer"]
         if not self.precision.packed:
@@ -3270,7 +3284,7 @@ class Model:
         from max.dtype import DType                    # the whisper_encoder op: [2L, B, h, 64 * S]
         kv = out[1].dtype
         planes = (out[1].view(DType.uint16) if kv == DType.bfloat16 else out[1]).to_numpy()
-        b, h, s = planes.shape[1], planes.shape[2], self.dims["n_audio_ctx"]
+        b, h, s = planes.shape[1], planes.shape[2], planes.shape[3] // 64
         views = [_host(planes[2 * i + j].reshape((b, h, 64, s) if j == 0 else (b, h, s, 64))) for i in range(L) for j in (0, 1)]
         if kv == DType.bfloat16:
             views = [v.view(DType.bfloat16) for v in views]
@@ -3362,7 +3376,7 @@ class Model:
     def alignment(self, cross: list, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Run the decoder over one window's whole token sequence (``cross``: that window's
         cross K/V, batch 1). Returns logits [n_tok, n_vocab] and the alignment heads'
-        cross-attention scores [n_heads, n_tok, 1500], as openai-whisper's ``find_alignment``
+        cross-attention scores [n_heads, n_tok, S], as openai-whisper's ``find_alignment``
         reads them."""
         n = len(tokens)
         mask = np.triu(np.full((n, n), -np.inf, np.float32), 1)
@@ -3373,7 +3387,7 @@ class Model:
         return out[0].to_numpy()[0], out[1].to_numpy()[0]
 
     def detect_language(self, mel_segment: np.ndarray, cache: KVCache | None = None) -> dict:
-        """Language probabilities {code: p} for one log-mel window [n_mels, 3000]."""
+        """Language probabilities {code: p} for one log-mel window [n_mels, frames]."""
         if not self.is_multilingual:
             raise ConfigError(f"{self.weights.source}: an English-only model cannot detect "
                               "language; pass language='en' or use a multilingual model")
@@ -4517,7 +4531,7 @@ def _batches(work: list, batch_size: int) -> list[list]:
 
 
 def _detect_window(model: Model, mel: np.ndarray) -> tuple[tuple, dict]:
-    """Encode a window [1, n_mels, 3000] and detect its language: ((mel, cross K/V), which
+    """Encode a window [1, n_mels, frames] and detect its language: ((mel, cross K/V), which
     ``_decode_round`` reuses for the window's decoding, and {code: p})."""
     encoded = (mel, model.encode(mel)[1])
     return encoded, model.detect_language(mel[0], model.new_cache(encoded[1]))
@@ -4621,8 +4635,8 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
 # 12. streaming
 # =============================================================================================
 # Live transcription: audio arrives in chunks and text leaves as it becomes certain. The buffer
-# since the last cut (at most 30 s) is decoded again each time ``step`` seconds of audio have
-# come in, with the text already committed in it forced as the start of the window's text (the
+# since the last cut (at most 30 s, encoded padded to the next 10 s) is decoded again each time
+# ``step`` seconds of audio have come in, with the text already committed in it forced as the start of the window's text (the
 # decoder's prefix, continued rather than restarted) and the text before it as the prompt.
 # LocalAgreement-2 (Macháček et al., "Turning Whisper into a real-time transcription system",
 # 2023) decides what is final: the tokens that two decodings in a row agree on after the
@@ -4697,7 +4711,8 @@ class _StreamWindow:
     def __init__(self, o: TranscribeOptions, name: str, mel: np.ndarray, options: DecodingOptions):
         self.o, self.name, self.mel, self.decoding = o, name, mel, options
         self.prompt = list(options.prompt or [])
-        self.key = "stream " + repr(dataclasses.replace(o, language=None, initial_prompt=None))
+        # windows batch together when their options and lengths match
+        self.key = f"stream {mel.shape[-1]} " + repr(dataclasses.replace(o, language=None, initial_prompt=None))
         self.encoded, self.rng = None, np.random.default_rng(0)
         self.metrics = {"windows": 0, "fallbacks": 0, "encoder_seconds": 0.0, "decode_seconds": 0.0}
         self.audio_seconds, self.decoded, self.cross = 0.0, None, None
@@ -4724,6 +4739,21 @@ def _run_window(model: Model, window: _StreamWindow) -> DecodingResult:
 
 _STREAM_FULL = 25.0          # seconds of buffer at which everything decoded so far is committed
 
+# A stream encodes its buffer padded to a multiple of 10 s with at least 1 s of padding, not to
+# 30 s: whisper.cpp's audio_ctx idea, with the padding the model needs to end its text (with
+# none, tiny.en's decodings of 4-12 s chunks looped). The encoder's time falls with the frames
+# (a 10 s buffer costs a third of a 30 s one) and the words improve: tiny.en on five espeak-ng
+# clips cut into 4, 8 and 12 s chunks (openai-whisper, no timestamps), WER 30.8 / 23.0 / 17.4 %
+# against 34.4 / 26.0 / 37.4 % padded to 30 s (docs/PERFORMANCE.md, Live transcription).
+_STREAM_BUCKET, _STREAM_MARGIN = 10.0, 1.0
+
+
+def _stream_frames(samples: int) -> int:
+    """The mel frames a stream's buffer of ``samples`` is encoded over (a ``_STREAM_BUCKET``
+    multiple, at most 30 s)."""
+    bucket = _STREAM_BUCKET * SAMPLE_RATE
+    return min(N_FRAMES, int(math.ceil((samples + _STREAM_MARGIN * SAMPLE_RATE) / bucket) * bucket) // HOP_LENGTH)
+
 # A stream without a language detects it on its buffer, as ``transcribe`` does on its first
 # window, but not on the first step's half second: base took the opening "The moon" for French
 # (p=0.20) and went on in French, and two other English clips for Thai up to p=0.62 on 1.75-5 s
@@ -4736,7 +4766,7 @@ _DETECT_SECONDS, _DETECT_PROBABILITY, _DETECT_LATEST = 1.0, 0.7, 10.0
 # A stream's prompt: the committed text's last tokens before its buffer. openai-whisper's
 # transcribe takes up to 223 (half the text context), but a stream pays the prompt's prefill at
 # every update: on tiny.en 64 tokens committed text as good (unpaced WER 23.1 % against 23.4 %)
-# and cut ~80 ms of a ~0.65 s update on 2 cores (docs/PERFORMANCE.md, Live transcription).
+# and cut ~80 ms of every update on 2 cores (docs/PERFORMANCE.md, Live transcription).
 PROMPT_TOKENS = 64
 
 
@@ -4889,7 +4919,10 @@ class StreamingTranscriber:
         mel = self._mel()
         encoded = None
         if self.language is None:
-            encoded = self._detect_language(mel, final)
+            # on a 30 s window, as transcribe detects: on the 10 s one base took 3 s of noise
+            # for Norwegian Nynorsk at p = 0.76 (under 0.7 on 30 s)
+            full = mel if mel.shape[-1] == N_FRAMES else self._mel(N_FRAMES)
+            encoded = self._detect_language(full, final)
             if encoded is None:
                 return []                          # not sure yet: decode once it is
         window = self._window(mel)
@@ -4923,8 +4956,8 @@ class StreamingTranscriber:
     def _detect_language(self, mel: np.ndarray, final: bool) -> tuple | None:
         """Detect the stream's language on the buffer once it holds ``_DETECT_SECONDS``; a
         guess under ``_DETECT_PROBABILITY`` waits for more audio (up to ``_DETECT_LATEST``
-        s, or the stream's end). Returns the window's encoding for the decoding to reuse, or
-        None while undecided."""
+        s, or the stream's end). Returns the window's encoding, which the decoding reuses when
+        it decodes that window too (a buffer of 29 s or more), or None while undecided."""
         seconds = len(self.audio) / SAMPLE_RATE
         if seconds < _DETECT_SECONDS and not final:
             return None
@@ -4947,11 +4980,12 @@ class StreamingTranscriber:
                                     without_timestamps=False)
         return _StreamWindow(self.o, self.name, mel, options)
 
-    def _mel(self) -> np.ndarray:
-        """The buffer's log-mel [1, n_mels, 3000], padded as ``transcribe`` pads a window."""
-        frames = len(self.audio) // HOP_LENGTH
-        mel = self.model.log_mel(self.audio, padding=N_SAMPLES)[:, :frames]
-        return np.pad(mel, ((0, 0), (0, N_FRAMES - frames)))[None]
+    def _mel(self, frames: int | None = None) -> np.ndarray:
+        """The buffer's log-mel [1, n_mels, frames], padded as ``transcribe`` pads a window but
+        to the buffer's ``_STREAM_BUCKET`` (``_stream_frames``) rather than to 30 s."""
+        filled = len(self.audio) // HOP_LENGTH
+        mel = self.model.log_mel(self.audio, padding=N_SAMPLES)[:, :filled]
+        return np.pad(mel, ((0, 0), (0, (frames or _stream_frames(len(self.audio))) - filled)))[None]
 
     def _unreliable(self, r: DecodingResult) -> bool:
         o = self.o

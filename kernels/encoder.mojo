@@ -314,12 +314,17 @@ struct WhisperEncoder:
         if mel.shape()[2] != 2 * s or features.shape()[0] != batch or cross.shape()[1] != batch \
                 or cross.shape()[2] != heads or cross.shape()[3] != D * s or d % NT != 0:
             raise Error("whisper_encoder: mel [B, n_mels, 2S], features [B, S, d] and cross [2L, B, d / 64, 64 S] disagree")
-        var fixed = 3 * n_mels * d + d + 3 * d * d + d + s * d + 2 * d + n_text * (2 * d * d + d)
+        # the positional embedding has a row per frame of a 30 s window (n_pos); a shorter
+        # window reads its first s. A block's weights outnumber the embedding's (n_pos < 12 d),
+        # so the weight count modulo a block's size tells n_pos.
+        var fixed = 3 * n_mels * d + d + 3 * d * d + d + 2 * d + n_text * (2 * d * d + d)
         var block = 12 * d * d + 12 * d
         var size = weights.shape()[0]
-        if size < fixed or (size - fixed) % block != 0:
-            raise Error("whisper_encoder: ", size, " weights are not an encoder of width ", d, " and ", n_mels, " mels")
-        var n_layer = (size - fixed) // block
+        var n_pos = (size - fixed) % block // d if size >= fixed else 0
+        if size < fixed + n_pos * d or (size - fixed - n_pos * d) % block != 0 or n_pos < s or n_pos >= 12 * d:
+            raise Error("whisper_encoder: ", size, " weights are not an encoder of width ", d, " and ", n_mels,
+                        " mels with a positional embedding of at least ", s, " frames")
+        var n_layer = (size - fixed - n_pos * d) // block
 
         var buf = List[Float32](length=10 * m * d + (2 * s + 2) * (n_mels + d) + 4 * d * d, fill=0.0)
         var x = buf.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()     # residual stream [m, d]
@@ -351,7 +356,7 @@ struct WhisperEncoder:
             # conv2 (stride 2): output t reads conv1 rows 2t-1 .. 2t+1 = 3d floats from c1 + 2t d
             _gemm[True, True, True](x.unsafe_offset(b * s * d), d, c1, 2 * d, conv2, d, conv2_b, pos, d, s, 3 * d, pk)
 
-        var p = pos.unsafe_offset(s * d)
+        var p = pos.unsafe_offset(n_pos * d)
         var sp = (s + NT - 1) // NT * NT
         for _ in range(n_layer):
             var wq = p.unsafe_offset(2 * d)

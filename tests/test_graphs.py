@@ -52,6 +52,37 @@ class GraphTest(unittest.TestCase):
             np.testing.assert_allclose(k_t.to_numpy(), rk, atol=2e-3)
             np.testing.assert_allclose(v.to_numpy(), rv, atol=2e-3)
 
+    def test_a_shorter_window_matches_whisper(self):
+        """A stream encodes its buffer padded to 10 or 20 s, not 30 (``_stream_frames``): the
+        encoder reads the positional embedding's first rows and the decoder attends over the
+        frames there are, as openai-whisper's modules do given that mel. Both paths: the Mojo
+        encoder and step ops, and MAX ops (kernels off)."""
+        import torch
+        import torch.nn.functional as F
+        off = mw.Model(self.model.weights, device=support.DEVICE, kernels="off")
+        tok, enc = self.model.tokenizer(), self.ref.encoder
+        tokens = list(tok.sot_sequence_including_notimestamps) + tok.encode(" And so my fellow Americans")
+        for frames in (1000, 2000):
+            mel = self.model.log_mel(self.audio, padding=mw.N_SAMPLES)[None, :, :frames]
+            with torch.no_grad():
+                x = F.gelu(enc.conv2(F.gelu(enc.conv1(torch.from_numpy(mel))))).permute(0, 2, 1)
+                x = x + enc.positional_embedding[:frames // 2]
+                for block in enc.blocks:
+                    x = block(x)
+                ref = enc.ln_post(x)
+                ref_logits = self.ref.decoder(torch.tensor([tokens]), ref).numpy()
+            for name, m in (("kernels", self.model), ("MAX ops", off)):
+                with self.subTest(frames=frames, path=name):
+                    features, cross = m.encode(mel)
+                    self.assertEqual(features.shape, (1, frames // 2, m.dims["n_audio_state"]))
+                    cos = float((features * ref.numpy()).sum() / np.linalg.norm(features) / np.linalg.norm(ref))
+                    self.assertGreaterEqual(cos, 0.9999)
+                    logits = m.decode(m.new_cache(cross), np.array([tokens]), out_idx=list(range(len(tokens))))
+                    np.testing.assert_allclose(logits, ref_logits, atol=2e-2)
+        for bad in (np.zeros((1, 80, 999), np.float32), np.zeros((1, 80, 3002), np.float32)):
+            with self.assertRaisesRegex(mw.ConfigError, "even number of frames up to 3000"):
+                self.model.encode(bad)
+
     def test_batched_encoder_equals_single(self):
         mel = self.model.log_mel(self.audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
         single, _ = self.model.encode(mel)

@@ -150,6 +150,22 @@ class BFloat16Test(unittest.TestCase):
         self.assertEqual(kinds["decoder.blocks.0.cross_attn.key.weight"], DType.uint8)
         self.assertEqual(kinds["encoder.conv1.weight"], DType.float32)
 
+    def test_q4_0_reads_a_shorter_window(self):
+        """A stream's 10 s window (1000 frames) through the Q4_0 graphs (MAX ops around the
+        attention ops, whose frame count comes from the cross K/V's shape): teacher-forced on
+        float32's greedy tokens for the same window, Q4_0 picks float32's next token at >= 90%
+        of the positions (measured: 100%, mean KL 0.08; on the 30 s window 97%, 0.13)."""
+        ref, m = support.model("tiny.en"), q4("tiny.en")
+        mel = ref.log_mel(mw.load_audio(support.long_clip()), padding=mw.N_SAMPLES)[None, :, :1000]
+        tok = ref.tokenizer()
+        greedy = mw.decode_batch(ref, ref.new_cache(ref.encode(mel)[1]), [mw.DecodingOptions()])[0]
+        seq, first = list(tok.sot_sequence) + list(greedy.tokens), len(tok.sot_sequence) - 1
+        a, b = teacher_forced(ref, mel, seq, first), teacher_forced(m, mel, seq, first)
+        agree = np.mean(a.argmax(-1) == b.argmax(-1))
+        self.assertGreater(len(a), 20)
+        self.assertGreaterEqual(agree, 0.9, agree)
+        self.assertLess(np.mean((np.exp(a) * (a - b)).sum(-1)), 0.2)
+
     def test_q4_0x2_follows_float32(self):
         """Teacher-forced on float32's greedy tokens for the long clip's first window, two-term
         Q4_0 (encoder and decoder) picks float32's next token at >= 97% of the positions with

@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,8 +90,8 @@ class StreamingTest(unittest.TestCase):
             self.assertEqual(full[:k] + rest, full, f"prefix of {k} tokens")
         self.assertGreaterEqual(full[0], ts)                   # k = 1: a timestamp alone
 
-    def feed(self, audio, rate=mw.SAMPLE_RATE, chunk=0.1, int16=False, **options):
-        stream = self.model.stream(**options)
+    def feed(self, audio, rate=mw.SAMPLE_RATE, chunk=0.1, int16=False, stream=None, **options):
+        stream = stream or self.model.stream(**options)
         events, longest = [], 0
         x = (np.clip(audio, -1, 1) * 32767).astype(np.int16) if int16 else audio
         for piece in chunks(x, [int(chunk * rate)]):
@@ -113,6 +114,11 @@ class StreamingTest(unittest.TestCase):
             stream, events, _ = self.feed(audio)
             self.check_events(stream, events)
             offline = self.model.transcribe(str(wav))["text"].strip()
+            if name == "counting":
+                # tiny.en writes the numbers as digits and hyphens ("1-2-345-678910."), which the
+                # normaliser reads as a few numbers or several: compare the digits
+                self.assertEqual(re.sub(r"\D", "", stream.text), re.sub(r"\D", "", offline), (stream.text, offline))
+                continue
             errors, _ = support.word_errors(text, stream.text, True)
             self.assertLessEqual(errors, support.word_errors(text, offline, True)[0] + 1, (name, stream.text, offline))
 
@@ -138,9 +144,23 @@ class StreamingTest(unittest.TestCase):
         self.assertEqual(self.feed(at48k, rate=48000, int16=True, chunk=0.02)[0].text, base)
 
     def test_long_stream_commits_as_it_goes_and_stays_bounded(self):
+        """... and encodes its buffer padded to the next 10 s (at least 1 s of padding), not to
+        30 s: windows of 1000, 2000 and 3000 frames as the buffer grows."""
         wav = support.long_clip()
         audio = mw.load_audio(str(wav))
-        stream, events, longest = self.feed(audio)
+        seen = []                                     # (buffer samples, window frames)
+
+        def runner(window):
+            seen.append((len(stream.audio), window.mel.shape[-1]))
+            return mw._run_window(self.model, window)
+        stream = self.model.stream(runner=runner)
+        stream, events, longest = self.feed(audio, stream=stream)
+        self.assertEqual({f for _, f in seen}, {1000, 2000, 3000})
+        for samples, frames in seen:
+            self.assertEqual(frames, mw._stream_frames(samples))
+            self.assertGreaterEqual(frames * mw.HOP_LENGTH - samples, mw.SAMPLE_RATE)
+        self.assertEqual([mw._stream_frames(round(s * mw.SAMPLE_RATE)) for s in (0, 8.99, 9.01, 18.5, 25)],
+                         [1000, 1000, 2000, 2000, 3000])
         self.check_events(stream, events)
         committed = [e for e in events if e.type == "committed"]
         self.assertGreater(len(committed), 20)                          # text leaves as it comes
