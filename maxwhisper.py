@@ -4922,7 +4922,7 @@ class StreamingTranscriber:
         if self.language is None:
             # on a 30 s window, as transcribe detects: on the 10 s one base took 3 s of noise
             # for Norwegian Nynorsk at p = 0.76 (under 0.7 on 30 s)
-            full = mel if mel.shape[-1] == N_FRAMES else self._mel(N_FRAMES)
+            full = np.pad(mel, ((0, 0), (0, 0), (0, N_FRAMES - mel.shape[-1])))
             encoded = self._detect_language(full, final)
             if encoded is None:
                 return []                          # not sure yet: decode once it is
@@ -4981,12 +4981,12 @@ class StreamingTranscriber:
                                     without_timestamps=False)
         return _StreamWindow(self.o, self.name, mel, options)
 
-    def _mel(self, frames: int | None = None) -> np.ndarray:
+    def _mel(self) -> np.ndarray:
         """The buffer's log-mel [1, n_mels, frames], padded as ``transcribe`` pads a window but
         to the buffer's ``_STREAM_BUCKET`` (``_stream_frames``) rather than to 30 s."""
         filled = len(self.audio) // HOP_LENGTH
         mel = self.model.log_mel(self.audio, padding=N_SAMPLES)[:, :filled]
-        return np.pad(mel, ((0, 0), (0, (frames or _stream_frames(len(self.audio))) - filled)))[None]
+        return np.pad(mel, ((0, 0), (0, _stream_frames(len(self.audio)) - filled)))[None]
 
     def _unreliable(self, r: DecodingResult) -> bool:
         o = self.o
