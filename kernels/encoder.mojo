@@ -320,11 +320,12 @@ struct WhisperEncoder:
         var fixed = 3 * n_mels * d + d + 3 * d * d + d + 2 * d + n_text * (2 * d * d + d)
         var block = 12 * d * d + 12 * d
         var size = weights.shape()[0]
-        var n_pos = (size - fixed) % block // d if size >= fixed else 0
-        if size < fixed + n_pos * d or (size - fixed - n_pos * d) % block != 0 or n_pos < s or n_pos >= 12 * d:
+        var rest = (size - fixed) % block if size >= fixed else 0     # the embedding's n_pos * d
+        var n_pos = rest // d
+        if size < fixed or rest % d != 0 or n_pos < s:
             raise Error("whisper_encoder: ", size, " weights are not an encoder of width ", d, " and ", n_mels,
                         " mels with a positional embedding of at least ", s, " frames")
-        var n_layer = (size - fixed - n_pos * d) // block
+        var n_layer = (size - fixed) // block
 
         var buf = List[Float32](length=10 * m * d + (2 * s + 2) * (n_mels + d) + 4 * d * d, fill=0.0)
         var x = buf.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()     # residual stream [m, d]
