@@ -4642,7 +4642,7 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
 # 2023) decides what is final: the tokens that two decodings in a row agree on after the
 # committed ones, short of the last word. A pause commits the whole hypothesis. Past ``trim``
 # seconds the buffer is cut where the committed text ends (in a pause, at a segment's end
-# timestamp, or after its last word by word alignment), so memory and the cost of an update
+# timestamp, or at its last word by word alignment), so memory and the cost of an update
 # stay bounded however long the stream runs.
 
 @dataclasses.dataclass
@@ -4738,6 +4738,7 @@ def _run_window(model: Model, window: _StreamWindow) -> DecodingResult:
 
 
 _STREAM_FULL = 25.0          # seconds of buffer at which everything decoded so far is committed
+_STREAM_LOOP = 8             # text tokens: a run this long said twice back to back is a decoding loop
 
 # A stream encodes its buffer padded to a multiple of 10 s with at least 1 s of padding, not to
 # 30 s: whisper.cpp's audio_ctx idea, with the padding the model needs to end its text (with
@@ -4795,9 +4796,10 @@ class StreamingTranscriber:
     greedy at temperature 0, or a beam search of ``beam_size`` beams: fewer wrong words
     committed from the same audio, but each decoding costs more, and on a CPU that a stream
     keeps busy its text comes later (docs/PERFORMANCE.md); a decoding
-    that looks like silence (openai-whisper's no-speech rule) or a loop (compression ratio over
-    ``compression_ratio_threshold``) commits nothing. Audio quieter than ``silence_db`` dBFS
-    throughout is not decoded at all. Without a ``language`` a multilingual model's stream
+    that looks like silence (openai-whisper's no-speech rule) commits nothing; one that loops
+    (compression ratio over ``compression_ratio_threshold``, or its last words said again) is
+    decoded once more on a 30 s window, and commits nothing or the words before the repeat.
+    Audio quieter than ``silence_db`` dBFS throughout is not decoded at all. Without a ``language`` a multilingual model's stream
     detects it once it has a second of audio, or more while the guess is unsure (up to 10 s
     or the stream's end), and decodes nothing before.
 
@@ -4929,8 +4931,16 @@ class StreamingTranscriber:
         window = self._window(mel)
         window.encoded = encoded
         result = self.runner(window)
+        if (result is not None and mel.shape[-1] < N_FRAMES
+                and (self._repeats(result) or self._loop_start(list(result.tokens)) < len(result.tokens))):
+            # a short window's decoding loops more often near the end of its audio: decode
+            # openai-whisper's 30 s window once before committing nothing or a cut text
+            window = self._window(np.pad(mel, ((0, 0), (0, 0), (0, N_FRAMES - mel.shape[-1]))))
+            window.encoded = encoded           # language detection's 30 s window, when it ran
+            result = self.runner(window)
         self.cross = window.cross
         tokens = [] if result is None or self._unreliable(result) else list(result.tokens)
+        tokens = tokens[:self._loop_start(tokens)]
         quiet = self._quiet_tail(db)
         paused = quiet >= self.pause * SAMPLE_RATE
         full = len(self.audio) >= _STREAM_FULL * SAMPLE_RATE
@@ -4953,6 +4963,22 @@ class StreamingTranscriber:
                  min(len(tokens), len(self.hypothesis)))
         words = [i for i, t in enumerate(tokens) if t < tok.eot and tok.encoding.decode_single_token_bytes(t)[:1] == b" "]
         return min(n, words[-1]) if words else n
+
+    def _loop_start(self, tokens: list[int]) -> int:
+        """Where a decoding's tokens begin to say again, back to back, the ``_STREAM_LOOP``
+        or more text tokens that end its text (the committed text before them counted), or
+        ``len(tokens)``. Near the end of its audio, with little padding after it, tiny.en
+        would go on after "... sounds hollow" with " when you knock on it." and then the whole
+        sentence again; the compression ratio of so short a text stays far under its threshold."""
+        eot = self._tokenizer().eot
+        before = self._texts(self.committed)
+        at = [i for i, t in enumerate(tokens) if t < eot]          # the decoding's text tokens
+        text = before + [tokens[i] for i in at]
+        for n in range(_STREAM_LOOP, len(text) // 2 + 1):
+            if text[-n:] == text[-2 * n:-n]:
+                k = len(text) - n - len(before)                      # the repeat's first token
+                return at[k] if k >= 0 else 0
+        return len(tokens)
 
     def _detect_language(self, mel: np.ndarray, final: bool) -> tuple | None:
         """Detect the stream's language on the buffer once it holds ``_DETECT_SECONDS``; a
@@ -4992,8 +5018,12 @@ class StreamingTranscriber:
         o = self.o
         silence = (o.no_speech_threshold is not None and r.no_speech_prob > o.no_speech_threshold
                    and (o.logprob_threshold is None or r.avg_logprob < o.logprob_threshold))
-        loop = o.compression_ratio_threshold is not None and r.compression_ratio > o.compression_ratio_threshold
-        return silence or loop or r.looped
+        return silence or self._repeats(r)
+
+    def _repeats(self, r: DecodingResult) -> bool:
+        """A decoding loop: the text too compressible, or cut by the repetition guard."""
+        ratio = self.o.compression_ratio_threshold
+        return (ratio is not None and r.compression_ratio > ratio) or r.looped
 
     # -- tokens, text and times ------------------------------------------------------------
 
@@ -5061,7 +5091,7 @@ class StreamingTranscriber:
         """Once the buffer is over ``trim`` s, cut it where the committed text ends: in a
         pause once everything is committed (``pause_at``: where the quiet began), at the end
         timestamp of a committed segment, or, after a committed sentence or clause (or 3 s
-        more), after the committed text's last word by word alignment. ``force`` (a buffer near
+        more), in the committed text's last word (``_last_word_cut``). ``force`` (a buffer near
         30 s) cuts all of it when none of those is found; the stream's end cuts all."""
         ts = self._ts()
         if len(self.audio) < self.trim * SAMPLE_RATE and not force:
@@ -5077,9 +5107,9 @@ class StreamingTranscriber:
             return self._cut(at, self.committed[:closes[-1] + 1])
         if self._texts(self.committed) and (force or self._sentence_end()
                                             or len(self.audio) > (self.trim + 3) * SAMPLE_RATE):
-            end = self._committed_end_sample()
-            if end is not None:
-                return self._cut(end, self.committed)
+            cut = self._last_word_cut()
+            if cut is not None:
+                return self._cut(*cut)
         if force:
             self._cut(len(self.audio), self.committed)
 
@@ -5087,28 +5117,38 @@ class StreamingTranscriber:
         text = self._tokenizer().decode(self._texts(self.committed[-3:]))
         return text.rstrip().endswith((".", "?", "!", ","))
 
-    def _committed_end_sample(self) -> int | None:
-        """Where the committed text ends in the buffer: the end of its last word by
-        openai-whisper's word alignment (cross-attention DTW) of all the buffer's text,
-        moved to the quietest 20 ms within 0.1 s. None when that is not 0.3 s before the end."""
+    def _last_word_cut(self) -> tuple[int, list[int]] | None:
+        """Where to cut the buffer inside committed text: at the start of the last committed
+        word by openai-whisper's word alignment (cross-attention DTW) of all the buffer's
+        text, moved to the quietest 20 ms from 0.1 s before it to 0.05 s into it; with the
+        committed tokens before that word (the rest stay the new buffer's forced start). A cut
+        after the word's end, where the next word often begins without a pause, left a sliver
+        of it that the next decoding heard as a word ("Mediterranean Sea" became
+        "Mediterranean and sea"); in a word the decoding is forced through, a sliver is
+        harmless. None when the word does not start 0.3 s or more before the buffer's end."""
         if self.cross is None:
             return None
         tok = self._tokenizer()
         said = self._texts(self.committed)
         words = _find_alignment(self.model, tok, said + self._texts(self.hypothesis), self.cross,
                                 len(self.audio) // HOP_LENGTH)
-        spoken = 0
+        spoken, last = 0, None
         for w in words:                   # the last word made only of committed tokens
             if spoken + len(w.tokens) > len(said):
                 break
             spoken += len(w.tokens)
-            end = w.end
-        if spoken == 0 or not 0 < end * SAMPLE_RATE < len(self.audio) - 0.3 * SAMPLE_RATE:
+            last = w
+        if last is None or spoken == len(last.tokens):
+            return None                   # no committed word before it to cut after
+        start = last.start * SAMPLE_RATE
+        if not 0 < start < len(self.audio) - 0.3 * SAMPLE_RATE:
             return None
         db, frame = self._levels(), SAMPLE_RATE // 50
-        at = round(end * SAMPLE_RATE) // frame
-        lo, hi = max(0, at - 5), min(len(db), at + 6)
-        return (lo + int(np.argmin(db[lo:hi]))) * frame
+        at = round(start) // frame
+        lo, hi = max(0, at - 5), min(len(db), at + 3)
+        kept = spoken - len(last.tokens)  # committed text tokens before the last word
+        texts = [i for i, t in enumerate(self.committed) if t < tok.eot]
+        return (lo + int(np.argmin(db[lo:hi]))) * frame, self.committed[:texts[kept]]
 
     def _cut(self, samples: int, done: list[int]) -> None:
         """Drop the buffer's first ``samples``; ``done`` (committed tokens up to there) joins
@@ -5118,6 +5158,8 @@ class StreamingTranscriber:
         self.prompt = (self.prompt + self._texts(done))[-self.model.dims["n_text_ctx"]:]
         moved = lambda tokens: [max(ts, t - shift) if t >= ts else t for t in tokens]  # noqa: E731
         self.committed = moved(self.committed[len(done):])
+        if self.committed and self.committed[0] < ts:     # cut in a committed word: it opens the buffer
+            self.committed.insert(0, ts)
         self.hypothesis = moved(self.hypothesis)
         self.audio, self.offset = self.audio[samples:], self.offset + samples
 

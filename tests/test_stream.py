@@ -3,6 +3,7 @@ CLI's ``stream``, the server's ``stream=true`` events and Realtime WebSocket, an
 captions page in a real browser."""
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -122,6 +123,32 @@ class StreamingTest(unittest.TestCase):
             errors, _ = support.word_errors(text, stream.text, True)
             self.assertLessEqual(errors, support.word_errors(text, offline, True)[0] + 1, (name, stream.text, offline))
 
+    def test_a_decoding_that_says_its_text_again_commits_it_once(self):
+        """The last decoding of a stream going on to say all the text again (tiny.en did, after
+        the last words of a festival clip) is decoded again on a 30 s window, and what
+        commits is the words up to the repeat; a short repeat, as speech has, stays."""
+        wav, _ = self.samples["quick_brown_fox"]
+        audio = mw.load_audio(str(wav))
+        plain = self.feed(audio)[0].text
+        stream, frames = self.model.stream(), []
+
+        def looping(window):
+            frames.append(window.mel.shape[-1])
+            r = mw._run_window(self.model, window)
+            if not stream.closed:
+                return r
+            said = stream._texts(stream.committed + list(r.tokens))
+            return dataclasses.replace(r, tokens=list(r.tokens) + said)
+        stream.runner = looping
+        self.assertGreaterEqual(len(stream._texts(self.model.tokenizer().encode(plain))), mw._STREAM_LOOP)
+        self.assertEqual(self.feed(audio, stream=stream)[0].text, plain)
+        self.assertEqual(frames[-2:], [1000, mw.N_FRAMES])
+        tok = self.model.tokenizer()
+        stream.committed = tok.encode(" I said no.")
+        said = tok.encode(" I said no. I said no.")
+        self.assertLess(len(said) // 2, mw._STREAM_LOOP)
+        self.assertEqual(stream._loop_start(said), len(said))
+
     def test_beam_search_stream_and_the_graphs_a_stream_runs(self):
         """beam_size decodes each update with beams; a stream compiles (or loads) its beam
         search and alignment graphs when it is made, not at a decoding."""
@@ -171,6 +198,29 @@ class StreamingTest(unittest.TestCase):
         errors_stream, n = support.word_errors(reference, stream.text, True)
         errors_offline, _ = support.word_errors(reference, offline, True)
         self.assertLessEqual(errors_stream, errors_offline + 0.10 * n, (stream.text, offline))
+
+    def test_a_cut_by_word_alignment_falls_in_the_last_committed_word(self):
+        """The buffer is cut at the start of its last committed word, which stays the next
+        decoding's forced start: the audio after the cut begins inside a word whose text is
+        known, not with a sliver of the next word."""
+        audio = mw.load_audio(str(support.long_clip()))
+        stream = self.model.stream(trim=25)
+        for piece in chunks(audio[:12 * mw.SAMPLE_RATE], [1600]):
+            stream.feed(piece)
+        tok = stream._tokenizer()
+        said = stream._texts(stream.committed)
+        self.assertGreater(len(tok.decode(said).split()), 3, tok.decode(said))
+        at, done = stream._last_word_cut()
+        kept = said[len(stream._texts(done)):]
+        self.assertEqual(len(tok.decode(kept).split()), 1, tok.decode(kept))     # one word
+        self.assertTrue(0 < at < len(stream.audio) - 0.3 * mw.SAMPLE_RATE)
+        prompt, offset = list(stream.prompt), stream.offset
+        stream._cut(at, done)
+        self.assertEqual(stream.offset, offset + at)
+        self.assertEqual(stream.committed, [stream._ts()] + kept)
+        self.assertEqual(stream.prompt, prompt + stream._texts(done))
+        events = stream.feed(audio[12 * mw.SAMPLE_RATE:13 * mw.SAMPLE_RATE])   # decodes on from the word
+        self.assertTrue(all(e.start >= at / mw.SAMPLE_RATE for e in events))
 
     def test_silence_commits_nothing_and_is_not_decoded(self):
         decoded = []
