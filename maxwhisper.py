@@ -4799,9 +4799,9 @@ class StreamingTranscriber:
     that looks like silence (openai-whisper's no-speech rule) commits nothing; one that loops
     (compression ratio over ``compression_ratio_threshold``, or its last words said again) is
     decoded once more on a 30 s window, and commits nothing or the words before the repeat.
-    Audio quieter than ``silence_db`` dBFS throughout is not decoded at all. Without a ``language`` a multilingual model's stream
-    detects it once it has a second of audio, or more while the guess is unsure (up to 10 s
-    or the stream's end), and decodes nothing before.
+    Audio quieter than ``silence_db`` dBFS throughout is not decoded at all. Without a
+    ``language`` a multilingual model's stream detects it once it has a second of audio, or
+    more while the guess is unsure (up to 10 s or the stream's end), and decodes nothing before.
 
     ``runner`` decodes a ``_StreamWindow`` (default: in the calling thread; the server hands
     its windows to the scheduler, which batches them with other streams').
