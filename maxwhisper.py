@@ -4756,6 +4756,12 @@ def _stream_frames(samples: int) -> int:
     bucket = _STREAM_BUCKET * SAMPLE_RATE
     return min(N_FRAMES, int(math.ceil((samples + _STREAM_MARGIN * SAMPLE_RATE) / bucket) * bucket) // HOP_LENGTH)
 
+
+def _whole_window(mel: np.ndarray) -> np.ndarray:
+    """A stream window's log-mel [1, n_mels, frames] padded to openai-whisper's 30 s window."""
+    return np.pad(mel, ((0, 0), (0, 0), (0, N_FRAMES - mel.shape[-1])))
+
+
 # A stream without a language detects it on its buffer, as ``transcribe`` does on its first
 # window, but not on the first step's half second: base took the opening "The moon" for French
 # (p=0.20) and went on in French, and two other English clips for Thai up to p=0.62 on 1.75-5 s
@@ -4924,8 +4930,7 @@ class StreamingTranscriber:
         if self.language is None:
             # on a 30 s window, as transcribe detects: on the 10 s one base took 3 s of noise
             # for Norwegian Nynorsk at p = 0.76 (under 0.7 on 30 s)
-            full = np.pad(mel, ((0, 0), (0, 0), (0, N_FRAMES - mel.shape[-1])))
-            encoded = self._detect_language(full, final)
+            encoded = self._detect_language(_whole_window(mel), final)
             if encoded is None:
                 return []                          # not sure yet: decode once it is
         window = self._window(mel)
@@ -4935,7 +4940,7 @@ class StreamingTranscriber:
                 and (self._repeats(result) or self._loop_start(list(result.tokens)) < len(result.tokens))):
             # a short window's decoding loops more often near the end of its audio: decode
             # openai-whisper's 30 s window once before committing nothing or a cut text
-            window = self._window(np.pad(mel, ((0, 0), (0, 0), (0, N_FRAMES - mel.shape[-1]))))
+            window = self._window(_whole_window(mel))
             window.encoded = encoded           # language detection's 30 s window, when it ran
             result = self.runner(window)
         self.cross = window.cross
