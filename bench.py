@@ -167,13 +167,24 @@ def run_worker(engine: str, model: str, files: list[Path], threads: int, env=Non
 # accuracy
 # ---------------------------------------------------------------------------------------------
 
+def reference_text(clip: Path) -> str | None:
+    """A clip's reference transcript: a .txt beside it, or a NIST .stm (the text of its
+    segment lines, as pyannote.audio's sample recording ships it), else None."""
+    if clip.with_suffix(".txt").exists():
+        return clip.with_suffix(".txt").read_text()
+    if clip.with_suffix(".stm").exists():
+        lines = clip.with_suffix(".stm").read_text().splitlines()
+        return " ".join(" ".join(line.split()[5:]) for line in lines if line.strip() and not line.startswith(";;"))
+    return None
+
+
 def corpus_wer(files: list[dict], english: bool) -> float | None:
-    """Word error rate over the files that have a reference .txt beside them."""
+    """Word error rate over the files that have a reference beside them."""
     errs = refs = 0
     for f in files:
-        ref = Path(f["file"]).with_suffix(".txt")
-        if ref.exists():
-            e, n = word_errors(ref.read_text(), f["text"], english)
+        ref = reference_text(Path(f["file"]))
+        if ref is not None:
+            e, n = word_errors(ref, f["text"], english)
             errs, refs = errs + e, refs + n
     return errs / refs if refs else None
 
@@ -1145,7 +1156,7 @@ def stream_bench(args) -> dict:
     refs, errors, latencies = {}, {}, {}
     for name, clip in clips:
         audio = mw.load_audio(str(clip))
-        reference = clip.with_suffix(".txt").read_text() if clip.with_suffix(".txt").exists() else None
+        reference = reference_text(clip)
         offline = m.transcribe(str(clip), seed=0)["text"]
         timed = m.transcribe(str(clip), seed=0, word_timestamps=True)
         words = [(w["word"], w["end"]) for s in timed["segments"] for w in s["words"]]
@@ -1340,7 +1351,7 @@ def main(argv=None) -> int:
     tw.add_argument("--files", nargs=1)
     sm = sub.add_parser("stream", parents=[common], help="live transcription replayed in real time")
     sm.add_argument("--audio", nargs="*", help="long clips (default: five generated one-minute clips in each "
-                                              "--voices voice); a .txt beside a clip is its reference text")
+                                              "--voices voice); a .txt or NIST .stm beside a clip is its reference text")
     sm.add_argument("--voices", default="espeak-ng", help=f"text-to-speech voices of the generated clips, "
                                                         f"comma-separated: {', '.join(VOICES)}")
     sm.add_argument("--step", type=float, default=0.5, help="the streams' step (seconds between decodings)")

@@ -4739,6 +4739,13 @@ def _run_window(model: Model, window: _StreamWindow) -> DecodingResult:
 
 _STREAM_FULL = 25.0          # seconds of buffer at which everything decoded so far is committed
 _STREAM_LOOP = 8             # text tokens: a run this long said twice back to back is a decoding loop
+# seconds of audio a buffer cut keeps (a quarter of ``trim`` at most): their committed words are
+# the forced start of the decodings after the cut, which hear the speaker's last seconds as a
+# decoding in openai-whisper's 30 s windows does. Cut where the committed text ended, the words
+# after a cut were decoded from a second or two of audio: tiny.en, unpaced, WER 22.0 -> 20.2 %
+# on five espeak-ng clips, 18.4 -> 13.8 % on a real phone call. The longer buffers cost time:
+# one real-time stream's p95 commit latency 2.2 -> 3.3 s, the median ~1.0 s (docs/PERFORMANCE.md).
+_STREAM_CONTEXT = 5.0
 
 # A stream encodes its buffer padded to a multiple of 10 s with at least 1 s of padding, not to
 # 30 s: whisper.cpp's audio_ctx idea, with the padding the model needs to end its text (with
@@ -4797,12 +4804,12 @@ class StreamingTranscriber:
     quiet at the end of the buffer) and the ``tentative`` rest. Committed text is the prompt of
     later decodings (its last ``prompt_tokens`` tokens before the buffer: each decoding's
     prefill reads them all, so a long prompt adds to every update's time); once the buffer is
-    longer than ``trim`` seconds it is cut where the committed text ends (found by word
-    alignment), and in any case before 30 s. Decoding is
-    greedy at temperature 0, or a beam search of ``beam_size`` beams: fewer wrong words
-    committed from the same audio, but each decoding costs more, and on a CPU that a stream
-    keeps busy its text comes later (docs/PERFORMANCE.md); a decoding
-    that looks like silence (openai-whisper's no-speech rule) commits nothing; one that loops
+    longer than ``trim`` seconds it is cut in the committed text (found by word alignment) so
+    that its last 5 s stay, heard again with their text forced, and in any case before 30 s.
+    Decoding is greedy at temperature 0, or a beam search of ``beam_size`` beams: fewer wrong
+    words committed from the same audio, but each decoding costs more, and on a CPU that a
+    stream keeps busy its text comes later (docs/PERFORMANCE.md); a decoding that looks like
+    silence (openai-whisper's no-speech rule) commits nothing; one that loops
     (compression ratio over ``compression_ratio_threshold``, or its last words said again) is
     decoded once more on a 30 s window, and commits nothing or the words before the repeat.
     Audio quieter than ``silence_db`` dBFS throughout is not decoded at all. Without a
@@ -5092,24 +5099,22 @@ class StreamingTranscriber:
 
     # -- cutting the buffer ----------------------------------------------------------------
 
+    def _context(self) -> float:
+        return min(_STREAM_CONTEXT, self.trim / 4)
+
     def _trim(self, force: bool, pause_at: int | None) -> None:
-        """Once the buffer is over ``trim`` s, cut it where the committed text ends: in a
-        pause once everything is committed (``pause_at``: where the quiet began), at the end
-        timestamp of a committed segment, or, after a committed sentence or clause (or 3 s
-        more), in the committed text's last word (``_last_word_cut``). ``force`` (a buffer near
-        30 s) cuts all of it when none of those is found; the stream's end cuts all."""
-        ts = self._ts()
+        """Once the buffer is over ``trim`` s, after a committed sentence or clause (or 3 s
+        more), cut it in the committed text so that its last ``_context()`` s stay
+        (``_last_word_cut``); once everything is committed and the quiet at the end
+        (from ``pause_at``) is that long, in the quiet. ``force`` (a buffer near 30 s) cuts all
+        of it when no cut is found; the stream's end cuts all."""
         if len(self.audio) < self.trim * SAMPLE_RATE and not force:
             return
-        closes = [i for i in range(1, len(self.committed))
-                  if self.committed[i] >= ts and self.committed[i - 1] < ts]
-        at = round((self.committed[closes[-1]] - ts) * TIME_PRECISION * SAMPLE_RATE) if closes else None
-        if pause_at is not None and not self.hypothesis:        # all said is committed: cut in the quiet
-            return self._cut(pause_at, self.committed)
         if self.closed:
             return self._cut(len(self.audio), self.committed)
-        if at is not None and len(self.audio) - at < self.trim * SAMPLE_RATE:
-            return self._cut(at, self.committed[:closes[-1] + 1])
+        if (pause_at is not None and not self.hypothesis
+                and len(self.audio) - pause_at >= self._context() * SAMPLE_RATE):
+            return self._cut(pause_at, self.committed)
         if self._texts(self.committed) and (force or self._sentence_end()
                                             or len(self.audio) > (self.trim + 3) * SAMPLE_RATE):
             cut = self._last_word_cut()
@@ -5124,34 +5129,37 @@ class StreamingTranscriber:
 
     def _last_word_cut(self) -> tuple[int, list[int]] | None:
         """Where to cut the buffer inside committed text: at the start of the last committed
-        word by openai-whisper's word alignment (cross-attention DTW) of all the buffer's
-        text, moved to the quietest 20 ms from 0.1 s before it to 0.05 s into it; with the
-        committed tokens before that word (the rest stay the new buffer's forced start). A cut
-        after the word's end, where the next word often begins without a pause, left a sliver
-        of it that the next decoding heard as a word ("Mediterranean Sea" became
+        word that starts ``_context()`` s or more before the buffer's end (else of the last
+        committed word) by openai-whisper's word alignment (cross-attention DTW) of all the
+        buffer's text, moved to the quietest 20 ms from 0.1 s before it to 0.05 s into it;
+        with the committed tokens before that word (the rest stay the new buffer's forced
+        start). A cut after a word's end, where the next word often begins without a pause,
+        left a sliver of it that the next decoding heard as a word ("Mediterranean Sea" became
         "Mediterranean and sea"); in a word the decoding is forced through, a sliver is
-        harmless. None when the word does not start 0.3 s or more before the buffer's end."""
+        harmless. A word opens with a space: the alignment's words include punctuation alone,
+        and a buffer forced to open with "." decoded nothing after it. None when no committed
+        word after the first starts 0.3 s or more before the buffer's end."""
         if self.cross is None:
             return None
         tok = self._tokenizer()
         said = self._texts(self.committed)
         words = _find_alignment(self.model, tok, said + self._texts(self.hypothesis), self.cross,
                                 len(self.audio) // HOP_LENGTH)
-        spoken, last = 0, None
-        for w in words:                   # the last word made only of committed tokens
+        spoken, cuts = 0, []              # (committed text tokens before a word, its start)
+        for w in words:                   # the words made only of committed tokens
             if spoken + len(w.tokens) > len(said):
                 break
+            start = w.start * SAMPLE_RATE
+            if spoken and w.word.startswith(" ") and 0 < start < len(self.audio) - 0.3 * SAMPLE_RATE:
+                cuts.append((spoken, start))
             spoken += len(w.tokens)
-            last = w
-        if last is None or spoken == len(last.tokens):
-            return None                   # no committed word before it to cut after
-        start = last.start * SAMPLE_RATE
-        if not 0 < start < len(self.audio) - 0.3 * SAMPLE_RATE:
+        if not cuts:
             return None
+        latest = len(self.audio) - self._context() * SAMPLE_RATE
+        kept, start = next((c for c in reversed(cuts) if c[1] <= latest), cuts[-1])
         db, frame = self._levels(), SAMPLE_RATE // 50
         at = round(start) // frame
         lo, hi = max(0, at - 5), min(len(db), at + 3)
-        kept = spoken - len(last.tokens)  # committed text tokens before the last word
         texts = [i for i, t in enumerate(self.committed) if t < tok.eot]
         return (lo + int(np.argmin(db[lo:hi]))) * frame, self.committed[:texts[kept]]
 

@@ -174,6 +174,16 @@ class BenchSmokeTest(unittest.TestCase):
         frames = 2 * dims["n_audio_ctx"] * d * L
         self.assertEqual(b.step_bytes(dims, 3, 9), 4 * (int(matrices.shape[0]) + 3 * frames + 3 * 2 * 10 * d * L))
 
+    def test_a_clips_reference_is_its_txt_or_its_nist_stm(self):
+        import bench as b
+        clip = self.dir / "call.wav"
+        self.assertIsNone(b.reference_text(clip))
+        (self.dir / "call.stm").write_text(";; a comment\ncall 1 A 6.68 7.16 Hello?\n"
+                                           "call 1 B 7.63 8.15 Oh, hello there.\n\n")
+        self.assertEqual(b.reference_text(clip), "Hello? Oh, hello there.")
+        (self.dir / "call.txt").write_text("Hi.")
+        self.assertEqual(b.reference_text(clip), "Hi.")
+
     def test_word_error_rate(self):
         self.assertEqual(support.word_errors("The quick brown fox.", "the quick, brown fox", english=True), (0, 4))
         self.assertEqual(support.word_errors("the quick brown fox", "the slow brown dog cat", english=False), (3, 4))
