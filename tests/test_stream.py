@@ -216,11 +216,12 @@ class StreamingTest(unittest.TestCase):
         self.assertTrue(tok.decode(kept).startswith(" "), tok.decode(kept))          # whole words
         self.assertGreater(len(tok.decode(kept).split()), 1, tok.decode(kept))
         self.assertGreater(len(tok.decode(stream._texts(done)).split()), 1)
-        self.assertLessEqual(at, len(stream.audio) - (mw._STREAM_CONTEXT - 0.1) * mw.SAMPLE_RATE)
+        self.assertTrue(0 < at <= len(stream.audio) - (mw._STREAM_CONTEXT - 0.1) * mw.SAMPLE_RATE)
         prompt, offset = list(stream.prompt), stream.offset
         stream._cut(at, done)
         self.assertEqual(stream.offset, offset + at)
         self.assertEqual(stream._texts(stream.committed), kept)
+        self.assertGreaterEqual(stream.committed[0], stream._ts())            # opens on a timestamp
         self.assertEqual(stream.prompt, prompt + stream._texts(done))
         events = stream.feed(audio[12 * mw.SAMPLE_RATE:13 * mw.SAMPLE_RATE])   # decodes on from the words
         self.assertTrue(all(e.start >= at / mw.SAMPLE_RATE for e in events))
