@@ -4641,9 +4641,9 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
 # LocalAgreement-2 (Macháček et al., "Turning Whisper into a real-time transcription system",
 # 2023) decides what is final: the tokens that two decodings in a row agree on after the
 # committed ones, short of the last word. A pause commits the whole hypothesis. Past ``trim``
-# seconds the buffer is cut where the committed text ends (in a pause, at a segment's end
-# timestamp, or at its last word by word alignment), so memory and the cost of an update
-# stay bounded however long the stream runs.
+# seconds the buffer is cut in its committed text, keeping its last 5 s (at a committed word's
+# start by word alignment; in a quiet that long once all is committed), so memory and the cost
+# of an update stay bounded however long the stream runs.
 
 @dataclasses.dataclass
 class StreamEvent:
