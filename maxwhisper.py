@@ -4746,6 +4746,15 @@ _STREAM_LOOP = 8             # text tokens: a run this long said twice back to b
 # on five espeak-ng clips, 18.4 -> 13.8 % on a real phone call. The longer buffers cost time:
 # one real-time stream's p95 commit latency 2.2 -> 3.3 s, the median ~1.0 s (docs/PERFORMANCE.md).
 _STREAM_CONTEXT = 5.0
+# seconds of speech after a decoding's last closed segment that make it a stall (``_stalled``)
+_STREAM_STALL = 2.0
+# A stream's decoding on the CPU ends at an n-gram said this many times back to back (the
+# repetition guard) and counts as a loop: a 10 s window's decoding said "Place it." until its
+# 224th token, a 2.2 s update where the others took 0.3 s. Eight, not fewer: a real phone call
+# says "Hello?" five times, and a guard of 4 dropped those decodings (WER 13.8 -> 20.7 %).
+# On a device that chooses the tokens itself (``greedy_on_device``) a loop costs little and
+# the guard would move every step's choice to the host.
+_STREAM_REPEATS = 8
 
 # A stream encodes its buffer padded to a multiple of 10 s with at least 1 s of padding, not to
 # 30 s: whisper.cpp's audio_ctx idea, with the padding the model needs to end its text (with
@@ -4805,7 +4814,9 @@ class StreamingTranscriber:
     later decodings (its last ``prompt_tokens`` tokens before the buffer: each decoding's
     prefill reads them all, so a long prompt adds to every update's time); once the buffer is
     longer than ``trim`` seconds it is cut in the committed text (found by word alignment) so
-    that its last 5 s stay, heard again with their text forced, and in any case before 30 s.
+    that its last 5 s stay, heard again with their text forced, and in any case before 30 s;
+    a decoding that stops at a closed segment while 2 s or more of speech follow it commits up
+    to there and the buffer is cut where that segment ends.
     Decoding is greedy at temperature 0, or a beam search of ``beam_size`` beams: fewer wrong
     words committed from the same audio, but each decoding costs more, and on a CPU that a
     stream keeps busy its text comes later (docs/PERFORMANCE.md); a decoding that looks like
@@ -4913,13 +4924,16 @@ class StreamingTranscriber:
         power = np.mean(self.audio[:n * frame].astype(np.float64).reshape(n, frame) ** 2, axis=1)
         return 10 * np.log10(power + 1e-12)
 
+    def _loud_threshold(self, db: np.ndarray) -> float:
+        """The dBFS a 20 ms frame of speech reaches: ``silence_db``, or on a noisy line both
+        10 dB over its quietest tenth and 20 dB under its loudest frame."""
+        return max(self.silence_db, min(np.percentile(db, 10) + 10, db.max() - 20)) if len(db) else self.silence_db
+
     def _quiet_tail(self, db: np.ndarray) -> int:
-        """Samples of quiet at the buffer's end: frames under ``silence_db``, or on a noisy
-        line under both 10 dB over its quietest tenth and 20 dB under its loudest frame."""
+        """Samples of quiet at the buffer's end: frames under ``_loud_threshold``."""
         if len(db) == 0:
             return len(self.audio)
-        threshold = max(self.silence_db, min(np.percentile(db, 10) + 10, db.max() - 20))
-        loud = np.flatnonzero(db >= threshold)
+        loud = np.flatnonzero(db >= self._loud_threshold(db))
         return len(self.audio) - (loud[-1] + 1) * (SAMPLE_RATE // 50) if len(loud) else len(self.audio)
 
     def _update(self, final: bool) -> list[StreamEvent]:
@@ -4956,13 +4970,19 @@ class StreamingTranscriber:
         quiet = self._quiet_tail(db)
         paused = quiet >= self.pause * SAMPLE_RATE
         full = len(self.audio) >= _STREAM_FULL * SAMPLE_RATE
-        n = len(tokens) if final or paused or full else self._agreed(tokens)
+        # a stalled decoding commits its closed segments and the buffer is cut where they end,
+        # so the next decoding starts on the speech left out, as transcribe's next window does
+        stalled = None if final or paused or full else self._stalled(tokens, db)
+        n = len(tokens) if final or paused or full or stalled is not None else self._agreed(tokens)
         events = self._commit(tokens[:n], tokens[n:])
         self.hypothesis = tokens[n:]
         if self.hypothesis or not final:
             events.append(StreamEvent("tentative", self._tokenizer().decode(self._texts(self.hypothesis)),
                                       self.committed_end, self._seconds(len(self.audio))))
-        self._trim(force=final or full, pause_at=len(self.audio) - quiet if paused else None)
+        if stalled is not None:
+            self._cut(stalled, self.committed)
+        else:
+            self._trim(force=final or full, pause_at=len(self.audio) - quiet if paused else None)
         return events
 
     def _agreed(self, tokens: list[int]) -> int:
@@ -4975,6 +4995,20 @@ class StreamingTranscriber:
                  min(len(tokens), len(self.hypothesis)))
         words = [i for i, t in enumerate(tokens) if t < tok.eot and tok.encoding.decode_single_token_bytes(t)[:1] == b" "]
         return min(n, words[-1]) if words else n
+
+    def _stalled(self, tokens: list[int], db: np.ndarray) -> int | None:
+        """Where the buffer's text stops short of its speech: a decoding that ends on a segment's
+        closing timestamp with ``_STREAM_STALL`` s or more of buffer after it, at least half
+        of it over ``_loud_threshold``; else None. Whisper leaves out a last
+        segment it has not heard the end of, and a stream with a long sentence after a closed
+        one decoded nothing new until the sentence ended (a flite clip: 8.7 s)."""
+        if not tokens or tokens[-1] < self._ts():
+            return None
+        at = round((tokens[-1] - self._ts()) * TIME_PRECISION * SAMPLE_RATE)
+        frame, threshold = SAMPLE_RATE // 50, self._loud_threshold(db)
+        loud = np.count_nonzero(db[at // frame:] >= threshold) * frame
+        stall = _STREAM_STALL * SAMPLE_RATE
+        return at if len(self.audio) - at >= stall and 2 * loud >= stall else None
 
     def _loop_start(self, tokens: list[int]) -> int:
         """Where a decoding's tokens begin to say again, back to back, the ``_STREAM_LOOP``
@@ -5014,9 +5048,10 @@ class StreamingTranscriber:
         return encoded
 
     def _window(self, mel: np.ndarray) -> _StreamWindow:
-        options = _decoding_options(self.o, self.language, 0.0, self.prompt[len(self.prompt) - self.prompt_tokens:],
-                                    prefix=list(self.committed), continue_prefix=True,
-                                    without_timestamps=False)
+        prompt = self.prompt[max(0, len(self.prompt) - self.prompt_tokens):]
+        repeats = None if self.model.greedy_on_device else _STREAM_REPEATS
+        options = _decoding_options(self.o, self.language, 0.0, prompt, prefix=list(self.committed),
+                                    continue_prefix=True, without_timestamps=False, repetition_limit=repeats)
         return _StreamWindow(self.o, self.name, mel, options)
 
     def _mel(self) -> np.ndarray:

@@ -226,6 +226,44 @@ class StreamingTest(unittest.TestCase):
         events = stream.feed(audio[12 * mw.SAMPLE_RATE:13 * mw.SAMPLE_RATE])   # decodes on from the words
         self.assertTrue(all(e.start >= at / mw.SAMPLE_RATE for e in events))
 
+    def test_a_decoding_that_stops_short_of_its_speech_cuts_the_buffer_there(self):
+        """A decoding that closes a segment and ends with ``_STREAM_STALL`` s or more of speech
+        after it (whisper leaves out a last segment it has not heard the end of) commits its
+        text up to there and the buffer is cut at that timestamp, so the next decoding starts
+        on the speech left out: no words are lost."""
+        wav = support.long_clip()
+        audio = mw.load_audio(str(wav))
+        stream, stalls = self.model.stream(pause=10), []          # (no pause commits all of it)
+
+        def stopping_short(window):
+            # from a decoding that closes a segment, the decodings stop at that timestamp (with
+            # the stream's text up to it) while the speech goes on, as tiny.en's did
+            if stalls and stream.offset == stalls[0][0]:
+                said = stalls[0][1]
+                return dataclasses.replace(stalls[0][2], tokens=said[len(stream.committed):])
+            r = mw._run_window(self.model, window)
+            tokens = list(r.tokens)
+            if (not stalls and 8 <= len(stream.audio) / mw.SAMPLE_RATE <= 12 and len(tokens) > 1
+                    and tokens[-1] >= stream._ts() > tokens[-2]):
+                stalls.append((stream.offset, stream.committed + tokens, r))
+            return r
+        stream.runner = stopping_short
+        events, cut = [], False
+        for piece in chunks(audio, [1600]):
+            events += stream.feed(piece)
+            if stalls and not cut and stream.offset != stalls[0][0]:
+                said = stalls[0][1]
+                at = round((said[-1] - stream._ts()) * mw.TIME_PRECISION * mw.SAMPLE_RATE)
+                self.assertEqual(stream.offset, stalls[0][0] + at)          # cut at the closing timestamp
+                self.assertEqual(stream.committed, [])                     # all of it in the prompt now
+                self.assertEqual(stream.prompt[-len(stream._texts(said)):], stream._texts(said))
+                cut = True
+        self.assertTrue(cut)
+        events += stream.close()
+        self.check_events(stream, events)
+        offline = self.model.transcribe(str(wav))["text"]
+        self.assertGreater(len(stream.text.split()), 0.9 * len(offline.split()), (stream.text, offline))
+
     def test_silence_commits_nothing_and_is_not_decoded(self):
         decoded = []
         stream = self.model.stream(runner=lambda w: decoded.append(w) or mw._run_window(self.model, w))
@@ -237,6 +275,12 @@ class StreamingTest(unittest.TestCase):
     def test_the_prompt_is_the_last_prompt_tokens_tokens(self):
         windows = []
         text = " ".join(f"word{i}" for i in range(200))
+        stream = self.model.stream(initial_prompt="word one word two",
+                                   runner=lambda w: windows.append(w) or mw._run_window(self.model, w))
+        stream.feed((0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32))
+        self.assertLess(len(stream.prompt), mw.PROMPT_TOKENS)          # a prompt shorter than the limit: all of it
+        self.assertEqual(windows[-1].prompt, stream.prompt)
+        self.assertEqual(windows[-1].decoding.repetition_limit, mw._STREAM_REPEATS)   # loops end early on a CPU
         for limit, expected in ((16, 16), (0, 0), (223, 223)):
             stream = self.model.stream(initial_prompt=text, prompt_tokens=limit,
                                        runner=lambda w: windows.append(w) or mw._run_window(self.model, w))
