@@ -4743,8 +4743,8 @@ _STREAM_LOOP = 8             # text tokens: a run this long said twice back to b
 # the forced start of the decodings after the cut, which hear the speaker's last seconds as a
 # decoding in openai-whisper's 30 s windows does. Cut where the committed text ended, the words
 # after a cut were decoded from a second or two of audio: tiny.en, unpaced, WER 22.0 -> 20.2 %
-# on five espeak-ng clips, 18.4 -> 13.8 % on a real phone call. The longer buffers cost time:
-# one real-time stream's p95 commit latency 2.2 -> 3.3 s, the median ~1.0 s (docs/PERFORMANCE.md).
+# on five espeak-ng clips, 18.4 -> 13.8 % on a real phone call. The longer buffers cost time
+# (more updates encode a 30 s window), within the latency targets (docs/PERFORMANCE.md).
 _STREAM_CONTEXT = 5.0
 # seconds of speech after a decoding's last closed segment that make it a stall (``_stalled``)
 _STREAM_STALL = 2.0
@@ -4998,10 +4998,10 @@ class StreamingTranscriber:
 
     def _stalled(self, tokens: list[int], db: np.ndarray) -> int | None:
         """Where the buffer's text stops short of its speech: a decoding that ends on a segment's
-        closing timestamp with ``_STREAM_STALL`` s or more of buffer after it, at least half
-        of it over ``_loud_threshold``; else None. Whisper leaves out a last
-        segment it has not heard the end of, and a stream with a long sentence after a closed
-        one decoded nothing new until the sentence ended (a flite clip: 8.7 s)."""
+        closing timestamp with ``_STREAM_STALL`` s or more of buffer after it, at least half of
+        it over ``_loud_threshold``; else None. Whisper leaves out a last segment it has not
+        heard the end of, and a stream with a long sentence after a closed one decoded nothing
+        new until the sentence ended (a flite clip: 8.7 s)."""
         if not tokens or tokens[-1] < self._ts():
             return None
         at = round((tokens[-1] - self._ts()) * TIME_PRECISION * SAMPLE_RATE)
