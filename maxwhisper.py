@@ -4746,7 +4746,7 @@ _STREAM_LOOP = 8             # text tokens: a run this long said twice back to b
 # on five espeak-ng clips, 18.4 -> 13.8 % on a real phone call. The longer buffers cost time
 # (more updates encode a 30 s window), within the latency targets (docs/PERFORMANCE.md).
 _STREAM_CONTEXT = 5.0
-# seconds of speech after a decoding's last closed segment that make it a stall (``_stalled``)
+# seconds of speech after the end of a decoding's text that make it a stall (``_stalled``)
 _STREAM_STALL = 2.0
 # A stream's decoding on the CPU ends at an n-gram said this many times back to back (the
 # repetition guard) and counts as a loop: a 10 s window's decoding said "Place it." until its
@@ -4815,8 +4815,10 @@ class StreamingTranscriber:
     prefill reads them all, so a long prompt adds to every update's time); once the buffer is
     longer than ``trim`` seconds it is cut in the committed text (found by word alignment) so
     that its last 5 s stay, heard again with their text forced, and in any case before 30 s;
-    a decoding that stops at a closed segment while 2 s or more of speech follow it commits up
-    to there and the buffer is cut where that segment ends.
+    a decoding that stops at a closed segment (or on text no decoding goes past) while 2 s or
+    more of speech follow it commits up to there and the buffer is cut where that segment ends
+    (or in that text's last words).
+    Timestamps past the buffer's end are taken as its end.
     Decoding is greedy at temperature 0, or a beam search of ``beam_size`` beams: fewer wrong
     words committed from the same audio, but each decoding costs more, and on a CPU that a
     stream keeps busy its text comes later (docs/PERFORMANCE.md); a decoding that looks like
@@ -4866,6 +4868,8 @@ class StreamingTranscriber:
         self.undecoded: list[int] = []               # committed text tokens not yet a whole character
         self.committed_end = 0.0
         self.cross: list | None = None               # the last decoding's cross K/V
+        self.reach, self.reached_at = 0, 0           # most text tokens a decoding has given the
+                                                     # buffer, and the buffer's length then
         self.text = ""                               # every committed text, in order
         self.closed = False
 
@@ -4967,11 +4971,16 @@ class StreamingTranscriber:
         self.cross = window.cross
         tokens = [] if result is None or self._unreliable(result) else list(result.tokens)
         tokens = tokens[:self._loop_start(tokens)]
+        tokens = self._within_buffer(tokens)
         quiet = self._quiet_tail(db)
         paused = quiet >= self.pause * SAMPLE_RATE
         full = len(self.audio) >= _STREAM_FULL * SAMPLE_RATE
-        # a stalled decoding commits its closed segments and the buffer is cut where they end,
-        # so the next decoding starts on the speech left out, as transcribe's next window does
+        reach = len(self._texts(self.committed + tokens))
+        if reach > self.reach:
+            self.reach, self.reached_at = reach, len(self.audio)
+        # a stalled decoding commits all its text and the buffer is cut where its closed
+        # segments end (text it stops on: in its last words, as a cut past ``trim`` is), so
+        # the next decoding starts on the speech left out, as transcribe's next window does
         stalled = None if final or paused or full else self._stalled(tokens, db)
         n = len(tokens) if final or paused or full or stalled is not None else self._agreed(tokens)
         events = self._commit(tokens[:n], tokens[n:])
@@ -4980,10 +4989,21 @@ class StreamingTranscriber:
             events.append(StreamEvent("tentative", self._tokenizer().decode(self._texts(self.hypothesis)),
                                       self.committed_end, self._seconds(len(self.audio))))
         if stalled is not None:
-            self._cut(stalled, self.committed)
+            cut = (stalled, self.committed) if tokens[-1] >= self._ts() else self._last_word_cut()
+            if cut is not None:
+                self._cut(*cut)
         else:
             self._trim(force=final or full, pause_at=len(self.audio) - quiet if paused else None)
         return events
+
+    def _within_buffer(self, tokens: list[int]) -> list[int]:
+        """A decoding's timestamps, those past the buffer's end brought back to it. The window's
+        padding lets whisper close a segment seconds after its audio ends: tiny.en closed a
+        lecture's "... take no account of" at 27 s of a 20 s buffer, and committed, that told
+        every later decoding that the next segment starts at 27 s; they decoded nothing for 16 s."""
+        ts = self._ts()
+        end = ts + int(len(self.audio) / SAMPLE_RATE / TIME_PRECISION)
+        return [min(t, end) if t >= ts else t for t in tokens]
 
     def _agreed(self, tokens: list[int]) -> int:
         """How many of a decoding's tokens to commit: those the previous decoding agrees on
@@ -4997,17 +5017,30 @@ class StreamingTranscriber:
         return min(n, words[-1]) if words else n
 
     def _stalled(self, tokens: list[int], db: np.ndarray) -> int | None:
-        """Where the buffer's text stops short of its speech: a decoding that ends on a segment's
-        closing timestamp with ``_STREAM_STALL`` s or more of buffer after it, at least half of
-        it over ``_loud_threshold``; else None. Whisper leaves out a last segment it has not
-        heard the end of, and a stream with a long sentence after a closed one decoded nothing
-        new until the sentence ended (a flite clip: 8.7 s)."""
-        if not tokens or tokens[-1] < self._ts():
+        """Where the buffer's text stops short of its speech, in samples; else None. A decoding
+        that ends on a segment's closing timestamp, or on text that no decoding has gone past
+        for half of ``_STREAM_STALL`` s of audio (its end found by word alignment), with
+        ``_STREAM_STALL`` s or more of buffer after it, at least half of it over
+        ``_loud_threshold``. Whisper leaves out a last segment it has not heard the end of, and
+        may end its text where the speech goes on: a stream with a long sentence after a closed
+        one decoded nothing new until the sentence ended (a flite clip: 8.7 s), and one whose
+        decodings stopped at "... more than ethanol." for 19 s dropped the speech after it at
+        the next pause (a news broadcast)."""
+        if not tokens:
             return None
-        at = round((tokens[-1] - self._ts()) * TIME_PRECISION * SAMPLE_RATE)
+        stall = _STREAM_STALL * SAMPLE_RATE
+        if tokens[-1] >= self._ts():
+            at = round((tokens[-1] - self._ts()) * TIME_PRECISION * SAMPLE_RATE)
+        elif len(self.audio) - self.reached_at >= stall / 2 and self.cross is not None:
+            words = _find_alignment(self.model, self._tokenizer(), self._texts(self.committed + tokens),
+                                    self.cross, len(self.audio) // HOP_LENGTH)
+            if not words:
+                return None
+            at = round(words[-1].end * SAMPLE_RATE)
+        else:
+            return None
         frame, threshold = SAMPLE_RATE // 50, self._loud_threshold(db)
         loud = np.count_nonzero(db[at // frame:] >= threshold) * frame
-        stall = _STREAM_STALL * SAMPLE_RATE
         return at if len(self.audio) - at >= stall and 2 * loud >= stall else None
 
     def _loop_start(self, tokens: list[int]) -> int:
@@ -5209,6 +5242,8 @@ class StreamingTranscriber:
         if self.committed and self.committed[0] < ts:     # cut in a committed word: it opens the buffer
             self.committed.insert(0, ts)
         self.hypothesis = moved(self.hypothesis)
+        self.reach = max(0, self.reach - len(self._texts(done)))
+        self.reached_at = max(0, self.reached_at - samples)
         self.audio, self.offset = self.audio[samples:], self.offset + samples
 
 

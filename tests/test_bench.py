@@ -72,13 +72,19 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertAlmostEqual(result["all"]["wer_stream"], row["wer_stream"])     # one clip: all = it
         self.assertEqual([r["streams"] for r in result["websocket"]], [1])
         self.assertGreater(result["websocket"][0]["median_latency"], 0)
-        # five beams, fed a step at a time without waiting: commits are timed in audio fed
-        bench("stream", "--audio", copy, "--unpaced", "--beam-size", "5", "--concurrency", "", "--json", out)
+        # five beams, fed a step at a time without waiting: commits are timed in audio fed; a
+        # clip without a reference text is scored against --reference-model's transcript
+        bare = self.dir / "bare" / wav.name
+        bare.parent.mkdir()
+        shutil.copy(wav, bare)
+        bench("stream", "--audio", copy, bare, "--unpaced", "--beam-size", "5", "--reference-model", "tiny.en",
+              "--concurrency", "", "--json", out)
         result = json.loads(out.read_text())
         row = result["clips"][0]
         self.assertEqual((result["paced"], result["beam_size"]), (False, 5))
         self.assertIn("brown fox", row["text"])
         self.assertLessEqual(row["p95_latency"], row["seconds"])
+        self.assertEqual([r["wer_against"] for r in result["clips"]], ["reference", "tiny.en offline"])
 
     def test_coldstart_with_empty_caches(self):
         """The Quick start's command with a fresh compile cache and graph store: it compiles the

@@ -264,6 +264,80 @@ class StreamingTest(unittest.TestCase):
         offline = self.model.transcribe(str(wav))["text"]
         self.assertGreater(len(stream.text.split()), 0.9 * len(offline.split()), (stream.text, offline))
 
+    def test_decodings_that_stop_on_text_while_speech_goes_on_cut_the_buffer(self):
+        """Decodings that end on text (no closing timestamp) and go no further while
+        ``_STREAM_STALL`` s of speech follow it (tiny.en stopped at "... more than ethanol." for
+        19 s of a news broadcast) commit that text and the buffer is cut in its last words, so
+        the next decoding hears the speech left out."""
+        wav = support.long_clip()
+        audio = mw.load_audio(str(wav))
+        stream, frozen = self.model.stream(pause=10), []          # (no pause commits all of it)
+
+        def stopping_on_text(window):
+            # from one decoding on, the decodings end where it ended, on text, while the speech goes on
+            r = mw._run_window(self.model, window)                 # (its cross K/V for the alignment)
+            if frozen and stream.offset == frozen[0][0]:
+                said = frozen[0][1]
+                return dataclasses.replace(frozen[0][2], tokens=said[len(stream.committed):])
+            tokens = list(r.tokens)
+            while tokens and tokens[-1] >= stream._ts():
+                tokens.pop()
+            if not frozen and 8 <= len(stream.audio) / mw.SAMPLE_RATE <= 12 and len(stream._texts(tokens)) > 2:
+                frozen.append((stream.offset, stream.committed + tokens, dataclasses.replace(r, tokens=tokens),
+                               len(stream.audio)))
+                return frozen[0][2]
+            return r
+        stream.runner = stopping_on_text
+        events, cut = [], False
+        for piece in chunks(audio, [1600]):
+            events += stream.feed(piece)
+            if frozen and not cut and stream.offset != frozen[0][0]:
+                offset, said, _, at = frozen[0]
+                moved = stream.offset - offset
+                self.assertLessEqual(moved + len(stream.audio), at + 4 * mw.SAMPLE_RATE)   # within 4 s
+                self.assertTrue(stream.text.endswith(stream._tokenizer().decode(stream._texts(said))[-20:]),
+                                stream.text)                                            # all of it committed
+                cut = True
+        self.assertTrue(cut)
+        events += stream.close()
+        self.check_events(stream, events)
+        offline = self.model.transcribe(str(wav))["text"]
+        self.assertGreater(len(stream.text.split()), 0.9 * len(offline.split()), (stream.text, offline))
+
+    def test_a_segment_closed_past_the_buffers_end_closes_at_its_end(self):
+        """A decoding that closes a segment after the end of its audio (in the window's
+        padding: tiny.en closed a lecture's "... take no account of" at 27 s of a 20 s buffer)
+        has those timestamps brought back to the buffer's end, so no committed token says
+        the text reaches past the audio heard (committed, that told the later decodings to
+        start at 27 s: they decoded nothing for 16 s)."""
+        wav = support.long_clip()
+        audio = mw.load_audio(str(wav))
+        stream, moved = self.model.stream(), []
+
+        def closing_late(window):
+            # while the buffer holds 8-12 s, a decoding that ends on a timestamp ends 7 s later
+            r = mw._run_window(self.model, window)
+            tokens, late = list(r.tokens), stream._ts() + round((len(stream.audio) / mw.SAMPLE_RATE + 7) / mw.TIME_PRECISION)
+            if 8 <= len(stream.audio) / mw.SAMPLE_RATE <= 12 and tokens and tokens[-1] >= stream._ts():
+                while tokens and tokens[-1] >= stream._ts():
+                    tokens.pop()
+                moved.append(len(stream.audio))
+                r = dataclasses.replace(r, tokens=tokens + [late, late])
+            return r
+        stream.runner = closing_late
+        events = []
+        for piece in chunks(audio, [1600]):
+            events += stream.feed(piece)
+            end = stream._ts() + len(stream.audio) / mw.SAMPLE_RATE / mw.TIME_PRECISION
+            self.assertTrue(all(t <= end for t in stream.committed + stream.hypothesis),
+                            (len(stream.audio), stream.committed))
+            self.assertLessEqual(max((e.end for e in events), default=0), stream._seconds(len(stream.audio)))
+        self.assertTrue(moved)
+        events += stream.close()
+        self.check_events(stream, events)
+        offline = self.model.transcribe(str(wav))["text"]
+        self.assertGreater(len(stream.text.split()), 0.9 * len(offline.split()), (stream.text, offline))
+
     def test_silence_commits_nothing_and_is_not_decoded(self):
         decoded = []
         stream = self.model.stream(runner=lambda w: decoded.append(w) or mw._run_window(self.model, w))
