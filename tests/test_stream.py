@@ -108,6 +108,13 @@ class StreamingTest(unittest.TestCase):
         self.assertEqual(ends, sorted(ends))
         self.assertTrue(all(e.start <= e.end for e in committed))
 
+    def close_with_every_word(self, stream, events, wav):
+        """Close the stream: its events are consistent and it has (nearly) the offline words."""
+        events += stream.close()
+        self.check_events(stream, events)
+        offline = self.model.transcribe(str(wav))["text"]
+        self.assertGreater(len(stream.text.split()), 0.9 * len(offline.split()), (stream.text, offline))
+
     def test_short_clips_commit_the_offline_text(self):
         for name in ("quick_brown_fox", "counting", "hello_world"):
             wav, text = self.samples[name]
@@ -259,10 +266,7 @@ class StreamingTest(unittest.TestCase):
                 self.assertEqual(stream.prompt[-len(stream._texts(said)):], stream._texts(said))
                 cut = True
         self.assertTrue(cut)
-        events += stream.close()
-        self.check_events(stream, events)
-        offline = self.model.transcribe(str(wav))["text"]
-        self.assertGreater(len(stream.text.split()), 0.9 * len(offline.split()), (stream.text, offline))
+        self.close_with_every_word(stream, events, wav)
 
     def test_decodings_that_stop_on_text_while_speech_goes_on_cut_the_buffer(self):
         """Decodings that end on text (no closing timestamp) and go no further while
@@ -299,10 +303,7 @@ class StreamingTest(unittest.TestCase):
                                 stream.text)                                            # all of it committed
                 cut = True
         self.assertTrue(cut)
-        events += stream.close()
-        self.check_events(stream, events)
-        offline = self.model.transcribe(str(wav))["text"]
-        self.assertGreater(len(stream.text.split()), 0.9 * len(offline.split()), (stream.text, offline))
+        self.close_with_every_word(stream, events, wav)
 
     def test_a_segment_closed_past_the_buffers_end_closes_at_its_end(self):
         """A decoding that closes a segment after the end of its audio (in the window's
@@ -333,10 +334,7 @@ class StreamingTest(unittest.TestCase):
                             (len(stream.audio), stream.committed))
             self.assertLessEqual(max((e.end for e in events), default=0), stream._seconds(len(stream.audio)))
         self.assertTrue(moved)
-        events += stream.close()
-        self.check_events(stream, events)
-        offline = self.model.transcribe(str(wav))["text"]
-        self.assertGreater(len(stream.text.split()), 0.9 * len(offline.split()), (stream.text, offline))
+        self.close_with_every_word(stream, events, wav)
 
     def test_silence_commits_nothing_and_is_not_decoded(self):
         decoded = []
