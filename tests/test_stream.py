@@ -305,6 +305,55 @@ class StreamingTest(unittest.TestCase):
         self.assertTrue(cut)
         self.close_with_every_word(stream, events, wav)
 
+    def test_empty_decodings_after_committed_text_cut_the_buffer(self):
+        """Decodings that say nothing after committed text ending on a word, while speech goes
+        on (tiny.en, forced through "... for favoring big government." after a cut, for 11 s of
+        a news report), stop where the committed text does: the buffer is cut in its last
+        words within ``_STREAM_STALL`` s or so and the decodings after it hear the rest."""
+        wav = support.long_clip()
+        audio = mw.load_audio(str(wav))
+        stream, silent = self.model.stream(pause=10), []           # (no pause commits all of it)
+
+        def saying_nothing(window):
+            r = mw._run_window(self.model, window)                  # (its cross K/V for the alignment)
+            if not silent and 8 <= len(stream.audio) / mw.SAMPLE_RATE <= 12 and stream.committed \
+                    and stream._texts(stream.committed[-1:]):
+                silent.append((stream.offset, len(stream.audio)))
+            return dataclasses.replace(r, tokens=[]) if silent and stream.offset == silent[0][0] else r
+        stream.runner = saying_nothing
+        events = []
+        for piece in chunks(audio, [1600]):
+            events += stream.feed(piece)
+            if silent and stream.offset != silent[0][0]:
+                break
+        offset, at = silent[0]
+        self.assertLessEqual(stream.offset - offset + len(stream.audio), at + 4 * mw.SAMPLE_RATE)
+        for piece in chunks(audio[stream.offset + len(stream.audio):], [1600]):
+            events += stream.feed(piece)
+        self.close_with_every_word(stream, events, wav)
+
+    def test_an_empty_decoding_leaves_the_hypothesis_to_agree_with(self):
+        """Decodings alternating between nothing and text (tiny.en's, after a sentence's end in
+        a news report) still commit by agreement: a word waits at most two steps longer than in
+        a stream without the empty ones (in audio time; its decodings are a step further apart),
+        not until a pause or a cut."""
+        audio = mw.load_audio(str(support.long_clip()))[:20 * mw.SAMPLE_RATE]
+
+        def waits(every_other_empty: bool) -> float:
+            calls = []
+
+            def runner(window):
+                r = mw._run_window(self.model, window)
+                calls.append(1)
+                return dataclasses.replace(r, tokens=[]) if every_other_empty and len(calls) % 2 else r
+            stream, heard, delays = self.model.stream(runner=runner, pause=10), 0, []
+            for piece in chunks(audio, [mw.SAMPLE_RATE // 2]):
+                heard += len(piece)
+                delays += [heard / mw.SAMPLE_RATE - e.end for e in stream.feed(piece) if e.type == "committed"]
+            self.assertGreater(len(delays), 5)
+            return float(np.median(delays))
+        self.assertLessEqual(waits(True), waits(False) + 1.0)
+
     def test_a_segment_closed_past_the_buffers_end_closes_at_its_end(self):
         """A decoding that closes a segment after the end of its audio (in the window's
         padding: tiny.en closed a lecture's "... take no account of" at 27 s of a 20 s buffer)
