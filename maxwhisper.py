@@ -4868,6 +4868,7 @@ class StreamingTranscriber:
         self.undecoded: list[int] = []               # committed text tokens not yet a whole character
         self.committed_end = 0.0
         self.cross: list | None = None               # the last decoding's cross K/V
+        self.aligned: tuple | None = None            # ((text tokens, frames), words) over it
         self.reach, self.reached_at = 0, 0           # most text tokens a decoding has given the
                                                      # buffer, and the buffer's length then
         self.text = ""                               # every committed text, in order
@@ -4942,7 +4943,7 @@ class StreamingTranscriber:
 
     def _update(self, final: bool) -> list[StreamEvent]:
         self.fresh = 0
-        self.cross = None
+        self.cross = self.aligned = None
         db = self._levels()
         if not (db >= self.silence_db).any() and not self.committed:
             # nothing said since the last cut: keep only the last second (a word may be starting)
@@ -5041,8 +5042,7 @@ class StreamingTranscriber:
         if said[-1] >= self._ts():
             at = round((said[-1] - self._ts()) * TIME_PRECISION * SAMPLE_RATE)
         elif len(self.audio) - self.reached_at >= stall / 2 and self.cross is not None:
-            words = _find_alignment(self.model, self._tokenizer(), self._texts(said),
-                                    self.cross, len(self.audio) // HOP_LENGTH)
+            words = self._words(self._texts(said))
             if not words:
                 return None
             at = round(words[-1].end * SAMPLE_RATE)
@@ -5204,6 +5204,15 @@ class StreamingTranscriber:
         text = self._tokenizer().decode(self._texts(self.committed[-3:]))
         return text.rstrip().endswith((".", "?", "!", ","))
 
+    def _words(self, texts: list[int]) -> list:
+        """openai-whisper's word alignment of ``texts`` over the buffer (the last decoding's
+        cross K/V), kept until the next decoding: a stall on text aligns the text that its
+        buffer cut (``_last_word_cut``) aligns again, ~0.2 s each."""
+        key = (tuple(texts), len(self.audio) // HOP_LENGTH)
+        if self.aligned is None or self.aligned[0] != key:
+            self.aligned = key, _find_alignment(self.model, self._tokenizer(), texts, self.cross, key[1])
+        return self.aligned[1]
+
     def _last_word_cut(self) -> tuple[int, list[int]] | None:
         """Where to cut the buffer inside committed text: at the start of the last committed
         word that starts ``_context()`` s or more before the buffer's end (else of the last
@@ -5220,8 +5229,7 @@ class StreamingTranscriber:
             return None
         tok = self._tokenizer()
         said = self._texts(self.committed)
-        words = _find_alignment(self.model, tok, said + self._texts(self.hypothesis), self.cross,
-                                len(self.audio) // HOP_LENGTH)
+        words = self._words(said + self._texts(self.hypothesis))
         spoken, cuts = 0, []              # (committed text tokens before a word, its start)
         for w in words:                   # the words made only of committed tokens
             if spoken + len(w.tokens) > len(said):
