@@ -4817,7 +4817,7 @@ class StreamingTranscriber:
     that its last 5 s stay, heard again with their text forced, and in any case before 30 s;
     a decoding that stops at a closed segment (or on text no decoding goes past) while 2 s or
     more of speech follow it commits up to there and the buffer is cut where that segment ends
-    (or in that text's last words).
+    (or in that text's last words, or after it where there is no word to cut before).
     Timestamps past the buffer's end are taken as its end.
     Decoding is greedy at temperature 0, or a beam search of ``beam_size`` beams: fewer wrong
     words committed from the same audio, but each decoding costs more, and on a CPU that a
@@ -4869,6 +4869,7 @@ class StreamingTranscriber:
         self.committed_end = 0.0
         self.cross: list | None = None               # the last decoding's cross K/V
         self.aligned: tuple | None = None            # ((text tokens, frames), words) over it
+        self.text_end: tuple | None = None           # ((text tokens, offset), sample) where they end
         self.reach, self.reached_at = 0, 0           # most text tokens a decoding has given the
                                                      # buffer, and the buffer's length then
         self.text = ""                               # every committed text, in order
@@ -4995,9 +4996,10 @@ class StreamingTranscriber:
             events.append(StreamEvent("tentative", self._tokenizer().decode(self._texts(self.hypothesis)),
                                       self.committed_end, self._seconds(len(self.audio))))
         if stalled is not None:
-            cut = (stalled, self.committed) if self.committed[-1] >= self._ts() else self._last_word_cut()
-            if cut is not None:
-                self._cut(*cut)
+            # text it stops on: cut in its last words; where none is left to keep (one word,
+            # forced through which a news report's decodings said nothing for 13 s), after it
+            cut = None if self.committed[-1] >= self._ts() else self._last_word_cut()
+            self._cut(*(cut or (stalled, self.committed)))
         else:
             self._trim(force=final or full, pause_at=len(self.audio) - quiet if paused else None)
         return events
@@ -5042,10 +5044,15 @@ class StreamingTranscriber:
         if said[-1] >= self._ts():
             at = round((said[-1] - self._ts()) * TIME_PRECISION * SAMPLE_RATE)
         elif len(self.audio) - self.reached_at >= stall / 2 and self.cross is not None:
-            words = self._words(self._texts(said))
-            if not words:
-                return None
-            at = round(words[-1].end * SAMPLE_RATE)
+            # where the same text ends moves little as audio comes: aligned once, not at
+            # every update it stays the same (~0.2 s each)
+            key = (tuple(self._texts(said)), self.offset)
+            if self.text_end is None or self.text_end[0] != key:
+                words = self._words(list(key[0]))
+                if not words:
+                    return None
+                self.text_end = key, round(words[-1].end * SAMPLE_RATE)
+            at = self.text_end[1]
         else:
             return None
         frame, threshold = SAMPLE_RATE // 50, self._loud_threshold(db)

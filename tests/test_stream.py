@@ -332,6 +332,38 @@ class StreamingTest(unittest.TestCase):
             events += stream.feed(piece)
         self.close_with_every_word(stream, events, wav)
 
+    def test_a_stall_on_one_committed_word_cuts_after_it(self):
+        """Decodings that stop on the buffer's only committed word while speech goes on (tiny.en,
+        forced through "ethanol." after a cut in a news report, said nothing for 13 s) leave no
+        word to cut before: the buffer is cut where the word ends, within ``_STREAM_STALL`` s or
+        so, not kept until it is full."""
+        wav = support.long_clip()
+        audio = mw.load_audio(str(wav))
+        stream = self.model.stream(pause=10)                         # (no pause commits all of it)
+        tok = stream._tokenizer()
+
+        def one_word(window):
+            r = mw._run_window(self.model, window)                  # (its cross K/V for the alignment)
+            if stream.offset:
+                return r
+            if stream._texts(stream.committed):
+                return dataclasses.replace(r, tokens=[])            # nothing after the word
+            texts = [i for i, t in enumerate(r.tokens) if t < tok.eot]
+            spaced = [i for i in texts if tok.encoding.decode_single_token_bytes(r.tokens[i])[:1] == b" "]
+            return dataclasses.replace(r, tokens=list(r.tokens[:spaced[1] if len(spaced) > 1 else len(r.tokens)]))
+        stream.runner = one_word
+        events, heard = [], 0
+        for piece in chunks(audio, [1600]):
+            events += stream.feed(piece)
+            heard += len(piece)
+            if stream.offset:
+                break
+        self.assertTrue(stream.offset)
+        self.assertLessEqual(heard, 8 * mw.SAMPLE_RATE)
+        for piece in chunks(audio[heard:], [1600]):
+            events += stream.feed(piece)
+        self.close_with_every_word(stream, events, wav)
+
     def test_an_empty_decoding_leaves_the_hypothesis_to_agree_with(self):
         """Decodings alternating between nothing and text (tiny.en's, after a sentence's end in
         a news report) still commit by agreement: a word waits at most two steps longer than in
