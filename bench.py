@@ -1072,17 +1072,22 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def _replay_api(m: mw.Model, audio: np.ndarray, step: float, beam_size: int | None, paced: bool = True,
-                prompt_tokens: int = mw.PROMPT_TOKENS) -> dict:
+                prompt_tokens: int = mw.PROMPT_TOKENS, step_max: float | None = None, seed: int = 0) -> dict:
     """Feed ``audio`` through ``Model.stream`` at its own pace, 100 ms at a time; or, not
     ``paced``, a step at a time without waiting, so that every decoding sees one step more
-    whatever it costs (commit times are then the audio fed so far: the policy's latency alone)."""
+    whatever it costs (commit times are then the audio fed so far: the policy's latency alone),
+    or with ``step_max`` a random step from ``step`` to it (``seed``): what each decoding of a
+    busy machine hears, reproducibly."""
     stream, commits = m.stream(step=step, beam_size=beam_size, prompt_tokens=prompt_tokens), []
     cpu, started = time.process_time(), time.perf_counter()
     if paced:                                   # (piece, None): committed when it was
         pieces = ((piece, None) for piece in mw._arrivals(audio, started=started))
     else:                                       # (piece, seconds of audio fed with it)
-        n = round(step * mw.SAMPLE_RATE)
-        pieces = ((audio[i:i + n], min(len(audio), i + n) / mw.SAMPLE_RATE) for i in range(0, len(audio), n))
+        rng, ends = np.random.default_rng(seed), [0]
+        while ends[-1] < len(audio):
+            seconds = rng.uniform(step, step_max) if step_max else step
+            ends.append(min(len(audio), ends[-1] + round(seconds * mw.SAMPLE_RATE)))
+        pieces = ((audio[a:b], b / mw.SAMPLE_RATE) for a, b in zip(ends, ends[1:]))
 
     def note(events, at):
         commits.extend((e.text, time.perf_counter() - started if at is None else at)
@@ -1150,9 +1155,8 @@ def stream_bench(args) -> dict:
     first = clips[0][1]                                 # the WebSocket and memory runs' clip
     m = mw.load(args.model, device="cpu")
     english = not m.is_multilingual
-    result = {"command": "stream", "model": args.model, "step": args.step, "beam_size": args.beam_size,
-              "prompt_tokens": args.prompt_tokens,
-              "paced": not args.unpaced, "clips": [], "machine": machine()}
+    result = {"command": "stream", "model": args.model, "step": args.step, "step_max": args.step_max, "seed": args.seed,
+              "beam_size": args.beam_size, "prompt_tokens": args.prompt_tokens, "paced": not args.unpaced, "clips": [], "machine": machine()}
     refs, errors, latencies = {}, {}, {}
     judge = mw.load(args.reference_model, device="cpu") if args.reference_model else None
     for name, clip in clips:
@@ -1165,7 +1169,8 @@ def stream_bench(args) -> dict:
         timed = m.transcribe(str(clip), seed=0, word_timestamps=True)
         words = [(w["word"], w["end"]) for s in timed["segments"] for w in s["words"]]
         refs[clip] = (audio, reference or offline, words)
-        api = _replay_api(m, audio, args.step, args.beam_size, paced=not args.unpaced, prompt_tokens=args.prompt_tokens)
+        api = _replay_api(m, audio, args.step, args.beam_size, paced=not args.unpaced, prompt_tokens=args.prompt_tokens,
+                          step_max=args.step_max, seed=args.seed)
         lat = _word_latencies(words, api["commits"])
         (wrong, n), (wrong_offline, _) = (word_errors(reference or offline, text, english)
                                           for text in (api["text"], offline))
@@ -1190,6 +1195,8 @@ def stream_bench(args) -> dict:
     result["sets"] = {k: together(k, [k]) for k in errors}
     result["all"] = together("all", list(errors))
     pace = "fed a step at a time without waiting" if args.unpaced else "real-time replay"
+    if args.unpaced and args.step_max:
+        pace = f"fed steps of {args.step}-{args.step_max} s without waiting (seed {args.seed})"
     print_table(f"stream: {args.model}, Python API, {pace}, step {args.step} s, beam_size {args.beam_size}, prompt {args.prompt_tokens} tokens",
                 ["voice", "clip", "audio s", "latency median s", "p95 s", "WER stream %", "WER offline %", "WER against", "CPU cores"],
                 [[r["set"], r["clip"], f"{r['seconds']:.0f}", f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}",
@@ -1368,6 +1375,9 @@ def main(argv=None) -> int:
                     help="the Python API streams' prompt: the committed text's last tokens")
     sm.add_argument("--unpaced", action="store_true", help="feed the Python API streams a step at a time without "
                                                           "waiting: latency in audio time, the commit policy's own")
+    sm.add_argument("--step-max", type=float, help="with --unpaced: each step a random length from --step to "
+                                                  "this, as a busy machine's decodings hear (seeded by --seed)")
+    sm.add_argument("--seed", type=int, default=1, help="--step-max's random steps")
     sm.add_argument("--concurrency", default="1,2,4", help="WebSocket streams at once, comma-separated ('' skips)")
     sm.add_argument("--memory-minutes", type=float, default=0, help="also feed one stream this long, RSS each 5 min")
     sm.add_argument("--memory-step", type=float, default=3.0, help="that stream's step")

@@ -72,16 +72,16 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertAlmostEqual(result["all"]["wer_stream"], row["wer_stream"])     # one clip: all = it
         self.assertEqual([r["streams"] for r in result["websocket"]], [1])
         self.assertGreater(result["websocket"][0]["median_latency"], 0)
-        # five beams, fed a step at a time without waiting: commits are timed in audio fed; a
-        # clip without a reference text is scored against --reference-model's transcript
+        # five beams, fed random steps of 0.5-1 s without waiting: commits are timed in audio
+        # fed; a clip without a reference text is scored against --reference-model's transcript
         bare = self.dir / "bare" / wav.name
         bare.parent.mkdir()
         shutil.copy(wav, bare)
-        bench("stream", "--audio", copy, bare, "--unpaced", "--beam-size", "5", "--reference-model", "tiny.en",
-              "--concurrency", "", "--json", out)
+        bench("stream", "--audio", copy, bare, "--unpaced", "--step-max", "1", "--seed", "2", "--beam-size", "5",
+              "--reference-model", "tiny.en", "--concurrency", "", "--json", out)
         result = json.loads(out.read_text())
         row = result["clips"][0]
-        self.assertEqual((result["paced"], result["beam_size"]), (False, 5))
+        self.assertEqual((result["paced"], result["beam_size"], result["step_max"], result["seed"]), (False, 5, 1.0, 2))
         self.assertIn("brown fox", row["text"])
         self.assertLessEqual(row["p95_latency"], row["seconds"])
         self.assertEqual([r["wer_against"] for r in result["clips"]], ["reference", "tiny.en offline"])
