@@ -1156,7 +1156,8 @@ def stream_bench(args) -> dict:
     m = mw.load(args.model, device="cpu")
     english = not m.is_multilingual
     result = {"command": "stream", "model": args.model, "step": args.step, "step_max": args.step_max, "seed": args.seed,
-              "beam_size": args.beam_size, "prompt_tokens": args.prompt_tokens, "paced": not args.unpaced, "clips": [], "machine": machine()}
+              "beam_size": args.beam_size, "prompt_tokens": args.prompt_tokens, "paced": not args.unpaced,
+              "clips": [], "machine": machine()}
     refs, errors, latencies = {}, {}, {}
     judge = mw.load(args.reference_model, device="cpu") if args.reference_model else None
     for name, clip in clips:

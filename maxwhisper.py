@@ -4996,8 +4996,8 @@ class StreamingTranscriber:
             events.append(StreamEvent("tentative", self._tokenizer().decode(self._texts(self.hypothesis)),
                                       self.committed_end, self._seconds(len(self.audio))))
         if stalled is not None:
-            # text it stops on: cut in its last words; where none is left to keep (one word,
-            # forced through which a news report's decodings said nothing for 13 s), after it
+            # text it stops on: cut in its last words, or after them where there is no word to
+            # cut before (forced through one word, a news report's decodings said nothing for 13 s)
             cut = None if self.committed[-1] >= self._ts() else self._last_word_cut()
             self._cut(*(cut or (stalled, self.committed)))
         else:
