@@ -332,6 +332,36 @@ class StreamingTest(unittest.TestCase):
             events += stream.feed(piece)
         self.close_with_every_word(stream, events, wav)
 
+    def test_empty_decodings_after_a_closed_segment_cut_the_buffer(self):
+        """Decodings that say nothing after a committed segment's closing timestamp while
+        speech goes on (tiny.en's, after "... running for president and yet..." in a news
+        report fed in uneven steps, for 13 s) stop where that segment does: the buffer is cut
+        at its timestamp within twice ``_STREAM_STALL`` s or so, and the decodings after the
+        cut hear the rest."""
+        wav = support.long_clip()
+        audio = mw.load_audio(str(wav))
+        stream, silent = self.model.stream(pause=10), []           # (no pause commits all of it)
+
+        def saying_nothing(window):
+            r = mw._run_window(self.model, window)                  # (its cross K/V for the alignment)
+            if not silent and len(stream.audio) >= 5 * mw.SAMPLE_RATE and stream.committed \
+                    and stream.committed[-1] >= stream._ts():
+                silent.append((stream.offset, stream.committed[-1] - stream._ts()))
+            return dataclasses.replace(r, tokens=[]) if silent and stream.offset == silent[0][0] else r
+        stream.runner = saying_nothing
+        events = []
+        for piece in chunks(audio, [1600]):
+            events += stream.feed(piece)
+            if silent and stream.offset != silent[0][0]:
+                break
+        offset, closed = silent[0]
+        at = round(closed * mw.TIME_PRECISION * mw.SAMPLE_RATE)
+        self.assertLessEqual(len(stream.audio), (2 * mw._STREAM_STALL + 1) * mw.SAMPLE_RATE)  # heard within 5 s
+        self.assertEqual(stream.offset - offset, at)                # cut at the closing timestamp
+        for piece in chunks(audio[stream.offset + len(stream.audio):], [1600]):
+            events += stream.feed(piece)
+        self.close_with_every_word(stream, events, wav)
+
     def test_a_stall_on_one_committed_word_cuts_after_it(self):
         """Decodings that stop on the buffer's only committed word while speech goes on (tiny.en,
         forced through "ethanol." after a cut in a news report, said nothing for 13 s) leave no
