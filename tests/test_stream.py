@@ -305,20 +305,19 @@ class StreamingTest(unittest.TestCase):
         self.assertTrue(cut)
         self.close_with_every_word(stream, events, wav)
 
-    def test_empty_decodings_after_committed_text_cut_the_buffer(self):
-        """Decodings that say nothing after committed text ending on a word, while speech goes
-        on (tiny.en, forced through "... for favoring big government." after a cut, for 11 s of
-        a news report), stop where the committed text does: the buffer is cut in its last
-        words within ``_STREAM_STALL`` s or so and the decodings after it hear the rest."""
+    def cut_after_empty_decodings(self, from_when, check):
+        """Feed the long clip in 0.1 s pieces, the decodings saying nothing from the first
+        update where ``from_when(stream)`` holds until the buffer is cut; then
+        ``check(stream, offset, buffer samples, committed tokens)`` (the last three as they were
+        at that update), and the rest of the clip is heard."""
         wav = support.long_clip()
         audio = mw.load_audio(str(wav))
         stream, silent = self.model.stream(pause=10), []           # (no pause commits all of it)
 
         def saying_nothing(window):
             r = mw._run_window(self.model, window)                  # (its cross K/V for the alignment)
-            if not silent and 8 <= len(stream.audio) / mw.SAMPLE_RATE <= 12 and stream.committed \
-                    and stream._texts(stream.committed[-1:]):
-                silent.append((stream.offset, len(stream.audio)))
+            if not silent and from_when(stream):
+                silent.append((stream.offset, len(stream.audio), list(stream.committed)))
             return dataclasses.replace(r, tokens=[]) if silent and stream.offset == silent[0][0] else r
         stream.runner = saying_nothing
         events = []
@@ -326,11 +325,20 @@ class StreamingTest(unittest.TestCase):
             events += stream.feed(piece)
             if silent and stream.offset != silent[0][0]:
                 break
-        offset, at = silent[0]
-        self.assertLessEqual(stream.offset - offset + len(stream.audio), at + 4 * mw.SAMPLE_RATE)
+        check(stream, *silent[0])
         for piece in chunks(audio[stream.offset + len(stream.audio):], [1600]):
             events += stream.feed(piece)
         self.close_with_every_word(stream, events, wav)
+
+    def test_empty_decodings_after_committed_text_cut_the_buffer(self):
+        """Decodings that say nothing after committed text ending on a word, while speech goes
+        on (tiny.en, forced through "... for favoring big government." after a cut, for 11 s of
+        a news report), stop where the committed text does: the buffer is cut in its last
+        words within ``_STREAM_STALL`` s or so and the decodings after it hear the rest."""
+        def check(stream, offset, heard, committed):
+            self.assertLessEqual(stream.offset - offset + len(stream.audio), heard + 4 * mw.SAMPLE_RATE)
+        self.cut_after_empty_decodings(
+            lambda s: 8 <= len(s.audio) / mw.SAMPLE_RATE <= 12 and s.committed and s._texts(s.committed[-1:]), check)
 
     def test_empty_decodings_after_a_closed_segment_cut_the_buffer(self):
         """Decodings that say nothing after a committed segment's closing timestamp while
@@ -338,29 +346,12 @@ class StreamingTest(unittest.TestCase):
         report fed in uneven steps, for 13 s) stop where that segment does: the buffer is cut
         at its timestamp within twice ``_STREAM_STALL`` s or so, and the decodings after the
         cut hear the rest."""
-        wav = support.long_clip()
-        audio = mw.load_audio(str(wav))
-        stream, silent = self.model.stream(pause=10), []           # (no pause commits all of it)
-
-        def saying_nothing(window):
-            r = mw._run_window(self.model, window)                  # (its cross K/V for the alignment)
-            if not silent and len(stream.audio) >= 5 * mw.SAMPLE_RATE and stream.committed \
-                    and stream.committed[-1] >= stream._ts():
-                silent.append((stream.offset, stream.committed[-1] - stream._ts()))
-            return dataclasses.replace(r, tokens=[]) if silent and stream.offset == silent[0][0] else r
-        stream.runner = saying_nothing
-        events = []
-        for piece in chunks(audio, [1600]):
-            events += stream.feed(piece)
-            if silent and stream.offset != silent[0][0]:
-                break
-        offset, closed = silent[0]
-        at = round(closed * mw.TIME_PRECISION * mw.SAMPLE_RATE)
-        self.assertLessEqual(len(stream.audio), (2 * mw._STREAM_STALL + 1) * mw.SAMPLE_RATE)  # heard within 5 s
-        self.assertEqual(stream.offset - offset, at)                # cut at the closing timestamp
-        for piece in chunks(audio[stream.offset + len(stream.audio):], [1600]):
-            events += stream.feed(piece)
-        self.close_with_every_word(stream, events, wav)
+        def check(stream, offset, heard, committed):
+            at = round((committed[-1] - stream._ts()) * mw.TIME_PRECISION * mw.SAMPLE_RATE)
+            self.assertLessEqual(len(stream.audio), (2 * mw._STREAM_STALL + 1) * mw.SAMPLE_RATE)  # within 5 s
+            self.assertEqual(stream.offset - offset, at)            # cut at the closing timestamp
+        self.cut_after_empty_decodings(
+            lambda s: len(s.audio) >= 5 * mw.SAMPLE_RATE and s.committed and s.committed[-1] >= s._ts(), check)
 
     def test_a_stall_on_one_committed_word_cuts_after_it(self):
         """Decodings that stop on the buffer's only committed word while speech goes on (tiny.en,
