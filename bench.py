@@ -8,7 +8,7 @@
     python bench.py serve-load --model tiny.en --clients 32 --seconds 60
     python bench.py decode    --model tiny.en
     python bench.py sizes     --model small,medium,large-v3-turbo
-    python bench.py stream    --model tiny.en --concurrency 1,2,4,6 --memory-minutes 30
+    python bench.py stream    --model tiny.en --concurrency 1,2,4,6,8 --ws-minutes 5
     python bench.py throughput --model large-v3-turbo,large-v3 --device gpu --batch 1,8,16,32,64
 
 Every engine runs in its own subprocess (PyTorch timed right after MAX in one process runs
@@ -1053,22 +1053,32 @@ def serve_load(args) -> dict:
 # stream: live transcription replayed in real time
 # ---------------------------------------------------------------------------------------------
 
-def _word_latencies(words: list[tuple[str, float]], commits: list[tuple[str, float]]) -> list[float]:
-    """Commit latency of each word: when its text was committed (seconds after the stream
-    began) minus when it ended in the audio (from the offline word timestamps). Words are
-    paired by aligning the normalised word sequences; unmatched ones are left out."""
+def _word_latencies(words: list[tuple[str, float]], commits: list[tuple[str, float]]) -> list[tuple[float, float]]:
+    """(end, latency) of each word: when it ended in the audio (from the offline word
+    timestamps), and when its text was committed (seconds after the stream began) minus that.
+    Words are paired by aligning the normalised word sequences; unmatched ones are left out."""
     import difflib
     from whisper.normalizers import EnglishTextNormalizer
     norm = EnglishTextNormalizer()
     said = [(w, t) for text, t in commits for w in text.split()]
     a, b = [norm(w) for w, _ in words], [norm(w) for w, _ in said]
-    return [said[blk.b + k][1] - words[blk.a + k][1]
+    return [(words[blk.a + k][1], said[blk.b + k][1] - words[blk.a + k][1])
             for blk in difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
             for k in range(blk.size)]
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
     return (float(np.median(values)), float(np.percentile(values, 95))) if values else (float("nan"),) * 2
+
+
+def _drift(delays: list[tuple[float, float]]) -> float:
+    """How fast commit latency grows along a stream, seconds per minute of audio (the
+    least-squares slope of latency on the word's end): ~0 for streams that keep up, ~60 x
+    (work / capacity - 1) for streams that fall behind."""
+    if len({end for end, _ in delays}) < 2:
+        return float("nan")
+    ends, lats = np.array(delays).T
+    return float(np.polyfit(ends, lats, 1)[0] * 60)
 
 
 def _replay_api(m: mw.Model, audio: np.ndarray, step: float, beam_size: int | None, paced: bool = True,
@@ -1172,7 +1182,7 @@ def stream_bench(args) -> dict:
         refs[clip] = (audio, reference or offline, words)
         api = _replay_api(m, audio, args.step, args.beam_size, paced=not args.unpaced, prompt_tokens=args.prompt_tokens,
                           step_max=args.step_max, seed=args.seed)
-        lat = _word_latencies(words, api["commits"])
+        lat = [lat for _, lat in _word_latencies(words, api["commits"])]
         (wrong, n), (wrong_offline, _) = (word_errors(reference or offline, text, english)
                                           for text in (api["text"], offline))
         errors[name] = errors.get(name, np.zeros(3)) + [wrong, wrong_offline, n]
@@ -1209,8 +1219,19 @@ def stream_bench(args) -> dict:
         proc, port = _start_server(args.model, "--max-batch", "16")
         runs = []
         try:
+            # the first clip, or the clips one after another: not one clip looped, whose words
+            # again would pair a later commit with an earlier loop's word
+            played, offset, words = [], 0.0, []
+            for clip in dict.fromkeys(c for _, c in clips):
+                clip_audio, _, clip_words = refs[clip]
+                played.append(clip)
+                words += [(w, end + offset) for w, end in clip_words]
+                offset += len(clip_audio) / mw.SAMPLE_RATE
+                if offset >= args.ws_minutes * 60:
+                    break
+            audio = np.concatenate([refs[c][0] for c in played])
+            reference = " ".join(refs[c][1] for c in played)
             for n in [int(c) for c in args.concurrency.split(",")]:
-                audio, reference, words = refs[first]
                 outs, start = [{} for _ in range(n)], threading.Event()
                 threads = [threading.Thread(target=_replay_ws, args=(port, audio, out, start)) for out in outs]
                 for t in threads:
@@ -1221,19 +1242,24 @@ def stream_bench(args) -> dict:
                 for t in threads:
                     t.join()
                 cpu = (_proc_cpu(proc.pid) - cpu) / (time.perf_counter() - began)
-                lat = [x for out in outs for x in _word_latencies(words, out["commits"])]
+                delays = [d for out in outs for d in _word_latencies(words, out["commits"])]
+                lat = [x for _, x in delays]
                 wers = [100 * np.divide(*word_errors(reference, out["text"], english)) for out in outs]
-                runs.append({"streams": n, "median_latency": _percentiles(lat)[0], "p95_latency": _percentiles(lat)[1],
+                runs.append({"streams": n, "audio_seconds": len(audio) / mw.SAMPLE_RATE,
+                             "median_latency": _percentiles(lat)[0], "p95_latency": _percentiles(lat)[1],
+                             "latency_drift": _drift(delays),
                              "wer_stream": float(np.mean(wers)), "max_final_lag": max(o["lag"] for o in outs),
                              "server_cpu_cores": cpu})
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
         result["websocket"] = runs
-        print_table(f"stream: {args.model}, Realtime WebSocket, {first.name} replayed by N clients at once",
-                    ["streams", "latency median s", "p95 s", "WER %", "last text after end s", "server CPU cores"],
-                    [[r["streams"], f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}", f"{r['wer_stream']:.1f}",
-                      f"{r['max_final_lag']:.1f}", f"{r['server_cpu_cores']:.2f}"] for r in runs])
+        replayed = first.name if len(played) == 1 else f"{len(played)} clips one after another ({offset:.0f} s)"
+        print_table(f"stream: {args.model}, Realtime WebSocket, {replayed} replayed by N clients at once",
+                    ["streams", "latency median s", "p95 s", "latency drift s/min", "WER %", "last text after end s",
+                     "server CPU cores"],
+                    [[r["streams"], f"{r['median_latency']:.2f}", f"{r['p95_latency']:.2f}", f"{r['latency_drift']:+.2f}",
+                      f"{r['wer_stream']:.1f}", f"{r['max_final_lag']:.1f}", f"{r['server_cpu_cores']:.2f}"] for r in runs])
     if args.memory_minutes:
         m = mw.load(args.model, device="cpu")
         audio = refs[first][0]
@@ -1380,6 +1406,8 @@ def main(argv=None) -> int:
                                                   "this, as a busy machine's decodings hear (seeded by --seed)")
     sm.add_argument("--seed", type=int, default=1, help="--step-max's random steps")
     sm.add_argument("--concurrency", default="1,2,4", help="WebSocket streams at once, comma-separated ('' skips)")
+    sm.add_argument("--ws-minutes", type=float, default=0, help="the WebSocket clients replay the clips one after "
+                                                                 "another up to this many minutes (default: the first)")
     sm.add_argument("--memory-minutes", type=float, default=0, help="also feed one stream this long, RSS each 5 min")
     sm.add_argument("--memory-step", type=float, default=3.0, help="that stream's step")
     zw = sub.add_parser("_sizes")

@@ -4884,6 +4884,9 @@ class StreamingTranscriber:
 
     def feed(self, chunk, sample_rate: int = SAMPLE_RATE) -> list[StreamEvent]:
         """Add audio; returns the events of the decoding it triggered (often none)."""
+        return self._take(chunk, sample_rate, closing=False)
+
+    def _take(self, chunk, sample_rate: int, closing: bool) -> list[StreamEvent]:
         if self.closed:
             raise ConfigError(f"{self.name}: the stream is closed; start a new one")
         if self.resampler is None:
@@ -4898,20 +4901,25 @@ class StreamingTranscriber:
             piece = int(min(10.0, max(1.0, 29.0 - len(self.audio) / SAMPLE_RATE)) * SAMPLE_RATE)
             self._append(x[:piece])
             x = x[piece:]
-            if self.fresh >= self.step * SAMPLE_RATE:
+            if self.fresh >= self.step * SAMPLE_RATE and (len(x) or not closing):
                 events += self._update(final=False)
         return events
 
-    def close(self) -> list[StreamEvent]:
-        """Decode what is left and commit all of it; the stream takes no more audio."""
+    def close(self, chunk=None, sample_rate: int = SAMPLE_RATE) -> list[StreamEvent]:
+        """Decode what is left and commit all of it; the stream takes no more audio.
+
+        ``chunk``: the stream's last audio, decoded once with the rest at the close (a caller
+        whose audio waited gives its last chunk here rather than to ``feed``: one decoding,
+        not two of nearly the same buffer)."""
+        events = [] if chunk is None else self._take(chunk, sample_rate, closing=True)
         if self.closed:
-            return []
+            return events
         if self.resampler is not None:
             self._append(self.resampler(np.zeros(0, np.float32), final=True))
         self.closed = True
         # a buffer still waiting for a sure language has had no decoding: decode it now
         undecided = self.language is None and len(self.audio)
-        events = self._update(final=True) if self.fresh or self.hypothesis or undecided else []
+        events += self._update(final=True) if self.fresh or self.hypothesis or undecided else []
         tail = self._text(self.undecoded, final=True)
         if tail:
             events.append(self._committed(tail, self.committed_end, self.committed_end))
@@ -6162,6 +6170,10 @@ class _RealtimeSession:
                 kind, item, x = self.work.popleft()
                 while kind == "audio" and self.work and self.work[0][:2] == ("audio", item):
                     x = np.concatenate([x, self.work.popleft()[2]])  # catch up in one decoding
+                if kind == "audio" and self.work and self.work[0][:2] == ("end", item):
+                    # the turn ended while its audio waited: decode it once, at the close, not
+                    # once for the audio and again for the close on nearly the same buffer
+                    kind = self.work.popleft()[0]
                 self.behind -= len(x) if x is not None else 0
             try:
                 if kind == "clear":
@@ -6173,7 +6185,7 @@ class _RealtimeSession:
                     stream = streams[item] = self.server.model.stream(
                         language=self.language or self.detected, initial_prompt=prompt, name=f"{self.id}/{item}",
                         runner=self._decode)
-                events = stream.feed(x) if kind == "audio" else stream.close()
+                events = stream.feed(x) if kind == "audio" else stream.close(x)
                 for e in events:
                     if e.type == "committed" and e.text:
                         self.send("conversation.item.input_audio_transcription.delta", item_id=item,

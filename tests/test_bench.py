@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -58,25 +59,31 @@ class BenchSmokeTest(unittest.TestCase):
             import websockets  # noqa: F401
         except ImportError:
             self.skipTest("websockets is not installed (pip install websockets)")
-        wav, text = next((w, t) for w, t in support.samples("en") if w.stem == "quick_brown_fox")
-        copy = self.dir / wav.name                               # a .txt beside it is its reference
-        shutil.copy(wav, copy)
-        copy.with_suffix(".txt").write_text(text)
+        copies = {}
+        for wav, text in support.samples("en"):
+            copies[wav.stem] = self.dir / wav.name                # a .txt beside it is its reference
+            shutil.copy(wav, copies[wav.stem])
+            copies[wav.stem].with_suffix(".txt").write_text(text)
+        copy = copies["quick_brown_fox"]
         out = self.dir / "stream.json"
-        bench("stream", "--audio", copy, "--concurrency", "1", "--memory-minutes", "0.1", "--memory-step", "1",
-              "--json", out)
+        bench("stream", "--audio", copy, copies["counting"], "--concurrency", "1", "--ws-minutes", "0.1",
+              "--memory-minutes", "0.1", "--memory-step", "1", "--json", out)
         result = json.loads(out.read_text())
         row = result["clips"][0]
         self.assertGreater(row["words_matched"], 5)
         self.assertIn("brown fox", row["text"].lower())
-        self.assertAlmostEqual(result["all"]["wer_stream"], row["wer_stream"])     # one clip: all = it
+        self.assertEqual(result["clips"][1]["clip"], "counting.wav")
         self.assertEqual([r["streams"] for r in result["websocket"]], [1])
-        self.assertGreater(result["websocket"][0]["median_latency"], 0)
+        ws = result["websocket"][0]
+        self.assertGreater(ws["median_latency"], 0)
+        # up to 6 s of the clips one after another: both
+        self.assertAlmostEqual(ws["audio_seconds"], row["seconds"] + result["clips"][1]["seconds"])
+        self.assertTrue(math.isfinite(ws["latency_drift"]))
         # five beams, fed random steps of 0.5-1 s without waiting: commits are timed in audio
         # fed; a clip without a reference text is scored against --reference-model's transcript
-        bare = self.dir / "bare" / wav.name
+        bare = self.dir / "bare" / copy.name
         bare.parent.mkdir()
-        shutil.copy(wav, bare)
+        shutil.copy(copy, bare)
         bench("stream", "--audio", copy, bare, "--unpaced", "--step-max", "1", "--seed", "2", "--beam-size", "5",
               "--reference-model", "tiny.en", "--concurrency", "", "--json", out)
         result = json.loads(out.read_text())

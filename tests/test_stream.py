@@ -446,6 +446,28 @@ class StreamingTest(unittest.TestCase):
         self.assertEqual((stream.close(), decoded, stream.text), ([], [], ""))
         self.assertLessEqual(len(stream.audio), mw.SAMPLE_RATE)
 
+    def test_a_last_chunk_given_to_close_is_decoded_once(self):
+        """``close(chunk)`` (the server's worker when a turn ended while its audio waited)
+        decodes the last audio once, where ``feed(chunk)`` then ``close()`` decode twice, and
+        commits the same text."""
+        wav, _ = self.samples["quick_brown_fox"]
+        audio = mw.load_audio(str(wav))
+        head, rest = audio[:16000], audio[16000:]
+        texts = []
+        for last in ("close", "feed"):
+            decoded = []
+            stream = self.model.stream(runner=lambda w: decoded.append(w) or mw._run_window(self.model, w))
+            events = stream.feed(head)
+            before = len(decoded)
+            events += stream.close(rest) if last == "close" else stream.feed(rest) + stream.close()
+            self.assertEqual(len(decoded) - before, 1 if last == "close" else 2, last)
+            self.check_events(stream, events)
+            texts.append(stream.text)
+        self.assertEqual(texts[0], texts[1])
+        self.assertIn("brown fox", texts[0])
+        with self.assertRaises(mw.ConfigError):                # closed: no more audio
+            stream.close(rest)
+
     def test_the_prompt_is_the_last_prompt_tokens_tokens(self):
         windows = []
         text = " ".join(f"word{i}" for i in range(200))
