@@ -1182,7 +1182,7 @@ def stream_bench(args) -> dict:
         refs[clip] = (audio, reference or offline, words)
         api = _replay_api(m, audio, args.step, args.beam_size, paced=not args.unpaced, prompt_tokens=args.prompt_tokens,
                           step_max=args.step_max, seed=args.seed)
-        lat = [lat for _, lat in _word_latencies(words, api["commits"])]
+        lat = [x for _, x in _word_latencies(words, api["commits"])]
         (wrong, n), (wrong_offline, _) = (word_errors(reference or offline, text, english)
                                           for text in (api["text"], offline))
         errors[name] = errors.get(name, np.zeros(3)) + [wrong, wrong_offline, n]

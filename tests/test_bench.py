@@ -73,6 +73,9 @@ class BenchSmokeTest(unittest.TestCase):
         self.assertGreater(row["words_matched"], 5)
         self.assertIn("brown fox", row["text"].lower())
         self.assertEqual(result["clips"][1]["clip"], "counting.wav")
+        # all: every clip's errors over every clip's words, so between the two clips' WERs
+        wers = sorted(r["wer_stream"] for r in result["clips"])
+        self.assertTrue(wers[0] <= result["all"]["wer_stream"] <= wers[1], (wers, result["all"]))
         self.assertEqual([r["streams"] for r in result["websocket"]], [1])
         ws = result["websocket"][0]
         self.assertGreater(ws["median_latency"], 0)
