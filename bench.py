@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import os
 import resource
@@ -432,13 +433,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def step_bytes(dims: dict, batch: int, position: int) -> int:
-    """Bytes one decoder step must read: decoder weights, embedding, cross K/V, self K/V."""
+def step_bytes(dims: dict, batch: int, position: int, matrix_bytes: int = 4, cross_bytes: int = 4) -> int:
+    """Bytes one decoder step must read: decoder weights and embedding (``matrix_bytes`` each:
+    2 in bfloat16), cross K/V (``cross_bytes``), float32 self K/V."""
     d, L = dims["n_text_state"], dims["n_text_layer"]
     weights = L * (14 * d * d) + dims["n_vocab"] * d          # per layer: 4d² self, 2d² cross q/out, 8d² mlp
     cross = batch * L * 2 * dims["n_audio_ctx"] * d
     own = batch * L * 2 * (position + 1) * d
-    return 4 * (weights + cross + own)
+    return matrix_bytes * weights + cross_bytes * cross + 4 * own
 
 
 def sample_audio() -> np.ndarray:
@@ -452,16 +454,26 @@ def window_cross(m: mw.Model, audio: np.ndarray) -> list:
     return m.encode(m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES])[1]
 
 
-def step_latency(m: mw.Model, cross: list, batch: int, position: int, steps: int) -> float:
-    """Median ms of one decoder step at ``position``, for ``batch`` sequences. The cache is not
-    filled first: a step reads its first ``position`` rows whatever they hold."""
+def step_latency(m: mw.Model, cross: list, batch: int, position: int, steps: int) -> tuple[float, float]:
+    """Median ms of one decoder step at ``position``, for ``batch`` sequences, and ms of the
+    first step on a new cache (which captures the device graphs, where they replay), as greedy
+    decoding runs it: where the model chooses on the device (a GPU), the step and the choice
+    (``Model.greedy``, no logit rule cutting anything; its cuts sent from the host as decoding
+    sends them), else the step and its logits copied to the host. The cache is not filled
+    first: a step reads its first ``position`` rows whatever they hold."""
     cache = m.new_cache(cross, batch=batch)
     tokens = np.full((batch, 1), 262, np.int64)                                 # " the"
+    if m.greedy_on_device:
+        V = m.dims["n_vocab"]
+        bias, rule, cuts = m.put(np.zeros(V, np.float32)), m.put(np.array([V, 0], np.int64)), np.zeros((batch, 4), np.int64)
+        step = lambda: m.greedy(cache, tokens, (bias, mw._host(cuts), rule))       # noqa: E731
+    else:
+        step = lambda: m.decode(cache, tokens)                                       # noqa: E731
     times = []
-    for _ in range(steps + 1):                                  # the first runs the graph cold
+    for _ in range(steps + 1):
         cache.length = position
-        times.append(_timed(lambda: m.decode(cache, tokens)))
-    return 1000 * statistics.median(times[1:])
+        times.append(_timed(step))
+    return 1000 * statistics.median(times[1:]), 1000 * times[0]
 
 
 def model_dims(name: str) -> dict:
@@ -483,12 +495,13 @@ def random_weights(name: str, seed: int = 0) -> mw.Weights:
 
 
 def random_cross(m: mw.Model, batch: int, seed: int = 0) -> list:
-    """Random float32 cross K/V for ``batch`` windows, in the layout ``Model.encode`` returns."""
+    """Random cross K/V for ``batch`` windows, in the layout and dtype ``Model.encode`` returns."""
     h, ctx, L = m.dims["n_text_head"], m.dims["n_audio_ctx"], m.dims["n_text_layer"]
     dh = m.dims["n_text_state"] // h
     rng = np.random.default_rng(seed)
-    return [(m.put(rng.standard_normal((batch, h, dh, ctx), dtype=np.float32)),
-             m.put(rng.standard_normal((batch, h, ctx, dh), dtype=np.float32))) for _ in range(L)]
+    place = (lambda a: mw._bfloat16(a).to(m.device)) if m.precision.cross else m.put       # noqa: E731
+    return [(place(rng.standard_normal((batch, h, dh, ctx), dtype=np.float32)),
+             place(rng.standard_normal((batch, h, ctx, dh), dtype=np.float32))) for _ in range(L)]
 
 
 def scaling(args) -> dict:
@@ -501,44 +514,53 @@ def scaling(args) -> dict:
     probes = [last]
     positions = [int(p) for p in args.positions.split(",")]
     modes = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[args.kernels]
+    # device graphs exist on a GPU only; a CPU row says "-"
+    replays = {"both": [True, False], "on": [True], "off": [False]}[args.device_graphs] if args.device == "gpu" else [None]
     results = []
     checkpoint = args.weights == "checkpoint"
     for name in args.model.split(","):
         weights = mw.load_weights(name) if checkpoint else random_weights(name)
         for mode in modes:
-            m = mw.Model(weights, device=args.device, kernels=mode, warmup=checkpoint)
+            m = mw.Model(weights, device=args.device, kernels=mode, warmup=checkpoint, dtype=args.dtype)
             audio_cross = window_cross(m, sample_audio()) if checkpoint else None
-            for batch in [int(b) for b in args.batch.split(",")]:
+            for batch, replay in itertools.product([int(b) for b in args.batch.split(",")], replays):
                 cross = audio_cross or random_cross(m, batch)
-                r = {"model": name, "batch": batch, "kernels": m.kernels is not None, "step_ms": {},
-                     "bandwidth_gbs": {}, "bandwidth_limit_ms": {}, "fraction_of_bandwidth_limit": {}}
+                m.device_graphs = bool(replay)
+                r = {"model": name, "batch": batch, "kernels": m.kernels is not None, "device_graphs": replay,
+                     "step": "greedy choice on the device" if m.greedy_on_device else "logits to the host",
+                     "step_ms": {}, "first_step_ms": {}, "bandwidth_gbs": {}, "bandwidth_limit_ms": {},
+                     "fraction_of_bandwidth_limit": {}}
                 for p in positions:
-                    ms = step_latency(m, cross, batch, p, args.steps)
+                    ms, r["first_step_ms"][str(p)] = step_latency(m, cross, batch, p, args.steps)
                     now = probe.rates()
                     probes.append(now)
                     rate = max(*last.values(), *now.values())
                     last = now
-                    limit = 1000 * step_bytes(m.dims, batch, p) / (rate * 1e9)
+                    limit = 1000 * step_bytes(m.dims, batch, p, 2 if m.precision.matrices else 4,
+                                              2 if m.precision.cross else 4) / (rate * 1e9)
                     r["step_ms"][str(p)], r["bandwidth_gbs"][str(p)] = ms, rate
                     r["bandwidth_limit_ms"][str(p)], r["fraction_of_bandwidth_limit"][str(p)] = limit, limit / ms
                 r["tokens_per_s"] = {p: batch * 1000 / v for p, v in r["step_ms"].items()}
                 results.append(r)
     rates = [max(rates.values()) for rates in probes]
-    print_table(f"scaling on {args.device}: decoder step ms by position, fp32"
+    print_table(f"scaling on {args.device}: decoder step ms by position, {args.dtype}"
                 f"{'' if checkpoint else ', random weights'}; memory read rate probed "
                 f"{min(rates):.1f}–{max(rates):.1f} GB/s over the run, before and after each position "
-                f"(tokens/s, and % of the bandwidth bound from the rate probed around it, at the last position)",
-                ["model", "batch", "kernels"] + positions + ["tokens/s", "% of bound"],
-                [[r["model"], r["batch"], "on" if r["kernels"] else "off"]
+                f"(tokens/s, % of the bandwidth bound from the rate probed around it, and a new cache's "
+                f"first step, which captures the device graphs where they replay: at the last position)",
+                ["model", "batch", "kernels", "device graphs"] + positions + ["tokens/s", "% of bound", "first step"],
+                [[r["model"], r["batch"], "on" if r["kernels"] else "off",
+                  {None: "-", True: "on", False: "off"}[r["device_graphs"]]]
                  + [f"{r['step_ms'][str(p)]:.2f}" for p in positions]
                  + [f"{r['tokens_per_s'][str(positions[-1])]:.0f}",
-                    f"{100 * r['fraction_of_bandwidth_limit'][str(positions[-1])]:.0f}%"] for r in results])
+                    f"{100 * r['fraction_of_bandwidth_limit'][str(positions[-1])]:.0f}%",
+                    f"{r['first_step_ms'][str(positions[-1])]:.2f}"] for r in results])
     if args.png:
         chart(args.png, "decoder step ms by position",
               [f"{r['model']} b{r['batch']} {'k' if r['kernels'] else 'ops'} @{p}" for r in results for p in r["step_ms"]],
               [v for r in results for v in r["step_ms"].values()])
-    out = {"command": "scaling", "device": args.device, "weights": args.weights, "memory_bandwidth_gbs": max(rates),
-           "bandwidth_probes_gbs": probes, "machine": machine(), "runs": results}
+    out = {"command": "scaling", "device": args.device, "weights": args.weights, "dtype": args.dtype,
+           "memory_bandwidth_gbs": max(rates), "bandwidth_probes_gbs": probes, "machine": machine(), "runs": results}
     if len(results) == 1:
         out.update(results[0])
     return out
@@ -1342,6 +1364,10 @@ def main(argv=None) -> int:
     s.add_argument("--batch", default="1", help="comma-separated batch sizes")
     s.add_argument("--kernels", choices=["both", "on", "off"], default="both",
                    help="decoder attention: the Mojo kernels, MAX ops, or both side by side")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="decoder weights (and, with the kernels, cross K/V) in float32 or bfloat16")
+    s.add_argument("--device-graphs", choices=["both", "on", "off"], default="on",
+                   help="on a GPU: replay each step as a captured device graph, launch its ops, or both")
     s.add_argument("--steps", type=int, default=30)
     s.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where the decoder runs")
     s.add_argument("--weights", choices=["checkpoint", "random"], default="checkpoint",

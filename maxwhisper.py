@@ -59,9 +59,11 @@ instead of reading the checkpoint (``_WeightImage``).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import math
@@ -73,6 +75,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 import zlib
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -222,6 +225,8 @@ OPTIONS: tuple[Option, ...] = (
        "bfloat16's accuracy)"),
     _O("graph_cache", "auto", str, "load", "folder keeping compiled graphs and weight images for fast starts: auto = "
        "$XDG_CACHE_HOME or ~/.cache, then maxwhisper/graphs; off = none"),
+    _O("device_graphs", True, _parse_bool, "load", "on a GPU, capture a decoding step's kernel launches "
+       "once per KVCache and replay them as one device graph (off: launch each op every step)"),
     # -- transcription ----------------------------------------------------------------------
     _O("language", None, _str, "transcribe", "spoken language (code or name); none detects it",
        form="language"),
@@ -1600,6 +1605,13 @@ def _host(array: np.ndarray):
     return Buffer.from_numpy(np.ascontiguousarray(array))
 
 
+def _batch_copy(targets: Sequence, sources: Sequence) -> None:
+    """Copy each of ``sources`` (host or device buffers) into the same-sized buffer of
+    ``targets``, as one submission per device."""
+    from max.driver import batch_inplace_copy
+    batch_inplace_copy(list(targets), list(sources))
+
+
 _OPENAI_MODULES: dict = {}
 _OPENAI_LOCK = threading.Lock()
 
@@ -2555,8 +2567,11 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
         cross = [v.tensor for v in g.inputs[2 + len(names):2 + len(names) + 2 * L]]
         cache = g.inputs[2 + len(names) + 2 * L:]
         out_type = TensorType(DType.float32, [tokens.shape[0], 1, dims["n_text_state"]], device=device)
-        # keys each query sees: the cache's filled rows, every encoded audio frame
-        frames = ops.transfer_to(ops.shape_to_tensor([cross[0].shape[3]]), device)
+        # keys each query sees: the cache's filled rows; every encoded audio frame, as a bound
+        # above any frame count (the op reads min(bound, frames)) kept on the device: the frames'
+        # count would be sent from the host each step, and a step captured as a device graph
+        # (``_GraphRunner.run_bound``) must not copy from host memory
+        frames = ops.constant(np.array([1 << 30], np.int64), DType.int64, device=device)
         lengths = positions + 1
 
         def self_attend(i, qkv):                      # appends the token's K/V, then attends
@@ -2738,7 +2753,9 @@ class KVCache:
     ``length``: how many token positions are filled; slots past it are masked, never read.
     ``self_kv``: where the step is the one CPU op (``build_step_graph``), every layer's K^T
     and V in one host buffer [2 * layers, batch, heads, 64 * n_text_ctx], of which
-    ``self_k`` / ``self_v`` are views; otherwise None.
+    ``self_k`` / ``self_v`` are views; otherwise None. ``device_graphs``: on a GPU, the
+    per-token graphs captured over this cache's buffers (graph name -> ``_Captured``,
+    ``_GraphRunner.run_bound``), released when the cache is.
     """
 
     self_k: list
@@ -2748,6 +2765,7 @@ class KVCache:
     capacity: int
     length: int = 0
     self_kv: object = None
+    device_graphs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def empty(cls, dims: dict, cross: list, batch: int, put, packed: bool = False) -> "KVCache":
@@ -2929,12 +2947,27 @@ def _compile_child(recipe: dict) -> None:
     _GraphRunner(device, recipe["device"], builders, store, recipe["source"]).compiled(recipe["graph"])
 
 
+@dataclasses.dataclass
+class _Captured:
+    """One graph's kernel launches captured as a device graph (``_GraphRunner.run_bound``):
+    its ``key``, the device ``inputs`` it is bound to, the ``outputs`` every replay rewrites,
+    ``sources``: the last call's inputs, kept alive until the next in case a copy from them
+    is still under way, and the ``finalizer`` that releases it with its ``KVCache``."""
+
+    key: int
+    inputs: list
+    outputs: list
+    finalizer: object = None
+    sources: list = dataclasses.field(default_factory=list)
+
+
 class _GraphRunner:
     """Compiles a model's graphs on first use (or loads them from the graph store) and runs
     them, one at a time under ``lock``. Each graph compiles under a lock of its own, so a graph
     compiling for one caller (tens of seconds) does not stop the others' graphs from running.
     A graph that fails to compile raises ``DeviceError`` and is compiled again by the next call
-    that needs it."""
+    that needs it. On a GPU, ``run_bound`` replays a decoding's per-token graphs as captured
+    device graphs."""
 
     def __init__(self, device, device_name: str, builders: dict, store: _GraphStore, source: str,
                  recipe: dict | None = None):
@@ -2949,6 +2982,10 @@ class _GraphRunner:
         self.compile_seconds: dict[str, float] = {}
         self.compile_total = 0.0
         self.graph_sources: dict[str, str] = {}    # name -> "stored" or "compiled"
+        self.captures = 0                          # device graphs captured (run_bound)
+        self._keys = itertools.count(1)
+        self._uncapturable: set[str] = set()       # graphs whose capture failed: run op by op
+        self._dropped: collections.deque = collections.deque()   # (graph, key) of caches gone
 
     def expected_seconds(self, name: str) -> float:
         """How long graph ``name`` should take to compile: its last compile here, else the
@@ -3050,6 +3087,76 @@ class _GraphRunner:
             except Exception as e:  # a device error must not leak as a bare RuntimeError
                 raise DeviceError(f"running the {name} graph on {self.device_name} failed "
                                   f"({type(e).__name__}: {e}); the model stays usable") from e
+
+    def run_bound(self, name: str, cache: "KVCache", inputs: list, written: int = 0) -> list:
+        """``run`` for a graph that a decoding runs once per token over ``cache`` (a GPU's
+        decoder step and greedy choice), as a device graph: the first call captures the
+        graph's kernel launches bound to its inputs, and each later call copies the inputs that
+        are not the bound buffers into them (in one batch) and replays every launch at once. A
+        launch costs microseconds whatever its size, and a small model's step is dozens of them.
+
+        ``inputs`` may be host buffers (copied to the device); the last ``written`` are
+        written in place by the graph (the cache's self K/V): a call whose own differ from the
+        bound ones captures anew. The outputs are the same buffers on every call, so a caller
+        reads them before its next call. The capture is released when ``cache`` is garbage (at
+        the next call of any cache). Where capturing or replaying fails, the graph runs as
+        ``run`` from then on (logged once), as it does with ``device_graphs`` off."""
+        if name not in self._uncapturable:
+            graph = self.compiled(name)
+            fixed = len(inputs) - written
+            with self.lock:
+                self._release_dropped()
+                entry = cache.device_graphs.get(name)
+                if entry is not None and any(a is not b for a, b in zip(inputs[fixed:], entry.inputs[fixed:])):
+                    self._drop(graph, cache, name)
+                    entry = None
+                try:
+                    if entry is None:
+                        entry = self._capture(name, graph, cache, inputs)
+                    else:
+                        pairs = [(b, x) for b, x in zip(entry.inputs, inputs) if x is not b]
+                        if pairs:
+                            _batch_copy(*zip(*pairs))
+                    entry.sources = inputs
+                    graph.replay(entry.key, *entry.inputs)
+                    return entry.outputs
+                except Exception as e:  # capture is best-effort in MAX: a graph may hold a host sync
+                    self._uncapturable.add(name)
+                    self._drop(graph, cache, name)
+                    self._release_dropped()
+                    log.warning("the %s graph does not replay as a device graph on %s (%s: %s); it runs "
+                                "op by op from now on", name, self.device_name, type(e).__name__, e)
+        return self.run(name, *(x.to(self.device) for x in inputs))
+
+    def _capture(self, name: str, graph, cache: "KVCache", inputs: list) -> _Captured:
+        """Capture ``graph``'s launches bound to ``inputs`` placed on the device, for ``cache``
+        (under ``lock``)."""
+        # the device's own buffers bound as they are: later calls pass the same objects
+        key, bound = next(self._keys), [x.to(self.device) if x.device.is_host else x for x in inputs]
+        try:
+            outputs = graph.capture(key, *bound)
+        except Exception:
+            self._dropped.append((graph, key))
+            raise
+        self.captures += 1
+        entry = cache.device_graphs[name] = _Captured(key, bound, outputs)
+        entry.finalizer = weakref.finalize(cache, self._dropped.append, (graph, key))
+        return entry
+
+    def _drop(self, graph, cache: "KVCache", name: str) -> None:
+        """Forget ``cache``'s capture of graph ``name``, to be released (under ``lock``)."""
+        entry = cache.device_graphs.pop(name, None)
+        if entry is not None:
+            entry.finalizer.detach()
+            self._dropped.append((graph, entry.key))
+
+    def _release_dropped(self) -> None:
+        """Release the device graphs of caches gone since the last call (under ``lock``: a
+        finalizer runs in whichever thread drops the cache, maybe one holding the lock)."""
+        while self._dropped:
+            graph, key = self._dropped.popleft()
+            with contextlib.suppress(Exception):  # nothing to do for a graph already gone
+                graph.release_captured_graph(key)
 
 
 class _DeviceWeights:
@@ -3169,6 +3276,9 @@ class Model:
     used, or None, and ``self.precision`` what ``dtype`` means here. ``greedy_on_device``:
     greedy decoding picks tokens on the device (``_GreedyOnDevice``); True on a GPU, where
     copying every step's logits to the host costs more than the step, False on a CPU.
+    ``device_graphs``: the per-token graphs (the kernel step, the greedy choice) are replayed as
+    device graphs captured once per ``KVCache`` (``_GraphRunner.run_bound``); on a GPU unless
+    the ``device_graphs`` setting is off.
     """
 
     def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,
@@ -3185,6 +3295,7 @@ class Model:
         self.kernels = _kernels_dir(kernels)
         self.dtype, self.precision = dtype, Precision.choose(dtype, self.device, self.kernels)
         self.greedy_on_device = self.device_name == "gpu"
+        self.device_graphs = self.device_name == "gpu" and bool(self.config["device_graphs"])
         ref = DeviceRef.from_device(self.device)
         store = _GraphStore(self.config["graph_cache"], self.device)
         recipe = {"dims": self.dims, "device": self.device_name, "dtype": dtype, "source": str(weights.source),
@@ -3314,10 +3425,18 @@ class Model:
 
     def greedy(self, cache: KVCache, tokens: np.ndarray, rules: tuple) -> tuple[np.ndarray, np.ndarray]:
         """Feed one token per row [batch, 1] and pick each row's next token on the device
-        (``build_greedy_graph``; ``rules`` its bias, cuts and rule inputs, device buffers):
-        returns the tokens [batch] and their log-probabilities [batch]."""
-        out = self.runner.run("greedy", self._decode(cache, tokens, (-1,)), *rules)
+        (``build_greedy_graph``; ``rules`` its bias, cuts and rule inputs, host or device
+        buffers): returns the tokens [batch] and their log-probabilities [batch]."""
+        out = self._per_token("greedy", cache, [self._decode(cache, tokens, (-1,)), *rules])
         return out[0].to_numpy()[:, 0], out[1].to_numpy()[:, 0]
+
+    def _per_token(self, name: str, cache: KVCache, inputs: list, written: int = 0) -> list:
+        """Run graph ``name``, which a decoding over ``cache`` runs once per token, on
+        ``inputs`` (host or device buffers): as a captured device graph where the model
+        replays them (``device_graphs``; ``written``: see ``_GraphRunner.run_bound``)."""
+        if self.device_graphs:
+            return self.runner.run_bound(name, cache, inputs, written)
+        return self.runner.run(name, *(x.to(self.device) for x in inputs))
 
     def _decode(self, cache: KVCache, tokens: np.ndarray, out_idx: Sequence[int]):
         """``decode``'s step, its logits left on the device: [batch, len(out_idx) or 1, n_vocab]
@@ -3333,19 +3452,18 @@ class Model:
         put = self.put
         cross = [b for kv in cache.cross for b in kv]
         if self.precision.packed:               # any number of tokens: the one-op step graph
-            graph = "step"
-            inputs = [put(tokens), put(positions[:1]), put(np.array(idx, np.int64)), *self.device_weights.step,
-                      *cross, cache.self_kv]
+            out = self.runner.run("step", put(tokens), put(positions[:1]), put(np.array(idx, np.int64)),
+                                  *self.device_weights.step, *cross, cache.self_kv)
         elif self.kernels and n == 1:           # one token (every index is it): the Mojo kernel graph
-            graph = "step"
-            inputs = [put(tokens), put(positions), *self.device_weights.decoder, *cross, *cache.self_buffers()]
+            selves = cache.self_buffers()
+            out = self._per_token("step", cache, [_host(tokens), _host(positions), *self.device_weights.decoder,
+                                                  *cross, *selves], written=len(selves))
         else:
             mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
             mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
-            graph = "decoder"
-            inputs = [put(tokens), _host(np.array([start, start + n], np.int64)), put(positions),
-                      put(np.array(idx, np.int64)), put(mask), *self.device_weights.decoder, *cross, *cache.self_buffers()]
-        out = self.runner.run(graph, *inputs)
+            out = self.runner.run("decoder", put(tokens), _host(np.array([start, start + n], np.int64)),
+                                  put(positions), put(np.array(idx, np.int64)), put(mask),
+                                  *self.device_weights.decoder, *cross, *cache.self_buffers())
         cache.length += n
         return out[0]
 
@@ -3744,12 +3862,13 @@ class _GreedyOnDevice:
                 and all(isinstance(f, (SuppressBlank, SuppressTokens, ApplyTimestampRules)) for f in filters))
 
     def rules(self, tokens: np.ndarray) -> tuple:
-        """``build_greedy_graph``'s rule inputs after the token rows ``tokens``."""
+        """``build_greedy_graph``'s rule inputs after the token rows ``tokens`` (the cuts on
+        the host: ``Model.greedy`` copies them into its captured graph's input)."""
         cuts = np.zeros((len(tokens), 4), np.int64)
         if self.stamps:
             for k in range(len(tokens)):
                 cuts[k] = self.stamps.row_cuts(tokens[k, self.rules_begin:], self.n_vocab)
-        return self.bias, self.model.put(cuts), self.rule
+        return self.bias, _host(cuts), self.rule
 
     def step(self, cache: KVCache, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Feed each row's last token; the next tokens and their log-probabilities."""
@@ -5986,8 +6105,6 @@ class _RealtimeSession:
     worker never reads, so a client that stops reading stalls only its own session."""
 
     def __init__(self, server: "Server", ws: _WebSocket):
-        import collections
-        import itertools
         self.server, self.ws = server, ws
         self.ids = itertools.count(1)
         self.rate, self.language, self.prompt = 24000, None, None

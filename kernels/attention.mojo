@@ -198,7 +198,7 @@ def _attend_cpu_block[kv: DType](
     var lens = List[Int](length=QB, fill=0)
     var longest = 0
     for r in range(QB):                      # rows past the block's end repeat its last
-        var n = Int(lengths[unsafe_offset=t0 + min(r, nq - 1)])
+        var n = min(Int(lengths[unsafe_offset=t0 + min(r, nq - 1)]), keys)
         lens[r] = n
         longest = max(longest, n)
     var scores = List[Float32](unsafe_uninit_length=(1 if nq == 1 else QB) * keys)   # written before read
@@ -507,7 +507,8 @@ def _self_attend_step_cpu(
 
 @extensibility.register("whisper_attention")
 struct WhisperAttention:
-    """Attention softmax(q . K / 8) . V where query t sees only the first lengths[t] keys.
+    """Attention softmax(q . K / 8) . V where query t sees only the first lengths[t] keys (all
+    S of them where lengths[t] >= S).
 
     q [B, T, C] float32 holds the h query heads side by side in its first h * 64 columns (C may
     be wider: a fused q|k|v row); keys given transposed, k_t [B, h, 64, S], and v [B, h, S, 64],

@@ -176,8 +176,10 @@ class BenchSmokeTest(unittest.TestCase):
               "--batch", "2", "--json", out)
         result = json.loads(out.read_text())
         self.assertEqual((result["weights"], result["batch"], result["kernels"]), ("random", 2, True))
+        self.assertIsNone(result["device_graphs"])                       # a CPU has none
         self.assertEqual(set(result["step_ms"]), {"10", "400"})
         self.assertTrue(all(v > 0 for v in result["step_ms"].values()))
+        self.assertEqual(set(result["first_step_ms"]), {"10", "400"})
 
     def test_step_bytes_count_every_weight(self):
         """The bandwidth bound's bytes: the decoder's matrices and embedding as the packed step

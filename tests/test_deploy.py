@@ -123,15 +123,15 @@ class GpuScriptsTest(unittest.TestCase):
             (work / "graphs" / "encoder_x.mef").write_bytes(os.urandom(100_000))
             (work / "graphs" / "weights-x.bin").write_bytes(os.urandom(100_000))      # stays behind
             env = {**os.environ, "MW_GPU_WORK": str(work), "OUT": str(out), "MW_GPU_SECONDS": "0", "MW_GPU_DRY": "1"}
-            for steps, skipped in ((None, 7), ("1 8", 2)):              # the checks; a throughput session
+            for steps, skipped in ((None, 8), ("1 9 10", 3)):           # the checks; a throughput session
                 run_env = env if steps is None else {**env, "MW_GPU_STEPS": steps}
                 r = subprocess.run(["bash", str(DEPLOY / "gpu" / "run.sh"), "check"], env=run_env,
                                    capture_output=True, text=True, timeout=300)
                 self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
                 table = (out / "results.md").read_text()
                 self.assertEqual(table.count("skipped: the call's time is spent"), skipped, table)
-                self.assertEqual("| 8. throughput" in table, steps is not None, table)
-                self.assertIn("| 9. the graph store out | ok: 1 graphs |", table)
+                self.assertEqual("| 10. throughput" in table, steps is not None, table)
+                self.assertIn("| 11. the graph store out | ok: 1 graphs |", table)
             files = sorted(p.name for p in out.iterdir())
             self.assertLessEqual(len(files), 8, files)
             self.assertTrue(all(re.fullmatch(r"[A-Za-z0-9._-]+", f) for f in files), files)

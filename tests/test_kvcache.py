@@ -1,5 +1,7 @@
-"""KVCache: step-by-step decoding equals full recompute, and the context limit is enforced."""
+"""KVCache: step-by-step decoding equals full recompute, the context limit is enforced, and
+the steps replayed as device graphs equal the steps launched op by op."""
 
+import gc
 import unittest
 
 import numpy as np
@@ -78,6 +80,68 @@ class KVCacheTest(unittest.TestCase):
         for row in range(2):
             one = self.model.decode(self.model.new_cache(self.cross), two[row:row + 1])
             np.testing.assert_allclose(logits[row], one[0], atol=1e-3)
+
+
+
+class DeviceGraphTest(unittest.TestCase):
+    """A decoding's per-token graphs, replayed as device graphs captured once per KVCache (the
+    ``device_graphs`` setting, on by default on a GPU), give what launching them op by op gives."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.audio = mw.load_audio(support.samples("en")[0][0])
+
+    @unittest.skipUnless(support.DEVICE == "cpu", "a CPU cannot capture device graphs; a GPU can")
+    def test_a_graph_that_cannot_be_captured_runs_op_by_op(self):
+        """MAX captures device graphs on GPUs only: a CPU model made to capture its greedy
+        choice (as a GPU model does) warns once that it cannot and then launches it as before,
+        with the same transcript."""
+        m = mw.load("tiny.en", device="cpu")
+        m.device_graphs = m.greedy_on_device = True
+        with self.assertLogs("maxwhisper", "WARNING") as logs:
+            got = m.transcribe(self.audio, temperature=0.0)
+            again = m.transcribe(self.audio, temperature=0.0)
+        self.assertEqual(sum("does not replay as a device graph" in line for line in logs.output), 1, logs.output)
+        self.assertEqual((m.runner.captures, len(m.runner._dropped)), (0, 0))
+        want = support.model("tiny.en").transcribe(self.audio, temperature=0.0)
+        self.assertEqual(support.tokens(got), support.tokens(want))
+        self.assertEqual(support.tokens(again), support.tokens(want))
+
+    @unittest.skipUnless(support.DEVICE == "gpu", "device graphs are captured on a GPU (MW_TEST_DEVICE=gpu)")
+    def test_replayed_steps_equal_launched_ones(self):
+        """Step by step, the same logits from a replayed step as from the same model's graph
+        launched op by op; one capture per cache, and another when the cache's buffers are
+        replaced; the same transcripts, greedy and by beam search; a dropped cache's capture
+        released at the next call."""
+        m = support.model("tiny.en")
+        launched = mw.load("tiny.en", device=support.DEVICE)
+        launched.device_graphs = False
+        self.assertTrue(m.device_graphs)
+        mel = m.log_mel(self.audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
+        cross = m.encode(mel)[1]
+        tok = m.tokenizer(language="en")
+        tokens = np.array(list(tok.sot_sequence) + tok.encode(" " + support.LONG_TEXT)[:60], np.int64)[None]
+        replayed, eager = m.new_cache(cross), launched.new_cache(cross)
+        captures = m.runner.captures
+        m.decode(replayed, tokens[:, :3])
+        launched.decode(eager, tokens[:, :3])
+        for pos in range(3, tokens.shape[1]):
+            if pos == 40:                     # buffers replaced: the step is captured anew
+                replayed.self_k = [b.copy() for b in replayed.self_k]
+            np.testing.assert_allclose(m.decode(replayed, tokens[:, pos:pos + 1]),
+                                       launched.decode(eager, tokens[:, pos:pos + 1]), atol=1e-5, err_msg=f"at {pos}")
+        self.assertEqual(m.runner.captures - captures, 2)
+        self.assertEqual(set(replayed.device_graphs), {"step"})
+        self.assertEqual(eager.device_graphs, {})
+        for options in ({}, {"beam_size": 5}, {"word_timestamps": True}):
+            with self.subTest(**options):
+                self.assertEqual(support.tokens(m.transcribe(self.audio, temperature=0.0, **options)),
+                                 support.tokens(launched.transcribe(self.audio, temperature=0.0, **options)))
+        del replayed
+        gc.collect()
+        self.assertTrue(m.runner._dropped)
+        m.decode(m.new_cache(cross), tokens[:, :1])
+        self.assertFalse(m.runner._dropped)
 
 
 if __name__ == "__main__":

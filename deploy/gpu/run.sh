@@ -8,17 +8,20 @@
 # The steps, in order of what a GPU session most needs, each with a time limit; past the
 # call's budget (MW_GPU_SECONDS, default 540 s) the rest are skipped, and the graph store
 # always goes out last so that the next run compiles nothing. MW_GPU_STEPS picks the steps
-# (default "1 2 3 4 5 6 7"; "1 8" is a throughput session, MW_GPU_MODELS its models):
+# (default "1 2 3 4 5 6 7 8"; "1 9 10" is a throughput session, MW_GPU_MODELS its models):
 #   1. the machine: GPU, driver, Python, MAX sees the accelerator
 #   2. tiny.en's graphs for the GPU (`--warmup`: compiled in parallel processes, or loaded)
 #   3. the Quick start sample and the long clip transcribed on the GPU, tokens against the CPU's
-#   4. the kernel op tests on the GPU
-#   5. tiny.en parity with openai-whisper on the GPU (test_parity.TinyEnParityTest)
-#   6. random-weight parity with openai-whisper at tiny.en and large-v3-turbo shapes
-#   7. a bfloat16 model's encoder on the GPU (test_precision.GpuBFloat16EncoderTest)
-#   8. bench.py throughput: random large-v3-turbo and large-v3 against transformers and
+#   4. device graphs: replayed steps against launched ones (test_kvcache), and tiny.en's step
+#      times both ways (scaling.json)
+#   5. the kernel op tests on the GPU
+#   6. tiny.en parity with openai-whisper on the GPU (test_parity.TinyEnParityTest)
+#   7. random-weight parity with openai-whisper at tiny.en and large-v3-turbo shapes
+#   8. a bfloat16 model's encoder on the GPU (test_precision.GpuBFloat16EncoderTest)
+#   9. step times at the throughput models' shapes, bfloat16, both ways (scaling-models.json)
+#  10. bench.py throughput: random large-v3-turbo and large-v3 against transformers and
 #      openai-whisper, batches 1-64, bfloat16 (throughput.json)
-#   9. the graph store, as graphs.tar.xz.N pieces of 15 MiB
+#  11. the graph store, as graphs.tar.xz.N pieces of 15 MiB
 # $OUT gets results.md (a table of the steps, the token comparison), log.txt and the pieces.
 # MW_GPU_DRY=1 runs the same steps on this CPU with this checkout's .venv (a rehearsal).
 set -uo pipefail
@@ -51,7 +54,7 @@ toxz() {
 step() {
   local name=$1 limit=$2 left start rc
   shift 2
-  case " ${MW_GPU_STEPS:-1 2 3 4 5 6 7} " in *" ${name%%.*} "*) ;; *) return ;; esac
+  case " ${MW_GPU_STEPS:-1 2 3 4 5 6 7 8} " in *" ${name%%.*} "*) ;; *) return ;; esac
   left=$(( deadline - $(date +%s) - 45 ))               # 45 s kept for the graph store
   if [ "$left" -lt 30 ]; then
     echo "| $name | skipped: the call's time is spent | |" >> "$results"
@@ -108,15 +111,25 @@ for want in sorted(Path(sys.argv[1]).glob("*.json")):
     verdict = "the CPU's tokens" if first is None else f"differs from the CPU's at token {first} of {len(ta)}"
     print(f"| {want.stem}: {len(tb)} tokens | {verdict}: {b['text'][:70]!r} | |")
 PYEOF
-step "4. kernel op tests" 240 "$PY" -m unittest discover -s tests -p test_kernels.py
-step "5. tiny.en parity with openai-whisper" 300 "$PY" -m unittest discover -s tests -p test_parity.py -k TinyEnParityTest
-step "6. random-weight parity, tiny.en and large-v3-turbo shapes" 600 "$PY" -m unittest discover -s tests \
+# step times: random weights of the shapes, the kernel step, batch 1 and 8, replayed and launched
+SCALING="bench.py scaling --weights random --device $DEVICE --kernels on --device-graphs both"
+SCALING="$SCALING --batch 1,8 --positions 10,100,400 --steps 20"
+# shellcheck disable=SC2086
+step "4. device graphs: replays against launches, tiny.en step times" 300 sh -c "$PY -m unittest discover \
+  -s tests -p test_kvcache.py; rc=\$?; $PY $SCALING --model tiny.en --json '$OUT/scaling.json' || exit 1; exit \$rc"
+step "5. kernel op tests" 240 "$PY" -m unittest discover -s tests -p test_kernels.py
+step "6. tiny.en parity with openai-whisper" 300 "$PY" -m unittest discover -s tests -p test_parity.py -k TinyEnParityTest
+step "7. random-weight parity, tiny.en and large-v3-turbo shapes" 600 "$PY" -m unittest discover -s tests \
   -p test_checkpoints.py -k test_tiny_en -k test_large_v3_turbo_and_its_transcript
-step "7. bfloat16 encoder" 240 "$PY" -m unittest discover -s tests -p test_precision.py -k GpuBFloat16EncoderTest
-step "8. throughput against transformers and openai-whisper" 570 "$PY" bench.py throughput --model "$MODELS" \
+step "8. bfloat16 encoder" 240 "$PY" -m unittest discover -s tests -p test_precision.py -k GpuBFloat16EncoderTest
+# shellcheck disable=SC2086
+step "9. step times at $MODELS shapes" 300 "$PY" $SCALING --model "$MODELS" --dtype "$DTYPE" \
+  --json "$OUT/scaling-models.json"
+step "10. throughput against transformers and openai-whisper" 570 "$PY" bench.py throughput --model "$MODELS" \
   --device "$DEVICE" --dtype "$DTYPE" --batch "$BATCH" --engines "${MW_GPU_ENGINES:-maxwhisper,transformers,openai}" \
   --windows 8 --tokens 100 --repeats 2 --json "$OUT/throughput.json"
 
+[ -d "$W/transcripts" ] && tar -C "$W" -cf "$OUT/transcripts.tar" transcripts
 start=$(date +%s)                          # whatever the budget: the next run needs no compile
 # the compiled graphs and their compile times, oldest first (tiny.en's), not the weight images
 graphs=$(cd "$W/graphs" && ls -tr -- *.mef compile-seconds.json 2>/dev/null)
@@ -126,9 +139,10 @@ if (cd "$W/graphs" && tar -cf - $graphs) | toxz | split -b 15M -d -a 1 - "$OUT/g
 else
   verdict=failed
 fi
-for piece in "$OUT"/graphs.tar.xz.[5-9]; do      # $OUT returns 8 files: 5 pieces (the first graphs whole)
-  [ -e "$piece" ] && rm "$piece" && verdict="cut to 5 pieces of 15 MiB"
+# $OUT returns 8 files: the pieces are what the others leave (the first graphs whole)
+keep=$(( 8 - $(find "$OUT" -maxdepth 1 -type f ! -name 'graphs.tar.xz.*' | wc -l) ))
+for piece in "$OUT"/graphs.tar.xz.*; do
+  [ -e "$piece" ] && [ "${piece##*.}" -ge "$keep" ] && rm "$piece" && verdict="cut to $keep pieces of 15 MiB"
 done
-echo "| 9. the graph store out | $verdict | $(( $(date +%s) - start )) |" >> "$results"
-[ -d "$W/transcripts" ] && tar -C "$W" -cf "$OUT/transcripts.tar" transcripts
+echo "| 11. the graph store out | $verdict | $(( $(date +%s) - start )) |" >> "$results"
 cat "$results"
