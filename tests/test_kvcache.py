@@ -82,7 +82,6 @@ class KVCacheTest(unittest.TestCase):
             np.testing.assert_allclose(logits[row], one[0], atol=1e-3)
 
 
-
 class DeviceGraphTest(unittest.TestCase):
     """A decoding's per-token graphs, replayed as device graphs captured once per KVCache (the
     ``device_graphs`` setting, on by default on a GPU), give what launching them op by op gives."""
@@ -111,8 +110,10 @@ class DeviceGraphTest(unittest.TestCase):
     def test_replayed_steps_equal_launched_ones(self):
         """Step by step, the same logits from a replayed step as from the same model's graph
         launched op by op; one capture per cache, and another when the cache's buffers are
-        replaced; the same transcripts, greedy and by beam search; a dropped cache's capture
-        released at the next call."""
+        replaced; the same greedy transcripts (the step and the choice replayed); a dropped
+        cache's capture released at the next call. (Beam search and word timestamps replay too:
+        test_parity compares them with openai-whisper on the GPU; here they would compile three
+        more graphs.)"""
         m = support.model("tiny.en")
         launched = mw.load("tiny.en", device=support.DEVICE)
         launched.device_graphs = False
@@ -133,13 +134,14 @@ class DeviceGraphTest(unittest.TestCase):
         self.assertEqual(m.runner.captures - captures, 2)
         self.assertEqual(set(replayed.device_graphs), {"step"})
         self.assertEqual(eager.device_graphs, {})
-        for options in ({}, {"beam_size": 5}, {"word_timestamps": True}):
+        for options in ({}, {"without_timestamps": True}):
             with self.subTest(**options):
                 self.assertEqual(support.tokens(m.transcribe(self.audio, temperature=0.0, **options)),
                                  support.tokens(launched.transcribe(self.audio, temperature=0.0, **options)))
+        key = replayed.device_graphs["step"].key
         del replayed
         gc.collect()
-        self.assertTrue(m.runner._dropped)
+        self.assertIn(key, [k for _, k in m.runner._dropped])
         m.decode(m.new_cache(cross), tokens[:, :1])
         self.assertFalse(m.runner._dropped)
 
