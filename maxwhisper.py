@@ -3103,20 +3103,20 @@ class _GraphRunner:
         ``run`` from then on (logged once), as it does with ``device_graphs`` off."""
         if name not in self._uncapturable:
             graph = self.compiled(name)
-            fixed = len(inputs) - written
             with self.lock:
                 self._release_dropped()
                 entry = cache.device_graphs.get(name)
-                if entry is not None and any(a is not b for a, b in zip(inputs[fixed:], entry.inputs[fixed:])):
+                # one pass over the inputs (hundreds for a large model): those not the bound ones
+                bound = entry.inputs if entry is not None else inputs
+                changed = [i for i, (b, x) in enumerate(zip(bound, inputs)) if x is not b]
+                if changed and changed[-1] >= len(inputs) - written:
                     self._drop(graph, cache, name)
                     entry = None
                 try:
                     if entry is None:
                         entry = self._capture(name, graph, cache, inputs)
-                    else:
-                        pairs = [(b, x) for b, x in zip(entry.inputs, inputs) if x is not b]
-                        if pairs:
-                            _batch_copy(*zip(*pairs))
+                    elif changed:
+                        _batch_copy([entry.inputs[i] for i in changed], [inputs[i] for i in changed])
                     entry.sources = inputs
                     graph.replay(entry.key, *entry.inputs)
                     return entry.outputs
