@@ -2621,7 +2621,8 @@ def build_greedy_graph(dims: dict, device):
     every step suppresses); ``cuts`` [batch, 4] int64, two token ranges [lo, hi) ruled out per
     row (``ApplyTimestampRules.row_cuts``); ``rule`` [2] int64, the first timestamp token and
     1 where timestamps take every text token's place when their summed probability beats the
-    likeliest text token. Outputs: tokens [batch, 1] int64, log-probabilities [batch, 1].
+    likeliest text token. Output: [batch, 2] float32, each row's token (exact: ids < 2^24) and
+    its log-probability, one array so that a GPU step ends in one copy to the host, not two.
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
@@ -2647,7 +2648,7 @@ def build_greedy_graph(dims: dict, device):
                                                  ops.max(ops.where(stamp, minus_inf, x), axis=-1)),
                                      ops.equal(rule[1:2], ops.constant(1, i64, device=device)))
         x = ops.where(ops.logical_and(stamps_win, ops.logical_not(stamp)), minus_inf, x)
-        g.output(ops.argmax(x, axis=-1), ops.max(x, axis=-1) - logsumexp(x))
+        g.output(ops.concat([ops.cast(ops.argmax(x, axis=-1), f32), ops.max(x, axis=-1) - logsumexp(x)], axis=-1))
     return g
 
 
@@ -3427,8 +3428,8 @@ class Model:
         """Feed one token per row [batch, 1] and pick each row's next token on the device
         (``build_greedy_graph``; ``rules`` its bias, cuts and rule inputs, host or device
         buffers): returns the tokens [batch] and their log-probabilities [batch]."""
-        out = self._per_token("greedy", cache, [self._decode(cache, tokens, (-1,)), *rules])
-        return out[0].to_numpy()[:, 0], out[1].to_numpy()[:, 0]
+        out = self._per_token("greedy", cache, [self._decode(cache, tokens, (-1,)), *rules])[0].to_numpy()
+        return out[:, 0].astype(np.int64), out[:, 1].copy()
 
     def _per_token(self, name: str, cache: KVCache, inputs: list, written: int = 0) -> list:
         """Run graph ``name``, which a decoding over ``cache`` runs once per token, on
