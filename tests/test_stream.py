@@ -70,6 +70,8 @@ class TurnDetectorTest(unittest.TestCase):
 
 
 class StreamingTest(unittest.TestCase):
+    _offline: dict = {}                           # (samples, hash): the offline transcript
+
     @classmethod
     def setUpClass(cls):
         cls.model = support.model("tiny.en")
@@ -108,11 +110,24 @@ class StreamingTest(unittest.TestCase):
         self.assertEqual(ends, sorted(ends))
         self.assertTrue(all(e.start <= e.end for e in committed))
 
-    def close_with_every_word(self, stream, events, wav):
-        """Close the stream: its events are consistent and it has (nearly) the offline words."""
+    def long_head(self) -> np.ndarray:
+        """The long clip up to the middle of its quietest 0.3 s (a pause between sentences) in
+        30-40 s: room for a stall forced at 8-12 s of buffer, its cut, and speech after it to
+        show that no words were lost; ending in a word would leave that word to chance."""
+        audio, tenth = mw.load_audio(str(support.long_clip())), mw.SAMPLE_RATE // 10
+        peaks = np.abs(audio[300 * tenth:400 * tenth]).reshape(-1, tenth).max(axis=1)
+        quiet = np.maximum(np.maximum(peaks[:-2], peaks[1:-1]), peaks[2:])       # 3 tenths from each
+        return audio[:(301 + int(quiet.argmin())) * tenth + tenth // 2]
+
+    def close_with_every_word(self, stream, events, audio):
+        """Close the stream: its events are consistent and it has (nearly) the offline words
+        of ``audio``."""
         events += stream.close()
         self.check_events(stream, events)
-        offline = self.model.transcribe(str(wav))["text"]
+        key = (len(audio), hash(audio.tobytes()))
+        if key not in self._offline:                       # the same clip in several tests
+            self._offline[key] = self.model.transcribe(audio)["text"]
+        offline = self._offline[key]
         self.assertGreater(len(stream.text.split()), 0.9 * len(offline.split()), (stream.text, offline))
 
     def test_short_clips_commit_the_offline_text(self):
@@ -238,8 +253,7 @@ class StreamingTest(unittest.TestCase):
         after it (whisper leaves out a last segment it has not heard the end of) commits its
         text up to there and the buffer is cut at that timestamp, so the next decoding starts
         on the speech left out: no words are lost."""
-        wav = support.long_clip()
-        audio = mw.load_audio(str(wav))
+        audio = self.long_head()
         stream, stalls = self.model.stream(pause=10), []          # (no pause commits all of it)
 
         def stopping_short(window):
@@ -266,15 +280,14 @@ class StreamingTest(unittest.TestCase):
                 self.assertEqual(stream.prompt[-len(stream._texts(said)):], stream._texts(said))
                 cut = True
         self.assertTrue(cut)
-        self.close_with_every_word(stream, events, wav)
+        self.close_with_every_word(stream, events, audio)
 
     def test_decodings_that_stop_on_text_while_speech_goes_on_cut_the_buffer(self):
         """Decodings that end on text (no closing timestamp) and go no further while
         ``_STREAM_STALL`` s of speech follow it (tiny.en stopped at "... more than ethanol." for
         19 s of a news broadcast) commit that text and the buffer is cut in its last words, so
         the next decoding hears the speech left out."""
-        wav = support.long_clip()
-        audio = mw.load_audio(str(wav))
+        audio = self.long_head()
         stream, frozen = self.model.stream(pause=10), []          # (no pause commits all of it)
 
         def stopping_on_text(window):
@@ -303,15 +316,14 @@ class StreamingTest(unittest.TestCase):
                                 stream.text)                                            # all of it committed
                 cut = True
         self.assertTrue(cut)
-        self.close_with_every_word(stream, events, wav)
+        self.close_with_every_word(stream, events, audio)
 
     def cut_after_empty_decodings(self, from_when, check):
-        """Feed the long clip in 0.1 s pieces, the decodings saying nothing from the first
+        """Feed the long clip's head in 0.1 s pieces, the decodings saying nothing from the first
         update where ``from_when(stream)`` holds until the buffer is cut; then
         ``check(stream, offset, buffer samples, committed tokens)`` (the last three as they were
         at that update), and the rest of the clip is heard."""
-        wav = support.long_clip()
-        audio = mw.load_audio(str(wav))
+        audio = self.long_head()
         stream, silent = self.model.stream(pause=10), []           # (no pause commits all of it)
 
         def saying_nothing(window):
@@ -328,7 +340,7 @@ class StreamingTest(unittest.TestCase):
         check(stream, *silent[0])
         for piece in chunks(audio[stream.offset + len(stream.audio):], [1600]):
             events += stream.feed(piece)
-        self.close_with_every_word(stream, events, wav)
+        self.close_with_every_word(stream, events, audio)
 
     def test_empty_decodings_after_committed_text_cut_the_buffer(self):
         """Decodings that say nothing after committed text ending on a word, while speech goes
@@ -358,8 +370,7 @@ class StreamingTest(unittest.TestCase):
         forced through "ethanol." after a cut in a news report, said nothing for 13 s) leave no
         word to cut before: the buffer is cut where the word ends, within ``_STREAM_STALL`` s or
         so, not kept until it is full."""
-        wav = support.long_clip()
-        audio = mw.load_audio(str(wav))
+        audio = self.long_head()
         stream = self.model.stream(pause=10)                         # (no pause commits all of it)
         tok = stream._tokenizer()
 
@@ -383,7 +394,7 @@ class StreamingTest(unittest.TestCase):
         self.assertLessEqual(heard, 8 * mw.SAMPLE_RATE)
         for piece in chunks(audio[heard:], [1600]):
             events += stream.feed(piece)
-        self.close_with_every_word(stream, events, wav)
+        self.close_with_every_word(stream, events, audio)
 
     def test_an_empty_decoding_leaves_the_hypothesis_to_agree_with(self):
         """Decodings alternating between nothing and text (tiny.en's, after a sentence's end in
@@ -413,8 +424,7 @@ class StreamingTest(unittest.TestCase):
         has those timestamps brought back to the buffer's end, so no committed token says
         the text reaches past the audio heard (committed, that told the later decodings to
         start at 27 s: they decoded nothing for 16 s)."""
-        wav = support.long_clip()
-        audio = mw.load_audio(str(wav))
+        audio = self.long_head()
         stream, moved = self.model.stream(), []
 
         def closing_late(window):
@@ -436,7 +446,7 @@ class StreamingTest(unittest.TestCase):
                             (len(stream.audio), stream.committed))
             self.assertLessEqual(max((e.end for e in events), default=0), stream._seconds(len(stream.audio)))
         self.assertTrue(moved)
-        self.close_with_every_word(stream, events, wav)
+        self.close_with_every_word(stream, events, audio)
 
     def test_silence_commits_nothing_and_is_not_decoded(self):
         decoded = []
