@@ -1897,9 +1897,20 @@ def _bar(share: float, width: int = 30) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}]"
 
 
+# This module's text as this process imported it. The stored graphs' digest must describe the
+# code that builds them: read later, it would describe whatever file is there then, and a process
+# still running old code (a server during a deploy that replaces this file) would store its graphs
+# under the new code's digest, for new processes to load. (None where this module is not a file
+# that can be read, as in a zip archive: ``_source`` then raises when a graph store needs it.)
+try:
+    _MODULE_TEXT: str | None = Path(__file__).read_text(encoding="utf-8")
+except OSError:
+    _MODULE_TEXT = None
+
+
 def _source(*spans: tuple[str, str]) -> str:
-    """The text of this module from each span's start line up to its end line."""
-    text = Path(__file__).read_text(encoding="utf-8")
+    """The text of this module, as imported, from each span's start line up to its end line."""
+    text = _MODULE_TEXT if _MODULE_TEXT is not None else Path(__file__).read_text(encoding="utf-8")
     return "".join(text[text.index(a):text.index(b, text.index(a))] for a, b in spans)
 
 
@@ -1923,9 +1934,9 @@ class _GraphStore:
     MAX's own compile cache still needs each graph built in Python and looked up (2-3 s per
     graph here); loading a stored artifact takes milliseconds. A file is named by the graph,
     the model dimensions and a digest of everything that decides what it computes: the
-    parameter spec and the graph builders (``_graph_source``), the kernel package, the MAX
-    version and the device. Any change gives a
-    new name, and writing it removes the stale files of that graph. A file that fails to load
+    parameter spec and the graph builders as this process imported them (``_graph_source``),
+    the kernel package, the MAX version and the device. Any change gives a new name, and
+    writing it removes the stale files of that graph. A file that fails to load
     is deleted and the graph compiled again. Loading a file marks it used (its mtime); files
     of other versions unused for ``max_idle_days`` are removed whenever a graph is written
     (another install sharing the folder keeps its files while it runs).

@@ -3,6 +3,8 @@ store of compiled graphs that makes warm starts fast; how a cold start compiles.
 
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
 import unittest
@@ -163,6 +165,30 @@ class GraphStoreTest(unittest.TestCase):
             self.assertEqual(mw.load(config=mw.Config.resolve(model="tiny.en", device="cpu",
                                                                graph_cache="off")).graph_sources,
                              dict.fromkeys(first.graph_sources, "compiled"))
+
+
+    def test_the_digest_describes_the_code_imported_not_the_file_there_now(self):
+        """A graph builder edited on disk under a running process (a deploy replacing the
+        module under a server) names the graphs of processes that import the new file, not of
+        this one: it would store its old graphs under the new code's name for them to load."""
+        import importlib.util
+        from max.driver import CPU
+
+        def imported(path: Path, name: str):
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = sys.modules[name] = importlib.util.module_from_spec(spec)   # (its dataclasses look it up)
+            self.addCleanup(sys.modules.pop, name)
+            spec.loader.exec_module(module)
+            return module
+
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp) / "maxwhisper.py"
+            shutil.copy(mw.__file__, copy)
+            running = imported(copy, "maxwhisper_running")
+            before = running._GraphStore(tmp, CPU()).digest
+            copy.write_text(copy.read_text().replace("# 7. graphs\n", "# 7. graphs\n# a builder changed\n"))
+            self.assertEqual(running._GraphStore(tmp, CPU()).digest, before)
+            self.assertNotEqual(imported(copy, "maxwhisper_deployed")._GraphStore(tmp, CPU()).digest, before)
 
 
 class ColdStartTest(unittest.TestCase):
