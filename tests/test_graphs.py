@@ -166,7 +166,6 @@ class GraphStoreTest(unittest.TestCase):
                                                                graph_cache="off")).graph_sources,
                              dict.fromkeys(first.graph_sources, "compiled"))
 
-
     def test_the_digest_describes_the_code_imported_not_the_file_there_now(self):
         """A graph builder edited on disk under a running process (a deploy replacing the
         module under a server) names the graphs of processes that import the new file, not of

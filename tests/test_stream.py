@@ -116,7 +116,7 @@ class StreamingTest(unittest.TestCase):
         show that no words were lost; ending in a word would leave that word to chance."""
         audio, tenth = mw.load_audio(str(support.long_clip())), mw.SAMPLE_RATE // 10
         peaks = np.abs(audio[300 * tenth:400 * tenth]).reshape(-1, tenth).max(axis=1)
-        quiet = np.maximum(np.maximum(peaks[:-2], peaks[1:-1]), peaks[2:])       # 3 tenths from each
+        quiet = np.maximum(np.maximum(peaks[:-2], peaks[1:-1]), peaks[2:])    # loudest of 3 tenths
         return audio[:(301 + int(quiet.argmin())) * tenth + tenth // 2]
 
     def close_with_every_word(self, stream, events, audio):
