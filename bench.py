@@ -451,7 +451,7 @@ def sample_audio() -> np.ndarray:
 
 def window_cross(m: mw.Model, audio: np.ndarray) -> list:
     """Cross K/V of the first 30 s window of ``audio``."""
-    return m.encode(m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES])[1]
+    return m.encode(m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES], features=False)[1]
 
 
 def step_latency(m: mw.Model, cross: list, batch: int, position: int, steps: int) -> tuple[float, float]:
@@ -894,7 +894,7 @@ def _throughput_worker(args) -> None:
                                      suppress_tokens=[-1, eot])
 
         def run(mel: np.ndarray) -> int:
-            cache = m.new_cache(m.encode(mel)[1], batch=len(mel))
+            cache = m.new_cache(m.encode(mel, features=False)[1], batch=len(mel))
             return min(len(r.tokens) for r in mw.decode_batch(m, cache, [options] * len(mel)))
     else:
         torch.set_num_threads(args.threads)

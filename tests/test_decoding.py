@@ -33,6 +33,28 @@ class TimestampRuleTest(unittest.TestCase):
             with self.subTest(case=case, gap=gap):
                 np.testing.assert_array_equal(np.isinf(ours), np.isinf(want.numpy()))
 
+    def test_every_row_its_own_history(self):
+        """Rows of one batch after different histories (none, text, open and closed pairs,
+        timestamps going back, as a forced prefix may hold), 0 to 6 sampled tokens: each row's
+        mask is openai-whisper's for that row."""
+        import torch
+        from whisper.decoding import ApplyTimestampRules as Reference
+        from whisper.tokenizer import get_tokenizer
+        tok = get_tokenizer(False)
+        begin, ts = len(tok.sot_sequence), tok.timestamp_begin
+        rng = np.random.default_rng(1)
+        for case in range(60):
+            n = case % 7
+            sampled = np.where(rng.random((8, n)) < 0.5, rng.integers(ts, ts + 1501, (8, n)), rng.integers(0, tok.eot, (8, n)))
+            tokens = np.concatenate([np.tile(tok.sot_sequence, (8, 1)), sampled], axis=1)
+            logits = rng.standard_normal((8, 51864)).astype(np.float32)
+            ours = logits.copy()
+            mw.ApplyTimestampRules(tok, begin, 50).apply(ours, tokens)
+            want = torch.from_numpy(logits.copy())
+            Reference(tok, begin, 50).apply(want, torch.from_numpy(tokens))
+            with self.subTest(case=case):
+                np.testing.assert_array_equal(np.isinf(ours), np.isinf(want.numpy()))
+
 
 class GreedyOnDeviceTest(unittest.TestCase):
     """Greedy choices made on the device (a GPU's default; forced here on this run's device)

@@ -60,6 +60,14 @@ class KVCacheTest(unittest.TestCase):
         self.assertEqual(self.model.decode(self.model.new_cache(self.cross), self.tokens[None, :1], out_idx=()).shape,
                          (1, 0, 51864))
 
+    def test_encode_without_features(self):
+        """Decoding's encode leaves the audio features on the device: the same K/V, no features."""
+        features, cross = self.model.encode(self.mel, features=False)
+        self.assertIsNone(features)
+        for (k, v), (k0, v0) in zip(cross, self.cross):
+            np.testing.assert_array_equal(k.to_numpy(), k0.to_numpy())
+            np.testing.assert_array_equal(v.to_numpy(), v0.to_numpy())
+
     def test_capacity_is_enforced(self):
         cache = self.model.new_cache(self.cross)
         self.model.decode(cache, self.tokens[None, :440])

@@ -61,7 +61,7 @@ class BaseMultilingualParityTest(unittest.TestCase):
         decoded, so it is encoded once, and the transcript is the one a given language gets."""
         m, audio = support.model("base"), mw.load_audio(support.long_clip())
         calls = []
-        m.encode = lambda mel, encode=m.encode: calls.append(len(mel)) or encode(mel)
+        m.encode = lambda mel, encode=m.encode, **kw: calls.append(len(mel)) or encode(mel, **kw)
         try:
             detected = m.transcribe(audio, temperature=0.0)
             self.assertEqual(sum(calls), detected["metrics"]["windows"])
