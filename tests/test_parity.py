@@ -58,18 +58,28 @@ class BaseMultilingualParityTest(unittest.TestCase):
 
     def test_detection_encoding_is_reused_for_the_first_window(self):
         """Audio of 30 s or more: the window language detection encoded is the first one
-        decoded, so it is encoded once, and the transcript is the one a given language gets."""
+        decoded, so it is encoded once, and the transcript is the one a given language gets;
+        in a batch, the first windows are detected in one encoder run that the first round
+        reuses."""
         m, audio = support.model("base"), mw.load_audio(support.long_clip())
+        audios = [audio, audio[5 * mw.SAMPLE_RATE:]]
         calls = []
         m.encode = lambda mel, encode=m.encode, **kw: calls.append(len(mel)) or encode(mel, **kw)
         try:
             detected = m.transcribe(audio, temperature=0.0)
             self.assertEqual(sum(calls), detected["metrics"]["windows"])
             given = m.transcribe(audio, temperature=0.0, language="en")
+            calls.clear()
+            batch = mw.transcribe_batch(m, audios, batch_size=2, temperature=0.0)
+            self.assertEqual(calls[0], 2)
+            self.assertEqual(sum(calls), sum(r["metrics"]["windows"] for r in batch))
+            batch_given = mw.transcribe_batch(m, audios, batch_size=2, temperature=0.0, language="en")
         finally:
             del m.encode
         self.assertEqual(detected["language"], "en")
         self.assertEqual(tokens(detected), tokens(given))
+        self.assertEqual([r["language"] for r in batch], ["en", "en"])
+        self.assertEqual([tokens(r) for r in batch], [tokens(r) for r in batch_given])
 
     def test_language_detection_probabilities(self):
         import torch
