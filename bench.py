@@ -635,7 +635,7 @@ def batch(args) -> dict:
                            "same_tokens_as_batch_1": tokens(results) == reference}
     base = rows[next(iter(rows))]["files_per_second"]
     print_table(f"transcribe_batch: {args.model}, {len(audios)} files, greedy, "
-                f"language {args.language or 'detected' if m.is_multilingual else 'en'}, median of {args.repeats}",
+                f"language {(args.language or 'detected') if m.is_multilingual else 'en'}, median of {args.repeats}",
                 ["batch", "seconds", "files/s", "audio s/s", "x first", "same tokens"],
                 [[b, f"{r['seconds']:.2f}", f"{r['files_per_second']:.2f}", f"{r['audio_seconds_per_second']:.1f}",
                   f"{r['files_per_second'] / base:.2f}", r["same_tokens_as_batch_1"]] for b, r in rows.items()])
