@@ -4496,8 +4496,10 @@ class _Transcription:
         self.last_speech = 0.0
         self.initial_prompt: list[int] = []
         self.language, self.tokenizer = None, None
-        if o.language is not None or not model.is_multilingual:
-            self._set_language(_language_code(model, o.language) if o.language is not None else "en")
+        if o.language is not None:
+            self._set_language(_language_code(model, o.language))
+        elif not model.is_multilingual:
+            self._set_language("en")
         elif detect:                                        # else the caller detects (``detected``)
             self.detected(*_detect_windows(model, [self.window(0)])[0])
 
@@ -4778,10 +4780,9 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
     o = _transcribe_options(model, options)
     compiled_before = model.metrics()["compile_seconds"]
     jobs = [_Transcription(model, audio, o, detect=False) for audio in audios]
-    undecided = [job for job in jobs if job.language is None]
-    for i in range(0, len(undecided), batch_size):   # as the first round batches these windows
-        part = undecided[i:i + batch_size]
-        for job, found in zip(part, _detect_windows(model, [job.window(0) for job in part])):
+    undecided = [(job, job.window(0)) for job in jobs if job.language is None]
+    for part in _batches(undecided, batch_size):     # as the first round will batch these windows
+        for (job, _), found in zip(part, _detect_windows(model, [mel for _, mel in part])):
             job.detected(*found)
     pending = list(jobs)
     while pending:
