@@ -4461,11 +4461,12 @@ class _Transcription:
     ``next_window()`` gives the log-mel of the next 30 s window (None when done), ``options(t)``
     its decoding options at temperature t, ``accept(result, cross)`` turns its decoding into
     segments and moves the seek, ``result()`` is the finished transcript. A multilingual
-    model's language is detected on the first window, or with ``detect=False`` left to the
-    caller's ``detected`` (``transcribe_batch`` detects a batch's languages in one encoder run).
+    model's language, unless given, is left to the caller's ``detected``: ``transcribe_batch``
+    and the server's ``Scheduler`` detect a batch's languages in one encoder run
+    (``_detect_round``).
     """
 
-    def __init__(self, model: Model, audio, o: TranscribeOptions, name: str | None = None, detect: bool = True):
+    def __init__(self, model: Model, audio, o: TranscribeOptions, name: str | None = None):
         self.model, self.o = model, o
         self.started = time.perf_counter()
         self.name = name or (audio if not isinstance(audio, np.ndarray) else "audio array")
@@ -4495,23 +4496,21 @@ class _Transcription:
         self.prompt_reset_since = 0
         self.last_speech = 0.0
         self.initial_prompt: list[int] = []
+        if o.initial_prompt is not None:    # the same tokens in every language: refused before decoding
+            try:
+                self.initial_prompt = model.tokenizer(task=o.task).encode(" " + o.initial_prompt.strip())
+            except ValueError as e:                         # tiktoken refuses special tokens
+                raise ConfigError(f"initial_prompt: {e}; remove the <|...|> markers") from None
+            self.all_tokens.extend(self.initial_prompt)
         self.language, self.tokenizer = None, None
         if o.language is not None:
             self._set_language(_language_code(model, o.language))
         elif not model.is_multilingual:
             self._set_language("en")
-        elif detect:                                        # else the caller detects (``detected``)
-            self.detected(*_detect_windows(model, [self.window(0)])[0])
 
     def _set_language(self, language: str) -> None:
         self.language = language
         self.tokenizer = self.model.tokenizer(language=language, task=self.o.task)
-        if self.o.initial_prompt is not None:
-            try:
-                self.initial_prompt = self.tokenizer.encode(" " + self.o.initial_prompt.strip())
-            except ValueError as e:                         # tiktoken refuses special tokens
-                raise ConfigError(f"initial_prompt: {e}; remove the <|...|> markers") from None
-            self.all_tokens.extend(self.initial_prompt)
 
     def detected(self, encoded: tuple, probs: dict) -> None:
         """Take the language detected on the first 30 s window (``_detect_windows``: its
@@ -4679,6 +4678,19 @@ def _batches(work: list, batch_size: int) -> list[list]:
     return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
+def _undecided(transcriptions) -> list[tuple[_Transcription, np.ndarray]]:
+    """[(transcription, its first 30 s window)] of the transcriptions whose language is still
+    to be detected (a stream's windows come with their language)."""
+    return [(t, t.window(0)) for t in transcriptions if isinstance(t, _Transcription) and t.language is None]
+
+
+def _detect_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -> None:
+    """Detect the languages of ``_undecided`` transcriptions in one encoder run, which the
+    first round reuses when it decodes the same windows as one batch."""
+    for (job, _), found in zip(work, _detect_windows(model, [mel for _, mel in work])):
+        job.detected(*found)
+
+
 def _detect_windows(model: Model, mels: list[np.ndarray]) -> list[tuple[tuple, dict]]:
     """Encode windows [1, n_mels, frames] as one batch and detect each one's language: per
     window ((mel, the batch's cross K/V, its row), which ``_decode_round`` reuses when it
@@ -4779,17 +4791,19 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
         raise ConfigError(f"batch_size={batch_size}: use 1 or more")
     o = _transcribe_options(model, options)
     compiled_before = model.metrics()["compile_seconds"]
-    jobs = [_Transcription(model, audio, o, detect=False) for audio in audios]
-    undecided = [(job, job.window(0)) for job in jobs if job.language is None]
-    for part in _batches(undecided, batch_size):     # as the first round will batch these windows
-        for (job, _), found in zip(part, _detect_windows(model, [mel for _, mel in part])):
-            job.detected(*found)
+    jobs = [_Transcription(model, audio, o) for audio in audios]
     pending = list(jobs)
     while pending:
         _, work = _next_windows(pending)
         pending = [job for job, _ in work]
         for batch in _batches(work, batch_size):
+            # a batch's languages just before its first round, which reuses their encoding:
+            # one batch's cross K/V held at a time, however many audios there are
+            for part in _batches(_undecided(job for job, _ in batch), batch_size):
+                _detect_round(model, part)
             _decode_round(model, batch)
+    for part in _batches(_undecided(jobs), batch_size):      # audio with nothing to decode (silence)
+        _detect_round(model, part)
     results = [job.result() for job in jobs]
     compiled = model.metrics()["compile_seconds"] - compiled_before
     for r in results:
@@ -5786,19 +5800,22 @@ class Scheduler:
                 except queue.Empty:
                     break
             self.active = [j for j in self.active if not j.cancelled]
+            for batch in _batches(_undecided(job.transcription for job in self.active), self.max_batch):
+                self._round(batch, _detect_round)            # the new requests' languages
             finished, work = _next_windows([job.transcription for job in self.active])
             for job in self.active:
                 if job.transcription in finished:
                     job.finish(result=job.transcription.result())
             self.active = [j for j in self.active if not j.done.is_set()]
             for batch in _batches(work, self.max_batch):
-                self._round(batch)
+                self.batch_sizes.observe(len(batch))
+                self._round(batch, _decode_round)
 
-    def _round(self, work: list) -> None:
-        """Decode one round of windows; when it fails, each job alone, so only the culprit fails."""
-        self.batch_sizes.observe(len(work))
+    def _round(self, work: list, run: Callable[[Model, list], None]) -> None:
+        """Run one round of windows (``_detect_round`` or ``_decode_round``); when it fails,
+        each job alone, so only the culprit fails."""
         try:
-            _decode_round(self.model, work)
+            run(self.model, work)
             return
         except Exception as e:  # isolate: retry one by one below
             if len(work) == 1:
@@ -5806,7 +5823,7 @@ class Scheduler:
                 return
         for one in work:
             try:
-                _decode_round(self.model, [one])
+                run(self.model, [one])
             except Exception as e:  # this request fails; the others go on
                 self._fail(one[0], e)
 
@@ -6844,7 +6861,8 @@ class _Handler(_HTTPHandler):
                 sent = text
 
         def progress(t: _Transcription) -> None:        # the committed windows' text so far
-            delta(t.tokenizer.decode(t.all_tokens[len(t.initial_prompt):]).strip())
+            if t.tokenizer is not None:                  # (none before its language is detected)
+                delta(t.tokenizer.decode(t.all_tokens[len(t.initial_prompt):]).strip())
 
         try:
             result, duration = self.app.transcribe(fields, audio, filename, _TASKS[route], self._client_gone,

@@ -3,6 +3,8 @@
 import math
 import unittest
 
+import numpy as np
+
 import support
 from support import mw, tokens, transcribe_both, word_diff
 
@@ -74,8 +76,25 @@ class BaseMultilingualParityTest(unittest.TestCase):
             self.assertEqual(calls[0], 2)
             self.assertEqual(sum(calls), sum(r["metrics"]["windows"] for r in batch))
             batch_given = mw.transcribe_batch(m, audios, batch_size=2, temperature=0.0, language="en")
+            calls.clear()
+            silence = np.zeros(5 * mw.SAMPLE_RATE, np.float32)      # no window to decode: detected last
+            rounds = []
+            detect, decode = mw._detect_round, mw._decode_round
+            mw._detect_round = lambda model, work: rounds.append(("detect", len(work))) or detect(model, work)
+            mw._decode_round = lambda model, work: rounds.append(("decode", len(work))) or decode(model, work)
+            try:
+                alone = mw.transcribe_batch(m, audios + [silence], batch_size=1, temperature=0.0)
+            finally:
+                mw._detect_round, mw._decode_round = detect, decode
         finally:
             del m.encode
+        # one audio's encoding held at a time: each is detected just before its first window
+        self.assertEqual(rounds[:4], [("detect", 1), ("decode", 1), ("detect", 1), ("decode", 1)])
+        self.assertEqual(rounds[-1], ("detect", 1))
+        self.assertEqual(sum(calls), sum(r["metrics"]["windows"] for r in alone) + 1)
+        self.assertEqual([tokens(r) for r in alone[:2]], [tokens(r) for r in batch])
+        self.assertEqual((alone[2]["text"], alone[2]["metrics"]["silence_skips"]), ("", 1))
+        self.assertIn(alone[2]["language"], mw._openai("tokenizer").LANGUAGES)
         self.assertEqual(detected["language"], "en")
         self.assertEqual(tokens(detected), tokens(given))
         self.assertEqual([r["language"] for r in batch], ["en", "en"])

@@ -11,6 +11,7 @@ import time
 import unittest
 
 import numpy as np
+from whisper.tokenizer import LANGUAGES
 
 import support
 from support import multipart, mw
@@ -208,6 +209,60 @@ class ServerLimitsTest(unittest.TestCase):
         job = mw._Job(mw._Transcription(self.model, support.samples("en")[0][0], mw._transcribe_options(self.model, {})))
         with self.assertRaises(mw._ApiError):                  # a late submit is refused, not left waiting
             server.scheduler.submit(job)
+
+
+class MultilingualServerTest(unittest.TestCase):
+    def test_requests_languages_are_detected_together_in_the_scheduler(self):
+        """Requests that name no language are detected by the scheduler, the ones it takes in
+        together in one encoder run (not each alone in its handler thread, before the queue),
+        and each is decoded in its own language with ``transcribe``'s text; a streamed response
+        sends no delta before its language is known."""
+        if not support.has_base():
+            self.skipTest("the base model's packages are not installed")
+        m = support.model("base")
+        wavs = {lang: support.samples(lang)[0][0] for lang in ("en", "fr", "es")}
+        server = mw.Server(mw.Config.resolve(model="base", seed=0), port=0, model=m, max_batch=4)
+        self.addCleanup(lambda: (server.shutdown(), server.drain(10)))
+        detections, probs = [], m._language_probs
+
+        def gated(cache):          # the first detection waits for every request to be queued
+            deadline = time.monotonic() + 60
+            while not detections and server.scheduler.depth() < len(wavs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            detections.append((threading.current_thread().name, cache.batch))
+            return probs(cache)
+
+        out = {}
+
+        def post(lang):
+            fields = {"stream": "true"} if lang == "es" else {"response_format": "verbose_json"}
+            out[lang] = transcribe(server.address, wavs[lang].read_bytes(), **fields)
+
+        threads = [threading.Thread(target=post, args=(lang,)) for lang in wavs]
+        m._language_probs = gated
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            del m._language_probs
+        self.assertEqual({name for name, _ in detections}, {"maxwhisper-scheduler"})
+        self.assertEqual(sum(n for _, n in detections), len(wavs))
+        self.assertGreater(max(n for _, n in detections), 1)
+        for lang, wav in wavs.items():
+            status, _, body = out[lang]
+            self.assertEqual(status, 200, body[:300])
+            alone = m.transcribe(wav, seed=0)
+            self.assertEqual(alone["language"], lang)
+            if lang == "es":
+                events = [json.loads(line[6:]) for line in body.decode().split("\n") if line.startswith("data: ")]
+                self.assertEqual(events[-1], {"type": "transcript.text.done", "text": alone["text"].strip(),
+                                              "usage": {"type": "duration", "seconds": events[-1]["usage"]["seconds"]}})
+                self.assertEqual("".join(e.get("delta", "") for e in events[:-1]), alone["text"].strip())
+            else:
+                self.assertEqual((json.loads(body)["language"], json.loads(body)["text"]),
+                                 (LANGUAGES[lang], alone["text"].strip()))
 
 
 class ServeProcessTest(unittest.TestCase):
