@@ -463,7 +463,7 @@ def step_latency(m: mw.Model, cross: list, batch: int, position: int, steps: int
     first: a step reads its first ``position`` rows whatever they hold."""
     cache = m.new_cache(cross, batch=batch)
     tokens = np.full((batch, 1), 262, np.int64)                                 # " the"
-    if m.greedy_on_device:
+    if m.choose_on_device:
         V = m.dims["n_vocab"]
         bias, rule, cuts = m.put(np.zeros(V, np.float32)), m.put(np.array([V, 0], np.int64)), np.zeros((batch, 4), np.int64)
         step = lambda: m.greedy(cache, tokens, (bias, mw._host(cuts), rule))       # noqa: E731
@@ -527,7 +527,7 @@ def scaling(args) -> dict:
                 cross = audio_cross or random_cross(m, batch)
                 m.device_graphs = bool(replay)
                 r = {"model": name, "batch": batch, "kernels": m.kernels is not None, "device_graphs": replay,
-                     "step": "greedy choice on the device" if m.greedy_on_device else "logits to the host",
+                     "step": "greedy choice on the device" if m.choose_on_device else "logits to the host",
                      "step_ms": {}, "first_step_ms": {}, "bandwidth_gbs": {}, "bandwidth_limit_ms": {},
                      "fraction_of_bandwidth_limit": {}}
                 for p in positions:

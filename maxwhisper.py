@@ -2624,22 +2624,25 @@ def build_reorder_graph(dims: dict, device):
     return g
 
 
-def build_greedy_graph(dims: dict, device):
-    """Greedy choice graph: the next token of each row of a decoder step's logits, and its
-    log-probability, with the greedy decoder's logit rules applied on the device (so a GPU
-    sends back two numbers per row, not the vocabulary's logits; ``_GreedyOnDevice``).
+def build_choice_graph(dims: dict, device, k: int = 1):
+    """Token choice graph: each row's next token of a decoder step's logits (``k=1``, greedy)
+    or its ``k`` likeliest, likeliest first (beam search's candidates), and their
+    log-probabilities, with the decoder's logit rules applied on the device (so a GPU sends
+    back 2k numbers per row, not the vocabulary's logits; ``_ChoiceOnDevice``).
 
     Inputs: the step's logits [batch, 1, n_vocab]; ``bias`` [n_vocab], 0 or -inf (the tokens
     every step suppresses); ``cuts`` [batch, 4] int64, two token ranges [lo, hi) ruled out per
     row (``ApplyTimestampRules.cuts``); ``rule`` [2] int64, the first timestamp token and
     1 where timestamps take every text token's place when their summed probability beats the
-    likeliest text token. Output: [batch, 2] float32, each row's token (exact: ids < 2^24) and
-    its log-probability, one array so that a GPU step ends in one copy to the host, not two.
+    likeliest text token. Output: [batch, 2k] float32, each row's tokens (exact: ids < 2^24)
+    then their log-probabilities, one array so that a GPU step ends in one copy to the host,
+    not two. The log-probabilities are the host's ``_log_softmax`` formula, (x - max) - log
+    sum exp(x - max).
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
     V, f32, i64 = dims["n_vocab"], DType.float32, DType.int64
-    with Graph(f"whisper_greedy_v{V}", input_types=[
+    with Graph(f"whisper_choice_k{k}_v{V}", input_types=[
             TensorType(f32, ["batch", 1, V], device=device), TensorType(f32, [V], device=device),
             TensorType(i64, ["batch", 4], device=device), TensorType(i64, [2], device=device)]) as g:
         logits, bias, cuts, rule = (v.tensor for v in g.inputs)
@@ -2649,18 +2652,24 @@ def build_greedy_graph(dims: dict, device):
         def inside(lo: int):                                                  # [batch, V]
             return ops.logical_and(ops.greater_equal(ids, cuts[:, lo:lo + 1]), ops.greater(cuts[:, lo + 1:lo + 2], ids))
 
-        def logsumexp(x):                                 # [batch, 1]; -inf for a row of -inf
-            top = ops.max(x, axis=-1)
+        def shifted(x):           # x - max, max and log sum exp(x - max); a row of -inf: max 0
+            top = ops.max(x, axis=-1)                                               # [batch, 1]
             top = ops.where(ops.equal(top, minus_inf), ops.constant(0.0, f32, device=device), top)
-            return top + ops.log(ops.sum(ops.exp(x - top), axis=-1))
+            z = x - top
+            return z, top, ops.log(ops.sum(ops.exp(z), axis=-1))
 
         x = ops.where(ops.logical_or(inside(0), inside(2)), minus_inf, ops.reshape(logits, [logits.shape[0], V]) + bias)
         stamp = ops.greater_equal(ids, rule[0:1])                                           # [V]
-        stamps_win = ops.logical_and(ops.greater(logsumexp(ops.where(stamp, x, minus_inf)),
-                                                 ops.max(ops.where(stamp, minus_inf, x), axis=-1)),
+        _, top, lse = shifted(ops.where(stamp, x, minus_inf))
+        stamps_win = ops.logical_and(ops.greater(top + lse, ops.max(ops.where(stamp, minus_inf, x), axis=-1)),
                                      ops.equal(rule[1:2], ops.constant(1, i64, device=device)))
-        x = ops.where(ops.logical_and(stamps_win, ops.logical_not(stamp)), minus_inf, x)
-        g.output(ops.concat([ops.cast(ops.argmax(x, axis=-1), f32), ops.max(x, axis=-1) - logsumexp(x)], axis=-1))
+        z, _, lse = shifted(ops.where(ops.logical_and(stamps_win, ops.logical_not(stamp)), minus_inf, x))
+        if k == 1:                                     # argmax: the first of equal maxima, as numpy's
+            chosen = [ops.cast(ops.argmax(z, axis=-1), f32), ops.max(z, axis=-1) - lse]
+        else:
+            values, picked = ops.top_k(z, k, axis=-1)
+            chosen = [ops.cast(picked, f32), values - lse]
+        g.output(ops.concat(chosen, axis=-1))
     return g
 
 
@@ -2906,9 +2915,14 @@ def _graph_builders(dims: dict, ref, precision: Precision, kernels: Path | None)
             "reorder": (key(), lambda: build_reorder_graph(dims, ref), 35.0),
             "gather": (key(None, kv), lambda: build_gather_graph(dims, ref, kv), 25.0),
             "repack": (key(), lambda: build_repack_graph(ref), 25.0),
-            "greedy": (f"v{dims['n_vocab']}", lambda: build_greedy_graph(dims, ref), 25.0),
+            "greedy": (f"v{dims['n_vocab']}", lambda: build_choice_graph(dims, ref), 25.0),
+            "beam": (f"v{dims['n_vocab']}", lambda: build_choice_graph(dims, ref, _BEAM_CANDIDATES), 25.0),
             "alignment": (key(dt, kv), lambda: build_alignment_graph(dims, ref, dt, kv), 100.0)}
 
+
+# candidates a beam-search step brings back per row from the device: beam_size + 1 are used, so
+# beams of up to 15 choose there (openai-whisper's and faster-whisper's default is 5)
+_BEAM_CANDIDATES = 16
 
 _BUILD_LOCK = threading.Lock()
 
@@ -3289,10 +3303,10 @@ class Model:
     concurrent calls are correct and each is as fast as alone, but throughput does not grow
     with threads. A graph that fails to compile or run raises ``DeviceError`` and leaves the
     model usable. ``kernels`` and ``dtype``: see ``load``; ``self.kernels`` is the Mojo package
-    used, or None, and ``self.precision`` what ``dtype`` means here. ``greedy_on_device``:
-    greedy decoding picks tokens on the device (``_GreedyOnDevice``); True on a GPU, where
-    copying every step's logits to the host costs more than the step, False on a CPU.
-    ``device_graphs``: the per-token graphs (the kernel step, the greedy choice) are replayed as
+    used, or None, and ``self.precision`` what ``dtype`` means here. ``choose_on_device``:
+    greedy and beam decoding pick tokens on the device (``_ChoiceOnDevice``); True on a GPU,
+    where copying every step's logits to the host costs more than the step, False on a CPU.
+    ``device_graphs``: the per-token graphs (the kernel step, the token choice) are replayed as
     device graphs captured once per ``KVCache`` (``_GraphRunner.run_bound``); on a GPU unless
     the ``device_graphs`` setting is off.
     """
@@ -3310,7 +3324,7 @@ class Model:
         self.device_name = "cpu" if isinstance(self.device, CPU) else "gpu"
         self.kernels = _kernels_dir(kernels)
         self.dtype, self.precision = dtype, Precision.choose(dtype, self.device, self.kernels)
-        self.greedy_on_device = self.device_name == "gpu"
+        self.choose_on_device = self.device_name == "gpu"
         self.device_graphs = self.device_name == "gpu" and bool(self.config["device_graphs"])
         ref = DeviceRef.from_device(self.device)
         store = _GraphStore(self.config["graph_cache"], self.device)
@@ -3332,19 +3346,20 @@ class Model:
         and the greedy choice where it is made on the device."""
         graphs = ["encoder", "step"] if self.precision.packed else \
             ["encoder", "decoder"] + (["step"] if self.kernels else [])
-        return graphs + ["greedy"] * self.greedy_on_device
+        return graphs + ["greedy"] * self.choose_on_device
 
     def graphs_for(self, **options) -> list[str]:
         """The graphs a ``transcribe`` call with these options (over the configured ones) may
-        run: the core ones; beam reorder with ``beam_size``; the cross K/V gather where a window
-        is decoded as several rows (beams, or ``best_of`` samples on a temperature fallback) or
-        word timing picks a window out of a batch; alignment with ``word_timestamps``."""
+        run: the core ones; beam reorder with ``beam_size`` (and the beams' choice where it is
+        made on the device); the cross K/V gather where a window is decoded as several rows
+        (beams, or ``best_of`` samples on a temperature fallback) or word timing picks a window
+        out of a batch; alignment with ``word_timestamps``."""
         o = _transcribe_options(self, options)
         temps = o.temperature if isinstance(o.temperature, (tuple, list)) else (o.temperature,)
         beams = bool(o.beam_size) and 0 in temps
         samples = (o.best_of or 1) > 1 and any(t > 0 for t in temps)
-        return self._core_graphs() + ["reorder"] * beams + ["gather"] * (beams or samples or bool(o.word_timestamps)) \
-            + ["alignment"] * bool(o.word_timestamps)
+        return self._core_graphs() + ["reorder"] * beams + ["beam"] * (beams and self.choose_on_device) \
+            + ["gather"] * (beams or samples or bool(o.word_timestamps)) + ["alignment"] * bool(o.word_timestamps)
 
     def warmup(self, **options) -> None:
         """Compile (or load from the graph store) every graph ``graphs_for(**options)`` names,
@@ -3444,10 +3459,16 @@ class Model:
 
     def greedy(self, cache: KVCache, tokens: np.ndarray, rules: tuple) -> tuple[np.ndarray, np.ndarray]:
         """Feed one token per row [batch, 1] and pick each row's next token on the device
-        (``build_greedy_graph``; ``rules`` its bias, cuts and rule inputs, host or device
+        (``build_choice_graph``; ``rules`` its bias, cuts and rule inputs, host or device
         buffers): returns the tokens [batch] and their log-probabilities [batch]."""
         out = self._per_token("greedy", cache, [self._decode(cache, tokens, (-1,)), *rules])[0].to_numpy()
         return out[:, 0].astype(np.int64), out[:, 1].copy()
+
+    def candidates(self, cache: KVCache, tokens: np.ndarray, rules: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """``greedy`` for beam search: each row's ``_BEAM_CANDIDATES`` likeliest next tokens
+        [batch, k], likeliest first, and their log-probabilities [batch, k]."""
+        out = self._per_token("beam", cache, [self._decode(cache, tokens, (-1,)), *rules])[0].to_numpy()
+        return out[:, :_BEAM_CANDIDATES].astype(np.int64), out[:, _BEAM_CANDIDATES:].copy()
 
     def _per_token(self, name: str, cache: KVCache, inputs: list, written: int = 0) -> list:
         """Run graph ``name``, which a decoding over ``cache`` runs once per token, on
@@ -3853,22 +3874,27 @@ class TokenSampler:
                 [sum_logprobs[i:i + g].tolist() for i in range(0, len(tokens), g)])
 
 
-class _GreedyOnDevice:
-    """Greedy steps whose logit rules run on the model's device (``Model.greedy``): the fixed
-    suppressions as one bias vector put there once, each row's timestamp ranges (``cuts``)
-    sent per step, the timestamp-probability rule and the choice computed there. Only rows'
-    tokens and log-probabilities come back, not [rows, n_vocab] logits: on a GPU the copy and
-    the host's work on them cost more than the step. The first sampled step, with its own
-    rules (blank, initial timestamp), stays on the host.
+class _ChoiceOnDevice:
+    """Greedy or beam-search steps whose logit rules run on the model's device
+    (``Model.greedy``, ``Model.candidates``): the fixed suppressions as one bias vector put
+    there once, each row's timestamp ranges (``cuts``) sent per step, the
+    timestamp-probability rule, the log-softmax and the choice (the best token, or a beam's
+    candidates) computed there. Only rows' tokens and log-probabilities come back, not [rows,
+    n_vocab] logits: on a GPU the copy and the host's work on them cost more than the step
+    (beam search's log-softmax and candidates over 5 rows a window, measured on the host: 0.8
+    ms a step for one window, 122 ms for 64). The first sampled step, with its own rules
+    (blank, initial timestamp), stays on the host.
 
     The timestamp rule compares log-sum-exp against the best text logit in float32 as the host
     does, but not with its tie-breaking order of operations (``ApplyTimestampRules.apply``),
-    so within ~1e-6 of a tie the two may choose differently."""
+    and the device sums the softmax in its own order, so within ~1e-6 of a tie the two may
+    choose differently."""
 
-    def __init__(self, model: "Model", filters: list, rules_begin: int):
+    def __init__(self, model: "Model", filters: list, rules_begin: int, beams: bool = False):
         suppress = next(f for f in filters if isinstance(f, SuppressTokens))
         self.stamps = next((f for f in filters if isinstance(f, ApplyTimestampRules)), None)
         self.model, self.rules_begin, self.n_vocab = model, rules_begin, model.dims["n_vocab"]
+        self.choose = model.candidates if beams else model.greedy
         bias = np.zeros(self.n_vocab, np.float32)
         bias[suppress.ids] = -np.inf
         ts_begin = self.n_vocab
@@ -3881,21 +3907,23 @@ class _GreedyOnDevice:
 
     @staticmethod
     def usable(model: "Model", options: DecodingOptions, filters: list) -> bool:
-        """Greedy decoding with no rule the device lacks (the repetition guard) on a model that
-        chooses on its device."""
-        return (model.greedy_on_device and options.temperature == 0 and not options.beam_size
+        """Greedy decoding, or beam search with beams of up to ``_BEAM_CANDIDATES - 1``, with no
+        rule the device lacks (the repetition guard) on a model that chooses on its device."""
+        return (model.choose_on_device and options.temperature == 0 and (options.beam_size or 0) < _BEAM_CANDIDATES
                 and all(isinstance(f, (SuppressBlank, SuppressTokens, ApplyTimestampRules)) for f in filters))
 
     def rules(self, tokens: np.ndarray) -> tuple:
-        """``build_greedy_graph``'s rule inputs after the token rows ``tokens`` (the cuts on
-        the host: ``Model.greedy`` copies them into its captured graph's input)."""
+        """``build_choice_graph``'s rule inputs after the token rows ``tokens`` (the cuts on
+        the host: ``Model.greedy`` and ``candidates`` copy them into their captured graph's
+        input)."""
         cuts = self.stamps.cuts(tokens[:, self.rules_begin:], self.n_vocab) if self.stamps else \
             np.zeros((len(tokens), 4), np.int64)
         return self.bias, _host(cuts), self.rule
 
     def step(self, cache: KVCache, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Feed each row's last token; the next tokens and their log-probabilities."""
-        return self.model.greedy(cache, tokens[:, -1:], self.rules(tokens))
+        """Feed each row's last token; the next tokens (a beam's candidates) and their
+        log-probabilities."""
+        return self.choose(cache, tokens[:, -1:], self.rules(tokens))
 
 
 class BeamSearchDecoder:
@@ -3911,21 +3939,31 @@ class BeamSearchDecoder:
             raise ConfigError(f"patience={patience} leaves no beam candidates; use a value > 0")
 
     def update(self, tokens: np.ndarray, logits: np.ndarray, sum_logprobs: np.ndarray):
-        """Extend every audio's beams by the best continuations; returns (tokens, done)."""
+        """Extend every audio's beams by the best continuations of each row's ``logits``;
+        returns (tokens, done)."""
+        logprobs = _log_softmax(logits)
+        top = np.argpartition(-logprobs, self.beam_size, axis=-1)[:, :self.beam_size + 1]
+        top_logprobs = np.take_along_axis(logprobs, top, axis=-1)
+        order = np.argsort(-top_logprobs, axis=-1, kind="stable")
+        return self.append(tokens, np.take_along_axis(top, order, axis=-1),
+                           np.take_along_axis(top_logprobs, order, axis=-1), sum_logprobs)
+
+    def append(self, tokens: np.ndarray, candidates: np.ndarray, logprobs: np.ndarray, sum_logprobs: np.ndarray):
+        """Extend every audio's beams by each row's ``candidates`` [rows, >= beam_size + 1],
+        likeliest first, with their log-probabilities; returns (tokens, done)."""
         n_audio = tokens.shape[0] // self.beam_size
         if self.finished is None:
             self.finished = [{} for _ in range(n_audio)]
-        logprobs = _log_softmax(logits)
         next_tokens, sources, newly_finished = [], [], []
         for i in range(n_audio):
             scores, origin, finished = {}, {}, {}
             for j in range(self.beam_size):
                 row = i * self.beam_size + j
                 prefix = tuple(tokens[row].tolist())
-                top = np.argpartition(-logprobs[row], self.beam_size)[:self.beam_size + 1]
-                for token in top[np.argsort(-logprobs[row, top], kind="stable")]:
-                    seq = prefix + (int(token),)
-                    scores[seq] = float(np.float32(sum_logprobs[row]) + logprobs[row, token])
+                for token, logprob in zip(candidates[row, :self.beam_size + 1].tolist(),
+                                          logprobs[row, :self.beam_size + 1]):
+                    seq = prefix + (token,)
+                    scores[seq] = float(np.float32(sum_logprobs[row]) + logprob)
                     origin[seq] = row
             kept = 0
             for seq in sorted(scores, key=scores.get, reverse=True):
@@ -4077,8 +4115,10 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     rules_begin = sot_index + len(tokenizer.sot_sequence) if first.continue_prefix else sample_begin
     filters = _logit_filters(first, tokenizer, rules_begin)
     guard = next((f for f in filters if isinstance(f, RepetitionGuard)), None)
-    on_device = _GreedyOnDevice(model, filters, rules_begin) if _GreedyOnDevice.usable(model, first, filters) else None
-    if first.temperature == 0 and first.beam_size:
+    beams = bool(first.temperature == 0 and first.beam_size)
+    on_device = _ChoiceOnDevice(model, filters, rules_begin, beams) \
+        if _ChoiceOnDevice.usable(model, first, filters) else None
+    if beams:
         decoder = BeamSearchDecoder(first.beam_size, eot, first.patience,
                                     lambda rows: model.reorder(cache, rows))
     else:
@@ -4933,7 +4973,7 @@ _STREAM_STALL = 2.0
 # repetition guard) and counts as a loop: a 10 s window's decoding said "Place it." until its
 # 224th token, a 2.2 s update where the others took 0.3 s. Eight, not fewer: a real phone call
 # says "Hello?" five times, and a guard of 4 dropped those decodings (WER 13.8 -> 20.7 %).
-# On a device that chooses the tokens itself (``greedy_on_device``) a loop costs little and
+# On a device that chooses the tokens itself (``choose_on_device``) a loop costs little and
 # the guard would move every step's choice to the host.
 _STREAM_REPEATS = 8
 
@@ -5292,7 +5332,7 @@ class StreamingTranscriber:
 
     def _window(self, mel: np.ndarray) -> _StreamWindow:
         prompt = self.prompt[max(0, len(self.prompt) - self.prompt_tokens):]
-        repeats = None if self.model.greedy_on_device else _STREAM_REPEATS
+        repeats = None if self.model.choose_on_device else _STREAM_REPEATS
         options = _decoding_options(self.o, self.language, 0.0, prompt, prefix=list(self.committed),
                                     continue_prefix=True, without_timestamps=False, repetition_limit=repeats)
         return _StreamWindow(self.o, self.name, mel, options)

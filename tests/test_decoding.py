@@ -56,21 +56,22 @@ class TimestampRuleTest(unittest.TestCase):
                 np.testing.assert_array_equal(np.isinf(ours), np.isinf(want.numpy()))
 
 
-class GreedyOnDeviceTest(unittest.TestCase):
-    """Greedy choices made on the device (a GPU's default; forced here on this run's device)
-    are the host's: the same tokens and log-probabilities from the same logits, and the same
-    transcripts."""
+class ChoiceOnDeviceTest(unittest.TestCase):
+    """Greedy and beam-search choices made on the device (a GPU's default; forced here on this
+    run's device) are the host's: the same tokens and log-probabilities from the same logits,
+    and the same transcripts."""
 
     def test_choices_match_the_host_rules(self):
         """Random logits where timestamps or text win by a clear margin, after every kind of
         token history (text, an open pair, a closed pair, earlier timestamps): the device's
-        token and log-probability are the host filters' argmax and log-softmax."""
+        token and log-probability are the host filters' argmax and log-softmax, and its beam
+        candidates the host's likeliest tokens in order."""
         m = support.model("tiny.en")
         tok = m.tokenizer()
         options = mw.DecodingOptions()
         begin, ts = len(tok.sot_sequence), tok.timestamp_begin
         filters = mw._logit_filters(options, tok, begin)[1:]           # SuppressBlank: first step only
-        chooser = mw._GreedyOnDevice(m, filters, begin)
+        chooser = mw._ChoiceOnDevice(m, filters, begin)
         rng = np.random.default_rng(0)
         histories = [[262, 290], [ts + 10], [ts + 10, 262], [ts + 4, 262, ts + 9], [ts + 4, 262, ts + 9, ts + 9],
                      [ts + 3, 290, ts + 7, ts + 7, 262, 11], [ts + 1500], [ts + 2, 50]]
@@ -88,26 +89,35 @@ class GreedyOnDeviceTest(unittest.TestCase):
                 with self.subTest(case=case, history=h):
                     np.testing.assert_array_equal(got[:, 0], want.argmax(-1))
                     np.testing.assert_allclose(got[:, 1], mw._log_softmax(want).max(-1), atol=1e-5)
+                k = mw._BEAM_CANDIDATES
+                got = m.runner.run("beam", m.put(logits[:, None]), *chooser.rules(tokens))[0].to_numpy()
+                logprobs = mw._log_softmax(want)
+                likeliest = np.argsort(-logprobs, axis=-1, kind="stable")[:, :k]
+                with self.subTest(case=case, history=h, beams=True):
+                    np.testing.assert_array_equal(got[:, :k], likeliest)
+                    np.testing.assert_allclose(got[:, k:], np.take_along_axis(logprobs, likeliest, -1), atol=1e-5)
 
     def test_transcripts_match_the_host(self):
         m = mw.load("tiny.en", device=support.DEVICE)
-        m.greedy_on_device = True
+        m.choose_on_device = True
         calls = []
-        chosen = m.greedy
-        m.greedy = lambda *args: calls.append(1) or chosen(*args)
+        greedy, candidates = m.greedy, m.candidates
+        m.greedy = lambda *args: calls.append("greedy") or greedy(*args)
+        m.candidates = lambda *args: calls.append("beam") or candidates(*args)
         reference = support.model("tiny.en")
         clips = [(w.name, mw.load_audio(w)) for w, _ in support.samples("en")]
         for name, audio in clips + [("long", mw.load_audio(support.long_clip()))]:
-            for options in ({}, {"without_timestamps": True}):
+            for options in ({}, {"without_timestamps": True}, {"beam_size": 5}):
                 with self.subTest(clip=name, **options):
                     want = reference.transcribe(audio, temperature=0.0, **options)
                     got = m.transcribe(audio, temperature=0.0, **options)
                     self.assertEqual(tokens(got), tokens(want))
                     for a, b in zip(got["segments"], want["segments"]):
                         self.assertAlmostEqual(a["avg_logprob"], b["avg_logprob"], places=4)
-        self.assertGreater(len(calls), 300)
+        self.assertGreater(calls.count("greedy"), 300)
+        self.assertGreater(calls.count("beam"), 100)
         guarded = mw.DecodingOptions(repetition_limit=4)                 # a rule the device lacks
-        self.assertFalse(mw._GreedyOnDevice.usable(m, guarded, mw._logit_filters(guarded, m.tokenizer(), 3)))
+        self.assertFalse(mw._ChoiceOnDevice.usable(m, guarded, mw._logit_filters(guarded, m.tokenizer(), 3)))
 
 
 class BeamSearchParityTest(unittest.TestCase):

@@ -295,6 +295,8 @@ class ColdStartTest(unittest.TestCase):
         self.assertEqual(m.graphs_for(), core)
         self.assertEqual(m.graphs_for(best_of=5), core + ["gather"])         # samples on a fallback
         self.assertEqual(m.graphs_for(temperature=0.0, word_timestamps=True), core + ["gather", "alignment"])
+        m.choose_on_device = True                                  # a GPU's: choices on the device
+        self.assertEqual(m.graphs_for(temperature=0.0, beam_size=5), core + ["greedy", "reorder", "beam", "gather"])
         with self.assertRaises(mw.ConfigError):
             m.graphs_for(beams=5)
 

@@ -104,7 +104,7 @@ class DeviceGraphTest(unittest.TestCase):
         choice (as a GPU model does) warns once that it cannot and then launches it as before,
         with the same transcript."""
         m = mw.load("tiny.en", device="cpu")
-        m.device_graphs = m.greedy_on_device = True
+        m.device_graphs = m.choose_on_device = True
         with self.assertLogs("maxwhisper", "WARNING") as logs:
             got = m.transcribe(self.audio, temperature=0.0)
             again = m.transcribe(self.audio, temperature=0.0)
