@@ -3461,14 +3461,20 @@ class Model:
         """Feed one token per row [batch, 1] and pick each row's next token on the device
         (``build_choice_graph``; ``rules`` its bias, cuts and rule inputs, host or device
         buffers): returns the tokens [batch] and their log-probabilities [batch]."""
-        out = self._per_token("greedy", cache, [self._decode(cache, tokens, (-1,)), *rules])[0].to_numpy()
-        return out[:, 0].astype(np.int64), out[:, 1].copy()
+        chosen, logprobs = self._choose("greedy", cache, tokens, rules)
+        return chosen[:, 0], logprobs[:, 0]
 
     def candidates(self, cache: KVCache, tokens: np.ndarray, rules: tuple) -> tuple[np.ndarray, np.ndarray]:
         """``greedy`` for beam search: each row's ``_BEAM_CANDIDATES`` likeliest next tokens
         [batch, k], likeliest first, and their log-probabilities [batch, k]."""
-        out = self._per_token("beam", cache, [self._decode(cache, tokens, (-1,)), *rules])[0].to_numpy()
-        return out[:, :_BEAM_CANDIDATES].astype(np.int64), out[:, _BEAM_CANDIDATES:].copy()
+        return self._choose("beam", cache, tokens, rules)
+
+    def _choose(self, name: str, cache: KVCache, tokens: np.ndarray, rules: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """The step, then choice graph ``name`` (``build_choice_graph``) on its logits: its
+        [batch, 2k] output split into the tokens and their log-probabilities, [batch, k] each."""
+        out = self._per_token(name, cache, [self._decode(cache, tokens, (-1,)), *rules])[0].to_numpy()
+        k = out.shape[1] // 2
+        return out[:, :k].astype(np.int64), out[:, k:].copy()
 
     def _per_token(self, name: str, cache: KVCache, inputs: list, written: int = 0) -> list:
         """Run graph ``name``, which a decoding over ``cache`` runs once per token, on
@@ -4839,8 +4845,9 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
         for batch in _batches(work, batch_size):
             # a batch's languages just before its first round, which reuses their encoding:
             # one batch's cross K/V held at a time, however many audios there are
-            for part in _batches(_undecided(job for job, _ in batch), batch_size):
-                _detect_round(model, part)
+            undecided = _undecided(job for job, _ in batch)
+            if undecided:
+                _detect_round(model, undecided)
             _decode_round(model, batch)
     for part in _batches(_undecided(jobs), batch_size):      # audio with nothing to decode (silence)
         _detect_round(model, part)
