@@ -5,6 +5,7 @@
     python bench.py scaling   --model tiny.en,base --json scaling.json
     python bench.py stress    --model tiny.en
     python bench.py batch     --model tiny.en --batch 1,4,8,16
+    python bench.py archive   --model tiny.en --batch 8 --files 20
     python bench.py serve-load --model tiny.en --clients 32 --seconds 60
     python bench.py decode    --model tiny.en
     python bench.py sizes     --model small,medium,large-v3-turbo
@@ -641,6 +642,70 @@ def batch(args) -> dict:
                   f"{r['files_per_second'] / base:.2f}", r["same_tokens_as_batch_1"]] for b, r in rows.items()])
     return {"command": "batch", "model": args.model, "files": len(audios), "repeats": args.repeats,
             "options": options, "by_batch": rows, "machine": machine()}
+
+
+def archive(args) -> dict:
+    """An archive of files of mixed lengths, ``--batch`` decoded together, two ways on one model,
+    alternated over the repeats: in chunks of that many files (``transcribe_batch`` per chunk,
+    which waits for the chunk's longest file) and ``transcribe_each`` (a finished file's place
+    taken by the next at the next round, the next files read meanwhile). Windows per encoder
+    batch show how full the batches run, whatever the device."""
+    m = mw.load(args.model, device="cpu")
+    workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-archive-"))
+    try:
+        files = audio_arg(args.audio) if args.audio else default_audio(workdir)
+        paths = [str(f) for f in (files * args.files)[:args.files]]
+        audio = sum(mw.load_audio(p).size for p in paths) / mw.SAMPLE_RATE
+        options = {"temperature": 0.0, "language": args.language,
+                   "condition_on_previous_text": args.condition_on_previous_text}
+        size = args.batch
+        batches: list[int] = []
+        decode = mw._decode_round
+
+        def counted(model, work):
+            batches.append(len(work))
+            return decode(model, work)
+
+        def chunked() -> list:
+            return [r for i in range(0, len(paths), size)
+                    for r in mw.transcribe_batch(m, paths[i:i + size], batch_size=size, **options)]
+
+        def each() -> list:
+            results = [None] * len(paths)
+            for k, r in mw.transcribe_each(m, paths, batch_size=size, **options):
+                results[k] = r
+            return results
+        ways = {"chunks": chunked, "transcribe_each": each}
+        each()                                                                   # warm
+        mw._decode_round = counted
+        runs: dict = {name: {"times": [], "batches": []} for name in ways}
+        try:
+            for _ in range(args.repeats):
+                for name, run in ways.items():
+                    batches.clear()
+                    t = time.perf_counter()
+                    results = run()
+                    runs[name]["times"].append(time.perf_counter() - t)
+                    runs[name]["batches"] = list(batches)
+                    runs[name]["tokens"] = [[t for s in r["segments"] for t in s["tokens"]] for r in results]
+        finally:
+            mw._decode_round = decode
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    rows = {}
+    for name, r in runs.items():
+        wall = statistics.median(r["times"])
+        rows[name] = {"seconds": wall, "audio_seconds_per_second": audio / wall, "encoder_batches": len(r["batches"]),
+                      "windows_per_batch": sum(r["batches"]) / len(r["batches"]),
+                      "same_tokens": r["tokens"] == runs["chunks"]["tokens"]}
+    print_table(f"archive: {args.model}, {len(paths)} files ({audio:.0f} s of audio), batch {size}, greedy, "
+                f"condition_on_previous_text={args.condition_on_previous_text}, median of {args.repeats}",
+                ["way", "seconds", "audio s/s", "x chunks", "encoder batches", "windows per batch", "same tokens"],
+                [[name, f"{r['seconds']:.2f}", f"{r['audio_seconds_per_second']:.1f}",
+                  f"{rows['chunks']['seconds'] / r['seconds']:.2f}", r["encoder_batches"],
+                  f"{r['windows_per_batch']:.2f}", r["same_tokens"]] for name, r in rows.items()])
+    return {"command": "archive", "model": args.model, "files": len(paths), "audio_seconds": audio, "batch": size,
+            "repeats": args.repeats, "options": options, "ways": rows, "machine": machine()}
 
 
 DECODERS = ("maxwhisper-fp32", "maxwhisper-bf16", "maxwhisper-q4_0", "maxwhisper-q4_0x2", "faster-whisper-fp32",
@@ -1382,6 +1447,14 @@ def main(argv=None) -> int:
     b.add_argument("--batch", default="1,4,8,16", help="comma-separated batch sizes")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--language", help="the files' language (default: detected, on a multilingual model)")
+    ar = sub.add_parser("archive", parents=[common], help="mixed-length files: chunks vs transcribe_each")
+    ar.add_argument("--audio", nargs="*", help="files or folders (default: English samples + generated clips)")
+    ar.add_argument("--files", type=int, default=20, help="files in the archive (the audio, cycled)")
+    ar.add_argument("--batch", type=int, default=8, help="files decoded together")
+    ar.add_argument("--repeats", type=int, default=3)
+    ar.add_argument("--language", help="the files' language (default: detected, on a multilingual model)")
+    ar.add_argument("--condition-on-previous-text", type=mw._parse_bool, default=True,
+                    help="False: every window decodes with no prompt, so windows of one round batch together")
     sl = sub.add_parser("serve-load", parents=[common], help="HTTP server under concurrent clients")
     sl.add_argument("--audio", nargs="*", help="files or folders (default: the English samples)")
     sl.add_argument("--clients", type=int, default=32)
@@ -1458,7 +1531,7 @@ def main(argv=None) -> int:
         return 0
     try:
         result = {"compare": compare, "coldstart": coldstart, "scaling": scaling, "stress": stress,
-                  "batch": batch, "serve-load": serve_load, "decode": decode, "sizes": sizes,
+                  "batch": batch, "archive": archive, "serve-load": serve_load, "decode": decode, "sizes": sizes,
                   "stream": stream_bench, "throughput": throughput}[args.command](args)
     except mw.MaxWhisperError as e:
         print(f"bench: error: {e}", file=sys.stderr)

@@ -87,7 +87,7 @@ __all__ = [
     "MaxWhisperError", "AudioError", "ModelError", "ConfigError", "CapacityError", "DeviceError",
     "Option", "OPTIONS", "SETTINGS", "Config", "TranscribeOptions",
     "load_audio", "speech_regions", "Weights", "load_weights", "weight_spec", "KVCache", "Model",
-    "Precision", "load", "transcribe", "transcribe_batch", "decode_batch", "DecodingOptions",
+    "Precision", "load", "transcribe", "transcribe_batch", "transcribe_each", "decode_batch", "DecodingOptions",
     "DecodingResult", "log_mel_spectrogram", "build_encoder_graph", "build_decoder_graph",
     "build_step_graph", "build_reorder_graph", "build_gather_graph", "build_repack_graph",
     "build_alignment_graph", "quantize_q4_0", "StreamingTranscriber", "StreamEvent", "BatchTranscriber",
@@ -4171,10 +4171,12 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
 # 11. transcribe
 # =============================================================================================
 # openai-whisper's long-form algorithm (whisper/transcribe.py), written as a per-audio state
-# machine that yields one 30 s window at a time: ``transcribe_batch`` (and the server's
-# ``Scheduler``) encode and decode the current windows of several audios together, and
-# ``transcribe`` is the batch of one. Word timing follows whisper/timing.py; silence skipping
-# (VAD) and the hallucination guards are maxwhisper's own and off unless asked for.
+# machine that yields one 30 s window at a time: ``_advance`` encodes and decodes the current
+# windows of several audios together, one round at a time, for ``transcribe_batch``,
+# ``transcribe_each`` (an archive, read as it goes) and the server's ``Scheduler``; an audio
+# that finishes gives its place to the next. ``transcribe`` is the batch of one. Word timing
+# follows whisper/timing.py; silence skipping (VAD) and the hallucination guards are
+# maxwhisper's own and off unless asked for.
 
 def _options_doc() -> str:
     return ("Every ``transcribe`` option, frozen: one field per ``OPTIONS`` row of scope "
@@ -4507,9 +4509,8 @@ class _Transcription:
     ``next_window()`` gives the log-mel of the next 30 s window (None when done), ``options(t)``
     its decoding options at temperature t, ``accept(result, cross)`` turns its decoding into
     segments and moves the seek, ``result()`` is the finished transcript. A multilingual
-    model's language, unless given, is left to the caller's ``detected``: ``transcribe_batch``
-    and the server's ``Scheduler`` detect a batch's languages in one encoder run
-    (``_detect_round``).
+    model's language, unless given, is left to the caller's ``detected``: ``_advance`` detects
+    the languages of the transcriptions it decodes together.
     """
 
     def __init__(self, model: Model, audio, o: TranscribeOptions, name: str | None = None):
@@ -4533,7 +4534,6 @@ class _Transcription:
         self.samples = samples
         self.mel = model.log_mel(samples, padding=N_SAMPLES)
         self.content_frames = self.mel.shape[-1] - N_FRAMES
-        self.encoded: tuple | None = None      # (log-mel, cross K/V, row) language detection encoded
         self.clips = _clips(o.clip_timestamps, self.content_frames)
         self.clip_idx, self.seek = 0, self.clips[0][0]
         self.rng = np.random.default_rng(o.seed)
@@ -4558,10 +4558,8 @@ class _Transcription:
         self.language = language
         self.tokenizer = self.model.tokenizer(language=language, task=self.o.task)
 
-    def detected(self, encoded: tuple, probs: dict) -> None:
-        """Take the language detected on the first 30 s window (``_detect_windows``: its
-        encoding, which the first round may reuse, and {code: p})."""
-        self.encoded = encoded
+    def detected(self, probs: dict) -> None:
+        """Take the language detected on the first 30 s window ({code: p})."""
         language = max(probs, key=probs.get)
         log.info("%s: detected language %s (p=%.2f)", self.name, language, probs[language])
         self._set_language(language)
@@ -4597,6 +4595,14 @@ class _Transcription:
             self.prompt = self._window_prompt()
             return self.window(self.seek, self.segment_size)
         return None
+
+    def ended(self) -> bool:
+        """Whether no audio is left to decode (windows of digital silence aside, which
+        ``next_window`` skips)."""
+        if self.clip_idx >= len(self.clips):
+            return True
+        start, end = self.clips[self.clip_idx]
+        return max(self.seek, start) >= end and all(a >= b for a, b in self.clips[self.clip_idx + 1:])
 
     def _digital_silence(self) -> bool:
         """Whether the current window's audio never rises above one 16-bit step (-90 dBFS):
@@ -4731,46 +4737,171 @@ def _undecided(transcriptions) -> list[tuple[_Transcription, np.ndarray]]:
 
 
 def _detect_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -> None:
-    """Detect the languages of ``_undecided`` transcriptions in one encoder run, which the
-    first round reuses when it decodes the same windows as one batch."""
-    for (job, _), found in zip(work, _detect_windows(model, [mel for _, mel in work])):
-        job.detected(*found)
+    """Detect the languages of ``_undecided`` transcriptions in one encoder run of their first
+    30 s windows."""
+    for (job, _), (_, probs) in zip(work, _detect_windows(model, [mel for _, mel in work])):
+        job.detected(probs)
 
 
 def _detect_windows(model: Model, mels: list[np.ndarray]) -> list[tuple[tuple, dict]]:
     """Encode windows [1, n_mels, frames] as one batch and detect each one's language: per
     window ((mel, the batch's cross K/V, its row), which ``_decode_round`` reuses when it
-    decodes the same windows as one batch, and {code: p})."""
+    decodes that window alone — a stream's — and {code: p})."""
     cross = model.encode(np.concatenate(mels), features=False)[1]
     probs = model._language_probs(model.new_cache(cross, batch=len(mels)))
     return [((mel, cross, k), p) for k, (mel, p) in enumerate(zip(mels, probs))]
 
 
 def _reused_encoding(work: list[tuple[_Transcription, np.ndarray]]) -> list | None:
-    """The cross K/V language detection made of exactly these windows in this order (audio of
-    30 s or more, batched as it was detected), else None."""
-    cross = work[0][0].encoded and work[0][0].encoded[1]
-    if not cross or cross[0][0].shape[0] != len(work):
-        return None
-    for k, (job, mel) in enumerate(work):
-        if job.encoded is None or job.encoded[1] is not cross or job.encoded[2] != k \
-                or not np.array_equal(job.encoded[0], mel):
+    """The cross K/V a stream's language detection made of this one window
+    (``StreamingTranscriber._detect_language``), else None."""
+    encoded = getattr(work[0][0], "encoded", None)
+    if len(work) == 1 and encoded and encoded[1][0][0].shape[0] == 1 and np.array_equal(encoded[0], work[0][1]):
+        return encoded[1]
+    return None
+
+
+def _advance(model: Model, transcriptions: list, max_batch: int,
+             done: Callable[[object, Exception | None], None], observe: Callable[[int], None] | None = None) -> None:
+    """One round of transcriptions decoded together (``_Transcription`` or a stream's
+    ``_StreamWindow``): move each to its next window, detect the languages still unknown, and
+    decode the windows in batches of at most ``max_batch`` that share their options
+    (``_batches``; ``observe`` gets each batch's size). ``done(t, error)`` is called as soon as
+    a transcription ends: error None when it has no window left, else the exception that
+    failed it — a batch that fails is run again a transcription at a time, so only the culprit
+    fails. The transcriptions ``done`` was called for are not decoded further; one whose last
+    window this round decoded is done at its end, so its place is free for the next round.
+
+    A language is detected on the audio's first 30 s window, as openai-whisper does: where that
+    is the first window decoded (audio of 30 s or more) in the round that decodes it, on the
+    same encoding (``_decode_round``); else (shorter audio, zero-padded when decoded, or audio
+    with nothing to decode) in an encoder run of its own (``_detect_round``).
+    """
+    failed: set[int] = set()
+
+    def run(step: Callable, work: list) -> None:
+        work = [item for item in work if id(item[0]) not in failed]
+        try:
+            if work:
+                step(model, work)
+            return
+        except Exception as e:  # isolate: retry one by one below
+            if len(work) == 1:
+                failed.add(id(work[0][0]))
+                done(work[0][0], e)
+                return
+        for one in work:
+            try:
+                step(model, [one])
+            except Exception as e:  # this transcription fails; the others go on
+                failed.add(id(one[0]))
+                done(one[0], e)
+
+    finished, work = _next_windows(transcriptions)
+    first = {id(t): mel for t, mel in work}
+    apart = [(t, mel) for t, mel in _undecided(transcriptions) if not np.array_equal(first.get(id(t)), mel)]
+    for batch in _batches(apart, max_batch):
+        run(_detect_round, batch)
+    for t in finished:
+        if id(t) not in failed:
+            done(t, None)
+    for batch in _batches(work, max_batch):
+        if observe is not None:
+            observe(len(batch))
+        run(_decode_round, batch)
+    for t, _ in work:                     # ended now: its place is free for the next round
+        if id(t) not in failed and t.ended():
+            done(t, None)
+
+
+def _together(model: Model, take: Callable[[int, bool], list | None], batch_size: int):
+    """Decode transcriptions ``batch_size`` at a time as they come, yielding (index, result or
+    the exception that failed it) as each ends. ``take(n, wait)`` hands over up to n more
+    [(index, transcription or the exception that kept it from being one)] — at least one
+    when ``wait`` — or None when there are no more. A transcription that ends gives its place
+    to the next at the next round, so the batch stays full while there are more."""
+    active: list[_Transcription] = []
+    index: dict[int, int] = {}
+    ended: list[tuple[int, dict | Exception]] = []
+
+    def done(t: _Transcription, error: Exception | None) -> None:
+        active.remove(t)
+        ended.append((index.pop(id(t)), t.result() if error is None else error))
+
+    while True:
+        arrived = take(batch_size - len(active), not active)
+        if arrived is None and not active:
+            return
+        for k, job in arrived or ():
+            if isinstance(job, Exception):
+                ended.append((k, job))
+            else:
+                index[id(job)] = k
+                active.append(job)
+        if active:
+            _advance(model, list(active), batch_size, done)
+        yield from ended
+        ended.clear()
+
+
+class _Reader:
+    """Reads and log-mels audios ahead of their decoding, on worker threads (file decoding,
+    the STFT and the mel product run outside the GIL): ``take`` hands them over in order as
+    ``_Transcription``s (or the error an audio raised), and at most ``ahead`` more are read or
+    being read meanwhile."""
+
+    def __init__(self, model: Model, audios: Iterable, o: TranscribeOptions, ahead: int):
+        from concurrent.futures import ThreadPoolExecutor
+        self.model, self.o, self.ahead = model, o, ahead
+        self.audios = enumerate(audios)
+        self.pool = ThreadPoolExecutor(max(1, min(4, _cores() // 2)), thread_name_prefix="maxwhisper-reader")
+        self.pending: collections.deque = collections.deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.ahead:
+            item = next(self.audios, None)
+            if item is None:
+                return
+            self.pending.append((item[0], self.pool.submit(_Transcription, self.model, item[1], self.o)))
+
+    def take(self, n: int, wait: bool) -> list | None:
+        """The next read audios [(index, transcription or error)], up to ``n`` transcriptions:
+        those already read, or with ``wait`` (nothing is being decoded) the next ``n`` however
+        long they take; None when every audio has been taken."""
+        if not self.pending:
             return None
-    return cross
+        got, admitted = [], 0
+        while self.pending and admitted < n and (wait or self.pending[0][1].done()):
+            k, future = self.pending.popleft()
+            try:
+                got.append((k, future.result()))
+                admitted += 1
+            except Exception as e:  # handed on: this audio fails, the others go on
+                got.append((k, e))
+        self._fill()
+        return got
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -> None:
     """Encode the given windows together, decode them with temperature fallback (windows
     whose prompts have the same length share a batch), and hand each its result. The
-    transcriptions share their settings."""
+    transcriptions share their settings; those with no language yet (``_advance`` leaves
+    them here when this window is their first 30 s) are detected on this encoding first."""
     jobs = [job for job, _ in work]
     o = jobs[0].o
     t0 = time.perf_counter()
     cross = _reused_encoding(work)
     if cross is None:
         cross = model.encode(np.concatenate([mel for _, mel in work]), features=False)[1]
-    for job in jobs:
-        job.encoded = None
+    undecided = [k for k, job in enumerate(jobs) if isinstance(job, _Transcription) and job.language is None]
+    if undecided:              # windows that are their audio's first 30 s: detected on this encoding
+        probs = model._language_probs(model.new_cache(cross, batch=len(jobs)))
+        for k in undecided:
+            jobs[k].detected(probs[k])
     t1 = time.perf_counter()
     temperatures = [o.temperature] if isinstance(o.temperature, (int, float)) else list(o.temperature)
     results: list = [None] * len(jobs)
@@ -4824,38 +4955,63 @@ def transcribe(model: Model, audio, **options) -> dict:
 
 
 def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **options) -> list[dict]:
-    """Transcribe several audios together: the current window of up to ``batch_size`` audios
-    is encoded as one batch and decoded through one batched ``KVCache``.
+    """Transcribe several audios together: the current windows of up to ``batch_size`` audios
+    are encoded as one batch and decoded through one batched ``KVCache``, and an audio that
+    finishes gives its place to the next at the next round.
 
     Each result is the one ``transcribe`` gives for that audio with the same options (the
     same tokens: every audio keeps its own prompt, seek and random generator). Windows whose
     prompts differ in length are decoded in separate batches, so batching pays most with
     ``condition_on_previous_text=False`` or audios of one window each. Options as in
-    ``transcribe``. An unreadable audio raises before any decoding, naming the file.
+    ``transcribe``. Every audio is read first: an unreadable one raises before any decoding,
+    naming the file (``transcribe_each`` reads them as it goes and reports each failure apart).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: use 1 or more")
     o = _transcribe_options(model, options)
     compiled_before = model.metrics()["compile_seconds"]
-    jobs = [_Transcription(model, audio, o) for audio in audios]
-    pending = list(jobs)
-    while pending:
-        _, work = _next_windows(pending)
-        pending = [job for job, _ in work]
-        for batch in _batches(work, batch_size):
-            # a batch's languages just before its first round, which reuses their encoding:
-            # one batch's cross K/V held at a time, however many audios there are
-            undecided = _undecided(job for job, _ in batch)
-            if undecided:
-                _detect_round(model, undecided)
-            _decode_round(model, batch)
-    for part in _batches(_undecided(jobs), batch_size):      # audio with nothing to decode (silence)
-        _detect_round(model, part)
-    results = [job.result() for job in jobs]
+    queued = list(enumerate(_Transcription(model, audio, o) for audio in audios))
+    results: list = [None] * len(queued)
+
+    def take(n: int, wait: bool) -> list | None:
+        if not queued:
+            return None
+        got = queued[:n]
+        del queued[:n]
+        return got
+
+    for k, result in _together(model, take, batch_size):
+        if isinstance(result, Exception):
+            raise result
+        results[k] = result
     compiled = model.metrics()["compile_seconds"] - compiled_before
     for r in results:
         r["metrics"]["compile_seconds"] = compiled
     return results
+
+
+def transcribe_each(model: Model, audios: Iterable, batch_size: int = 8, **options):
+    """Transcribe many audios — an archive — yielding ``(index, result)`` as each finishes
+    (``index``: its place in ``audios``; the result ``transcribe`` gives it alone), or
+    ``(index, error)`` for an audio that could not be read or decoded: the others go on.
+
+    Up to ``batch_size`` audios are decoded together (as ``transcribe_batch`` does), and one
+    that finishes gives its place to the next at the next round, so the batch stays full until
+    the audios run out. Worker threads read and log-mel the next ``batch_size`` audios while the
+    model decodes: at most twice ``batch_size`` audios are held, however many ``audios`` lists
+    (any iterable, read as it goes). Options as in ``transcribe``; a bad one raises here.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size}: use 1 or more")
+    o = _transcribe_options(model, options)
+
+    def each():
+        reader = _Reader(model, audios, o, ahead=batch_size)
+        try:
+            yield from _together(model, reader.take, batch_size)
+        finally:
+            reader.close()
+    return each()
 
 
 # =============================================================================================
@@ -4948,6 +5104,9 @@ class _StreamWindow:
     def next_window(self) -> np.ndarray | None:
         mel, self.mel = self.mel, None
         return mel
+
+    def ended(self) -> bool:
+        return self.mel is None
 
     def options(self, temperature: float) -> DecodingOptions:
         return self.decoding
@@ -5516,10 +5675,10 @@ class StreamingTranscriber:
 # 13. batch jobs
 # =============================================================================================
 # ``python -m maxwhisper batch INPUT... --output_dir DIR``: transcribe whole archives, resumably.
-# ``BatchTranscriber`` is the unit of work — a callable over a batch of paths that loads its
-# model once and writes each audio's outputs — so one machine runs it in a loop and a Ray
-# cluster maps it over a dataset with Ray Data (``map_batches``, one model per actor); Ray is
-# imported only for ``--ray``.
+# ``BatchTranscriber`` is the unit of work — it loads its model once and writes each audio's
+# outputs — so one machine runs its ``rows`` over every input (``transcribe_each``: the batch
+# kept full) and a Ray cluster maps it, a callable over a batch of paths, over a dataset with
+# Ray Data (``map_batches``, one model per actor); Ray is imported only for ``--ray``.
 
 AUDIO_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg", ".opus", ".m4a", ".aac", ".wma", ".webm", ".mp4",
                     ".mkv", ".mov", ".aiff", ".aif", ".amr")
@@ -5608,9 +5767,10 @@ class BatchTranscriber:
     ``transcriber({"path": [...], "name": [...]})`` returns the same columns plus ``status``
     (``ok``, ``done`` — its outputs were already there — or ``failed``), ``error`` (the typed
     error's class), ``message``, ``audio_seconds`` and ``text``. A file that fails is reported,
-    never raised: the others in the batch are still transcribed. It imports nothing from Ray:
-    any engine that maps a callable over batches of rows can use it (``batch --ray`` passes it
-    to Ray Data's ``map_batches``).
+    never raised: the others in the batch are still transcribed. ``rows(inputs)`` gives the
+    same rows as each file ends, over any number of (path, name) pairs. It imports nothing
+    from Ray: any engine that maps a callable over batches of rows can use it (``batch --ray``
+    passes it to Ray Data's ``map_batches``).
     """
 
     def __init__(self, model: str | None = None, output_dir: str = ".", output_format: str = "txt",
@@ -5626,31 +5786,33 @@ class BatchTranscriber:
         self.model = load(model, config=config)
 
     def __call__(self, batch: dict) -> dict:
-        paths, names = [str(p) for p in batch["path"]], [str(n) for n in batch["name"]]
-        rows = [{"path": p, "name": n, "status": "done", "error": "", "message": "", "audio_seconds": 0.0,
-                 "text": ""} for p, n in zip(paths, names)]
-        todo = [k for k, n in enumerate(names) if not batch_done(self.output_dir, n, self.output_format)]
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i:i + self.batch_size]
-            try:
-                results = transcribe_batch(self.model, [paths[k] for k in chunk], self.batch_size, **self.options)
-            except Exception:  # one bad file spoils the batch: transcribe them one by one
-                results = [self._one(paths[k], rows[k]) for k in chunk]
-            for k, result in zip(chunk, results):
-                if result is not None:
-                    self._write(result, names[k])
-                    rows[k].update(status="ok", text=result["text"].strip(),
-                                   audio_seconds=result["metrics"]["audio_seconds"])
-        return {key: [row[key] for row in rows] for key in rows[0]} if rows else {}
+        rows = sorted(self.rows(zip(map(str, batch["path"]), map(str, batch["name"]))), key=lambda r: r["index"])
+        return {key: [row[key] for row in rows] for key in rows[0] if key != "index"} if rows else {}
 
-    def _one(self, path: str, row: dict) -> dict | None:
-        try:
-            return transcribe(self.model, path, **self.options)
-        except Exception as e:  # recorded, the batch goes on
-            row.update(status="failed", error=type(e).__name__, message=str(e)[:500])
-            if not isinstance(e, MaxWhisperError):
-                log.error("%s: %s: %s", path, type(e).__name__, e)
-            return None
+    def rows(self, inputs: Iterable[tuple[str, str]]):
+        """A row per (path, output name) as each ends, in the order they end (``index``: its
+        place in ``inputs``): the audios are decoded ``batch_size`` at a time, one that finishes
+        giving its place to the next (``transcribe_each``), so a long file does not hold up
+        the ones after it."""
+        rows, todo = [], []
+        for k, (path, name) in enumerate(inputs):
+            rows.append({"index": k, "path": path, "name": name, "status": "done", "error": "", "message": "",
+                         "audio_seconds": 0.0, "text": ""})
+            if batch_done(self.output_dir, name, self.output_format):
+                yield rows[k]
+            else:
+                todo.append(k)
+        for j, result in transcribe_each(self.model, [rows[k]["path"] for k in todo], self.batch_size,
+                                         **self.options):
+            row = rows[todo[j]]
+            if isinstance(result, Exception):            # recorded, the job goes on
+                row.update(status="failed", error=type(result).__name__, message=str(result)[:500])
+                if not isinstance(result, MaxWhisperError):
+                    log.error("%s: %s: %s", row["path"], type(result).__name__, result)
+            else:
+                self._write(result, row["name"])
+                row.update(status="ok", text=result["text"].strip(), audio_seconds=result["metrics"]["audio_seconds"])
+            yield row
 
     def _write(self, result: dict, name: str) -> None:
         import tempfile
@@ -5847,39 +6009,17 @@ class Scheduler:
                 except queue.Empty:
                     break
             self.active = [j for j in self.active if not j.cancelled]
-            for batch in _batches(_undecided(job.transcription for job in self.active), self.max_batch):
-                self._round(batch, _detect_round)            # the new requests' languages
-            finished, work = _next_windows([job.transcription for job in self.active])
-            for job in self.active:
-                if job.transcription in finished:
-                    job.finish(result=job.transcription.result())
-            self.active = [j for j in self.active if not j.done.is_set()]
-            for batch in _batches(work, self.max_batch):
-                self.batch_sizes.observe(len(batch))
-                self._round(batch, _decode_round)
+            jobs = {id(j.transcription): j for j in self.active}
+            _advance(self.model, [j.transcription for j in self.active], self.max_batch,
+                     lambda t, error: self._done(jobs[id(t)], error), self.batch_sizes.observe)
 
-    def _round(self, work: list, run: Callable[[Model, list], None]) -> None:
-        """Run one round of windows (``_detect_round`` or ``_decode_round``); when it fails,
-        each job alone, so only the culprit fails."""
-        try:
-            run(self.model, work)
-            return
-        except Exception as e:  # isolate: retry one by one below
-            if len(work) == 1:
-                self._fail(work[0][0], e)
-                return
-        for one in work:
-            try:
-                run(self.model, [one])
-            except Exception as e:  # this request fails; the others go on
-                self._fail(one[0], e)
-
-    def _fail(self, transcription: _Transcription, error: Exception) -> None:
-        log.error("decoding %s failed: %s: %s", transcription.name, type(error).__name__, error)
-        for job in self.active:
-            if job.transcription is transcription:
-                job.finish(error=error)
-        self.active = [j for j in self.active if not j.done.is_set()]
+    def _done(self, job: _Job, error: Exception | None) -> None:
+        if error is None:
+            job.finish(result=job.transcription.result())
+        else:
+            log.error("decoding %s failed: %s: %s", job.transcription.name, type(error).__name__, error)
+            job.finish(error=error)
+        self.active.remove(job)
 
 
 _BUSY = _ApiError(503, "the server has too many open connections; retry shortly", kind="server_error")
@@ -7300,10 +7440,7 @@ def batch_main(argv: Sequence[str]) -> int:
                       batch_size=args.batch_size, threads=args.threads, **options)
         progress, failures = _BatchProgress(len(todo), len(inputs) - len(todo)), []
         if args.ray is None:
-            transcriber = BatchTranscriber(config=cfg, **kwargs)
-            step = args.batch_size
-            rows = (row for i in range(0, len(todo), step) for row in _rows(transcriber(
-                {"path": [p for p, _ in todo[i:i + step]], "name": [n for _, n in todo[i:i + step]]})))
+            rows = BatchTranscriber(config=cfg, **kwargs).rows(todo)
         else:
             rows = _ray_rows(args.ray, todo, {**kwargs, "config": cfg.scope("load")}, args.workers, args.batch_size,
                              args.threads or 1, args.gpus)
@@ -7320,11 +7457,6 @@ def batch_main(argv: Sequence[str]) -> int:
     except MaxWhisperError as e:
         return _report(e)
     return 0
-
-
-def _rows(columns: dict) -> list[dict]:
-    keys = list(columns)
-    return [dict(zip(keys, values)) for values in zip(*columns.values())] if keys else []
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -131,6 +131,19 @@ class BenchSmokeTest(unittest.TestCase):
                          {"50": 50, "100": 100, "200": 200, "440": 440})
         self.assertTrue(result["capacity_error_past_448"])
 
+    def test_archive_runs_both_ways_on_the_same_files(self):
+        out = self.dir / "archive.json"
+        wavs = [w for w, _ in support.samples("en")]
+        proc = bench("archive", "--audio", *wavs, "--files", "5", "--batch", "2", "--repeats", "1", "--json", out)
+        ways = json.loads(out.read_text())["ways"]
+        self.assertEqual(set(ways), {"chunks", "transcribe_each"})
+        for name, way in ways.items():
+            with self.subTest(way=name):
+                self.assertTrue(way["same_tokens"])
+                self.assertEqual(way["windows_per_batch"] * way["encoder_batches"], 5)   # a window each
+        self.assertEqual(ways["transcribe_each"]["encoder_batches"], 3)
+        self.assertIn("| transcribe_each |", proc.stdout)
+
     def test_sizes_runs_each_engine_on_the_same_random_checkpoint(self):
         out = self.dir / "sizes.json"
         bench("sizes", "--model", "tiny.en", "--repeats", "1", "--steps", "4", "--json", out)

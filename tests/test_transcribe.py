@@ -1,4 +1,4 @@
-"""transcribe() and transcribe_batch(): options, fallback, language handling, typed errors."""
+"""transcribe(), transcribe_batch() and transcribe_each(): options, fallback, language handling, typed errors."""
 
 import unittest
 
@@ -66,6 +66,51 @@ class TranscribeBatchTest(unittest.TestCase):
                 self.assertEqual([tokens(r) for r in together], [tokens(r) for r in alone])
                 self.assertEqual([[(s["start"], s["end"]) for s in r["segments"]] for r in together],
                                  [[(s["start"], s["end"]) for s in r["segments"]] for r in alone])
+
+    def test_a_finished_audio_gives_its_place_to_the_next(self):
+        """A long audio batched with short ones: each short one that finishes is replaced by the
+        next at the next round, so every round but the last decodes batch_size windows."""
+        m = support.model("tiny.en")
+        audios = [mw.load_audio(support.long_clip())] + [mw.load_audio(w) for w, _ in support.samples("en")] * 2
+        sizes, decode = [], mw._decode_round
+        mw._decode_round = lambda model, work: sizes.append(len(work)) or decode(model, work)
+        try:
+            together = mw.transcribe_batch(m, audios, batch_size=2, temperature=0.0)
+        finally:
+            mw._decode_round = decode
+        self.assertGreater(together[0]["metrics"]["windows"], 1)
+        self.assertEqual(sum(sizes), sum(r["metrics"]["windows"] for r in together))
+        self.assertEqual(sizes[:-1], [2] * (len(sizes) - 1))
+        self.assertEqual([tokens(r) for r in together], [tokens(m.transcribe(a, temperature=0.0)) for a in audios])
+
+    def test_each_reads_as_it_goes_and_reports_failures_apart(self):
+        """transcribe_each: every audio's result is transcribe's, an audio that cannot be read
+        comes back as its error while the others go on, and the audios are read as the
+        iteration goes: at most twice batch_size held at a time."""
+        m = support.model("tiny.en")
+        short = [str(w) for w, _ in support.samples("en")]
+        paths = [str(support.long_clip())] + short + ["/no/such.wav"] + short
+        pulled, got = [], []
+
+        def audios():
+            for p in paths:
+                pulled.append(p)
+                yield p
+        with self.assertRaises(mw.ConfigError):
+            mw.transcribe_each(m, audios(), batch_size=0)
+        for k, result in mw.transcribe_each(m, audios(), batch_size=2, temperature=0.0):
+            self.assertLessEqual(len(pulled) - len(got), 4)
+            got.append((k, result))
+        self.assertEqual(sorted(k for k, _ in got), list(range(len(paths))))
+        self.assertLess([k for k, _ in got].index(1), [k for k, _ in got].index(0), "a short one first")
+        alone = {p: tokens(m.transcribe(p, temperature=0.0)) for p in set(paths) - {"/no/such.wav"}}
+        for k, result in got:
+            with self.subTest(path=paths[k]):
+                if paths[k] == "/no/such.wav":
+                    self.assertIsInstance(result, mw.AudioError)
+                    self.assertIn("/no/such.wav", str(result))
+                else:
+                    self.assertEqual(tokens(result), alone[paths[k]])
 
     def test_bad_audio_raises_before_decoding(self):
         with self.assertRaises(mw.AudioError) as ctx:
