@@ -16,7 +16,8 @@
 #      times both ways (scaling.json)
 #   5. the kernel op tests on the GPU
 #   6. tiny.en parity with openai-whisper on the GPU (test_parity.TinyEnParityTest), its beam
-#      and word-timing graphs compiled first, at once
+#      and word-timing graphs compiled first, at once; then batches of audios (transcribe_batch,
+#      transcribe_each) and the server's scheduler, against one audio at a time
 #   7. random-weight parity with openai-whisper at tiny.en and large-v3-turbo shapes
 #   8. a bfloat16 model's encoder on the GPU (test_precision.GpuBFloat16EncoderTest)
 #   9. step times at the throughput models' shapes, bfloat16, both ways (scaling-models.json)
@@ -121,8 +122,12 @@ step "4. device graphs: replays against launches, tiny.en step times" 300 sh -c 
 step "5. kernel op tests" 240 "$PY" -m unittest discover -s tests -p test_kernels.py
 # beam search's and word timing's graphs first, compiled at once (with cold caches, in turn
 # they would take most of the step's limit)
-step "6. tiny.en parity with openai-whisper" 300 sh -c "$PY -m maxwhisper --model tiny.en --device $DEVICE --warmup \
-  --beam_size 5 --word_timestamps True && $PY -m unittest discover -s tests -p test_parity.py -k TinyEnParityTest"
+step "6. tiny.en parity with openai-whisper, batches, the server" 420 sh -c "$PY -m maxwhisper --model tiny.en \
+  --device $DEVICE --warmup --beam_size 5 --word_timestamps True || exit 1; rc=0
+  $PY -m unittest discover -s tests -p test_parity.py -k TinyEnParityTest || rc=1
+  $PY -m unittest discover -s tests -p test_transcribe.py -k TranscribeBatchTest || rc=1
+  $PY -m unittest discover -s tests -p test_server.py -k test_batched_concurrent -k test_a_failing_transcription || rc=1
+  exit \$rc"
 step "7. random-weight parity, tiny.en and large-v3-turbo shapes" 600 "$PY" -m unittest discover -s tests \
   -p test_checkpoints.py -k test_tiny_en -k test_large_v3_turbo_and_its_transcript
 step "8. bfloat16 encoder" 240 "$PY" -m unittest discover -s tests -p test_precision.py -k GpuBFloat16EncoderTest
