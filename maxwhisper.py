@@ -4845,10 +4845,10 @@ def _together(model: Model, take: Callable[[int, bool], list | None], batch_size
 
 
 class _Reader:
-    """Reads and log-mels audios ahead of their decoding, on worker threads (file decoding,
-    the STFT and the mel product run outside the GIL): ``take`` hands them over in order as
-    ``_Transcription``s (or the error an audio raised), and at most ``ahead`` more are read or
-    being read meanwhile."""
+    """Reads and log-mels audios ahead of their decoding, on worker threads (ffmpeg decodes in
+    its own process; numpy's FFT and products release the GIL): ``take`` hands them over in
+    order as ``_Transcription``s (or the error an audio raised), and at most ``ahead`` more are
+    read or being read meanwhile."""
 
     def __init__(self, model: Model, audios: Iterable, o: TranscribeOptions, ahead: int):
         from concurrent.futures import ThreadPoolExecutor
