@@ -4846,9 +4846,9 @@ def _together(model: Model, take: Callable[[int, bool], list | None], batch_size
 
 class _Reader:
     """Reads and log-mels audios ahead of their decoding, on worker threads (ffmpeg decodes in
-    its own process; numpy's FFT and products release the GIL): ``take`` hands them over in
-    order as ``_Transcription``s (or the error an audio raised), and at most ``ahead`` more are
-    read or being read meanwhile."""
+    its own process; numpy's FFT and products release the GIL): ``take`` hands them over as
+    ``_Transcription``s (or the error an audio raised), the longest read ones first, and at
+    most ``ahead`` more are read or being read meanwhile."""
 
     def __init__(self, model: Model, audios: Iterable, o: TranscribeOptions, ahead: int):
         from concurrent.futures import ThreadPoolExecutor
@@ -4866,14 +4866,20 @@ class _Reader:
             self.pending.append((item[0], self.pool.submit(_Transcription, self.model, item[1], self.o)))
 
     def take(self, n: int, wait: bool) -> list | None:
-        """The next read audios [(index, transcription or error)], up to ``n`` transcriptions:
-        those already read, or with ``wait`` (nothing is being decoded) the next ``n`` however
-        long they take; None when every audio has been taken."""
+        """Read audios [(index, transcription or error)], up to ``n`` transcriptions: of those
+        already read the longest first (one taken last would decode alone at the end), or with
+        ``wait`` (nothing is being decoded) the next in order when none is read yet; None when
+        every audio has been taken."""
         if not self.pending:
             return None
         got, admitted = [], 0
-        while self.pending and admitted < n and (wait or self.pending[0][1].done()):
-            k, future = self.pending.popleft()
+        while self.pending and admitted < n:
+            ready = [i for i, (_, future) in enumerate(self.pending) if future.done()]
+            if not ready and not wait:
+                break
+            i = max(ready, key=lambda i: self._frames(self.pending[i][1])) if ready else 0
+            k, future = self.pending[i]
+            del self.pending[i]
             try:
                 got.append((k, future.result()))
                 admitted += 1
@@ -4881,6 +4887,11 @@ class _Reader:
                 got.append((k, e))
         self._fill()
         return got
+
+    @staticmethod
+    def _frames(future) -> float:
+        """A read audio's frames to decode (an audio that failed to read: first, it costs nothing)."""
+        return math.inf if future.exception() else future.result().content_frames
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -4996,10 +5007,11 @@ def transcribe_each(model: Model, audios: Iterable, batch_size: int = 8, **optio
     ``(index, error)`` for an audio that could not be read or decoded: the others go on.
 
     Up to ``batch_size`` audios are decoded together (as ``transcribe_batch`` does), and one
-    that finishes gives its place to the next at the next round, so the batch stays full until
-    the audios run out. Worker threads read and log-mel the next ``batch_size`` audios while the
-    model decodes: at most twice ``batch_size`` audios are held, however many ``audios`` lists
-    (any iterable, read as it goes). Options as in ``transcribe``; a bad one raises here.
+    that finishes gives its place at the next round to the longest of the next ``batch_size``
+    audios, which worker threads read and log-mel while the model decodes: the batch stays full
+    until the audios run out, with no long audio left to decode alone at the end. At most twice
+    ``batch_size`` audios are held, however many ``audios`` lists (any iterable, read as it
+    goes). Options as in ``transcribe``; a bad one raises here.
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: use 1 or more")

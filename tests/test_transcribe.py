@@ -99,8 +99,9 @@ class TranscribeBatchTest(unittest.TestCase):
         with self.assertRaises(mw.ConfigError):
             mw.transcribe_each(m, audios(), batch_size=0)
         for k, result in mw.transcribe_each(m, audios(), batch_size=2, temperature=0.0):
-            self.assertLessEqual(len(pulled) - len(got), 4)
             got.append((k, result))
+            held = [i for i in range(len(pulled)) if i not in dict(got) and paths[i] != "/no/such.wav"]
+            self.assertLessEqual(len(held), 4)
         self.assertEqual(sorted(k for k, _ in got), list(range(len(paths))))
         self.assertLess([k for k, _ in got].index(1), [k for k, _ in got].index(0), "a short one first")
         alone = {p: tokens(m.transcribe(p, temperature=0.0)) for p in set(paths) - {"/no/such.wav"}}
