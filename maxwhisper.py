@@ -4739,24 +4739,22 @@ def _undecided(transcriptions) -> list[tuple[_Transcription, np.ndarray]]:
 def _detect_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -> None:
     """Detect the languages of ``_undecided`` transcriptions in one encoder run of their first
     30 s windows."""
-    for (job, _), (_, probs) in zip(work, _detect_windows(model, [mel for _, mel in work])):
+    for (job, _), probs in zip(work, _detect_windows(model, [mel for _, mel in work])[1]):
         job.detected(probs)
 
 
-def _detect_windows(model: Model, mels: list[np.ndarray]) -> list[tuple[tuple, dict]]:
-    """Encode windows [1, n_mels, frames] as one batch and detect each one's language: per
-    window ((mel, the batch's cross K/V, its row), which ``_decode_round`` reuses when it
-    decodes that window alone — a stream's — and {code: p})."""
+def _detect_windows(model: Model, mels: list[np.ndarray]) -> tuple[list, list[dict]]:
+    """Encode windows [1, n_mels, frames] as one batch and detect each one's language: the
+    batch's cross K/V and each window's {code: p}."""
     cross = model.encode(np.concatenate(mels), features=False)[1]
-    probs = model._language_probs(model.new_cache(cross, batch=len(mels)))
-    return [((mel, cross, k), p) for k, (mel, p) in enumerate(zip(mels, probs))]
+    return cross, model._language_probs(model.new_cache(cross, batch=len(mels)))
 
 
 def _reused_encoding(work: list[tuple[_Transcription, np.ndarray]]) -> list | None:
     """The cross K/V a stream's language detection made of this one window
-    (``StreamingTranscriber._detect_language``), else None."""
+    (``StreamingTranscriber._detect_language``: (its log-mel, its cross K/V)), else None."""
     encoded = getattr(work[0][0], "encoded", None)
-    if len(work) == 1 and encoded and encoded[1][0][0].shape[0] == 1 and np.array_equal(encoded[0], work[0][1]):
+    if len(work) == 1 and encoded and np.array_equal(encoded[0], work[0][1]):
         return encoded[1]
     return None
 
@@ -5490,12 +5488,13 @@ class StreamingTranscriber:
     def _detect_language(self, mel: np.ndarray, final: bool) -> tuple | None:
         """Detect the stream's language on the buffer once it holds ``_DETECT_SECONDS``; a
         guess under ``_DETECT_PROBABILITY`` waits for more audio (up to ``_DETECT_LATEST``
-        s, or the stream's end). Returns the window's encoding, which the decoding reuses when
-        it decodes that window too (a buffer of 29 s or more), or None while undecided."""
+        s, or the stream's end). Returns the window's encoding, (log-mel, cross K/V), which the
+        decoding reuses when it decodes that window too (a buffer of 29 s or more), or None
+        while undecided."""
         seconds = len(self.audio) / SAMPLE_RATE
         if seconds < _DETECT_SECONDS and not final:
             return None
-        encoded, probs = _detect_windows(self.model, [mel])[0]
+        cross, (probs,) = _detect_windows(self.model, [mel])
         best = max(probs, key=probs.get)
         for code, p in probs.items():
             self.language_votes[code] = self.language_votes.get(code, 0.0) + p
@@ -5506,7 +5505,7 @@ class StreamingTranscriber:
             best = max(self.language_votes, key=self.language_votes.get)
         self.language, self.tokenizer, self.language_probability = best, None, probs[best]
         log.info("%s: detected language %s (p=%.2f, %.1f s of audio)", self.name, best, probs[best], seconds)
-        return encoded
+        return mel, cross
 
     def _window(self, mel: np.ndarray) -> _StreamWindow:
         prompt = self.prompt[max(0, len(self.prompt) - self.prompt_tokens):]
