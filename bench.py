@@ -41,7 +41,7 @@ import numpy as np
 import maxwhisper as mw
 from tests.support import (MODEL_DIMS, hf_model, multipart, random_whisper, sample_files,  # audio sets, WER,
                            save_ct2, save_pt, speech_clip, story_clips, tokenizer_for,    # random models
-                           VOICES, word_errors)
+                           STORY_TEXTS, VOICES, word_errors)
 
 ROOT = Path(__file__).resolve().parent
 PROBE_KERNELS = ROOT / "bench_kernels"           # the read-rate probe's Mojo op
@@ -58,6 +58,13 @@ def default_audio(workdir: Path, long_form: bool = True) -> list[Path]:
     if long_form and shutil.which("espeak-ng"):
         files += [speech_clip(workdir / "long_70s.wav"), speech_clip(workdir / "long_3min.wav", repeat=3)]
     return files
+
+
+def stories_audio(workdir: Path) -> list[Path]:
+    """Long-form speech only: the ~70 s clip and the stories, each once (~1 min) and three times
+    over (~3 min), so that every file's windows after the first carry prompts."""
+    return story_clips(workdir) + [speech_clip(workdir / f"{name}_x3.wav", text, repeat=3)
+                                   for name, text in STORY_TEXTS.items()]
 
 
 def audio_arg(paths: list[str]) -> list[Path]:
@@ -648,23 +655,31 @@ def archive(args) -> dict:
     """An archive of files of mixed lengths, ``--batch`` decoded together, two ways on one model,
     alternated over the repeats: in chunks of that many files (``transcribe_batch`` per chunk,
     which waits for the chunk's longest file) and ``transcribe_each`` (a finished file's place
-    taken by the next at the next round, the next files read meanwhile). Windows per encoder
-    batch show how full the batches run, whatever the device."""
+    taken by the next at the next round, the next files read meanwhile); with
+    ``condition_on_previous_text``, also ``transcribe_each`` with each prompt length decoded
+    apart (``Model.pads_prompts`` off, as a GPU's model decodes). Windows per encoder and per
+    decoder batch show how full the batches run, whatever the device."""
     m = mw.load(args.model, device="cpu")
     workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-archive-"))
     try:
-        files = audio_arg(args.audio) if args.audio else default_audio(workdir)
+        files = audio_arg(args.audio) if args.audio else \
+            stories_audio(workdir) if args.audio_set == "stories" else default_audio(workdir)
         paths = [str(f) for f in (files * args.files)[:args.files]]
         audio = sum(mw.load_audio(p).size for p in paths) / mw.SAMPLE_RATE
         options = {"temperature": 0.0, "language": args.language,
                    "condition_on_previous_text": args.condition_on_previous_text}
         size = args.batch
         batches: list[int] = []
-        decode = mw._decode_round
+        decodes: list[int] = []
+        decode, decode_batch = mw._decode_round, mw.decode_batch
 
         def counted(model, work):
             batches.append(len(work))
             return decode(model, work)
+
+        def counted_batch(model, cache, options, rngs=None):
+            decodes.append(len(options))
+            return decode_batch(model, cache, options, rngs)
 
         def chunked() -> list:
             return [r for i in range(0, len(paths), size)
@@ -675,21 +690,31 @@ def archive(args) -> dict:
             for k, r in mw.transcribe_each(m, paths, batch_size=size, **options):
                 results[k] = r
             return results
+        def apart() -> list:
+            m.pads_prompts = False
+            try:
+                return each()
+            finally:
+                m.pads_prompts = pads
+        pads = m.pads_prompts
         ways = {"chunks": chunked, "transcribe_each": each}
+        if args.condition_on_previous_text and pads:
+            ways = {"chunks": chunked, "each, prompt lengths apart": apart, "transcribe_each": each}
         each()                                                                   # warm
-        mw._decode_round = counted
+        mw._decode_round, mw.decode_batch = counted, counted_batch
         runs: dict = {name: {"times": [], "batches": []} for name in ways}
         try:
             for _ in range(args.repeats):
                 for name, run in ways.items():
                     batches.clear()
+                    decodes.clear()
                     t = time.perf_counter()
                     results = run()
                     runs[name]["times"].append(time.perf_counter() - t)
-                    runs[name]["batches"] = list(batches)
+                    runs[name]["batches"], runs[name]["decodes"] = list(batches), list(decodes)
                     runs[name]["tokens"] = [[t for s in r["segments"] for t in s["tokens"]] for r in results]
         finally:
-            mw._decode_round = decode
+            mw._decode_round, mw.decode_batch = decode, decode_batch
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = {}
@@ -697,13 +722,17 @@ def archive(args) -> dict:
         wall = statistics.median(r["times"])
         rows[name] = {"seconds": wall, "audio_seconds_per_second": audio / wall, "encoder_batches": len(r["batches"]),
                       "windows_per_batch": sum(r["batches"]) / len(r["batches"]),
+                      "decoder_batches": len(r["decodes"]),
+                      "windows_per_decoder_batch": sum(r["decodes"]) / len(r["decodes"]),
                       "same_tokens": r["tokens"] == runs["chunks"]["tokens"]}
     print_table(f"archive: {args.model}, {len(paths)} files ({audio:.0f} s of audio), batch {size}, greedy, "
                 f"condition_on_previous_text={args.condition_on_previous_text}, median of {args.repeats}",
-                ["way", "seconds", "audio s/s", "x chunks", "encoder batches", "windows per batch", "same tokens"],
+                ["way", "seconds", "audio s/s", "x chunks", "encoder batches", "windows per batch", "decoder batches",
+                 "windows per decoder batch", "same tokens"],
                 [[name, f"{r['seconds']:.2f}", f"{r['audio_seconds_per_second']:.1f}",
                   f"{rows['chunks']['seconds'] / r['seconds']:.2f}", r["encoder_batches"],
-                  f"{r['windows_per_batch']:.2f}", r["same_tokens"]] for name, r in rows.items()])
+                  f"{r['windows_per_batch']:.2f}", r["decoder_batches"], f"{r['windows_per_decoder_batch']:.2f}",
+                  r["same_tokens"]] for name, r in rows.items()])
     return {"command": "archive", "model": args.model, "files": len(paths), "audio_seconds": audio, "batch": size,
             "repeats": args.repeats, "options": options, "ways": rows, "machine": machine()}
 
@@ -1449,6 +1478,8 @@ def main(argv=None) -> int:
     b.add_argument("--language", help="the files' language (default: detected, on a multilingual model)")
     ar = sub.add_parser("archive", parents=[common], help="mixed-length files: chunks vs transcribe_each")
     ar.add_argument("--audio", nargs="*", help="files or folders (default: English samples + generated clips)")
+    ar.add_argument("--audio-set", choices=["mixed", "stories"], default="mixed",
+                    help="without --audio: the English samples and two generated clips, or long-form stories only")
     ar.add_argument("--files", type=int, default=20, help="files in the archive (the audio, cycled)")
     ar.add_argument("--batch", type=int, default=8, help="files decoded together")
     ar.add_argument("--repeats", type=int, default=3)

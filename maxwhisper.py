@@ -2542,9 +2542,10 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
     number of new tokens, so the prompt's prefill runs through it too and a CPU model needs no
     ``build_decoder_graph`` (whose MAX matmuls would add a minute and a half to a cold start).
     Inputs: ``tokens`` [batch, n_tok] int64, ``positions`` [1] int64 (= the cache offset),
-    ``out_idx`` [n_out] int64 (the new tokens whose logits to return; output [batch, n_out,
-    n_vocab]), the two packed weight buffers of ``_step_weight_types``, the 2L cross K/V of
-    ``_cross_types``, then the cache's ``self_kv`` [2L, batch, heads, 64 * n_text_ctx], written
+    ``starts`` [batch] int64 (``KVCache.starts``: the one op takes prompts of different
+    lengths left-padded), ``out_idx`` [n_out] int64 (the new tokens whose logits to return;
+    output [batch, n_out, n_vocab]), the two packed weight buffers of
+    ``_step_weight_types``, the 2L cross K/V of ``_cross_types``, then the cache's ``self_kv`` [2L, batch, heads, 64 * n_text_ctx], written
     in place.
 
     Elsewhere (a GPU; Q4_0 matrices) the blocks are MAX ops around two attention ops per block,
@@ -2562,13 +2563,13 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
     if _packs_step(device, dtype):
         planes = BufferType(DType.float32, [2 * L, "batch", dims["n_text_head"], 64 * dims["n_text_ctx"]],
                             device=device)
-        types = [i64(["batch", "n_tok"]), i64([1]), i64(["n_out"])] + _step_weight_types(dims, device, dtype) \
-            + _cross_types(dims, device, kv_dtype) + [planes]
+        types = [i64(["batch", "n_tok"]), i64([1]), i64(["batch"]), i64(["n_out"])] \
+            + _step_weight_types(dims, device, dtype) + _cross_types(dims, device, kv_dtype) + [planes]
         with Graph(name, input_types=types, custom_extensions=[kernels]) as g:
-            tokens, positions, out_idx, vectors, matrices, *cross = (v.tensor for v in g.inputs[:-1])
+            tokens, positions, starts, out_idx, vectors, matrices, *cross = (v.tensor for v in g.inputs[:-1])
             out = TensorType(DType.float32, [tokens.shape[0], out_idx.shape[0], dims["n_vocab"]], device=device)
             g.output(ops.inplace_custom("whisper_decoder_step", device,
-                                        [g.inputs[-1], tokens, positions, out_idx, vectors, matrices, *cross],
+                                        [g.inputs[-1], tokens, positions, starts, out_idx, vectors, matrices, *cross],
                                         out_types=[out])[0].tensor)
         return g
 
@@ -2772,10 +2773,14 @@ class KVCache:
     preallocated to the whole 448-token text context and written in place by the decoder
     graph at ``length``. ``cross[i]``: layer i's cross-attention (K^T, V) over the window's S
     encoded audio frames (1500 for 30 s), computed once per window by the encoder graph.
-    ``length``: how many token positions are filled; slots past it are masked, never read.
-    ``self_kv``: where the step is the one CPU op (``build_step_graph``), every layer's K^T
-    and V in one host buffer [2 * layers, batch, heads, 64 * n_text_ctx], of which
-    ``self_k`` / ``self_v`` are views; otherwise None. ``device_graphs``: on a GPU, the
+    ``length``: how many token slots are filled; slots past it are masked, never read.
+    ``starts`` [batch] int64: each sequence's first slot, 0 but where a batch of prompts of
+    different lengths is left-padded to one length (``Model.pads_prompts``): row b's slots
+    before ``starts[b]`` hold pad tokens that no query attends to, and its slot j the token at
+    position j - starts[b] of its sequence. ``self_kv``: where the step is the one CPU op
+    (``build_step_graph``), every layer's K^T and V in one host buffer [2 * layers, batch,
+    heads, 64 * n_text_ctx], of which ``self_k`` / ``self_v`` are views; otherwise None.
+    ``device_graphs``: on a GPU, the
     per-token graphs captured over this cache's buffers (graph name -> ``_Captured``,
     ``_GraphRunner.run_bound``), released when the cache is.
     """
@@ -2788,6 +2793,11 @@ class KVCache:
     length: int = 0
     self_kv: object = None
     device_graphs: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    starts: np.ndarray = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.starts is None:
+            self.starts = np.zeros(self.batch, np.int64)
 
     @classmethod
     def empty(cls, dims: dict, cross: list, batch: int, device, packed: bool = False) -> "KVCache":
@@ -2808,8 +2818,9 @@ class KVCache:
                    cross=cross, batch=batch, capacity=ctx)
 
     def reset(self) -> None:
-        """Empty the cache (no copy: rows past ``length`` are never read)."""
+        """Empty the cache (no copy: rows past ``length`` are never read), no row padded."""
         self.length = 0
+        self.starts = np.zeros(self.batch, np.int64)
 
     def self_buffers(self) -> list:
         """Each layer's self-attention K^T then V buffer, in the order the graphs take them."""
@@ -3308,7 +3319,10 @@ class Model:
     where copying every step's logits to the host costs more than the step, False on a CPU.
     ``device_graphs``: the per-token graphs (the kernel step, the token choice) are replayed as
     device graphs captured once per ``KVCache`` (``_GraphRunner.run_bound``); on a GPU unless
-    the ``device_graphs`` setting is off.
+    the ``device_graphs`` setting is off. ``pads_prompts``: windows whose prompts differ in
+    length decode in one batch, the shorter ones left-padded (``decode_batch``), where the
+    prefill and the steps are the one CPU op (``whisper_decoder_step`` takes each row's first
+    slot); a prefill through MAX ops (a GPU, Q4_0, no kernels) decodes each length apart.
     """
 
     def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,
@@ -3325,6 +3339,10 @@ class Model:
         self.kernels = _kernels_dir(kernels)
         self.dtype, self.precision = dtype, Precision.choose(dtype, self.device, self.kernels)
         self.choose_on_device = self.device_name == "gpu"
+        # the one op takes each row's first slot; the GPU's step kernel does not, and a padded
+        # prefill through MAX 26.7's decoder graph (positions per row, repeating within a row)
+        # gave wrong values on its first run at a new length and right ones after: not used
+        self.pads_prompts = self.precision.packed
         self.device_graphs = self.device_name == "gpu" and bool(self.config["device_graphs"])
         ref = DeviceRef.from_device(self.device)
         store = _GraphStore(self.config["graph_cache"], self.device)
@@ -3498,8 +3516,10 @@ class Model:
         put = self.put
         cross = [b for kv in cache.cross for b in kv]
         if self.precision.packed:               # any number of tokens: the one-op step graph
-            out = self.runner.run("step", put(tokens), put(positions[:1]), put(np.array(idx, np.int64)),
-                                  *self.device_weights.step, *cross, cache.self_kv)
+            out = self.runner.run("step", put(tokens), put(positions[:1]), put(cache.starts),
+                                  put(np.array(idx, np.int64)), *self.device_weights.step, *cross, cache.self_kv)
+        elif cache.starts.any():
+            raise ConfigError("a KVCache with padded rows needs the one-op step (Model.pads_prompts)")
         elif self.kernels and n == 1:           # one token (every index is it): the Mojo kernel graph
             selves = cache.self_buffers()
             out = self._per_token("step", cache, [_host(tokens), _host(positions), *self.device_weights.decoder,
@@ -3525,6 +3545,7 @@ class Model:
             raise ConfigError(f"reorder: {len(rows)} rows given for a KVCache of batch {cache.batch}")
         if cache.length == 0 or (rows == np.arange(cache.batch)).all():
             return
+        cache.starts = cache.starts[rows]                   # a row moves with its padding
         self.runner.run("reorder", self.put(rows), _host(np.array([0, cache.length], np.int64)),
                   *cache.self_buffers())
 
@@ -4088,14 +4109,32 @@ def _best_candidate(rows: list, scores: list, sample_begin: int, eot: int,
     return candidates[best], scores[best]
 
 
+def _batch_key(model: Model, options: DecodingOptions) -> tuple:
+    """Windows whose keys are equal may be decoded in one ``decode_batch`` (they share the
+    other options): the same prefix length, and, where the model pads prompts
+    (``Model.pads_prompts``), prompts that leave the whole ``sample_len`` room once padded to
+    the longest (with openai-whisper's 224 that is a prompt of up to 220 tokens; a longer one,
+    as the text of the windows before caps it at 223, pads only to its own length), else
+    prompts of one length."""
+    n_ctx = model.dims["n_text_ctx"]
+    sample_len = options.sample_len or n_ctx // 2
+    tokenizer = model.tokenizer(options.language, options.task)
+    initial = _initial_tokens(options, tokenizer, n_ctx, sample_len)
+    pads = model.pads_prompts and len(initial) + sample_len <= n_ctx
+    return len(initial) - initial.index(tokenizer.sot), None if pads else len(initial)
+
+
 def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions],
                  rngs: Sequence[np.random.Generator] | None = None) -> list[DecodingResult]:
     """Decode windows whose cross K/V are in ``cache``, one ``DecodingOptions`` per window.
 
     The windows may differ in language and prompt but not in the other options, and their
-    initial tokens (start-of-transcript sequence, prompt, prefix) must have the same length
-    and layout: the rows share cache positions. Each window is decoded as a group of
-    ``options.group_size()`` rows — ``cache.batch`` must be the windows times that — greedily,
+    prefixes must have the same length (``_batch_key`` says which windows may share a batch).
+    Where the model pads prompts (``Model.pads_prompts``), prompts of different lengths are
+    left-padded to the longest (``KVCache.starts``): each row attends only to its own tokens
+    at their own positions, so it decodes as it would alone, as long as the padded prompt
+    leaves the whole ``sample_len`` room in the text context. Each window is decoded as a
+    group of ``options.group_size()`` rows — ``cache.batch`` must be the windows times that — greedily,
     by beam search (``beam_size``) at temperature 0, or as ``best_of`` samples above it, drawn
     from ``rngs[window]``. Returns one ``DecodingResult`` per window.
     """
@@ -4109,10 +4148,17 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     tokenizers = [model.tokenizer(o.language, o.task) for o in options]
     initials = [_initial_tokens(o, t, n_ctx, sample_len) for o, t in zip(options, tokenizers)]
     tokenizer, eot = tokenizers[0], tokenizers[0].eot
-    layouts = {(len(i), i.index(t.sot)) for i, t in zip(initials, tokenizers)}
-    if len(layouts) > 1:
-        raise ConfigError("decode_batch: the windows' prompts differ in length; decode them apart")
-    sample_begin, sot_index = layouts.pop()
+    sample_begin = max(map(len, initials))
+    suffixes = {len(i) - i.index(t.sot) for i, t in zip(initials, tokenizers)}    # sot sequence + prefix
+    if len(suffixes) > 1:
+        raise ConfigError("decode_batch: the windows' prefixes differ in length; decode them apart")
+    if len({len(i) for i in initials}) > 1 and not model.pads_prompts:
+        raise ConfigError("decode_batch: the windows' prompts differ in length and this model's prefill "
+                          "does not pad them (Model.pads_prompts); decode them apart")
+    if len({len(i) for i in initials}) > 1 and sample_begin + sample_len > n_ctx:
+        raise ConfigError(f"decode_batch: prompts of different lengths, the longest {sample_begin} tokens with "
+                          f"sample_len {sample_len}, overrun the {n_ctx}-token context once padded; decode them apart")
+    sot_index = sample_begin - suffixes.pop()
     n_group = first.group_size()
     if cache.batch != n_group * len(options):
         raise ConfigError(f"decode_batch: {len(options)} window(s) x {n_group} rows need a KVCache "
@@ -4131,9 +4177,12 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
         rngs = rngs or [np.random.default_rng(first.seed) for _ in options]
         decoder = TokenSampler(first.temperature, eot, n_group, rngs)
 
-    tokens = np.repeat(np.array(initials, np.int64), n_group, axis=0)
+    pads = [sample_begin - len(i) for i in initials]
+    padded = [[tokenizer.sot_prev] * p + i for p, i in zip(pads, initials)]    # any token: no query sees it
+    tokens = np.repeat(np.array(padded, np.int64), n_group, axis=0)
     sum_logprobs = np.zeros(len(tokens), np.float32)
     cache.reset()
+    cache.starts = np.repeat(np.array(pads, np.int64), n_group)
     logits = model.decode(cache, tokens, out_idx=(sot_index, -1))
     no_speech_probs = [np.nan] * len(options)
     if tokenizer.no_speech is not None:
@@ -4896,8 +4945,8 @@ class _Reader:
 
 
 def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -> None:
-    """Encode the given windows together, decode them with temperature fallback (windows
-    whose prompts have the same length share a batch), and hand each its result. The
+    """Encode the given windows together, decode them with temperature fallback (in as few
+    batches as ``_batch_key`` allows), and hand each its result. The
     transcriptions share their settings; those with no language yet (``_advance`` leaves
     them here when this window is their first 30 s) are detected on this encoding first."""
     jobs = [job for job, _ in work]
@@ -4915,12 +4964,11 @@ def _decode_round(model: Model, work: list[tuple[_Transcription, np.ndarray]]) -
     temperatures = [o.temperature] if isinstance(o.temperature, (int, float)) else list(o.temperature)
     results: list = [None] * len(jobs)
     todo = list(range(len(jobs)))
-    half_ctx = model.dims["n_text_ctx"] // 2 - 1
     for i, t in enumerate(temperatures):
         options = {k: jobs[k].options(t) for k in todo}
         groups: dict[tuple, list[int]] = {}
-        for k in todo:                            # windows whose initial tokens line up
-            groups.setdefault((len(jobs[k].prompt[-half_ctx:]), len(options[k].prefix or ())), []).append(k)
+        for k in todo:
+            groups.setdefault(_batch_key(model, options[k]), []).append(k)
         for ks in groups.values():
             opts = [options[k] for k in ks]
             cache = model.new_cache(_cross_part(model, cross, ks), batch=len(ks) * opts[0].group_size())
@@ -4969,9 +5017,10 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
     finishes gives its place to the next at the next round.
 
     Each result is the one ``transcribe`` gives for that audio with the same options (the
-    same tokens: every audio keeps its own prompt, seek and random generator). Windows whose
-    prompts differ in length are decoded in separate batches, so batching pays most with
-    ``condition_on_previous_text=False`` or audios of one window each. Options as in
+    same tokens: every audio keeps its own prompt, seek and random generator). Prompts of
+    different lengths share a batch where the model pads them (``Model.pads_prompts``), but
+    for those at openai-whisper's cap of 223 tokens of earlier text, which share one of their
+    own. Options as in
     ``transcribe``. Every audio is read first: an unreadable one raises before any decoding,
     naming the file (``transcribe_each`` reads them as it goes and reports each failure apart).
     """
@@ -5901,8 +5950,8 @@ def _ray_rows(address: str | None, todo: list[tuple[str, str]], kwargs: dict, wo
 # ``python -m maxwhisper serve``: OpenAI's /v1/audio/transcriptions and /translations over the
 # standard library's ThreadingHTTPServer. Request threads parse the upload and wait; one
 # scheduler thread owns decoding: it keeps up to ``max_batch`` transcriptions active, and each
-# round encodes and decodes their current windows together (windows with the same settings and
-# prompt length share a batch). A transcription that finishes frees its slot for the next
+# round encodes and decodes their current windows together (windows with the same settings
+# share a batch, ``_batch_key``). A transcription that finishes frees its slot for the next
 # queued request at the next round.
 
 class _ApiError(Exception):

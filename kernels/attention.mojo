@@ -187,8 +187,15 @@ def _attend_cpu_block[kv: DType](
     keys: Int,
     bh: Int,
     t0: Int,
+    start: Int = 0,
 ):
     """Queries t0 .. t0 + QB - 1 (those below n_tok) of (batch, head) bh on one CPU core.
+
+    ``start``: the row's first key (`whisper_decoder_step` left-pads a batch's shorter
+    prompts; no query of the row attends to its pad slots): query t sees keys start ..
+    lengths[t] - 1, at least one (a pad slot's own query sees key ``start``: finite, and
+    never read). The keys are addressed from ``start`` on, so a padded row computes what the
+    row alone computes, in the same order.
 
     One query streams each row of K^T once (the step is memory-bound). A block of queries is
     register-tiled: QB queries x AK key vectors of scores (`_score_tile`), then QB queries x AK
@@ -198,15 +205,15 @@ def _attend_cpu_block[kv: DType](
     var lens = List[Int](length=QB, fill=0)
     var longest = 0
     for r in range(QB):                      # rows past the block's end repeat its last
-        var n = min(Int(lengths[unsafe_offset=t0 + min(r, nq - 1)]), keys)
+        var n = max(min(Int(lengths[unsafe_offset=t0 + min(r, nq - 1)]), keys) - start, 1)
         lens[r] = n
         longest = max(longest, n)
     var scores = List[Float32](unsafe_uninit_length=(1 if nq == 1 else QB) * keys)   # written before read
     var sp = scores.unsafe_ptr()
-    var kbase = k_t.unsafe_offset(bh * D * keys)
+    var kbase = k_t.unsafe_offset(bh * D * keys + start)
     var token = (bh // heads) * n_tok + t0   # the block's first row of q and of the output
     var qrow = q.unsafe_offset(token * q_stride + (bh % heads) * D)
-    var vbase = v.unsafe_offset(bh * keys * D)
+    var vbase = v.unsafe_offset((bh * keys + start) * D)
     var out = o.unsafe_offset((token * heads + bh % heads) * D)
     var o_stride = heads * D
     if nq == 1:

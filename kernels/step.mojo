@@ -82,10 +82,11 @@ def _self_attend_cpu(
     n_ctx: Int,
     pos: Int,
     bh: Int,
+    start: Int,
 ):
     """(batch, head) bh of n_tok new tokens: writes their keys and values (from their q|k|v
-    rows) into the cache at pos .., then each attends over the cache rows up to its own
-    (lengths[t] = pos + t + 1: causal)."""
+    rows) into the cache at pos .., then each attends over the cache rows from the sequence's
+    ``start`` up to its own (lengths[t] = pos + t + 1: causal)."""
     var d = heads * D
     var src = qkv.unsafe_offset((bh // heads) * n_tok * 3 * d + (bh % heads) * D)
     for t in range(n_tok):
@@ -94,7 +95,7 @@ def _self_attend_cpu(
             k_cache[unsafe_offset=(bh * D + j) * n_ctx + pos + t] = row[unsafe_offset=d + j]
         v_cache.unsafe_offset((bh * n_ctx + pos + t) * D).unsafe_store(row.unsafe_offset(2 * d).unsafe_load[width=D]())
     for t0 in range(0, n_tok, QB):
-        _attend_cpu_block[DType.float32](o, qkv, k_cache, v_cache, lengths, heads, n_tok, 3 * d, n_ctx, bh, t0)
+        _attend_cpu_block[DType.float32](o, qkv, k_cache, v_cache, lengths, heads, n_tok, 3 * d, n_ctx, bh, t0, start)
 
 
 def _layer_phases[wt: DType, kv: DType](
@@ -110,6 +111,7 @@ def _layer_phases[wt: DType, kv: DType](
     cvp: Pointer[Scalar[kv], MutAnyOrigin],
     lp: Pointer[Int64, MutAnyOrigin],
     fp: Pointer[Int64, MutAnyOrigin],
+    sp: Pointer[Int64, MutAnyOrigin],
     scratch: Pointer[Float32, MutAnyOrigin],
     batch: Int,
     n_tok: Int,
@@ -122,7 +124,8 @@ def _layer_phases[wt: DType, kv: DType](
     """One decoder block, phases p0 .. p0 + 7, as one worker runs it: the residual stream xs
     [B * n_tok, d] in place (the n_tok new tokens of each sequence, at positions pos ..), the
     block's vectors ``vec`` (17 d floats) and matrices ``mat`` (14 d x d, `WhisperDecoderStep`
-    gives the order); lp holds each new token's key count, fp each one's audio frames."""
+    gives the order); lp holds each new token's key count, fp each one's audio frames, sp each
+    sequence's first cache slot."""
     var hidden = 4 * d
     var rows = batch * n_tok
     var qkv = scratch                                # [rows, 3d]
@@ -149,7 +152,7 @@ def _layer_phases[wt: DType, kv: DType](
     _gemv_phase[wt, False, False](c, p0, qkv, h, mat, b_qkv, qkv, rows, d, 3 * d)
     var bh = _claim(c, p0 + 1)
     while bh < batch * heads:
-        _self_attend_cpu(att, qkv, kp, vp, lp, heads, n_tok, n_ctx, pos, bh)
+        _self_attend_cpu(att, qkv, kp, vp, lp, heads, n_tok, n_ctx, pos, bh, Int(sp[unsafe_offset=bh // heads]))
         _done(c, p0 + 1)
         bh = _claim(c, p0 + 1)
     _wait(c, p0 + 1, batch * heads)
@@ -177,8 +180,11 @@ struct WhisperDecoderStep:
 
     logits [B, n_out, V] float32 out, for the new tokens out_idx [n_out] int64 (indices into
     the n_tok); cache [2L, B, h, 64 * ctx] float32, layer i's keys (transposed, [64, ctx] per
-    head) at 2i and values ([ctx, 64]) at 2i + 1, written at positions positions[0] ..
-    positions[0] + n_tok - 1; tokens [B, n_tok] int64; vectors: float32, the positional
+    head) at 2i and values ([ctx, 64]) at 2i + 1, written at slots positions[0] ..
+    positions[0] + n_tok - 1; tokens [B, n_tok] int64; starts [B] int64, each sequence's first
+    slot: a batch of prompts of different lengths is left-padded to one length, and sequence
+    b's slot j holds its token at position j - starts[b] (its pad slots are never attended
+    to, and their own embeddings take position 0); vectors: float32, the positional
     embedding [ctx, d], then per block its norms' gamma and beta, the q|k|v bias, the out bias,
     the cross norm, the cross query and out biases, the MLP norm and its two biases (17 d
     floats), then the final norm (2 d); matrices, float32 or bfloat16: the token embedding
@@ -192,6 +198,7 @@ struct WhisperDecoderStep:
         cache: _MutableInputTensor[dtype=DType.float32, rank=4, ...],
         tokens: InputTensor[dtype=DType.int64, rank=2, ...],
         positions: InputTensor[dtype=DType.int64, rank=1, ...],
+        starts: InputTensor[dtype=DType.int64, rank=1, ...],
         out_idx: InputTensor[dtype=DType.int64, rank=1, ...],
         vectors: InputTensor[dtype=DType.float32, rank=1, ...],
         matrices: InputTensor[rank=1, ...],
@@ -220,6 +227,12 @@ struct WhisperDecoderStep:
         var pos = Int(positions.unsafe_ptr()[unsafe_offset=0])
         if n_tok < 1 or pos < 0 or pos + n_tok > n_ctx:
             raise Error("whisper_decoder_step: positions ", pos, " .. ", pos + n_tok - 1, " are outside the cache of ", n_ctx)
+        var sp = starts.unsafe_ptr()
+        if starts.shape()[0] != batch:
+            raise Error("whisper_decoder_step: ", starts.shape()[0], " starts for a batch of ", batch)
+        for b in range(batch):
+            if sp[unsafe_offset=b] < 0 or sp[unsafe_offset=b] >= Int64(n_ctx):
+                raise Error("whisper_decoder_step: start ", sp[unsafe_offset=b], " is outside the cache of ", n_ctx)
         var tp = tokens.unsafe_ptr()
         for b in range(batch * n_tok):
             if tp[unsafe_offset=b] < 0 or tp[unsafe_offset=b] >= Int64(vocab):
@@ -253,11 +266,11 @@ struct WhisperDecoderStep:
         var op = logits.unsafe_ptr()
         var plane = batch * heads * D * n_ctx            # one layer's keys (or values)
 
-        def worker(_w: Int) raises {var c, var xs, var scratch, var lp, var fp, var ckp, var cvp, var cp, var tp, var ip, var vec, var mat, var op, var n_layer, var batch, var n_tok, var n_out, var rows, var heads, var n_ctx, var d, var vocab, var frames, var pos, var plane}:
+        def worker(_w: Int) raises {var c, var xs, var scratch, var lp, var fp, var sp, var ckp, var cvp, var cp, var tp, var ip, var vec, var mat, var op, var n_layer, var batch, var n_tok, var n_out, var rows, var heads, var n_ctx, var d, var vocab, var frames, var pos, var plane}:
             var r = _claim(c, 0)                         # embeddings: a token per item
             while r < rows:
                 var row = mat.unsafe_offset(Int(tp[unsafe_offset=r]) * d)
-                var pe = vec.unsafe_offset((pos + r % n_tok) * d)
+                var pe = vec.unsafe_offset(max(pos + r % n_tok - Int(sp[unsafe_offset=r // n_tok]), 0) * d)
                 for j in range(0, d, LW):
                     xs.unsafe_offset(r * d + j).unsafe_store(row.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]()
                                                              + pe.unsafe_offset(j).unsafe_load[width=LW]())
@@ -270,7 +283,7 @@ struct WhisperDecoderStep:
                 _layer_phases[wt, kv](c, 1 + 8 * i, xs, h, vec.unsafe_offset(n_ctx * d + 17 * d * i),
                                       mat.unsafe_offset(vocab * d + 14 * d * d * i),
                                       cp.unsafe_offset(2 * i * plane), cp.unsafe_offset((2 * i + 1) * plane),
-                                      ckp[unsafe_offset=i], cvp[unsafe_offset=i], lp, fp, scratch,
+                                      ckp[unsafe_offset=i], cvp[unsafe_offset=i], lp, fp, sp, scratch,
                                       batch, n_tok, d, heads, n_ctx, frames, pos)
             var ln = vec.unsafe_offset(n_ctx * d + 17 * d * n_layer)
             for b in range(batch):                       # the final norm of the rows asked for

@@ -131,16 +131,17 @@ class BenchSmokeTest(unittest.TestCase):
                          {"50": 50, "100": 100, "200": 200, "440": 440})
         self.assertTrue(result["capacity_error_past_448"])
 
-    def test_archive_runs_both_ways_on_the_same_files(self):
+    def test_archive_runs_every_way_on_the_same_files(self):
         out = self.dir / "archive.json"
         wavs = [w for w, _ in support.samples("en")]
         proc = bench("archive", "--audio", *wavs, "--files", "5", "--batch", "2", "--repeats", "1", "--json", out)
         ways = json.loads(out.read_text())["ways"]
-        self.assertEqual(set(ways), {"chunks", "transcribe_each"})
+        self.assertEqual(set(ways), {"chunks", "each, prompt lengths apart", "transcribe_each"})
         for name, way in ways.items():
             with self.subTest(way=name):
                 self.assertTrue(way["same_tokens"])
                 self.assertEqual(way["windows_per_batch"] * way["encoder_batches"], 5)   # a window each
+                self.assertEqual(way["windows_per_decoder_batch"] * way["decoder_batches"], 5)
         self.assertEqual(ways["transcribe_each"]["encoder_batches"], 3)
         self.assertIn("| transcribe_each |", proc.stdout)
 

@@ -100,7 +100,7 @@ class GraphTest(unittest.TestCase):
         self.assertEqual(len(dec.inputs), 5 + len(mw.decoder_param_names(dims)) + 4 * 2)
         if (mw.KERNELS_DIR / "attention.mojo").is_file():
             step = mw.build_step_graph(dims, DeviceRef.CPU(), mw.KERNELS_DIR)
-            self.assertEqual(len(step.inputs), 3 + 2 + 2 * 2 + 1)     # packed weights, cross K/V, cache
+            self.assertEqual(len(step.inputs), 4 + 2 + 2 * 2 + 1)     # packed weights, cross K/V, cache
 
     def test_every_graph_builds_for_a_gpu(self):
         """Graph construction checks devices (no GPU needed): every input is on the GPU but the

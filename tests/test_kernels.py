@@ -220,8 +220,8 @@ class DecoderStepOpTest(unittest.TestCase):
     a numpy decoder run a token at a time, with random weights packed in ``decoder_param_names``
     order: two blocks, float32 and bfloat16 matrices and cross K/V, batch 1, 4 and 5, 6 and 8
     heads, 1500 and 64 audio frames, cache positions at both ends, one new token (a step) or
-    several (a prefill, causal), the logits of the tokens asked for; the tokens' keys and
-    values land in the cache, nothing else moves."""
+    several (a prefill, causal), sequences left-padded to one length (``starts``), the logits
+    of the tokens asked for; the tokens' keys and values land in the cache, nothing else moves."""
 
     CASES = {"float32": (6, 1500), "bfloat16": (8, 64)}        # heads, audio frames
 
@@ -238,9 +238,12 @@ class DecoderStepOpTest(unittest.TestCase):
             dtype = DType.bfloat16 if wt == "bfloat16" else None
             cls.graphs[wt] = session.load(mw.build_step_graph(cls.dims[wt], dev, mw.KERNELS_DIR, dtype, dtype))
 
-    def run_step(self, batch, pos, wt, token=None, n_new=1, out_idx=(-1,)):
+    def run_step(self, batch, pos, wt, token=None, n_new=1, out_idx=(-1,), starts=None):
         """The op's logits and cache against numpy's steps for random weights (matrices and
-        cross K/V rounded to ``wt``), cache and ``n_new`` new tokens."""
+        cross K/V rounded to ``wt``), cache and ``n_new`` new tokens; ``starts``: each row's
+        first slot (the numpy decoder gives slot j position j - start and attends from the
+        start). What the op computes at a row's pad slots is only checked to be finite: no
+        query of the row reads it."""
         from max.driver import Buffer
         dims = self.dims[wt]
         L, d, h, frames = dims["n_text_layer"], dims["n_text_state"], dims["n_text_head"], dims["n_audio_ctx"]
@@ -266,12 +269,14 @@ class DecoderStepOpTest(unittest.TestCase):
         before = planes.copy()
         tokens = rng.integers(0, dims["n_vocab"], (batch, n_new)) if token is None else np.full((batch, n_new), token)
         idx = np.array([i % n_new for i in out_idx], np.int64)
+        starts = np.zeros(batch, np.int64) if starts is None else np.array(starts, np.int64)
 
         def buf(x, low):
             return mw._bfloat16(x) if low and bf16 else Buffer.from_numpy(x)
 
         out = self.graphs[wt].execute(Buffer.from_numpy(tokens), Buffer.from_numpy(np.array([pos])),
-                                      Buffer.from_numpy(idx), buf(vectors, False), buf(matrices, True), *(buf(c, True) for c in cross),
+                                      Buffer.from_numpy(starts), Buffer.from_numpy(idx), buf(vectors, False),
+                                      buf(matrices, True), *(buf(c, True) for c in cross),
                                       Buffer.from_numpy(planes))[0].to_numpy()
 
         def norm_linear(x, norm, layer):
@@ -280,7 +285,8 @@ class DecoderStepOpTest(unittest.TestCase):
 
         want, logits = before.copy(), []
         for t in range(n_new):                                             # a token at a time: causal
-            x = p["decoder.token_embedding.weight"][tokens[:, t:t + 1]] + p["decoder.positional_embedding"][pos + t]
+            x = p["decoder.token_embedding.weight"][tokens[:, t:t + 1]] \
+                + p["decoder.positional_embedding"][np.maximum(pos + t - starts, 0)][:, None]
             for i in range(L):
                 b = f"decoder.blocks.{i}"
                 qkv = norm_linear(x, f"{b}.attn_ln", f"{b}.attn.qkv")
@@ -288,8 +294,9 @@ class DecoderStepOpTest(unittest.TestCase):
                 v_cache = want[2 * i + 1].reshape(batch, h, 448, 64)
                 k_cache[..., pos + t] = qkv[:, 0, d:2 * d].reshape(batch, h, 64)
                 v_cache[:, :, pos + t] = qkv[:, 0, 2 * d:].reshape(batch, h, 64)
-                x = x + reference(qkv, k_cache, v_cache, [pos + t + 1]) @ p[f"{b}.attn.out.weight"].T \
-                    + p[f"{b}.attn.out.bias"]
+                att = np.concatenate([reference(qkv[r:r + 1], k_cache[r:r + 1, ..., s:], v_cache[r:r + 1, :, s:],
+                                                [max(pos + t + 1 - s, 1)]) for r, s in enumerate(starts)])
+                x = x + att @ p[f"{b}.attn.out.weight"].T + p[f"{b}.attn.out.bias"]
                 q = norm_linear(x, f"{b}.cross_attn_ln", f"{b}.cross_attn.query")
                 x = x + reference(q, cross[2 * i], cross[2 * i + 1], [frames]) @ p[f"{b}.cross_attn.out.weight"].T \
                     + p[f"{b}.cross_attn.out.bias"]
@@ -298,7 +305,16 @@ class DecoderStepOpTest(unittest.TestCase):
             logits.append((_layer_norm(x) * p["decoder.ln.weight"] + p["decoder.ln.bias"])
                           @ p["decoder.token_embedding.weight"].T)
         self.assertEqual(out.shape, (batch, len(idx), dims["n_vocab"]))
-        np.testing.assert_allclose(out, np.concatenate([logits[i] for i in idx], axis=1), atol=2e-4, rtol=1e-4)
+        self.assertTrue(np.isfinite(out).all() and np.isfinite(planes).all())
+        pad = pos + idx[None, :] < starts[:, None]                        # [batch, n_out]
+        want_out = np.concatenate([logits[i] for i in idx], axis=1)
+        np.testing.assert_allclose(np.where(pad[..., None], 0, out), np.where(pad[..., None], 0, want_out),
+                                   atol=2e-4, rtol=1e-4)
+        for r, first in enumerate(starts):                                # the pad slots: not compared
+            for kv in (planes, want, before):
+                for i in range(L):
+                    kv[2 * i, r].reshape(h, 64, 448)[..., :first] = 0
+                    kv[2 * i + 1, r].reshape(h, 448, 64)[:, :first] = 0
         np.testing.assert_allclose(planes, want, atol=1e-5)          # the tokens' K/V from pos
         for i in range(L):
             for kv in (planes, before):
@@ -317,6 +333,14 @@ class DecoderStepOpTest(unittest.TestCase):
             for batch, pos, n, out_idx in ((1, 0, 3, (0, -1)), (2, 5, 11, (-1,)), (4, 430, 18, (3, 17, 0))):
                 with self.subTest(wt=wt, batch=batch, pos=pos, n=n):
                     self.run_step(batch, pos, wt, n_new=n, out_idx=out_idx)
+
+    def test_padded_rows(self):
+        """Rows of one batch from different first slots: a prefill over their pad slots, then
+        steps."""
+        for wt in self.CASES:
+            for batch, pos, n, starts in ((3, 0, 9, (0, 2, 8)), (2, 0, 20, (19, 3)), (4, 12, 1, (0, 5, 11, 2))):
+                with self.subTest(wt=wt, batch=batch, pos=pos, n=n, starts=starts):
+                    self.run_step(batch, pos, wt, n_new=n, out_idx=(-1, 0), starts=starts)
 
     def test_position_outside_the_cache_is_refused(self):
         with self.assertRaises(Exception) as caught:

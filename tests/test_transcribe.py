@@ -55,6 +55,64 @@ class TranscribeTest(unittest.TestCase):
 
 
 
+class PaddedPromptsTest(unittest.TestCase):
+    """Windows whose prompts differ in length decode in one batch, the shorter prompts
+    left-padded, each as it decodes alone."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.model = support.model("tiny.en")
+        text = cls.model.tokenizer().encode(" " + support.LONG_TEXT) * 4
+        cls.prompts = [text[:n] for n in (0, 3, 41, 220)]
+        wavs = [w for w, _ in support.samples("en")] * len(cls.prompts)
+        cls.mels = np.stack([cls.model.log_mel(mw.load_audio(w), padding=mw.N_SAMPLES)[:, :mw.N_FRAMES]
+                             for w in wavs[:len(cls.prompts)]])
+
+    def decode(self, model, rows, **options):
+        """decode_batch over the windows ``rows`` with their prompts, in one batch."""
+        opts = [mw.DecodingOptions(prompt=self.prompts[k], **options) for k in rows]
+        rngs = [np.random.default_rng(k) for k in rows]
+        cross = model.encode(self.mels[rows], features=False)[1]
+        return mw.decode_batch(model, model.new_cache(cross, batch=len(rows) * opts[0].group_size()), opts, rngs)
+
+    def check(self, model, **options):
+        rows = list(range(len(self.prompts)))
+        together = self.decode(model, rows, **options)
+        for k in rows:
+            alone = self.decode(model, [k], **options)[0]
+            with self.subTest(prompt=len(self.prompts[k]), **options):
+                self.assertEqual(together[k].tokens, alone.tokens)
+                self.assertAlmostEqual(together[k].avg_logprob, alone.avg_logprob, places=4)
+                self.assertAlmostEqual(together[k].no_speech_prob, alone.no_speech_prob, places=4)
+
+    def test_greedy_beams_and_samples(self):
+        self.assertEqual(len({mw._batch_key(self.model, mw.DecodingOptions(prompt=p)) for p in self.prompts}), 1)
+        for options in ({}, {"beam_size": 3}, {"temperature": 0.8, "best_of": 2}):
+            self.check(self.model, **options)
+
+    def test_a_max_ops_prefill_decodes_each_length_apart(self):
+        """Without the one-op step (no kernels here; a GPU, Q4_0) prompts are not padded."""
+        off = mw.Model(self.model.weights, device=support.DEVICE, kernels="off", warmup=False)
+        self.assertTrue(self.model.pads_prompts)
+        self.assertFalse(off.pads_prompts)
+        opts = [mw.DecodingOptions(prompt=p) for p in self.prompts[:2]]
+        self.assertNotEqual(mw._batch_key(off, opts[0]), mw._batch_key(off, opts[1]))
+        cross = self.model.encode(self.mels[:2], features=False)[1]
+        with self.assertRaises(mw.ConfigError) as caught:
+            mw.decode_batch(off, off.new_cache(cross, batch=2), opts)
+        self.assertIn("pads_prompts", str(caught.exception))
+
+    def test_a_prompt_at_the_cap_pads_only_to_its_length(self):
+        """openai-whisper keeps up to 223 tokens of earlier text: with its 224 tokens to sample,
+        that prompt would push a shorter one's last tokens past the context once padded."""
+        capped = mw.DecodingOptions(prompt=self.prompts[-1] * 2)                    # 223 kept
+        self.assertNotEqual(mw._batch_key(self.model, capped), mw._batch_key(self.model, mw.DecodingOptions()))
+        cross = self.model.encode(self.mels[:2], features=False)[1]
+        with self.assertRaises(mw.ConfigError) as caught:
+            mw.decode_batch(self.model, self.model.new_cache(cross, batch=2), [capped, mw.DecodingOptions()])
+        self.assertIn("overrun", str(caught.exception))
+
+
 class TranscribeBatchTest(unittest.TestCase):
     def test_batch_equals_one_at_a_time(self):
         m = support.model("tiny.en")
