@@ -690,6 +690,7 @@ def archive(args) -> dict:
             for k, r in mw.transcribe_each(m, paths, batch_size=size, **options):
                 results[k] = r
             return results
+
         def apart() -> list:
             m.pads_prompts = False
             try:

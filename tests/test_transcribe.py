@@ -54,7 +54,6 @@ class TranscribeTest(unittest.TestCase):
             self.model.detect_language(np.zeros((80, mw.N_FRAMES), np.float32))
 
 
-
 class PaddedPromptsTest(unittest.TestCase):
     """Windows whose prompts differ in length decode in one batch, the shorter prompts
     left-padded, each as it decodes alone."""
@@ -68,29 +67,27 @@ class PaddedPromptsTest(unittest.TestCase):
         cls.mels = np.stack([cls.model.log_mel(mw.load_audio(w), padding=mw.N_SAMPLES)[:, :mw.N_FRAMES]
                              for w in wavs[:len(cls.prompts)]])
 
-    def decode(self, model, rows, **options):
+    def decode(self, rows, **options):
         """decode_batch over the windows ``rows`` with their prompts, in one batch."""
         opts = [mw.DecodingOptions(prompt=self.prompts[k], **options) for k in rows]
         rngs = [np.random.default_rng(k) for k in rows]
-        cross = model.encode(self.mels[rows], features=False)[1]
-        return mw.decode_batch(model, model.new_cache(cross, batch=len(rows) * opts[0].group_size()), opts, rngs)
-
-    def check(self, model, **options):
-        rows = list(range(len(self.prompts)))
-        together = self.decode(model, rows, **options)
-        for k in rows:
-            alone = self.decode(model, [k], **options)[0]
-            with self.subTest(prompt=len(self.prompts[k]), **options):
-                self.assertEqual(together[k].tokens, alone.tokens)
-                self.assertAlmostEqual(together[k].avg_logprob, alone.avg_logprob, places=4)
-                self.assertAlmostEqual(together[k].no_speech_prob, alone.no_speech_prob, places=4)
+        cross = self.model.encode(self.mels[rows], features=False)[1]
+        cache = self.model.new_cache(cross, batch=len(rows) * opts[0].group_size())
+        return mw.decode_batch(self.model, cache, opts, rngs)
 
     def test_greedy_beams_and_samples(self):
         if not self.model.pads_prompts:
             self.skipTest(f"a {self.model.device_name} model's prefill is not the one CPU op: no padding")
         self.assertEqual(len({mw._batch_key(self.model, mw.DecodingOptions(prompt=p)) for p in self.prompts}), 1)
+        rows = list(range(len(self.prompts)))
         for options in ({}, {"beam_size": 3}, {"temperature": 0.8, "best_of": 2}):
-            self.check(self.model, **options)
+            together = self.decode(rows, **options)
+            for k in rows:
+                alone = self.decode([k], **options)[0]
+                with self.subTest(prompt=len(self.prompts[k]), **options):
+                    self.assertEqual(together[k].tokens, alone.tokens)
+                    self.assertAlmostEqual(together[k].avg_logprob, alone.avg_logprob, places=4)
+                    self.assertAlmostEqual(together[k].no_speech_prob, alone.no_speech_prob, places=4)
 
     def test_a_max_ops_prefill_decodes_each_length_apart(self):
         """Without the one-op step (no kernels here; a GPU, Q4_0) prompts are not padded."""
