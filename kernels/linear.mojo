@@ -67,8 +67,11 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool, biased: Bool = True](
     and every input row m, the bias added where ``biased``. Each weight row streams from
     memory once (a step is bandwidth-bound), read in order; TX input rows at a time take four
     weight rows in a TX x 4 tile of sums held in registers (each load serves several products:
-    a prompt's prefill is compute-bound), and a single row keeps two partial sums to hide the
-    add latency."""
+    a prompt's prefill is compute-bound). The input rows left over (a one-token step's at
+    batch 1-3) take one weight row at a time, each sum in the tile's order (one register of
+    sums, then across it), so an output does not depend on the rows beside it: a window's
+    logits are the same bits alone and in a batch of any size. One chain of sums keeps up with
+    a weight row streaming from memory (measured: as fast as two partial sums)."""
     for r in range(r0, r1, ROWS):
         var nr = min(ROWS, r1 - r)
         var m = 0
@@ -95,14 +98,11 @@ def _gemv_rows[wt: DType, gelu: Bool, residual: Bool, biased: Bool = True](
             var y = SIMD[DType.float32, ROWS](0)
             for i in range(nr):
                 var wr = w.unsafe_offset((r + i) * k)
-                var s0 = SIMD[DType.float32, LW](0)
-                var s1 = SIMD[DType.float32, LW](0)
-                for j in range(0, k, 2 * LW):
+                var acc = SIMD[DType.float32, TV](0)
+                for j in range(0, k, TV):
                     _prefetch_ahead(wr.unsafe_offset(j))
-                    _prefetch_ahead(wr.unsafe_offset(j + LW))
-                    s0 += wr.unsafe_offset(j).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j).unsafe_load[width=LW]()
-                    s1 += wr.unsafe_offset(j + LW).unsafe_load[width=LW]().cast[DType.float32]() * xr.unsafe_offset(j + LW).unsafe_load[width=LW]()
-                y[i] = (s0 + s1).reduce_add()
+                    acc += wr.unsafe_offset(j).unsafe_load[width=TV]().cast[DType.float32]() * xr.unsafe_offset(j).unsafe_load[width=TV]()
+                y[i] = acc.reduce_add()
             _finish[gelu, residual, biased](o, bias, res, y, m * n + r, r, nr)
             m += 1
 

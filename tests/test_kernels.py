@@ -238,46 +238,53 @@ class DecoderStepOpTest(unittest.TestCase):
             dtype = DType.bfloat16 if wt == "bfloat16" else None
             cls.graphs[wt] = session.load(mw.build_step_graph(cls.dims[wt], dev, mw.KERNELS_DIR, dtype, dtype))
 
+    def weights(self, wt, rng) -> dict:
+        """Random decoder parameters by name, matrices rounded to ``wt``."""
+        p = {}
+        for q in mw.weight_spec(self.dims[wt]):
+            if q.graph == "decoder":
+                x = rng.standard_normal(q.shape, dtype=np.float32)
+                if q.low_precision:
+                    x = x / np.float32(np.sqrt(q.shape[-1]))
+                    p[q.name] = _bfloat16(x) if wt == "bfloat16" else x
+                else:
+                    p[q.name] = 1 + 0.1 * x if q.name.endswith("ln.weight") else 0.1 * x
+        return p
+
+    def execute(self, wt, p, tokens, pos, starts, idx, cross, planes) -> np.ndarray:
+        """The op's logits [batch, len(idx), n_vocab]; ``planes`` (the cache) written in place."""
+        from max.driver import Buffer
+        spec = [q for q in mw.weight_spec(self.dims[wt]) if q.graph == "decoder"]
+
+        def buf(x, low):
+            return mw._bfloat16(x) if low and wt == "bfloat16" else Buffer.from_numpy(x)
+
+        vectors = np.concatenate([p[q.name].ravel() for q in spec if not q.low_precision])
+        matrices = np.concatenate([p[q.name].ravel() for q in spec if q.low_precision])
+        return self.graphs[wt].execute(Buffer.from_numpy(tokens), Buffer.from_numpy(np.array([pos])),
+                                       Buffer.from_numpy(starts), Buffer.from_numpy(idx), buf(vectors, False),
+                                       buf(matrices, True), *(buf(c, True) for c in cross),
+                                       Buffer.from_numpy(planes))[0].to_numpy()
+
     def run_step(self, batch, pos, wt, token=None, n_new=1, out_idx=(-1,), starts=None):
         """The op's logits and cache against numpy's steps for random weights (matrices and
         cross K/V rounded to ``wt``), cache and ``n_new`` new tokens; ``starts``: each row's
         first slot (the numpy decoder gives slot j position j - start and attends from the
         start). What the op computes at a row's pad slots is only checked to be finite: no
         query of the row reads it."""
-        from max.driver import Buffer
         dims = self.dims[wt]
         L, d, h, frames = dims["n_text_layer"], dims["n_text_state"], dims["n_text_head"], dims["n_audio_ctx"]
         rng = np.random.default_rng(batch * 100 + h + pos)
-        spec = [q for q in mw.weight_spec(dims) if q.graph == "decoder"]
-        low = {q.name for q in spec if q.low_precision}
-        p = {}
-        for q in spec:
-            n = q.name
-            x = rng.standard_normal(q.shape, dtype=np.float32)
-            if n in low:
-                x = x / np.float32(np.sqrt(q.shape[-1]))
-                p[n] = _bfloat16(x) if wt == "bfloat16" else x
-            else:
-                p[n] = 1 + 0.1 * x if n.endswith("ln.weight") else 0.1 * x
-        bf16 = wt == "bfloat16"
-        vectors = np.concatenate([p[q.name].ravel() for q in spec if q.name not in low])
-        matrices = np.concatenate([p[q.name].ravel() for q in spec if q.name in low])
+        p = self.weights(wt, rng)
         cross = [rng.standard_normal(shape, dtype=np.float32) * 2 for _ in range(L)
                  for shape in ((batch, h, 64, frames), (batch, h, frames, 64))]
-        cross = [_bfloat16(c) if bf16 else c for c in cross]
+        cross = [_bfloat16(c) if wt == "bfloat16" else c for c in cross]
         planes = rng.standard_normal((2 * L, batch, h, 64 * 448), dtype=np.float32)
         before = planes.copy()
         tokens = rng.integers(0, dims["n_vocab"], (batch, n_new)) if token is None else np.full((batch, n_new), token)
         idx = np.array([i % n_new for i in out_idx], np.int64)
         starts = np.zeros(batch, np.int64) if starts is None else np.array(starts, np.int64)
-
-        def buf(x, low):
-            return mw._bfloat16(x) if low and bf16 else Buffer.from_numpy(x)
-
-        out = self.graphs[wt].execute(Buffer.from_numpy(tokens), Buffer.from_numpy(np.array([pos])),
-                                      Buffer.from_numpy(starts), Buffer.from_numpy(idx), buf(vectors, False),
-                                      buf(matrices, True), *(buf(c, True) for c in cross),
-                                      Buffer.from_numpy(planes))[0].to_numpy()
+        out = self.execute(wt, p, tokens, pos, starts, idx, cross, planes)
 
         def norm_linear(x, norm, layer):
             return (_layer_norm(x) * p[f"{norm}.weight"] + p[f"{norm}.bias"]) @ p[f"{layer}.weight"].T \
@@ -341,6 +348,33 @@ class DecoderStepOpTest(unittest.TestCase):
             for batch, pos, n, starts in ((3, 0, 9, (0, 2, 8)), (2, 0, 20, (19, 3)), (4, 12, 1, (0, 5, 11, 2))):
                 with self.subTest(wt=wt, batch=batch, pos=pos, n=n, starts=starts):
                     self.run_step(batch, pos, wt, n_new=n, out_idx=(-1, 0), starts=starts)
+
+    def test_a_row_is_the_same_in_any_batch(self):
+        """A sequence's logits and keys are the same bits alone and beside others, at any row of
+        a batch of any size, prefill and step: a window decodes (and samples) in a batch as it
+        does alone. The vocabulary of 101 leaves a last group of under four weight rows."""
+        rng = np.random.default_rng(7)
+        for wt in self.CASES:
+            dims, p = self.dims[wt], self.weights(wt, rng)
+            L, h, frames = dims["n_text_layer"], dims["n_text_head"], dims["n_audio_ctx"]
+            cross = [rng.standard_normal(shape, dtype=np.float32) for _ in range(L)
+                     for shape in ((1, h, 64, frames), (1, h, frames, 64))]
+            cross = [_bfloat16(c) if wt == "bfloat16" else c for c in cross]
+            tokens = rng.integers(0, dims["n_vocab"], (1, 8))
+            alone = None
+            for batch in (1, 2, 3, 5, 6):
+                others = rng.integers(0, dims["n_vocab"], (batch, 8))
+                others[batch // 2] = tokens[0]                        # the sequence at a middle row
+                rows = [np.concatenate([c] * batch) for c in cross]
+                planes = np.zeros((2 * L, batch, h, 64 * 448), np.float32)
+                zeros = np.zeros(batch, np.int64)
+                got = [self.execute(wt, p, others[:, :7], 0, zeros, np.arange(7), rows, planes)[batch // 2],
+                       self.execute(wt, p, others[:, 7:], 7, zeros, np.array([0]), rows, planes)[batch // 2],
+                       planes[:, batch // 2].copy()]
+                alone = alone or got
+                with self.subTest(wt=wt, batch=batch):
+                    for a, b in zip(got, alone):
+                        np.testing.assert_array_equal(a, b)
 
     def test_position_outside_the_cache_is_refused(self):
         with self.assertRaises(Exception) as caught:
