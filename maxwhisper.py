@@ -3893,6 +3893,10 @@ class TokenSampler:
         tokens = np.concatenate([tokens, nxt[:, None]], axis=1)
         return tokens, bool((tokens[:, -1] == self.eot).all())
 
+    def ended(self, tokens: np.ndarray) -> list[bool]:
+        """Per audio: whether every row of its group has ended."""
+        return (tokens[:, -1] == self.eot).reshape(-1, self.n_group).all(axis=1).tolist()
+
     def finalize(self, tokens: np.ndarray, sum_logprobs: np.ndarray):
         """Per audio: its group's token rows (each ending in end-of-text) and their scores."""
         tokens = np.pad(tokens, ((0, 0), (0, 1)), constant_values=self.eot)
@@ -4013,6 +4017,10 @@ class BeamSearchDecoder:
         completed = all(len(done) >= self.max_candidates for done in self.finished)
         return np.array(next_tokens, np.int64), completed
 
+    def ended(self, tokens: np.ndarray) -> list[bool]:
+        """Per audio: whether ``beam_size * patience`` of its beams have finished."""
+        return [len(done) >= self.max_candidates for done in self.finished or [{}] * (len(tokens) // self.beam_size)]
+
     def finalize(self, tokens: np.ndarray, sum_logprobs: np.ndarray):
         """Per audio: finished sequences, topped up with the best live beams if too few."""
         groups = tokens.reshape(-1, self.beam_size, tokens.shape[1])
@@ -4111,17 +4119,12 @@ def _best_candidate(rows: list, scores: list, sample_begin: int, eot: int,
 
 def _batch_key(model: Model, options: DecodingOptions) -> tuple:
     """Windows whose keys are equal may be decoded in one ``decode_batch`` (they share the
-    other options): the same prefix length, and, where the model pads prompts
-    (``Model.pads_prompts``), prompts that leave the whole ``sample_len`` room once padded to
-    the longest (with openai-whisper's 224 that is a prompt of up to 220 tokens; a longer one,
-    as the text of the windows before caps it at 223, pads only to its own length), else
-    prompts of one length."""
+    other options): the same prefix length, and prompts of one length unless the model pads
+    them (``Model.pads_prompts``)."""
     n_ctx = model.dims["n_text_ctx"]
-    sample_len = options.sample_len or n_ctx // 2
     tokenizer = model.tokenizer(options.language, options.task)
-    initial = _initial_tokens(options, tokenizer, n_ctx, sample_len)
-    pads = model.pads_prompts and len(initial) + sample_len <= n_ctx
-    return len(initial) - initial.index(tokenizer.sot), None if pads else len(initial)
+    initial = _initial_tokens(options, tokenizer, n_ctx, options.sample_len or n_ctx // 2)
+    return len(initial) - initial.index(tokenizer.sot), None if model.pads_prompts else len(initial)
 
 
 def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions],
@@ -4132,9 +4135,12 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     prefixes must have the same length (``_batch_key`` says which windows may share a batch).
     Where the model pads prompts (``Model.pads_prompts``), prompts of different lengths are
     left-padded to the longest (``KVCache.starts``): each row attends only to its own tokens
-    at their own positions, so it decodes as it would alone, as long as the padded prompt
-    leaves the whole ``sample_len`` room in the text context. Each window is decoded as a
-    group of ``options.group_size()`` rows — ``cache.batch`` must be the windows times that — greedily,
+    at their own positions, so it decodes as it would alone. Padding takes room from the text
+    context: where the longest prompt leaves less than ``sample_len`` (openai-whisper keeps up
+    to 223 tokens of earlier text) and the batch runs out of context, the padded windows that
+    have not ended are decoded again without the longer prompts, from their generators' states
+    at the start, as far as their own prompts allow. Each window is decoded as a group of
+    ``options.group_size()`` rows — ``cache.batch`` must be the windows times that — greedily,
     by beam search (``beam_size``) at temperature 0, or as ``best_of`` samples above it, drawn
     from ``rngs[window]``. Returns one ``DecodingResult`` per window.
     """
@@ -4155,9 +4161,6 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     if len({len(i) for i in initials}) > 1 and not model.pads_prompts:
         raise ConfigError("decode_batch: the windows' prompts differ in length and this model's prefill "
                           "does not pad them (Model.pads_prompts); decode them apart")
-    if len({len(i) for i in initials}) > 1 and sample_begin + sample_len > n_ctx:
-        raise ConfigError(f"decode_batch: prompts of different lengths, the longest {sample_begin} tokens with "
-                          f"sample_len {sample_len}, overrun the {n_ctx}-token context once padded; decode them apart")
     sot_index = sample_begin - suffixes.pop()
     n_group = first.group_size()
     if cache.batch != n_group * len(options):
@@ -4176,6 +4179,7 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     else:
         rngs = rngs or [np.random.default_rng(first.seed) for _ in options]
         decoder = TokenSampler(first.temperature, eot, n_group, rngs)
+    at_start = [r.bit_generator.state for r in rngs or ()]
 
     pads = [sample_begin - len(i) for i in initials]
     padded = [[tokenizer.sot_prev] * p + i for p, i in zip(pads, initials)]    # any token: no query sees it
@@ -4203,6 +4207,9 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
         else:
             logits = model.decode(cache, tokens[:, -1:])[:, 0].copy()
 
+    again = []
+    if not completed and tokens.shape[1] > n_ctx and i < sample_len - 1:     # out of context
+        again = [k for k, ended in enumerate(decoder.ended(tokens)) if pads[k] and not ended]
     groups, scores = decoder.finalize(tokens, sum_logprobs)
     results = []
     for k, (rows, row_scores) in enumerate(zip(groups, scores)):
@@ -4213,6 +4220,13 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
             avg_logprob=float(score / (len(tokens_k) + 1)), no_speech_prob=no_speech_probs[k],
             temperature=first.temperature, compression_ratio=compression_ratio(text),
             looped=bool(guard and guard.loops(tokens_k))))
+    if again:               # from their generators' states at the start, without the others
+        for k in again if rngs else ():
+            rngs[k].bit_generator.state = at_start[k]
+        cache = model.new_cache(model.cross_rows(cache.cross, [k * n_group for k in again]), len(again) * n_group)
+        for k, result in zip(again, decode_batch(model, cache, [options[k] for k in again],
+                                                 [rngs[k] for k in again] if rngs else None)):
+            results[k] = result
     return results
 
 
@@ -5018,11 +5032,10 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
 
     Each result is the one ``transcribe`` gives for that audio with the same options (the
     same tokens: every audio keeps its own prompt, seek and random generator). Prompts of
-    different lengths share a batch where the model pads them (``Model.pads_prompts``), but
-    for those at openai-whisper's cap of 223 tokens of earlier text, which share one of their
-    own. Options as in
-    ``transcribe``. Every audio is read first: an unreadable one raises before any decoding,
-    naming the file (``transcribe_each`` reads them as it goes and reports each failure apart).
+    different lengths share a batch where the model pads them (``Model.pads_prompts``).
+    Options as in ``transcribe``. Every audio is read first: an unreadable one raises before
+    any decoding, naming the file (``transcribe_each`` reads them as it goes and reports each
+    failure apart).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size}: use 1 or more")
