@@ -351,9 +351,9 @@ class DecoderStepOpTest(unittest.TestCase):
                     self.run_step(batch, pos, wt, n_new=n, out_idx=(-1, 0), starts=starts)
 
     def test_a_row_is_the_same_in_any_batch(self):
-        """A sequence's logits and keys are the same bits alone and beside others, at any row of
-        a batch of any size, prefill and step: a window decodes (and samples) in a batch as it
-        does alone. The vocabulary of 101 leaves a last group of under four weight rows."""
+        """A sequence's logits and cache rows are the same bits alone and beside others, at any
+        row of a batch of any size, prefill and step: a window decodes (and samples) in a batch
+        as it does alone. The vocabulary of 101 leaves a last group of under four weight rows."""
         rng = np.random.default_rng(7)
         for wt in self.CASES:
             dims, p = self.dims[wt], self.weights(wt, rng)
