@@ -657,9 +657,10 @@ def archive(args) -> dict:
     which waits for the chunk's longest file) and ``transcribe_each`` (a finished file's place
     taken by the next at the next round, the next files read meanwhile); with
     ``condition_on_previous_text``, also ``transcribe_each`` with each prompt length decoded
-    apart (``Model.pads_prompts`` off, as a GPU's model decodes). Windows per encoder and per
-    decoder batch show how full the batches run, whatever the device."""
-    m = mw.load(args.model, device="cpu")
+    apart (``Model.pads_prompts`` off). Windows per encoder and per
+    decoder batch show how full the batches run, whatever the device. ``--dtype`` and
+    ``--kernels`` pick the model (Q4_0 or no kernels: the MAX-ops decoder graphs a GPU runs)."""
+    m = mw.load(args.model, device="cpu", dtype=args.dtype, kernels=args.kernels)
     workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-archive-"))
     try:
         files = audio_arg(args.audio) if args.audio else \
@@ -726,7 +727,8 @@ def archive(args) -> dict:
                       "decoder_batches": len(r["decodes"]),
                       "windows_per_decoder_batch": sum(r["decodes"]) / len(r["decodes"]),
                       "same_tokens": r["tokens"] == runs["chunks"]["tokens"]}
-    print_table(f"archive: {args.model}, {len(paths)} files ({audio:.0f} s of audio), batch {size}, greedy, "
+    print_table(f"archive: {args.model} {args.dtype}, kernels {args.kernels}, {len(paths)} files "
+                f"({audio:.0f} s of audio), batch {size}, greedy, "
                 f"condition_on_previous_text={args.condition_on_previous_text}, median of {args.repeats}",
                 ["way", "seconds", "audio s/s", "x chunks", "encoder batches", "windows per batch", "decoder batches",
                  "windows per decoder batch", "same tokens"],
@@ -734,7 +736,8 @@ def archive(args) -> dict:
                   f"{rows['chunks']['seconds'] / r['seconds']:.2f}", r["encoder_batches"],
                   f"{r['windows_per_batch']:.2f}", r["decoder_batches"], f"{r['windows_per_decoder_batch']:.2f}",
                   r["same_tokens"]] for name, r in rows.items()])
-    return {"command": "archive", "model": args.model, "files": len(paths), "audio_seconds": audio, "batch": size,
+    return {"command": "archive", "model": args.model, "dtype": args.dtype, "kernels": args.kernels,
+            "files": len(paths), "audio_seconds": audio, "batch": size,
             "repeats": args.repeats, "options": options, "ways": rows, "machine": machine()}
 
 
@@ -1487,6 +1490,8 @@ def main(argv=None) -> int:
     ar.add_argument("--language", help="the files' language (default: detected, on a multilingual model)")
     ar.add_argument("--condition-on-previous-text", type=mw._parse_bool, default=True,
                     help="False: every window decodes with no prompt, so windows of one round batch together")
+    ar.add_argument("--dtype", choices=["float32", "bfloat16", "q4_0", "q4_0x2"], default="float32")
+    ar.add_argument("--kernels", choices=["auto", "on", "off"], default="auto")
     sl = sub.add_parser("serve-load", parents=[common], help="HTTP server under concurrent clients")
     sl.add_argument("--audio", nargs="*", help="files or folders (default: the English samples)")
     sl.add_argument("--clients", type=int, default=32)

@@ -2260,7 +2260,8 @@ class _Params:
 
 
 def _embed(p: "_Params", tokens, positions):
-    """Token plus positional embeddings, float32 [batch, n_tok, d]."""
+    """Token plus positional embeddings, float32 [batch, n_tok, d]; ``positions`` [n_tok] (every
+    row's) or [batch, n_tok] (each row's own)."""
     from max.dtype import DType
     from max.graph import ops
     tok = ops.gather(p["decoder.token_embedding.weight"], tokens, axis=0)
@@ -2472,9 +2473,10 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     ``n_text_ctx`` cache slots with a mask; for many queries MAX's matmuls beat the kernel.
 
     Inputs: ``tokens`` [batch, n_tok] int64; ``span`` [2] int64 = (offset, offset + n_tok), the
-    positions these tokens take, on the host (``_span_type``); ``positions`` [n_tok] int64
-    (offset .. offset+n_tok-1); ``out_idx`` [n_out] int64, the rows of ``tokens`` whose logits to return; ``mask``
-    [batch, n_tok, n_text_ctx] float32, 0 where a token may attend to a cache slot and -inf
+    cache slots these tokens take, on the host (``_span_type``); ``positions`` [batch, n_tok]
+    int64, each token's position in its own sequence (slot − ``KVCache.starts`` of its row: a
+    left-padded row's pads at 0); ``out_idx`` [n_out] int64, the rows of ``tokens`` whose logits to return; ``mask``
+    [batch, n_tok, n_text_ctx] float32, 0 where a token may attend to a cache slot and -1e30
     elsewhere (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); then
     the inputs of ``_decoder_types`` (weights, cross K/V, cache buffers, which the graph extends
     in place at ``offset``). Output: logits [batch, n_out, n_vocab], float32. ``dtype`` (a MAX
@@ -2489,7 +2491,7 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     names, types = _decoder_types(dims, device, dtype, kv_dtype)
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
     with Graph(f"whisper_decoder_{_dims_key(dims, dtype, kv_dtype)}",
-               input_types=[i64(["batch", "n_tok"]), _span_type(), i64(["n_tok"]), i64(["n_out"]),
+               input_types=[i64(["batch", "n_tok"]), _span_type(), i64(["batch", "n_tok"]), i64(["n_out"]),
                             TensorType(DType.float32, ["batch", "n_tok", ctx], device=device)] + types) as g:
         tokens, span, positions, out_idx, mask = (v.tensor for v in g.inputs[:5])
         p = _Params(names, g.inputs[5:5 + len(names)], gemv=True, dtype=dtype)
@@ -2550,9 +2552,10 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
 
     Elsewhere (a GPU; Q4_0 matrices) the blocks are MAX ops around two attention ops per block,
     ``whisper_self_attention`` (appends the token's key and value to the cache, reads only the
-    filled rows) and ``whisper_attention`` (the audio frames), each on the projections' own
-    [batch, 1, heads x 64] layout. Inputs: ``tokens``, ``positions``, then the inputs of
-    ``_decoder_types`` as in ``build_decoder_graph``.
+    row's filled slots from its start) and ``whisper_attention`` (the audio frames), each on the
+    projections' own [batch, 1, heads x 64] layout. Inputs: ``tokens`` [batch, 1],
+    ``positions`` [1], ``starts`` [batch], then the inputs of ``_decoder_types`` as in
+    ``build_decoder_graph``.
     """
     from max.dtype import DType
     from max.graph import BufferType, Graph, TensorType, ops
@@ -2574,11 +2577,12 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
         return g
 
     names, types = _decoder_types(dims, device, dtype, kv_dtype)
-    with Graph(name, input_types=[i64(["batch", 1]), i64([1])] + types, custom_extensions=[kernels]) as g:
-        tokens, positions = (v.tensor for v in g.inputs[:2])
-        p = _Params(names, g.inputs[2:2 + len(names)], gemv=True, dtype=dtype)
-        cross = [v.tensor for v in g.inputs[2 + len(names):2 + len(names) + 2 * L]]
-        cache = g.inputs[2 + len(names) + 2 * L:]
+    with Graph(name, input_types=[i64(["batch", 1]), i64([1]), i64(["batch"])] + types,
+               custom_extensions=[kernels]) as g:
+        tokens, positions, starts = (v.tensor for v in g.inputs[:3])
+        p = _Params(names, g.inputs[3:3 + len(names)], gemv=True, dtype=dtype)
+        cross = [v.tensor for v in g.inputs[3 + len(names):3 + len(names) + 2 * L]]
+        cache = g.inputs[3 + len(names) + 2 * L:]
         out_type = TensorType(DType.float32, [tokens.shape[0], 1, dims["n_text_state"]], device=device)
         # keys each query sees: the cache's filled rows; every encoded audio frame, as a bound
         # above any frame count (the op reads min(bound, frames)) kept on the device: the frames'
@@ -2588,14 +2592,16 @@ def build_step_graph(dims: dict, device, kernels: Path, dtype=None, kv_dtype=Non
         lengths = positions + 1
 
         def self_attend(i, qkv):                      # appends the token's K/V, then attends
-            return ops.inplace_custom("whisper_self_attention", device, [qkv, cache[2 * i], cache[2 * i + 1], lengths],
+            return ops.inplace_custom("whisper_self_attention", device,
+                                      [qkv, cache[2 * i], cache[2 * i + 1], lengths, starts],
                                       out_types=[out_type])[0].tensor
 
         def cross_attend(i, q):
             return ops.custom("whisper_attention", device, [q, cross[2 * i], cross[2 * i + 1], frames],
                               out_types=[out_type])[0].tensor
 
-        x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend, cross_attend)
+        rows = ops.unsqueeze(positions - starts, 1)   # [batch, 1]: each row's own position
+        x = _decoder_blocks(p, _embed(p, tokens, rows), dims, self_attend, cross_attend)
         g.output(_logits(p, x, dims["n_vocab"]))
     return g
 
@@ -3332,9 +3338,9 @@ class Model:
     ``device_graphs``: the per-token graphs (the kernel step, the token choice) are replayed as
     device graphs captured once per ``KVCache`` (``_GraphRunner.run_bound``); on a GPU unless
     the ``device_graphs`` setting is off. ``pads_prompts``: windows whose prompts differ in
-    length decode in one batch, the shorter ones left-padded (``decode_batch``), where the
-    prefill and the steps are the one CPU op (``whisper_decoder_step`` takes each row's first
-    slot); a prefill through MAX ops (a GPU, Q4_0, no kernels) decodes each length apart.
+    length decode in one batch, the shorter ones left-padded (``decode_batch``; every graph
+    that reads the cache starts each row at its first slot, ``KVCache.starts``); set it to
+    False to decode each prompt length apart (``bench.py archive`` compares the two).
     """
 
     def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,
@@ -3351,10 +3357,7 @@ class Model:
         self.kernels = _kernels_dir(kernels)
         self.dtype, self.precision = dtype, Precision.choose(dtype, self.device, self.kernels)
         self.choose_on_device = self.device_name == "gpu"
-        # the one op takes each row's first slot; the GPU's step kernel does not, and a padded
-        # prefill through MAX 26.7's decoder graph (positions per row, repeating within a row)
-        # gave wrong values on its first run at a new length and right ones after: not used
-        self.pads_prompts = self.precision.packed
+        self.pads_prompts = True
         self.device_graphs = self.device_name == "gpu" and bool(self.config["device_graphs"])
         ref = DeviceRef.from_device(self.device)
         store = _GraphStore(self.config["graph_cache"], self.device)
@@ -3530,17 +3533,21 @@ class Model:
         if self.precision.packed:               # any number of tokens: the one-op step graph
             out = self.runner.run("step", put(tokens), put(positions[:1]), put(cache.starts),
                                   put(np.array(idx, np.int64)), *self.device_weights.step, *cross, cache.self_kv)
-        elif cache.starts.any():
-            raise ConfigError("a KVCache with padded rows needs the one-op step (Model.pads_prompts)")
         elif self.kernels and n == 1:           # one token (every index is it): the Mojo kernel graph
             selves = cache.self_buffers()
-            out = self._per_token("step", cache, [_host(tokens), _host(positions), *self.device_weights.decoder,
-                                                  *cross, *selves], written=len(selves))
+            out = self._per_token("step", cache, [_host(tokens), _host(positions), _host(cache.starts),
+                                                  *self.device_weights.decoder, *cross, *selves], written=len(selves))
         else:
-            mask = np.where(np.arange(cache.capacity)[None, :] <= positions[:, None], 0.0, -np.inf)
-            mask = np.broadcast_to(mask.astype(np.float32), (batch, n, cache.capacity))
+            # slot j of row b: its position j - starts[b]; a query sees its row's slots from the
+            # start up to its own (a pad slot's query only itself: finite, and never read). The
+            # others get a large finite negative: with -inf, MAX 26.7's graph gave NaN logits
+            # for rows with 128 pad slots or more (a softmax op alone over such rows does not)
+            slots, first = np.arange(cache.capacity), cache.starts[:, None, None]
+            mask = (slots <= positions[:, None]) & ((slots >= first) | (slots == positions[:, None]))
+            mask = np.where(mask, np.float32(0), np.float32(-1e30))
+            rows = np.maximum(positions[None, :] - cache.starts[:, None], 0)
             out = self.runner.run("decoder", put(tokens), _host(np.array([start, start + n], np.int64)),
-                                  put(positions), put(np.array(idx, np.int64)), put(mask),
+                                  put(rows), put(np.array(idx, np.int64)), put(mask),
                                   *self.device_weights.decoder, *cross, *cache.self_buffers())
         cache.length += n
         return out[0]

@@ -51,12 +51,16 @@ def _attend_gpu[kv: DType](
     k_t: Pointer[Scalar[kv], MutAnyOrigin],
     v: Pointer[Scalar[kv], MutAnyOrigin],
     lengths: Pointer[Int64, MutAnyOrigin],
+    starts: Pointer[Int64, MutAnyOrigin],
+    padded32: Int32,
     heads32: Int32,
     n_tok32: Int32,
     q_stride32: Int32,
     keys32: Int32,
 ):
     """One GPU block computes one query row; block index = (batch * heads + head) * n_tok + t.
+    Query t sees keys start .. lengths[t] - 1, where start is starts[batch] if padded32 (a
+    left-padded row of the cache, `whisper_self_attention`) and else 0, at least one key.
 
     Scores: thread i takes keys i, i + 256, ...; for each of the 64 dims a warp reads 32
     consecutive entries of a K^T row (coalesced). Block-wide max and sum go through warp
@@ -80,11 +84,12 @@ def _attend_gpu[kv: DType](
     var scores = stack_allocation[GPU_MAX_KEYS, Float32, address_space=AddressSpace.SHARED]()
     var red = stack_allocation[WARPS, Float32, address_space=AddressSpace.SHARED]()
     var parts = stack_allocation[GPU_THREADS, Float32, address_space=AddressSpace.SHARED]()
-    var n = min(Int(lengths[unsafe_offset=t]), keys)
+    var first = Int(starts[unsafe_offset=bh // heads]) if padded32 != 0 else 0
+    var n = max(min(Int(lengths[unsafe_offset=t]), keys) - first, 1)
     if tid < D:
         qs[unsafe_offset=tid] = q[unsafe_offset=token * Int(q_stride32) + (bh % heads) * D + tid] * 0.125
     barrier()
-    var kbase = k_t.unsafe_offset(bh * D * keys)
+    var kbase = k_t.unsafe_offset(bh * D * keys + first)
     var m = min_or_neg_inf[DType.float32]()
     for j in range(tid, n, GPU_THREADS):
         var s: Float32 = 0.0
@@ -112,7 +117,7 @@ def _attend_gpu[kv: DType](
     total = 0.0
     for i in range(WARPS):
         total += red[unsafe_offset=i]
-    var vbase = v.unsafe_offset(bh * keys * D)
+    var vbase = v.unsafe_offset((bh * keys + first) * D)
     var d = tid % D
     var acc: Float32 = 0.0
     for j in range(tid // D, n, PARTS):
@@ -501,15 +506,16 @@ def _self_attend_step_cpu(
     n_ctx: Int,
     pos: Int,
     bh: Int,
+    start: Int,
 ):
     """(batch, head) bh of a one-token step: writes the token's key and value (from its q|k|v
-    row) into the cache at pos, then attends over the first lengths[0] cache rows."""
+    row) into the cache at pos, then attends over cache rows start .. lengths[0] - 1."""
     var d = heads * D
     var src = qkv.unsafe_offset((bh // heads) * 3 * d + (bh % heads) * D)
     for j in range(D):
         k_cache[unsafe_offset=(bh * D + j) * n_ctx + pos] = src[unsafe_offset=d + j]
     v_cache.unsafe_offset((bh * n_ctx + pos) * D).unsafe_store(src.unsafe_offset(2 * d).unsafe_load[width=D]())
-    _attend_cpu_block[DType.float32](o, qkv, k_cache, v_cache, lengths, heads, 1, 3 * d, n_ctx, bh, 0)
+    _attend_cpu_block[DType.float32](o, qkv, k_cache, v_cache, lengths, heads, 1, 3 * d, n_ctx, bh, 0, start)
 
 
 @extensibility.register("whisper_attention")
@@ -537,8 +543,8 @@ struct WhisperAttention:
         if q.shape()[0] != k_t.shape()[0] or q.shape()[2] < k_t.shape()[1] * D:
             raise Error("whisper_attention: q [B, T, C] needs the B of k_t and C >= heads * ", D)
         _attention[target](output.unsafe_ptr(), q.unsafe_ptr(), k_t.unsafe_ptr(), v.unsafe_ptr(),
-                           lengths.unsafe_ptr(), k_t.shape()[0], k_t.shape()[1], q.shape()[1],
-                           q.shape()[2], k_t.shape()[3], ctx)
+                           lengths.unsafe_ptr(), lengths.unsafe_ptr(), False, k_t.shape()[0], k_t.shape()[1],
+                           q.shape()[1], q.shape()[2], k_t.shape()[3], ctx)
 
 
 @extensibility.register("whisper_self_attention")
@@ -546,7 +552,8 @@ struct WhisperSelfAttention:
     """One decoding step of self-attention over the KVCache, in place: the new token's key and
     value (columns h*64 .. 2h*64 and 2h*64 .. 3h*64 of qkv [B, 1, 3 * h * 64], float32) are
     written into k_cache [B, h, 64, ctx] and v_cache [B, h, ctx, 64] at position lengths[0] - 1,
-    then its query (the first h * 64 columns) attends over the first lengths[0] cache rows.
+    then its query (the first h * 64 columns) attends over cache rows starts[b] .. lengths[0] - 1
+    (starts [B] int64: each row's first slot, past the pad slots of a left-padded prompt).
     Output [B, 1, h * 64] float32. No copy op, no mask over the empty slots.
     """
 
@@ -557,6 +564,7 @@ struct WhisperSelfAttention:
         k_cache: _MutableInputTensor[dtype=DType.float32, rank=4, ...],
         v_cache: _MutableInputTensor[dtype=DType.float32, rank=4, ...],
         lengths: InputTensor[dtype=DType.int64, rank=1, ...],
+        starts: InputTensor[dtype=DType.int64, rank=1, ...],
         ctx: DeviceContext,
     ) raises:
         var batch = k_cache.shape()[0]
@@ -564,22 +572,28 @@ struct WhisperSelfAttention:
         var n_ctx = k_cache.shape()[3]
         if qkv.shape()[1] != 1 or qkv.shape()[2] != 3 * heads * D:
             raise Error("whisper_self_attention takes one token's q|k|v [B, 1, ", 3 * heads * D, "]")
+        if starts.shape()[0] != batch:
+            raise Error("whisper_self_attention: ", starts.shape()[0], " starts for a batch of ", batch)
         var qp = qkv.unsafe_ptr()
         var kp = k_cache.unsafe_ptr()
         var vp = v_cache.unsafe_ptr()
         var lp = lengths.unsafe_ptr()
+        var sp = starts.unsafe_ptr()
         comptime if target == "gpu":
             ctx.enqueue_function[_append_gpu](qp, kp, vp, lp, Int32(heads), Int32(n_ctx),
                                               grid_dim=batch * heads, block_dim=D)
-            _attention[target](output.unsafe_ptr(), qp, kp, vp, lp, batch, heads, 1, 3 * heads * D, n_ctx, ctx)
+            _attention[target](output.unsafe_ptr(), qp, kp, vp, lp, sp, True, batch, heads, 1, 3 * heads * D, n_ctx, ctx)
             return
         var op = output.unsafe_ptr()
         var pos = Int(lp[unsafe_offset=0]) - 1
         if pos < 0 or pos >= n_ctx:
             raise Error("whisper_self_attention: position ", pos, " is outside the cache of ", n_ctx)
+        for b in range(batch):
+            if Int(sp[unsafe_offset=b]) < 0 or Int(sp[unsafe_offset=b]) > pos:
+                raise Error("whisper_self_attention: start ", sp[unsafe_offset=b], " is past the position ", pos)
 
-        def work(bh: Int) raises {var qp, var kp, var vp, var lp, var op, var heads, var n_ctx, var pos}:
-            _self_attend_step_cpu(op, qp, kp, vp, lp, heads, n_ctx, pos, bh)
+        def work(bh: Int) raises {var qp, var kp, var vp, var lp, var sp, var op, var heads, var n_ctx, var pos}:
+            _self_attend_step_cpu(op, qp, kp, vp, lp, heads, n_ctx, pos, bh, Int(sp[unsafe_offset=bh // heads]))
 
         sync_parallelize(work, batch * heads)
 
@@ -590,6 +604,8 @@ def _attention[target: StaticString, kv: DType](
     k_t: Pointer[Scalar[kv], MutAnyOrigin],
     v: Pointer[Scalar[kv], MutAnyOrigin],
     lengths: Pointer[Int64, MutAnyOrigin],
+    starts: Pointer[Int64, MutAnyOrigin],
+    padded: Bool,
     batch: Int,
     heads: Int,
     n_tok: Int,
@@ -598,17 +614,20 @@ def _attention[target: StaticString, kv: DType](
     ctx: DeviceContext,
 ) raises:
     """Both ops' attention: queries in rows of q (q_stride floats apart, heads side by side)
-    against k_t / v, output rows of heads * 64 floats."""
+    against k_t / v, output rows of heads * 64 floats; where ``padded``, batch row b's keys
+    start at starts[b] (else at 0, and ``starts`` is not read)."""
     comptime if target == "gpu":
         if keys > GPU_MAX_KEYS:
             raise Error("whisper_attention on a GPU takes at most 2048 keys, got ", keys)
         ctx.enqueue_function[_attend_gpu[kv]](
-            o, q, k_t, v, lengths, Int32(heads), Int32(n_tok), Int32(q_stride), Int32(keys),
-            grid_dim=batch * heads * n_tok, block_dim=GPU_THREADS)
+            o, q, k_t, v, lengths, starts, Int32(1 if padded else 0), Int32(heads), Int32(n_tok), Int32(q_stride),
+            Int32(keys), grid_dim=batch * heads * n_tok, block_dim=GPU_THREADS)
         return
     var n_blocks = (n_tok + QB - 1) // QB
 
-    def work(i: Int) raises {var o, var q, var k_t, var v, var lengths, var heads, var n_tok, var q_stride, var keys, var n_blocks}:
-        _attend_cpu_block[kv](o, q, k_t, v, lengths, heads, n_tok, q_stride, keys, i // n_blocks, (i % n_blocks) * QB)
+    def work(i: Int) raises {var o, var q, var k_t, var v, var lengths, var starts, var padded, var heads, var n_tok, var q_stride, var keys, var n_blocks}:
+        var bh = i // n_blocks
+        var start = Int(starts[unsafe_offset=bh // heads]) if padded else 0
+        _attend_cpu_block[kv](o, q, k_t, v, lengths, heads, n_tok, q_stride, keys, bh, (i % n_blocks) * QB, start)
 
     sync_parallelize(work, batch * heads * n_blocks)

@@ -118,7 +118,7 @@ class GraphTest(unittest.TestCase):
                 "gather": (mw.build_gather_graph(dims, gpu, kv), 1 + 2 * L, set()),
                 "alignment": (mw.build_alignment_graph(dims, gpu, dtype, kv), 4 + n_dec + 2 * L, set())}
             if (mw.KERNELS_DIR / "attention.mojo").is_file():
-                graphs["step"] = (mw.build_step_graph(dims, gpu, mw.KERNELS_DIR, dtype, kv), 2 + n_dec + 4 * L, set())
+                graphs["step"] = (mw.build_step_graph(dims, gpu, mw.KERNELS_DIR, dtype, kv), 3 + n_dec + 4 * L, set())
             for name, (graph, count, host) in graphs.items():
                 with self.subTest(graph=name, dtype=dtype):
                     self.assertEqual(len(graph.inputs), count)

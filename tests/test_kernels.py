@@ -60,11 +60,11 @@ class AttentionOpTest(unittest.TestCase):
         with Graph("self_attention_op",
                    input_types=[f32(["b", 1, "c"]), BufferType(DType.float32, ["b", "h", 64, "s"], device=dev),
                                 BufferType(DType.float32, ["b", "h", "s", 64], device=dev),
-                                TensorType(DType.int64, [1], device=dev)],
+                                TensorType(DType.int64, [1], device=dev), TensorType(DType.int64, ["b"], device=dev)],
                    custom_extensions=[mw.KERNELS_DIR]) as g:
-            qkv, k_cache, v_cache, n = g.inputs
+            qkv, k_cache, v_cache, n, starts = g.inputs
             out = f32([qkv.tensor.shape[0], 1, k_cache.shape[1] * 64])
-            g.output(ops.inplace_custom("whisper_self_attention", dev, [qkv, k_cache, v_cache, n],
+            g.output(ops.inplace_custom("whisper_self_attention", dev, [qkv, k_cache, v_cache, n, starts],
                                         out_types=[out])[0].tensor)
         cls.graphs["self"] = session.load(g)
 
@@ -119,12 +119,15 @@ class AttentionOpTest(unittest.TestCase):
 
     def test_self_attention_appends_then_attends(self):
         """whisper_self_attention writes the token's key and value into the cache at position
-        length - 1 (nothing else changes) and attends over the first length rows."""
+        length - 1 (nothing else changes) and attends over the first length rows; a row with a
+        start (a left-padded prompt) over its rows from there, the same values as the row alone."""
         from max.driver import Buffer
         for batch in (1, 4):
             for heads in (6, 20):
                 for length in (1, 2, 63, 64, 65, 447, 448):
-                    with self.subTest(batch=batch, heads=heads, length=length):
+                    starts = np.zeros(batch, np.int64) if batch == 1 else np.array([0, length - 1, length // 2, 1])
+                    starts = np.minimum(starts, length - 1)
+                    with self.subTest(batch=batch, heads=heads, length=length, starts=starts):
                         rng = np.random.default_rng(batch * 1000 + heads + length)
                         d = heads * 64
                         qkv = rng.standard_normal((batch, 1, 3 * d), dtype=np.float32)
@@ -134,8 +137,11 @@ class AttentionOpTest(unittest.TestCase):
                         k_want[..., length - 1] = qkv[:, 0, d:2 * d].reshape(batch, heads, 64)
                         v_want[:, :, length - 1] = qkv[:, 0, 2 * d:].reshape(batch, heads, 64)
                         bufs = [Buffer.from_numpy(a).to(self.device) for a in (qkv, k_cache, v_cache)]
-                        out = self.graphs["self"].execute(*bufs, Buffer.from_numpy(np.array([length])).to(self.device))[0]
-                        np.testing.assert_allclose(out.to_numpy(), reference(qkv, k_want, v_want, [length]), atol=2e-5)
+                        out = self.graphs["self"].execute(*bufs, *(Buffer.from_numpy(a).to(self.device)
+                                                                   for a in (np.array([length]), starts)))[0]
+                        want = [reference(qkv[r:r + 1], k_want[r:r + 1, ..., s:], v_want[r:r + 1, :, s:], [length - s])
+                                for r, s in enumerate(starts)]
+                        np.testing.assert_allclose(out.to_numpy(), np.concatenate(want), atol=2e-5)
                         np.testing.assert_array_equal(bufs[1].to_numpy(), k_want)
                         np.testing.assert_array_equal(bufs[2].to_numpy(), v_want)
 

@@ -59,6 +59,11 @@ for clip in "$sample" "$payload/long.wav"; do
       --temperature 0 --temperature_increment_on_fallback none >/dev/null    # greedy: a fallback samples, unseeded
 done
 
+# the attention ops' standalone check and the split-key candidate, built for an H100/H200 here
+# (tests/attention_gpu_check.mojo: the device code is emitted at build time)
+"$(dirname "$PY")/mojo" build --target-accelerator sm_90 -I . tests/attention_gpu_check.mojo \
+    -o "$payload/attention_gpu_check"
+
 if [ -n "${1:-}" ]; then
   mkdir -p "$payload/graphs"
   cp "$1"/graphs.tar.xz.* "$payload/graphs/"

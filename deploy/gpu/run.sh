@@ -14,10 +14,11 @@
 #   3. the Quick start sample and the long clip transcribed on the GPU, tokens against the CPU's
 #   4. device graphs: replayed steps against launched ones (test_kvcache), and tiny.en's step
 #      times both ways (scaling.json)
-#   5. the kernel op tests on the GPU
+#   5. the kernel op tests on the GPU, then tests/attention_gpu_check.mojo (built by pack.sh)
 #   6. tiny.en parity with openai-whisper on the GPU (test_parity.TinyEnParityTest), its beam
 #      and word-timing graphs compiled first, at once; then batches of audios (transcribe_batch,
-#      transcribe_each) and the server's scheduler, against one audio at a time
+#      transcribe_each, prompts of different lengths left-padded) and the server's scheduler,
+#      against one audio at a time
 #   7. random-weight parity with openai-whisper at tiny.en and large-v3-turbo shapes
 #   8. a bfloat16 model's encoder on the GPU (test_precision.GpuBFloat16EncoderTest)
 #   9. step times at the throughput models' shapes, bfloat16, both ways (scaling-models.json)
@@ -119,13 +120,18 @@ SCALING="$SCALING --batch 1,8 --positions 10,100,400 --steps 20"
 # shellcheck disable=SC2086
 step "4. device graphs: replays against launches, tiny.en step times" 300 sh -c "$PY -m unittest discover \
   -s tests -p test_kvcache.py; rc=\$?; $PY $SCALING --model tiny.en --json '$OUT/scaling.json' || exit 1; exit \$rc"
-step "5. kernel op tests" 240 "$PY" -m unittest discover -s tests -p test_kernels.py
+# then the ops' standalone check: errors against float64, and µs per call of each op and of the
+# split-key candidate for few rows (a batch-1 step's cross-attention), beside the op
+CHECK="LD_LIBRARY_PATH='$P/site/modular/lib' '$P/attention_gpu_check'"
+[ "$DEVICE" = gpu ] || CHECK=true                        # a CPU has nothing to run it on
+step "5. kernel op tests" 240 sh -c "$PY -m unittest discover -s tests -p test_kernels.py; rc=\$?
+  $CHECK || exit 1; exit \$rc"
 # beam search's and word timing's graphs first, compiled at once (with cold caches, in turn
 # they would take most of the step's limit)
 step "6. tiny.en parity with openai-whisper, batches, the server" 420 sh -c "$PY -m maxwhisper --model tiny.en \
   --device $DEVICE --warmup --beam_size 5 --word_timestamps True || exit 1; rc=0
   $PY -m unittest discover -s tests -p test_parity.py -k TinyEnParityTest || rc=1
-  $PY -m unittest discover -s tests -p test_transcribe.py -k TranscribeBatchTest || rc=1
+  $PY -m unittest discover -s tests -p test_transcribe.py -k TranscribeBatchTest -k PaddedPromptsTest || rc=1
   $PY -m unittest discover -s tests -p test_server.py -k test_batched_concurrent -k test_a_failing_transcription || rc=1
   exit \$rc"
 step "7. random-weight parity, tiny.en and large-v3-turbo shapes" 600 "$PY" -m unittest discover -s tests \
