@@ -657,9 +657,9 @@ def archive(args) -> dict:
     which waits for the chunk's longest file) and ``transcribe_each`` (a finished file's place
     taken by the next at the next round, the next files read meanwhile); with
     ``condition_on_previous_text``, also ``transcribe_each`` with each prompt length decoded
-    apart (``Model.pads_prompts`` off). Windows per encoder and per
-    decoder batch show how full the batches run, whatever the device. ``--dtype`` and
-    ``--kernels`` pick the model (Q4_0 or no kernels: the MAX-ops decoder graphs a GPU runs)."""
+    apart (``Model.pads_prompts`` off). Windows per encoder and per decoder batch show how full
+    the batches run, whatever the device. ``--dtype`` and ``--kernels`` pick the model (Q4_0 or
+    no kernels: the MAX-ops decoder graphs a GPU runs)."""
     m = mw.load(args.model, device="cpu", dtype=args.dtype, kernels=args.kernels)
     workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-archive-"))
     try:
