@@ -3011,8 +3011,11 @@ class _Captured:
 # Graphs whose first run in a process is run twice, the first result dropped: MAX 26.7's first
 # run of the MAX-ops decoder graph (which writes the new tokens' keys and values into the cache
 # and reads them back) gave wrong logits in about one process in five on a CPU, off by 0.3 to 31,
-# and every later run was exact (cause not found). Running it again is harmless: the second run
-# writes the same cache slots with the same values.
+# and every later run was exact. The first wrong number is layer 1's value row written to the
+# cache, while its key row, from the same fused product, is right; the wrong runs give one of a
+# few fixed results, as if an op ran before the one it reads had finished (inside MAX's runtime:
+# the graph orders them). Running it again is harmless: the second run writes the same cache
+# slots with the same values.
 _REPEATED_FIRST_RUN = frozenset({"decoder"})
 
 
@@ -3540,8 +3543,10 @@ class Model:
         else:
             # slot j of row b: its position j - starts[b]; a query sees its row's slots from the
             # start up to its own (a pad slot's query only itself: finite, and never read). The
-            # others get a large finite negative: with -inf, MAX 26.7's graph gave NaN logits
-            # for rows with 128 pad slots or more (a softmax op alone over such rows does not)
+            # others get a large finite negative, not -inf: in MAX 26.7, softmax(q.K + mask).V
+            # (a graph of just those ops) is NaN for a row whose first 128 keys are all -inf, a
+            # softmax op alone is right; as if the fused attention ran its softmax over blocks
+            # of 128 keys
             slots, first = np.arange(cache.capacity), cache.starts[:, None, None]
             mask = (slots <= positions[:, None]) & ((slots >= first) | (slots == positions[:, None]))
             mask = np.where(mask, np.float32(0), np.float32(-1e30))
