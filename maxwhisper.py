@@ -822,7 +822,7 @@ class Param:
     def low_precision(self) -> bool:
         """Stored in the model's ``dtype``: the linear layers' matrices and the token table;
         norms, biases, convolutions and positional embeddings stay float32. (The encoder's
-        matrices are bfloat16 only on a GPU: see ``Precision``.)"""
+        matrices are bfloat16 only on a GPU or an AVX512-BF16 CPU: see ``Precision``.)"""
         return self.kind in ("matrix", "embedding")
 
     @property
@@ -1003,6 +1003,25 @@ def _bfloat16_bits(array: np.ndarray) -> np.ndarray:
     ``.to(torch.bfloat16)``; without importing torch, a second of a warm start)."""
     bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _encoder_pairs(matrix: np.ndarray) -> np.ndarray:
+    """An encoder matrix [in, out] as ``whisper_encoder_bf16`` reads it: bfloat16 bits in
+    64-column panels, each [in / 2, 64, 2] (rows 2i and 2i + 1 of a column side by side, the
+    pair one vdpbf16ps lane multiplies)."""
+    k, n = matrix.shape
+    return _bfloat16_bits(matrix.reshape(k // 2, 2, n // 64, 64).transpose(2, 0, 3, 1))
+
+
+def _bf16_products() -> bool:
+    """Whether this CPU multiplies bfloat16 pairs in one instruction (AVX512-BF16's vdpbf16ps,
+    which ``whisper_encoder_bf16`` is built on; elsewhere that op would emulate it, slower than
+    float32). Linux reports it in /proc/cpuinfo; elsewhere this says no."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+    except OSError:
+        return False
 
 
 # -- checkpoint loaders (the graph digest stops here) --------------------------------------
@@ -2319,12 +2338,15 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
     to end in one buffer; it outputs the features and one [2L, batch, heads, 64 * S] tensor
     of every layer's cross K^T and V (``Model.encode`` splits it). It runs about as fast as the
     MAX-ops graph but compiles in 20 s instead of 100: MAX's matmul and convolution kernels are
-    most of a cold start. With Q4_0 weights (``dtype``) the graph is MAX ops (its quantized
-    matmul) with each layer's self-attention one ``whisper_attention_bf16`` op: bfloat16
-    products with float32 sums, 2x faster, within the quantized encoder's own error. With
-    bfloat16 weights (``dtype``; a GPU's bfloat16 model) the linear layers and attention's
-    q k^T take bfloat16 operands; norms, softmax, its product with v and the residual stream
-    stay float32.
+    most of a cold start. With bfloat16 weights (``dtype``: a CPU with AVX512-BF16) the op is
+    ``whisper_encoder_bf16``, taking the vectors and convolutions in one float32 buffer and
+    the linear layers' matrices as bfloat16 pairs in another (``_encoder_pairs``): its linear
+    layers and self-attention multiply in bfloat16 with float32 sums, up to 2x faster. With Q4_0
+    weights (``dtype``) the graph is MAX ops (its quantized matmul) with each layer's
+    self-attention one ``whisper_attention_bf16`` op: bfloat16 products with float32 sums, 2x
+    faster, within the quantized encoder's own error. With bfloat16 weights and MAX ops (a
+    GPU's bfloat16 model) the linear layers and attention's q k^T take bfloat16 operands;
+    norms, softmax, its product with v and the residual stream stay float32.
     """
     from max.dtype import DType
     from max.graph import Graph, TensorType, ops
@@ -2336,15 +2358,19 @@ def build_encoder_graph(dims: dict, device, kv_dtype=None, dtype=None, kernels: 
     kernels = kernels if device.is_cpu() else None
     if kernels and dtype not in _Q4_TERMS:
         L = dims["n_text_layer"]
+        bf16 = dtype == DType.bfloat16
+        size = lambda ps: sum(math.prod(p.shape) for p in ps)                  # noqa: E731
+        weights = ([TensorType(DType.float32, [size(p for p in params if not p.low_precision)], device=device),
+                    TensorType(DType.bfloat16, [size(p for p in params if p.low_precision)], device=device)]
+                   if bf16 else [TensorType(DType.float32, [size(params)], device=device)])
         with Graph(f"whisper_encoder_{_encoder_key(dims, dtype, kv_dtype, kernels)}",
-                   input_types=[mel_type, TensorType(DType.float32, [sum(math.prod(p.shape) for p in params)],
-                                                     device=device)],
-                   custom_extensions=[kernels]) as g:
-            mel, packed = (v.tensor for v in g.inputs)
+                   input_types=[mel_type] + weights, custom_extensions=[kernels]) as g:
+            mel, *packed = (v.tensor for v in g.inputs)
             s = mel.shape[2] // 2
             out = [TensorType(DType.float32, [mel.shape[0], s, d], device=device),
                    TensorType(kv_dtype, [2 * L, mel.shape[0], n_head, 64 * s], device=device)]
-            g.output(*(v.tensor for v in ops.custom("whisper_encoder", device, [mel, packed], out_types=out)))
+            g.output(*(v.tensor for v in ops.custom("whisper_encoder_bf16" if bf16 else "whisper_encoder", device,
+                                                    [mel, *packed], out_types=out)))
         return g
     with Graph(f"whisper_encoder_{_encoder_key(dims, dtype, kv_dtype, kernels)}",
                input_types=[mel_type] + _param_types(params, device, dtype),
@@ -2875,8 +2901,9 @@ class Precision:
     ``matrices``: the decoder's matrices and token table (None = float32, a MAX ``DType``,
     ``Q4_0`` or ``Q4_0X2``); ``encoder``: the encoder's matrices (Q4_0 blocks for the Q4_0
     dtypes; bfloat16 for a bfloat16 model on a GPU, whose matrix units multiply bfloat16 many
-    times faster than float32; else float32: on a CPU the encoder's bfloat16 matmuls were no
-    faster);
+    times faster than float32, and on a CPU with AVX512-BF16 and the kernels, where the
+    ``whisper_encoder_bf16`` op multiplies two bfloat16 pairs per lane per instruction; else
+    float32: MAX's bfloat16 matmuls on a CPU were no faster);
     ``cross``: the cross K/V (bfloat16 where the Mojo kernels read them with bfloat16 weights,
     else float32: MAX-ops attention would widen them at every step, costing more than the
     bytes saved); ``packed``: on a CPU with the kernels and float weights, the encoder is the one
@@ -2902,7 +2929,7 @@ class Precision:
                               "dtype='bfloat16' or 'float32' on a GPU, or device='cpu'")
         matrices = {"bfloat16": DType.bfloat16, Q4_0: Q4_0, Q4_0X2: Q4_0X2}.get(dtype)
         encoder = dtype if dtype in _Q4_TERMS else None
-        if matrices == DType.bfloat16 and not isinstance(device, CPU):
+        if matrices == DType.bfloat16 and (not isinstance(device, CPU) or kernels and _bf16_products()):
             encoder = DType.bfloat16
         return cls(dtype, matrices, encoder,
                    DType.bfloat16 if matrices is not None and kernels else None,
@@ -3232,14 +3259,19 @@ class _DeviceWeights:
 
     def __init__(self, weights: Weights, precision: Precision, device, run):
         from max.driver import CPU
+        from max.dtype import DType
         self.precision, self.device, self._run = precision, device, run
         self._aliases = isinstance(device, CPU)        # a host buffer on a CPU device is not copied
         spec = weight_spec(weights.dims, quantized=precision.matrices in _Q4_TERMS)
-        if precision.packed:                           # the whisper_encoder op: one buffer
-            self.encoder = [_host(self._end_to_end(weights, [p for p in spec if p.graph == "encoder"])[0])]
+        encoder = [p for p in spec if p.graph == "encoder"]
+        if precision.packed and precision.encoder:     # whisper_encoder_bf16: vectors, matrices' pairs
+            self.encoder = [_host(self._end_to_end(weights, [p for p in encoder if not p.low_precision])[0]),
+                            _host(self._pairs(weights, [p for p in encoder if p.low_precision])).view(DType.bfloat16)]
+        elif precision.packed:                         # the whisper_encoder op: one buffer
+            self.encoder = [_host(self._end_to_end(weights, encoder)[0])]
         else:
             self.encoder = []
-            for p in (p for p in spec if p.graph == "encoder"):
+            for p in encoder:
                 if precision.encoder in _Q4_TERMS and p.low_precision:
                     self.encoder.append(self._quantized(weights.state[p.name]))
                 elif precision.encoder and p.low_precision:                  # bfloat16, a copy
@@ -3307,6 +3339,18 @@ class _DeviceWeights:
             parts.append(part)
             at += a.size
         return flat, parts
+
+    @staticmethod
+    def _pairs(weights: Weights, params: list[Param]) -> np.ndarray:
+        """The encoder's matrices ``params`` as ``whisper_encoder_bf16`` takes them
+        (``_encoder_pairs`` each), end to end."""
+        flat = np.empty(sum(math.prod(p.shape) for p in params), np.uint16)
+        at = 0
+        for p in params:
+            pairs = _encoder_pairs(graph_weights(weights, [p])[0])
+            flat[at:at + pairs.size] = pairs.ravel()
+            at += pairs.size
+        return flat
 
     def _pack(self, weights: Weights, params: list[Param]) -> list:
         """Lay the decoder's weights out for ``whisper_decoder_step`` (``_step_weight_types``)

@@ -438,6 +438,45 @@ def _pack_head(
         vdst.unsafe_offset(m * D).unsafe_store(bitcast[DType.uint32, D](even.interleave(odd).cast[DType.bfloat16]()))
 
 
+def _attention_bf16(
+    op: Pointer[Float32, MutAnyOrigin],
+    qp: Pointer[Float32, MutAnyOrigin],
+    kp: Pointer[Float32, MutAnyOrigin],
+    vp: Pointer[Float32, MutAnyOrigin],
+    batch: Int,
+    heads: Int,
+    n_tok: Int,
+    q_stride: Int,
+    keys: Int,
+    k_stride: Int,
+    v_stride: Int,
+) raises:
+    """`WhisperAttentionBF16` on pointers (the whisper_encoder_bf16 op's self-attention too):
+    q rows [batch * n_tok, q_stride], k and v rows [batch * keys, k_stride / v_stride], output
+    rows [batch * n_tok, heads * 64]; keys even and at least W."""
+    var packed = List[UInt32](unsafe_uninit_length=2 * batch * heads * keys * (D // 2))
+    var kpk = packed.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
+    var vpk = kpk.unsafe_offset(batch * heads * keys * (D // 2))
+
+    def pack(bh: Int) raises {var kpk, var vpk, var kp, var vp, var heads, var keys, var k_stride, var v_stride}:
+        _pack_head(kpk, vpk, kp, vp, heads, keys, k_stride, v_stride, bh)
+
+    sync_parallelize(pack, batch * heads)
+    var n_blocks = (n_tok + QB - 1) // QB
+    var items = batch * heads * n_blocks
+    var runs = min(items, 4 * parallelism_level())   # contiguous runs of items, scratch per run
+
+    def work(w: Int) raises {var op, var qp, var kpk, var vpk, var heads, var n_tok, var q_stride, var keys, var n_blocks, var items, var runs}:
+        var scores = List[Float32](unsafe_uninit_length=QB * keys)      # written before read
+        var probs = List[UInt32](unsafe_uninit_length=QB * keys // 2)   # [query, key pair]
+        for i in range(w * items // runs, (w + 1) * items // runs):
+            _attend_bf16_block(op, qp, kpk, vpk, heads, n_tok, q_stride, keys, i // n_blocks,
+                               (i % n_blocks) * QB, scores.unsafe_ptr(), probs.unsafe_ptr())
+
+    sync_parallelize(work, runs)
+    _ = packed^                                      # the pairs the workers read live to here
+
+
 @extensibility.register("whisper_attention_bf16")
 struct WhisperAttentionBF16:
     """Attention softmax(q . K / 8) . V over all keys with bfloat16 products and float32 sums
@@ -469,31 +508,8 @@ struct WhisperAttentionBF16:
         var v_stride = v.shape()[2]
         if keys % 2 != 0 or keys < W or v.shape()[1] != keys or min(q_stride, k_stride, v_stride) < heads * D:
             raise Error("whisper_attention_bf16: q [B, T, >= h*64], k and v [B, S, >= h*64] with an even S >= ", W)
-        var packed = List[UInt32](unsafe_uninit_length=2 * batch * heads * keys * (D // 2))
-        var kpk = packed.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()
-        var vpk = kpk.unsafe_offset(batch * heads * keys * (D // 2))
-        var op = output.unsafe_ptr()
-        var qp = q.unsafe_ptr()
-        var kp = k.unsafe_ptr()
-        var vp = v.unsafe_ptr()
-
-        def pack(bh: Int) raises {var kpk, var vpk, var kp, var vp, var heads, var keys, var k_stride, var v_stride}:
-            _pack_head(kpk, vpk, kp, vp, heads, keys, k_stride, v_stride, bh)
-
-        sync_parallelize(pack, batch * heads)
-        var n_blocks = (n_tok + QB - 1) // QB
-        var items = batch * heads * n_blocks
-        var runs = min(items, 4 * parallelism_level())   # contiguous runs of items, scratch per run
-
-        def work(w: Int) raises {var op, var qp, var kpk, var vpk, var heads, var n_tok, var q_stride, var keys, var n_blocks, var items, var runs}:
-            var scores = List[Float32](unsafe_uninit_length=QB * keys)      # written before read
-            var probs = List[UInt32](unsafe_uninit_length=QB * keys // 2)   # [query, key pair]
-            for i in range(w * items // runs, (w + 1) * items // runs):
-                _attend_bf16_block(op, qp, kpk, vpk, heads, n_tok, q_stride, keys, i // n_blocks,
-                                   (i % n_blocks) * QB, scores.unsafe_ptr(), probs.unsafe_ptr())
-
-        sync_parallelize(work, runs)
-        _ = packed^                                      # the pairs the workers read live to here
+        _attention_bf16(output.unsafe_ptr(), q.unsafe_ptr(), k.unsafe_ptr(), v.unsafe_ptr(), batch, heads,
+                        n_tok, q_stride, keys, k_stride, v_stride)
 
 
 def _self_attend_step_cpu(

@@ -1,6 +1,5 @@
 """Lower-precision weights (bfloat16, Q4_0 blocks, two-term Q4_0): checked against float32."""
 
-import contextlib
 import functools
 import shutil
 import tempfile
@@ -200,39 +199,85 @@ class BFloat16Test(unittest.TestCase):
                     mw.Model(weights, device="gpu", dtype=dtype, warmup=False)
 
 
-class GpuBFloat16EncoderTest(unittest.TestCase):
-    def test_encoder_products_in_bfloat16(self):
-        """A bfloat16 model on a GPU runs its encoder in bfloat16 (built here for this test
-        run's device with a GPU's precision): bfloat16 matrices, features and cross K/V within
-        bfloat16's error of openai-whisper's float32 encoder, and not equal to them."""
+class BFloat16EncoderTest(unittest.TestCase):
+    """The encoders a bfloat16 model runs with bfloat16 products: MAX ops on a GPU, the
+    ``whisper_encoder_bf16`` op on a CPU with AVX512-BF16 (built here whatever this CPU is:
+    elsewhere the op emulates the instruction)."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dims = dict(support.MODEL_DIMS["tiny.en"], n_audio_layer=2, n_text_layer=1)
+        cls.ref = support.random_whisper(cls.dims)
+        folder = Path(tempfile.mkdtemp(prefix="maxwhisper-bf16-encoder-"))
+        cls.addClassCleanup(shutil.rmtree, folder)
+        cls.pt = support.save_pt(cls.ref, folder / "model.pt")
+        cls.mel = np.random.default_rng(0).uniform(-1, 1, (1, cls.dims["n_mels"], mw.N_FRAMES)).astype(np.float32)
+
+    def load(self, precision, device, kernels):
+        """The random model loaded with ``precision`` (as ``Precision.choose`` would pick it on
+        the machine it stands for)."""
+        with mock.patch.object(mw.Precision, "choose", return_value=precision):
+            return mw.load(str(self.pt), device=device, dtype="bfloat16", kernels=kernels, warmup=False)
+
+    def assert_bfloat16_error(self, got, want):
+        error = np.linalg.norm(got - want) / np.linalg.norm(want)
+        self.assertLess(error, 2e-2)
+        self.assertGreater(error, 1e-5)                     # float32 products would be ~1e-7
+
+    def assert_near_openai(self, m):
+        """Features and layer 0's cross keys within bfloat16's error of openai-whisper's
+        float32 encoder, and not equal to them."""
         import torch
         from max.dtype import DType
-        dims = dict(support.MODEL_DIMS["tiny.en"], n_audio_layer=2, n_text_layer=1)
-        ref = support.random_whisper(dims)
-        folder = Path(tempfile.mkdtemp(prefix="maxwhisper-bf16-encoder-"))
-        self.addCleanup(shutil.rmtree, folder)
-        pt = support.save_pt(ref, folder / "model.pt")
-        gpu = mw.Precision("bfloat16", DType.bfloat16, DType.bfloat16)
-        as_on_gpu = mock.patch.object(mw.Precision, "choose", return_value=gpu) if support.DEVICE == "cpu" \
-            else contextlib.nullcontext()
-        with as_on_gpu:
-            m = mw.load(str(pt), device=support.DEVICE, dtype="bfloat16", kernels="off", warmup=False)
+        ours, cross = m.encode(self.mel)
+        with torch.no_grad():
+            features = self.ref.encoder(torch.from_numpy(self.mel))
+            key = self.ref.decoder.blocks[0].cross_attn.key(features)
+        keys = cross[0][0]
+        if keys.dtype == DType.bfloat16:                     # the kernels' cross K/V: widened here
+            keys = (keys.view(DType.uint16).to_numpy().astype(np.uint32) << 16).view(np.float32)
+        else:
+            keys = keys.to_numpy()
+        self.assert_bfloat16_error(ours, features.numpy())
+        self.assert_bfloat16_error(np.swapaxes(keys, 2, 3).transpose(0, 2, 1, 3).reshape(key.shape), key.numpy())
+
+    def test_encoder_products_in_bfloat16(self):
+        """A bfloat16 model on a GPU runs its encoder in bfloat16: MAX ops over bfloat16
+        matrices (here for this test run's device)."""
+        from max.dtype import DType
+        m = self.load(mw.Precision("bfloat16", DType.bfloat16, DType.bfloat16), support.DEVICE, "off")
         self.assertEqual(m.precision.encoder, DType.bfloat16)
-        spec = [p for p in mw.weight_spec(dims) if p.graph == "encoder"]
+        spec = [p for p in mw.weight_spec(self.dims) if p.graph == "encoder"]
         kinds = {p.name: b.dtype for p, b in zip(spec, m.device_weights.encoder)}
         self.assertEqual(kinds["encoder.blocks.0.mlp.0.weight"], DType.bfloat16)
         self.assertEqual(kinds["encoder.conv1.weight"], DType.float32)
-        mel = np.random.default_rng(0).uniform(-1, 1, (1, dims["n_mels"], mw.N_FRAMES)).astype(np.float32)
-        ours, cross = m.encode(mel)
-        with torch.no_grad():
-            features = ref.encoder(torch.from_numpy(mel))
-            key = ref.decoder.blocks[0].cross_attn.key(features)
-        for got, want in ((ours, features.numpy()),
-                          (np.swapaxes(cross[0][0].to_numpy(), 2, 3).transpose(0, 2, 1, 3).reshape(key.shape),
-                           key.numpy())):
-            error = np.linalg.norm(got - want) / np.linalg.norm(want)
-            self.assertLess(error, 2e-2)
-            self.assertGreater(error, 1e-5)                     # float32 products would be ~1e-7
+        self.assert_near_openai(m)
+
+    @unittest.skipUnless((mw.KERNELS_DIR / "encoder.mojo").is_file(), "no kernels/ folder")
+    def test_the_cpu_encoder_op_in_bfloat16(self):
+        """On a CPU with AVX512-BF16 the encoder is the whisper_encoder_bf16 op: its matrices
+        bfloat16 pairs, everything else float32. A window of an odd frame count (its
+        self-attention the float32 one) stays within bfloat16's error of the float32 op."""
+        from max.dtype import DType
+        cpu = mw.Precision("bfloat16", DType.bfloat16, DType.bfloat16, DType.bfloat16, packed=True)
+        m = self.load(cpu, "cpu", "on")
+        self.assertIn("whisper_encoder_bf16", str(m.runner.builders["encoder"][1]()))
+        self.assertEqual([b.dtype for b in m.device_weights.encoder], [DType.float32, DType.bfloat16])
+        self.assert_near_openai(m)
+        f32 = mw.load(str(self.pt), device="cpu", kernels="on", warmup=False)
+        short = self.mel[..., :998]                          # 499 encoded frames
+        self.assert_bfloat16_error(m.encode(short)[0], f32.encode(short)[0])
+
+    def test_a_cpu_encodes_in_bfloat16_where_it_multiplies_bfloat16(self):
+        from max.driver import CPU
+        from max.dtype import DType
+        for products, kernels, encoder in ((True, mw.KERNELS_DIR, DType.bfloat16), (False, mw.KERNELS_DIR, None),
+                                           (True, None, None)):
+            with self.subTest(products=products, kernels=kernels), \
+                    mock.patch.object(mw, "_bf16_products", return_value=products):
+                self.assertEqual(mw.Precision.choose("bfloat16", CPU(), kernels).encoder, encoder)
+        with mock.patch.object(mw, "_bf16_products", return_value=True):
+            self.assertIsNone(mw.Precision.choose("float32", CPU(), mw.KERNELS_DIR).encoder)
 
 
 if __name__ == "__main__":
