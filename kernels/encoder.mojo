@@ -494,12 +494,8 @@ def _encode[kv: DType, bf16: Bool](
         _linear[False, False, True, bf16](q, d, h, d, wp, bp, wq, d, bq, q, d, m, d, pk)
         _linear[False, False, False, bf16](k, d, h, d, wp, bp, wk, d, bq, k, d, m, d, pk)
         _linear[False, False, True, bf16](v, d, h, d, wp, bp, wv, d, bv, v, d, m, d, pk)
-        comptime if bf16:
-            if s % 2 == 0 and s >= 16:
-                _attention_bf16(att, q, k, v, batch, heads, s, d, s, d, d)
-            else:
-                _key_panels(kt, k, batch, heads, s, sp)
-                _attend_all(att, q, kt, v, batch, heads, s, sp)
+        if bf16 and s % 2 == 0 and s >= 16:          # the bfloat16 op's attention needs an even S
+            _attention_bf16(att, q, k, v, batch, heads, s, d, s, d, d)
         else:
             _key_panels(kt, k, batch, heads, s, sp)
             _attend_all(att, q, kt, v, batch, heads, s, sp)
