@@ -139,6 +139,19 @@ class GpuScriptsTest(unittest.TestCase):
                                      capture_output=True, text=True, check=True).stdout
             self.assertEqual(listing.split(), ["encoder_x.mef"])
 
+    def test_every_test_the_script_names_exists(self):
+        """Each ``-p FILE -k NAME`` in run.sh selects at least one test: a renamed test would
+        otherwise cost a GPU session its step ("NO TESTS RAN")."""
+        script = (DEPLOY / "gpu" / "run.sh").read_text()
+        named = re.findall(r"-p (test_\w+\.py)((?:\s+-k \w+)+)", script)
+        self.assertGreaterEqual(len(named), 5, "run.sh's unittest lines were not found")
+        for module, keys in named:
+            for key in keys.split()[1::2]:
+                with self.subTest(module=module, key=key):
+                    loader = unittest.TestLoader()
+                    loader.testNamePatterns = [f"*{key}*"]
+                    self.assertGreater(loader.discover(str(support.ROOT / "tests"), pattern=module).countTestCases(), 0)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -20,7 +20,7 @@
 #      transcribe_each, prompts of different lengths left-padded) and the server's scheduler,
 #      against one audio at a time
 #   7. random-weight parity with openai-whisper at tiny.en and large-v3-turbo shapes
-#   8. a bfloat16 model's encoder on the GPU (test_precision.GpuBFloat16EncoderTest)
+#   8. a bfloat16 model's encoder on the GPU (test_precision's test_encoder_products_in_bfloat16)
 #   9. step times at the throughput models' shapes, bfloat16, both ways (scaling-models.json)
 #  10. bench.py throughput: random large-v3-turbo and large-v3 against transformers and
 #      openai-whisper, batches 1-64, bfloat16 (throughput.json)
@@ -136,7 +136,7 @@ step "6. tiny.en parity with openai-whisper, batches, the server" 420 sh -c "$PY
   exit \$rc"
 step "7. random-weight parity, tiny.en and large-v3-turbo shapes" 600 "$PY" -m unittest discover -s tests \
   -p test_checkpoints.py -k test_tiny_en -k test_large_v3_turbo_and_its_transcript
-step "8. bfloat16 encoder" 240 "$PY" -m unittest discover -s tests -p test_precision.py -k GpuBFloat16EncoderTest
+step "8. bfloat16 encoder" 240 "$PY" -m unittest discover -s tests -p test_precision.py -k test_encoder_products_in_bfloat16
 # shellcheck disable=SC2086
 step "9. step times at $MODELS shapes" 300 "$PY" $SCALING --model "$MODELS" --dtype "$DTYPE" \
   --json "$OUT/scaling-models.json"
