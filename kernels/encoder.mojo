@@ -7,9 +7,8 @@ from std.memory import bitcast
 from std.runtime import parallelism_level
 from std.sys import simd_width_of
 from std.utils import StaticTuple
-from std.utils.numerics import min_or_neg_inf
 
-from .attention import D, _attention_bf16, _dot_pairs
+from .attention import D, _attention_bf16, _dot_pairs, _row_max
 from .linear import _layer_norm
 
 comptime V = simd_width_of[DType.float32]()  # float32 lanes of one register: 16 (AVX-512), 8 (AVX2)
@@ -349,12 +348,7 @@ def _attend_rows(o: Pointer[Float32, MutAnyOrigin], q: Pointer[Float32, MutAnyOr
     var n_vec = s // V * V
     for r in range(nq):
         var row = sc.unsafe_offset(r * sp)
-        var mv = SIMD[DType.float32, V](min_or_neg_inf[DType.float32]())
-        for j in range(0, n_vec, V):
-            mv = max(mv, row.unsafe_offset(j).unsafe_load[width=V]())
-        var mx = mv.reduce_max()
-        for j in range(n_vec, s):
-            mx = max(mx, row[unsafe_offset=j])
+        var mx = _row_max(row, s)
         var tv = SIMD[DType.float32, V](0)
         for j in range(0, n_vec, V):
             var e = exp(row.unsafe_offset(j).unsafe_load[width=V]() - mx)
@@ -439,7 +433,9 @@ def _encode[kv: DType, bf16: Bool](
         raise Error("whisper_encoder: ", size, " weights are not an encoder of width ", d, " and ", n_mels,
                     " mels with a positional embedding of at least ", s, " frames")
 
-    var buf = List[Float32](length=10 * m * d + (2 * s + 2) * (n_mels + d) + max(4 * d * d, 2 * m * d if bf16 else 0), fill=0.0)
+    # Uninitialised: each row is written before it is read, except the convolutions' zero
+    # padding, set below (zero-filling all 10 S d floats was one thread's memset per call).
+    var buf = List[Float32](unsafe_uninit_length=10 * m * d + (2 * s + 2) * (n_mels + d) + max(4 * d * d, 2 * m * d if bf16 else 0))
     var x = buf.unsafe_ptr().unsafe_origin_cast[MutAnyOrigin]()     # residual stream [m, d]
     var h = x.unsafe_offset(m * d)                   # normed rows
     var q = h.unsafe_offset(m * d)
@@ -451,6 +447,12 @@ def _encode[kv: DType, bf16: Bool](
     var tmel = f.unsafe_offset(4 * m * d)            # one window's mel, transposed, a zero frame each side
     var c1 = tmel.unsafe_offset((2 * s + 2) * n_mels)    # conv1's output, a zero row each side
     var pk = c1.unsafe_offset((2 * s + 2) * d)         # a matrix's packed panels, or x's bfloat16 pairs
+    for c in range(n_mels):
+        tmel[unsafe_offset=c] = 0.0
+        tmel[unsafe_offset=(2 * s + 1) * n_mels + c] = 0.0
+    for c in range(d):
+        c1[unsafe_offset=c] = 0.0
+        c1[unsafe_offset=(2 * s + 1) * d + c] = 0.0
 
     var conv1 = wp
     var conv1_b = conv1.unsafe_offset(3 * n_mels * d)
