@@ -680,6 +680,23 @@ def _mel_filters(n_mels: int) -> np.ndarray:
     return filters
 
 
+@functools.lru_cache(maxsize=None)
+def _mel_bands(n_mels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The filterbank's nonzero weights band by band: (bins, weights, each band's first
+    index into them). A band covers at most 14 of the 201 bins (391 weights of 16080 at 80
+    mels), so the product is ~400 scaled columns summed per band, without BLAS: numpy's
+    OpenBLAS matmul leaves its threads spinning for ~0.1 s after it returns, on the cores the
+    encoder that follows a log-mel needs (a stream update's 10 s encoder pass took 108 ms
+    after a log-mel against 40 ms alone, tiny.en bfloat16, 2 cores; docs/PERFORMANCE.md)."""
+    filters = _mel_filters(n_mels)
+    bands, bins = np.nonzero(filters)            # band by band, bins ascending; every band
+    starts = np.searchsorted(bands, np.arange(n_mels))   # has weights (reduceat needs that)
+    out = bins, filters[bands, bins][None, :].copy(), starts
+    for a in out:
+        a.setflags(write=False)
+    return out
+
+
 _MEL_CHUNK = 4096           # frames per FFT pass: bounds the complex spectrum to ~13 MB
 
 
@@ -688,13 +705,13 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
     openai-whisper's ``log_mel_spectrogram``: periodic-Hann STFT (400 points, hop 160), power,
     the mel filterbank, log10, the clamp to (max - 8) over the whole audio, then (x + 4) / 4.
 
-    numpy, not a MAX graph: an FFT and one small matmul take ~20 ms per 30 s window on 2
+    numpy, not a MAX graph: the FFT and the filterbank take ~13 ms per 30 s window on 2
     cores, while a graph of them cost a minute and a half to compile on a cold start."""
     frames = _stft_frames(audio, padding)
     if frames is None:
         return np.zeros((n_mels, 0), np.float32)
     window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
-    filters = _mel_filters(n_mels).T.copy()
+    bins, weights, starts = _mel_bands(n_mels)
     # Frames past the last sound (the 30 s of padding zeros, mostly) have zero power: their
     # rows are the floor, 1e-10, without an FFT (9/10 of a short clip's frames).
     sounding = frames.any(axis=1)
@@ -704,7 +721,7 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
         b = min(a + _MEL_CHUNK, live)
         spec = np.fft.rfft(frames[a:b] * window, axis=1)
         power = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
-        np.maximum(power @ filters, 1e-10, out=mel[a:b])
+        np.maximum(np.add.reduceat(power[:, bins] * weights, starts, axis=1), 1e-10, out=mel[a:b])
     logmel = np.log10(mel, out=mel)
     np.maximum(logmel, logmel.max() - 8.0, out=logmel)
     return np.ascontiguousarray(((logmel + 4.0) / 4.0).T)
