@@ -2499,15 +2499,19 @@ def _span_type():
     return TensorType(DType.int64, [2], device=DeviceRef.CPU())
 
 
-def _cache_append(cache: list, i: int, k, v, span) -> tuple:
-    """Write layer i's new keys (transposed) and values into its cache buffers at
-    ``span`` = (offset, offset + n_tok), in place; returns the two buffers."""
+def _attend_cached(q, k_t, v, cached_k_t, cached_v, scale: float, cached_mask, new_mask):
+    """Attention of new tokens' queries q [B,h,T,64] over the cache's slots (``cached_k_t``
+    [B,h,64,C], ``cached_v`` [B,h,C,64]) and their own keys and values (``k_t`` [B,h,64,T],
+    ``v`` [B,h,T,64]) as one softmax; ``cached_mask`` [B,1,T,C] and ``new_mask`` [B,1,T,T] say
+    which of each a token sees."""
     from max.graph import ops
-    k_cache, v_cache = cache[2 * i], cache[2 * i + 1]
-    new = (slice(span[0], span[1]), k.shape[2])
-    ops.buffer_store_slice(k_cache, ops.permute(k, [0, 1, 3, 2]), [slice(None), slice(None), slice(None), new])
-    ops.buffer_store_slice(v_cache, v, [slice(None), slice(None), new, slice(None)])
-    return k_cache, v_cache
+    q = q * scale
+    C, T = cached_k_t.shape[-1], k_t.shape[-1]
+    p = ops.softmax(ops.concat([q @ cached_k_t + cached_mask, q @ k_t + new_mask], axis=-1), axis=-1)
+    b, h, t = p.shape[:3]
+    p_cached = ops.rebind(ops.slice_tensor(p, [slice(None), slice(None), slice(None), slice(0, C)]), [b, h, t, C])
+    p_new = ops.rebind(ops.slice_tensor(p, [slice(None), slice(None), slice(None), slice(C, None)]), [b, h, t, T])
+    return p_cached @ cached_v + p_new @ v
 
 
 def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
@@ -2515,15 +2519,22 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     Mojo kernels, every one-token step). Attention is built from MAX ops over all
     ``n_text_ctx`` cache slots with a mask; for many queries MAX's matmuls beat the kernel.
 
-    Inputs: ``tokens`` [batch, n_tok] int64; ``span`` [2] int64 = (offset, offset + n_tok), the
-    cache slots these tokens take, on the host (``_span_type``); ``positions`` [batch, n_tok]
-    int64, each token's position in its own sequence (slot − ``KVCache.starts`` of its row: a
-    left-padded row's pads at 0); ``out_idx`` [n_out] int64, the rows of ``tokens`` whose logits to return; ``mask``
-    [batch, n_tok, n_text_ctx] float32, 0 where a token may attend to a cache slot and -1e30
-    elsewhere (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); then
-    the inputs of ``_decoder_types`` (weights, cross K/V, cache buffers, which the graph extends
-    in place at ``offset``). Output: logits [batch, n_out, n_vocab], float32. ``dtype`` (a MAX
-    ``DType``, default float32, ``Q4_0`` or ``Q4_0X2``) is the type of the linear-layer and
+    The graph reads the cache and returns the new tokens' keys and values; ``Model._append``
+    writes them. A ``buffer_store_slice`` of them in this graph, in MAX 26.7 on a multi-core
+    CPU, now and then wrote a wrong row into the cache (layer 0's value row off by 1.35, say)
+    or was read back wrong, though the graph ordered the store and the load: wrong logits or
+    a wrong cache in about one process in two on 2 cores (``test_kernels``).
+
+    Inputs: ``tokens`` [batch, n_tok] int64; ``positions`` [batch, n_tok] int64, each token's
+    position in its own sequence (slot − ``KVCache.starts`` of its row: a left-padded row's
+    pads at 0); ``out_idx`` [n_out] int64, the rows of ``tokens`` whose logits to return;
+    ``cached_mask`` [batch, n_tok, n_text_ctx] and ``new_mask`` [batch, n_tok, n_tok] float32,
+    0 where a token may attend to a filled cache slot / to a new token and -1e30 elsewhere
+    (made on the host: an in-graph iota/compare mask fused wrongly in MAX 26.7); then the
+    inputs of ``_decoder_types`` (weights, cross K/V, cache buffers, read only). Outputs:
+    logits [batch, n_out, n_vocab], float32, then each layer's new keys, transposed, [batch,
+    heads, 64, n_tok] and values [batch, heads, n_tok, 64]. ``dtype`` (a MAX ``DType``,
+    default float32, ``Q4_0`` or ``Q4_0X2``) is the type of the linear-layer and
     token-embedding weights (see ``_param_types``), ``kv_dtype`` that of the cross K/V
     (widened to float32 for attention here).
     """
@@ -2533,25 +2544,55 @@ def build_decoder_graph(dims: dict, device, dtype=None, kv_dtype=None):
     L, ctx, scale = dims["n_text_layer"], dims["n_text_ctx"], (dims["n_text_state"] // dims["n_text_head"]) ** -0.5
     names, types = _decoder_types(dims, device, dtype, kv_dtype)
     i64 = lambda shape: TensorType(DType.int64, shape, device=device)           # noqa: E731
+    f32 = lambda shape: TensorType(DType.float32, shape, device=device)         # noqa: E731
     with Graph(f"whisper_decoder_{_dims_key(dims, dtype, kv_dtype)}",
-               input_types=[i64(["batch", "n_tok"]), _span_type(), i64(["batch", "n_tok"]), i64(["n_out"]),
-                            TensorType(DType.float32, ["batch", "n_tok", ctx], device=device)] + types) as g:
-        tokens, span, positions, out_idx, mask = (v.tensor for v in g.inputs[:5])
+               input_types=[i64(["batch", "n_tok"]), i64(["batch", "n_tok"]), i64(["n_out"]),
+                            f32(["batch", "n_tok", ctx]), f32(["batch", "n_tok", "n_tok"])] + types) as g:
+        tokens, positions, out_idx, cached_mask, new_mask = (v.tensor for v in g.inputs[:5])
         p = _Params(names, g.inputs[5:5 + len(names)], gemv=True, dtype=dtype)
         cross = [v.tensor for v in g.inputs[5 + len(names):5 + len(names) + 2 * L]]
         cache = g.inputs[5 + len(names) + 2 * L:]
-        mask, n_head = ops.unsqueeze(mask, 1), dims["n_text_head"]              # mask over heads
+        cached_mask, new_mask = ops.unsqueeze(cached_mask, 1), ops.unsqueeze(new_mask, 1)   # over heads
+        n_head, new_kv = dims["n_text_head"], []
 
         def self_attend(i, qkv):
             q, k, v = _qkv_heads(qkv, n_head)
-            k_cache, v_cache = _cache_append(cache, i, k, v, span)
-            return _merge_heads(_attend(q, ops.buffer_load(k_cache), ops.buffer_load(v_cache), scale, mask))
+            k_t = ops.permute(k, [0, 1, 3, 2])
+            new_kv.extend([k_t, v])
+            return _merge_heads(_attend_cached(q, k_t, v, ops.buffer_load(cache[2 * i]),
+                                               ops.buffer_load(cache[2 * i + 1]), scale, cached_mask, new_mask))
 
         def cross_attend(i, q):
             return _merge_heads(_attend(_heads(q, n_head), _float32(cross[2 * i]), _float32(cross[2 * i + 1]), scale))
 
         x = _decoder_blocks(p, _embed(p, tokens, positions), dims, self_attend, cross_attend)
-        g.output(_logits(p, ops.gather(x, out_idx, axis=1), dims["n_vocab"]))
+        g.output(_logits(p, ops.gather(x, out_idx, axis=1), dims["n_vocab"]), *new_kv)
+    return g
+
+
+def build_append_graph(dims: dict, device):
+    """Writes new tokens' keys and values (``build_decoder_graph``'s outputs, graph inputs
+    here) into the cache buffers of a device cache at ``span`` = (offset, offset + n_tok), in
+    place; a host cache is written by numpy (``Model._append``).
+
+    Inputs: ``span`` [2] int64 on the host; each layer's new K^T [batch, heads, 64, n_tok]
+    and V [batch, heads, n_tok, 64]; then the cache buffers as the decoder graph takes them."""
+    from max.dtype import DType
+    from max.graph import Graph, TensorType, ops
+
+    n_head, L = dims["n_text_head"], dims["n_text_layer"]
+    dh = dims["n_text_state"] // n_head
+    new_types = [TensorType(DType.float32, ["batch", n_head, dh, "n_tok"], device=device),
+                 TensorType(DType.float32, ["batch", n_head, "n_tok", dh], device=device)] * L
+    with Graph(f"whisper_append_{_dims_key(dims)}",
+               input_types=[_span_type()] + new_types + _cache_types(dims, device)) as g:
+        span, new, cache = g.inputs[0].tensor, g.inputs[1:1 + 2 * L], g.inputs[1 + 2 * L:]
+        slots = (slice(span[0], span[1]), "n_tok")
+        for i, (x, buf) in enumerate(zip(new, cache)):
+            index = [slice(None)] * 4
+            index[3 if i % 2 == 0 else 2] = slots                # K^T: slots last; V: third
+            ops.buffer_store_slice(buf, x.tensor, index)
+        g.output()
     return g
 
 
@@ -2973,6 +3014,7 @@ def _graph_builders(dims: dict, ref, precision: Precision, kernels: Path | None)
                         25.0 if precision.packed else 100.0),
             "decoder": (key(dt, kv), lambda: build_decoder_graph(dims, ref, dt, kv), 100.0),
             "step": (key(dt, kv), lambda: build_step_graph(dims, ref, kernels, dt, kv), 25.0 if precision.packed else 100.0),
+            "append": (key(), lambda: build_append_graph(dims, ref), 25.0),
             "reorder": (key(), lambda: build_reorder_graph(dims, ref), 35.0),
             "gather": (key(None, kv), lambda: build_gather_graph(dims, ref, kv), 25.0),
             "repack": (key(), lambda: build_repack_graph(ref), 25.0),
@@ -3052,17 +3094,6 @@ class _Captured:
     sources: list = dataclasses.field(default_factory=list)
 
 
-# Graphs whose first run in a process is run twice, the first result dropped: MAX 26.7's first
-# run of the MAX-ops decoder graph (which writes the new tokens' keys and values into the cache
-# and reads them back) gave wrong logits in about one process in five on a CPU, off by 0.3 to 31,
-# and every later run was exact. The first wrong number is layer 1's value row written to the
-# cache, while its key row, from the same fused product, is right; the wrong runs give one of a
-# few fixed results, as if an op ran before the one it reads had finished (inside MAX's runtime:
-# the graph orders them). Running it again is harmless: the second run writes the same cache
-# slots with the same values.
-_REPEATED_FIRST_RUN = frozenset({"decoder"})
-
-
 class _GraphRunner:
     """Compiles a model's graphs on first use (or loads them from the graph store) and runs
     them, one at a time under ``lock``. Each graph compiles under a lock of its own, so a graph
@@ -3088,7 +3119,6 @@ class _GraphRunner:
         self._keys = itertools.count(1)
         self._uncapturable: set[str] = set()       # graphs whose capture failed: run op by op
         self._dropped: collections.deque = collections.deque()   # (graph, key) of caches gone
-        self._first_runs = set(_REPEATED_FIRST_RUN)              # not yet run: run twice
 
     def expected_seconds(self, name: str) -> float:
         """How long graph ``name`` should take to compile: its last compile here, else the
@@ -3186,9 +3216,6 @@ class _GraphRunner:
             # inputs), so the engine's entry is called directly where this MAX has it.
             run = getattr(graph, "_execute_device_tensors", None)
             try:
-                if name in self._first_runs:
-                    self._first_runs.discard(name)
-                    run(list(inputs)) if run else graph.execute(*inputs)
                 return run(list(inputs)) if run else graph.execute(*inputs)
             except Exception as e:  # a device error must not leak as a bare RuntimeError
                 raise DeviceError(f"running the {name} graph on {self.device_name} failed "
@@ -3440,10 +3467,11 @@ class Model:
     def _core_graphs(self) -> list[str]:
         """The graphs every transcription runs: the encoder and the decoder's (the one-op step
         for prefill and steps alike, else the decoder graph, and the kernel step with kernels),
-        and the greedy choice where it is made on the device."""
+        and on a GPU the cache append after the decoder graph and the greedy choice."""
         graphs = ["encoder", "step"] if self.precision.packed else \
             ["encoder", "decoder"] + (["step"] if self.kernels else [])
-        return graphs + ["greedy"] * self.choose_on_device
+        gpu = self.choose_on_device
+        return graphs + ["append"] * (gpu and not self.precision.packed) + ["greedy"] * gpu
 
     def graphs_for(self, **options) -> list[str]:
         """The graphs a ``transcribe`` call with these options (over the configured ones) may
@@ -3608,15 +3636,34 @@ class Model:
             # (a graph of just those ops) is NaN for a row whose first 128 keys are all -inf, a
             # softmax op alone is right; as if the fused attention ran its softmax over blocks
             # of 128 keys
-            slots, first = np.arange(cache.capacity), cache.starts[:, None, None]
-            mask = (slots <= positions[:, None]) & ((slots >= first) | (slots == positions[:, None]))
-            mask = np.where(mask, np.float32(0), np.float32(-1e30))
+            first = cache.starts[:, None, None]
+            slots, new = np.arange(cache.capacity), np.arange(start, start + n)
+            cached = (slots < start) & (slots >= first) & np.ones((n, 1), bool)
+            own = (new <= positions[:, None]) & ((new >= first) | (new == positions[:, None]))
+            cached_mask, own_mask = (np.where(m, np.float32(0), np.float32(-1e30)) for m in (cached, own))
             rows = np.maximum(positions[None, :] - cache.starts[:, None], 0)
-            out = self.runner.run("decoder", put(tokens), _host(np.array([start, start + n], np.int64)),
-                                  put(rows), put(np.array(idx, np.int64)), put(mask),
-                                  *self.device_weights.decoder, *cross, *cache.self_buffers())
+            out = self.runner.run("decoder", put(tokens), put(rows), put(np.array(idx, np.int64)),
+                                  put(cached_mask), put(own_mask), *self.device_weights.decoder, *cross,
+                                  *cache.self_buffers())
+            self._append(cache, start, out[1:])
         cache.length += n
         return out[0]
+
+    def _append(self, cache: KVCache, start: int, new: list) -> None:
+        """Write the decoder graph's new keys and values (each layer's K^T [batch, heads, 64,
+        n] then V [batch, heads, n, 64]) into ``cache`` at slot ``start``: numpy on a host
+        cache, the append graph on a device one (``build_decoder_graph`` says why the decoder
+        graph does not write them itself)."""
+        if self.device_name == "gpu":
+            self.runner.run("append", _host(np.array([start, start + int(new[1].shape[2])], np.int64)),
+                            *new, *cache.self_buffers())
+            return
+        for i, (buf, x) in enumerate(zip(cache.self_buffers(), new)):
+            x = x.to_numpy()
+            if i % 2 == 0:
+                buf.to_numpy()[..., start:start + x.shape[3]] = x
+            else:
+                buf.to_numpy()[:, :, start:start + x.shape[2]] = x
 
     def cross_rows(self, cross: list, rows: Sequence[int]) -> list:
         """New cross K/V holding the given rows of ``cross`` (any may repeat), on the device."""

@@ -113,7 +113,8 @@ class GraphTest(unittest.TestCase):
         for dtype, kv in ((None, None), (DType.bfloat16, DType.bfloat16)):
             graphs = {  # name: (graph, its input count, the inputs on the host)
                 "encoder": (mw.build_encoder_graph(dims, gpu, kv), 1 + len(mw.encoder_param_names(dims)), set()),
-                "decoder": (mw.build_decoder_graph(dims, gpu, dtype, kv), 5 + n_dec + 4 * L, {1}),
+                "decoder": (mw.build_decoder_graph(dims, gpu, dtype, kv), 5 + n_dec + 4 * L, set()),
+                "append": (mw.build_append_graph(dims, gpu), 1 + 4 * L, {0}),
                 "reorder": (mw.build_reorder_graph(dims, gpu), 2 + 2 * L, {1}),
                 "gather": (mw.build_gather_graph(dims, gpu, kv), 1 + 2 * L, set()),
                 "alignment": (mw.build_alignment_graph(dims, gpu, dtype, kv), 4 + n_dec + 2 * L, set())}
