@@ -2450,6 +2450,14 @@ def _cache_types(dims: dict, device) -> list:
             BufferType(DType.float32, ["batch", n_head, ctx, dh], device=device)] * dims["n_text_layer"]
 
 
+def _slot_index(i: int, slots) -> tuple:
+    """The index that picks token slots ``slots`` in the i-th self-attention cache buffer, in
+    ``KVCache.self_buffers`` order: a K^T buffer's (even i) last axis, a V buffer's third."""
+    index = [slice(None)] * 4
+    index[3 if i % 2 == 0 else 2] = slots
+    return tuple(index)
+
+
 def _decoder_types(dims: dict, device, dtype=None, kv_dtype=None) -> tuple:
     """Weight names and the input types shared by the cached decoder graphs: the weights (their
     matrices in ``dtype``), the cross K/V in ``kv_dtype`` and the self-attention cache buffers."""
@@ -2589,9 +2597,7 @@ def build_append_graph(dims: dict, device):
         span, new, cache = g.inputs[0].tensor, g.inputs[1:1 + 2 * L], g.inputs[1 + 2 * L:]
         slots = (slice(span[0], span[1]), "n_tok")
         for i, (x, buf) in enumerate(zip(new, cache)):
-            index = [slice(None)] * 4
-            index[3 if i % 2 == 0 else 2] = slots                # K^T: slots last; V: third
-            ops.buffer_store_slice(buf, x.tensor, index)
+            ops.buffer_store_slice(buf, x.tensor, _slot_index(i, slots))
         g.output()
     return g
 
@@ -2706,9 +2712,7 @@ def build_reorder_graph(dims: dict, device):
         rows, span = g.inputs[0].tensor, g.inputs[1].tensor
         filled = (slice(span[0], span[1]), "length")
         for i, buf in enumerate(g.inputs[2:]):
-            axis = 3 if i % 2 == 0 else 2                        # K^T: positions last; V: third
-            index = [slice(None)] * 4
-            index[axis] = filled
+            index = _slot_index(i, filled)
             moved = ops.gather(ops.slice_tensor(ops.buffer_load(buf), index), rows, axis=0)
             ops.buffer_store_slice(buf, moved, index)
         g.output()
@@ -3468,10 +3472,10 @@ class Model:
         """The graphs every transcription runs: the encoder and the decoder's (the one-op step
         for prefill and steps alike, else the decoder graph, and the kernel step with kernels),
         and on a GPU the cache append after the decoder graph and the greedy choice."""
+        gpu = self.device_name == "gpu"
         graphs = ["encoder", "step"] if self.precision.packed else \
-            ["encoder", "decoder"] + (["step"] if self.kernels else [])
-        gpu = self.choose_on_device
-        return graphs + ["append"] * (gpu and not self.precision.packed) + ["greedy"] * gpu
+            ["encoder", "decoder"] + (["step"] if self.kernels else []) + ["append"] * gpu
+        return graphs + ["greedy"] * self.choose_on_device
 
     def graphs_for(self, **options) -> list[str]:
         """The graphs a ``transcribe`` call with these options (over the configured ones) may
@@ -3638,32 +3642,28 @@ class Model:
             # of 128 keys
             first = cache.starts[:, None, None]
             slots, new = np.arange(cache.capacity), np.arange(start, start + n)
-            cached = (slots < start) & (slots >= first) & np.ones((n, 1), bool)
+            cached = np.broadcast_to((slots < start) & (slots >= first), (batch, n, cache.capacity))
             own = (new <= positions[:, None]) & ((new >= first) | (new == positions[:, None]))
             cached_mask, own_mask = (np.where(m, np.float32(0), np.float32(-1e30)) for m in (cached, own))
             rows = np.maximum(positions[None, :] - cache.starts[:, None], 0)
             out = self.runner.run("decoder", put(tokens), put(rows), put(np.array(idx, np.int64)),
                                   put(cached_mask), put(own_mask), *self.device_weights.decoder, *cross,
                                   *cache.self_buffers())
-            self._append(cache, start, out[1:])
+            self._append(cache, slice(start, start + n), out[1:])
         cache.length += n
         return out[0]
 
-    def _append(self, cache: KVCache, start: int, new: list) -> None:
+    def _append(self, cache: KVCache, slots: slice, new: list) -> None:
         """Write the decoder graph's new keys and values (each layer's K^T [batch, heads, 64,
-        n] then V [batch, heads, n, 64]) into ``cache`` at slot ``start``: numpy on a host
-        cache, the append graph on a device one (``build_decoder_graph`` says why the decoder
-        graph does not write them itself)."""
+        n] then V [batch, heads, n, 64]) into ``cache``'s ``slots``: numpy on a host cache,
+        the append graph on a device one (``build_decoder_graph`` says why the decoder graph
+        does not write them itself)."""
         if self.device_name == "gpu":
-            self.runner.run("append", _host(np.array([start, start + int(new[1].shape[2])], np.int64)),
+            self.runner.run("append", _host(np.array([slots.start, slots.stop], np.int64)),
                             *new, *cache.self_buffers())
             return
         for i, (buf, x) in enumerate(zip(cache.self_buffers(), new)):
-            x = x.to_numpy()
-            if i % 2 == 0:
-                buf.to_numpy()[..., start:start + x.shape[3]] = x
-            else:
-                buf.to_numpy()[:, :, start:start + x.shape[2]] = x
+            buf.to_numpy()[_slot_index(i, slots)] = x.to_numpy()
 
     def cross_rows(self, cross: list, rows: Sequence[int]) -> list:
         """New cross K/V holding the given rows of ``cross`` (any may repeat), on the device."""
