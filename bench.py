@@ -801,7 +801,7 @@ def decode(args) -> dict:
             "engines": rows, "machine": machine()}
 
 
-SIZE_ENGINES = ("maxwhisper", "openai", "faster-whisper-fp32")
+SIZE_ENGINES = ("maxwhisper", "openai", "faster-whisper-fp32")     # and maxwhisper-nice0 (``sizes``)
 
 
 def _sizes_worker(args) -> None:
@@ -810,13 +810,14 @@ def _sizes_worker(args) -> None:
     import torch
     pt, ct2_dir = Path(args.files[0]), Path(args.files[1])
     audio = sample_audio()
-    if args.engine == "maxwhisper":                     # MAX's libraries are not the weights: loaded before counting
+    if args.engine.startswith("maxwhisper"):            # MAX's libraries are not the weights: loaded before counting
         for module in ("max.engine", "max.graph", "max.driver"):
             importlib.import_module(module)
     before = _status_mb("VmRSS")
     t0 = time.perf_counter()
-    if args.engine == "maxwhisper":
-        m = mw.load(str(pt), device="cpu", warmup=False)        # memory of the weights, not of compiling
+    if args.engine.startswith("maxwhisper"):
+        config = mw.Config.resolve(runtime_thread_nice=0 if args.engine == "maxwhisper-nice0" else None)
+        m = mw.load(str(pt), device="cpu", config=config, warmup=False)   # memory of the weights, not of compiling
         load_s = time.perf_counter() - t0
         weight_mb = sum(a.nbytes for a in m.weights.state.values()) / 2**20
         load_peak = _status_mb("VmHWM") - before
@@ -892,14 +893,18 @@ def _sizes_worker(args) -> None:
     print(json.dumps({"engine": args.engine, "load_s": load_s, "encode_ms": 1000 * statistics.median(enc),
                       "step_ms": 1000 * statistics.median(step), "weights_mb": weight_mb,
                       "load_peak_over_weights": load_peak / weight_mb if weight_mb else None,
-                      "peak_rss_mb": _status_mb("VmHWM")}))
+                      "peak_rss_mb": _status_mb("VmHWM"),
+                      "threads_lowered": (len(mw._RuntimeHelper.lowered)      # MAX's polling thread
+                                          if args.engine.startswith("maxwhisper") else None)}))
 
 
 def sizes(args) -> dict:
     """The larger shapes on this CPU with seeded random weights (the time of a step does not
     depend on the values): one checkpoint per size, written as openai-whisper's .pt and, by
     CTranslate2's own converter, as a float32 CTranslate2 folder; each engine in its own
-    process times the encoder on one 30 s window and the greedy decoder step."""
+    process times the encoder on one 30 s window and the greedy decoder step. The engine
+    ``maxwhisper-nice0`` is maxwhisper leaving MAX's polling thread as MAX starts it
+    (``runtime_thread_nice=0``)."""
     workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-sizes-"))
     rows = []
     try:

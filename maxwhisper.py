@@ -163,6 +163,13 @@ def _parse_choice(*choices):
     return parse
 
 
+def _parse_nice(s) -> int:
+    v = int(s)
+    if not 0 <= v <= 19:
+        raise ValueError("expected a nice value from 0 to 19")
+    return v
+
+
 def _parse_temperatures(s) -> tuple:
     vals = tuple(float(t) for t in (s.split(",") if isinstance(s, str) else s))
     if not vals or any(not 0 <= t < math.inf for t in vals):
@@ -228,6 +235,8 @@ OPTIONS: tuple[Option, ...] = (
        "$XDG_CACHE_HOME or ~/.cache, then maxwhisper/graphs; off = none"),
     _O("device_graphs", True, _parse_bool, "load", "on a GPU, capture a decoding step's kernel launches "
        "once per KVCache and replay them as one device graph (off: launch each op every step)"),
+    _O("runtime_thread_nice", 19, _parse_nice, "load", "nice value (0-19) for the thread MAX starts at "
+       "the process's first graph run, which wakes ~5,000 times a second; 0 leaves it as started"),
     # -- transcription ----------------------------------------------------------------------
     _O("language", None, _str, "transcribe", "spoken language (code or name); none detects it",
        form="language"),
@@ -3060,6 +3069,63 @@ def _spare_memory() -> float:
     return min(spare, default=math.inf)
 
 
+class _RuntimeHelper:
+    """MAX 26.7 starts one thread of its own at a process's first graph execution, which then
+    wakes about 5,000 times a second for as long as the process lives, idle or not (~15% of a
+    core). On a CPU each wake-up preempts a worker of the op running, and the op's stages wait
+    for their slowest worker: the tiny.en encoder op took ~1.27x as long in a process with that
+    thread as built alone, and about as long alone beside a C thread waking as often. The
+    thread is on no graph's path (at nice 19 the encoder ran 1.24-1.30x and the decoder step
+    1.10-1.13x faster, tiny.en and small: docs/PERFORMANCE.md), so the process's first
+    execution lowers it (``runtime_thread_nice``, 19 by default) when that execution is a CPU
+    model's: it then takes only cores that are idle.
+
+    ``first_run`` runs a graph execution; the first one in the process under ``lock``, noting
+    which threads appear during it. Of those, the threads that are not Python's and not MAX's
+    workers (named "... ThreadN"; they start with the session, before any execution) are
+    lowered. Linux only (``/proc/self/task``); where that or ``setpriority`` fails, nothing
+    changes. A process whose first MAX execution is not maxwhisper's keeps the thread as is."""
+
+    lock = threading.Lock()
+    done = False
+    lowered: list[int] = []                    # the thread ids lowered, for the tests
+
+    @classmethod
+    def first_run(cls, execute: Callable[[], list], nice: int) -> list:
+        if cls.done:
+            return execute()
+        with cls.lock:
+            if cls.done:
+                return execute()
+            before = cls._threads() if nice else None
+            try:
+                return execute()
+            finally:
+                cls.done = True
+                if before is not None:
+                    new = (cls._threads() or set()) - before - {t.native_id for t in threading.enumerate()}
+                    cls._lower(new, nice)
+
+    @staticmethod
+    def _threads() -> set[int] | None:
+        with contextlib.suppress(OSError, ValueError):
+            return {int(t) for t in os.listdir("/proc/self/task")}
+        return None
+
+    @classmethod
+    def _lower(cls, tids: set[int], nice: int) -> None:
+        for tid in sorted(tids):
+            try:
+                name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+                if "Thread" in name:               # a MAX worker, whatever its age: never lowered
+                    continue
+                os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))  # lower only
+                cls.lowered.append(tid)
+                log.debug("MAX's runtime thread %d (%s) set to nice %d", tid, name, nice)
+            except (OSError, AttributeError) as e:  # gone already, not permitted, no setpriority
+                log.debug("could not lower thread %d: %s", tid, e)
+
+
 _COMPILE_MEMORY = 1.5 * 2**30   # a compile process's peak, with margin (tiny.en's step graph: 1.16 GB)
 
 
@@ -3107,9 +3173,12 @@ class _GraphRunner:
     device graphs."""
 
     def __init__(self, device, device_name: str, builders: dict, store: _GraphStore, source: str,
-                 recipe: dict | None = None):
+                 recipe: dict | None = None, helper_nice: int = 19):
         from max import engine
         self.device, self.device_name, self.builders, self.store = device, device_name, builders, store
+        # MAX's polling thread (``_RuntimeHelper``): lowered by a CPU model's first run only, as
+        # measured there; a GPU's host has cores to spare and its completions were not timed
+        self.helper_nice = helper_nice if device_name == "cpu" else 0
         self.source = source                       # the checkpoint, for messages
         self.recipe = recipe                       # what a child process needs to build the same graphs
         self.session = engine.InferenceSession(devices=[device])
@@ -3220,7 +3289,8 @@ class _GraphRunner:
             # inputs), so the engine's entry is called directly where this MAX has it.
             run = getattr(graph, "_execute_device_tensors", None)
             try:
-                return run(list(inputs)) if run else graph.execute(*inputs)
+                return _RuntimeHelper.first_run(lambda: run(list(inputs)) if run else graph.execute(*inputs),
+                                                self.helper_nice)
             except Exception as e:  # a device error must not leak as a bare RuntimeError
                 raise DeviceError(f"running the {name} graph on {self.device_name} failed "
                                   f"({type(e).__name__}: {e}); the model stays usable") from e
@@ -3460,7 +3530,7 @@ class Model:
                   "kernels": "on" if self.kernels else "off", "graph_cache": store.folder and str(store.folder)}
         self.runner = _GraphRunner(self.device, self.device_name,
                                    _graph_builders(self.dims, ref, self.precision, self.kernels),
-                                   store, weights.source, recipe)
+                                   store, weights.source, recipe, self.config["runtime_thread_nice"])
         self.compile_seconds = self.runner.compile_seconds      # graph -> seconds to compile or load
         self.graph_sources = self.runner.graph_sources          # graph -> "stored" or "compiled"
         self._totals = dict.fromkeys(_COUNTERS, 0.0)

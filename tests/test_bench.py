@@ -147,11 +147,15 @@ class BenchSmokeTest(unittest.TestCase):
 
     def test_sizes_runs_each_engine_on_the_same_random_checkpoint(self):
         out = self.dir / "sizes.json"
-        bench("sizes", "--model", "tiny.en", "--repeats", "1", "--steps", "4", "--json", out)
+        bench("sizes", "--model", "tiny.en", "--repeats", "1", "--steps", "4", "--json", out,
+              "--engines", "maxwhisper,maxwhisper-nice0,openai,faster-whisper-fp32")
         runs = json.loads(out.read_text())["runs"]
-        self.assertEqual([r["engine"] for r in runs], ["maxwhisper", "openai", "faster-whisper-fp32"])
+        self.assertEqual([r["engine"] for r in runs],
+                         ["maxwhisper", "maxwhisper-nice0", "openai", "faster-whisper-fp32"])
         self.assertTrue(all(r["encode_ms"] > 0 and r["step_ms"] > 0 for r in runs))
         self.assertGreater(runs[0]["load_peak_over_weights"], 0)
+        self.assertGreater(runs[0]["threads_lowered"], 0)      # MAX's polling thread, at nice 19
+        self.assertEqual(runs[1]["threads_lowered"], 0)        # left as MAX starts it
 
     def test_throughput_runs_each_engine_on_the_same_windows(self):
         out = self.dir / "throughput.json"

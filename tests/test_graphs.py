@@ -4,6 +4,7 @@ store of compiled graphs that makes warm starts fast; how a cold start compiles.
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -189,6 +190,50 @@ class GraphStoreTest(unittest.TestCase):
             copy.write_text(copy.read_text().replace("# 7. graphs\n", "# 7. graphs\n# a builder changed\n"))
             self.assertEqual(running._GraphStore(tmp, CPU()).digest, before)
             self.assertNotEqual(imported(copy, "maxwhisper_deployed")._GraphStore(tmp, CPU()).digest, before)
+
+
+class RuntimeHelperTest(unittest.TestCase):
+    """The thread MAX starts at a process's first graph execution is lowered to nice 19
+    (``_RuntimeHelper``), once, whichever models and threads run first, and nothing else is."""
+
+    def test_the_first_executions_lower_maxs_helper_thread_alone(self):
+        """A fresh process, two models, four threads encoding at once as the process's first
+        executions: every result equals a later serial one; the threads lowered are new, not
+        Python's and not MAX's workers, each at nice 19 and named once; every other thread
+        keeps the process's nice; later runs lower nothing more."""
+        code = ("import json, os, threading, numpy as np, maxwhisper as mw\n"
+                "models = [mw.load('tiny.en', device='cpu', warmup=False) for _ in range(2)]\n"
+                "for m in models: m.runner.compiled('encoder')\n"
+                "mel = np.random.default_rng(0).standard_normal((1, 80, 3000), dtype=np.float32)\n"
+                "out = {}\n"
+                "def run(k): out[k] = models[k % 2].encode(mel)[0]\n"
+                "threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]\n"
+                "[t.start() for t in threads]; [t.join() for t in threads]\n"
+                "lowered = list(mw._RuntimeHelper.lowered)\n"
+                "serial = models[0].encode(mel)[0]\n"
+                "def name(t): return open(f'/proc/self/task/{t}/comm').read().strip()\n"
+                "tids = [int(t) for t in os.listdir('/proc/self/task')]\n"
+                "print(json.dumps({'same': [bool(np.array_equal(out[k], serial)) for k in range(4)],\n"
+                "    'lowered': lowered, 'later': mw._RuntimeHelper.lowered,\n"
+                "    'python': [t.native_id for t in threading.enumerate()],\n"
+                "    'base': os.getpriority(os.PRIO_PROCESS, 0),\n"
+                "    'threads': {t: [name(t), os.getpriority(os.PRIO_PROCESS, t)] for t in tids}}))\n")
+        out = subprocess.run([sys.executable, "-c", code], cwd=support.ROOT, capture_output=True, text=True,
+                             timeout=900)
+        self.assertEqual(out.returncode, 0, out.stderr[-3000:])
+        got = json.loads(out.stdout.splitlines()[-1])
+        threads = {int(t): v for t, v in got["threads"].items()}
+        self.assertEqual(got["same"], [True] * 4)
+        self.assertTrue(got["lowered"], threads)                  # MAX 26.7 starts one
+        self.assertEqual(len(set(got["lowered"])), len(got["lowered"]))
+        self.assertEqual(got["later"], got["lowered"])
+        workers = [t for t, (name, _) in threads.items() if "Thread" in name]
+        self.assertTrue(workers, threads)
+        for tid, (name, nice) in threads.items():
+            lowered = tid in got["lowered"]
+            self.assertEqual(nice, 19 if lowered else got["base"], (tid, name, threads))
+            if lowered:
+                self.assertNotIn(tid, workers + got["python"])
 
 
 class ColdStartTest(unittest.TestCase):
