@@ -810,12 +810,13 @@ def _sizes_worker(args) -> None:
     import torch
     pt, ct2_dir = Path(args.files[0]), Path(args.files[1])
     audio = sample_audio()
-    if args.engine.startswith("maxwhisper"):            # MAX's libraries are not the weights: loaded before counting
+    ours = args.engine.startswith("maxwhisper")         # maxwhisper, or maxwhisper-nice0
+    if ours:                                            # MAX's libraries are not the weights: loaded before counting
         for module in ("max.engine", "max.graph", "max.driver"):
             importlib.import_module(module)
     before = _status_mb("VmRSS")
     t0 = time.perf_counter()
-    if args.engine.startswith("maxwhisper"):
+    if ours:
         config = mw.Config.resolve(runtime_thread_nice=0 if args.engine == "maxwhisper-nice0" else None)
         m = mw.load(str(pt), device="cpu", config=config, warmup=False)   # memory of the weights, not of compiling
         load_s = time.perf_counter() - t0
@@ -894,8 +895,7 @@ def _sizes_worker(args) -> None:
                       "step_ms": 1000 * statistics.median(step), "weights_mb": weight_mb,
                       "load_peak_over_weights": load_peak / weight_mb if weight_mb else None,
                       "peak_rss_mb": _status_mb("VmHWM"),
-                      "threads_lowered": (len(mw._RuntimeHelper.lowered)      # MAX's polling thread
-                                          if args.engine.startswith("maxwhisper") else None)}))
+                      "threads_lowered": len(mw._RuntimeHelper.lowered) if ours else None}))   # MAX's polling thread
 
 
 def sizes(args) -> dict:
