@@ -46,7 +46,10 @@ from tests.support import (MODEL_DIMS, hf_model, multipart, random_whisper, samp
 ROOT = Path(__file__).resolve().parent
 PROBE_KERNELS = ROOT / "bench_kernels"           # the read-rate probe's Mojo op
 ENGINES = ("maxwhisper", "maxwhisper-bf16", "maxwhisper-q4_0", "maxwhisper-q4_0x2", "openai",
-           "faster-whisper-fp32", "faster-whisper-int8")
+           "faster-whisper-fp32", "faster-whisper-int8", "maxwhisper-chunked", "faster-whisper-batched")
+# The two chunked engines decode an audio as independent chunks, ``--chunk-batch`` at a time:
+# maxwhisper's ``chunk_batch``, and faster-whisper's BatchedInferencePipeline (float32; its
+# chunks come from Silero VAD and it decodes without timestamps by default, as a user gets it).
 
 # ---------------------------------------------------------------------------------------------
 # audio sets
@@ -88,22 +91,23 @@ def _ct2_folder(model: str) -> Path | None:
 
 def _mw_dtype(engine: str) -> str:
     """The weight dtype of a maxwhisper engine name (``…-bf16`` bfloat16, ``…-q4_0`` Q4_0,
-    ``…-q4_0x2`` two Q4_0 terms)."""
+    ``…-q4_0x2`` two Q4_0 terms; else float32)."""
     return {"bf16": "bfloat16", "q4_0": "q4_0", "q4_0x2": "q4_0x2"}.get(engine.rpartition("-")[2], "float32")
 
 
 def _ct2_compute_type(engine: str) -> str:
     """CTranslate2's compute type for a faster-whisper engine name (``…-fp32``, ``…-int8``)."""
-    return {"fp32": "float32", "int8": "int8"}[engine.rsplit("-", 1)[1]]
+    return {"fp32": "float32", "int8": "int8", "batched": "float32"}[engine.rsplit("-", 1)[1]]
 
 
-def make_engine(engine: str, model: str, threads: int):
+def make_engine(engine: str, model: str, threads: int, chunk_batch: int = 8):
     """Return transcribe(audio array) -> (text, n_tokens) for one engine, loaded and ready."""
     if engine.startswith("maxwhisper"):
         m = mw.load(model, device="cpu", dtype=_mw_dtype(engine))
+        chunks = {"chunk_batch": chunk_batch} if engine == "maxwhisper-chunked" else {}
 
         def run(audio):
-            r = m.transcribe(audio)
+            r = m.transcribe(audio, **chunks)
             return r["text"], sum(len(s["tokens"]) for s in r["segments"])
         return run
     if engine == "openai":
@@ -126,6 +130,15 @@ def make_engine(engine: str, model: str, threads: int):
         if folder is None:
             raise mw.ModelError(f"{model}: faster-whisper needs a CTranslate2 folder")
         fw = WhisperModel(str(folder), device="cpu", compute_type=_ct2_compute_type(engine), cpu_threads=threads)
+        if engine == "faster-whisper-batched":
+            from faster_whisper import BatchedInferencePipeline
+            batched = BatchedInferencePipeline(model=fw)
+
+            def run(audio):
+                segments, _ = batched.transcribe(audio, batch_size=chunk_batch, beam_size=1)
+                segments = list(segments)
+                return "".join(s.text for s in segments), sum(len(s.tokens) for s in segments)
+            return run
 
         def run(audio):
             segments, _ = fw.transcribe(audio, beam_size=1, best_of=1, vad_filter=False,
@@ -149,7 +162,7 @@ def engine_available(engine: str) -> str | None:
 def worker(args) -> None:
     """Load one engine, warm it up, time each file once; print one JSON line."""
     t0 = time.perf_counter()
-    run = make_engine(args.engine, args.model, args.threads)
+    run = make_engine(args.engine, args.model, args.threads, args.chunk_batch)
     load_s = time.perf_counter() - t0
     audio = [mw.load_audio(f) for f in args.files]
     run(audio[0][:mw.SAMPLE_RATE * 5])                                     # warm-up
@@ -163,9 +176,9 @@ def worker(args) -> None:
     print(json.dumps({"engine": args.engine, "load_s": load_s, "files": files, "peak_rss_mb": rss}))
 
 
-def run_worker(engine: str, model: str, files: list[Path], threads: int, env=None) -> dict:
+def run_worker(engine: str, model: str, files: list[Path], threads: int, env=None, chunk_batch: int = 8) -> dict:
     cmd = [sys.executable, str(ROOT / "bench.py"), "_worker", "--engine", engine, "--model", model,
-           "--threads", str(threads), "--files", *map(str, files)]
+           "--threads", str(threads), "--chunk-batch", str(chunk_batch), "--files", *map(str, files)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-2000:]}")
@@ -221,7 +234,7 @@ def compare(args) -> dict:
         for e in list(engines):
             print(f"repeat {r + 1}/{args.repeats}: {e} ...", file=sys.stderr)
             try:
-                runs[e].append(run_worker(e, args.model, files, args.threads))
+                runs[e].append(run_worker(e, args.model, files, args.threads, chunk_batch=args.chunk_batch))
             except RuntimeError as err:
                 print(f"note: {err}", file=sys.stderr)
                 skipped[e] = str(err).splitlines()[-1]
@@ -1457,6 +1470,7 @@ def main(argv=None) -> int:
     c.add_argument("--audio", nargs="*", help="files or folders (default: English samples + generated clips)")
     c.add_argument("--engines", default=",".join(ENGINES))
     c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--chunk-batch", type=int, default=8, help="chunks decoded together by the chunked engines")
     c.add_argument("--no-long-form", action="store_true", help="skip the generated long clips")
     c.add_argument("--normalizer", choices=["english", "basic"], default="english",
                    help="openai-whisper text normalizer used before WER")
@@ -1561,6 +1575,7 @@ def main(argv=None) -> int:
     w.add_argument("--engine")
     w.add_argument("--model")
     w.add_argument("--threads", type=int)
+    w.add_argument("--chunk-batch", type=int, default=8)
     w.add_argument("--files", nargs="+")
     args = p.parse_args(argv)
     # MAX sizes its thread pool by the cores the process may use (its num_threads option

@@ -36,15 +36,18 @@ class BenchSmokeTest(unittest.TestCase):
     def test_compare_one_clip(self):
         wav, text = support.samples("en")[-1]
         out = self.dir / "compare.json"
-        proc = bench("compare", "--audio", wav, "--engines", "maxwhisper,openai,faster-whisper-int8",
-                     "--repeats", "1", "--threads", "2", "--json", out)
+        proc = bench("compare", "--audio", wav, "--engines",
+                     "maxwhisper,openai,faster-whisper-int8,maxwhisper-chunked,faster-whisper-batched",
+                     "--repeats", "1", "--threads", "2", "--chunk-batch", "2", "--json", out)
         result = json.loads(out.read_text())
         engines = result["engines"]
         self.assertIn("maxwhisper", engines)
         self.assertIn("openai", engines)
+        self.assertIn("maxwhisper-chunked", engines)
         if importlib.util.find_spec("faster_whisper") is None:
-            self.assertIn("faster-whisper-int8", result["skipped"])
-            self.assertIn("skipping faster-whisper-int8", proc.stderr)
+            for name in ("faster-whisper-int8", "faster-whisper-batched"):
+                self.assertIn(name, result["skipped"])
+                self.assertIn(f"skipping {name}", proc.stderr)
         for name, e in engines.items():
             with self.subTest(engine=name):
                 self.assertGreater(e["wall_s"], 0)

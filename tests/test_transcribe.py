@@ -207,5 +207,91 @@ class TranscribeBatchTest(unittest.TestCase):
         self.assertIn("/no/such.wav", str(ctx.exception))
 
 
+class ChunkedTest(unittest.TestCase):
+    """transcribe(..., chunk_batch=N): one audio as chunks cut at pauses, decoded side by side."""
+
+    def test_cuts_fall_in_pauses_and_cover_the_audio(self):
+        rate = mw.SAMPLE_RATE
+        noise = np.random.default_rng(0).standard_normal(100 * rate).astype(np.float32) * 0.1
+        for pause in (12.0, 24.0, 41.0, 55.0, 80.0):              # half-second pauses
+            noise[int(pause * rate):int((pause + 0.5) * rate)] = 0.0
+        cuts = mw._chunk_cuts(noise)
+        self.assertEqual(cuts[0][0], 0)
+        self.assertEqual(cuts[-1][1], len(noise))
+        self.assertEqual([b for _, b in cuts[:-1]], [a for a, _ in cuts[1:]])
+        lengths = [(b - a) / rate for a, b in cuts]
+        self.assertTrue(all(15.0 <= n <= 30.0 for n in lengths[:-1]), lengths)
+        self.assertLessEqual(lengths[-1], 30.0)
+        # the second 15 s of the first chunk holds the pause at 24 s, of the second the one at 41 s:
+        # cut in them (the pause at 12 s is too early, the one at 55 s past the next 30 s)
+        self.assertTrue(24.0 <= cuts[0][1] / rate <= 24.5, cuts)
+        self.assertTrue(41.0 <= cuts[1][1] / rate <= 41.5, cuts)
+        self.assertEqual(mw._chunk_cuts(noise[:30 * rate]), [(0, 30 * rate)])
+        self.assertEqual(mw._chunk_cuts(np.zeros(0, np.float32)), [(0, 0)])
+
+    def test_the_chunks_are_each_transcribed_alone_and_joined(self):
+        m = support.model("tiny.en")
+        audio = mw.load_audio(support.long_clip())
+        options = {"temperature": 0.0, "word_timestamps": True}
+        requests = m.metrics()["requests"]
+        together = m.transcribe(audio, chunk_batch=4, **options)
+        self.assertEqual(m.metrics()["requests"], requests + 1)
+        cuts = mw._chunk_cuts(audio)
+        self.assertGreaterEqual(len(cuts), 3)
+        alone = [m.transcribe(audio[a:b], **options) for a, b in cuts]
+        self.assertEqual(tokens(together), [t for r in alone for t in tokens(r)])
+        self.assertEqual(together["text"], "".join(r["text"] for r in alone))
+        expected = [(round(min(s["start"], (b - a) / mw.SAMPLE_RATE) + a / mw.SAMPLE_RATE, 3),
+                     round(min(s["end"], (b - a) / mw.SAMPLE_RATE) + a / mw.SAMPLE_RATE, 3))
+                    for (a, b), r in zip(cuts, alone) for s in r["segments"]]
+        self.assertEqual([(s["start"], s["end"]) for s in together["segments"]], expected)
+        self.assertEqual([s["id"] for s in together["segments"]], list(range(len(together["segments"]))))
+        for s in together["segments"]:
+            for w in s["words"]:
+                self.assertTrue(s["start"] - 1e-6 <= w["start"] <= w["end"] <= s["end"] + 1e-6, (s, w))
+        self.assertEqual(together["metrics"]["chunks"], len(cuts))
+        self.assertEqual(together["metrics"]["windows"], sum(r["metrics"]["windows"] for r in alone))
+        self.assertAlmostEqual(together["metrics"]["audio_seconds"], len(audio) / mw.SAMPLE_RATE)
+        one = m.transcribe(audio, chunk_batch=1, **options)
+        self.assertEqual(tokens(one), tokens(together))
+
+    def test_voice_activity_times_are_the_audio_s(self):
+        m = support.model("tiny.en")
+        speech = mw.load_audio(support.long_clip())
+        audio = np.concatenate([np.zeros(10 * mw.SAMPLE_RATE, np.float32), speech])
+        r = m.transcribe(audio, chunk_batch=4, vad_filter=True, temperature=0.0)
+        self.assertGreaterEqual(r["metrics"]["chunks"], 3)
+        self.assertGreaterEqual(r["segments"][0]["start"], 9.5)
+        self.assertLessEqual(r["segments"][-1]["end"], len(audio) / mw.SAMPLE_RATE + 1e-6)
+        self.assertEqual([s["start"] for s in r["segments"]], sorted(s["start"] for s in r["segments"]))
+
+    @unittest.skipUnless(support.has_base(), "needs the base model (pip install -e '.[test]')")
+    def test_a_multilingual_model_detects_the_language_once(self):
+        m = support.model("base")
+        clips = [mw.load_audio(w) for w, _ in support.samples("es")]
+        gap = np.zeros(mw.SAMPLE_RATE // 2, np.float32)
+        audio = np.concatenate([x for _ in range(40) for clip in clips for x in (clip, gap)])[:70 * mw.SAMPLE_RATE]
+        detections, detect = [], mw._detect_windows
+        mw._detect_windows = lambda model, mels: detections.append(len(mels)) or detect(model, mels)
+        try:
+            r = m.transcribe(audio, chunk_batch=4, temperature=0.0)
+        finally:
+            mw._detect_windows = detect
+        self.assertEqual(detections, [1])
+        self.assertEqual(r["language"], "es")
+        self.assertGreaterEqual(r["metrics"]["chunks"], 3)
+
+    def test_bad_chunk_batch_raises_config_errors(self):
+        m = support.model("tiny.en")
+        wav = str(support.samples("en")[-1][0])
+        for options in ({"chunk_batch": 0}, {"chunk_batch": 2, "clip_timestamps": "0,1"}):
+            with self.subTest(**options), self.assertRaises(mw.ConfigError) as ctx:
+                m.transcribe(wav, **options)
+            self.assertIn("chunk_batch", str(ctx.exception))
+        proc = support.run_cli(wav, "--chunk_batch", "0")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("--chunk_batch=0", proc.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()
