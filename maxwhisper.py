@@ -4768,6 +4768,20 @@ def _language_code(model: Model, language: str) -> str:
     return language
 
 
+def _audio_name(audio) -> str:
+    return audio if not isinstance(audio, np.ndarray) else "audio array"
+
+
+def _read_audio(audio, max_seconds: float | None, name: str | None) -> np.ndarray:
+    """``load_audio``; its errors name ``name`` (an upload's), when given, not the path read."""
+    try:
+        return load_audio(audio, max_seconds=max_seconds)
+    except (AudioError, CapacityError) as e:
+        if name:
+            raise type(e)(str(e).replace(str(audio), name)) from None
+        raise
+
+
 def _speech_only(samples: np.ndarray, o: TranscribeOptions, name: str) -> tuple[np.ndarray, "_TimeMap | None"]:
     """With ``vad_filter``, the audio's speech regions joined (``speech_regions``) and the map
     of their times back to the audio's; else the audio as it is, and None."""
@@ -4800,11 +4814,8 @@ class _Transcription:
     def __init__(self, model: Model, audio, o: TranscribeOptions, name: str | None = None):
         self.model, self.o = model, o
         self.started = time.perf_counter()
-        self.name = name or (audio if not isinstance(audio, np.ndarray) else "audio array")
-        try:
-            samples = load_audio(audio, max_seconds=o.max_audio_seconds)
-        except (AudioError, CapacityError) as e:
-            raise type(e)(str(e).replace(str(audio), self.name)) if name else e
+        self.name = name or _audio_name(audio)
+        samples = _read_audio(audio, o.max_audio_seconds, name)
         self.audio_seconds = len(samples) / SAMPLE_RATE
         self.metrics = {"audio_seconds": self.audio_seconds, "windows": 0, "tokens": 0, "fallbacks": 0,
                         "silence_skips": 0, "encoder_seconds": 0.0, "decode_seconds": 0.0}
@@ -4963,6 +4974,10 @@ class _Transcription:
         if not self.o.condition_on_previous_text or result.temperature > 0.5:
             self.prompt_reset_since = len(self.all_tokens)
 
+    def text(self) -> str | None:
+        """The text of the windows decoded so far (None before the language is known)."""
+        return None if self.tokenizer is None else self.tokenizer.decode(self.all_tokens[len(self.initial_prompt):])
+
     def result(self) -> dict:
         """The transcript: openai-whisper's result shape plus ``metrics``."""
         m = self.metrics
@@ -4972,8 +4987,7 @@ class _Transcription:
             self.model.count(m)
         _map_times(self.segments, self.time_map)
         _timed(self.model, m, self.started)
-        return {"text": self.tokenizer.decode(self.all_tokens[len(self.initial_prompt):]),
-                "segments": self.segments, "language": self.language, "metrics": m}
+        return {"text": self.text(), "segments": self.segments, "language": self.language, "metrics": m}
 
 
 def _timed(model: Model, m: dict, started: float) -> None:
@@ -5233,7 +5247,7 @@ def transcribe(model: Model, audio, *, chunk_batch: int | None = None, **options
 
     ``chunk_batch=N`` decodes the audio faster, not window after window: cut at its quietest
     moments into chunks of 15-30 s, each transcribed on its own (no earlier chunk's text as
-    its prompt), ``N`` chunks at a time (``_transcribe_chunks``): faster-whisper's
+    its prompt), ``N`` chunks at a time (``_Chunks``): faster-whisper's
     ``BatchedInferencePipeline``. The words can differ from the sequential transcript's.
 
     ``options`` are the ``transcribe`` rows of ``OPTIONS`` (``TranscribeOptions`` lists them
@@ -5246,7 +5260,9 @@ def transcribe(model: Model, audio, *, chunk_batch: int | None = None, **options
     seconds, tokens_per_second, real_time_factor, device.
     """
     if chunk_batch is not None:
-        return _transcribe_chunks(model, audio, chunk_batch, _transcribe_options(model, options))
+        _check_batch("chunk_batch", chunk_batch)
+        chunks = _Chunks(model, audio, _transcribe_options(model, options))
+        return chunks.result(_transcribe_all(model, chunks.jobs, chunk_batch))
     return transcribe_batch(model, [audio], batch_size=1, **options)[0]
 
 
@@ -5326,50 +5342,65 @@ def _chunk_cuts(samples: np.ndarray) -> list[tuple[int, int]]:
     return cuts + [(start, len(samples))]
 
 
-def _transcribe_chunks(model: Model, audio, chunk_batch: int, o: TranscribeOptions) -> dict:
-    """``transcribe(..., chunk_batch=N)``: the audio (its speech, with ``vad_filter``) cut by
-    ``_chunk_cuts``, the chunks transcribed ``N`` at a time as ``transcribe_batch`` does
-    audios, and their results joined: segments in order with the chunks' times added, the
-    texts one after the other. Each chunk is openai-whisper's transcription of that audio
-    alone, with the same options (``initial_prompt`` prompts each chunk's first window);
-    without a ``language`` a multilingual model detects it once, on the first 30 s."""
-    _check_batch("chunk_batch", chunk_batch)
-    if o.clip_timestamps not in ("0", [0], (0,), [], ()):
-        raise ConfigError("chunk_batch and clip_timestamps can't be combined: the chunks are cut "
-                          "from the whole audio; transcribe the clips without chunk_batch")
-    started = time.perf_counter()
-    name = audio if not isinstance(audio, np.ndarray) else "audio array"
-    samples = load_audio(audio, max_seconds=o.max_audio_seconds)
-    speech, time_map = _speech_only(samples, o, name)
-    cuts = _chunk_cuts(speech)
-    language = o.language
-    if language is None and model.is_multilingual and len(cuts) > 1:   # one chunk: detected as usual
-        probs = _detect_windows(model, [model.log_mel(speech, padding=N_SAMPLES)[None, :, :N_FRAMES]])[1][0]
-        language = max(probs, key=probs.get)
-        log.info("%s: detected language %s (p=%.2f)", name, language, probs[language])
-    chunk = dataclasses.replace(o, language=language, vad_filter=False, max_audio_seconds=None)
-    jobs = [_Transcription(model, speech[a:b], chunk, name=f"{name} at {a / SAMPLE_RATE:.1f} s") for a, b in cuts]
-    for job in jobs:
-        job.counted = False                  # counted once below, as one transcription
-    results = _transcribe_all(model, jobs, chunk_batch)
-    segments = []
-    for (a, b), r in zip(cuts, results):
-        # in the chunk's time: a last segment may end in the window's padding, past the chunk
-        at = lambda t: round(float(min(t, (b - a) / SAMPLE_RATE) + a / SAMPLE_RATE), 3)  # noqa: E731
-        for seg in r["segments"]:
-            seg.update(id=len(segments), seek=seg["seek"] + a // HOP_LENGTH, start=at(seg["start"]), end=at(seg["end"]))
-            for w in seg.get("words", []):
-                w["start"], w["end"] = at(w["start"]), at(w["end"])
-            segments.append(seg)
-    _map_times(segments, time_map)
-    m = {k: sum(r["metrics"][k] for r in results) for k in
-         ("windows", "tokens", "fallbacks", "silence_skips", "encoder_seconds", "decode_seconds")}
-    m.update(audio_seconds=len(samples) / SAMPLE_RATE, requests=1, chunks=len(cuts))
-    model.count(m)
-    m["compile_seconds"] = results[0]["metrics"]["compile_seconds"]
-    _timed(model, m, started)
-    return {"text": "".join(r["text"] for r in results), "segments": segments,
-            "language": language or results[0]["language"], "metrics": m}
+class _Chunks:
+    """One audio as chunks (``transcribe(..., chunk_batch=N)``, a request's
+    ``chunking_strategy``): the audio (its speech, with ``vad_filter``) cut by ``_chunk_cuts``,
+    ``jobs`` a ``_Transcription`` per chunk, to be decoded together in any order, and
+    ``result`` their results joined: segments in order with the chunks' times added, the texts
+    one after the other. Each chunk is openai-whisper's transcription of that audio alone, with
+    the same options (``initial_prompt`` prompts each chunk's first window); without a
+    ``language`` a multilingual model detects it once, on the first 30 s."""
+
+    def __init__(self, model: Model, audio, o: TranscribeOptions, name: str | None = None):
+        if o.clip_timestamps not in ("0", [0], (0,), [], ()):
+            raise ConfigError("chunk_batch and clip_timestamps can't be combined: the chunks are cut "
+                              "from the whole audio; transcribe the clips without chunk_batch")
+        self.model, self.started, self.name = model, time.perf_counter(), name or _audio_name(audio)
+        samples = _read_audio(audio, o.max_audio_seconds, name)
+        self.audio_seconds = len(samples) / SAMPLE_RATE
+        speech, self.time_map = _speech_only(samples, o, self.name)
+        self.cuts = _chunk_cuts(speech)
+        self.language = o.language
+        if self.language is None and model.is_multilingual and len(self.cuts) > 1:  # one: detected as usual
+            probs = _detect_windows(model, [model.log_mel(speech, padding=N_SAMPLES)[None, :, :N_FRAMES]])[1][0]
+            self.language = max(probs, key=probs.get)
+            log.info("%s: detected language %s (p=%.2f)", self.name, self.language, probs[self.language])
+        chunk = dataclasses.replace(o, language=self.language, vad_filter=False, max_audio_seconds=None)
+        self.jobs = [_Transcription(model, speech[a:b], chunk, name=f"{self.name} at {a / SAMPLE_RATE:.1f} s")
+                     for a, b in self.cuts]
+        for job in self.jobs:
+            job.counted = False              # counted once, by ``result``, as one transcription
+
+    def text(self) -> str | None:
+        """The text decoded so far: the chunks' in order, up to the first still decoding."""
+        texts = []
+        for job in self.jobs:
+            texts.append(job.text() or "")
+            if not job.ended():
+                break
+        return "".join(texts)
+
+    def result(self, results: list[dict]) -> dict:
+        """The audio's transcript from its chunks' results (``jobs`` order)."""
+        segments = []
+        for (a, b), r in zip(self.cuts, results):
+            # in the chunk's time: a last segment may end in the window's padding, past the chunk
+            at = lambda t: round(float(min(t, (b - a) / SAMPLE_RATE) + a / SAMPLE_RATE), 3)  # noqa: E731
+            for seg in r["segments"]:
+                seg.update(id=len(segments), seek=seg["seek"] + a // HOP_LENGTH, start=at(seg["start"]),
+                           end=at(seg["end"]))
+                for w in seg.get("words", []):
+                    w["start"], w["end"] = at(w["start"]), at(w["end"])
+                segments.append(seg)
+        _map_times(segments, self.time_map)
+        m = {k: sum(r["metrics"][k] for r in results) for k in
+             ("windows", "tokens", "fallbacks", "silence_skips", "encoder_seconds", "decode_seconds")}
+        m.update(audio_seconds=self.audio_seconds, requests=1, chunks=len(self.cuts))
+        self.model.count(m)
+        m["compile_seconds"] = results[0]["metrics"].get("compile_seconds", 0.0)
+        _timed(self.model, m, self.started)
+        return {"text": "".join(r["text"] for r in results), "segments": segments,
+                "language": self.language or results[0]["language"], "metrics": m}
 
 
 def transcribe_each(model: Model, audios: Iterable, batch_size: int = 8, **options):
@@ -7430,9 +7461,8 @@ class _Handler(_HTTPHandler):
                 event({"type": "transcript.text.delta", "delta": text[len(sent):]})
                 sent = text
 
-        def progress(t: _Transcription) -> None:        # the committed windows' text so far
-            if t.tokenizer is not None:                  # (none before its language is detected)
-                delta(t.tokenizer.decode(t.all_tokens[len(t.initial_prompt):]).strip())
+        def progress(text: str) -> None:                # the decoded windows' text so far
+            delta(text.strip())
 
         try:
             result, duration = self.app.transcribe(fields, audio, filename, _TASKS[route], self._client_gone,
@@ -7567,13 +7597,14 @@ class Server:
 
     def transcribe(self, fields: dict, audio: bytes, filename: str | None, task: str,
                    client_gone: Callable[[], bool] = lambda: False,
-                   progress: Callable[[_Transcription], None] | None = None) -> tuple[dict, float]:
+                   progress: Callable[[str], None] | None = None) -> tuple[dict, float]:
         """Run one request's transcription through the scheduler; (result, audio seconds).
+        With a ``chunking_strategy`` field the audio goes as chunks (``_Chunks``), at most
+        ``max_batch`` of them queued or decoding at a time, so that they are decoded together.
         When ``client_gone()`` turns true while it waits, the transcription is cancelled: the
-        scheduler drops it at its next window. ``progress(transcription)`` is called every
-        0.1 s while it waits (a streamed response sends the text decoded so far); an
-        ``OSError`` from it (the client went away) cancels too."""
-        import queue
+        scheduler drops it at its next window. ``progress(text)`` is called every 0.1 s while it
+        waits with the text decoded so far (a streamed response sends it); an ``OSError`` from it
+        (the client went away) cancels too."""
         import tempfile
         if self.model is None or self.scheduler is None:
             if self.load_error:
@@ -7581,43 +7612,88 @@ class Server:
             raise _ApiError(503, "the model is still loading; retry shortly", kind="server_error",
                             headers={"Retry-After": "5"})
         options = {**self.config.scope("transcribe"), **_form_options(fields, task)}
+        chunked = _chunking_strategy(fields.get("chunking_strategy"))
         name, suffix = _upload_name(filename)
         with tempfile.NamedTemporaryFile(suffix=suffix) as f:
             f.write(audio)
             f.flush()
             try:
-                job = _Job(_Transcription(self.model, f.name, _transcribe_options(self.model, options), name=name))
+                o = _transcribe_options(self.model, options)
+                work = _Chunks(self.model, f.name, o, name=name) if chunked else \
+                    _Transcription(self.model, f.name, o, name=name)
             except (AudioError, CapacityError) as e:
                 raise _ApiError(400, str(e), "file")
             except ConfigError as e:
                 raise _ApiError(400, str(e), next((k for k in ("language", "prompt") if k in str(e)), None))
-        try:
-            self.scheduler.submit(job)
-        except queue.Full:
-            raise _ApiError(503, f"the server is busy ({self.queue_size} requests queued); retry later",
-                            kind="server_error", headers={"Retry-After": "1"})
+        jobs = [_Job(t) for t in work.jobs] if chunked else [_Job(work)]
+        self._wait(jobs, client_gone, progress and (lambda: progress(work.text() or "")))
+        results = [job.result for job in jobs]
+        return (work.result(results) if chunked else results[0]), work.audio_seconds
+
+    def _wait(self, jobs: list[_Job], client_gone: Callable[[], bool], progress: Callable[[], None] | None) -> None:
+        """Submit ``jobs`` (at most ``max_batch`` unfinished at a time) and wait for them all;
+        a job's error, the deadline or the client gone cancels the others and raises."""
+        import queue
         deadline = time.monotonic() + self.request_timeout
-        while not job.done.wait(min(0.1 if progress else 0.25, max(0.0, deadline - time.monotonic()))):
+        waiting, running = list(jobs), []
+
+        def stop(error: _ApiError) -> _ApiError:
+            for job in running:
+                job.cancelled = True
+            return error
+
+        while True:
+            running = [job for job in running if not job.done.is_set() or job.error is not None]
+            failed = next((job.error for job in running if job.error is not None), None)
+            if failed is not None:
+                raise stop(failed if isinstance(failed, _ApiError) else _ApiError(
+                    500, f"decoding failed: {type(failed).__name__}: {failed}", kind="server_error"))
+            while waiting and len(running) < max(1, self.scheduler.max_batch):
+                try:
+                    self.scheduler.submit(waiting[0])
+                except queue.Full:
+                    if running or len(waiting) < len(jobs):      # the request's later chunks: wait
+                        break
+                    raise _ApiError(503, f"the server is busy ({self.queue_size} requests queued); retry later",
+                                    kind="server_error", headers={"Retry-After": "1"})
+                running.append(waiting.pop(0))
+            if not running and not waiting:
+                return
+            pause = min(0.1 if progress else 0.25, max(0.0, deadline - time.monotonic()))
+            if running and running[0].done.wait(pause):
+                continue
+            if not running:                           # the queue is full: the next chunk waits
+                time.sleep(pause)
             if progress:
                 try:
-                    progress(job.transcription)
+                    progress()
                 except OSError:
-                    job.cancelled = True
-                    raise _ApiError(499, "the client closed the connection", kind="server_error") from None
+                    raise stop(_ApiError(499, "the client closed the connection", kind="server_error")) from None
             if time.monotonic() >= deadline:
-                job.cancelled = True
-                raise _ApiError(504, f"the transcription took longer than {self.request_timeout:g} s",
-                                kind="server_error")
+                raise stop(_ApiError(504, f"the transcription took longer than {self.request_timeout:g} s",
+                                     kind="server_error"))
             if client_gone():
                 with self._lock:
                     self.cancelled += 1
-                job.cancelled = True
-                raise _ApiError(499, "the client closed the connection", kind="server_error")
-        if isinstance(job.error, _ApiError):
-            raise job.error
-        if job.error is not None:
-            raise _ApiError(500, f"decoding failed: {type(job.error).__name__}: {job.error}", kind="server_error")
-        return job.result, job.transcription.audio_seconds
+                raise stop(_ApiError(499, "the client closed the connection", kind="server_error"))
+
+
+def _chunking_strategy(value: str | None) -> bool:
+    """Whether a request's ``chunking_strategy`` field (OpenAI's: ``auto``, or a JSON object of
+    type ``server_vad``, whose tuning is not used: ``_chunk_cuts`` decides the cuts) asks for
+    the audio in chunks; a 400 naming the field for anything else."""
+    if value in (None, ""):
+        return False
+    if value == "auto":
+        return True
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):                # a 64 KiB field nests deep enough for the latter
+        parsed = None
+    if isinstance(parsed, dict) and parsed.get("type") == "server_vad":
+        return True
+    raise _ApiError(400, f"chunking_strategy={value[:100]!r}: use auto or a server_vad object",
+                    "chunking_strategy")
 
 
 def _http_classes(app: Server, timeout: float) -> tuple[type, type]:

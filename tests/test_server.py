@@ -209,6 +209,41 @@ class ServerLimitsTest(unittest.TestCase):
         with self.assertRaises(mw._ApiError):                  # a late submit is refused, not left waiting
             server.scheduler.submit(job)
 
+    def test_chunking_strategy_decodes_the_chunks_together(self):
+        """OpenAI's ``chunking_strategy``: the audio's chunks (``chunk_batch``) go through the
+        scheduler together, at most ``max_batch`` queued at a time, and the response is
+        ``transcribe(..., chunk_batch=N)``'s; streamed, the deltas add up to its text."""
+        long_audio = support.long_clip().read_bytes()
+        expected = self.model.transcribe(str(support.long_clip()), chunk_batch=8, word_timestamps=True)
+        self.assertGreaterEqual(expected["metrics"]["chunks"], 3)
+        server = mw.Server(mw.Config.resolve(model="tiny.en"), port=0, model=self.model, max_batch=8)
+        self.addCleanup(lambda: (server.shutdown(), server.drain(10)))
+        status, _, body = transcribe(server.address, long_audio, chunking_strategy="auto", response_format="verbose_json",
+                                     **{"timestamp_granularities[]": ["segment", "word"]})
+        self.assertEqual(status, 200, body[:300])
+        got = json.loads(body)
+        self.assertEqual(got["text"], expected["text"].strip())
+        self.assertEqual([(s["start"], s["end"]) for s in got["segments"]],
+                         [(s["start"], s["end"]) for s in expected["segments"]])
+        self.assertEqual(len(got["words"]), sum(len(s["words"]) for s in expected["segments"]))
+        rounds, windows = server.scheduler.batch_sizes.count, server.scheduler.batch_sizes.sum
+        self.assertLess(rounds, windows, "the chunks must have been decoded together")
+        status, _, body = transcribe(server.address, long_audio, stream="true",
+                                     chunking_strategy=json.dumps({"type": "server_vad", "silence_duration_ms": 500}))
+        events = [json.loads(line[6:]) for line in body.decode().split("\n") if line.startswith("data: ")]
+        text = self.model.transcribe(str(support.long_clip()), chunk_batch=8)["text"].strip()  # segment times only
+        self.assertEqual(events[-1]["text"], text)
+        self.assertGreater(len(events), 2)
+        self.assertEqual("".join(e.get("delta", "") for e in events[:-1]), text)
+        # three chunks through a queue of one, a window at a time: they wait their turn, no 503
+        addr = self.serve(max_batch=1, queue_size=1)
+        status, _, body = transcribe(addr, long_audio, chunking_strategy="auto")
+        self.assertEqual((status, json.loads(body)["text"]), (200, text))
+        for bad in ("sometimes", json.dumps({"type": "semantic_vad"}), "[1]", "[" * 60000):
+            with self.subTest(chunking_strategy=bad[:20]):
+                status, _, body = transcribe(server.address, self.fox, chunking_strategy=bad)
+                self.assertEqual((status, json.loads(body)["error"]["param"]), (400, "chunking_strategy"))
+
 
 class MultilingualServerTest(unittest.TestCase):
     def test_requests_languages_are_detected_together_in_the_scheduler(self):
