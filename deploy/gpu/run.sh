@@ -131,8 +131,8 @@ step "5. kernel op tests" 240 sh -c "$PY -m unittest discover -s tests -p test_k
 step "6. tiny.en parity with openai-whisper, batches, the server" 420 sh -c "$PY -m maxwhisper --model tiny.en \
   --device $DEVICE --warmup --beam_size 5 --word_timestamps True || exit 1; rc=0
   $PY -m unittest discover -s tests -p test_parity.py -k TinyEnParityTest || rc=1
-  $PY -m unittest discover -s tests -p test_transcribe.py -k TranscribeBatchTest -k PaddedPromptsTest || rc=1
-  $PY -m unittest discover -s tests -p test_server.py -k test_batched_concurrent -k test_a_failing_transcription || rc=1
+  $PY -m unittest discover -s tests -p test_transcribe.py -k TranscribeBatchTest -k PaddedPromptsTest -k ChunkedTest || rc=1
+  $PY -m unittest discover -s tests -p test_server.py -k test_batched_concurrent -k test_a_failing -k test_chunking || rc=1
   exit \$rc"
 step "7. random-weight parity, tiny.en and large-v3-turbo shapes" 600 "$PY" -m unittest discover -s tests \
   -p test_checkpoints.py -k test_tiny_en -k test_large_v3_turbo_and_its_transcript
