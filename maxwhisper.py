@@ -736,6 +736,14 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
     return np.ascontiguousarray(((logmel + 4.0) / 4.0).T)
 
 
+def _frame_power(samples: np.ndarray) -> np.ndarray:
+    """The mean square of each whole 20 ms frame (float64): the energy every loudness rule here
+    reads (voice activity, chunk cuts, a stream's levels, turn detection)."""
+    frame = SAMPLE_RATE // 50
+    n = len(samples) // frame
+    return np.mean(samples[:n * frame].astype(np.float64).reshape(n, frame) ** 2, axis=1)
+
+
 def speech_regions(samples: np.ndarray, *, threshold_db: float | None = None,
                    min_silence_seconds: float = 2.0, speech_pad_seconds: float = 0.4) -> list[tuple[int, int]]:
     """Voice activity by frame energy: the (start, end) sample ranges that are not long silence.
@@ -748,11 +756,9 @@ def speech_regions(samples: np.ndarray, *, threshold_db: float | None = None,
     that then touch are merged. Returns [] for audio with no loud frame.
     """
     frame = SAMPLE_RATE // 50
-    n = len(samples) // frame
-    if n == 0:
+    if len(samples) < frame:
         return [(0, len(samples))] if len(samples) else []
-    power = np.mean(samples[:n * frame].astype(np.float64).reshape(n, frame) ** 2, axis=1)
-    db = 10 * np.log10(power + 1e-12)
+    db = 10 * np.log10(_frame_power(samples) + 1e-12)
     if threshold_db is None:
         threshold_db = max(np.percentile(db, 10) + 15.0, db.max() - 45.0)
     loud = np.flatnonzero(db > threshold_db)
@@ -4466,7 +4472,7 @@ def _transcribe_options(model: Model, options: dict) -> TranscribeOptions:
         raise ConfigError(f"task={o.task!r}: use 'transcribe' or 'translate'")
     if o.hallucination_silence_threshold is not None and not o.word_timestamps:
         raise ConfigError("hallucination_silence_threshold needs word_timestamps=True (it reads word timings)")
-    if o.vad_filter and o.clip_timestamps not in ("0", [0], (0,), [], ()):
+    if o.vad_filter and _clipped(o):
         raise ConfigError("vad_filter and clip_timestamps can't be combined: choose the clips or "
                           "let voice activity find them")
     bad = set(o.vad_parameters or {}) - {"threshold_db", "min_silence_seconds", "speech_pad_seconds"}
@@ -4475,6 +4481,11 @@ def _transcribe_options(model: Model, options: dict) -> TranscribeOptions:
                           "min_silence_seconds, speech_pad_seconds")
     _decoding_options(o, o.language, 0.0, None, best_of=None).check()
     return o
+
+
+def _clipped(o: TranscribeOptions) -> bool:
+    """Whether ``clip_timestamps`` names clips, not the whole audio (its default "0")."""
+    return o.clip_timestamps not in ("0", [0], (0,), [], ())
 
 
 def _decoding_options(o: TranscribeOptions, language: str | None, temperature: float, prompt,
@@ -5329,9 +5340,7 @@ def _chunk_cuts(samples: np.ndarray) -> list[tuple[int, int]]:
     if len(samples) <= N_SAMPLES:
         return [(0, len(samples))]
     frame = SAMPLE_RATE // 50
-    n = len(samples) // frame
-    power = np.mean(samples[:n * frame].astype(np.float64).reshape(n, frame) ** 2, axis=1)
-    quiet = np.convolve(power, np.ones(_CHUNK_QUIET) / _CHUNK_QUIET, mode="same")   # around frame f
+    quiet = np.convolve(_frame_power(samples), np.ones(_CHUNK_QUIET) / _CHUNK_QUIET, mode="same")   # around frame f
     cuts, start = [], 0
     while len(samples) - start > N_SAMPLES:
         lo, hi = -(-(start + _CHUNK_SHORTEST) // frame), (start + N_SAMPLES) // frame
@@ -5352,7 +5361,7 @@ class _Chunks:
     ``language`` a multilingual model detects it once, on the first 30 s."""
 
     def __init__(self, model: Model, audio, o: TranscribeOptions, name: str | None = None):
-        if o.clip_timestamps not in ("0", [0], (0,), [], ()):
+        if _clipped(o):
             raise ConfigError("chunk_batch and clip_timestamps can't be combined: the chunks are cut "
                               "from the whole audio; transcribe the clips without chunk_batch")
         self.model, self.started, self.name = model, time.perf_counter(), name or _audio_name(audio)
@@ -5371,7 +5380,7 @@ class _Chunks:
         for job in self.jobs:
             job.counted = False              # counted once, by ``result``, as one transcription
 
-    def text(self) -> str | None:
+    def text(self) -> str:
         """The text decoded so far: the chunks' in order, up to the first still decoding."""
         texts = []
         for job in self.jobs:
@@ -5733,10 +5742,7 @@ class StreamingTranscriber:
 
     def _levels(self) -> np.ndarray:
         """The buffer's 20 ms frames' energy in dBFS."""
-        frame = SAMPLE_RATE // 50
-        n = len(self.audio) // frame
-        power = np.mean(self.audio[:n * frame].astype(np.float64).reshape(n, frame) ** 2, axis=1)
-        return 10 * np.log10(power + 1e-12)
+        return 10 * np.log10(_frame_power(self.audio) + 1e-12)
 
     def _loud_threshold(self, db: np.ndarray) -> float:
         """The dBFS a 20 ms frame of speech reaches: ``silence_db``, or on a noisy line both
@@ -6734,7 +6740,7 @@ class _TurnDetector:
         if n == 0:
             return []
         frames = x[:n * frame].reshape(n, frame)
-        loud = 10 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-12) > self.db
+        loud = 10 * np.log10(_frame_power(x[:n * frame]) + 1e-12) > self.db
         out: list[tuple] = []
         for f, is_loud in zip(frames, loud):
             ms = self.at * 1000 // SAMPLE_RATE
