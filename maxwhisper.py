@@ -2976,16 +2976,20 @@ class Precision:
     """How a model stores its weights and cross K/V, from ``dtype`` and where it runs.
 
     ``matrices``: the decoder's matrices and token table (None = float32, a MAX ``DType``,
-    ``Q4_0`` or ``Q4_0X2``); ``encoder``: the encoder's matrices (Q4_0 blocks for the Q4_0
-    dtypes; bfloat16 for a bfloat16 model on a GPU, whose matrix units multiply bfloat16 many
-    times faster than float32, and on a CPU with AVX512-BF16 and the kernels, where the
-    ``whisper_encoder_bf16`` op multiplies two bfloat16 pairs per lane per instruction; else
-    float32: MAX's bfloat16 matmuls on a CPU were no faster);
+    ``Q4_0`` or ``Q4_0X2``); ``encoder``: the encoder's matrices (bfloat16 for a bfloat16 model
+    on a GPU, whose matrix units multiply bfloat16 many times faster than float32, and on a CPU
+    with AVX512-BF16 and the kernels, where the ``whisper_encoder_bf16`` op multiplies two
+    bfloat16 pairs per lane per instruction; Q4_0 blocks for the Q4_0 dtypes on such a CPU or
+    without the kernels; else float32: MAX's bfloat16 matmuls on a CPU were no faster, and on an
+    AVX2 CPU MAX's Q4_0 matmul and the emulated bfloat16 attention made the Q4_0 encoder 1.8-2.5x
+    slower on a 30 s window than the float32 op, which there takes the Q4_0 values,
+    ``_q4_0_values``);
     ``cross``: the cross K/V (bfloat16 where the Mojo kernels read them with bfloat16 weights,
     else float32: MAX-ops attention would widen them at every step, costing more than the
-    bytes saved); ``packed``: on a CPU with the kernels and float weights, the encoder is the one
-    ``whisper_encoder`` op (its weights packed into one buffer) and the decoder the one
-    ``whisper_decoder_step`` op (its weights packed into two).
+    bytes saved); ``encoder_op``: on a CPU with the kernels and float encoder matrices, the
+    encoder is the one ``whisper_encoder`` op (its weights packed into one buffer); ``packed``:
+    there, with float decoder matrices too, the decoder is the one ``whisper_decoder_step`` op
+    (its weights packed into two).
     """
 
     dtype: str
@@ -2993,6 +2997,7 @@ class Precision:
     encoder: object = None
     cross: object = None
     packed: bool = False
+    encoder_op: bool = False
 
     @classmethod
     def choose(cls, dtype: str, device, kernels: Path | None) -> "Precision":
@@ -3005,12 +3010,13 @@ class Precision:
             raise ConfigError(f"dtype={dtype!r}: the Q4_0 matmul (MAX's vroom_q4_0 op) is CPU-only; use "
                               "dtype='bfloat16' or 'float32' on a GPU, or device='cpu'")
         matrices = {"bfloat16": DType.bfloat16, Q4_0: Q4_0, Q4_0X2: Q4_0X2}.get(dtype)
-        encoder = dtype if dtype in _Q4_TERMS else None
+        encoder = dtype if dtype in _Q4_TERMS and (not kernels or _bf16_products()) else None
         if matrices == DType.bfloat16 and (not isinstance(device, CPU) or kernels and _bf16_products()):
             encoder = DType.bfloat16
         return cls(dtype, matrices, encoder,
                    DType.bfloat16 if matrices is not None and kernels else None,
-                   kernels is not None and _packs_step(DeviceRef.from_device(device), matrices))
+                   kernels is not None and _packs_step(DeviceRef.from_device(device), matrices),
+                   kernels is not None and isinstance(device, CPU) and encoder not in _Q4_TERMS)
 
     @property
     def terms(self) -> int:
@@ -3030,7 +3036,7 @@ def _graph_builders(dims: dict, ref, precision: Precision, kernels: Path | None)
     key = lambda *dtypes: _dims_key(dims, *dtypes)            # noqa: E731
     return {"encoder": (_encoder_key(dims, precision.encoder, kv, enc_kernels),
                         lambda: build_encoder_graph(dims, ref, kv, precision.encoder, enc_kernels),
-                        25.0 if precision.packed else 100.0),
+                        25.0 if precision.encoder_op else 100.0),
             "decoder": (key(dt, kv), lambda: build_decoder_graph(dims, ref, dt, kv), 100.0),
             "step": (key(dt, kv), lambda: build_step_graph(dims, ref, kernels, dt, kv), 25.0 if precision.packed else 100.0),
             "append": (key(), lambda: build_append_graph(dims, ref), 25.0),
@@ -3372,6 +3378,17 @@ class _GraphRunner:
                 graph.release_captured_graph(key)
 
 
+def _q4_0_values(w: np.ndarray, terms: int) -> np.ndarray:
+    """The float32 matrix that ``quantize_q4_0(w, terms)``'s blocks stand for: each term's
+    (q - 8) d, summed. A Q4_0 model whose encoder runs in float32 (``Precision``) multiplies
+    by these, so its encoder has the same weights on every CPU."""
+    rows, cols = w.shape
+    blocks = quantize_q4_0(w, terms).reshape(terms, -1, cols // 32, 18)[:, :rows]
+    d = blocks[..., :2].copy().view(np.float16).astype(np.float32)          # [terms, rows, cols / 32, 1]
+    q = np.concatenate([blocks[..., 2:] & 15, blocks[..., 2:] >> 4], -1).astype(np.float32) - 8
+    return (q * d).sum(0, dtype=np.float32).reshape(rows, cols)
+
+
 class _DeviceWeights:
     """A checkpoint's weights on the device, as the graphs take them: ``encoder`` and
     ``decoder`` (one buffer per ``weight_spec`` input, in order) and, where the step is the
@@ -3388,10 +3405,19 @@ class _DeviceWeights:
         self._aliases = isinstance(device, CPU)        # a host buffer on a CPU device is not copied
         spec = weight_spec(weights.dims, quantized=precision.matrices in _Q4_TERMS)
         encoder = [p for p in spec if p.graph == "encoder"]
-        if precision.packed and precision.encoder:     # whisper_encoder_bf16: vectors, matrices' pairs
+        if precision.encoder_op and precision.encoder:     # whisper_encoder_bf16: vectors, matrices' pairs
             self.encoder = [_host(self._end_to_end(weights, [p for p in encoder if not p.low_precision])[0]),
                             _host(self._pairs(weights, [p for p in encoder if p.low_precision])).view(DType.bfloat16)]
-        elif precision.packed:                         # the whisper_encoder op: one buffer
+        elif precision.encoder_op and precision.dtype in _Q4_TERMS:   # the op, with the Q4_0 values
+            flat, at = np.empty(sum(math.prod(p.shape) for p in encoder), np.float32), 0
+            for p in encoder:                          # a matrix at a time (the state stays as it is)
+                a = weights.state[p.name]
+                a = _q4_0_values(a, precision.terms) if p.low_precision else a
+                a = a if p.layout is None else a.transpose(p.layout)
+                flat[at:at + a.size].reshape(a.shape)[...] = a
+                at += a.size
+            self.encoder = [_host(flat)]
+        elif precision.encoder_op:                         # the whisper_encoder op: one buffer
             self.encoder = [_host(self._end_to_end(weights, encoder)[0])]
         else:
             self.encoder = []
@@ -3628,7 +3654,7 @@ class Model:
         out = self.runner.run("encoder", self.put(mel.astype(np.float32, copy=False)), *self.device_weights.encoder)
         L = self.dims["n_text_layer"]
         audio = out[0].to_numpy() if features else None
-        if not self.precision.packed:
+        if not self.precision.encoder_op:
             return audio, [(out[1 + 2 * i], out[2 + 2 * i]) for i in range(L)]
         from max.dtype import DType                    # the whisper_encoder op: [2L, B, h, 64 * S]
         kv = out[1].dtype
@@ -3828,11 +3854,12 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     decoding step reads, so steps are faster, at a small cost in exactness (float32, the
     default, gives openai-whisper's tokens). ``dtype="q4_0"`` stores those matrices, the
     logits projection and the encoder's linear layers in llama.cpp's Q4_0 4-bit blocks (MAX's
-    quantized matmul, which also rounds the activations to 8 bits and multiplies in integers):
-    the fastest encoder and steps, tokens furthest from float32's. ``dtype="q4_0x2"`` adds a
-    second Q4_0 term per matrix holding the first one's rounding error: about bfloat16's
-    accuracy, still faster than bfloat16 (``quantize_q4_0``). Unset arguments come from the
-    configuration (``config`` is a ``Config`` or a config file path; see ``OPTIONS``; an
+    quantized matmul, which also rounds the activations to 8 bits and multiplies in integers;
+    on a CPU without AVX512-BF16 the encoder is the float32 op over the blocks' values, which
+    is faster there): the fastest encoder and steps, tokens furthest from float32's.
+    ``dtype="q4_0x2"`` adds a second Q4_0 term per matrix holding the first one's rounding
+    error: about bfloat16's accuracy, still faster than bfloat16 (``quantize_q4_0``). Unset
+    arguments come from the configuration (``config`` is a ``Config`` or a config file path; see ``OPTIONS``; an
     argument given here wins over it): by default ``tiny.en`` on ``auto`` with ``kernels=auto``. The configuration's transcribe
     settings become this model's ``transcribe`` defaults.
 

@@ -141,10 +141,13 @@ class BFloat16Test(unittest.TestCase):
                 self.assertLessEqual(ours, ref + (1 if n < 50 else 0.05 * n), (ours, ref, n))
         m = q4("tiny.en")
         kinds = {n: b.dtype for n, b in zip(mw.decoder_param_names(m.dims, quantized=True), m.device_weights.decoder)}
-        kinds.update((n, b.dtype) for n, b in zip(mw.encoder_param_names(m.dims), m.device_weights.encoder))
         self.assertEqual(kinds["decoder.logits.weight"], DType.uint8)
         self.assertEqual(kinds["decoder.blocks.0.attn.qkv.weight"], DType.uint8)
         self.assertEqual(kinds["decoder.token_embedding.weight"], DType.bfloat16)
+        if m.precision.encoder_op:                           # the float32 op (Q4_0EncoderTest)
+            self.assertEqual([b.dtype for b in m.device_weights.encoder], [DType.float32])
+            return
+        kinds = {n: b.dtype for n, b in zip(mw.encoder_param_names(m.dims), m.device_weights.encoder)}
         self.assertEqual(kinds["encoder.blocks.0.mlp.0.weight"], DType.uint8)
         self.assertEqual(kinds["decoder.blocks.0.cross_attn.key.weight"], DType.uint8)
         self.assertEqual(kinds["encoder.conv1.weight"], DType.float32)
@@ -259,7 +262,7 @@ class BFloat16EncoderTest(unittest.TestCase):
         bfloat16 pairs, everything else float32. A window of an odd frame count (its
         self-attention the float32 one) stays within bfloat16's error of the float32 op."""
         from max.dtype import DType
-        cpu = mw.Precision("bfloat16", DType.bfloat16, DType.bfloat16, DType.bfloat16, packed=True)
+        cpu = mw.Precision("bfloat16", DType.bfloat16, DType.bfloat16, DType.bfloat16, packed=True, encoder_op=True)
         m = self.load(cpu, "cpu", "on")
         self.assertIn("whisper_encoder_bf16", str(m.runner.builders["encoder"][1]()))
         self.assertEqual([b.dtype for b in m.device_weights.encoder], [DType.float32, DType.bfloat16])
@@ -278,6 +281,52 @@ class BFloat16EncoderTest(unittest.TestCase):
                 self.assertEqual(mw.Precision.choose("bfloat16", CPU(), kernels).encoder, encoder)
         with mock.patch.object(mw, "_bf16_products", return_value=True):
             self.assertIsNone(mw.Precision.choose("float32", CPU(), mw.KERNELS_DIR).encoder)
+
+
+class Q4_0EncoderTest(unittest.TestCase):
+    """Where bfloat16 products are emulated (an AVX2 CPU), a Q4_0 model's encoder is the
+    float32 ``whisper_encoder`` op over the values its Q4_0 blocks stand for, not MAX's Q4_0
+    matmul around the bfloat16 attention op (1.8-2.5x slower there on a 30 s window)."""
+
+    def test_the_encoder_a_cpu_runs(self):
+        from max.driver import CPU
+        for products, kernels, encoder, op in ((False, mw.KERNELS_DIR, None, True), (True, mw.KERNELS_DIR, "q", False),
+                                               (False, None, "q", False)):
+            for dtype in (mw.Q4_0, mw.Q4_0X2):
+                with self.subTest(products=products, kernels=kernels, dtype=dtype), \
+                        mock.patch.object(mw, "_bf16_products", return_value=products):
+                    p = mw.Precision.choose(dtype, CPU(), kernels)
+                    self.assertEqual((p.encoder, p.encoder_op, p.packed), (encoder and dtype, op, False))
+
+    def test_q4_0_values(self):
+        """_q4_0_values is what the blocks stand for: (q - 8) d, summed over the terms."""
+        w = np.random.default_rng(3).standard_normal((70, 96)).astype(np.float32)
+        for terms in (1, 2):
+            blocks = mw.quantize_q4_0(w, terms)
+            want = sum(dequantize(blocks[k * 96:(k + 1) * 96], 96)[0][:70] for k in range(terms))
+            with self.subTest(terms=terms):
+                np.testing.assert_allclose(mw._q4_0_values(w, terms), want, rtol=1e-6, atol=1e-7)
+
+    @unittest.skipUnless((mw.KERNELS_DIR / "encoder.mojo").is_file(), "no kernels/ folder")
+    def test_the_float32_op_takes_the_q4_0_values(self):
+        """Its encoder output is, bit for bit, a float32 model's whose encoder matrices were
+        replaced by their Q4_0 values: the same weights whichever encoder a CPU runs."""
+        import dataclasses
+        mel = np.random.default_rng(4).uniform(-1, 1, (1, 80, 1000)).astype(np.float32)
+        weights = support.model("tiny.en").weights
+        for dtype in (mw.Q4_0, mw.Q4_0X2):
+            with mock.patch.object(mw, "_bf16_products", return_value=False):
+                m = mw.Model(weights, device="cpu", dtype=dtype, warmup=False)
+            terms = m.precision.terms
+            rounded = {p.name: mw._q4_0_values(weights.state[p.name], terms)
+                       for p in mw.weight_spec(m.dims) if p.graph == "encoder" and p.low_precision}
+            f32 = mw.Model(dataclasses.replace(weights, state={**weights.state, **rounded}), device="cpu", warmup=False)
+            with self.subTest(dtype=dtype):
+                self.assertTrue(m.precision.encoder_op)
+                np.testing.assert_array_equal(m.encode(mel)[0], f32.encode(mel)[0])
+                self.assertFalse(np.array_equal(m.encode(mel)[0], support.model("tiny.en").encode(mel)[0]))
+                name = "encoder.blocks.0.mlp.0.weight"              # the checkpoint's own, unchanged
+                self.assertFalse(np.array_equal(weights.state[name], rounded[name]))
 
 
 if __name__ == "__main__":
