@@ -2922,9 +2922,14 @@ class KVCache:
                        self_v=[_host(planes[2 * i + 1].reshape(batch, h, ctx, dh)) for i in range(L)],
                        cross=cross, batch=batch, capacity=ctx, self_kv=_host(planes))
         # zeroed where they live: from the host, large-v3's 64 rows would be 9.4 GB copied
-        return cls(self_k=[Buffer.zeros((batch, h, dh, ctx), DType.float32, device) for _ in range(L)],
-                   self_v=[Buffer.zeros((batch, h, ctx, dh), DType.float32, device) for _ in range(L)],
-                   cross=cross, batch=batch, capacity=ctx)
+        cache = cls(self_k=[Buffer.zeros((batch, h, dh, ctx), DType.float32, device) for _ in range(L)],
+                    self_v=[Buffer.zeros((batch, h, ctx, dh), DType.float32, device) for _ in range(L)],
+                    cross=cross, batch=batch, capacity=ctx)
+        # On a CPU in MAX 26.7 the zeroing runs on after Buffer.zeros returns, and a graph run
+        # at once does not wait for it: a Q4_0 model's first step lost its layer-0 values,
+        # wholly or in part, in up to 17 of 20 new caches of batch 4 (``test_kvcache``).
+        device.synchronize()
+        return cache
 
     def reset(self) -> None:
         """Empty the cache (no copy: rows past ``length`` are never read), no row padded."""

@@ -90,6 +90,26 @@ class KVCacheTest(unittest.TestCase):
             np.testing.assert_allclose(logits[row], one[0], atol=1e-3)
 
 
+class NewCacheTest(unittest.TestCase):
+    @unittest.skipUnless(support.DEVICE == "cpu" and (mw.KERNELS_DIR / "step.mojo").is_file(), "the CPU kernel step")
+    def test_a_step_right_after_a_new_cache_keeps_what_it_writes(self):
+        """A Q4_0 model steps through the kernel step graph over a cache of device buffers.
+        Its first token's keys and values are written in every layer, in each of 20 new
+        caches: on a CPU, MAX 26.7 went on zeroing a new buffer after ``Buffer.zeros``
+        returned, and the zeroing overwrote that token's layer-0 values in up to 17 of 20."""
+        m = mw.load("tiny.en", device="cpu", dtype="q4_0")
+        self.assertFalse(m.precision.packed)
+        cross = m.encode(np.zeros((4, 80, 1000), np.float32), features=False)[1]
+        sot = m.tokenizer().sot
+        for k in range(20):
+            cache = m.new_cache(cross, batch=4)
+            m.decode(cache, np.full((4, 1), sot))
+            for i, buf in enumerate(cache.self_buffers()):
+                first = buf.to_numpy()[:, :, :, 0] if i % 2 == 0 else buf.to_numpy()[:, :, 0, :]
+                with self.subTest(cache=k, buffer=i):
+                    self.assertTrue(np.all(first != 0), f"{np.sum(first == 0)} of the first token's entries are 0")
+
+
 class DeviceGraphTest(unittest.TestCase):
     """A decoding's per-token graphs, replayed as device graphs captured once per KVCache (the
     ``device_graphs`` setting, on by default on a GPU), give what launching them op by op gives."""

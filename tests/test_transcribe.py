@@ -95,9 +95,10 @@ class PaddedPromptsTest(unittest.TestCase):
         graph for prompts and steps), Q4_0 (that prefill, then the step graph a GPU runs: MAX's
         matmuls around the attention ops) and a GPU's model. MAX's matmuls may round a row
         differently in a batch of another size, so each window's greedy tokens are those it
-        decodes alone and its log-probabilities theirs to float32 rounding; Q4_0's within 0.05:
+        decodes alone and its log-probabilities theirs to float32 rounding; Q4_0's within 2e-3:
         its matmul rounds activations to 8 bits, where a float32 difference can flip a rounding
-        (a window decoded unprompted in batches of 1-8 moved its avg_logprob by up to 0.017)."""
+        (the unprompted window, decoded alone by the step graph and here by the decoder graph's
+        prefill: 3e-4 in avg_logprob, 7e-4 in no_speech_prob)."""
         models = {"kernels off": mw.Model(self.model.weights, device=support.DEVICE, kernels="off", warmup=False)}
         if support.DEVICE == "cpu":
             models["q4_0"] = mw.load("tiny.en", device="cpu", dtype="q4_0")
@@ -112,7 +113,7 @@ class PaddedPromptsTest(unittest.TestCase):
                 alone = mw.decode_batch(m, m.new_cache(m.cross_rows(cross, [k])), [o])[0]
                 with self.subTest(name, prompt=len(o.prompt)):
                     self.assertEqual(together[k].tokens, alone.tokens)
-                    close = {"delta": 0.05} if name == "q4_0" else {"places": 4}
+                    close = {"delta": 2e-3} if name == "q4_0" else {"places": 4}
                     self.assertAlmostEqual(together[k].avg_logprob, alone.avg_logprob, **close)
                     self.assertAlmostEqual(together[k].no_speech_prob, alone.no_speech_prob, **close)
         off = models["kernels off"]
