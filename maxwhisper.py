@@ -3015,8 +3015,9 @@ class Precision:
             raise ConfigError(f"dtype={dtype!r}: the Q4_0 matmul (MAX's vroom_q4_0 op) is CPU-only; use "
                               "dtype='bfloat16' or 'float32' on a GPU, or device='cpu'")
         matrices = {"bfloat16": DType.bfloat16, Q4_0: Q4_0, Q4_0X2: Q4_0X2}.get(dtype)
-        encoder = dtype if dtype in _Q4_TERMS and (not kernels or _bf16_products()) else None
-        if matrices == DType.bfloat16 and (not isinstance(device, CPU) or kernels and _bf16_products()):
+        bf16_op = bool(kernels) and _bf16_products()        # whisper_encoder_bf16 runs natively
+        encoder = dtype if dtype in _Q4_TERMS and (not kernels or bf16_op) else None
+        if matrices == DType.bfloat16 and (not isinstance(device, CPU) or bf16_op):
             encoder = DType.bfloat16
         return cls(dtype, matrices, encoder,
                    DType.bfloat16 if matrices is not None and kernels else None,
