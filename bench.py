@@ -814,7 +814,9 @@ def decode(args) -> dict:
             "engines": rows, "machine": machine()}
 
 
-SIZE_ENGINES = ("maxwhisper", "openai", "faster-whisper-fp32")     # and maxwhisper-nice0 (``sizes``)
+SIZE_ENGINES = ("maxwhisper", "openai", "faster-whisper-fp32")
+# ``sizes`` also takes maxwhisper-nice0, the maxwhisper dtypes (maxwhisper-bf16, -q4_0, -q4_0x2)
+# and faster-whisper-int8
 
 
 def _sizes_worker(args) -> None:
@@ -831,9 +833,10 @@ def _sizes_worker(args) -> None:
     t0 = time.perf_counter()
     if ours:
         config = mw.Config.resolve(runtime_thread_nice=0 if args.engine == "maxwhisper-nice0" else None)
-        m = mw.load(str(pt), device="cpu", config=config, warmup=False)   # memory of the weights, not of compiling
+        m = mw.load(str(pt), device="cpu", config=config, warmup=False,   # memory of the weights, not of compiling
+                    dtype=_mw_dtype(args.engine))
         load_s = time.perf_counter() - t0
-        weight_mb = sum(a.nbytes for a in m.weights.state.values()) / 2**20
+        weight_mb = args.weights_mb            # the checkpoint's, in float32 (a Q4_0 model takes some state over)
         load_peak = _status_mb("VmHWM") - before
         mel = m.log_mel(audio, padding=mw.N_SAMPLES)[None, :, :mw.N_FRAMES]
         prompt = list(m.tokenizer(language="en" if m.is_multilingual else None).sot_sequence)
@@ -878,7 +881,8 @@ def _sizes_worker(args) -> None:
     else:
         import ctranslate2
         import whisper
-        ct2 = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32", intra_threads=args.threads)
+        ct2 = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type=_ct2_compute_type(args.engine),
+                                         intra_threads=args.threads)
         load_s, weight_mb, load_peak = time.perf_counter() - t0, None, None
         n_mels = ct2.n_mels
         mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(audio)), n_mels)[None].numpy()
@@ -904,10 +908,12 @@ def _sizes_worker(args) -> None:
         features = encode()
         enc.append(time.perf_counter() - t)
         step.append(steps(features, args.steps) / args.steps)
-    print(json.dumps({"engine": args.engine, "load_s": load_s, "encode_ms": 1000 * statistics.median(enc),
-                      "step_ms": 1000 * statistics.median(step), "weights_mb": weight_mb,
+    precision = m.dtype if ours else "float32" if args.engine == "openai" else _ct2_compute_type(args.engine)
+    print(json.dumps({"engine": args.engine, "precision": precision, "load_s": load_s,
+                      "encode_ms": 1000 * statistics.median(enc), "step_ms": 1000 * statistics.median(step),
+                      "weights_mb": weight_mb,
                       "load_peak_over_weights": load_peak / weight_mb if weight_mb else None,
-                      "peak_rss_mb": _status_mb("VmHWM"),
+                      "peak_rss_mb": _status_mb("VmHWM"), "rss_mb": _status_mb("VmRSS"),
                       "threads_lowered": len(mw._RuntimeHelper.lowered) if ours else None}))   # MAX's polling thread
 
 
@@ -915,9 +921,11 @@ def sizes(args) -> dict:
     """The larger shapes on this CPU with seeded random weights (the time of a step does not
     depend on the values): one checkpoint per size, written as openai-whisper's .pt and, by
     CTranslate2's own converter, as a float32 CTranslate2 folder; each engine in its own
-    process times the encoder on one 30 s window and the greedy decoder step. The engine
-    ``maxwhisper-nice0`` is maxwhisper leaving MAX's polling thread as MAX starts it
-    (``runtime_thread_nice=0``)."""
+    process times the encoder on one 30 s window and the greedy decoder step, and reads its
+    memory at the end (RSS) and at its peak. The engine ``maxwhisper-nice0`` is maxwhisper
+    leaving MAX's polling thread as MAX starts it (``runtime_thread_nice=0``);
+    ``maxwhisper-bf16``, ``-q4_0`` and ``-q4_0x2`` load that dtype; ``faster-whisper-int8``
+    runs CTranslate2's int8 compute type on the float32 folder."""
     workdir = Path(tempfile.mkdtemp(prefix="maxwhisper-sizes-"))
     rows = []
     try:
@@ -925,14 +933,16 @@ def sizes(args) -> dict:
             ref = random_whisper(model_dims(name))
             engines = args.engines.split(",")
             ct2_dir = workdir / f"{name}-ct2"
-            if "faster-whisper-fp32" in engines:
+            if any(e.startswith("faster-whisper") for e in engines):
                 save_ct2(hf_model(ref), ct2_dir)
+            weights_mb = sum(t.numel() for t in ref.state_dict().values()) * 4 / 2**20
             pt = save_pt(ref.half() if args.half else ref, workdir / f"{name}.pt")
             del ref
             for engine in engines:
                 done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "_sizes", "--engine", engine,
                                        "--threads", str(args.threads), "--repeats", str(args.repeats),
-                                       "--steps", str(args.steps), "--files", str(pt), str(ct2_dir)],
+                                       "--steps", str(args.steps), "--weights-mb", str(weights_mb),
+                                       "--files", str(pt), str(ct2_dir)],
                                       capture_output=True, text=True, cwd=ROOT)
                 if done.returncode:
                     raise mw.MaxWhisperError(f"{engine} on {name} failed: {done.stderr[-2000:]}")
@@ -945,12 +955,12 @@ def sizes(args) -> dict:
     def ratio(r, key):
         peer = next((p for p in rows if p["model"] == r["model"] and p["engine"] == "maxwhisper"), None)
         return f"{r[key] / peer[key]:.2f}" if peer else "-"
-    print_table(f"model sizes on CPU ({args.threads} threads), random weights{' (a float16 .pt)' if args.half else ''}, "
-                f"float32: encoder per 30 s window "
+    print_table(f"model sizes on CPU ({args.threads} threads), random weights{' (a float16 .pt)' if args.half else ''}: "
+                f"encoder per 30 s window "
                 f"and decoder step ({args.steps} greedy steps), median of {args.repeats}; x = time / maxwhisper's",
-                ["model", "engine", "encoder ms", "x", "step ms", "x", "peak RSS MiB", "load peak / weights"],
+                ["model", "engine", "encoder ms", "x", "step ms", "x", "RSS MiB", "peak RSS MiB", "load peak / weights"],
                 [[r["model"], r["engine"], f"{r['encode_ms']:.0f}", ratio(r, "encode_ms"), f"{r['step_ms']:.1f}",
-                  ratio(r, "step_ms"), f"{r['peak_rss_mb']:.0f}",
+                  ratio(r, "step_ms"), f"{r['rss_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
                   f"{r['load_peak_over_weights']:.2f}" if r["load_peak_over_weights"] else "-"] for r in rows])
     return {"command": "sizes", "threads": args.threads, "repeats": args.repeats, "steps": args.steps, "half": args.half,
             "runs": rows, "machine": machine()}
@@ -1568,7 +1578,8 @@ def main(argv=None) -> int:
     sm.add_argument("--memory-minutes", type=float, default=0, help="also feed one stream this long, RSS each 5 min")
     sm.add_argument("--memory-step", type=float, default=3.0, help="that stream's step")
     zw = sub.add_parser("_sizes")
-    for flag, kind in (("--engine", str), ("--threads", int), ("--repeats", int), ("--steps", int)):
+    for flag, kind in (("--engine", str), ("--threads", int), ("--repeats", int), ("--steps", int),
+                       ("--weights-mb", float)):
         zw.add_argument(flag, type=kind)
     zw.add_argument("--files", nargs=2)
     w = sub.add_parser("_worker")

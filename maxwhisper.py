@@ -3402,9 +3402,11 @@ class _DeviceWeights:
 
     One copy of the weights is kept, not two: on a CPU a float32 input is the device buffer
     itself, so the checkpoint's arrays are replaced by views of it (``_share``) as each is
-    placed, and the state's own array is freed before the next is made."""
+    placed, and the state's own array is freed before the next is made. ``take``: the state
+    is this model's alone (``Model``'s ``take_weights``), so a Q4_0 model's float32 encoder op
+    takes the state's encoder matrices, rounded in place, instead of a copy of their values."""
 
-    def __init__(self, weights: Weights, precision: Precision, device, run):
+    def __init__(self, weights: Weights, precision: Precision, device, run, take: bool = False):
         from max.driver import CPU
         from max.dtype import DType
         self.precision, self.device, self._run = precision, device, run
@@ -3414,6 +3416,16 @@ class _DeviceWeights:
         if precision.encoder_op and precision.encoder:     # whisper_encoder_bf16: vectors, matrices' pairs
             self.encoder = [_host(self._end_to_end(weights, [p for p in encoder if not p.low_precision])[0]),
                             _host(self._pairs(weights, [p for p in encoder if p.low_precision])).view(DType.bfloat16)]
+        elif precision.encoder_op and precision.dtype in _Q4_TERMS and take and self._aliases:
+            rounded = [p for p in encoder if p.low_precision]
+            for p in rounded:                          # the state's own matrices become the Q4_0 values
+                a = weights.state[p.name]
+                if not a.flags.writeable:
+                    a = weights.state[p.name] = a.copy()
+                a[...] = _q4_0_values(a, precision.terms)
+            self.encoder = [_host(self._end_to_end(weights, encoder)[0])]
+            for p in rounded:                          # no longer the checkpoint's float32 weights
+                del weights.state[p.name]
         elif precision.encoder_op and precision.dtype in _Q4_TERMS:   # the op, with the Q4_0 values
             flat, at = np.empty(sum(math.prod(p.shape) for p in encoder), np.float32), 0
             for p in encoder:                          # a matrix at a time (the state stays as it is)
@@ -3544,13 +3556,25 @@ class Model:
     length decode in one batch, the shorter ones left-padded (``decode_batch``; every graph
     that reads the cache starts each row at its first slot, ``KVCache.starts``); set it to
     False to decode each prompt length apart (``bench.py archive`` compares the two).
+
+    ``take_weights=True`` (``load`` passes it, its ``Weights`` being no one else's) lets the
+    model take over the arrays of ``weights.state`` where that saves a copy: a Q4_0 model whose
+    encoder is the float32 op (``Precision``) rounds the state's encoder matrices to their
+    Q4_0 values in place and removes them from the state (2.3 GiB less for large-v3-turbo).
+    Such ``Weights`` build no other model: read the checkpoint again (``load_weights``).
     """
 
     def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,
-                 warmup: bool = True, kernels: str = "auto", dtype: str = "float32"):
+                 warmup: bool = True, kernels: str = "auto", dtype: str = "float32",
+                 take_weights: bool = False):
         from max.driver import CPU
         from max.graph import DeviceRef
 
+        missing = [p.name for p in weight_spec(weights.dims) if not p.parts and p.name not in weights.state]
+        if missing:
+            raise ModelError(f"{weights.source}: the weights lack {missing[0]} ({len(missing)} missing): a model "
+                             "made with take_weights=True, as load() makes them, took them over; read the "
+                             "checkpoint again with load_weights() to build another model")
         self.weights, self.dims = weights, weights.dims
         self.config = config or Config.resolve()
         # openai-whisper's tokenizer takes ~0.1 s to build: build it while the graphs load
@@ -3572,7 +3596,7 @@ class Model:
         self.compile_seconds = self.runner.compile_seconds      # graph -> seconds to compile or load
         self.graph_sources = self.runner.graph_sources          # graph -> "stored" or "compiled"
         self._totals = dict.fromkeys(_COUNTERS, 0.0)
-        self.device_weights = _DeviceWeights(weights, self.precision, self.device, self.runner.run)
+        self.device_weights = _DeviceWeights(weights, self.precision, self.device, self.runner.run, take_weights)
         if warmup:
             self.runner.compile_all(self._core_graphs())
 
@@ -3887,7 +3911,7 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     reading = _Background(_WeightImage(folder).load if folder else load_weights, cfg["model"])
     import max.driver, max.engine, max.graph  # noqa: E401,F401
     return Model(reading.result(), device=cfg["device"], config=cfg, warmup=warmup,
-                 kernels=cfg["kernels"], dtype=cfg["dtype"])
+                 kernels=cfg["kernels"], dtype=cfg["dtype"], take_weights=True)
 
 
 class _Background:

@@ -151,10 +151,12 @@ class BenchSmokeTest(unittest.TestCase):
     def test_sizes_runs_each_engine_on_the_same_random_checkpoint(self):
         out = self.dir / "sizes.json"
         bench("sizes", "--model", "tiny.en", "--repeats", "1", "--steps", "4", "--json", out,
-              "--engines", "maxwhisper,maxwhisper-nice0,openai,faster-whisper-fp32")
+              "--engines", "maxwhisper,maxwhisper-nice0,maxwhisper-q4_0,openai,faster-whisper-fp32,faster-whisper-int8")
         runs = json.loads(out.read_text())["runs"]
-        self.assertEqual([r["engine"] for r in runs],
-                         ["maxwhisper", "maxwhisper-nice0", "openai", "faster-whisper-fp32"])
+        self.assertEqual([(r["engine"], r["precision"]) for r in runs],
+                         [("maxwhisper", "float32"), ("maxwhisper-nice0", "float32"), ("maxwhisper-q4_0", "q4_0"),
+                          ("openai", "float32"), ("faster-whisper-fp32", "float32"), ("faster-whisper-int8", "int8")])
+        self.assertTrue(all(0 < r["rss_mb"] <= r["peak_rss_mb"] for r in runs))
         self.assertTrue(all(r["encode_ms"] > 0 and r["step_ms"] > 0 for r in runs))
         self.assertGreater(runs[0]["load_peak_over_weights"], 0)
         self.assertGreater(runs[0]["threads_lowered"], 0)      # MAX's polling thread, at nice 19

@@ -328,6 +328,34 @@ class Q4_0EncoderTest(unittest.TestCase):
                 name = "encoder.blocks.0.mlp.0.weight"              # the checkpoint's own, unchanged
                 self.assertFalse(np.array_equal(weights.state[name], rounded[name]))
 
+    @unittest.skipUnless((mw.KERNELS_DIR / "encoder.mojo").is_file(), "no kernels/ folder")
+    def test_a_model_load_makes_rounds_its_own_weights(self):
+        """load()'s Weights are its model's alone, so the float32 op's Q4_0 values are the
+        state's own encoder matrices rounded in place, not a second copy: the op's buffer lies
+        in the buffer that holds the other weights, the encoder output is the copying model's,
+        and those Weights, lacking the matrices, refuse to build another model."""
+        mel = np.random.default_rng(5).uniform(-1, 1, (1, 80, 1000)).astype(np.float32)
+        with mock.patch.object(mw, "_bf16_products", return_value=False):
+            taken = mw.load("tiny.en", device="cpu", dtype=mw.Q4_0, warmup=False)
+            copied = mw.Model(mw.load_weights("tiny.en"), device="cpu", dtype=mw.Q4_0, warmup=False)
+        self.assertTrue(taken.precision.encoder_op)
+        np.testing.assert_array_equal(taken.encode(mel)[0], copied.encode(mel)[0])
+        names = {p.name for p in mw.weight_spec(taken.dims) if p.graph == "encoder" and p.low_precision}
+        self.assertFalse(names & set(taken.weights.state))
+        self.assertLessEqual(names, set(copied.weights.state))          # a caller's Weights stay whole
+
+        def span(a):
+            while isinstance(a.base, np.ndarray):
+                a = a.base
+            start = a.__array_interface__["data"][0]
+            return start, start + a.nbytes
+        for model, inside in ((taken, True), (copied, False)):
+            start, end = span(model.weights.state["decoder.token_embedding.weight"])
+            op = model.device_weights.encoder[0].to_numpy().__array_interface__["data"][0]
+            self.assertEqual(start <= op < end, inside)
+        with self.assertRaisesRegex(mw.ModelError, "take_weights"):
+            mw.Model(taken.weights, device="cpu", warmup=False)
+
 
 if __name__ == "__main__":
     unittest.main()
