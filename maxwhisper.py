@@ -3416,7 +3416,7 @@ class _DeviceWeights:
         if precision.encoder_op and precision.encoder:     # whisper_encoder_bf16: vectors, matrices' pairs
             self.encoder = [_host(self._end_to_end(weights, [p for p in encoder if not p.low_precision])[0]),
                             _host(self._pairs(weights, [p for p in encoder if p.low_precision])).view(DType.bfloat16)]
-        elif precision.encoder_op and precision.dtype in _Q4_TERMS and take and self._aliases:
+        elif precision.encoder_op and precision.dtype in _Q4_TERMS and take:     # the op runs on a CPU only
             rounded = [p for p in encoder if p.low_precision]
             for p in rounded:                          # the state's own matrices become the Q4_0 values
                 a = weights.state[p.name]
