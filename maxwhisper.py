@@ -63,6 +63,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import logging
@@ -1125,17 +1126,62 @@ def _in_graph_order(state: dict, dims: dict) -> dict:
     ``graph_weights`` hands the graphs views, not copies: a copy of those parameters would
     be held beside this buffer, which the other parameters' views keep alive."""
     names, layouts = _graph_order(state, dims), _stored_layouts(dims)
-    buffer = np.empty(sum(state[n].size for n in names), np.float32)
+    buffer = _mapped_floats(sum(state[n].size for n in names))
     at = 0
     for n in names:
         source = state[n].transpose(layouts[n]) if n in layouts else state[n]
         part = buffer[at:at + source.size].reshape(source.shape)
         part[...] = source
+        _release([state[n]])                             # a mapped file's pages (``_mapped_pt``)
         state[n] = part.transpose(np.argsort(layouts[n])) if n in layouts else part
         at += part.size
     for n in state.keys() - set(names):                  # none the graphs take: float32 too
         state[n] = state[n].astype(np.float32, copy=False)
     return state
+
+
+def _mapped_floats(n: int) -> np.ndarray:
+    """``n`` float32 in an anonymous memory mapping of their own, whose pages a model that no
+    longer reads a weight can hand back to the system (``_release``); a numpy allocation
+    cannot give back part of itself. Private: a shared one's pages outlive ``madvise``."""
+    private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_ANONYMOUS") else {}
+    return np.frombuffer(mmap.mmap(-1, max(4 * n, 1), **private), np.float32, n)
+
+
+def _release(arrays: Sequence[np.ndarray]) -> int:
+    """Hand the memory pages that lie wholly inside ``arrays`` back to the system, and return
+    how many bytes that was. For arrays that nothing reads again and that overlap no array
+    still in use (a state's arrays never overlap one another), lying in a mapping:
+    ``_in_graph_order``'s buffer, or a weight image (whose file stays as it is). A page shared
+    with a neighbour is kept until the neighbour is released with it; memory that is not a
+    mapping, or a system without ``madvise``, keeps every page (0 bytes)."""
+    advise = getattr(mmap, "MADV_DONTNEED", None)
+    runs: dict[int, list] = {}
+    for a in arrays:
+        root = a.base if isinstance(a.base, np.ndarray) else a        # views' base: np.frombuffer's array
+        m = getattr(root.base, "obj", None)                           # whose base is a memoryview of the mapping
+        if advise is None or a.size == 0 or not isinstance(m, mmap.mmap):
+            continue
+        low = a.ctypes.data + sum((n - 1) * st for n, st in zip(a.shape, a.strides) if st < 0)
+        high = a.ctypes.data + sum((n - 1) * st for n, st in zip(a.shape, a.strides) if st > 0) + a.itemsize
+        if high - low == a.nbytes:                        # dense: its bounds hold its own bytes only
+            runs.setdefault(id(m), [m]).append((low, high))
+    released, page = 0, mmap.PAGESIZE
+    for m, *spans in runs.values():
+        origin = np.frombuffer(m, np.uint8).ctypes.data
+        spans.sort()
+        merged = [list(spans[0])]
+        for low, high in spans[1:]:
+            if low <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], high)
+            else:
+                merged.append([low, high])
+        for low, high in merged:
+            start, end = -(-(low - origin) // page) * page, (high - origin) // page * page
+            if end > start:
+                m.madvise(advise, start, end - start)
+                released += end - start
+    return released
 
 
 def _stored_layouts(dims: dict) -> dict[str, tuple]:
@@ -1298,28 +1344,90 @@ def _json_file(path: Path) -> dict:
 # openai-whisper .pt ---------------------------------------------------------------------------
 
 def _torch_state(tensors: dict, skip=lambda name: False) -> dict:
-    """{name: numpy array} from a dict of torch tensors, emptying it as it goes: float16 as
-    stored, for ``_in_graph_order`` to widen straight into the model's buffer (widened here
-    first, a float16 medium checkpoint's read peaked at 1.46x its float32 bytes, against
-    1.07x), others as float32."""
-    import torch
+    """{name: numpy array} from a dict of torch tensors (or of numpy arrays, ``_mapped_pt``),
+    emptying it as it goes: float16 as stored, for ``_in_graph_order`` to widen straight into
+    the model's buffer (widened here first, a float16 medium checkpoint's read peaked at 1.46x
+    its float32 bytes, against 1.07x), others as float32."""
     state = {}
     for name in list(tensors):
         t = tensors.pop(name)
-        if not skip(name):
-            state[name] = np.ascontiguousarray((t if t.dtype == torch.float16 else t.float()).numpy())
+        if skip(name):
+            continue
+        if not isinstance(t, np.ndarray):
+            import torch
+            t = (t if t.dtype == torch.float16 else t.float()).numpy()
+        state[name] = np.ascontiguousarray(t if t.dtype in (np.float16, np.float32) else t.astype(np.float32))
     return state
+
+
+_PT_STORAGES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64}
+
+
+def _mapped_pt(path: Path) -> object | None:
+    """The object a zip-format ``torch.save`` file holds, its tensors numpy views of the file
+    mapped read-only: nothing is read up front, the reader takes each tensor from the page
+    cache and ``_in_graph_order`` hands its pages back once copied (``_release``), so a load
+    does not allocate and fill the second copy of the weights that ``torch.load`` makes. None
+    for what this reader does not take (a compressed or legacy file, storages other than
+    16/32/64-bit floats, a tensor not laid out in order, any class but a tensor's or a
+    dict's: the unpickler builds nothing else), which ``torch.load`` then reads."""
+    import pickle
+    import zipfile
+
+    def start(info) -> int:                             # an entry's bytes follow its local header
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError("compressed")
+        names, extra = struct.unpack("<HH", view[info.header_offset + 26:info.header_offset + 30])
+        return info.header_offset + 30 + names + extra
+
+    def rebuild(storage, offset, size, stride, *_):
+        size, stride = tuple(size), tuple(stride)
+        if stride != tuple(math.prod(size[i + 1:]) for i in range(len(size))):
+            raise ValueError("not in order")
+        return storage[offset:offset + math.prod(size)].reshape(size)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict             # a state dict: its _metadata too
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return rebuild
+            if module == "torch" and name in _PT_STORAGES:
+                return _PT_STORAGES[name]
+            raise pickle.UnpicklingError(f"{module}.{name}")
+
+        def persistent_load(self, pid):
+            kind, dtype, key, _, count = pid
+            info = entries[f"{prefix}data/{key}"]
+            if kind != "storage" or info.file_size != count * np.dtype(dtype).itemsize:
+                raise ValueError("storage size")
+            return np.frombuffer(view, dtype, count, start(info))
+
+    try:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as z:
+            entries = {i.filename: i for i in z.infolist()}
+            pickled = [n for n in entries if n.endswith("/data.pkl") and n.count("/") == 1]
+            prefix = pickled[0][:-len("data.pkl")] if len(pickled) == 1 else None
+            if prefix is None or z.read(prefix + "byteorder") != b"little":
+                return None
+            data = z.read(pickled[0])
+            view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return Unpickler(io.BytesIO(data)).load()
+    except Exception:  # noqa: BLE001 - a file this reader cannot take: torch.load reads it or says why
+        return None
 
 
 def _load_openai_checkpoint(path: Path) -> Weights:
     """Load an openai-whisper ``.pt`` checkpoint (a dict with ``dims`` and ``model_state_dict``);
     a released model's file name (``small.pt``) picks openai-whisper's alignment heads."""
-    import torch
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
-        raise ModelError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "dims" not in ckpt or "model_state_dict" not in ckpt:
+    ckpt = _mapped_pt(path)
+    if ckpt is None:
+        import torch
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many types for a bad file
+            raise ModelError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "dims" not in ckpt or not isinstance(ckpt.get("model_state_dict"), dict):
         raise ModelError(f"{path}: not an openai-whisper checkpoint (expected keys 'dims' and "
                          "'model_state_dict'); a Hugging Face pytorch_model.bin belongs in its "
                          "folder beside config.json")
@@ -1840,7 +1948,18 @@ class _KeptEncoding:
 def _bfloat16(array: np.ndarray):
     """A float array as a bfloat16 MAX buffer in host memory (``_bfloat16_bits``)."""
     from max.dtype import DType
-    return _host(_bfloat16_bits(array)).view(DType.bfloat16)
+    bits = np.empty(array.shape, np.uint16)
+    _bfloat16_into(bits, array)
+    return _host(bits).view(DType.bfloat16)
+
+
+def _bfloat16_into(out: np.ndarray, array: np.ndarray) -> None:
+    """``out[...] = _bfloat16_bits(array)``, a block of ~1M values at a time: the rounding's
+    temporaries stay a few MB instead of three copies of the largest array (a large model's
+    token table: +760 MiB at the peak of a bfloat16 load)."""
+    rows = max(1, (1 << 20) // max(1, array[:1].size))
+    for i in range(0, len(array), rows):
+        out[i:i + rows] = _bfloat16_bits(array[i:i + rows])
 
 
 KERNELS_DIR = Path(__file__).resolve().parent / "kernels"
@@ -3404,18 +3523,26 @@ class _DeviceWeights:
     itself, so the checkpoint's arrays are replaced by views of it (``_share``) as each is
     placed, and the state's own array is freed before the next is made. ``take``: the state
     is this model's alone (``Model``'s ``take_weights``), so a Q4_0 model's float32 encoder op
-    takes the state's encoder matrices, rounded in place, instead of a copy of their values."""
+    takes the state's encoder matrices, rounded in place, instead of a copy of their values,
+    and a weight the device holds in a copy of its own (a bfloat16 or Q4_0 matrix, anything on
+    a GPU) leaves the state as it is placed, its memory handed back (``_copied``; ``released``
+    counts the bytes)."""
 
     def __init__(self, weights: Weights, precision: Precision, device, run, take: bool = False):
         from max.driver import CPU
         from max.dtype import DType
-        self.precision, self.device, self._run = precision, device, run
+        self.precision, self.device, self._run, self._take = precision, device, run, take
         self._aliases = isinstance(device, CPU)        # a host buffer on a CPU device is not copied
         spec = weight_spec(weights.dims, quantized=precision.matrices in _Q4_TERMS)
+        self._gone: list[np.ndarray] = []
+        self._kept: set[str] = set()                   # state entries that are device buffers' views
+        self._uses = collections.Counter(n for p in spec for n in (p.parts or (p.name,)) if n)
         encoder = [p for p in spec if p.graph == "encoder"]
         if precision.encoder_op and precision.encoder:     # whisper_encoder_bf16: vectors, matrices' pairs
+            matrices = [p for p in encoder if p.low_precision]
             self.encoder = [_host(self._end_to_end(weights, [p for p in encoder if not p.low_precision])[0]),
-                            _host(self._pairs(weights, [p for p in encoder if p.low_precision])).view(DType.bfloat16)]
+                            _host(self._pairs(weights, matrices)).view(DType.bfloat16)]
+            self._copied(weights, matrices)
         elif precision.encoder_op and precision.dtype in _Q4_TERMS and take:     # the op runs on a CPU only
             rounded = [p for p in encoder if p.low_precision]
             for p in rounded:                          # the state's own matrices become the Q4_0 values
@@ -3442,8 +3569,10 @@ class _DeviceWeights:
             for p in encoder:
                 if precision.encoder in _Q4_TERMS and p.low_precision:
                     self.encoder.append(self._quantized(weights.state[p.name]))
+                    self._copied(weights, [p])
                 elif precision.encoder and p.low_precision:                  # bfloat16, a copy
                     self.encoder.append(_bfloat16(graph_weights(weights, [p])[0]).to(device))
+                    self._copied(weights, [p])
                 else:
                     array = graph_weights(weights, [p])[0]
                     self.encoder.append(self._put(array))
@@ -3458,13 +3587,18 @@ class _DeviceWeights:
                 array = graph_weights(weights, [p])[0]
                 self.decoder.append(self._place(p, array))
                 self._share(weights, p, array)
+        self.released = _release(self._gone)            # the pages that two neighbours shared
+        self._gone = []
 
     def _share(self, weights: Weights, p: Param, placed: np.ndarray) -> None:
         """Point the state's entries for ``p`` at ``placed``, its float32 graph-layout copy
-        that the device now holds (a fused input's parts at their rows). A decoder matrix of a
-        bfloat16 or Q4_0 model is placed as a copy of its own, so its state stays."""
+        that the device now holds (a fused input's parts at their rows). Where the device holds
+        a copy of its own (a GPU's memory; a decoder matrix of a bfloat16 or Q4_0 model), the
+        state's entries are ``_copied``."""
         if not self._aliases or (p.graph == "decoder" and p.low_precision and self.precision.matrices):
+            self._copied(weights, [p])
             return
+        self._kept.update(n for n in (p.parts or (p.name,)) if n)
         if p.parts:
             rows = placed.shape[0] // len(p.parts)
             for i, part in enumerate(p.parts):
@@ -3472,6 +3606,23 @@ class _DeviceWeights:
                     weights.state[part] = placed[i * rows:(i + 1) * rows]
         else:
             weights.state[p.name] = placed if p.layout is None else placed.transpose(np.argsort(p.layout))
+
+    def _copied(self, weights: Weights, params: list[Param]) -> None:
+        """The device holds its own copy of ``params``: where the state is this model's
+        (``take``), their entries go and their memory goes back to the system as they are
+        placed, so a bfloat16 large-v3 is not held beside its float32 self, nor a GPU model's
+        weights on the host. An entry another input still reads (a Q4_0 model's token table,
+        also its logits matrix) or that a device buffer is (``_share``) stays."""
+        if not self._take:
+            return
+        if not self._aliases:
+            self.device.synchronize()                  # the copies have read the host arrays
+        names = [n for p in params for n in (p.parts or (p.name,)) if n]
+        self._uses.subtract(names)
+        gone = [weights.state.pop(n) for n in names
+                if n in weights.state and self._uses[n] <= 0 and n not in self._kept]
+        _release(gone)
+        self._gone += gone
 
     def _put(self, array: np.ndarray):
         return _host(array).to(self.device)
@@ -3502,7 +3653,10 @@ class _DeviceWeights:
         parts, at = [], 0
         for p, a in zip(params, arrays):
             part = flat[at:at + a.size].reshape(a.shape)
-            part[...] = _bfloat16_bits(a) if bf16 else a
+            if bf16:
+                _bfloat16_into(part, a)
+            else:
+                part[...] = a
             self._share(weights, p, part)
             parts.append(part)
             at += a.size
@@ -3560,8 +3714,11 @@ class Model:
     ``take_weights=True`` (``load`` passes it, its ``Weights`` being no one else's) lets the
     model take over the arrays of ``weights.state`` where that saves a copy: a Q4_0 model whose
     encoder is the float32 op (``Precision``) rounds the state's encoder matrices to their
-    Q4_0 values in place and removes them from the state (2.3 GiB less for large-v3-turbo).
-    Such ``Weights`` build no other model: read the checkpoint again (``load_weights``).
+    Q4_0 values in place (2.3 GiB less for large-v3-turbo), and a weight the device holds in
+    a copy of its own (a bfloat16 or Q4_0 matrix; every weight on a GPU) has its float32
+    memory handed back to the system (large-v3's decoder matrices and token table: 3.6 GB).
+    Both leave the state. Such ``Weights`` build no other model: read the checkpoint again
+    (``load_weights``).
     """
 
     def __init__(self, weights: Weights, device: str = "auto", config: Config | None = None,

@@ -238,6 +238,20 @@ def model(name):
         raise unittest.SkipTest(str(e))
 
 
+def weights(name):
+    """``model(name)``'s checkpoint, whole, to build other models from: the model's own state
+    on a CPU, where a float32 model keeps it as views of its device buffers; read again where
+    the model took it over (a GPU model keeps no weights on the host)."""
+    m = model(name)
+    whole = all(p.name in m.weights.state for p in mw.weight_spec(m.dims) if not p.parts)
+    return m.weights if whole else _read_weights(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _read_weights(name):
+    return mw.load_weights(name)
+
+
 @functools.lru_cache(maxsize=None)
 def reference(name):
     """openai-whisper's own ``Whisper`` module with the same weights and alignment heads, fp32."""
@@ -245,7 +259,7 @@ def reference(name):
     from whisper.model import ModelDimensions, Whisper
     m = model(name)
     ref = Whisper(ModelDimensions(**m.dims))
-    ref.load_state_dict(m.weights.torch_state_dict())
+    ref.load_state_dict(weights(name).torch_state_dict())
     heads = torch.zeros(m.dims["n_text_layer"], m.dims["n_text_head"], dtype=torch.bool)
     for layer, head in m.alignment_heads:
         heads[layer, head] = True

@@ -6,6 +6,7 @@ whatever the values, so no download is needed).
 memory and 20 minutes here); docs/PERFORMANCE.md has its last result.
 """
 
+import mmap
 import os
 import shutil
 import struct
@@ -69,7 +70,22 @@ class FormatsTest(unittest.TestCase):
             np.testing.assert_array_equal(got, v, err_msg=k)
 
     def test_openai_pt(self):
-        self.assertSameWeights(mw.load_weights(support.save_pt(self.model, self.dir / "model.pt")))
+        path = support.save_pt(self.model, self.dir / "model.pt")
+        self.assertSameWeights(mw.load_weights(path))
+        table = mw._mapped_pt(path)["model_state_dict"]["decoder.token_embedding.weight"]
+        while isinstance(table, np.ndarray):                 # read from the file's pages, not torch.load
+            table = table.base
+        self.assertIsInstance(table.obj, mmap.mmap)
+
+    def test_openai_pt_in_torchs_legacy_format(self):
+        """A file this module's reader does not take is torch.load's: the same weights."""
+        import dataclasses as dc
+        import torch
+        path = self.dir / "legacy.pt"
+        torch.save({"dims": dc.asdict(self.model.dims), "model_state_dict": self.model.state_dict()}, path,
+                   _use_new_zipfile_serialization=False)
+        self.assertIsNone(mw._mapped_pt(path))
+        self.assertSameWeights(mw.load_weights(path))
 
     def test_openai_pt_half(self):
         import copy
@@ -260,6 +276,32 @@ class LoadingMemoryTest(unittest.TestCase):
                 roots = {id(r): r for r in (a.base if a.base is not None else a for a in m.weights.state.values())}
                 weights = sum(a.nbytes for a in fresh.state.values())
                 self.assertLess(sum(r.nbytes for r in roots.values()), 1.01 * weights)
+
+
+    @unittest.skipUnless(support.DEVICE == "gpu", "a GPU model's host memory (MW_TEST_DEVICE=gpu)")
+    def test_a_gpu_model_keeps_no_weights_on_the_host(self):
+        """The device holds its own copy of every weight, so load()'s model hands the host's back."""
+        fresh = mw.load_weights("tiny.en")
+        m = mw.load("tiny.en", device="gpu", warmup=False)
+        self.assertFalse({p.name for p in mw.weight_spec(m.dims)} & set(m.weights.state))
+        self.assertGreater(m.device_weights.released, 0.99 * sum(a.nbytes for a in fresh.state.values()))
+
+
+class ReleaseTest(unittest.TestCase):
+    """_release hands back the pages wholly inside the arrays it is given, in a mapping only."""
+
+    def test_pages_inside_the_arrays_go_back(self):
+        page = mmap.PAGESIZE // 4                         # floats a page
+        buffer = mw._mapped_floats(10 * page)
+        buffer[...] = 1
+        kept, gone, neighbour = buffer[:page + 5], buffer[page + 5:6 * page + 7], buffer[6 * page + 7:]
+        self.assertEqual(mw._release([gone.reshape(-1, 1).T]), 4 * mmap.PAGESIZE)  # pages 2-5
+        self.assertEqual(buffer[2 * page:6 * page].max(), 0)     # read back as zeros: not held
+        self.assertTrue((kept == 1).all() and (neighbour == 1).all())
+        self.assertEqual((gone == 1).sum(), page - 5 + 7)          # the pages it shares
+        self.assertEqual(mw._release([gone, neighbour]), 8 * mmap.PAGESIZE)     # with its neighbour: to the end
+        self.assertTrue((kept == 1).all())
+        self.assertEqual(mw._release([np.ones(10 * page, np.float32)]), 0)    # not a mapping
 
 
 class RandomWeightParityTest(unittest.TestCase):

@@ -47,9 +47,8 @@ class ConfigTest(unittest.TestCase):
             mw.Config.resolve(self.dir / "absent.cfg", env={})
 
     def test_model_takes_transcribe_defaults_from_config(self):
-        base = support.model("tiny.en")
         cfg = mw.Config.resolve(env={"MAXWHISPER_MAX_AUDIO_SECONDS": "0.5"})
-        m = mw.Model(base.weights, device="cpu", config=cfg)
+        m = mw.Model(support.weights("tiny.en"), device="cpu", config=cfg)
         wav, _ = support.samples("en")[0]
         with self.assertRaises(mw.CapacityError):
             m.transcribe(wav)

@@ -62,7 +62,7 @@ class GraphTest(unittest.TestCase):
         encoder and step ops, and MAX ops (kernels off)."""
         import torch
         import torch.nn.functional as F
-        off = mw.Model(self.model.weights, device=support.DEVICE, kernels="off")
+        off = mw.Model(support.weights("tiny.en"), device=support.DEVICE, kernels="off")
         tok, enc = self.model.tokenizer(), self.ref.encoder
         tokens = list(tok.sot_sequence_including_notimestamps) + tok.encode(" And so my fellow Americans")
         for frames in (1000, 2000):
@@ -241,7 +241,7 @@ class ColdStartTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.weights = support.model("tiny.en").weights
+        cls.weights = support.weights("tiny.en")
 
     def test_a_cpu_model_compiles_two_graphs_of_one_op_each(self):
         """The encoder and the decoder (prefill and steps) are one Mojo op each on a CPU with

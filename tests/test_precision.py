@@ -73,6 +73,24 @@ class BFloat16Test(unittest.TestCase):
         self.assertEqual(kinds["decoder.blocks.0.mlp.0.weight"], DType.bfloat16)
         self.assertEqual(kinds["decoder.blocks.0.mlp_ln.weight"], DType.float32)
 
+    def test_a_model_load_makes_hands_back_the_float32_matrices(self):
+        """load()'s Weights are its model's alone, so a bfloat16 model keeps its decoder's
+        matrices and token table in bfloat16 only: their float32 entries leave the state as
+        they are placed and their pages go back to the system, where a caller's Weights stay
+        whole; both models transcribe alike."""
+        taken = bf16("tiny.en")
+        copied = mw.Model(mw.load_weights("tiny.en"), device="cpu", dtype="bfloat16", warmup=False)
+        names = {n for p in mw.weight_spec(taken.dims) if p.graph == "decoder" and p.low_precision
+                 for n in (p.parts or (p.name,)) if n}
+        self.assertFalse(names & set(taken.weights.state))
+        self.assertLessEqual(names, set(copied.weights.state))
+        floats = sum(copied.weights.state[n].nbytes for n in names)
+        self.assertGreater(taken.device_weights.released, 0.99 * floats)
+        self.assertEqual(copied.device_weights.released, 0)
+        audio = mw.load_audio(support.samples("en")[0][0])
+        self.assertEqual(tokens(taken.transcribe(audio, temperature=0.0)),
+                         tokens(copied.transcribe(audio, temperature=0.0)))
+
     def test_rounding_is_torchs(self):
         """_bfloat16 rounds to nearest even, bit for bit as torch does (ties, extremes, zeros)."""
         import torch
@@ -195,7 +213,7 @@ class BFloat16Test(unittest.TestCase):
 
     def test_q4_dtypes_are_refused_on_a_gpu(self):
         """MAX's Q4_0 matmul is a CPU op: a GPU model says so instead of failing to compile."""
-        weights = support.model("tiny.en").weights
+        weights = support.weights("tiny.en")
         with mock.patch.object(mw, "_pick_device", return_value=object()):       # not a CPU
             for dtype in (mw.Q4_0, mw.Q4_0X2):
                 with self.subTest(dtype=dtype), self.assertRaisesRegex(mw.ConfigError, "CPU-only"):
@@ -313,7 +331,7 @@ class Q4_0EncoderTest(unittest.TestCase):
         replaced by their Q4_0 values: the same weights whichever encoder a CPU runs."""
         import dataclasses
         mel = np.random.default_rng(4).uniform(-1, 1, (1, 80, 1000)).astype(np.float32)
-        weights = support.model("tiny.en").weights
+        weights = support.weights("tiny.en")
         for dtype in (mw.Q4_0, mw.Q4_0X2):
             with mock.patch.object(mw, "_bf16_products", return_value=False):
                 m = mw.Model(weights, device="cpu", dtype=dtype, warmup=False)
@@ -343,6 +361,7 @@ class Q4_0EncoderTest(unittest.TestCase):
         names = {p.name for p in mw.weight_spec(taken.dims) if p.graph == "encoder" and p.low_precision}
         self.assertFalse(names & set(taken.weights.state))
         self.assertLessEqual(names, set(copied.weights.state))          # a caller's Weights stay whole
+        self.assertNotIn("decoder.token_embedding.weight", taken.weights.state)   # bfloat16 table, Q4_0 logits
 
         def span(a):
             while isinstance(a.base, np.ndarray):
@@ -350,7 +369,7 @@ class Q4_0EncoderTest(unittest.TestCase):
             start = a.__array_interface__["data"][0]
             return start, start + a.nbytes
         for model, inside in ((taken, True), (copied, False)):
-            start, end = span(model.weights.state["decoder.token_embedding.weight"])
+            start, end = span(model.weights.state["decoder.positional_embedding"])
             op = model.device_weights.encoder[0].to_numpy().__array_interface__["data"][0]
             self.assertEqual(start <= op < end, inside)
         with self.assertRaisesRegex(mw.ModelError, "take_weights"):

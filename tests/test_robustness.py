@@ -126,7 +126,7 @@ class RecoveryAndThreadsTest(unittest.TestCase):
         cls.expected = {c: cls.model.transcribe(c)["text"] for c in cls.clips}
 
     def test_failed_compile_then_recovery(self):
-        m = mw.Model(self.model.weights, device="cpu", warmup=False)
+        m = mw.Model(support.weights("tiny.en"), device="cpu", warmup=False)
         real_load, calls = m.runner.store.load, []
 
         def flaky_load(session, name, build):
