@@ -277,7 +277,6 @@ class LoadingMemoryTest(unittest.TestCase):
                 weights = sum(a.nbytes for a in fresh.state.values())
                 self.assertLess(sum(r.nbytes for r in roots.values()), 1.01 * weights)
 
-
     @unittest.skipUnless(support.DEVICE == "gpu", "a GPU model's host memory (MW_TEST_DEVICE=gpu)")
     def test_a_gpu_model_keeps_no_weights_on_the_host(self):
         """The device holds its own copy of every weight, so load()'s model hands the host's back."""
