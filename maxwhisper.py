@@ -3503,10 +3503,27 @@ class _GraphRunner:
                 graph.release_captured_graph(key)
 
 
+_Q4_ROWS = 256     # rows quantized at a time: the quantizer's temporaries stay a few MB
+
+
+def _q4_0_blocks(w: np.ndarray, terms: int) -> np.ndarray:
+    """``quantize_q4_0(w, terms)``, ``_Q4_ROWS`` rows at a time (a whole large token table's
+    temporaries were ~1 GB at a load's peak); rows are quantized apart, so the blocks are the
+    same, each term's rows gathered after the other's."""
+    parts = [np.split(quantize_q4_0(w[i:i + _Q4_ROWS], terms), terms) for i in range(0, len(w), _Q4_ROWS)]
+    return np.concatenate([p[k] for k in range(terms) for p in parts])
+
+
 def _q4_0_values(w: np.ndarray, terms: int) -> np.ndarray:
     """The float32 matrix that ``quantize_q4_0(w, terms)``'s blocks stand for: each term's
-    (q - 8) d, summed. A Q4_0 model whose encoder runs in float32 (``Precision``) multiplies
-    by these, so its encoder has the same weights on every CPU."""
+    (q - 8) d, summed, ``_Q4_ROWS`` rows at a time. A Q4_0 model whose encoder runs in
+    float32 (``Precision``) multiplies by these, so its encoder has the same weights on every
+    CPU."""
+    if len(w) > _Q4_ROWS:
+        out = np.empty(w.shape, np.float32)
+        for i in range(0, len(w), _Q4_ROWS):
+            out[i:i + _Q4_ROWS] = _q4_0_values(w[i:i + _Q4_ROWS], terms)
+        return out
     rows, cols = w.shape
     blocks = quantize_q4_0(w, terms).reshape(terms, -1, cols // 32, 18)[:, :rows]
     d = blocks[..., :2].copy().view(np.float16).astype(np.float32)          # [terms, rows, cols / 32, 1]
@@ -3629,7 +3646,7 @@ class _DeviceWeights:
 
     def _quantized(self, matrix: np.ndarray):
         """A float matrix [out, in] as repacked Q4_0 blocks (``quantize_q4_0``) on the device."""
-        return self._run("repack", self._put(quantize_q4_0(matrix, self.precision.terms)))[0]
+        return self._run("repack", self._put(_q4_0_blocks(matrix, self.precision.terms)))[0]
 
     def _place(self, p: Param, array: np.ndarray):
         kind = self.precision.matrices if p.low_precision else None

@@ -325,6 +325,17 @@ class Q4_0EncoderTest(unittest.TestCase):
             with self.subTest(terms=terms):
                 np.testing.assert_allclose(mw._q4_0_values(w, terms), want, rtol=1e-6, atol=1e-7)
 
+    def test_a_block_of_rows_at_a_time(self):
+        """Quantized _Q4_ROWS rows at a time, a matrix has the blocks and values of a whole one."""
+        w = np.random.default_rng(6).standard_normal((2 * mw._Q4_ROWS + 70, 64)).astype(np.float32)
+        for terms in (1, 2):
+            whole = mw.quantize_q4_0(w, terms)
+            with self.subTest(terms=terms), mock.patch.object(mw, "_Q4_ROWS", 10 ** 6):
+                values = mw._q4_0_values(w, terms)
+            with self.subTest(terms=terms):
+                np.testing.assert_array_equal(mw._q4_0_blocks(w, terms), whole)
+                np.testing.assert_array_equal(mw._q4_0_values(w, terms), values)
+
     @unittest.skipUnless((mw.KERNELS_DIR / "encoder.mojo").is_file(), "no kernels/ folder")
     def test_the_float32_op_takes_the_q4_0_values(self):
         """Its encoder output is, bit for bit, a float32 model's whose encoder matrices were
