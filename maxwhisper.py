@@ -1059,27 +1059,55 @@ def _bf16_products() -> bool:
 
 # -- checkpoint loaders (the graph digest stops here) --------------------------------------
 # One reader per format, each returning a ``Weights`` with openai-whisper's names in float32.
-# Readers take a tensor at a time from the file (a half-precision source is widened tensor by
-# tensor), so loading holds one float32 copy of the weights plus the largest tensor, never
-# the file and the weights both.
+# Readers map the file and take its tensors as views of it (``_MappedFile``, ``_mapped_pt``):
+# ``_in_graph_order`` copies each into the model's buffer, widening half precision there, and
+# hands the file's pages back, so a load holds one float32 copy of the weights, never the file
+# and the weights both.
 
-def _read_exact(f, n: int, path: Path) -> bytearray:
-    """The next ``n`` bytes of ``f``; a size past the end of the file (a truncated or corrupt
-    one) raises ``ModelError`` before anything is allocated."""
-    if not 0 <= n <= os.fstat(f.fileno()).st_size - f.tell():
-        raise ModelError(f"{path}: the file ends early; it is truncated or corrupt, download or convert it again")
-    buf = bytearray(n)
-    f.readinto(buf)
-    return buf
+class _MappedFile:
+    """A checkpoint file mapped read-only, read front to back from ``at``. Its tensors are
+    numpy views of the file's pages: nothing is read up front or copied into fresh memory
+    (filling fresh pages is most of a large model's load time). A read past the end, of a
+    truncated or corrupt file, raises ``ModelError`` naming the file, and allocates nothing."""
 
+    def __init__(self, path: Path):
+        self.path, self.at = path, 0
+        try:
+            with open(path, "rb") as f:
+                self.view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise ModelError(f"{path}: cannot read ({e.strerror})") from None
+        except ValueError:                                 # mmap's "cannot mmap an empty file"
+            raise ModelError(f"{path}: the file is empty; download or convert it again") from None
 
-def _widen(buf, dtype, shape) -> np.ndarray:
-    """A float32 array from raw little-endian bytes of ``dtype`` (``"bfloat16"``: the top half
-    of float32) — without a copy when they are float32 already."""
-    if dtype == "bfloat16":
-        return (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-    a = np.frombuffer(buf, dtype).reshape(shape)
-    return a if a.dtype == np.float32 else a.astype(np.float32)
+    def _span(self, start: int, n: int) -> int:
+        if not (0 <= start and 0 <= n <= len(self.view) - start):
+            raise ModelError(f"{self.path}: the file ends early; it is truncated or corrupt, "
+                             "download or convert it again")
+        return start + n
+
+    def bytes(self, n: int) -> bytes:
+        start, self.at = self.at, self._span(self.at, n)
+        return self.view[start:self.at]
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.bytes(struct.calcsize(fmt)))
+
+    def skip(self, n: int) -> None:
+        self.at = self._span(self.at, n)
+
+    def array(self, dtype, shape: Sequence[int], start: int | None = None) -> np.ndarray:
+        """The little-endian tensor of ``dtype`` and ``shape`` at byte ``start`` (default: the
+        next, moving ``at`` past it): a view of the file, float32 only for ``"bfloat16"``
+        (the top half of float32), which is widened into new memory."""
+        stored = np.dtype(np.uint16 if dtype == "bfloat16" else dtype)
+        count = math.prod(shape)
+        begin = self.at if start is None else start
+        end = self._span(begin, count * stored.itemsize)
+        if start is None:
+            self.at = end
+        a = np.frombuffer(self.view, stored, count, begin).reshape(shape)
+        return (a.astype(np.uint32) << 16).view(np.float32) if dtype == "bfloat16" else a
 
 
 def _dims_from_state(state: dict, source, heads: tuple[int, int] | None = None) -> dict:
@@ -1101,19 +1129,20 @@ def _dims_from_state(state: dict, source, heads: tuple[int, int] | None = None) 
         raise ModelError(f"{source}: checkpoint lacks parameter {e.args[0]}") from None
 
 
-def _checked(state: dict, dims: dict, source, heads=None) -> Weights:
+def _checked(state: dict, dims: dict, source, heads=None, scales: dict | None = None) -> Weights:
     """The loaders' common end: every parameter present and shaped for ``dims``, 64-wide
-    attention heads (the cache layout and the kernels assume them)."""
+    attention heads (the cache layout and the kernels assume them). ``scales``: the integer
+    parameters' dequantization (``_in_graph_order``)."""
     for side in ("audio", "text"):
         if dims[f"n_{side}_head"] * 64 != dims[f"n_{side}_state"]:
             raise ModelError(f"{source}: {dims[f'n_{side}_head']} heads of width "
                              f"{dims[f'n_{side}_state']}; maxwhisper runs Whisper's 64-wide heads only")
     _check_state(state, dims, source)
-    return Weights(dims=dims, state=_in_graph_order(state, dims), source=str(source),
+    return Weights(dims=dims, state=_in_graph_order(state, dims, scales or {}), source=str(source),
                    alignment_heads=[tuple(h) for h in heads] if heads else None)
 
 
-def _in_graph_order(state: dict, dims: dict) -> dict:
+def _in_graph_order(state: dict, dims: dict, scales: dict) -> dict:
     """Move every parameter of ``state`` into one new float32 buffer, in the order the graphs
     take them: the encoder's inputs, then the decoder's float32 kinds, then its
     ``low_precision`` ones (``weight_spec``, grouped as ``_DeviceWeights._pack`` groups them),
@@ -1124,7 +1153,9 @@ def _in_graph_order(state: dict, dims: dict) -> dict:
     and what the loader still holds. A parameter a graph takes transposed is stored
     transposed (``_stored_layouts``) and its entry is a view in the checkpoint's layout, so
     ``graph_weights`` hands the graphs views, not copies: a copy of those parameters would
-    be held beside this buffer, which the other parameters' views keep alive."""
+    be held beside this buffer, which the other parameters' views keep alive. An integer
+    parameter of a quantized checkpoint becomes ``value / scales[name]`` there (a scale per
+    row, CTranslate2's int8, or one for the whole matrix, its int16)."""
     names, layouts = _graph_order(state, dims), _stored_layouts(dims)
     buffer = _mapped_floats(sum(state[n].size for n in names))
     at = 0
@@ -1132,12 +1163,21 @@ def _in_graph_order(state: dict, dims: dict) -> dict:
         source = state[n].transpose(layouts[n]) if n in layouts else state[n]
         part = buffer[at:at + source.size].reshape(source.shape)
         part[...] = source
-        _release([state[n]])                             # a mapped file's pages (``_mapped_pt``)
+        _release([state[n]])                             # a mapped file's pages (``_MappedFile``)
         state[n] = part.transpose(np.argsort(layouts[n])) if n in layouts else part
+        _dequantize(state[n], scales.get(n))
         at += part.size
-    for n in state.keys() - set(names):                  # none the graphs take: float32 too
-        state[n] = state[n].astype(np.float32, copy=False)
+    for n in state.keys() - set(names):                  # none the graphs take: float32 too, and
+        state[n] = _dequantize(np.array(state[n], np.float32), scales.get(n))      # not the file's
     return state
+
+
+def _dequantize(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    """``values`` (float32, in the checkpoint's layout) divided in place by ``scale``: one
+    per row (first axis) or one for all, CTranslate2's rule for its integer weights."""
+    if scale is not None:
+        values /= scale.reshape(scale.shape + (1,) * (values.ndim - scale.ndim))
+    return values
 
 
 def _mapped_floats(n: int) -> np.ndarray:
@@ -1222,58 +1262,65 @@ _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float1
 
 def _read_ct2_model_bin(path: Path) -> dict:
     """Parse a CTranslate2 ``model.bin`` (format version 5 or 6) into {name: numpy array},
-    float16 as stored (``_in_graph_order`` widens it), bfloat16 widened to float32."""
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read the CTranslate2 model ({e.strerror})") from None
-
-    def take(fmt):
-        return struct.unpack(fmt, _read_exact(f, struct.calcsize(fmt), path))
+    views of the file as stored (``_in_graph_order`` widens float16 and dequantizes integers)
+    but bfloat16, widened to float32."""
+    f = _MappedFile(path)
 
     def string():
-        (n,) = take("<H")
-        return bytes(_read_exact(f, n, path)).rstrip(b"\0").decode()
+        (n,) = f.unpack("<H")
+        return f.bytes(n).rstrip(b"\0").decode()
 
-    with f:
-        try:
-            (version,) = take("<I")
-            if version < 5:
-                raise ModelError(f"{path}: CTranslate2 model format {version} is too old; "
-                                 "re-convert it with a current ct2-transformers-converter")
-            spec = string()
-            take("<I")                                     # spec revision
-            if spec != "WhisperSpec":
-                raise ModelError(f"{path}: holds a {spec!r} model, not a Whisper one")
-            (count,) = take("<I")
-            out = {}
-            for _ in range(count):
-                name = string()
-                (rank,) = take("<B")
-                shape = take(f"<{rank}I") if rank else ()
-                (code,) = take("<B")
-                (nbytes,) = take("<I")
-                if code not in _CT2_DTYPES:
-                    raise ModelError(f"{path}: variable {name} has unknown dtype code {code}")
-                dtype = _CT2_DTYPES[code]
-                raw = _read_exact(f, nbytes, path)
-                out[name] = (_widen(raw, dtype, shape) if dtype == "bfloat16"
-                             else np.frombuffer(raw, dtype).reshape(shape))
-            (n_alias,) = take("<I")
-            for _ in range(n_alias):
-                alias, target = string(), string()
-                out[alias] = out[target]
-        except (struct.error, ValueError, UnicodeDecodeError):
-            raise ModelError(f"{path}: corrupt CTranslate2 model file; download or convert it again") from None
+    try:
+        (version,) = f.unpack("<I")
+        if version < 5:
+            raise ModelError(f"{path}: CTranslate2 model format {version} is too old; "
+                             "re-convert it with a current ct2-transformers-converter")
+        spec = string()
+        f.unpack("<I")                                     # spec revision
+        if spec != "WhisperSpec":
+            raise ModelError(f"{path}: holds a {spec!r} model, not a Whisper one")
+        (count,) = f.unpack("<I")
+        out = {}
+        for _ in range(count):
+            name = string()
+            (rank,) = f.unpack("<B")
+            shape = f.unpack(f"<{rank}I") if rank else ()
+            code, nbytes = f.unpack("<BI")
+            if code not in _CT2_DTYPES:
+                raise ModelError(f"{path}: variable {name} has unknown dtype code {code}")
+            dtype = _CT2_DTYPES[code]
+            if nbytes != math.prod(shape) * (2 if dtype == "bfloat16" else np.dtype(dtype).itemsize):
+                raise ValueError(name)
+            out[name] = f.array(dtype, shape)
+        (n_alias,) = f.unpack("<I")
+        for _ in range(n_alias):
+            alias, target = string(), string()
+            out[alias] = out[target]
+    except (struct.error, ValueError, KeyError, UnicodeDecodeError):
+        raise ModelError(f"{path}: corrupt CTranslate2 model file; download or convert it again") from None
     return out
 
 
-def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict]:
-    """Rename and split CTranslate2 Whisper variables into openai-whisper's state dict."""
+def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict, dict]:
+    """Rename and split CTranslate2 Whisper variables into openai-whisper's state dict; with
+    the dims, the scales of the weights a quantized model (``--quantization int8``, ``int16``
+    and their ``_float16`` kinds) keeps as integers: value = integer / scale."""
     state: dict = {}
+    scales: dict = {}
+
+    def weight(dst, src, rows=slice(None)):
+        w = v[f"{src}/weight"]
+        scale = v.get(f"{src}/weight_scale")
+        if scale is not None:
+            scales[dst] = scale[rows] if scale.ndim else scale
+        elif w.dtype.kind != "f" or f"{src}/weight_zero" in v:
+            raise ModelError(f"{path}: variable {src}/weight is {w.dtype} without the scale maxwhisper reads "
+                             "(an AWQ or other 4-bit conversion); convert the model with --quantization "
+                             "float16, int8 or float32")
+        state[dst] = w[rows]
 
     def linear(dst, src, has_bias=True):
-        state[f"{dst}.weight"] = v[f"{src}/weight"]
+        weight(f"{dst}.weight", src)
         if has_bias:
             state[f"{dst}.bias"] = v[f"{src}/bias"]
 
@@ -1281,12 +1328,11 @@ def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict]:
         state[f"{dst}.weight"], state[f"{dst}.bias"] = v[f"{src}/gamma"], v[f"{src}/beta"]
 
     def split(dst_names, src):
-        w, b = v[f"{src}/weight"], v[f"{src}/bias"]
-        d = w.shape[1]
+        d = v[f"{src}/weight"].shape[1]
         for i, dst in enumerate(dst_names):
-            state[f"{dst}.weight"] = w[i * d:(i + 1) * d]
+            weight(f"{dst}.weight", src, slice(i * d, (i + 1) * d))
             if not dst.endswith(".key"):
-                state[f"{dst}.bias"] = b[i * d:(i + 1) * d]
+                state[f"{dst}.bias"] = v[f"{src}/bias"][i * d:(i + 1) * d]
 
     try:
         for side in ("encoder", "decoder"):
@@ -1308,14 +1354,14 @@ def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict]:
         linear("encoder.conv2", "encoder/conv2")
         state["encoder.positional_embedding"] = v["encoder/position_encodings/encodings"]
         norm("encoder.ln_post", "encoder/layer_norm")
-        state["decoder.token_embedding.weight"] = v["decoder/embeddings/weight"]
+        weight("decoder.token_embedding.weight", "decoder/embeddings")
         state["decoder.positional_embedding"] = v["decoder/position_encodings/encodings"]
         norm("decoder.ln", "decoder/layer_norm")
     except KeyError as e:
         raise ModelError(f"{path}: CTranslate2 Whisper model lacks variable {e.args[0]}") from None
     heads = tuple(int(np.asarray(v[f"{s}/num_heads"]).reshape(-1)[0]) if f"{s}/num_heads" in v else None
                   for s in ("encoder", "decoder"))
-    return state, _dims_from_state(state, path, None if None in heads else heads)
+    return state, _dims_from_state(state, path, None if None in heads else heads), scales
 
 
 def _load_ct2_dir(path: Path) -> Weights:
@@ -1324,8 +1370,8 @@ def _load_ct2_dir(path: Path) -> Weights:
     if not bin_path.exists():
         raise ModelError(f"{path}: no model.bin in this folder; a CTranslate2 Whisper folder "
                          "holds model.bin, config.json and tokenizer.json")
-    state, dims = _ct2_to_openai(_read_ct2_model_bin(bin_path), bin_path)
-    return _checked(state, dims, path, _json_file(path / "config.json").get("alignment_heads"))
+    state, dims, scales = _ct2_to_openai(_read_ct2_model_bin(bin_path), bin_path)
+    return _checked(state, dims, path, _json_file(path / "config.json").get("alignment_heads"), scales)
 
 
 def _json_file(path: Path) -> dict:
@@ -1485,32 +1531,29 @@ def _hf_name(name: str) -> str | None:
 
 
 def _read_safetensors(path: Path, into: dict) -> None:
-    """Add a ``.safetensors`` file's tensors to ``into`` under openai-whisper's names, float32."""
+    """Add a ``.safetensors`` file's tensors to ``into`` under openai-whisper's names: views of
+    the file, float32 or float16 as stored, bfloat16 widened to float32."""
+    f = _MappedFile(path)
     try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        try:
-            (n,) = struct.unpack("<Q", _read_exact(f, 8, path))
-            if n > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(bytes(_read_exact(f, n, path)))
-            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                             key=lambda kv: kv[1]["data_offsets"][0])
-            for key, info in entries:
-                name = _hf_name(key)
-                if name is None:
-                    continue
-                dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ModelError(f"{path}: tensor {key} is {info['dtype']}; maxwhisper reads "
-                                     "F32, F16 and BF16 safetensors")
-                start, end = info["data_offsets"]
-                f.seek(8 + n + start)
-                into[name] = _widen(_read_exact(f, end - start, path), dtype, tuple(info["shape"]))
-        except (struct.error, ValueError, KeyError, TypeError):
-            raise ModelError(f"{path}: corrupt safetensors file; download it again") from None
+        (n,) = f.unpack("<Q")
+        if n > 100_000_000:
+            raise ValueError("header too large")
+        header = json.loads(f.bytes(n))
+        for key, info in header.items():
+            name = _hf_name(key)
+            if key == "__metadata__" or name is None:
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ModelError(f"{path}: tensor {key} is {info['dtype']}; maxwhisper reads "
+                                 "F32, F16 and BF16 safetensors")
+            start, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if end - start != math.prod(shape) * (2 if dtype == "bfloat16" else np.dtype(dtype).itemsize):
+                raise ValueError(key)
+            into[name] = f.array(dtype, shape, 8 + n + start)
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"{path}: corrupt safetensors file; download it again") from None
 
 
 def _load_hf_dir(path: Path) -> Weights:
@@ -1532,11 +1575,13 @@ def _load_hf_dir(path: Path) -> Weights:
                 raise ModelError(f"{path / shard}: shard listed in {index.name} is missing; download it")
             _read_safetensors(path / shard, state)
     elif (path / "pytorch_model.bin").exists():
-        import torch
-        try:
-            tensors = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises many types for a bad file
-            raise ModelError(f"{path / 'pytorch_model.bin'}: not loadable ({type(e).__name__}: {e})") from None
+        tensors = _mapped_pt(path / "pytorch_model.bin")
+        if not isinstance(tensors, dict):
+            import torch
+            try:
+                tensors = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            except Exception as e:  # torch raises many types for a bad file
+                raise ModelError(f"{path / 'pytorch_model.bin'}: not loadable ({type(e).__name__}: {e})") from None
         renamed = {_hf_name(k): tensors.pop(k) for k in list(tensors)}
         state = _torch_state(renamed, skip=lambda k: k is None)
     else:
@@ -1564,42 +1609,42 @@ def _load_ggml(path: Path) -> Weights:
     types are not read: ``ModelError`` names the type)."""
     fields = ("n_vocab", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
               "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer", "n_mels")
-    with open(path, "rb") as f:
-        def ints(n):
-            return struct.unpack(f"<{n}i", _read_exact(f, 4 * n, path))
+    f = _MappedFile(path)
 
-        magic, *hparams, _ftype = ints(12)
-        if magic != _GGML_MAGIC:
-            raise ModelError(f"{path}: not a whisper.cpp ggml file (magic {magic:#x})")
-        dims = dict(zip(fields, hparams))
-        def skip(count: int, size: int, limit: int):
-            if not 0 <= count * size <= limit:
-                raise ModelError(f"{path}: corrupt ggml header; download or convert the file again")
-            f.seek(count * size, os.SEEK_CUR)
+    def ints(n):
+        return f.unpack(f"<{n}i")
 
-        skip(math.prod(ints(2)), 4, 1 << 24)                 # the mel filters: maxwhisper has its own
-        (n_tokens,) = ints(1)
-        for _ in range(max(0, min(n_tokens, 1 << 20))):      # the vocabulary: openai-whisper's is used
-            skip(ints(1)[0], 1, 1 << 16)
-        shapes = checkpoint_shapes(dims)
-        state = {}
-        while header := f.read(12):
-            n_dims, name_len, ttype = struct.unpack("<3i", header.ljust(12, b"\0"))
-            if not 0 < n_dims <= 4 or not 0 < name_len < 1024:
-                raise ModelError(f"{path}: corrupt tensor header; download or convert the file again")
-            ne = ints(n_dims)
-            key = bytes(_read_exact(f, name_len, path)).decode(errors="replace")
-            if ttype not in _GGML_TYPES:
-                kind = _GGML_QUANTIZED.get(ttype, f"type {ttype}")
-                raise ModelError(f"{path}: tensor {key} is ggml {kind}; maxwhisper reads ggml f32 and f16 "
-                                 "files only: use the f16 ggml-*.bin (or the .pt, Hugging Face or "
-                                 "CTranslate2 checkpoint) and maxwhisper's dtype='q4_0' to quantize")
-            dtype = _GGML_TYPES[ttype]
-            count = math.prod(ne)
-            shape = shapes.get(key, tuple(reversed(ne)))
-            if math.prod(shape) != count:
-                raise ModelError(f"{path}: tensor {key} has {count} values, expected {shape}")
-            state[key] = _widen(_read_exact(f, count * np.dtype(dtype).itemsize, path), dtype, shape)
+    def skip(count: int, size: int, limit: int):
+        if not 0 <= count * size <= limit:
+            raise ModelError(f"{path}: corrupt ggml header; download or convert the file again")
+        f.skip(count * size)
+
+    magic, *hparams, _ftype = ints(12)
+    if magic != _GGML_MAGIC:
+        raise ModelError(f"{path}: not a whisper.cpp ggml file (magic {magic:#x})")
+    dims = dict(zip(fields, hparams))
+    skip(math.prod(ints(2)), 4, 1 << 24)                     # the mel filters: maxwhisper has its own
+    (n_tokens,) = ints(1)
+    for _ in range(max(0, min(n_tokens, 1 << 20))):          # the vocabulary: openai-whisper's is used
+        skip(ints(1)[0], 1, 1 << 16)
+    shapes = checkpoint_shapes(dims)
+    state = {}
+    while f.at < len(f.view):
+        n_dims, name_len, ttype = ints(3)
+        if not 0 < n_dims <= 4 or not 0 < name_len < 1024:
+            raise ModelError(f"{path}: corrupt tensor header; download or convert the file again")
+        ne = ints(n_dims)
+        key = f.bytes(name_len).decode(errors="replace")
+        if ttype not in _GGML_TYPES:
+            kind = _GGML_QUANTIZED.get(ttype, f"type {ttype}")
+            raise ModelError(f"{path}: tensor {key} is ggml {kind}; maxwhisper reads ggml f32 and f16 "
+                             "files only: use the f16 ggml-*.bin (or the .pt, Hugging Face or "
+                             "CTranslate2 checkpoint) and maxwhisper's dtype='q4_0' to quantize")
+        count = math.prod(ne)
+        shape = shapes.get(key, tuple(reversed(ne)))
+        if math.prod(shape) != count or count < 0:
+            raise ModelError(f"{path}: tensor {key} has {count} values, expected {shape}")
+        state[key] = f.array(_GGML_TYPES[ttype], shape)
     return _checked(state, dims, path, _openai_alignment_heads(path.stem.removeprefix("ggml-"), dims))
 
 

@@ -72,10 +72,7 @@ class FormatsTest(unittest.TestCase):
     def test_openai_pt(self):
         path = support.save_pt(self.model, self.dir / "model.pt")
         self.assertSameWeights(mw.load_weights(path))
-        table = mw._mapped_pt(path)["model_state_dict"]["decoder.token_embedding.weight"]
-        while isinstance(table, np.ndarray):                 # read from the file's pages, not torch.load
-            table = table.base
-        self.assertIsInstance(table.obj, mmap.mmap)
+        self.assertMapped(mw._mapped_pt(path)["model_state_dict"]["decoder.token_embedding.weight"])
 
     def test_openai_pt_in_torchs_legacy_format(self):
         """A file this module's reader does not take is torch.load's: the same weights."""
@@ -96,9 +93,13 @@ class FormatsTest(unittest.TestCase):
 
     def test_hugging_face_safetensors(self):
         heads = [(0, 3), (0, 17)]
-        w = mw.load_weights(support.save_hf(self.hf, self.folder("hf"), alignment_heads=heads))
+        folder = support.save_hf(self.hf, self.folder("hf"), alignment_heads=heads)
+        w = mw.load_weights(folder)
         self.assertSameWeights(w)
         self.assertEqual([tuple(h) for h in w.alignment_heads], heads)     # generation_config.json's
+        state = {}
+        mw._read_safetensors(folder / "model.safetensors", state)
+        self.assertMapped(state["decoder.token_embedding.weight"])
 
     def test_hugging_face_sharded(self):
         folder = support.save_hf(self.hf, self.folder("sharded"), shard="100MB")
@@ -138,8 +139,40 @@ class FormatsTest(unittest.TestCase):
 
     def test_ctranslate2(self):
         self.assertSameWeights(mw.load_weights(support.save_ct2(self.hf, self.dir / "ct2")))
-        w = mw.load_weights(support.save_ct2(self.hf, self.dir / "ct2-f16", "float16"))
-        self.assertSameWeights(w, half=True)
+        folder = support.save_ct2(self.hf, self.dir / "ct2-f16", "float16")
+        self.assertSameWeights(mw.load_weights(folder), half=True)
+        self.assertMapped(mw._read_ct2_model_bin(folder / "model.bin")["decoder/embeddings/weight"])
+
+    def test_ctranslate2_quantized(self):
+        """A model converted with ``--quantization int8`` (a scale per row) or ``int16`` (one
+        per matrix) loads as integer / scale, within half a quantization step of its float
+        weights; an integer weight without a scale is refused."""
+        import copy
+        for quantization, levels in (("int8", 127), ("int8_float16", 127), ("int16", 1024)):
+            hf = copy.deepcopy(self.hf)          # the converter quantizes the model it is given in place
+            folder = support.save_ct2(hf, self.dir / f"ct2-{quantization}", quantization)
+            w = mw.load_weights(folder)
+            self.assertEqual(set(w.state), set(self.state))
+            for k, v in self.state.items():
+                with self.subTest(quantization, name=k):
+                    if v.ndim > 1 and "positional_embedding" not in k:
+                        rows = v.reshape(len(v), -1)
+                        amax = np.abs(rows).max(1) if levels == 127 else np.abs(rows).max()
+                        step = (amax / levels).reshape(-1, *[1] * (v.ndim - 1))
+                        self.assertTrue(np.all(np.abs(w.state[k] - v) <= 0.501 * step))
+                    elif not np.array_equal(w.state[k], v):  # float16 where the rest is float16
+                        np.testing.assert_array_equal(w.state[k], v.astype(np.float16).astype(np.float32))
+        variables = mw._read_ct2_model_bin(folder / "model.bin")
+        unscaled = {k: x for k, x in variables.items() if not k.endswith("weight_scale")}
+        with self.assertRaises(mw.ModelError) as ctx:
+            mw._ct2_to_openai(unscaled, folder / "model.bin")
+        self.assertIn("--quantization", str(ctx.exception))
+
+    def assertMapped(self, array):
+        """``array`` is a view of a file's pages, not a copy in fresh memory."""
+        while isinstance(array, np.ndarray):
+            array = array.base
+        self.assertIsInstance(getattr(array, "obj", array), mmap.mmap)
 
     def test_truncated_files_name_themselves(self):
         for path in (support.save_pt(self.model, self.dir / "cut.pt"),
