@@ -1129,20 +1129,19 @@ def _dims_from_state(state: dict, source, heads: tuple[int, int] | None = None) 
         raise ModelError(f"{source}: checkpoint lacks parameter {e.args[0]}") from None
 
 
-def _checked(state: dict, dims: dict, source, heads=None, scales: dict | None = None) -> Weights:
+def _checked(state: dict, dims: dict, source, heads=None) -> Weights:
     """The loaders' common end: every parameter present and shaped for ``dims``, 64-wide
-    attention heads (the cache layout and the kernels assume them). ``scales``: the integer
-    parameters' dequantization (``_in_graph_order``)."""
+    attention heads (the cache layout and the kernels assume them)."""
     for side in ("audio", "text"):
         if dims[f"n_{side}_head"] * 64 != dims[f"n_{side}_state"]:
             raise ModelError(f"{source}: {dims[f'n_{side}_head']} heads of width "
                              f"{dims[f'n_{side}_state']}; maxwhisper runs Whisper's 64-wide heads only")
     _check_state(state, dims, source)
-    return Weights(dims=dims, state=_in_graph_order(state, dims, scales or {}), source=str(source),
+    return Weights(dims=dims, state=_in_graph_order(state, dims), source=str(source),
                    alignment_heads=[tuple(h) for h in heads] if heads else None)
 
 
-def _in_graph_order(state: dict, dims: dict, scales: dict) -> dict:
+def _in_graph_order(state: dict, dims: dict) -> dict:
     """Move every parameter of ``state`` into one new float32 buffer, in the order the graphs
     take them: the encoder's inputs, then the decoder's float32 kinds, then its
     ``low_precision`` ones (``weight_spec``, grouped as ``_DeviceWeights._pack`` groups them),
@@ -1153,31 +1152,41 @@ def _in_graph_order(state: dict, dims: dict, scales: dict) -> dict:
     and what the loader still holds. A parameter a graph takes transposed is stored
     transposed (``_stored_layouts``) and its entry is a view in the checkpoint's layout, so
     ``graph_weights`` hands the graphs views, not copies: a copy of those parameters would
-    be held beside this buffer, which the other parameters' views keep alive. An integer
-    parameter of a quantized checkpoint becomes ``value / scales[name]`` there (a scale per
-    row, CTranslate2's int8, or one for the whole matrix, its int16)."""
+    be held beside this buffer, which the other parameters' views keep alive. A quantized
+    parameter (``_Encoded``) is decoded straight into its place."""
     names, layouts = _graph_order(state, dims), _stored_layouts(dims)
-    buffer = _mapped_floats(sum(state[n].size for n in names))
+    buffer = _mapped_floats(sum(math.prod(state[n].shape) for n in names))
     at = 0
     for n in names:
-        source = state[n].transpose(layouts[n]) if n in layouts else state[n]
-        part = buffer[at:at + source.size].reshape(source.shape)
-        part[...] = source
-        _release([state[n]])                             # a mapped file's pages (``_MappedFile``)
-        state[n] = part.transpose(np.argsort(layouts[n])) if n in layouts else part
-        _dequantize(state[n], scales.get(n))
+        shape = state[n].shape
+        part = buffer[at:at + math.prod(shape)].reshape([shape[i] for i in layouts.get(n, range(len(shape)))])
+        place = part.transpose(np.argsort(layouts[n])) if n in layouts else part
+        if isinstance(state[n], _Encoded):
+            state[n].decode(state[n].source, place)
+            _release([state[n].source])
+        else:
+            place[...] = state[n]
+            _release([state[n]])                         # a mapped file's pages (``_MappedFile``)
+        state[n] = place
         at += part.size
     for n in state.keys() - set(names):                  # none the graphs take: float32 too, and
-        state[n] = _dequantize(np.array(state[n], np.float32), scales.get(n))      # not the file's
+        x, state[n] = state[n], np.empty(state[n].shape, np.float32)                  # not the file's
+        if isinstance(x, _Encoded):
+            x.decode(x.source, state[n])
+        else:
+            state[n][...] = x
     return state
 
 
-def _dequantize(values: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
-    """``values`` (float32, in the checkpoint's layout) divided in place by ``scale``: one
-    per row (first axis) or one for all, CTranslate2's rule for its integer weights."""
-    if scale is not None:
-        values /= scale.reshape(scale.shape + (1,) * (values.ndim - scale.ndim))
-    return values
+@dataclasses.dataclass
+class _Encoded:
+    """A checkpoint tensor stored as integers (CTranslate2's int8, whisper.cpp's blocks):
+    ``decode(source, out)`` writes its float32 values into ``out`` (of ``shape``, possibly a
+    strided view), so ``_in_graph_order`` decodes it straight into the model's buffer and no
+    float32 copy of it is made on the way."""
+    shape: tuple
+    source: np.ndarray                                  # the stored form, a view of the file
+    decode: Callable[[np.ndarray, np.ndarray], object]
 
 
 def _mapped_floats(n: int) -> np.ndarray:
@@ -1301,23 +1310,25 @@ def _read_ct2_model_bin(path: Path) -> dict:
     return out
 
 
-def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict, dict]:
-    """Rename and split CTranslate2 Whisper variables into openai-whisper's state dict; with
-    the dims, the scales of the weights a quantized model (``--quantization int8``, ``int16``
-    and their ``_float16`` kinds) keeps as integers: value = integer / scale."""
+def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict]:
+    """Rename and split CTranslate2 Whisper variables into openai-whisper's state dict (and
+    its dims). A quantized model's matrices (``--quantization int8``, ``int16`` and their
+    ``_float16`` kinds) are integers with a scale per row (int8) or per matrix (int16):
+    value = integer / scale, CTranslate2's own rule."""
     state: dict = {}
-    scales: dict = {}
 
     def weight(dst, src, rows=slice(None)):
-        w = v[f"{src}/weight"]
+        w = v[f"{src}/weight"][rows]
         scale = v.get(f"{src}/weight_scale")
-        if scale is not None:
-            scales[dst] = scale[rows] if scale.ndim else scale
-        elif w.dtype.kind != "f" or f"{src}/weight_zero" in v:
+        if scale is not None and f"{src}/weight_zero" not in v:
+            scale = scale[rows].reshape(-1, *[1] * (w.ndim - 1)) if scale.ndim else scale
+            state[dst] = _Encoded(w.shape, w, lambda q, out: np.divide(q, scale, out=out))
+        elif w.dtype.kind == "f":
+            state[dst] = w
+        else:
             raise ModelError(f"{path}: variable {src}/weight is {w.dtype} without the scale maxwhisper reads "
                              "(an AWQ or other 4-bit conversion); convert the model with --quantization "
                              "float16, int8 or float32")
-        state[dst] = w[rows]
 
     def linear(dst, src, has_bias=True):
         weight(f"{dst}.weight", src)
@@ -1361,7 +1372,7 @@ def _ct2_to_openai(v: dict, path: Path) -> tuple[dict, dict, dict]:
         raise ModelError(f"{path}: CTranslate2 Whisper model lacks variable {e.args[0]}") from None
     heads = tuple(int(np.asarray(v[f"{s}/num_heads"]).reshape(-1)[0]) if f"{s}/num_heads" in v else None
                   for s in ("encoder", "decoder"))
-    return state, _dims_from_state(state, path, None if None in heads else heads), scales
+    return state, _dims_from_state(state, path, None if None in heads else heads)
 
 
 def _load_ct2_dir(path: Path) -> Weights:
@@ -1370,8 +1381,8 @@ def _load_ct2_dir(path: Path) -> Weights:
     if not bin_path.exists():
         raise ModelError(f"{path}: no model.bin in this folder; a CTranslate2 Whisper folder "
                          "holds model.bin, config.json and tokenizer.json")
-    state, dims, scales = _ct2_to_openai(_read_ct2_model_bin(bin_path), bin_path)
-    return _checked(state, dims, path, _json_file(path / "config.json").get("alignment_heads"), scales)
+    state, dims = _ct2_to_openai(_read_ct2_model_bin(bin_path), bin_path)
+    return _checked(state, dims, path, _json_file(path / "config.json").get("alignment_heads"))
 
 
 def _json_file(path: Path) -> dict:
@@ -1602,11 +1613,47 @@ _GGML_MAGIC = 0x67676D6C
 _GGML_TYPES = {0: np.float32, 1: np.float16}
 _GGML_QUANTIZED = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: "q3_k",
                    12: "q4_k", 13: "q5_k", 14: "q6_k", 15: "q8_k"}
+# The quantized types read here, as whisper.cpp's ``quantize`` writes them (ggml's quantization
+# version 2): each row of a matrix in blocks of 32 values, a block being a float16 scale d (and
+# offset m), then the values' bits; value = q * d (+ m). Bytes per block:
+_GGML_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}
+
+
+def _ggml_values(rows: np.ndarray, kind: str) -> np.ndarray:
+    """The float32 values of rows [n, bytes] (uint8) of ggml blocks of ``kind``: [n, 32 a block]."""
+    b = rows.reshape(-1, _GGML_BLOCK_BYTES[kind])                   # a block a row
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    offset = kind in ("q4_1", "q5_1")
+    m = b[:, 2:4].copy().view(np.float16).astype(np.float32) if offset else np.float32(0)
+    at = 4 if offset else 2
+    if kind == "q8_0":
+        q = b[:, at:].view(np.int8).astype(np.float32)
+    else:
+        high = np.uint8(0)
+        if kind in ("q5_0", "q5_1"):                   # the 5th bits: bit j of a little-endian uint32
+            bits = b[:, at:at + 4].copy().view("<u4") >> np.arange(32, dtype=np.uint32)
+            high = (bits & 1).astype(np.uint8) << 4
+            at += 4
+        qs = b[:, at:at + 16]                          # value j in the low nibble, j + 16 in the high
+        q = (np.concatenate([qs & 0x0F, qs >> 4], axis=1) | high).astype(np.float32)
+        if not offset:
+            q -= 16 if kind == "q5_0" else 8
+    return (q * d + m).reshape(len(rows), -1)
+
+
+def _ggml_decoder(kind: str):
+    """``_Encoded.decode`` for a matrix of ggml blocks: a block of rows at a time."""
+    def decode(blocks: np.ndarray, out: np.ndarray) -> None:
+        for i in range(0, len(out), _Q4_ROWS):
+            rows = out[i:i + _Q4_ROWS]
+            rows[...] = _ggml_values(blocks[i:i + _Q4_ROWS], kind).reshape(rows.shape)
+    return decode
 
 
 def _load_ggml(path: Path) -> Weights:
-    """Load a whisper.cpp ``ggml-*.bin`` file of float32 or float16 tensors (its quantized
-    types are not read: ``ModelError`` names the type)."""
+    """Load a whisper.cpp ``ggml-*.bin`` file: float32 and float16 tensors, and the matrices of
+    its quantized files (q4_0, q4_1, q5_0, q5_1, q8_0; the k-quants are not read:
+    ``ModelError`` names the type)."""
     fields = ("n_vocab", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
               "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer", "n_mels")
     f = _MappedFile(path)
@@ -1619,7 +1666,7 @@ def _load_ggml(path: Path) -> Weights:
             raise ModelError(f"{path}: corrupt ggml header; download or convert the file again")
         f.skip(count * size)
 
-    magic, *hparams, _ftype = ints(12)
+    magic, *hparams, ftype = ints(12)
     if magic != _GGML_MAGIC:
         raise ModelError(f"{path}: not a whisper.cpp ggml file (magic {magic:#x})")
     dims = dict(zip(fields, hparams))
@@ -1635,16 +1682,27 @@ def _load_ggml(path: Path) -> Weights:
             raise ModelError(f"{path}: corrupt tensor header; download or convert the file again")
         ne = ints(n_dims)
         key = f.bytes(name_len).decode(errors="replace")
-        if ttype not in _GGML_TYPES:
-            kind = _GGML_QUANTIZED.get(ttype, f"type {ttype}")
-            raise ModelError(f"{path}: tensor {key} is ggml {kind}; maxwhisper reads ggml f32 and f16 "
-                             "files only: use the f16 ggml-*.bin (or the .pt, Hugging Face or "
-                             "CTranslate2 checkpoint) and maxwhisper's dtype='q4_0' to quantize")
+        kind = _GGML_QUANTIZED.get(ttype, f"type {ttype}")
+        if ttype not in _GGML_TYPES and kind not in _GGML_BLOCK_BYTES:
+            raise ModelError(f"{path}: tensor {key} is ggml {kind}; maxwhisper reads ggml f32, f16, q4_0, "
+                             "q4_1, q5_0, q5_1 and q8_0 files: use one of those (or the .pt, Hugging Face "
+                             "or CTranslate2 checkpoint) and maxwhisper's dtype='q4_0' to quantize")
         count = math.prod(ne)
         shape = shapes.get(key, tuple(reversed(ne)))
         if math.prod(shape) != count or count < 0:
             raise ModelError(f"{path}: tensor {key} has {count} values, expected {shape}")
-        state[key] = f.array(_GGML_TYPES[ttype], shape)
+        if ttype in _GGML_TYPES:
+            state[key] = f.array(_GGML_TYPES[ttype], shape)
+            continue
+        if ftype // 1000 != 2:                        # ggml's quantization version, in the file type
+            raise ModelError(f"{path}: quantized with ggml's quantization version {ftype // 1000}, whose blocks "
+                             "maxwhisper does not read (it reads version 2, whisper.cpp's since 2023): quantize "
+                             "the f16 ggml-*.bin again, or load it with maxwhisper's dtype='q4_0'")
+        if n_dims != 2 or ne[0] % 32 or tuple(shape) != (ne[1], ne[0]):
+            raise ModelError(f"{path}: tensor {key} is a {kind} matrix of {ne} values, not rows of 32-value "
+                             "blocks; download or quantize the file again")
+        blocks = f.array(np.uint8, (ne[1], ne[0] // 32 * _GGML_BLOCK_BYTES[kind]))
+        state[key] = _Encoded(shape, blocks, _ggml_decoder(kind))
     return _checked(state, dims, path, _openai_alignment_heads(path.stem.removeprefix("ggml-"), dims))
 
 

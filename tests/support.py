@@ -393,13 +393,24 @@ def save_hf(hf, folder: Path, shard: str | None = None, safe: bool = True, align
     return folder
 
 
-def save_ggml(model, path: Path, f16: bool = True) -> Path:
+def save_ggml(model, path: Path, f16: bool = True, quantize: str | None = None) -> Path:
     """A whisper.cpp ``ggml`` file in the layout of its ``convert-pt-to-ggml.py``: hparams,
     the mel filters, a vocabulary, then each tensor (dims innermost first, the 1-D tensors,
-    conv biases and positional embeddings float32, the rest float16 when ``f16``)."""
+    conv biases and positional embeddings float32, the rest float16 when ``f16``).
+    ``quantize`` ("q5_0"...): every other matrix in that ggml type, as whisper.cpp's
+    ``quantize`` tool writes them, quantized by llama.cpp's own ``gguf`` package (skips the
+    test when it is not installed)."""
     d = model.dims
+    qtype = None
+    if quantize:
+        try:
+            from gguf import GGMLQuantizationType, quants
+        except ImportError:
+            raise unittest.SkipTest("gguf is not installed (pip install gguf)")
+        qtype = GGMLQuantizationType[quantize.upper()]
+    ftype = 2000 + qtype.value if qtype else int(f16)       # quantization version 2, in the thousands
     head = [0x67676D6C, d.n_vocab, d.n_audio_ctx, d.n_audio_state, d.n_audio_head, d.n_audio_layer,
-            d.n_text_ctx, d.n_text_state, d.n_text_head, d.n_text_layer, d.n_mels, int(f16)]
+            d.n_text_ctx, d.n_text_state, d.n_text_head, d.n_text_layer, d.n_mels, ftype]
     filters = mw._mel_filters(d.n_mels)
     with open(path, "wb") as f:
         f.write(struct.pack("<12i", *head))
@@ -411,10 +422,14 @@ def save_ggml(model, path: Path, f16: bool = True) -> Path:
             if name in ("encoder.conv1.bias", "encoder.conv2.bias"):
                 data = data.reshape(-1, 1)
             wide = not f16 or data.ndim < 2 or name.endswith(("conv1.bias", "conv2.bias", "positional_embedding"))
-            data = data.astype("<f4" if wide else "<f2")
             key = name.encode()
-            f.write(struct.pack("<3i", data.ndim, len(key), 0 if wide else 1))
-            f.write(struct.pack(f"<{data.ndim}i", *reversed(data.shape)) + key + data.tobytes())
+            if qtype is not None and data.ndim == 2 and not name.endswith(("positional_embedding", "conv1.bias",
+                                                                           "conv2.bias")):
+                ttype, raw = qtype.value, quants.quantize(data.astype(np.float32), qtype)
+            else:
+                ttype, raw = (0, data.astype("<f4")) if wide else (1, data.astype("<f2"))
+            f.write(struct.pack("<3i", data.ndim, len(key), ttype))
+            f.write(struct.pack(f"<{data.ndim}i", *reversed(data.shape)) + key + raw.tobytes())
     return path
 
 

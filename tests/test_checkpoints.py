@@ -6,6 +6,7 @@ whatever the values, so no download is needed).
 memory and 20 minutes here); docs/PERFORMANCE.md has its last result.
 """
 
+import importlib.util
 import mmap
 import os
 import shutil
@@ -126,16 +127,44 @@ class FormatsTest(unittest.TestCase):
         self.assertSameWeights(mw.load_weights(support.save_ggml(self.model, self.dir / "ggml-f32.bin", f16=False)))
         self.assertSameWeights(mw.load_weights(support.save_ggml(self.model, self.dir / "ggml-f16.bin")), half=True)
 
-    def test_ggml_quantized_types_are_named(self):
-        path = support.save_ggml(self.model, self.dir / "ggml-q8.bin", f16=False)
+    def test_ggml_quantized(self):
+        """whisper.cpp's quantized files: each matrix is its blocks' values as llama.cpp's own
+        ``gguf`` package decodes them (and within a quantization step of the float weights),
+        the rest float32 or float16 as stored."""
+        try:
+            from gguf import GGMLQuantizationType, quants
+        except ImportError:
+            self.skipTest("gguf is not installed (pip install gguf)")
+        for kind, step in (("q4_0", 1 / 7), ("q4_1", 1 / 15), ("q5_0", 1 / 15), ("q5_1", 1 / 31), ("q8_0", 1 / 127)):
+            qtype = GGMLQuantizationType[kind.upper()]
+            w = mw.load_weights(support.save_ggml(self.model, self.dir / f"ggml-{kind}.bin", quantize=kind))
+            self.assertEqual(w.dims, self.dims)
+            for k, v in self.state.items():
+                with self.subTest(kind, name=k):
+                    if v.ndim == 2 and "positional_embedding" not in k:
+                        np.testing.assert_array_equal(w.state[k], quants.dequantize(quants.quantize(v, qtype), qtype))
+                        blocks = np.abs(v).reshape(len(v), -1, 32).max(2).repeat(32, 1).reshape(v.shape)
+                        slack = blocks / 1024                         # the float16 scale and offset
+                        self.assertTrue(np.all(np.abs(w.state[k] - v) <= step * blocks + slack))
+                    elif not np.array_equal(w.state[k], v):
+                        np.testing.assert_array_equal(w.state[k], v.astype(np.float16).astype(np.float32))
+
+    def test_ggml_types_not_read_are_named(self):
+        path = support.save_ggml(self.model, self.dir / "ggml-q8.bin", quantize="q8_0")
         data = bytearray(path.read_bytes())
-        first = data.index(b"encoder.conv1.weight") - 12 - 4 * 3        # that tensor's header
-        data[first + 8:first + 12] = struct.pack("<i", 8)                # ggml type q8_0
+        first = data.index(b"decoder.token_embedding.weight") - 12 - 4 * 2    # that tensor's header
+        data[first + 8:first + 12] = struct.pack("<i", 12)                    # ggml type q4_k
+        path.with_name("ggml-q4_k.bin").write_bytes(bytes(data))
+        with self.assertRaises(mw.ModelError) as ctx:
+            mw.load_weights(path.with_name("ggml-q4_k.bin"))
+        self.assertIn("q4_k", str(ctx.exception))
+        self.assertIn("q5_0", str(ctx.exception))
+        data = bytearray(path.read_bytes())
+        data[4 * 11:4 * 12] = struct.pack("<i", 1000 + 8)                     # quantization version 1
         path.write_bytes(bytes(data))
         with self.assertRaises(mw.ModelError) as ctx:
             mw.load_weights(path)
-        self.assertIn("q8_0", str(ctx.exception))
-        self.assertIn("f16", str(ctx.exception))
+        self.assertIn("quantization version 1", str(ctx.exception))
 
     def test_ctranslate2(self):
         self.assertSameWeights(mw.load_weights(support.save_ct2(self.hf, self.dir / "ct2")))
@@ -196,7 +225,10 @@ class CorruptFilesTest(unittest.TestCase):
         hf = support.hf_model(model)
         files = [support.save_pt(model, tmp / "m.pt"), support.save_ggml(model, tmp / "ggml-m.bin"),
                  support.save_hf(hf, tmp / "hf") / "model.safetensors",
-                 support.save_ct2(hf, tmp / "ct2") / "model.bin"]
+                 support.save_ct2(hf, tmp / "ct2") / "model.bin",
+                 support.save_ct2(support.hf_model(model), tmp / "ct2-int8", "int8") / "model.bin"]
+        if importlib.util.find_spec("gguf"):
+            files.append(support.save_ggml(model, tmp / "ggml-q5_0.bin", quantize="q5_0"))
         rng = random.Random(0)
         for path in files:
             head = path.read_bytes()[:4096]
