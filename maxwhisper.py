@@ -1161,21 +1161,24 @@ def _in_graph_order(state: dict, dims: dict) -> dict:
         shape = state[n].shape
         part = buffer[at:at + math.prod(shape)].reshape([shape[i] for i in layouts.get(n, range(len(shape)))])
         place = part.transpose(np.argsort(layouts[n])) if n in layouts else part
-        if isinstance(state[n], _Encoded):
-            state[n].decode(state[n].source, place)
-            _release([state[n].source])
-        else:
-            place[...] = state[n]
-            _release([state[n]])                         # a mapped file's pages (``_MappedFile``)
+        _fill(place, state[n])
         state[n] = place
         at += part.size
     for n in state.keys() - set(names):                  # none the graphs take: float32 too, and
         x, state[n] = state[n], np.empty(state[n].shape, np.float32)                  # not the file's
-        if isinstance(x, _Encoded):
-            x.decode(x.source, state[n])
-        else:
-            state[n][...] = x
+        _fill(state[n], x)
     return state
+
+
+def _fill(out: np.ndarray, tensor) -> None:
+    """Write a checkpoint tensor (an array, or ``_Encoded``) into float32 ``out`` and hand its
+    stored form's pages back (a mapped file's, ``_MappedFile``)."""
+    if isinstance(tensor, _Encoded):
+        tensor.decode(tensor.source, out)
+        tensor = tensor.source
+    else:
+        out[...] = tensor
+    _release([tensor])
 
 
 @dataclasses.dataclass
