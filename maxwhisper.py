@@ -1096,12 +1096,15 @@ class _MappedFile:
     def skip(self, n: int) -> None:
         self.at = self._span(self.at, n)
 
-    def array(self, dtype, shape: Sequence[int], start: int | None = None) -> np.ndarray:
+    def array(self, dtype, shape: Sequence[int], start: int | None = None, nbytes: int | None = None) -> np.ndarray:
         """The little-endian tensor of ``dtype`` and ``shape`` at byte ``start`` (default: the
         next, moving ``at`` past it): a view of the file, float32 only for ``"bfloat16"``
-        (the top half of float32), which is widened into new memory."""
+        (the top half of float32), which is widened into new memory. ``nbytes``, the size the
+        file's header records, must be the shape's: ``ValueError`` (the caller's "corrupt")."""
         stored = np.dtype(np.uint16 if dtype == "bfloat16" else dtype)
         count = math.prod(shape)
+        if nbytes is not None and nbytes != count * stored.itemsize:
+            raise ValueError(f"{nbytes} bytes for {count} values")
         begin = self.at if start is None else start
         end = self._span(begin, count * stored.itemsize)
         if start is None:
@@ -1301,9 +1304,7 @@ def _read_ct2_model_bin(path: Path) -> dict:
             if code not in _CT2_DTYPES:
                 raise ModelError(f"{path}: variable {name} has unknown dtype code {code}")
             dtype = _CT2_DTYPES[code]
-            if nbytes != math.prod(shape) * (2 if dtype == "bfloat16" else np.dtype(dtype).itemsize):
-                raise ValueError(name)
-            out[name] = f.array(dtype, shape)
+            out[name] = f.array(dtype, shape, nbytes=nbytes)
         (n_alias,) = f.unpack("<I")
         for _ in range(n_alias):
             alias, target = string(), string()
@@ -1563,9 +1564,7 @@ def _read_safetensors(path: Path, into: dict) -> None:
                                  "F32, F16 and BF16 safetensors")
             start, end = info["data_offsets"]
             shape = tuple(info["shape"])
-            if end - start != math.prod(shape) * (2 if dtype == "bfloat16" else np.dtype(dtype).itemsize):
-                raise ValueError(key)
-            into[name] = f.array(dtype, shape, 8 + n + start)
+            into[name] = f.array(dtype, shape, 8 + n + start, nbytes=end - start)
     except (struct.error, ValueError, KeyError, TypeError, AttributeError):
         raise ModelError(f"{path}: corrupt safetensors file; download it again") from None
 
