@@ -1616,17 +1616,37 @@ _GGML_TYPES = {0: np.float32, 1: np.float16}
 _GGML_QUANTIZED = {2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 10: "q2_k", 11: "q3_k",
                    12: "q4_k", 13: "q5_k", 14: "q6_k", 15: "q8_k"}
 # The quantized types read here, as whisper.cpp's ``quantize`` writes them (ggml's quantization
-# version 2): each row of a matrix in blocks of 32 values, a block being a float16 scale d (and
-# offset m), then the values' bits; value = q * d (+ m). Bytes per block:
-_GGML_BLOCK_BYTES = {"q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "q8_0": 34}
+# version 2), each row of a matrix in blocks: (values, bytes) a block. The first five: 32 values,
+# a float16 scale d (and offset m), then the values' bits; value = q * d (+ m). The k-quants:
+# 256 values in 16 groups of 16 (q2_k, q3_k, q6_k) or 8 of 32 (q4_k, q5_k), each group with a
+# scale (and offset) of a few bits, themselves times the block's float16 d (and dmin).
+_GGML_BLOCKS = {"q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "q8_0": (32, 34),
+                "q2_k": (256, 84), "q3_k": (256, 110), "q4_k": (256, 144), "q5_k": (256, 176),
+                "q6_k": (256, 210)}
+
+
+def _f16_column(b: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at bytes ``at``, ``at + 1`` of each block (row of ``b``), as float32 [n, 1]."""
+    return b[:, at:at + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _bit_fields(a: np.ndarray, group: int, width: int) -> np.ndarray:
+    """Bytes [n, k * group] as their ``width``-bit fields, the lowest first: [n, k * (8 / width)
+    * group], each group of bytes giving its lowest fields, then its next, and so on (the
+    order the k-quants lay their values out in)."""
+    shifts = np.arange(0, 8, width, dtype=np.uint8)[:, None]
+    fields = (a.reshape(len(a), -1, 1, group) >> shifts) & np.uint8((1 << width) - 1)
+    return fields.reshape(len(a), -1)
 
 
 def _ggml_values(rows: np.ndarray, kind: str) -> np.ndarray:
-    """The float32 values of rows [n, bytes] (uint8) of ggml blocks of ``kind``: [n, 32 a block]."""
-    b = rows.reshape(-1, _GGML_BLOCK_BYTES[kind])                   # a block a row
-    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+    """The float32 values of rows [n, bytes] (uint8) of ggml blocks of ``kind``: [n, values]."""
+    b = rows.reshape(-1, _GGML_BLOCKS[kind][1])                     # a block a row
+    if kind.endswith("_k"):
+        return _ggml_k_values(b, kind).reshape(len(rows), -1)
+    d = _f16_column(b, 0)
     offset = kind in ("q4_1", "q5_1")
-    m = b[:, 2:4].copy().view(np.float16).astype(np.float32) if offset else np.float32(0)
+    m = _f16_column(b, 2) if offset else np.float32(0)
     at = 4 if offset else 2
     if kind == "q8_0":
         q = b[:, at:].view(np.int8).astype(np.float32)
@@ -1643,6 +1663,35 @@ def _ggml_values(rows: np.ndarray, kind: str) -> np.ndarray:
     return (q * d + m).reshape(len(rows), -1)
 
 
+def _ggml_k_values(b: np.ndarray, kind: str) -> np.ndarray:
+    """The 256 float32 values of each k-quant block (row of ``b``), in ggml's arithmetic: a
+    group's scale d * s (and offset dmin * m) first, then q * scale - offset."""
+    offset = np.zeros((len(b), 1), np.float32)         # q3_k and q6_k have none
+    if kind == "q2_k":                                 # scales[16] (s | m << 4), qs[64], d, dmin
+        d, s = _f16_column(b, 80), b[:, :16]
+        q, scale, offset = _bit_fields(b[:, 16:80], 32, 2), d * (s & 15), _f16_column(b, 82) * (s >> 4)
+    elif kind == "q3_k":                               # hmask[32], qs[64], scales[12] (6 bits - 32), d
+        s = b[:, 96:108]
+        low = np.concatenate([s[:, :8] & 15, s[:, :8] >> 4], axis=1)
+        scales = (low | _bit_fields(s[:, 8:], 4, 2) << 4).astype(np.float32) - 32
+        set_ = _bit_fields(b[:, :32], 32, 1)           # the third bit set means no -4
+        q = _bit_fields(b[:, 32:96], 32, 2).astype(np.int8) - ((1 - set_) << 2).astype(np.int8)
+        scale = _f16_column(b, 108) * scales
+    elif kind in ("q4_k", "q5_k"):                     # d, dmin, scales[12] (6-bit s, m), [qh[32]], qs[128]
+        s = b[:, 4:16]
+        sc = np.concatenate([s[:, :4] & 63, (s[:, 8:] & 15) | (s[:, :4] >> 6) << 4], axis=1)
+        m = np.concatenate([s[:, 4:8] & 63, (s[:, 8:] >> 4) | (s[:, 4:8] >> 6) << 4], axis=1)
+        q = _bit_fields(b[:, -128:], 32, 4)
+        if kind == "q5_k":
+            q = q | _bit_fields(b[:, 16:48], 32, 1) << 4
+        scale, offset = _f16_column(b, 0) * sc, _f16_column(b, 2) * m
+    else:                                              # q6_k: ql[128], qh[64], scales[16] (int8), d
+        q = (_bit_fields(b[:, :128], 64, 4) | _bit_fields(b[:, 128:192], 32, 2) << 4).astype(np.int8) - 32
+        scale = _f16_column(b, 208) * b[:, 192:208].view(np.int8)
+    q = q.reshape(len(b), scale.shape[1], -1).astype(np.float32)
+    return (scale[:, :, None] * q - offset[:, :, None]).reshape(len(b), -1)
+
+
 def _ggml_decoder(kind: str):
     """``_Encoded.decode`` for a matrix of ggml blocks: a block of rows at a time."""
     def decode(blocks: np.ndarray, out: np.ndarray) -> None:
@@ -1654,8 +1703,8 @@ def _ggml_decoder(kind: str):
 
 def _load_ggml(path: Path) -> Weights:
     """Load a whisper.cpp ``ggml-*.bin`` file: float32 and float16 tensors, and the matrices of
-    its quantized files (q4_0, q4_1, q5_0, q5_1, q8_0; the k-quants are not read:
-    ``ModelError`` names the type)."""
+    its quantized files (q4_0, q4_1, q5_0, q5_1, q8_0 and the k-quants q2_k to q6_k; other
+    types raise ``ModelError`` naming the type)."""
     fields = ("n_vocab", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer",
               "n_text_ctx", "n_text_state", "n_text_head", "n_text_layer", "n_mels")
     f = _MappedFile(path)
@@ -1685,10 +1734,10 @@ def _load_ggml(path: Path) -> Weights:
         ne = ints(n_dims)
         key = f.bytes(name_len).decode(errors="replace")
         kind = _GGML_QUANTIZED.get(ttype, f"type {ttype}")
-        if ttype not in _GGML_TYPES and kind not in _GGML_BLOCK_BYTES:
+        if ttype not in _GGML_TYPES and kind not in _GGML_BLOCKS:
             raise ModelError(f"{path}: tensor {key} is ggml {kind}; maxwhisper reads ggml f32, f16, q4_0, "
-                             "q4_1, q5_0, q5_1 and q8_0 files: use one of those (or the .pt, Hugging Face "
-                             "or CTranslate2 checkpoint) and maxwhisper's dtype='q4_0' to quantize")
+                             "q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k and q6_k files: use one of those "
+                             "(or the .pt, Hugging Face or CTranslate2 checkpoint)")
         count = math.prod(ne)
         shape = shapes.get(key, tuple(reversed(ne)))
         if math.prod(shape) != count or count < 0:
@@ -1700,10 +1749,11 @@ def _load_ggml(path: Path) -> Weights:
             raise ModelError(f"{path}: quantized with ggml's quantization version {ftype // 1000}, whose blocks "
                              "maxwhisper does not read (it reads version 2, whisper.cpp's since 2023): quantize "
                              "the f16 ggml-*.bin again, or load it with maxwhisper's dtype='q4_0'")
-        if n_dims != 2 or ne[0] % 32 or tuple(shape) != (ne[1], ne[0]):
-            raise ModelError(f"{path}: tensor {key} is a {kind} matrix of {ne} values, not rows of 32-value "
-                             "blocks; download or quantize the file again")
-        blocks = f.array(np.uint8, (ne[1], ne[0] // 32 * _GGML_BLOCK_BYTES[kind]))
+        values, size = _GGML_BLOCKS[kind]
+        if n_dims != 2 or ne[0] % values or tuple(shape) != (ne[1], ne[0]):
+            raise ModelError(f"{path}: tensor {key} is a {kind} matrix of {ne} values, not rows of "
+                             f"{values}-value blocks; download or quantize the file again")
+        blocks = f.array(np.uint8, (ne[1], ne[0] // values * size))
         state[key] = _Encoded(shape, blocks, _ggml_decoder(kind))
     return _checked(state, dims, path, _openai_alignment_heads(path.stem.removeprefix("ggml-"), dims))
 
@@ -3377,7 +3427,8 @@ _COMPILE_CHILD = ("import importlib.util, json, sys\n"
                   "spec = importlib.util.spec_from_file_location('maxwhisper', sys.argv[1])\n"
                   "mw = sys.modules['maxwhisper'] = importlib.util.module_from_spec(spec)\n"
                   "spec.loader.exec_module(mw)\n"
-                  "mw._compile_child(json.loads(sys.argv[2]))\n")
+                  "mw._compile_child(json.loads(sys.argv[2]))\n"
+                  "import os; os._exit(0)\n")   # the graph is stored: skip MAX's teardown, which can abort
 
 
 def _compile_child(recipe: dict) -> None:
@@ -3516,7 +3567,7 @@ class _GraphRunner:
         """Wait for ``name``'s child; the seconds it took, or None (then it is compiled here)."""
         _, err = child.communicate()
         seconds = progress.finish(name)
-        if child.returncode == 0:
+        if child.returncode == 0 or self.store.has(f"{name}_{self.builders[name][0]}"):   # failed after storing it
             return seconds
         tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
         log.warning("compiling the %s graph in another process failed (%s); compiling it here", name, tail[0])

@@ -393,14 +393,32 @@ def save_hf(hf, folder: Path, shard: str | None = None, safe: bool = True, align
     return folder
 
 
+# Where each k-quant block keeps its float16 scales (the super-block's d, and dmin), bytes from its start.
+K_QUANT_SCALES = {"q2_k": (80, 82), "q3_k": (108,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def random_k_blocks(rng, shape: tuple[int, int], kind: str) -> np.ndarray:
+    """Random blocks of the ggml k-quant ``kind`` for a matrix of ``shape`` [rows, row bytes]:
+    random bits, and float16 scales small enough for weights."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    values, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind.upper()]]
+    raw = rng.integers(0, 256, (shape[0], shape[1] // values, size), dtype=np.uint8)
+    for at in K_QUANT_SCALES[kind]:
+        raw[..., at:at + 2] = rng.uniform(-1e-3, 1e-3, raw.shape[:2] + (1,)).astype(np.float16).view(np.uint8)
+    return raw.reshape(shape[0], -1)
+
+
 def save_ggml(model, path: Path, f16: bool = True, quantize: str | None = None) -> Path:
     """A whisper.cpp ``ggml`` file in the layout of its ``convert-pt-to-ggml.py``: hparams,
     the mel filters, a vocabulary, then each tensor (dims innermost first, the 1-D tensors,
     conv biases and positional embeddings float32, the rest float16 when ``f16``).
     ``quantize`` ("q5_0"...): every other matrix in that ggml type, as whisper.cpp's
     ``quantize`` tool writes them, quantized by llama.cpp's own ``gguf`` package (skips the
-    test when it is not installed)."""
+    test when it is not installed). gguf has no encoder for the k-quants ("q2_k" to "q6_k"):
+    their blocks are random, and ``model``'s matrices take the values gguf decodes from them."""
+    import torch
     d = model.dims
+    rng = np.random.default_rng(0)
     qtype = None
     if quantize:
         try:
@@ -425,7 +443,12 @@ def save_ggml(model, path: Path, f16: bool = True, quantize: str | None = None) 
             key = name.encode()
             if qtype is not None and data.ndim == 2 and not name.endswith(("positional_embedding", "conv1.bias",
                                                                            "conv2.bias")):
-                ttype, raw = qtype.value, quants.quantize(data.astype(np.float32), qtype)
+                if quantize in K_QUANT_SCALES:
+                    raw = random_k_blocks(rng, data.shape, quantize)
+                    model.state_dict()[name].copy_(torch.from_numpy(quants.dequantize(raw, qtype)))
+                else:
+                    raw = quants.quantize(data.astype(np.float32), qtype)
+                ttype = qtype.value
             else:
                 ttype, raw = (0, data.astype("<f4")) if wide else (1, data.astype("<f2"))
             f.write(struct.pack("<3i", data.ndim, len(key), ttype))

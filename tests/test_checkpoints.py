@@ -127,10 +127,20 @@ class FormatsTest(unittest.TestCase):
         self.assertSameWeights(mw.load_weights(support.save_ggml(self.model, self.dir / "ggml-f32.bin", f16=False)))
         self.assertSameWeights(mw.load_weights(support.save_ggml(self.model, self.dir / "ggml-f16.bin")), half=True)
 
+    def assertGgmlWeights(self, weights, state: dict, matrix) -> None:
+        """Each matrix (not the positional embeddings) is ``matrix(its float weights)``, the
+        rest float32 or float16 as stored."""
+        self.assertEqual(weights.dims, self.dims)
+        for k, v in state.items():
+            with self.subTest(name=k):
+                if v.ndim == 2 and "positional_embedding" not in k:
+                    np.testing.assert_array_equal(weights.state[k], matrix(v))
+                elif not np.array_equal(weights.state[k], v):
+                    np.testing.assert_array_equal(weights.state[k], v.astype(np.float16).astype(np.float32))
+
     def test_ggml_quantized(self):
         """whisper.cpp's quantized files: each matrix is its blocks' values as llama.cpp's own
-        ``gguf`` package decodes them (and within a quantization step of the float weights),
-        the rest float32 or float16 as stored."""
+        ``gguf`` package decodes them, and within a quantization step of the float weights."""
         try:
             from gguf import GGMLQuantizationType, quants
         except ImportError:
@@ -138,27 +148,40 @@ class FormatsTest(unittest.TestCase):
         for kind, step in (("q4_0", 1 / 7), ("q4_1", 1 / 15), ("q5_0", 1 / 15), ("q5_1", 1 / 31), ("q8_0", 1 / 127)):
             qtype = GGMLQuantizationType[kind.upper()]
             w = mw.load_weights(support.save_ggml(self.model, self.dir / f"ggml-{kind}.bin", quantize=kind))
-            self.assertEqual(w.dims, self.dims)
+            with self.subTest(kind):
+                self.assertGgmlWeights(w, self.state, lambda v: quants.dequantize(quants.quantize(v, qtype), qtype))
             for k, v in self.state.items():
-                with self.subTest(kind, name=k):
-                    if v.ndim == 2 and "positional_embedding" not in k:
-                        np.testing.assert_array_equal(w.state[k], quants.dequantize(quants.quantize(v, qtype), qtype))
-                        blocks = np.abs(v).reshape(len(v), -1, 32).max(2).repeat(32, 1).reshape(v.shape)
-                        slack = blocks / 1024                         # the float16 scale and offset
-                        self.assertTrue(np.all(np.abs(w.state[k] - v) <= step * blocks + slack))
-                    elif not np.array_equal(w.state[k], v):
-                        np.testing.assert_array_equal(w.state[k], v.astype(np.float16).astype(np.float32))
+                if v.ndim == 2 and "positional_embedding" not in k:
+                    blocks = np.abs(v).reshape(len(v), -1, 32).max(2).repeat(32, 1).reshape(v.shape)
+                    slack = blocks / 1024                         # the float16 scale and offset
+                    self.assertTrue(np.all(np.abs(w.state[k] - v) <= step * blocks + slack), (kind, k))
+
+    def test_ggml_k_quants(self):
+        """whisper.cpp's k-quant files (q2_k to q6_k, 256-value blocks): each matrix is its
+        blocks' values as gguf decodes them. gguf cannot encode these types, so the blocks are
+        random and a copy of the model takes their values (``support.save_ggml``)."""
+        import copy
+        if not importlib.util.find_spec("gguf"):
+            self.skipTest("gguf is not installed (pip install gguf)")
+        model = copy.deepcopy(self.model)
+        for kind in support.K_QUANT_SCALES:
+            w = mw.load_weights(support.save_ggml(model, self.dir / f"ggml-{kind}.bin", quantize=kind))
+            state = _state(model)
+            with self.subTest(kind):
+                self.assertFalse(np.array_equal(state["decoder.token_embedding.weight"],
+                                                self.state["decoder.token_embedding.weight"]))
+                self.assertGgmlWeights(w, state, lambda v: v)
 
     def test_ggml_types_not_read_are_named(self):
         path = support.save_ggml(self.model, self.dir / "ggml-q8.bin", quantize="q8_0")
         data = bytearray(path.read_bytes())
         first = data.index(b"decoder.token_embedding.weight") - 12 - 4 * 2    # that tensor's header
-        data[first + 8:first + 12] = struct.pack("<i", 12)                    # ggml type q4_k
-        path.with_name("ggml-q4_k.bin").write_bytes(bytes(data))
+        data[first + 8:first + 12] = struct.pack("<i", 16)                    # ggml type iq2_xxs
+        path.with_name("ggml-iq2.bin").write_bytes(bytes(data))
         with self.assertRaises(mw.ModelError) as ctx:
-            mw.load_weights(path.with_name("ggml-q4_k.bin"))
+            mw.load_weights(path.with_name("ggml-iq2.bin"))
+        self.assertIn("type 16", str(ctx.exception))
         self.assertIn("q4_k", str(ctx.exception))
-        self.assertIn("q5_0", str(ctx.exception))
         data = bytearray(path.read_bytes())
         data[4 * 11:4 * 12] = struct.pack("<i", 1000 + 8)                     # quantization version 1
         path.write_bytes(bytes(data))
