@@ -1735,9 +1735,9 @@ def _load_ggml(path: Path) -> Weights:
         key = f.bytes(name_len).decode(errors="replace")
         kind = _GGML_QUANTIZED.get(ttype, f"type {ttype}")
         if ttype not in _GGML_TYPES and kind not in _GGML_BLOCKS:
-            raise ModelError(f"{path}: tensor {key} is ggml {kind}; maxwhisper reads ggml f32, f16, q4_0, "
-                             "q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k and q6_k files: use one of those "
-                             "(or the .pt, Hugging Face or CTranslate2 checkpoint)")
+            raise ModelError(f"{path}: tensor {key} is ggml {kind}; maxwhisper reads ggml f32, f16, "
+                             f"{', '.join(_GGML_BLOCKS)} files: use one of those (or the .pt, Hugging Face "
+                             "or CTranslate2 checkpoint)")
         count = math.prod(ne)
         shape = shapes.get(key, tuple(reversed(ne)))
         if math.prod(shape) != count or count < 0:
@@ -3492,6 +3492,10 @@ class _GraphRunner:
         tag, _, default = self.builders[name]
         return self.store.compile_seconds().get(f"{name}_{tag}") or default
 
+    def _stored(self, name: str) -> bool:
+        """Whether graph ``name``, as this runner builds it, is in the graph store."""
+        return self.store.has(f"{name}_{self.builders[name][0]}")
+
     def compiled(self, name: str, progress: "_CompileProgress | None" = None):
         """The compiled graph ``name``, compiling it now if needed (reported to ``progress``)."""
         graph = self.graphs.get(name)
@@ -3503,7 +3507,7 @@ class _GraphRunner:
             tag, build, _ = self.builders[name]
             start = time.perf_counter()
             with contextlib.ExitStack() as stack:
-                cold = not self.store.has(f"{name}_{tag}")
+                cold = not self._stored(name)
                 if cold:
                     p = progress or stack.enter_context(_CompileProgress({name: self.expected_seconds(name)}))
                     stack.enter_context(p.graph(name))
@@ -3530,7 +3534,7 @@ class _GraphRunner:
         the spare memory holds) compile the others into the store while this process compiles
         the first; each is then loaded from the store, or compiled here if its child failed."""
         cold = [n for n in dict.fromkeys(names)
-                if n not in self.graphs and not self.store.has(f"{n}_{self.builders[n][0]}")]
+                if n not in self.graphs and not self._stored(n)]
         # helpers only for a second cold graph on: with all loaded (each ``Model.stream``) no
         # /proc or cgroup reads
         children = min(_cores() - 1, int(_spare_memory() // _COMPILE_MEMORY)) if len(cold) > 1 else 0
@@ -3567,7 +3571,7 @@ class _GraphRunner:
         """Wait for ``name``'s child; the seconds it took, or None (then it is compiled here)."""
         _, err = child.communicate()
         seconds = progress.finish(name)
-        if child.returncode == 0 or self.store.has(f"{name}_{self.builders[name][0]}"):   # failed after storing it
+        if child.returncode == 0 or self._stored(name):        # or it failed after storing the graph
             return seconds
         tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
         log.warning("compiling the %s graph in another process failed (%s); compiling it here", name, tail[0])
