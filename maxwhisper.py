@@ -3719,7 +3719,6 @@ class _DeviceWeights:
             matrices = [p for p in encoder if p.low_precision]
             self.encoder = [_host(self._end_to_end(weights, [p for p in encoder if not p.low_precision])[0]),
                             _host(self._pairs(weights, matrices)).view(DType.bfloat16)]
-            self._copied(weights, matrices)
         elif precision.encoder_op and precision.dtype in _Q4_TERMS and take:     # the op runs on a CPU only
             rounded = [p for p in encoder if p.low_precision]
             for p in rounded:                          # the state's own matrices become the Q4_0 values
@@ -3839,16 +3838,18 @@ class _DeviceWeights:
             at += a.size
         return flat, parts
 
-    @staticmethod
-    def _pairs(weights: Weights, params: list[Param]) -> np.ndarray:
+    def _pairs(self, weights: Weights, params: list[Param]) -> np.ndarray:
         """The encoder's matrices ``params`` as ``whisper_encoder_bf16`` takes them
-        (``_encoder_pairs`` each), end to end."""
+        (``_encoder_pairs`` each), end to end; each leaves the state as it is converted
+        (``_copied``), so the float32 encoder shrinks as its bfloat16 copy grows (all converted
+        before any is handed back, a large-v3-turbo load peaks at 1.44x its float32 weights)."""
         flat = np.empty(sum(math.prod(p.shape) for p in params), np.uint16)
         at = 0
         for p in params:
             pairs = _encoder_pairs(graph_weights(weights, [p])[0])
             flat[at:at + pairs.size] = pairs.ravel()
             at += pairs.size
+            self._copied(weights, [p])
         return flat
 
     def _pack(self, weights: Weights, params: list[Param]) -> list:

@@ -300,6 +300,31 @@ class BFloat16EncoderTest(unittest.TestCase):
         with mock.patch.object(mw, "_bf16_products", return_value=True):
             self.assertIsNone(mw.Precision.choose("float32", CPU(), mw.KERNELS_DIR).encoder)
 
+    def test_the_cpu_encoder_ops_float32_matrices_leave_one_at_a_time(self):
+        """A model that takes its weights hands each float32 encoder matrix back as its
+        bfloat16 pairs are made, so a load holds the float32 encoder and its bfloat16 copy
+        together one matrix at a time, not whole (1.44x a large-v3-turbo's float32 weights at
+        the peak); the pairs are those of a model that leaves its weights as they are. No graph
+        runs, so any CPU checks it."""
+        from max.dtype import DType
+        weights = mw.load_weights("tiny.en")
+        names = [p.name for p in mw.weight_spec(weights.dims) if p.graph == "encoder" and p.low_precision]
+        left, pairs = [], mw._encoder_pairs
+
+        def counting(matrix):
+            left.append(sum(n in weights.state for n in names))
+            return pairs(matrix)
+        with mock.patch.object(mw, "_bf16_products", return_value=True):
+            copied = mw.Model(mw.load_weights("tiny.en"), device="cpu", dtype="bfloat16", kernels="on", warmup=False)
+            with mock.patch.object(mw, "_encoder_pairs", counting):
+                taken = mw.Model(weights, device="cpu", dtype="bfloat16", kernels="on", warmup=False,
+                                 take_weights=True)
+        self.assertEqual(taken.precision.encoder, DType.bfloat16)
+        self.assertEqual(left, list(range(len(names), 0, -1)))
+        self.assertFalse(set(names) & set(weights.state))
+        np.testing.assert_array_equal(taken.device_weights.encoder[1].view(DType.uint16).to_numpy(),
+                                      copied.device_weights.encoder[1].view(DType.uint16).to_numpy())
+
 
 class Q4_0EncoderTest(unittest.TestCase):
     """Where bfloat16 products are emulated (an AVX2 CPU), a Q4_0 model's encoder is the
