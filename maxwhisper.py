@@ -3489,12 +3489,11 @@ class _GraphRunner:
     def expected_seconds(self, name: str) -> float:
         """How long graph ``name`` should take to compile: its last compile here, else the
         measured default of ``_graph_builders``."""
-        tag, _, default = self.builders[name]
-        return self.store.compile_seconds().get(f"{name}_{tag}") or default
+        return self.store.compile_seconds().get(self._store_name(name)) or self.builders[name][2]
 
-    def _stored(self, name: str) -> bool:
-        """Whether graph ``name``, as this runner builds it, is in the graph store."""
-        return self.store.has(f"{name}_{self.builders[name][0]}")
+    def _store_name(self, name: str) -> str:
+        """Graph ``name``'s file name in the graph store, as this runner builds it."""
+        return f"{name}_{self.builders[name][0]}"
 
     def compiled(self, name: str, progress: "_CompileProgress | None" = None):
         """The compiled graph ``name``, compiling it now if needed (reported to ``progress``)."""
@@ -3504,16 +3503,16 @@ class _GraphRunner:
         with self._compiling[name]:
             if name in self.graphs:
                 return self.graphs[name]
-            tag, build, _ = self.builders[name]
+            build = self.builders[name][1]
             start = time.perf_counter()
             with contextlib.ExitStack() as stack:
-                cold = not self._stored(name)
+                cold = not self.store.has(self._store_name(name))
                 if cold:
                     p = progress or stack.enter_context(_CompileProgress({name: self.expected_seconds(name)}))
                     stack.enter_context(p.graph(name))
                 try:
                     self.graphs[name], self.graph_sources[name] = self.store.load(
-                        self.session, f"{name}_{tag}", lambda: _built(build))
+                        self.session, self._store_name(name), lambda: _built(build))
                 except Exception as e:  # MAX raises several types; the user gets one
                     raise DeviceError(f"compiling the {name} graph for {self.source} on {self.device_name} "
                                       f"failed ({type(e).__name__}: {e}); the next call retries; check "
@@ -3521,7 +3520,7 @@ class _GraphRunner:
             self.compile_seconds[name] = time.perf_counter() - start
             self.compile_total += self.compile_seconds[name]
             if cold and self.graph_sources[name] == "compiled":
-                self.store.record_compile(f"{name}_{tag}", self.compile_seconds[name])
+                self.store.record_compile(self._store_name(name), self.compile_seconds[name])
         return self.graphs[name]
 
     def compile_all(self, names: Sequence[str]) -> None:
@@ -3534,7 +3533,7 @@ class _GraphRunner:
         the spare memory holds) compile the others into the store while this process compiles
         the first; each is then loaded from the store, or compiled here if its child failed."""
         cold = [n for n in dict.fromkeys(names)
-                if n not in self.graphs and not self._stored(n)]
+                if n not in self.graphs and not self.store.has(self._store_name(n))]
         # helpers only for a second cold graph on: with all loaded (each ``Model.stream``) no
         # /proc or cgroup reads
         children = min(_cores() - 1, int(_spare_memory() // _COMPILE_MEMORY)) if len(cold) > 1 else 0
@@ -3571,7 +3570,7 @@ class _GraphRunner:
         """Wait for ``name``'s child; the seconds it took, or None (then it is compiled here)."""
         _, err = child.communicate()
         seconds = progress.finish(name)
-        if child.returncode == 0 or self._stored(name):        # or it failed after storing the graph
+        if child.returncode == 0 or self.store.has(self._store_name(name)):        # or it failed after storing the graph
             return seconds
         tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
         log.warning("compiling the %s graph in another process failed (%s); compiling it here", name, tail[0])
