@@ -3495,6 +3495,10 @@ class _GraphRunner:
         """Graph ``name``'s file name in the graph store, as this runner builds it."""
         return f"{name}_{self.builders[name][0]}"
 
+    def _stored(self, name: str) -> bool:
+        """Whether graph ``name``, as this runner builds it, is in the graph store."""
+        return self.store.has(self._store_name(name))
+
     def compiled(self, name: str, progress: "_CompileProgress | None" = None):
         """The compiled graph ``name``, compiling it now if needed (reported to ``progress``)."""
         graph = self.graphs.get(name)
@@ -3506,7 +3510,7 @@ class _GraphRunner:
             build = self.builders[name][1]
             start = time.perf_counter()
             with contextlib.ExitStack() as stack:
-                cold = not self.store.has(self._store_name(name))
+                cold = not self._stored(name)
                 if cold:
                     p = progress or stack.enter_context(_CompileProgress({name: self.expected_seconds(name)}))
                     stack.enter_context(p.graph(name))
@@ -3533,7 +3537,7 @@ class _GraphRunner:
         the spare memory holds) compile the others into the store while this process compiles
         the first; each is then loaded from the store, or compiled here if its child failed."""
         cold = [n for n in dict.fromkeys(names)
-                if n not in self.graphs and not self.store.has(self._store_name(n))]
+                if n not in self.graphs and not self._stored(n)]
         # helpers only for a second cold graph on: with all loaded (each ``Model.stream``) no
         # /proc or cgroup reads
         children = min(_cores() - 1, int(_spare_memory() // _COMPILE_MEMORY)) if len(cold) > 1 else 0
@@ -3570,7 +3574,7 @@ class _GraphRunner:
         """Wait for ``name``'s child; the seconds it took, or None (then it is compiled here)."""
         _, err = child.communicate()
         seconds = progress.finish(name)
-        if child.returncode == 0 or self.store.has(self._store_name(name)):        # or it failed after storing the graph
+        if child.returncode == 0 or self._stored(name):        # or it failed after storing the graph
             return seconds
         tail = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
         log.warning("compiling the %s graph in another process failed (%s); compiling it here", name, tail[0])
@@ -3840,8 +3844,7 @@ class _DeviceWeights:
     def _pairs(self, weights: Weights, params: list[Param]) -> np.ndarray:
         """The encoder's matrices ``params`` as ``whisper_encoder_bf16`` takes them
         (``_encoder_pairs`` each), end to end; each leaves the state as it is converted
-        (``_copied``), so the float32 encoder shrinks as its bfloat16 copy grows (all converted
-        before any is handed back, a large-v3-turbo load peaks at 1.44x its float32 weights)."""
+        (``_copied``), so a load holds a matrix in both precisions only while it converts it."""
         flat = np.empty(sum(math.prod(p.shape) for p in params), np.uint16)
         at = 0
         for p in params:
