@@ -144,54 +144,132 @@ class DeviceError(MaxWhisperError):
 # variables), ``TranscribeOptions``, the defaults of ``DecodingOptions``, the CLI flags, the
 # ``serve`` flags, the server's form fields and ``--print-config`` are all made from it.
 
-def _parse_bool(s: str) -> bool:
+# A parse function takes what a config file, variable, flag or form field holds (text) or what
+# a caller passes in Python (a number, a bool, a sequence), and returns the value the option
+# holds, or raises ValueError saying what it expects: every route into an option is checked
+# the same way (``Option.value``).
+
+def _parse_bool(s) -> bool:
+    if isinstance(s, (bool, np.bool_)) or (isinstance(s, int) and s in (0, 1)):
+        return bool(s)
     v = {"true": True, "yes": True, "on": True, "1": True,
-         "false": False, "no": False, "off": False, "0": False}.get(s.strip().lower())
+         "false": False, "no": False, "off": False, "0": False}.get(s.strip().lower()) \
+        if isinstance(s, str) else None
     if v is None:
         raise ValueError("expected true or false")
     return v
 
 
 def _parse_optional(kind):
-    return lambda s: None if s.strip().lower() in ("", "none") else kind(s)
+    """``kind``, or None for None, "" and "none"."""
+    return lambda s: None if s is None or (isinstance(s, str) and s.strip().lower() in ("", "none")) else kind(s)
+
+
+def _parse_number(kind: type, low: float | None = None, high: float | None = None):
+    """A number of ``kind`` (int or float) from text or a number, from ``low`` to ``high``; a
+    bool, NaN or a fraction where an integer is due is refused (infinities are kept: a
+    threshold of -inf turns its test off)."""
+    expected = ("an integer" if kind is int else "a number") + (
+        "" if low is None else f" >= {low:g}" if high is None else f" from {low:g} to {high:g}")
+
+    def parse(s):
+        try:
+            if isinstance(s, str):
+                v = kind(s.strip())
+            elif isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, float, np.integer, np.floating)) \
+                    or (kind is int and not isinstance(s, (int, np.integer))):
+                raise ValueError
+            else:
+                v = kind(s)
+        except (ValueError, OverflowError):
+            raise ValueError(f"expected {expected}") from None
+        if v != v or (low is not None and v < low) or (high is not None and v > high):
+            raise ValueError(f"expected {expected}")
+        return v
+    return parse
+
+
+def _parse_text(s) -> str:
+    """Text, or a path (``os.PathLike``) as text."""
+    s = os.fspath(s) if isinstance(s, os.PathLike) else s
+    if not isinstance(s, str):
+        raise ValueError("expected text")
+    return s
 
 
 def _parse_choice(*choices):
-    def parse(s: str) -> str:
-        if s.strip() not in choices:
+    def parse(s) -> str:
+        if not isinstance(s, str) or s.strip() not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}")
         return s.strip()
     return parse
 
 
-def _parse_nice(s) -> int:
-    v = int(s)
-    if not 0 <= v <= 19:
-        raise ValueError("expected a nice value from 0 to 19")
-    return v
+def _parse_numbers(s, what: str = "numbers") -> list[float]:
+    """Comma-separated numbers, or a number or a sequence of them, each finite and >= 0."""
+    number = _parse_number(float, 0)
+    try:
+        values = [number(t) for t in (s.split(",") if isinstance(s, str)
+                                      else [s] if isinstance(s, (int, float, np.number)) else s)]
+    except (ValueError, TypeError):
+        values = []
+    if not values or any(v == math.inf for v in values):
+        raise ValueError(f"expected comma-separated {what} >= 0")
+    return values
 
 
 def _parse_temperatures(s) -> tuple:
-    vals = tuple(float(t) for t in (s.split(",") if isinstance(s, str) else s))
-    if not vals or any(not 0 <= t < math.inf for t in vals):
-        raise ValueError("expected comma-separated temperatures >= 0")
-    return vals
+    return tuple(_parse_numbers(s, "temperatures"))
 
 
-def _parse_json_object(s: str) -> dict | None:
-    if s.strip().lower() in ("", "none"):
+def _parse_clips(s):
+    """``clip_timestamps``: "start,end,..." seconds as given, or a list of them."""
+    values = _parse_numbers(s, "start,end seconds")
+    return s if isinstance(s, str) else values
+
+
+def _parse_tokens(s, low: int = 0):
+    """Token ids: comma-separated text or a sequence of integers, as given."""
+    integer = _parse_number(int, low)
+    try:
+        for t in (s.split(",") if isinstance(s, str) else s):
+            if not isinstance(t, str) or t.strip():
+                integer(t)
+    except (ValueError, TypeError):
+        raise ValueError(f"expected comma-separated token ids >= {low}") from None
+    return s
+
+
+def _parse_prefix(s):
+    """Text, or the token ids the first window's transcript starts with."""
+    try:
+        return s if isinstance(s, str) else list(_parse_tokens(s))
+    except ValueError:
+        raise ValueError("expected text or token ids") from None
+
+
+def _parse_vad_parameters(s) -> dict | None:
+    """A JSON object (or a dict) of ``vad_filter``'s known parameters, each a number."""
+    if s is None or (isinstance(s, str) and s.strip().lower() in ("", "none")):
         return None
-    value = json.loads(s)
+    try:
+        value = json.loads(s) if isinstance(s, str) else s
+    except ValueError:
+        value = None
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
-    return value
+    bad = set(value) - {"threshold_db", "min_silence_seconds", "speech_pad_seconds"}
+    if bad:
+        raise ValueError(f"unknown {sorted(bad)}: known are threshold_db, min_silence_seconds, "
+                         "speech_pad_seconds")
+    return {k: _parse_number(float)(v) for k, v in value.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One option: its ``name`` (a keyword argument, ``--name`` flag, ``name =`` config line
-    and ``MAXWHISPER_NAME`` variable), ``default``, ``parse`` (text -> value: config files,
-    variables, flags, form fields), ``scope`` and ``help``.
+    and ``MAXWHISPER_NAME`` variable), ``default``, ``parse`` (text from config files, variables,
+    flags and form fields, or a Python value -> the value; see ``value``), ``scope`` and ``help``.
 
     Scopes: ``load`` (the model: ``load()``), ``transcribe`` (``transcribe()`` and the model's
     defaults for it), ``cli`` (the command line's output files), ``serve`` (the HTTP server),
@@ -215,15 +293,31 @@ class Option:
         """``--name``, and ``--name-with-dashes`` for a name with underscores."""
         return [f"--{self.name}"] + ([f"--{self.name.replace('_', '-')}"] if "_" in self.name else [])
 
+    def value(self, raw, source: str):
+        """``raw`` through ``parse``; a bad one is a ConfigError naming ``source``, the option
+        and what it expects."""
+        try:
+            return self.parse(raw)
+        except (ValueError, TypeError) as e:
+            shown = repr(raw) if len(repr(raw)) <= 80 else repr(raw)[:77] + "..."
+            raise ConfigError(f"{source}: bad value {shown} for {self.name!r} ({e})") from None
+
 
 _PREPEND = "\"'“¿([{-"
 _APPEND = "\"'.。,，!！?？:：”)]}、"
 _O = Option
-_int, _float, _str = _parse_optional(int), _parse_optional(float), _parse_optional(str)
+_integer, _number = _parse_number(int), _parse_number(float)
+_float, _str = _parse_optional(_number), _parse_optional(_parse_text)
+
+
+def _at_least(kind: type, low: float):
+    """An optional number of ``kind``, at least ``low``."""
+    return _parse_optional(_parse_number(kind, low))
+
 
 OPTIONS: tuple[Option, ...] = (
     # -- the model ------------------------------------------------------------------------
-    _O("model", "tiny.en", str, "load", "model name (tiny.en, small, large-v3, turbo, distil-large-v3, "
+    _O("model", "tiny.en", _parse_text, "load", "model name (tiny.en, small, large-v3, turbo, distil-large-v3, "
        "org/name) or a .pt, ggml, Hugging Face or CTranslate2 path"),
     _O("device", "auto", _parse_choice("auto", "cpu", "gpu", "cuda"), "load", "auto, cpu or gpu"),
     _O("kernels", "auto", _parse_choice("auto", "on", "off"), "load",
@@ -232,11 +326,11 @@ OPTIONS: tuple[Option, ...] = (
        "weight precision: float32 (exact), bfloat16 (decoder, half the bytes), q4_0 (4-bit "
        "blocks, encoder too; fastest, least exact) or q4_0x2 (two 4-bit terms, about "
        "bfloat16's accuracy)"),
-    _O("graph_cache", "auto", str, "load", "folder keeping compiled graphs and weight images for fast starts: auto = "
+    _O("graph_cache", "auto", _parse_text, "load", "folder keeping compiled graphs and weight images for fast starts: auto = "
        "$XDG_CACHE_HOME or ~/.cache, then maxwhisper/graphs; off = none"),
     _O("device_graphs", True, _parse_bool, "load", "on a GPU, capture a decoding step's kernel launches "
        "once per KVCache and replay them as one device graph (off: launch each op every step)"),
-    _O("runtime_thread_nice", 19, _parse_nice, "load", "nice value (0-19) for the thread MAX starts at "
+    _O("runtime_thread_nice", 19, _parse_number(int, 0, 19), "load", "nice value (0-19) for the thread MAX starts at "
        "the process's first graph run, which wakes ~5,000 times a second; 0 leaves it as started"),
     # -- transcription ----------------------------------------------------------------------
     _O("language", None, _str, "transcribe", "spoken language (code or name); none detects it",
@@ -245,19 +339,19 @@ OPTIONS: tuple[Option, ...] = (
        "transcribe, or translate into English"),
     _O("temperature", (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), _parse_temperatures, "transcribe",
        "temperature schedule for fallback, comma-separated", form="temperature"),
-    _O("best_of", None, _int, "transcribe", "samples per temperature > 0"),
-    _O("beam_size", None, _int, "transcribe", "beams at temperature 0; none is greedy"),
-    _O("patience", None, _float, "transcribe", "beam search patience (finished beams / beam_size)"),
+    _O("best_of", None, _at_least(int, 1), "transcribe", "samples per temperature > 0"),
+    _O("beam_size", None, _at_least(int, 1), "transcribe", "beams at temperature 0; none is greedy"),
+    _O("patience", None, _at_least(float, 0), "transcribe", "beam search patience (finished beams / beam_size)"),
     _O("length_penalty", None, _float, "transcribe",
        "length penalty alpha for ranking candidates; none = length normalisation"),
-    _O("sample_len", None, _int, "transcribe", "tokens to decode per window at most (none: 224)"),
-    _O("seed", None, _int, "transcribe", "random seed of the samples drawn above temperature 0"),
-    _O("prefix", None, _str, "transcribe", "text the first window's transcript starts with"),
-    _O("suppress_tokens", "-1", str, "transcribe",
+    _O("sample_len", None, _at_least(int, 0), "transcribe", "tokens to decode per window at most (none: 224)"),
+    _O("seed", None, _at_least(int, 0), "transcribe", "random seed of the samples drawn above temperature 0"),
+    _O("prefix", None, _parse_optional(_parse_prefix), "transcribe", "text the first window's transcript starts with"),
+    _O("suppress_tokens", "-1", _parse_optional(lambda s: _parse_tokens(s, -1)), "transcribe",
        "comma-separated token ids never to emit; -1 = the non-speech symbols"),
     _O("suppress_blank", True, _parse_bool, "transcribe", "no blank or end at a window's start"),
     _O("without_timestamps", False, _parse_bool, "transcribe", "decode text tokens only"),
-    _O("max_initial_timestamp", 1.0, _float, "transcribe", "latest first timestamp of a window (s)"),
+    _O("max_initial_timestamp", 1.0, _at_least(float, 0), "transcribe", "latest first timestamp of a window (s)"),
     _O("compression_ratio_threshold", 2.4, _float, "transcribe", "gzip ratio that triggers fallback"),
     _O("logprob_threshold", -1.0, _float, "transcribe", "mean log-prob that triggers fallback"),
     _O("no_speech_threshold", 0.6, _float, "transcribe", "no-speech probability for silence"),
@@ -265,54 +359,54 @@ OPTIONS: tuple[Option, ...] = (
     _O("initial_prompt", None, _str, "transcribe", "text prompt for the first window", form="prompt"),
     _O("carry_initial_prompt", False, _parse_bool, "transcribe",
        "prepend initial_prompt to every window's prompt"),
-    _O("clip_timestamps", "0", str, "transcribe",
+    _O("clip_timestamps", "0", _parse_clips, "transcribe",
        "comma-separated start,end,... seconds of the clips to transcribe"),
     _O("word_timestamps", False, _parse_bool, "transcribe", "word start/end times from cross-attention"),
-    _O("prepend_punctuations", _PREPEND, str, "transcribe",
+    _O("prepend_punctuations", _PREPEND, _parse_text, "transcribe",
        "with word_timestamps, punctuation merged into the next word"),
-    _O("append_punctuations", _APPEND, str, "transcribe",
+    _O("append_punctuations", _APPEND, _parse_text, "transcribe",
        "with word_timestamps, punctuation merged into the previous word"),
-    _O("hallucination_silence_threshold", None, _float, "transcribe",
+    _O("hallucination_silence_threshold", None, _at_least(float, 0), "transcribe",
        "with word_timestamps, skip silences longer than this (s) before a possible hallucination"),
     _O("vad_filter", False, _parse_bool, "transcribe", "skip long silences (frame energy) before decoding"),
-    _O("vad_parameters", None, _parse_json_object, "transcribe",
+    _O("vad_parameters", None, _parse_vad_parameters, "transcribe",
        "JSON object tuning vad_filter: threshold_db, min_silence_seconds, speech_pad_seconds"),
-    _O("repetition_limit", None, _int, "transcribe",
+    _O("repetition_limit", None, _at_least(int, 2), "transcribe",
        "cut a window whose text repeats one n-gram this many times; retry hotter"),
     _O("silence_threshold_db", None, _float, "transcribe",
        "skip a no-speech window whose loudest 100 ms is below this dBFS"),
-    _O("max_audio_seconds", None, _float, "transcribe", "refuse longer audio (CapacityError; a WAV "
+    _O("max_audio_seconds", None, _at_least(float, 0), "transcribe", "refuse longer audio (CapacityError; a WAV "
        "is measured from its header, other formats stop decoding there)", serve_default=3600.0),
     _O("verbose", False, _parse_bool, "transcribe", "log each segment as it is decoded (the CLI "
        "prints them instead)", cli_default=True),
     # -- the command line's output -----------------------------------------------------------
     _O("output_format", "all", _parse_choice("txt", "vtt", "srt", "tsv", "json", "all"), "cli",
        "CLI output files"),
-    _O("output_dir", ".", str, "cli", "CLI output folder"),
-    _O("temperature_increment_on_fallback", 0.2, _float, "cli",
+    _O("output_dir", ".", _parse_text, "cli", "CLI output folder"),
+    _O("temperature_increment_on_fallback", 0.2, _at_least(float, 0), "cli",
        "with a single --temperature, the step of the fallback schedule up to 1.0"),
     _O("highlight_words", False, _parse_bool, "cli",
        "(needs word_timestamps) underline each word as it is spoken in srt and vtt"),
-    _O("max_line_width", None, _int, "cli", "(needs word_timestamps) characters in a subtitle line"),
-    _O("max_line_count", None, _int, "cli", "(needs max_line_width) lines in a subtitle segment"),
-    _O("max_words_per_line", None, _int, "cli",
+    _O("max_line_width", None, _at_least(int, 1), "cli", "(needs word_timestamps) characters in a subtitle line"),
+    _O("max_line_count", None, _at_least(int, 1), "cli", "(needs max_line_width) lines in a subtitle segment"),
+    _O("max_words_per_line", None, _at_least(int, 1), "cli",
        "(needs word_timestamps, not with max_line_width) words in a subtitle line"),
     _O("log_format", "text", _parse_choice("text", "json"), "logging", "log lines: text or json"),
     _O("log_level", "info", _parse_choice("debug", "info", "warning", "error"), "logging", "log level"),
     # -- the server ---------------------------------------------------------------------------
-    _O("host", "127.0.0.1", str, "serve", "address to listen on"),
-    _O("port", 8000, int, "serve", "port to listen on (0 picks a free one)"),
+    _O("host", "127.0.0.1", _parse_text, "serve", "address to listen on"),
+    _O("port", 8000, _parse_number(int, 0, 65535), "serve", "port to listen on (0 picks a free one)"),
     _O("api_key", None, _str, "serve", "require 'Authorization: Bearer KEY' on /v1/*"),
-    _O("max_batch", 8, int, "serve", "transcriptions decoded together (1 turns batching off)"),
-    _O("queue_size", 64, int, "serve", "requests waiting before 503"),
-    _O("max_upload_mb", 25.0, float, "serve", "largest upload (MiB); 413 above it"),
-    _O("request_timeout", 300.0, float, "serve", "seconds a transcription may take; 504 past it "
+    _O("max_batch", 8, _integer, "serve", "transcriptions decoded together (1 turns batching off)"),
+    _O("queue_size", 64, _integer, "serve", "requests waiting before 503"),
+    _O("max_upload_mb", 25.0, _number, "serve", "largest upload (MiB); 413 above it"),
+    _O("request_timeout", 300.0, _number, "serve", "seconds a transcription may take; 504 past it "
        "(and the most a request's body may take to arrive: 408)"),
-    _O("client_timeout", 30.0, float, "serve", "seconds a client may take to send a request's "
+    _O("client_timeout", 30.0, _number, "serve", "seconds a client may take to send a request's "
        "headers, or stay silent mid-body or idle on a kept-alive connection, before it is closed"),
-    _O("max_connections", 64, int, "serve", "open client connections at most; past it a new one "
+    _O("max_connections", 64, _integer, "serve", "open client connections at most; past it a new one "
        "is answered 503 and closed"),
-    _O("grace", 30.0, float, "serve", "seconds to finish requests in flight on SIGTERM"),
+    _O("grace", 30.0, _number, "serve", "seconds to finish requests in flight on SIGTERM"),
 )
 SETTINGS: dict[str, Option] = {o.name: o for o in OPTIONS}
 
@@ -384,10 +478,7 @@ class Config:
     def _put(self, name: str, raw, source: str) -> None:
         if name not in SETTINGS:
             raise ConfigError(f"{source}: unknown setting {name!r}; known: {', '.join(SETTINGS)}")
-        try:
-            self.values[name] = SETTINGS[name].parse(raw) if isinstance(raw, str) else raw
-        except ValueError as e:
-            raise ConfigError(f"{source}: bad value {raw!r} for {name!r} ({e})") from None
+        self.values[name] = SETTINGS[name].value(raw, source)
         self.sources[name] = source
 
     def scope(self, where: str) -> dict:
@@ -606,7 +697,8 @@ def _check_finite(name, x: np.ndarray) -> None:
 
 
 def load_audio(audio: str | os.PathLike | np.ndarray, max_seconds: float | None = None) -> np.ndarray:
-    """Return mono 16 kHz float32 samples from a file path or a numpy array.
+    """Return mono 16 kHz float32 samples from a file path or a numpy array (or a PyTorch
+    tensor, as openai-whisper takes).
 
     A path to a WAV file is decoded here (PCM 8/16/24/32-bit or 32/64-bit float, any channel
     count, 1 Hz to 384 kHz, mixed to mono and resampled); any other format goes through
@@ -615,6 +707,11 @@ def load_audio(audio: str | os.PathLike | np.ndarray, max_seconds: float | None 
     non-finite, and ``CapacityError`` for audio longer than ``max_seconds`` (a WAV's length is
     read from its header, before decoding).
     """
+    if type(audio).__module__ == "torch" and hasattr(audio, "numpy"):
+        audio = audio.detach().cpu().numpy()
+    if not isinstance(audio, (np.ndarray, str, os.PathLike)):
+        raise AudioError(f"audio of type {type(audio).__name__}: pass a file path or 1-D float32 "
+                         "samples at 16 kHz (a numpy array)")
     if isinstance(audio, np.ndarray):
         if audio.ndim != 1 or audio.dtype.kind != "f":
             raise AudioError(f"audio array has dtype {audio.dtype} and shape {audio.shape}; "
@@ -4667,6 +4764,9 @@ def _suppress_ids(options: DecodingOptions, tokenizer) -> list[int]:
     if isinstance(ids, str):
         ids = [int(t) for t in ids.split(",") if t.strip()]
     ids = list(ids or [])
+    if any(t >= tokenizer.encoding.n_vocab for t in ids):
+        raise ConfigError(f"suppress_tokens: {max(ids)} is past this model's vocabulary "
+                          f"(ids 0-{tokenizer.encoding.n_vocab - 1}, or -1)")
     if -1 in ids:
         ids = [t for t in ids if t >= 0] + _non_speech_tokens(tokenizer)
     ids += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
@@ -4861,18 +4961,13 @@ def _transcribe_options(model: Model, options: dict) -> TranscribeOptions:
     unknown = set(options) - known
     if unknown:
         raise ConfigError(f"unknown transcribe option(s) {sorted(unknown)}; known: {sorted(known)}")
-    o = TranscribeOptions(**{**model.config.scope("transcribe"), **options})
-    if o.task not in ("transcribe", "translate"):
-        raise ConfigError(f"task={o.task!r}: use 'transcribe' or 'translate'")
+    given = {k: v if v is None else SETTINGS[k].value(v, "transcribe()") for k, v in options.items()}
+    o = TranscribeOptions(**{**model.config.scope("transcribe"), **given})
     if o.hallucination_silence_threshold is not None and not o.word_timestamps:
         raise ConfigError("hallucination_silence_threshold needs word_timestamps=True (it reads word timings)")
     if o.vad_filter and _clipped(o):
         raise ConfigError("vad_filter and clip_timestamps can't be combined: choose the clips or "
                           "let voice activity find them")
-    bad = set(o.vad_parameters or {}) - {"threshold_db", "min_silence_seconds", "speech_pad_seconds"}
-    if bad:
-        raise ConfigError(f"vad_parameters {sorted(bad)}: known are threshold_db, "
-                          "min_silence_seconds, speech_pad_seconds")
     _decoding_options(o, o.language, 0.0, None, best_of=None).check()
     return o
 
@@ -8164,7 +8259,7 @@ def _fallback_schedule(temperature: str | None, increment: str | None) -> str | 
     try:
         step = SETTINGS["temperature_increment_on_fallback"].default if increment is None \
             else SETTINGS["temperature_increment_on_fallback"].parse(increment)
-        if not step:
+        if not step or not 0 <= float(temperature) < 1:        # Config reports a bad one as given
             return temperature
         return ",".join(str(t) for t in np.arange(float(temperature), 1.0 + 1e-6, step).round(6).tolist())
     except ValueError:
@@ -8228,7 +8323,7 @@ def stream_main(argv: Sequence[str]) -> int:
     parser.add_argument("--language", default=None, help="spoken language (default: detected)")
     parser.add_argument("--initial_prompt", default=None, help="text to prime the first decoding with")
     parser.add_argument("--step", type=float, default=0.5, help="seconds of new audio between decodings")
-    parser.add_argument("--beam_size", type=_int, default=None, help="beams of each decoding (default: greedy)")
+    parser.add_argument("--beam_size", default=None, help="beams of each decoding (default: greedy)")
     parser.add_argument("--partial", action="store_true", help="show the tentative text too (on a TTY)")
     parser.add_argument("--realtime", action="store_true", help="replay a file at its own pace")
     args = parser.parse_args(argv)
@@ -8237,7 +8332,8 @@ def stream_main(argv: Sequence[str]) -> int:
         configure_logging(cfg, verbose=True)
         _CompileProgress.bar = sys.stderr.isatty()
         stream = load(config=cfg).stream(language=args.language, initial_prompt=args.initial_prompt,
-                                         step=args.step, beam_size=args.beam_size, name=args.source)
+                                         step=args.step, name=args.source,
+                                         beam_size=SETTINGS["beam_size"].value(args.beam_size, "--beam_size"))
         state = {"line": "", "tentative": "", "partial": args.partial and sys.stdout.isatty()}
         if args.source == "-":
             fd, rest = sys.stdin.buffer.fileno(), b""

@@ -85,6 +85,13 @@ class AudioTest(unittest.TestCase):
         for bad in (np.zeros((2, 100), np.float32), np.zeros(100, np.int16)):
             with self.subTest(shape=bad.shape, dtype=bad.dtype), self.assertRaises(mw.AudioError):
                 mw.load_audio(bad)
+        import torch                                  # openai-whisper takes tensors too
+        x = torch.linspace(-1, 1, 100)
+        np.testing.assert_array_equal(mw.load_audio(x), x.numpy())
+        for bad in ([0.0] * 100, b"RIFF", 16000):
+            with self.subTest(type=type(bad).__name__), self.assertRaises(mw.AudioError) as ctx:
+                mw.load_audio(bad)
+            self.assertIn(type(bad).__name__, str(ctx.exception))
 
     @unittest.skipUnless(shutil.which("ffmpeg"), "ffmpeg is not installed")
     def test_other_formats_go_through_ffmpeg(self):

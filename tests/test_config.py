@@ -46,6 +46,12 @@ class ConfigTest(unittest.TestCase):
         with self.assertRaises(mw.ConfigError):
             mw.Config.resolve(self.dir / "absent.cfg", env={})
 
+    def test_resolved_values_resolve_to_themselves(self):
+        env = {"MAXWHISPER_VAD_PARAMETERS": '{"threshold_db": -40}', "MAXWHISPER_CLIP_TIMESTAMPS": "1,2.5",
+               "MAXWHISPER_PORT": "0", "MAXWHISPER_SUPPRESS_TOKENS": "-1,50257"}
+        c = mw.Config.resolve(self.cfg, env=env)
+        self.assertEqual(mw.Config.resolve(env={}, **c.values).values, c.values)     # a Ray actor's
+
     def test_model_takes_transcribe_defaults_from_config(self):
         cfg = mw.Config.resolve(env={"MAXWHISPER_MAX_AUDIO_SECONDS": "0.5"})
         m = mw.Model(support.weights("tiny.en"), device="cpu", config=cfg)
@@ -91,6 +97,14 @@ class OptionsTableTest(unittest.TestCase):
         for field in dataclasses.fields(mw.DecodingOptions):
             if field.name in mw.SETTINGS and field.name != "temperature":     # a window's one temperature
                 self.assertEqual(field.default, mw.SETTINGS[field.name].default, field.name)
+
+    def test_a_parsed_value_parses_to_itself(self):
+        """Settings travel as values (to a Ray actor, a server's requests, a model's transcribe
+        defaults) and are parsed again there: every default is its own parse."""
+        for o in mw.OPTIONS:
+            for default in [o.default] + [d for d in (o.cli_default, o.serve_default) if d is not None]:
+                with self.subTest(option=o.name, default=default):
+                    self.assertEqual(o.parse(default), default)
 
     def test_load_applies_its_arguments_over_a_config(self):
         cfg = mw.Config.resolve(env={}, model="no-such-model")

@@ -49,6 +49,29 @@ class TranscribeTest(unittest.TestCase):
                 self.model.transcribe(str(self.wav), **options)
             self.assertIn(next(iter(options)), str(ctx.exception))
 
+    def test_option_values_are_checked_as_flags_are(self):
+        """A keyword argument goes through its option's parse, as a flag or config line does: a
+        value of the wrong kind or out of range is a ConfigError naming it, before any audio."""
+        bad = {"beam_size": 0, "best_of": 2.5, "temperature": -1, "seed": "x", "patience": -1,
+               "clip_timestamps": "abc", "max_initial_timestamp": -1, "repetition_limit": 1,
+               "initial_prompt": 5, "language": 5, "word_timestamps": "maybe", "sample_len": True,
+               "suppress_tokens": "a,b", "prefix": 5.0, "vad_parameters": {"threshold_db": "loud"},
+               "no_speech_threshold": float("nan")}
+        for name, value in bad.items():
+            with self.subTest(name=name), self.assertRaises(mw.ConfigError) as ctx:
+                self.model.transcribe("no-such-file.wav", **{name: value})
+            self.assertIn(repr(name), str(ctx.exception))
+        with self.assertRaises(mw.ConfigError) as ctx:         # the ids are the vocabulary's
+            self.model.transcribe(str(self.wav), suppress_tokens=[-1, 10 ** 8])
+        self.assertIn("suppress_tokens", str(ctx.exception))
+        # text, as a flag holds it, and Python values of the option's kind both work
+        a = self.model.transcribe(str(self.wav), temperature=0, clip_timestamps=[0, 1.2], beam_size="2",
+                                  suppress_tokens=[-1], word_timestamps=1)
+        b = self.model.transcribe(str(self.wav), temperature="0", clip_timestamps="0,1.2", beam_size=2,
+                                  suppress_tokens="-1", word_timestamps=True)
+        self.assertEqual(a["text"], b["text"])
+        self.assertIn("quick brown fox", a["text"].lower())
+
     def test_english_only_model_cannot_detect_language(self):
         with self.assertRaises(mw.ConfigError):
             self.model.detect_language(np.zeros((80, mw.N_FRAMES), np.float32))
