@@ -1563,9 +1563,9 @@ def main(argv=None) -> int:
     sm.add_argument("--voices", default="espeak-ng", help=f"text-to-speech voices of the generated clips, "
                                                         f"comma-separated: {', '.join(VOICES)}")
     sm.add_argument("--step", type=float, default=0.5, help="the streams' step (seconds between decodings)")
-    sm.add_argument("--beam-size", type=mw._int, default=None, help="the Python API streams' beams (default: "
-                                                                   "greedy; the server's streams stay greedy)")
-    sm.add_argument("--prompt-tokens", type=mw._int, default=mw.PROMPT_TOKENS,
+    sm.add_argument("--beam-size", type=mw.SETTINGS["beam_size"].parse, default=None,
+                    help="the Python API streams' beams (default: greedy; the server's streams stay greedy)")
+    sm.add_argument("--prompt-tokens", type=mw._parse_optional(mw._integer), default=mw.PROMPT_TOKENS,
                     help="the Python API streams' prompt: the committed text's last tokens")
     sm.add_argument("--unpaced", action="store_true", help="feed the Python API streams a step at a time without "
                                                           "waiting: latency in audio time, the commit policy's own")

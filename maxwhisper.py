@@ -7382,7 +7382,7 @@ class _RealtimeSession:
             language, self.detected = transcription["language"] or None, None
             self.language = None if language is None else _language_code(self.server.model, language)
         if "prompt" in transcription:
-            self.prompt = transcription["prompt"] or None
+            self.prompt = SETTINGS["initial_prompt"].value(transcription["prompt"] or None, "session.update: prompt")
         turn_key = "turn_detection"
         turn = audio[turn_key] if turn_key in audio else session.get(turn_key, self.turn)
         if turn is not None and (not isinstance(turn, dict) or turn.get("type", "server_vad") != "server_vad"):

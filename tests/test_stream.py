@@ -729,7 +729,8 @@ class StreamServerTest(unittest.TestCase):
             ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
             self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "input_audio_buffer_commit_empty")
             for bad in ({"audio": [1]}, {"audio": {"input": {"format": {"type": "audio/pcm", "rate": "fast"}}}},
-                        {"audio": {"input": {"transcription": {"language": "klingon"}}}}, None):
+                        {"audio": {"input": {"transcription": {"language": "klingon"}}}},
+                        {"audio": {"input": {"transcription": {"prompt": 5}}}}, None):
                 ws.send(json.dumps({"type": "session.update", "session": bad}))
                 self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "invalid_value", bad)
             ws.send(json.dumps({"type": "response.create"}))
