@@ -5778,14 +5778,16 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
     any decoding, naming the file (``transcribe_each`` reads them as it goes and reports each
     failure apart).
     """
-    _check_batch("batch_size", batch_size)
+    _check_batch("batch_size", batch_size, audios)
     o = _transcribe_options(model, options)
     return _transcribe_all(model, [_Transcription(model, audio, o) for audio in audios], batch_size)
 
 
-def _check_batch(name: str, size) -> None:
+def _check_batch(name: str, size, audios=()) -> None:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ConfigError(f"{name}={size!r}: use a whole number, 1 or more")
+    if isinstance(audios, (str, bytes, os.PathLike)):          # not its characters, one by one
+        raise ConfigError(f"audios={str(audios)[:100]!r}: pass a list of audios (transcribe() takes one)")
 
 
 def _transcribe_all(model: Model, jobs: list[_Transcription], batch_size: int) -> list[dict]:
@@ -5913,7 +5915,7 @@ def transcribe_each(model: Model, audios: Iterable, batch_size: int = 8, **optio
     ``batch_size`` audios are held, however many ``audios`` lists (any iterable, read as it
     goes). Options as in ``transcribe``; a bad one raises here.
     """
-    _check_batch("batch_size", batch_size)
+    _check_batch("batch_size", batch_size, audios)
     o = _transcribe_options(model, options)
 
     def each():
@@ -6155,7 +6157,7 @@ class StreamingTranscriber:
         self.language_votes: dict[str, float] = {}   # the language detections' probabilities, summed
         self.language_probability = 1.0 if self.language else 0.0     # the detection's, when detected
         self.prompt: list[int] = []                  # committed text before the buffer
-        if initial_prompt:
+        if SETTINGS["initial_prompt"].value(initial_prompt, "stream()"):
             self.prompt = self._tokenizer().encode(" " + initial_prompt.strip())
         self.resampler: _StreamResampler | None = None
         self.audio = np.zeros(0, np.float32)         # the buffer: samples since the last cut

@@ -505,6 +505,10 @@ class StreamingTest(unittest.TestCase):
             self.model.stream(step=0)
         with self.assertRaises(mw.ConfigError):
             self.model.stream(language="fr")                # tiny.en is English-only
+        for bad in ({"initial_prompt": 5}, {"beam_size": 0}):
+            with self.assertRaises(mw.ConfigError) as ctx:
+                self.model.stream(**bad)
+            self.assertIn(next(iter(bad)), str(ctx.exception))
         for bad in (-1, 224):                               # 0 .. half of tiny.en's 448 positions
             with self.assertRaises(mw.ConfigError):
                 self.model.stream(prompt_tokens=bad)

@@ -232,6 +232,11 @@ class TranscribeBatchTest(unittest.TestCase):
         with self.assertRaises(mw.AudioError) as ctx:
             mw.transcribe_batch(support.model("tiny.en"), [support.samples("en")[0][0], "/no/such.wav"])
         self.assertIn("/no/such.wav", str(ctx.exception))
+        one = str(support.samples("en")[0][0])              # one path, not a list of its characters
+        for batch in (mw.transcribe_batch, lambda *a: list(mw.transcribe_each(*a))):
+            with self.assertRaises(mw.ConfigError) as ctx:
+                batch(support.model("tiny.en"), one)
+            self.assertIn("list of audios", str(ctx.exception))
 
 
 class ChunkedTest(unittest.TestCase):
