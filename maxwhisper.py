@@ -6157,7 +6157,8 @@ class StreamingTranscriber:
         self.language_votes: dict[str, float] = {}   # the language detections' probabilities, summed
         self.language_probability = 1.0 if self.language else 0.0     # the detection's, when detected
         self.prompt: list[int] = []                  # committed text before the buffer
-        if SETTINGS["initial_prompt"].value(initial_prompt, "stream()"):
+        initial_prompt = SETTINGS["initial_prompt"].value(initial_prompt, "stream()")
+        if initial_prompt:
             self.prompt = self._tokenizer().encode(" " + initial_prompt.strip())
         self.resampler: _StreamResampler | None = None
         self.audio = np.zeros(0, np.float32)         # the buffer: samples since the last cut
