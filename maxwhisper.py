@@ -248,10 +248,8 @@ def _parse_prefix(s):
         raise ValueError("expected text or token ids") from None
 
 
-def _parse_vad_parameters(s) -> dict | None:
+def _parse_vad_parameters(s) -> dict:
     """A JSON object (or a dict) of ``vad_filter``'s known parameters, each a number."""
-    if s is None or (isinstance(s, str) and s.strip().lower() in ("", "none")):
-        return None
     try:
         value = json.loads(s) if isinstance(s, str) else s
     except ValueError:
@@ -262,7 +260,7 @@ def _parse_vad_parameters(s) -> dict | None:
     if bad:
         raise ValueError(f"unknown {sorted(bad)}: known are threshold_db, min_silence_seconds, "
                          "speech_pad_seconds")
-    return {k: _parse_number(float)(v) for k, v in value.items()}
+    return {k: _number(v) for k, v in value.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +367,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("hallucination_silence_threshold", None, _at_least(float, 0), "transcribe",
        "with word_timestamps, skip silences longer than this (s) before a possible hallucination"),
     _O("vad_filter", False, _parse_bool, "transcribe", "skip long silences (frame energy) before decoding"),
-    _O("vad_parameters", None, _parse_vad_parameters, "transcribe",
+    _O("vad_parameters", None, _parse_optional(_parse_vad_parameters), "transcribe",
        "JSON object tuning vad_filter: threshold_db, min_silence_seconds, speech_pad_seconds"),
     _O("repetition_limit", None, _at_least(int, 2), "transcribe",
        "cut a window whose text repeats one n-gram this many times; retry hotter"),
