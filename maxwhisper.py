@@ -256,11 +256,18 @@ def _parse_vad_parameters(s) -> dict:
         value = None
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
-    bad = set(value) - {"threshold_db", "min_silence_seconds", "speech_pad_seconds"}
+    known = {"threshold_db": _number, "min_silence_seconds": _parse_number(float, 0, 86400),
+             "speech_pad_seconds": _parse_number(float, 0, 86400)}
+    bad = set(value) - set(known)
     if bad:
-        raise ValueError(f"unknown {sorted(bad)}: known are threshold_db, min_silence_seconds, "
-                         "speech_pad_seconds")
-    return {k: _number(v) for k, v in value.items()}
+        raise ValueError(f"unknown {sorted(bad)}: known are {', '.join(known)}")
+    parsed = {}
+    for key, v in value.items():
+        try:
+            parsed[key] = known[key](v)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+    return parsed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7205,6 +7212,22 @@ _TURN_DETECTION = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 
 _MAX_WS_MESSAGE = 4 * 1024 * 1024      # one Realtime client message (a base64 audio chunk), bytes
 _MAX_BEHIND = 60.0                     # seconds of a session's audio waiting to be decoded, at most
 _MAX_WAITING = 1000                    # a session's appends, commits and clears waiting, at most
+_TURN_FIELDS = {"threshold": _parse_number(float, 0, 1),
+                "prefix_padding_ms": _parse_number(int, 0, 60_000),      # quiet audio a session holds
+                "silence_duration_ms": _parse_number(int, 0, 60_000)}
+
+
+def _turn_detection(turn: dict) -> dict:
+    """A ``session.update``'s ``turn_detection`` over the defaults (OpenAI's: fields left out
+    take their defaults), each field the detector reads parsed: the padding is audio the
+    session keeps while the client sends silence, so a client can't make it unbounded."""
+    merged = {**_TURN_DETECTION, **turn}
+    for key, parse in _TURN_FIELDS.items():
+        try:
+            merged[key] = parse(merged[key])
+        except ValueError as e:
+            raise ConfigError(f"turn_detection.{key}={merged[key]!r}: {e}") from None
+    return merged
 
 
 class _TurnDetector:
@@ -7389,7 +7412,7 @@ class _RealtimeSession:
         if turn is not None and (not isinstance(turn, dict) or turn.get("type", "server_vad") != "server_vad"):
             raise ConfigError("turn_detection: use {\"type\": \"server_vad\", ...} or null (commit by hand)")
         if turn != self.turn:
-            self.turn = None if turn is None else {**_TURN_DETECTION, **turn}
+            self.turn = None if turn is None else _turn_detection(turn)
             self.vad = self._detector()
         if "include" in session:
             self.tentative = "maxwhisper.tentative" in (session["include"] or [])

@@ -734,9 +734,15 @@ class StreamServerTest(unittest.TestCase):
             self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "input_audio_buffer_commit_empty")
             for bad in ({"audio": [1]}, {"audio": {"input": {"format": {"type": "audio/pcm", "rate": "fast"}}}},
                         {"audio": {"input": {"transcription": {"language": "klingon"}}}},
-                        {"audio": {"input": {"transcription": {"prompt": 5}}}}, None):
+                        {"audio": {"input": {"transcription": {"prompt": 5}}}}, None,
+                        {"audio": {"input": {"turn_detection": {"threshold": "loud"}}}},
+                        {"audio": {"input": {"turn_detection": {"silence_duration_ms": float("inf")}}}},
+                        {"audio": {"input": {"turn_detection": {"prefix_padding_ms": 10 ** 12}}}}):
                 ws.send(json.dumps({"type": "session.update", "session": bad}))
                 self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "invalid_value", bad)
+            ws.send(json.dumps({"type": "session.update", "session": {"type": "transcription"}}))
+            turn = self.receive_until(ws, "session.updated")[-1]["session"]["audio"]["input"]["turn_detection"]
+            self.assertEqual(turn, {**mw._TURN_DETECTION, "silence_duration_ms": 500})   # the bad ones left it
             ws.send(json.dumps({"type": "response.create"}))
             self.assertEqual(self.receive_until(ws, "error")[-1]["error"]["code"], "invalid_event_type")
 

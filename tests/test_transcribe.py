@@ -61,6 +61,10 @@ class TranscribeTest(unittest.TestCase):
             with self.subTest(name=name), self.assertRaises(mw.ConfigError) as ctx:
                 self.model.transcribe("no-such-file.wav", **{name: value})
             self.assertIn(repr(name), str(ctx.exception))
+        for vad in ({"speech_pad_seconds": float("inf")}, {"min_silence_seconds": -1}):   # margins, in seconds
+            with self.subTest(vad=vad), self.assertRaises(mw.ConfigError) as ctx:
+                self.model.transcribe("no-such-file.wav", vad_filter=True, vad_parameters=vad)
+            self.assertIn(next(iter(vad)), str(ctx.exception))
         with self.assertRaises(mw.ConfigError) as ctx:         # the ids are the vocabulary's
             self.model.transcribe(str(self.wav), suppress_tokens=[-1, 10 ** 8])
         self.assertIn("suppress_tokens", str(ctx.exception))
