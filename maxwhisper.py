@@ -7129,7 +7129,7 @@ class _WebSocket:
 
     def receive(self) -> str | bytes | None:
         """The next message (str for text, bytes for binary), or None once closed."""
-        parts, kind = [], None
+        parts, kind, size = [], None, 0
         while not self.closed:
             b0, b1 = self._read(2)
             fin, opcode, masked, n = b0 & 0x80, b0 & 0x0F, b1 & 0x80, b1 & 0x7F
@@ -7140,7 +7140,7 @@ class _WebSocket:
             if not masked:
                 self.close(1002, "client frames must be masked")
                 return None
-            if n + sum(len(p) for p in parts) > self.max_bytes:
+            if size + n > self.max_bytes:
                 self.close(1009, f"a message is limited to {self.max_bytes} bytes")
                 return None
             mask = np.frombuffer(self._read(4), np.uint8)
@@ -7163,7 +7163,9 @@ class _WebSocket:
             elif opcode != 0x0 or kind is None:
                 self.close(1002, f"unexpected frame opcode {opcode}")
                 return None
-            parts.append(payload)
+            if payload:                    # empty fragments cost a client 6 bytes each: not kept
+                parts.append(payload)
+                size += n
             if fin:
                 data = b"".join(parts)
                 if kind == 0x2:

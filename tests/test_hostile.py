@@ -62,6 +62,43 @@ def wav_header(rate: int, data_bytes: int = 2) -> bytes:
     return b"RIFF" + len(body).to_bytes(4, "little") + body
 
 
+def client_frame(opcode: int, payload: bytes = b"", fin: bool = True) -> bytes:
+    """One masked WebSocket frame as a client sends it."""
+    n = len(payload)
+    size = bytes([0x80 | n]) if n < 126 else b"\xfe" + n.to_bytes(2, "big") if n < 65536 \
+        else b"\xff" + n.to_bytes(8, "big")
+    mask = b"\x01\x02\x03\x04"
+    return bytes([(0x80 if fin else 0) | opcode]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+class WebSocketFramesTest(unittest.TestCase):
+    """The Realtime socket's framing as RFC 6455 has it, and bounded: fragments are joined
+    around control frames, a message over the limit closes with 1009, and a flood of empty
+    fragments is neither kept nor rescanned."""
+
+    def socket(self, data: bytes, max_bytes: int = 1000):
+        import io
+        sent = []
+        sock = mock.Mock(sendall=sent.append)
+        return mw._WebSocket(io.BytesIO(data), sock, max_bytes), sent
+
+    def test_fragments_are_joined_around_pings(self):
+        data = client_frame(0x1, b"hel", fin=False) + client_frame(0x9, b"hi") \
+            + client_frame(0x0, b"", fin=False) * 50_000 + client_frame(0x0, b"lo")
+        ws, sent = self.socket(data)
+        self.assertEqual(ws.receive(), "hello")
+        self.assertEqual(sent, [b"\x8a\x02hi"])                    # the ping's pong, between the fragments
+
+    def test_limits_close_the_socket(self):
+        for data, code in ((client_frame(0x2, bytes(600), fin=False) + client_frame(0x0, bytes(600)), 1009),
+                           (client_frame(0x1, b"\xff\xfe"), 1007),
+                           (client_frame(0x0, b"x"), 1002),
+                           (bytes([0x81, 0x02]) + b"hi", 1002)):           # unmasked
+            ws, sent = self.socket(data)
+            self.assertIsNone(ws.receive())
+            self.assertEqual(sent[-1][2:4], code.to_bytes(2, "big"))
+
+
 class HostileClientTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
