@@ -7004,6 +7004,7 @@ def _form_options(fields: dict, task: str) -> dict:
 
 _MAX_PARTS = 64                  # form parts in one request
 _MAX_FIELD_BYTES = 64 * 1024     # a form field other than the file
+_MAX_PART_HEAD = 16 * 1024       # a part's headers: the email package's parameter parse is quadratic
 
 
 def _header_params(value: str, header: str = "content-type") -> tuple[str, dict]:
@@ -7052,6 +7053,8 @@ def _parse_multipart(content_type: str, body: bytes) -> tuple[dict, bytes | None
         head, sep, payload = body[line_end + 2:end].partition(b"\r\n\r\n")
         if not sep:
             raise malformed
+        if len(head) > _MAX_PART_HEAD:
+            raise _ApiError(400, f"a form part's headers are over {_MAX_PART_HEAD} bytes")
         disposition = next((value for key, _, value in (line.partition(b":") for line in head.split(b"\r\n"))
                             if key.strip().lower() == b"content-disposition"), b"")
         try:

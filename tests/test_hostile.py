@@ -192,6 +192,18 @@ class HostileClientTest(unittest.TestCase):
         self.assertEqual(status, 400)
         self.assertNotIn("/tmp", json.loads(answer)["error"]["message"])
 
+    def test_a_parts_headers_are_bounded(self):
+        """Content-Disposition parameters parse in time quadratic in their length (400 KB: 0.8 s),
+        so a part's headers are refused past 16 KiB, before they are parsed."""
+        def form(disposition: bytes) -> bytes:
+            return b"--B\r\nContent-Disposition: form-data; name=\"file\"; %s\r\n\r\nRIFF\r\n--B--\r\n" % disposition
+        with self.assertRaises(mw._ApiError) as ctx:
+            mw._parse_multipart("multipart/form-data; boundary=B", form(b"a=b; " * 400_000))
+        self.assertEqual(ctx.exception.status, 400)
+        self.assertIn("headers", str(ctx.exception))
+        _, audio, filename = mw._parse_multipart("multipart/form-data; boundary=B", form(b'filename="%s"' % (b"x" * 300)))
+        self.assertEqual((audio, filename), (b"RIFF", "x" * 300))
+
     def test_form_fields_are_the_clients_text(self):
         options = mw._form_options({"prompt": "None", "language": "en", "temperature": "0.4"}, "transcribe")
         self.assertEqual(options, {"task": "transcribe", "initial_prompt": "None", "language": "en",
