@@ -8295,6 +8295,15 @@ def _fallback_schedule(temperature: str | None, increment: str | None) -> str | 
         return temperature                             # Config reports the bad value
 
 
+def _output_dir(path) -> None:
+    """Create ``output_dir`` and its parents; a ConfigError naming it when that fails."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        what = "is a file, not a folder" if isinstance(e, FileExistsError) else f"cannot be created ({e.strerror})"
+        raise ConfigError(f"output_dir {path}: {what}; give a folder you can write to") from None
+
+
 def _report(e: MaxWhisperError) -> int:
     """Print an error in one line; the exit code: 1 for a device (internal) error, else 2."""
     if isinstance(e, DeviceError):
@@ -8415,10 +8424,10 @@ def batch_main(argv: Sequence[str]) -> int:
         configure_logging(cfg, verbose=False)            # the progress line says how it goes
         if args.batch_size < 1 or args.workers < 1:
             raise ConfigError("--batch_size and --workers must be at least 1")
+        _output_dir(args.output_dir)
         inputs = batch_inputs(args.inputs)
         todo = [(p, n) for p, n in inputs if not batch_done(args.output_dir, n, args.output_format)]
         sys.stderr.write(f"batch: {len(inputs)} inputs, {len(inputs) - len(todo)} done before, {len(todo)} to do\n")
-        os.makedirs(args.output_dir, exist_ok=True)
         options = {k: v for k, v in cfg.scope("transcribe").items() if k != "verbose"}
         kwargs = dict(model=cfg["model"], output_dir=args.output_dir, output_format=args.output_format,
                       batch_size=args.batch_size, threads=args.threads, **options)
@@ -8505,18 +8514,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("maxwhisper: error: no audio files given (see --help)\n")
         return 2
     try:
+        if not args.warmup:
+            _output_dir(cfg["output_dir"])              # before the model: a bad folder fails at once
         model = load(config=cfg)
         if args.warmup:
             model.warmup()
             log.info("%s: graphs %s compiled and kept in the graph store for %s", cfg["model"],
                      ", ".join(model.graphs_for()), model.device_name)
             return 0
-        os.makedirs(cfg["output_dir"], exist_ok=True)
     except MaxWhisperError as e:
         return _report(e)
-    except OSError as e:
-        sys.stderr.write(f"maxwhisper: error: output_dir {cfg['output_dir']}: {e.strerror}\n")
-        return 2
     writer = _openai("utils").get_writer(cfg["output_format"], cfg["output_dir"])
     status = 0
     for path in args.audio:

@@ -46,6 +46,17 @@ class CliTest(unittest.TestCase):
         self.assertIn("no-such-model", proc.stderr)
         self.assertNotIn("Traceback", proc.stderr)
 
+    def test_an_output_dir_that_cannot_be_made_exits_2_before_loading(self):
+        wav, _ = support.samples("en")[-1]
+        taken = self.dir / "taken"
+        taken.write_text("")
+        for args in ((wav, "-o", taken), ("batch", wav, "--output_dir", taken), (wav, "-o", taken / "below")):
+            with self.subTest(args=args[:-2]):
+                proc = run_cli(*args, "--model", "no-such-model", cwd=self.dir)   # the folder is checked first
+                self.assertEqual(proc.returncode, 2, proc.stderr)
+                self.assertIn(f"output_dir {args[-1]}", proc.stderr)
+                self.assertNotIn("Traceback", proc.stderr)
+
 
 if __name__ == "__main__":
     unittest.main()
