@@ -118,7 +118,8 @@ class MaxWhisperError(Exception):
 
 
 class AudioError(MaxWhisperError):
-    """Audio that cannot be read or used: missing, unreadable, empty, corrupt, non-finite."""
+    """Audio that cannot be read or used: missing, unreadable, empty, corrupt, non-finite or
+    far out of range."""
 
 
 class ModelError(MaxWhisperError):
@@ -696,9 +697,16 @@ def _check_duration(name, seconds: float, max_seconds: float | None) -> None:
                             "split the file or raise the limit")
 
 
-def _check_finite(name, x: np.ndarray) -> None:
-    if not np.all(np.isfinite(x)):
+_MAX_SAMPLE = 1e15     # float audio is [-1, 1]; past ~1e16 the float32 power spectrum overflows
+
+
+def _check_samples(name, x: np.ndarray) -> None:
+    peak = float(np.max(np.abs(x))) if len(x) else 0.0
+    if not math.isfinite(peak):
         raise AudioError(f"{name}: holds NaN or infinite samples; fix the source audio")
+    if peak > _MAX_SAMPLE:
+        raise AudioError(f"{name}: holds samples up to {peak:.3g}; float audio is expected in [-1, 1] "
+                         "(scale it down)")
 
 
 def load_audio(audio: str | os.PathLike | np.ndarray, max_seconds: float | None = None) -> np.ndarray:
@@ -708,8 +716,8 @@ def load_audio(audio: str | os.PathLike | np.ndarray, max_seconds: float | None 
     A path to a WAV file is decoded here (PCM 8/16/24/32-bit or 32/64-bit float, any channel
     count, 1 Hz to 384 kHz, mixed to mono and resampled); any other format goes through
     ``ffmpeg`` when it is on PATH. An array must already be 1-D float audio at 16 kHz, as
-    openai-whisper expects. Raises ``AudioError`` naming the file for anything unreadable or
-    non-finite, and ``CapacityError`` for audio longer than ``max_seconds`` (a WAV's length is
+    openai-whisper expects. Raises ``AudioError`` naming the file for anything unreadable,
+    non-finite or far outside [-1, 1] (past 1e15), and ``CapacityError`` for audio longer than ``max_seconds`` (a WAV's length is
     read from its header, before decoding).
     """
     if type(audio).__module__ == "torch" and hasattr(audio, "numpy"):
@@ -738,13 +746,13 @@ def load_audio(audio: str | os.PathLike | np.ndarray, max_seconds: float | None 
         if data[:4] in (b"RIFF", b"RIFX"):
             frames, rate = _parse_wav(path, data, max_seconds)
             x = frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0]
-            _check_finite(path, x)                              # before the resampler spreads it
+            _check_samples(path, x)                             # before the resampler spreads it
             x = resample(x, rate)
         else:
             x = _ffmpeg_decode(path, max_seconds)
             _check_duration(path, len(x) / SAMPLE_RATE, max_seconds)
         name = str(path)
-    _check_finite(name, x)
+    _check_samples(name, x)
     return np.ascontiguousarray(x, np.float32)
 
 
@@ -6002,7 +6010,7 @@ def _pcm_float(chunk) -> np.ndarray:
     if x.dtype.kind != "f":
         raise AudioError(f"a stream chunk must be float32 or int16 samples, not {x.dtype}")
     x = x.astype(np.float32, copy=False)
-    _check_finite("stream chunk", x)
+    _check_samples("stream chunk", x)
     return x
 
 

@@ -71,6 +71,7 @@ class AudioTest(unittest.TestCase):
             "missing": self.dir / "nope.wav",
             "directory": self.dir,
             "nan": self.write("nan.wav", wav_bytes(np.array([[0.0], [np.nan]]), RATE, 32, 3)),
+            "overflowing": self.write("loud.wav", wav_bytes(np.array([[0.0], [1e30]]), RATE, 32, 3)),
             "bad format": self.write("alaw.wav", wav_bytes(self.tone(RATE), RATE, 8, 6)),
             "no data": self.write("nodata.wav", b"RIFF\x04\x00\x00\x00WAVE"),
         }
@@ -82,7 +83,8 @@ class AudioTest(unittest.TestCase):
     def test_arrays(self):
         x = np.zeros(100, np.float64)
         self.assertEqual(mw.load_audio(x).dtype, np.float32)
-        for bad in (np.zeros((2, 100), np.float32), np.zeros(100, np.int16)):
+        np.testing.assert_array_equal(mw.load_audio(np.full(4, 32768.0)), 32768.0)   # int16's scale, as whisper takes
+        for bad in (np.zeros((2, 100), np.float32), np.zeros(100, np.int16), np.full(100, 1e30, np.float32)):
             with self.subTest(shape=bad.shape, dtype=bad.dtype), self.assertRaises(mw.AudioError):
                 mw.load_audio(bad)
         import torch                                  # openai-whisper takes tensors too
