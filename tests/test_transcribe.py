@@ -41,6 +41,11 @@ class TranscribeTest(unittest.TestCase):
         self.assertIn("fox", plain["text"].lower())
         clipped = self.model.transcribe(str(self.wav), clip_timestamps="0,1.2")
         self.assertLessEqual(max(s["end"] for s in clipped["segments"]), 1.2 + 1e-6)
+        # clips at or past the end are cut at the end (openai-whisper seeks back and forth forever)
+        seconds = len(mw.load_audio(self.wav)) / mw.SAMPLE_RATE
+        past = self.model.transcribe(str(self.wav), clip_timestamps=[0, seconds + 0.004, seconds + 5, seconds + 9])
+        whole = self.model.transcribe(str(self.wav))
+        self.assertEqual([s["tokens"] for s in past["segments"]], [s["tokens"] for s in whole["segments"]])
 
     def test_bad_options_raise_config_errors(self):
         for options in ({"patience": 2.0}, {"task": "summarise"}, {"language": "fr"},
