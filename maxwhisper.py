@@ -6152,12 +6152,11 @@ class StreamingTranscriber:
                  trim: float = 20.0, silence_db: float = -50.0, beam_size: int | None = None,
                  prompt_tokens: int = PROMPT_TOKENS, name: str = "stream",
                  runner: Callable[[_StreamWindow], DecodingResult | None] | None = None):
-        if not 0.1 <= step <= 10 or not 0.1 <= pause <= 10 or not 1 <= trim <= 25:
-            raise ConfigError(f"stream: step={step}, pause={pause}, trim={trim}: use step and pause of "
-                              "0.1 to 10 s and trim of 1 to 25 s")
-        half_ctx = model.dims["n_text_ctx"] // 2 - 1
-        if not 0 <= prompt_tokens <= half_ctx:
-            raise ConfigError(f"stream: prompt_tokens={prompt_tokens}: use 0 to {half_ctx} (half the text context)")
+        seconds, half_ctx = _parse_number(float, 0.1, 10), model.dims["n_text_ctx"] // 2 - 1   # half the context
+        step, pause, trim, silence_db, prompt_tokens = (
+            Option(name, None, parse, "stream", "").value(value, "stream()") for name, value, parse in (
+                ("step", step, seconds), ("pause", pause, seconds), ("trim", trim, _parse_number(float, 1, 25)),
+                ("silence_db", silence_db, _number), ("prompt_tokens", prompt_tokens, _parse_number(int, 0, half_ctx))))
         self.model, self.name, self.step, self.pause, self.trim = model, name, step, pause, trim
         self.prompt_tokens = prompt_tokens
         self.silence_db = silence_db

@@ -502,10 +502,9 @@ class StreamingTest(unittest.TestCase):
         with self.assertRaises(mw.ConfigError):
             stream.feed(np.zeros(10, np.float32))
         with self.assertRaises(mw.ConfigError):
-            self.model.stream(step=0)
-        with self.assertRaises(mw.ConfigError):
             self.model.stream(language="fr")                # tiny.en is English-only
-        for bad in ({"initial_prompt": 5}, {"beam_size": 0}):
+        for bad in ({"initial_prompt": 5}, {"beam_size": 0}, {"step": 0}, {"pause": "x"}, {"trim": float("nan")},
+                    {"silence_db": None}, {"prompt_tokens": 2.5}):
             with self.assertRaises(mw.ConfigError) as ctx:
                 self.model.stream(**bad)
             self.assertIn(next(iter(bad)), str(ctx.exception))
