@@ -6614,16 +6614,33 @@ def _manifest_paths(path: Path) -> list[Path]:
     """The audio paths a manifest lists: one per line (.txt, .lst), or the ``path``, ``audio``
     or ``file`` column of a .csv or .jsonl; relative paths are from the manifest's folder."""
     import csv
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".csv", ".jsonl"):
-        rows = (list(csv.DictReader(text.splitlines())) if path.suffix.lower() == ".csv"
-                else [json.loads(line) for line in text.splitlines() if line.strip()])
-        column = next((c for c in ("path", "audio", "file") if rows and c in rows[0]), None)
-        if column is None:
-            raise ConfigError(f"{path}: a manifest needs a 'path', 'audio' or 'file' column")
-        entries = [str(r[column]) for r in rows]
-    else:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(f"{path}: cannot read the manifest ({e}); give a UTF-8 text file") from None
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".lst"):
         entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        return [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
+    rows: list[tuple[int, object]] = []                # (line number, row)
+    if suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        rows = [(reader.line_num, row) for row in reader]
+    for n, line in enumerate(text.splitlines() if suffix == ".jsonl" else [], 1):
+        try:
+            rows += [(n, json.loads(line))] if line.strip() else []
+        except ValueError:
+            raise ConfigError(f"{path}, line {n}: not JSON; a .jsonl manifest has one object per line") from None
+    first = rows[0][1] if rows else {}
+    column = next((c for c in ("path", "audio", "file") if isinstance(first, dict) and c in first), None)
+    if column is None:
+        raise ConfigError(f"{path}: a manifest needs a 'path', 'audio' or 'file' column")
+    entries = []
+    for n, row in rows:
+        entry = row.get(column) if isinstance(row, dict) else None
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigError(f"{path}, line {n}: no audio path in '{column}'; every row needs one")
+        entries.append(entry)
     return [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
 
 

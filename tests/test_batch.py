@@ -71,6 +71,15 @@ class BatchTest(unittest.TestCase):
         bad.write_text("id,url\n1,x\n")
         with self.assertRaises(mw.ConfigError):
             mw.batch_inputs([bad])
+        for name, data, where in (("rows.jsonl", b'{"path": "a.wav"}\nnot json\n', "line 2"),
+                                  ("rows2.jsonl", b'{"path": "a.wav"}\n{"file": "b.wav"}\n', "line 2"),
+                                  ("rows.csv", b"id,path\n1,a.wav\n2,\n", "line 3"),
+                                  ("latin1.txt", b"caf\xe9.wav\n", "UTF-8")):
+            with self.subTest(name), self.assertRaises(mw.ConfigError) as ctx:
+                (self.dir / name).write_bytes(data)
+                mw.batch_inputs([self.dir / name])
+            self.assertIn(f"{name}", str(ctx.exception))
+            self.assertIn(where, str(ctx.exception))
 
     def test_batch_writes_every_output_records_failures_and_resumes(self):
         out = self.dir / "out"
