@@ -452,8 +452,14 @@ class Config:
             import configparser
             parser = configparser.ConfigParser(interpolation=None)
             try:
-                if not parser.read(path):
-                    raise ConfigError(f"{path}: config file not found")
+                with open(path, encoding="utf-8") as f:
+                    parser.read_file(f)
+            except FileNotFoundError:
+                raise ConfigError(f"{path}: config file not found") from None
+            except OSError as e:                              # a folder, no permission
+                raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+            except UnicodeError:
+                raise ConfigError(f"{path}: not UTF-8 text; save the config file as UTF-8") from None
             except configparser.Error as e:
                 raise ConfigError(f"{path}: not a valid config file ({e.__class__.__name__})") from None
             if not parser.has_section("maxwhisper"):

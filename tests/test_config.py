@@ -43,8 +43,12 @@ class ConfigTest(unittest.TestCase):
         with self.assertRaises(mw.ConfigError) as ctx:
             mw.Config.resolve(self.cfg, env={})
         self.assertIn("beam", str(ctx.exception))
-        with self.assertRaises(mw.ConfigError):
-            mw.Config.resolve(self.dir / "absent.cfg", env={})
+        self.cfg.write_bytes(b"[maxwhisper]\nlanguage = caf\xe9\n")          # Latin-1, not UTF-8
+        for path, says in ((self.dir / "absent.cfg", "not found"), (self.dir, "cannot read"), (self.cfg, "UTF-8")):
+            with self.subTest(says), self.assertRaises(mw.ConfigError) as ctx:
+                mw.Config.resolve(path, env={})
+            self.assertIn(f"{path}: ", str(ctx.exception))
+            self.assertIn(says, str(ctx.exception))
 
     def test_resolved_values_resolve_to_themselves(self):
         env = {"MAXWHISPER_VAD_PARAMETERS": '{"threshold_db": -40}', "MAXWHISPER_CLIP_TIMESTAMPS": "1,2.5",
