@@ -7687,7 +7687,7 @@ _SERVE_SCOPES = ("load", "transcribe", "serve", "logging")
 
 
 _ROUTES = {"/": "GET", "/health": "GET", "/ready": "GET", "/metrics": "GET", "/v1/models": "GET",
-           "/v1/realtime": "GET", "/v1/audio/transcriptions": "POST", "/v1/audio/translations": "POST"}
+           "/v1/models/{model}": "GET", "/v1/realtime": "GET", "/v1/audio/transcriptions": "POST", "/v1/audio/translations": "POST"}
 _TASKS = {"/v1/audio/transcriptions": "transcribe", "/v1/audio/translations": "translate"}
 
 
@@ -7732,8 +7732,11 @@ class _HTTPHandler:
 
     @property
     def route(self) -> str:
-        """The request's path without its query; ``other`` for an unknown one (a metrics label)."""
+        """The request's path without its query, as ``_ROUTES`` names it; ``other`` for an
+        unknown one (a metrics label: one per route, whatever a client asks for)."""
         path = self.path.split("?")[0]
+        if path.startswith("/v1/models/"):
+            return "/v1/models/{model}"
         return path if path in _ROUTES else "other"
 
     def _send(self, status: int, body: str | bytes, content_type: str = "application/json",
@@ -7873,9 +7876,17 @@ class _Handler(_HTTPHandler):
                 denied = self._auth_error()
                 if denied:
                     raise denied
-                models = [{"id": m, "object": "model", "created": 0, "owned_by": "maxwhisper"}
-                          for m in dict.fromkeys([app.config["model"], "whisper-1"])]
-                self._send(200, json.dumps({"object": "list", "data": models}))
+                models = {m: {"id": m, "object": "model", "created": 0, "owned_by": "maxwhisper"}
+                          for m in (app.config["model"], "whisper-1")}
+                if route == "/v1/models":
+                    self._send(200, json.dumps({"object": "list", "data": list(models.values())}))
+                else:                                       # OpenAI's "retrieve model"; an id may hold '/'
+                    from urllib.parse import unquote
+                    name = unquote(self.path.split("?")[0][len("/v1/models/"):])
+                    if name not in models:
+                        raise _ApiError(404, f"the model {name[:100]!r} does not exist here; "
+                                             f"use {' or '.join(map(repr, models))}", "model")
+                    self._send(200, json.dumps(models[name]))
         except _ApiError as e:
             self._error(e)
         app.count(route, self.status)

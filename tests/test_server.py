@@ -74,6 +74,11 @@ class ServerTest(unittest.TestCase):
         self.assertEqual(request(self.addr, "GET", "/ready")[0], 200)
         status, _, body = request(self.addr, "GET", "/v1/models")
         self.assertEqual({m["id"] for m in json.loads(body)["data"]}, {"tiny.en", "whisper-1"})
+        status, _, body = request(self.addr, "GET", "/v1/models/whisper-1")
+        self.assertEqual((status, json.loads(body)["id"]), (200, "whisper-1"))
+        status, _, body = request(self.addr, "GET", "/v1/models/openai%2Fwhisper-large-v3")
+        self.assertEqual((status, json.loads(body)["error"]["param"]), (404, "model"))
+        self.assertIn("'openai/whisper-large-v3'", json.loads(body)["error"]["message"])
         transcribe(self.addr, self.audio["hello_world"])
         text = request(self.addr, "GET", "/metrics")[2].decode()
         self.assertRegex(text, r'maxwhisper_http_requests_total\{route="/v1/audio/transcriptions",status="200"\} \d+')
@@ -341,6 +346,8 @@ class ServeProcessTest(unittest.TestCase):
             verbose = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json",
                                                          timestamp_granularities=["word"])
         self.assertEqual(verbose.words[1].word, "quick")
+        self.assertEqual(client.models.retrieve("whisper-1").id, "whisper-1")
+        self.assertEqual([m.id for m in client.models.list()], ["tiny.en", "whisper-1"])
 
 
 if __name__ == "__main__":
