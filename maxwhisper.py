@@ -5274,18 +5274,17 @@ def _skip_hallucinations(current: list[dict], threshold: float, seek: int, segme
 
 
 def _language_code(model: Model, language: str) -> str:
-    """A given language's Whisper code ('French' -> 'fr'); ``ConfigError`` for one the model
-    does not know."""
-    if model.is_multilingual:
-        tok = _openai("tokenizer")
-        code = tok.TO_LANGUAGE_CODE.get(str(language).lower(), str(language).lower())
-        if code not in tok.LANGUAGES:
-            raise ConfigError(f"language={language!r} is not a Whisper language; use a code "
-                              "such as 'en', 'fr' or a name such as 'French'")
-        return code
-    if language != "en":
+    """A given language's Whisper code ('French' or 'FR' -> 'fr', as openai-whisper's tokenizer
+    reads it); ``ConfigError`` for one the model does not know."""
+    tok = _openai("tokenizer")
+    given = str(language).strip().lower()
+    code = tok.TO_LANGUAGE_CODE.get(given, given)
+    if code not in tok.LANGUAGES:
+        raise ConfigError(f"language={language!r} is not a Whisper language; use a code "
+                          "such as 'en', 'fr' or a name such as 'French'")
+    if code != "en" and not model.is_multilingual:
         raise ConfigError(f"language={language!r}: {model.weights.source} is English-only")
-    return language
+    return code
 
 
 def _audio_name(audio) -> str:

@@ -81,6 +81,11 @@ class TranscribeTest(unittest.TestCase):
         self.assertEqual(a["text"], b["text"])
         self.assertIn("quick brown fox", a["text"].lower())
 
+    def test_an_english_only_model_takes_english_by_name(self):
+        """'English', 'EN': openai-whisper's tokenizer reads them as 'en' on any model."""
+        for language in ("English", "EN", "en"):
+            self.assertEqual(self.model.transcribe(np.zeros(1600, np.float32), language=language)["language"], "en")
+
     def test_english_only_model_cannot_detect_language(self):
         with self.assertRaises(mw.ConfigError):
             self.model.detect_language(np.zeros((80, mw.N_FRAMES), np.float32))
