@@ -7117,8 +7117,9 @@ def _upload_name(filename: str | None) -> tuple[str, str]:
     return name, suffix if 1 < len(suffix) <= 10 and suffix[1:].isalnum() else ".bin"
 
 
-def _response_body(result: dict, fmt: str, task: str, duration: float) -> tuple[str, str]:
-    """(content type, body) of a transcription in one of OpenAI's response formats."""
+def _response_body(result: dict, fmt: str, task: str, duration: float, words: bool = False) -> tuple[str, str]:
+    """(content type, body) of a transcription in one of OpenAI's response formats;
+    ``verbose_json`` lists its ``words`` when they were asked for (``words``) or decoded."""
     import io
     if fmt == "json":
         return "application/json", json.dumps({"text": result["text"].strip()})
@@ -7136,9 +7137,9 @@ def _response_body(result: dict, fmt: str, task: str, duration: float) -> tuple[
             "duration": round(duration, 3), "text": result["text"].strip(),
             "segments": [{k: (float(s[k]) if isinstance(s[k], np.floating) else s[k]) for k in keys}
                          for s in result["segments"]]}
-    if any("words" in s for s in result["segments"]):
+    if words or any("words" in s for s in result["segments"]):
         body["words"] = [{"word": w["word"].strip(), "start": float(w["start"]), "end": float(w["end"])}
-                         for s in result["segments"] for w in s["words"]]
+                         for s in result["segments"] for w in s.get("words", [])]
     return "application/json", json.dumps(body)
 
 
@@ -8000,7 +8001,8 @@ class _Handler(_HTTPHandler):
                                 "response_format")
             return self._transcribe_events(route, fields, audio, filename)
         result, duration = self.app.transcribe(fields, audio, filename, _TASKS[route], self._client_gone)
-        content_type, text = _response_body(result, fmt, _TASKS[route], duration)
+        content_type, text = _response_body(result, fmt, _TASKS[route], duration,
+                                            "word" in fields.get("timestamp_granularities[]", []))
         self._send(200, text, content_type)
 
     def _transcribe_events(self, route: str, fields: dict, audio: bytes, filename: str | None) -> None:
