@@ -67,7 +67,8 @@ class ServerTest(unittest.TestCase):
                                                        "avg_logprob", "compression_ratio", "no_speech_prob"})
         self.assertEqual([w["word"] for w in verbose["words"]][:3], ["The", "quick", "brown"])
         silence = support.wav_bytes(np.zeros((16000, 1)), 16000, 16)      # words asked for: a list, if empty
-        _, _, body = transcribe(self.addr, silence, response_format="verbose_json", **{"timestamp_granularities[]": ["word"]})
+        _, _, body = transcribe(self.addr, silence, response_format="verbose_json",
+                                **{"timestamp_granularities[]": ["word"]})
         self.assertEqual((json.loads(body)["segments"], json.loads(body)["words"]), ([], []))
         status, _, body = transcribe(self.addr, fox, path="/v1/audio/translations")
         self.assertEqual((status, json.loads(body)["text"][:9]), (200, "The quick"))
