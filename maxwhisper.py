@@ -707,7 +707,7 @@ _MAX_SAMPLE = 1e15     # float audio is [-1, 1]; past ~1e16 the float32 power sp
 
 
 def _check_samples(name, x: np.ndarray) -> None:
-    peak = float(np.max(np.abs(x))) if len(x) else 0.0
+    peak = max(float(x.max()), -float(x.min())) if len(x) else 0.0     # NaN if any is: no copy
     if not math.isfinite(peak):
         raise AudioError(f"{name}: holds NaN or infinite samples; fix the source audio")
     if peak > _MAX_SAMPLE:
@@ -723,8 +723,8 @@ def load_audio(audio: str | os.PathLike | np.ndarray, max_seconds: float | None 
     count, 1 Hz to 384 kHz, mixed to mono and resampled); any other format goes through
     ``ffmpeg`` when it is on PATH. An array must already be 1-D float audio at 16 kHz, as
     openai-whisper expects. Raises ``AudioError`` naming the file for anything unreadable,
-    non-finite or far outside [-1, 1] (past 1e15), and ``CapacityError`` for audio longer than ``max_seconds`` (a WAV's length is
-    read from its header, before decoding).
+    non-finite or far outside [-1, 1] (past 1e15), and ``CapacityError`` for audio longer
+    than ``max_seconds`` (a WAV's length is read from its header, before decoding).
     """
     if type(audio).__module__ == "torch" and hasattr(audio, "numpy"):
         audio = audio.detach().cpu().numpy()
@@ -6157,7 +6157,8 @@ class StreamingTranscriber:
                  trim: float = 20.0, silence_db: float = -50.0, beam_size: int | None = None,
                  prompt_tokens: int = PROMPT_TOKENS, name: str = "stream",
                  runner: Callable[[_StreamWindow], DecodingResult | None] | None = None):
-        seconds, half_ctx = _parse_number(float, 0.1, 10), model.dims["n_text_ctx"] // 2 - 1   # half the context
+        seconds = _parse_number(float, 0.1, 10)
+        half_ctx = model.dims["n_text_ctx"] // 2 - 1                  # a prompt's most tokens
         step, pause, trim, silence_db, prompt_tokens = (
             Option(name, None, parse, "stream", "").value(value, "stream()") for name, value, parse in (
                 ("step", step, seconds), ("pause", pause, seconds), ("trim", trim, _parse_number(float, 1, 25)),
@@ -7687,7 +7688,8 @@ _SERVE_SCOPES = ("load", "transcribe", "serve", "logging")
 
 
 _ROUTES = {"/": "GET", "/health": "GET", "/ready": "GET", "/metrics": "GET", "/v1/models": "GET",
-           "/v1/models/{model}": "GET", "/v1/realtime": "GET", "/v1/audio/transcriptions": "POST", "/v1/audio/translations": "POST"}
+           "/v1/models/{model}": "GET", "/v1/realtime": "GET", "/v1/audio/transcriptions": "POST",
+           "/v1/audio/translations": "POST"}
 _TASKS = {"/v1/audio/transcriptions": "transcribe", "/v1/audio/translations": "translate"}
 
 

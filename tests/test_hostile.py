@@ -201,7 +201,8 @@ class HostileClientTest(unittest.TestCase):
             mw._parse_multipart("multipart/form-data; boundary=B", form(b"a=b; " * 400_000))
         self.assertEqual(ctx.exception.status, 400)
         self.assertIn("headers", str(ctx.exception))
-        _, audio, filename = mw._parse_multipart("multipart/form-data; boundary=B", form(b'filename="%s"' % (b"x" * 300)))
+        _, audio, filename = mw._parse_multipart("multipart/form-data; boundary=B",
+                                                 form(b'filename="%s"' % (b"x" * 300)))
         self.assertEqual((audio, filename), (b"RIFF", "x" * 300))
 
     def test_form_fields_are_the_clients_text(self):
