@@ -300,13 +300,18 @@ class Option:
         return [f"--{self.name}"] + ([f"--{self.name.replace('_', '-')}"] if "_" in self.name else [])
 
     def value(self, raw, source: str):
-        """``raw`` through ``parse``; a bad one is a ConfigError naming ``source``, the option
-        and what it expects."""
-        try:
-            return self.parse(raw)
-        except (ValueError, TypeError) as e:
-            shown = repr(raw) if len(repr(raw)) <= 80 else repr(raw)[:77] + "..."
-            raise ConfigError(f"{source}: bad value {shown} for {self.name!r} ({e})") from None
+        """``raw`` through ``parse`` (``_parsed``)."""
+        return _parsed(self.name, raw, self.parse, source)
+
+
+def _parsed(name: str, raw, parse: Callable, source: str):
+    """``parse(raw)``; a bad value is a ConfigError naming ``source``, ``name`` and what it
+    expects: the one message of every option, argument and client field parsed here."""
+    try:
+        return parse(raw)
+    except (ValueError, TypeError) as e:
+        shown = repr(raw) if len(repr(raw)) <= 80 else repr(raw)[:77] + "..."
+        raise ConfigError(f"{source}: bad value {shown} for {name!r} ({e})") from None
 
 
 _PREPEND = "\"'“¿([{-"
@@ -6160,7 +6165,7 @@ class StreamingTranscriber:
         seconds = _parse_number(float, 0.1, 10)
         half_ctx = model.dims["n_text_ctx"] // 2 - 1                  # a prompt's most tokens
         step, pause, trim, silence_db, prompt_tokens = (
-            Option(name, None, parse, "stream", "").value(value, "stream()") for name, value, parse in (
+            _parsed(arg, value, parse, "stream()") for arg, value, parse in (   # (not the stream's name)
                 ("step", step, seconds), ("pause", pause, seconds), ("trim", trim, _parse_number(float, 1, 25)),
                 ("silence_db", silence_db, _number), ("prompt_tokens", prompt_tokens, _parse_number(int, 0, half_ctx))))
         self.model, self.name, self.step, self.pause, self.trim = model, name, step, pause, trim
@@ -7260,10 +7265,7 @@ def _turn_detection(turn: dict) -> dict:
     session keeps while the client sends silence, so a client can't make it unbounded."""
     merged = {**_TURN_DETECTION, **turn}
     for key, parse in _TURN_FIELDS.items():
-        try:
-            merged[key] = parse(merged[key])
-        except ValueError as e:
-            raise ConfigError(f"turn_detection.{key}={merged[key]!r}: {e}") from None
+        merged[key] = _parsed(f"turn_detection.{key}", merged[key], parse, "session.update")
     return merged
 
 
