@@ -6624,24 +6624,31 @@ _FORMAT_EXTENSIONS = ("txt", "vtt", "srt", "tsv", "json")
 def _manifest_paths(path: Path) -> list[Path]:
     """The audio paths a manifest lists: one per line (.txt, .lst), or the ``path``, ``audio``
     or ``file`` column of a .csv or .jsonl; relative paths are from the manifest's folder."""
-    import csv
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeError) as e:
         raise ConfigError(f"{path}: cannot read the manifest ({e}); give a UTF-8 text file") from None
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".lst"):
+    if path.suffix.lower() in (".txt", ".lst"):
         entries = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-        return [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
+    else:
+        entries = _manifest_column(path, text)
+    return [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
+
+
+def _manifest_column(path: Path, text: str) -> list[str]:
+    """The ``path``, ``audio`` or ``file`` column (the first the first row has) of a .csv or
+    .jsonl manifest; a ConfigError naming the line of a row without it."""
+    import csv
     rows: list[tuple[int, object]] = []                # (line number, row)
-    if suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
         rows = [(reader.line_num, row) for row in reader]
-    for n, line in enumerate(text.splitlines() if suffix == ".jsonl" else [], 1):
-        try:
-            rows += [(n, json.loads(line))] if line.strip() else []
-        except ValueError:
-            raise ConfigError(f"{path}, line {n}: not JSON; a .jsonl manifest has one object per line") from None
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                rows += [(n, json.loads(line))] if line.strip() else []
+            except ValueError:
+                raise ConfigError(f"{path}, line {n}: not JSON; a .jsonl manifest has one object per line") from None
     first = rows[0][1] if rows else {}
     column = next((c for c in ("path", "audio", "file") if isinstance(first, dict) and c in first), None)
     if column is None:
@@ -6652,7 +6659,7 @@ def _manifest_paths(path: Path) -> list[Path]:
         if not isinstance(entry, str) or not entry.strip():
             raise ConfigError(f"{path}, line {n}: no audio path in '{column}'; every row needs one")
         entries.append(entry)
-    return [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
+    return entries
 
 
 def batch_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
