@@ -5193,10 +5193,7 @@ def _clips(clip_timestamps, content_frames: int) -> list[tuple[int, int]]:
     """``clip_timestamps`` ("start,end,..." seconds, or a list) as (start, end) frame ranges;
     an open last clip runs to the end of the audio. Times past the end are the end (faster-
     whisper's fix of openai-whisper's loop, which seeks back and forth forever on them)."""
-    clip = clip_timestamps
-    if isinstance(clip, str):
-        clip = [float(t) for t in clip.split(",") if t.strip()]
-    points = [min(round(t * FRAMES_PER_SECOND), content_frames) for t in clip] or [0]
+    points = [min(round(t * FRAMES_PER_SECOND), content_frames) for t in _parse_numbers(clip_timestamps)]
     if len(points) % 2:
         points.append(content_frames)
     return list(zip(points[::2], points[1::2]))
