@@ -198,6 +198,15 @@ def _parse_text(s) -> str:
     return s
 
 
+def _parse_name(s) -> str:
+    """Text that is not blank: an empty model, folder or host would quietly mean the current
+    folder (or, for ``host``, every network interface)."""
+    s = _parse_text(s)
+    if not s.strip():
+        raise ValueError("expected a name, not empty text")
+    return s
+
+
 def _parse_choice(*choices):
     def parse(s) -> str:
         if not isinstance(s, str) or s.strip() not in choices:
@@ -328,7 +337,7 @@ def _at_least(kind: type, low: float):
 
 OPTIONS: tuple[Option, ...] = (
     # -- the model ------------------------------------------------------------------------
-    _O("model", "tiny.en", _parse_text, "load", "model name (tiny.en, small, large-v3, turbo, distil-large-v3, "
+    _O("model", "tiny.en", _parse_name, "load", "model name (tiny.en, small, large-v3, turbo, distil-large-v3, "
        "org/name) or a .pt, ggml, Hugging Face or CTranslate2 path"),
     _O("device", "auto", _parse_choice("auto", "cpu", "gpu", "cuda"), "load", "auto, cpu or gpu"),
     _O("kernels", "auto", _parse_choice("auto", "on", "off"), "load",
@@ -337,7 +346,7 @@ OPTIONS: tuple[Option, ...] = (
        "weight precision: float32 (exact), bfloat16 (decoder, half the bytes), q4_0 (4-bit "
        "blocks, encoder too; fastest, least exact) or q4_0x2 (two 4-bit terms, about "
        "bfloat16's accuracy)"),
-    _O("graph_cache", "auto", _parse_text, "load", "folder keeping compiled graphs and weight images for fast starts: auto = "
+    _O("graph_cache", "auto", _parse_name, "load", "folder keeping compiled graphs and weight images for fast starts: auto = "
        "$XDG_CACHE_HOME or ~/.cache, then maxwhisper/graphs; off = none"),
     _O("device_graphs", True, _parse_bool, "load", "on a GPU, capture a decoding step's kernel launches "
        "once per KVCache and replay them as one device graph (off: launch each op every step)"),
@@ -405,7 +414,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("log_format", "text", _parse_choice("text", "json"), "logging", "log lines: text or json"),
     _O("log_level", "info", _parse_choice("debug", "info", "warning", "error"), "logging", "log level"),
     # -- the server ---------------------------------------------------------------------------
-    _O("host", "127.0.0.1", _parse_text, "serve", "address to listen on"),
+    _O("host", "127.0.0.1", _parse_name, "serve", "address to listen on (0.0.0.0: every interface)"),
     _O("port", 8000, _parse_number(int, 0, 65535), "serve", "port to listen on (0 picks a free one)"),
     _O("api_key", None, _str, "serve", "require 'Authorization: Bearer KEY' on /v1/*"),
     _O("max_batch", 8, _integer, "serve", "transcriptions decoded together (1 turns batching off)"),

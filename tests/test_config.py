@@ -34,7 +34,10 @@ class ConfigTest(unittest.TestCase):
 
     def test_unknown_keys_and_bad_values_name_the_key(self):
         cases = [({"MAXWHISPER_COLOUR": "red"}, "colour"), ({"MAXWHISPER_BEST_OF": "many"}, "best_of"),
-                 ({"MAXWHISPER_DEVICE": "tpu"}, "device"), ({"MAXWHISPER_TEMPERATURE": "-1"}, "temperature")]
+                 ({"MAXWHISPER_DEVICE": "tpu"}, "device"), ({"MAXWHISPER_TEMPERATURE": "-1"}, "temperature"),
+                 # empty text would mean the current folder, or every network interface
+                 ({"MAXWHISPER_MODEL": ""}, "model"), ({"MAXWHISPER_GRAPH_CACHE": " "}, "graph_cache"),
+                 ({"MAXWHISPER_HOST": ""}, "host")]
         for env, key in cases:
             with self.subTest(key=key), self.assertRaises(mw.ConfigError) as ctx:
                 mw.Config.resolve(env=env)
