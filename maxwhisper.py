@@ -6124,6 +6124,9 @@ _DETECT_SECONDS, _DETECT_PROBABILITY, _DETECT_LATEST = 1.0, 0.7, 10.0
 PROMPT_TOKENS = 64
 
 
+_STREAM_SECONDS = _parse_number(float, 0.1, 10)         # a stream's step and pause
+
+
 class StreamingTranscriber:
     """Live transcription of a stream fed in chunks of any size (``Model.stream`` makes one).
 
@@ -6168,11 +6171,10 @@ class StreamingTranscriber:
                  trim: float = 20.0, silence_db: float = -50.0, beam_size: int | None = None,
                  prompt_tokens: int = PROMPT_TOKENS, name: str = "stream",
                  runner: Callable[[_StreamWindow], DecodingResult | None] | None = None):
-        seconds = _parse_number(float, 0.1, 10)
         half_ctx = model.dims["n_text_ctx"] // 2 - 1                  # a prompt's most tokens
         step, pause, trim, silence_db, prompt_tokens = (
             _parsed(arg, value, parse, "stream()") for arg, value, parse in (   # (not the stream's name)
-                ("step", step, seconds), ("pause", pause, seconds), ("trim", trim, _parse_number(float, 1, 25)),
+                ("step", step, _STREAM_SECONDS), ("pause", pause, _STREAM_SECONDS), ("trim", trim, _parse_number(float, 1, 25)),
                 ("silence_db", silence_db, _number), ("prompt_tokens", prompt_tokens, _parse_number(int, 0, half_ctx))))
         self.model, self.name, self.step, self.pause, self.trim = model, name, step, pause, trim
         self.prompt_tokens = prompt_tokens
@@ -8427,11 +8429,12 @@ def stream_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = _config_from_args(args, ("load", "logging"))
+        step = _parsed("step", args.step, _STREAM_SECONDS, "--step")              # before the load
+        beam_size = SETTINGS["beam_size"].value(args.beam_size, "--beam_size")
         configure_logging(cfg, verbose=True)
         _CompileProgress.bar = sys.stderr.isatty()
         stream = load(config=cfg).stream(language=args.language, initial_prompt=args.initial_prompt,
-                                         step=args.step, name=args.source,
-                                         beam_size=SETTINGS["beam_size"].value(args.beam_size, "--beam_size"))
+                                         step=step, name=args.source, beam_size=beam_size)
         state = {"line": "", "tentative": "", "partial": args.partial and sys.stdout.isatty()}
         if args.source == "-":
             fd, rest = sys.stdin.buffer.fileno(), b""

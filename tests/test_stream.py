@@ -634,9 +634,9 @@ class StreamCliTest(unittest.TestCase):
                            env={**os.environ, "PYTHONPATH": str(support.ROOT)})
         self.assertEqual(r.returncode, 0, r.stderr[-2000:])
         self.assertIn("quick brown fox", r.stdout.decode())
-        r = support.run_cli("stream", "--model", "tiny.en", "--step", "0")
+        r = support.run_cli("stream", "-", "--model", "tiny.en", "--step", "0")
         self.assertEqual(r.returncode, 2)
-        self.assertIn("step", r.stderr)
+        self.assertIn("--step: bad value 0.0", r.stderr)                  # the flag, not stream()
 
 
 def pcm16_b64(x: np.ndarray) -> str:
