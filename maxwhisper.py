@@ -4124,7 +4124,9 @@ class Model:
         return self.weights.is_multilingual
 
     def tokenizer(self, language: str | None = None, task: str = "transcribe"):
-        """openai-whisper's tokenizer for this model's vocabulary."""
+        """openai-whisper's tokenizer for this model's vocabulary (an English-only model's
+        ignores ``language``, as openai-whisper's)."""
+        language = _whisper_language(language) if language is not None else None
         return _openai("tokenizer").get_tokenizer(self.is_multilingual, num_languages=self.weights.num_languages,
                                                   language=language, task=task)
 
@@ -4452,7 +4454,14 @@ class DecodingOptions:
         return self.best_of or 1
 
     def check(self) -> None:
-        """Raise ``ConfigError`` for combinations openai-whisper refuses too."""
+        """Raise ``ConfigError`` for a value its option (``OPTIONS``) refuses, or a combination
+        openai-whisper refuses too."""
+        for name in _CHECKED_FIELDS:
+            SETTINGS[name].value(getattr(self, name), "DecodingOptions")
+        _parsed("prompt", self.prompt, _parse_optional(_parse_prefix), "DecodingOptions")
+        t = self.temperature                                      # one, not the fallback schedule
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or not 0 <= t < math.inf:
+            raise ConfigError(f"DecodingOptions: temperature={t!r}: use a finite number >= 0")
         if self.beam_size is not None and self.best_of is not None:
             raise ConfigError("beam_size and best_of can't be given together: beam_size applies at "
                               "temperature 0 and best_of above it (transcribe() picks for you)")
@@ -4462,8 +4471,11 @@ class DecodingOptions:
             raise ConfigError("patience needs beam_size")
         if self.length_penalty is not None and not 0 <= self.length_penalty <= 1:
             raise ConfigError(f"length_penalty={self.length_penalty}: use a value from 0 to 1")
-        if (self.beam_size is not None and self.beam_size < 1) or (self.best_of is not None and self.best_of < 1):
-            raise ConfigError("beam_size and best_of must be at least 1")
+
+
+# the fields named as options (temperature there is the fallback schedule; prompt is text or ids)
+_CHECKED_FIELDS = [f.name for f in dataclasses.fields(DecodingOptions)
+                   if f.name in SETTINGS and f.name != "temperature"]
 
 
 @dataclasses.dataclass
@@ -4793,13 +4805,10 @@ def _non_speech_tokens(tokenizer) -> list[int]:
 
 
 def _suppress_ids(options: DecodingOptions, tokenizer) -> list[int]:
-    ids = options.suppress_tokens
+    ids = options.suppress_tokens                                  # checked: ids >= -1
     if isinstance(ids, str):
         ids = [int(t) for t in ids.split(",") if t.strip()]
-    ids = list(ids or [])
-    if any(t >= tokenizer.encoding.n_vocab for t in ids):
-        raise ConfigError(f"suppress_tokens: {max(ids)} is past this model's vocabulary "
-                          f"(ids 0-{tokenizer.encoding.n_vocab - 1}, or -1)")
+    ids = _in_vocabulary("suppress_tokens", ids or [], tokenizer)
     if -1 in ids:
         ids = [t for t in ids if t >= 0] + _non_speech_tokens(tokenizer)
     ids += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
@@ -4814,13 +4823,22 @@ def _initial_tokens(options: DecodingOptions, tokenizer, n_ctx: int, sample_len:
                   else tokenizer.sot_sequence)
     if options.prefix:
         prefix = (tokenizer.encode(" " + options.prefix.strip()) if isinstance(options.prefix, str)
-                  else list(options.prefix))
+                  else _in_vocabulary("prefix", options.prefix, tokenizer))
         tokens += prefix[-(n_ctx // 2 - sample_len):] if sample_len < n_ctx // 2 else prefix
     if options.prompt:
         prompt = (tokenizer.encode(" " + options.prompt.strip()) if isinstance(options.prompt, str)
-                  else list(options.prompt))
+                  else _in_vocabulary("prompt", options.prompt, tokenizer))
         tokens = [tokenizer.sot_prev] + prompt[-(n_ctx // 2 - 1):] + tokens
     return tokens
+
+
+def _in_vocabulary(name: str, ids: Iterable[int], tokenizer) -> list[int]:
+    """``ids`` as a list; ``ConfigError`` for one past the model's vocabulary (the decoder
+    would read past its embedding table)."""
+    ids, n_vocab = list(ids), tokenizer.encoding.n_vocab
+    if any(t >= n_vocab for t in ids):
+        raise ConfigError(f"{name}: {max(ids)} is past this model's vocabulary (ids 0-{n_vocab - 1})")
+    return ids
 
 
 def _logit_filters(options: DecodingOptions, tokenizer, sample_begin: int) -> list:
@@ -4879,8 +4897,9 @@ def decode_batch(model: Model, cache: KVCache, options: Sequence[DecodingOptions
     by beam search (``beam_size``) at temperature 0, or as ``best_of`` samples above it, drawn
     from ``rngs[window]``. Returns one ``DecodingResult`` per window.
     """
+    for o in options:
+        o.check()
     first = options[0]
-    first.check()
     if any(dataclasses.replace(o, language=first.language, prompt=first.prompt, prefix=first.prefix) != first
            for o in options):
         raise ConfigError("decode_batch: windows may differ only in language, prompt and prefix")
@@ -5284,15 +5303,21 @@ def _skip_hallucinations(current: list[dict], threshold: float, seek: int, segme
     return next_seek, False
 
 
-def _language_code(model: Model, language: str) -> str:
+def _whisper_language(language: str) -> str:
     """A given language's Whisper code ('French' or 'FR' -> 'fr', as openai-whisper's tokenizer
-    reads it); ``ConfigError`` for one the model does not know."""
+    reads it); ``ConfigError`` for one Whisper does not know."""
     tok = _openai("tokenizer")
     given = str(language).strip().lower()
     code = tok.TO_LANGUAGE_CODE.get(given, given)
     if code not in tok.LANGUAGES:
         raise ConfigError(f"language={language!r} is not a Whisper language; use a code "
                           "such as 'en', 'fr' or a name such as 'French'")
+    return code
+
+
+def _language_code(model: Model, language: str) -> str:
+    """``_whisper_language``, and ``ConfigError`` for a language the model does not know."""
+    code = _whisper_language(language)
     if code != "en" and not model.is_multilingual:
         raise ConfigError(f"language={language!r}: {model.weights.source} is English-only")
     return code

@@ -143,11 +143,33 @@ class BeamSearchParityTest(unittest.TestCase):
         step = np.array([[50363]] * 3)
         np.testing.assert_allclose(m.decode(moved, step), m.decode(fresh, step), atol=1e-4)
 
+
+class DecodingOptionsTest(unittest.TestCase):
     def test_beam_and_best_of_options_are_checked(self):
         for bad in ({"beam_size": 2, "best_of": 2, "temperature": 0.0}, {"patience": 1.5},
                     {"best_of": 3, "temperature": 0.0}, {"beam_size": 0, "temperature": 0.0}):
             with self.subTest(**bad), self.assertRaises(mw.ConfigError):
                 mw.DecodingOptions(**bad).check()
+
+    def test_each_field_is_checked_as_its_option(self):
+        """Values the option table refuses are ConfigErrors naming the field, here too (they
+        were a ValueError from numpy or int(), or a NaN transcript)."""
+        for bad in ({"temperature": -1.0}, {"temperature": math.nan}, {"temperature": (0.0, 0.2)},
+                    {"suppress_tokens": "x"}, {"suppress_tokens": [-5]}, {"task": "foo"}, {"seed": -1},
+                    {"max_initial_timestamp": -1.0}, {"repetition_limit": 0}, {"prompt": [1.5]}):
+            with self.subTest(**bad), self.assertRaises(mw.ConfigError) as ctx:
+                mw.DecodingOptions(**bad).check()
+            self.assertIn(next(iter(bad)), str(ctx.exception))
+        mw.DecodingOptions(prompt=[50257, 1], prefix="a", suppress_tokens=[-1, 5], seed=np.int64(3)).check()
+
+    def test_token_ids_past_the_vocabulary_and_unknown_languages_are_refused(self):
+        """A prompt or prefix id past the embedding table failed in the decoder's kernel."""
+        m = support.model("tiny.en")
+        cross = m.encode(np.zeros((1, 80, mw.N_FRAMES), np.float32), features=False)[1]
+        for bad in ({"prompt": [10 ** 6]}, {"prefix": [51864]}, {"suppress_tokens": "1,99999"}, {"language": "xx"}):
+            with self.subTest(**bad), self.assertRaises(mw.ConfigError) as ctx:
+                mw.decode_batch(m, m.new_cache(cross), [mw.DecodingOptions(**bad)])
+            self.assertIn(next(iter(bad)), str(ctx.exception))
 
 
 if __name__ == "__main__":
