@@ -846,7 +846,10 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
     the mel filterbank, log10, the clamp to (max - 8) over the whole audio, then (x + 4) / 4.
 
     numpy, not a MAX graph: the FFT and the filterbank take ~13 ms per 30 s window on 2
-    cores, while a graph of them cost a minute and a half to compile on a cold start."""
+    cores, while a graph of them cost a minute and a half to compile on a cold start.
+    ``audio`` may also be a path or a tensor, as openai-whisper's (``load_audio``)."""
+    if not (isinstance(audio, np.ndarray) and audio.ndim == 1):
+        audio = load_audio(audio)                      # (its AudioError names a wrong shape)
     frames = _stft_frames(audio, padding)
     if frames is None:
         return np.zeros((n_mels, 0), np.float32)
@@ -4171,6 +4174,7 @@ class Model:
         times in place (window 0 g times, then window 1 ...), as when several samples or beams
         of each window are decoded together.
         """
+        _check_batch("new_cache: batch", batch)
         n = cross[0][0].shape[0]
         if batch % n:
             raise ConfigError(f"new_cache: batch {batch} is not a multiple of the {n} windows' cross K/V")
@@ -4217,7 +4221,12 @@ class Model:
     def _decode(self, cache: KVCache, tokens: np.ndarray, out_idx: Sequence[int]):
         """``decode``'s step, its logits left on the device: [batch, len(out_idx) or 1, n_vocab]
         (1 where every index is the same position)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not tokens.shape[1] or tokens.dtype.kind not in "iu":
+            raise ConfigError(f"tokens: expected integer token ids [batch, n >= 1], not {tokens.dtype} "
+                              f"of shape {tokens.shape}")
         tokens = np.ascontiguousarray(tokens, np.int64)
+        _check_ids("tokens", tokens, self.dims["n_vocab"])
         batch, n = tokens.shape
         cache.check_room(n)
         if batch != cache.batch:
@@ -4268,7 +4277,9 @@ class Model:
 
     def cross_rows(self, cross: list, rows: Sequence[int]) -> list:
         """New cross K/V holding the given rows of ``cross`` (any may repeat), on the device."""
-        out = self.runner.run("gather", self.put(np.asarray(rows, np.int64)), *(b for kv in cross for b in kv))
+        rows = np.asarray(rows, np.int64)
+        _check_ids("cross_rows: rows", rows, cross[0][0].shape[0])
+        out = self.runner.run("gather", self.put(rows), *(b for kv in cross for b in kv))
         return [(out[2 * i], out[2 * i + 1]) for i in range(len(cross))]
 
     def reorder(self, cache: KVCache, rows: Sequence[int]) -> None:
@@ -4276,6 +4287,7 @@ class Model:
         rows = np.asarray(rows, np.int64)
         if rows.shape != (cache.batch,):
             raise ConfigError(f"reorder: {len(rows)} rows given for a KVCache of batch {cache.batch}")
+        _check_ids("reorder: rows", rows, cache.batch)
         if cache.length == 0 or (rows == np.arange(cache.batch)).all():
             return
         cache.starts = cache.starts[rows]                   # a row moves with its padding
@@ -4296,6 +4308,11 @@ class Model:
         cross-attention scores [n_heads, n_tok, S], as openai-whisper's ``find_alignment``
         reads them."""
         n = len(tokens)
+        if cross[0][0].shape[0] != 1:
+            raise ConfigError(f"alignment: cross K/V of {cross[0][0].shape[0]} windows; give one window's")
+        if n > self.dims["n_text_ctx"]:
+            raise CapacityError(f"alignment: {n} tokens; the decoder context is {self.dims['n_text_ctx']}")
+        _check_ids("tokens", np.asarray(tokens, np.int64), self.dims["n_vocab"])
         mask = np.triu(np.full((n, n), -np.inf, np.float32), 1)
         heads = np.array([i * self.dims["n_text_head"] + j for i, j in self.alignment_heads], np.int64)
         put = self.put
@@ -4808,7 +4825,7 @@ def _suppress_ids(options: DecodingOptions, tokenizer) -> list[int]:
     ids = options.suppress_tokens                                  # checked: ids >= -1
     if isinstance(ids, str):
         ids = [int(t) for t in ids.split(",") if t.strip()]
-    ids = _in_vocabulary("suppress_tokens", ids or [], tokenizer)
+    ids = _in_vocabulary("suppress_tokens", ids or [], tokenizer, low=-1)
     if -1 in ids:
         ids = [t for t in ids if t >= 0] + _non_speech_tokens(tokenizer)
     ids += [tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
@@ -4832,13 +4849,18 @@ def _initial_tokens(options: DecodingOptions, tokenizer, n_ctx: int, sample_len:
     return tokens
 
 
-def _in_vocabulary(name: str, ids: Iterable[int], tokenizer) -> list[int]:
-    """``ids`` as a list; ``ConfigError`` for one past the model's vocabulary (the decoder
-    would read past its embedding table)."""
-    ids, n_vocab = list(ids), tokenizer.encoding.n_vocab
-    if any(t >= n_vocab for t in ids):
-        raise ConfigError(f"{name}: {max(ids)} is past this model's vocabulary (ids 0-{n_vocab - 1})")
+def _in_vocabulary(name: str, ids: Iterable[int], tokenizer, low: int = 0) -> list[int]:
+    """``ids`` as a list, each from ``low`` to the model's last token (``_check_ids``)."""
+    ids = list(ids)
+    _check_ids(name, np.array(ids, np.int64), tokenizer.encoding.n_vocab, low)
     return ids
+
+
+def _check_ids(name: str, ids: np.ndarray, high: int, low: int = 0) -> None:
+    """``ConfigError`` unless every one of ``ids`` (token ids, cache rows) is from ``low`` to
+    ``high`` - 1: a graph would read past its table, and fail as a DeviceError or not at all."""
+    if ids.size and (ids.min() < low or ids.max() >= high):
+        raise ConfigError(f"{name}: ids run from {low} to {high - 1}, not {ids.min()}..{ids.max()}")
 
 
 def _logit_filters(options: DecodingOptions, tokenizer, sample_begin: int) -> list:

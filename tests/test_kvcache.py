@@ -81,6 +81,26 @@ class KVCacheTest(unittest.TestCase):
         cache.reset()
         self.assertEqual(self.model.decode(cache, self.tokens[None, :3]).shape, (1, 1, 51864))
 
+    def test_bad_arguments_are_typed_errors_before_any_graph_runs(self):
+        """Ids past a table were a DeviceError from a kernel, or (reorder) no error at all."""
+        m, cache = self.model, self.model.new_cache(self.cross, batch=2)
+        vocab = m.dims["n_vocab"]
+        for label, call in [("tokens", lambda: m.decode(cache, [[1], [vocab]])),
+                            ("tokens", lambda: m.decode(cache, [[1], [-1]])),
+                            ("tokens", lambda: m.decode(cache, [[1.0], [2.0]])),
+                            ("tokens", lambda: m.decode(cache, np.zeros((2, 0), np.int64))),
+                            ("batch", lambda: m.new_cache(self.cross, batch=0)),
+                            ("reorder", lambda: m.reorder(cache, [0, 2])),
+                            ("cross_rows", lambda: m.cross_rows(self.cross, [1])),
+                            ("tokens", lambda: m.alignment(self.cross, [1, vocab])),
+                            ("windows", lambda: m.alignment(m.cross_rows(self.cross, [0, 0]), [1]))]:
+            with self.subTest(label), self.assertRaises(mw.ConfigError) as ctx:
+                call()
+            self.assertIn(label, str(ctx.exception))
+        self.assertEqual(cache.length, 0)
+        with self.assertRaises(mw.AudioError):
+            m.log_mel(np.zeros((2, 1600), np.float32))
+
     def test_batch_rows_are_independent(self):
         cache = self.model.new_cache(self.cross, batch=2)
         two = np.stack([self.tokens[:20], self.tokens[20:40]])
