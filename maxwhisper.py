@@ -258,6 +258,10 @@ def _parse_prefix(s):
         raise ValueError("expected text or token ids") from None
 
 
+_VAD_PARAMETERS = {"threshold_db": _parse_number(float), "min_silence_seconds": _parse_number(float, 0, 86400),
+                   "speech_pad_seconds": _parse_number(float, 0, 86400)}     # speech_regions' arguments
+
+
 def _parse_vad_parameters(s) -> dict:
     """A JSON object (or a dict) of ``vad_filter``'s known parameters, each a number."""
     try:
@@ -266,15 +270,13 @@ def _parse_vad_parameters(s) -> dict:
         value = None
     if not isinstance(value, dict):
         raise ValueError("expected a JSON object")
-    known = {"threshold_db": _number, "min_silence_seconds": _parse_number(float, 0, 86400),
-             "speech_pad_seconds": _parse_number(float, 0, 86400)}
-    bad = set(value) - set(known)
+    bad = set(value) - set(_VAD_PARAMETERS)
     if bad:
-        raise ValueError(f"unknown {sorted(bad)}: known are {', '.join(known)}")
+        raise ValueError(f"unknown {sorted(bad)}: known are {', '.join(_VAD_PARAMETERS)}")
     parsed = {}
     for key, v in value.items():
         try:
-            parsed[key] = known[key](v)
+            parsed[key] = _VAD_PARAMETERS[key](v)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
     return parsed
@@ -887,8 +889,16 @@ def speech_regions(samples: np.ndarray, *, threshold_db: float | None = None,
     recording: 15 dB over its noise floor (the 10th-percentile frame) but no lower than 45 dB
     under its loudest frame. Quiet stretches of at least ``min_silence_seconds`` are silence;
     every loud stretch is kept with ``speech_pad_seconds`` of margin on each side, and ranges
-    that then touch are merged. Returns [] for audio with no loud frame.
+    that then touch are merged. Returns [] for audio with no loud frame. ``samples`` may also be
+    a path or a tensor (``load_audio``).
     """
+    if not (isinstance(samples, np.ndarray) and samples.ndim == 1 and samples.dtype.kind == "f"):
+        samples = load_audio(samples)                  # (its AudioError names a wrong array)
+    threshold_db, min_silence_seconds, speech_pad_seconds = (
+        _parsed(name, value, parse, "speech_regions()") for name, value, parse in (
+            ("threshold_db", threshold_db, _parse_optional(_VAD_PARAMETERS["threshold_db"])),
+            ("min_silence_seconds", min_silence_seconds, _VAD_PARAMETERS["min_silence_seconds"]),
+            ("speech_pad_seconds", speech_pad_seconds, _VAD_PARAMETERS["speech_pad_seconds"])))
     frame = SAMPLE_RATE // 50
     if len(samples) < frame:
         return [(0, len(samples))] if len(samples) else []
@@ -6721,11 +6731,16 @@ def batch_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
     """(audio path, output name) of every input: a file, a folder (its audio files, recursively,
     named by their path under it), or a manifest (``.txt``/``.lst``/``.csv``/``.jsonl``). A file
     is named by its stem. Two audios with one output name are a ``ConfigError``."""
+    if isinstance(inputs, (str, bytes, os.PathLike)):           # not its characters, one by one
+        raise ConfigError(f"inputs={str(inputs)[:100]!r}: pass a list of files, folders or manifests")
     found: list[tuple[str, str]] = []
     for given in map(Path, inputs):
         if given.is_dir():
-            found += [(str(p), str(p.relative_to(given).with_suffix(""))) for p in sorted(given.rglob("*"))
-                      if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS]
+            try:
+                found += [(str(p), str(p.relative_to(given).with_suffix(""))) for p in sorted(given.rglob("*"))
+                          if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS]
+            except OSError as e:
+                raise ConfigError(f"{given}: cannot list {e.filename} ({e.strerror})") from None
         elif given.suffix.lower() in (".txt", ".lst", ".csv", ".jsonl") and given.is_file():
             found += [(str(p), p.stem) for p in _manifest_paths(given)]
         elif given.exists():

@@ -67,6 +67,8 @@ class BatchTest(unittest.TestCase):
             mw.batch_inputs([self.audio / "counting.wav", self.dir / "x" / "counting.wav"])
         with self.assertRaises(mw.ConfigError):
             mw.batch_inputs([self.dir / "missing.wav"])
+        with self.assertRaises(mw.ConfigError):                 # one folder, not a list of its letters
+            mw.batch_inputs(str(self.audio))
         bad = self.dir / "bad.csv"
         bad.write_text("id,url\n1,x\n")
         with self.assertRaises(mw.ConfigError):

@@ -1,5 +1,6 @@
 """Voice activity and the hallucination guards."""
 
+import math
 import re
 import unittest
 
@@ -21,6 +22,17 @@ class VoiceActivityTest(unittest.TestCase):
         self.assertAlmostEqual(regions[0][1] / sr, 6.25, delta=0.03)
         self.assertAlmostEqual(regions[1][0] / sr, 10.75, delta=0.03)
         self.assertEqual(mw.speech_regions(np.zeros(sr, np.float32)), [])
+
+    def test_speech_regions_checks_its_arguments(self):
+        """A string was read as a sequence of characters, and NaN or negative settings gave []."""
+        audio = np.zeros(mw.SAMPLE_RATE, np.float32)
+        for bad in ({"threshold_db": math.nan}, {"min_silence_seconds": -1}, {"speech_pad_seconds": None}):
+            with self.subTest(**bad), self.assertRaises(mw.ConfigError) as ctx:
+                mw.speech_regions(audio, **bad)
+            self.assertIn(next(iter(bad)), str(ctx.exception))
+        for bad in ("missing.wav", np.zeros((2, 800), np.float32), np.zeros(800, np.int16)):
+            with self.subTest(type(bad).__name__), self.assertRaises(mw.AudioError):
+                mw.speech_regions(bad)
 
     def test_silence_is_skipped_and_timestamps_map_back(self):
         m = support.model("tiny.en")
