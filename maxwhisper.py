@@ -332,6 +332,11 @@ _integer, _number = _parse_number(int), _parse_number(float)
 _float, _str = _parse_optional(_number), _parse_optional(_parse_text)
 
 
+# Finite bounds of the server's sizes and times: an infinite one overflowed int() or a socket
+# timeout (a server that closed every connection).
+_MOST_MB, _MOST_SECONDS = 1e6, 1e6
+
+
 def _at_least(kind: type, low: float):
     """An optional number of ``kind``, at least ``low``."""
     return _parse_optional(_parse_number(kind, low))
@@ -419,16 +424,16 @@ OPTIONS: tuple[Option, ...] = (
     _O("host", "127.0.0.1", _parse_name, "serve", "address to listen on (0.0.0.0: every interface)"),
     _O("port", 8000, _parse_number(int, 0, 65535), "serve", "port to listen on (0 picks a free one)"),
     _O("api_key", None, _str, "serve", "require 'Authorization: Bearer KEY' on /v1/*"),
-    _O("max_batch", 8, _integer, "serve", "transcriptions decoded together (1 turns batching off)"),
-    _O("queue_size", 64, _integer, "serve", "requests waiting before 503"),
-    _O("max_upload_mb", 25.0, _number, "serve", "largest upload (MiB); 413 above it"),
-    _O("request_timeout", 300.0, _number, "serve", "seconds a transcription may take; 504 past it "
+    _O("max_batch", 8, _parse_number(int, 1), "serve", "transcriptions decoded together (1 turns batching off)"),
+    _O("queue_size", 64, _parse_number(int, 1), "serve", "requests waiting before 503"),
+    _O("max_upload_mb", 25.0, _parse_number(float, 0, _MOST_MB), "serve", "largest upload (MiB); 413 above it"),
+    _O("request_timeout", 300.0, _parse_number(float, 0, _MOST_SECONDS), "serve", "seconds a transcription may take; 504 past it "
        "(and the most a request's body may take to arrive: 408)"),
-    _O("client_timeout", 30.0, _number, "serve", "seconds a client may take to send a request's "
+    _O("client_timeout", 30.0, _parse_number(float, 0, _MOST_SECONDS), "serve", "seconds a client may take to send a request's "
        "headers, or stay silent mid-body or idle on a kept-alive connection, before it is closed"),
-    _O("max_connections", 64, _integer, "serve", "open client connections at most; past it a new one "
+    _O("max_connections", 64, _parse_number(int, 1), "serve", "open client connections at most; past it a new one "
        "is answered 503 and closed"),
-    _O("grace", 30.0, _number, "serve", "seconds to finish requests in flight on SIGTERM"),
+    _O("grace", 30.0, _parse_number(float, 0, _MOST_SECONDS), "serve", "seconds to finish requests in flight on SIGTERM"),
 )
 SETTINGS: dict[str, Option] = {o.name: o for o in OPTIONS}
 
@@ -6987,6 +6992,8 @@ class Scheduler:
 
     def __init__(self, model: Model, max_batch: int = 8, queue_size: int = 64):
         import queue
+        _check_batch("max_batch", max_batch)
+        _check_batch("queue_size", queue_size)              # (0 would be a queue without a bound)
         self.model, self.max_batch = model, max_batch
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.active: list[_Job] = []
@@ -8126,6 +8133,7 @@ class _Handler(_HTTPHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.close_connection = True
 
+
 class Server:
     """The HTTP service: the model, the scheduler, limits, metrics.
 
@@ -8140,8 +8148,6 @@ class Server:
     def __init__(self, config: Config, *, model: Model | None = None, **settings):
         self.config = config = config.override(**settings).with_defaults("serve")
         s = config.scope("serve")
-        if min(s["max_batch"], s["queue_size"], s["max_connections"]) < 1:
-            raise ConfigError("serve: max_batch, queue_size and max_connections must be at least 1")
         if min(s["max_upload_mb"], s["request_timeout"], s["client_timeout"]) <= 0:
             raise ConfigError("serve: max_upload_mb, request_timeout and client_timeout must be above 0")
         self.api_key, self.max_batch, self.queue_size = s["api_key"], s["max_batch"], s["queue_size"]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import re
 import shutil
 import tempfile
@@ -128,8 +129,14 @@ class OptionsTableTest(unittest.TestCase):
         with self.assertRaises(mw.ConfigError) as ctx:
             mw.Config.resolve(env={"MAXWHISPER_PORT": "eighty"})
         self.assertIn("port", str(ctx.exception))
-        with self.assertRaises(mw.ConfigError):
-            mw.Server(mw.Config.resolve(env={}), port=0, max_batch=0)
+        for bad in ({"max_batch": 0}, {"max_upload_mb": math.inf}, {"client_timeout": math.inf},
+                    {"request_timeout": 0}, {"grace": -1}):
+            with self.subTest(**bad), self.assertRaises(mw.ConfigError) as ctx:   # inf: OverflowError, or
+                mw.Server(mw.Config.resolve(env={}), port=0, **bad)                 # every connection closed
+            self.assertIn(next(iter(bad)), str(ctx.exception))
+        for bad in ({"max_batch": 0}, {"queue_size": 0}):                 # queue_size 0: no bound at all
+            with self.subTest(**bad), self.assertRaises(mw.ConfigError):
+                mw.Scheduler(None, **bad)
 
     def test_graph_digest_covers_only_what_decides_a_graph(self):
         source = mw._graph_source()
