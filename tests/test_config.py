@@ -38,7 +38,10 @@ class ConfigTest(unittest.TestCase):
                  ({"MAXWHISPER_DEVICE": "tpu"}, "device"), ({"MAXWHISPER_TEMPERATURE": "-1"}, "temperature"),
                  # empty text would mean the current folder, or every network interface
                  ({"MAXWHISPER_MODEL": ""}, "model"), ({"MAXWHISPER_GRAPH_CACHE": " "}, "graph_cache"),
-                 ({"MAXWHISPER_HOST": ""}, "host")]
+                 ({"MAXWHISPER_HOST": ""}, "host"),
+                 # infinite: an OverflowError mid-transcription
+                 ({"MAXWHISPER_PATIENCE": "inf"}, "patience"), ({"MAXWHISPER_MAX_INITIAL_TIMESTAMP": "inf"},
+                                                                 "max_initial_timestamp")]
         for env, key in cases:
             with self.subTest(key=key), self.assertRaises(mw.ConfigError) as ctx:
                 mw.Config.resolve(env=env)
