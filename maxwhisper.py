@@ -4165,11 +4165,11 @@ class Model:
         the features' place, not copied off the device (decoding needs only the K/V; on a GPU
         the copy is 7.7 MB a window at large-v3's width).
         """
-        frames, most = mel.shape[-1], 2 * self.dims["n_audio_ctx"]
-        if mel.ndim != 3 or mel.shape[1] != self.dims["n_mels"] or frames % 2 or not 0 < frames <= most:
+        mel, most = np.asarray(mel, np.float32), 2 * self.dims["n_audio_ctx"]
+        if mel.ndim != 3 or mel.shape[1] != self.dims["n_mels"] or mel.shape[2] % 2 or not 0 < mel.shape[2] <= most:
             raise ConfigError(f"encode: log-mel of shape {mel.shape}; give [batch, {self.dims['n_mels']}, frames] "
                               f"with an even number of frames up to {most}")
-        out = self.runner.run("encoder", self.put(mel.astype(np.float32, copy=False)), *self.device_weights.encoder)
+        out = self.runner.run("encoder", self.put(mel), *self.device_weights.encoder)
         L = self.dims["n_text_layer"]
         audio = out[0].to_numpy() if features else None
         if not self.precision.encoder_op:

@@ -93,7 +93,8 @@ class KVCacheTest(unittest.TestCase):
                             ("reorder", lambda: m.reorder(cache, [0, 2])),
                             ("cross_rows", lambda: m.cross_rows(self.cross, [1])),
                             ("tokens", lambda: m.alignment(self.cross, [1, vocab])),
-                            ("windows", lambda: m.alignment(m.cross_rows(self.cross, [0, 0]), [1]))]:
+                            ("windows", lambda: m.alignment(m.cross_rows(self.cross, [0, 0]), [1])),
+                            ("encode", lambda: m.encode([[0.0]]))]:
             with self.subTest(label), self.assertRaises(mw.ConfigError) as ctx:
                 call()
             self.assertIn(label, str(ctx.exception))
