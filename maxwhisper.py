@@ -470,6 +470,8 @@ class Config:
         env = os.environ if env is None else env
         cfg = cls({o.name: o.default for o in OPTIONS}, dict.fromkeys(SETTINGS, "default"))
         path = path or env.get("MAXWHISPER_CONFIG")
+        if path and not isinstance(path, (str, os.PathLike)):     # open() would take an int as a descriptor
+            raise ConfigError(f"config={path!r}: give a config file path or a Config")
         if path:
             import configparser
             parser = configparser.ConfigParser(interpolation=None)
@@ -2400,7 +2402,11 @@ def _graph_cache(setting: str) -> Path | None:
     """The ``graph_cache`` folder: None for ``off``; ``auto`` is under ``_cache_dir``."""
     if setting == "off":
         return None
-    return _cache_dir() / "graphs" if setting == "auto" else Path(setting).expanduser()
+    folder = _cache_dir() / "graphs" if setting == "auto" else Path(setting).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"graph_cache {folder}: is a file, not a folder; set graph_cache to a "
+                          "writable folder or 'off'")
+    return folder
 
 
 class _GraphStore:
@@ -4406,6 +4412,7 @@ def load(model: str | os.PathLike | None = None, device: str | None = None, *,
     ``os.sched_setaffinity``) first.
     """
     given = dict(model=model, device=device, kernels=kernels, dtype=dtype)
+    warmup = _parsed("warmup", warmup, _parse_bool, "load()")
     cfg = config.override(**given) if isinstance(config, Config) else Config.resolve(config, **given)
     # Mapping the weight image (or reading the checkpoint: file reads and numpy casts, which
     # release the GIL) overlaps importing MAX (~0.3 s of Python).

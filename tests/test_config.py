@@ -127,6 +127,12 @@ class OptionsTableTest(unittest.TestCase):
         self.assertIn("other-missing-model", str(ctx.exception))
         self.assertEqual(cfg.override(dtype="bfloat16").sources["dtype"], "argument")
         self.assertEqual(cfg["dtype"], "float32")                              # the original is unchanged
+        for bad, says in ((dict(config=3), "config=3"),                     # not file descriptor 3
+                          (dict(config=cfg.override(graph_cache=__file__)), "graph_cache"),
+                          (dict(config=cfg, warmup="maybe"), "warmup")):
+            with self.subTest(says), self.assertRaises(mw.ConfigError) as ctx:
+                mw.load(**bad)
+            self.assertIn(says, str(ctx.exception))
 
     def test_serve_settings_are_checked(self):
         with self.assertRaises(mw.ConfigError) as ctx:
