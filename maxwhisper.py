@@ -368,7 +368,8 @@ OPTIONS: tuple[Option, ...] = (
        "temperature schedule for fallback, comma-separated", form="temperature"),
     _O("best_of", None, _at_least(int, 1), "transcribe", "samples per temperature > 0"),
     _O("beam_size", None, _at_least(int, 1), "transcribe", "beams at temperature 0; none is greedy"),
-    _O("patience", None, _parse_optional(_parse_number(float, 0, 1e6)), "transcribe", "beam search patience (finished beams / beam_size)"),
+    _O("patience", None, _parse_optional(_parse_number(float, 0, 1e6)), "transcribe",
+       "beam search patience (finished beams / beam_size)"),
     _O("length_penalty", None, _float, "transcribe",
        "length penalty alpha for ranking candidates; none = length normalisation"),
     _O("sample_len", None, _at_least(int, 0), "transcribe", "tokens to decode per window at most (none: 224)"),
@@ -427,14 +428,18 @@ OPTIONS: tuple[Option, ...] = (
     _O("api_key", None, _str, "serve", "require 'Authorization: Bearer KEY' on /v1/*"),
     _O("max_batch", 8, _parse_number(int, 1), "serve", "transcriptions decoded together (1 turns batching off)"),
     _O("queue_size", 64, _parse_number(int, 1), "serve", "requests waiting before 503"),
-    _O("max_upload_mb", 25.0, _parse_number(float, 0, _MOST_MB), "serve", "largest upload (MiB); 413 above it"),
-    _O("request_timeout", 300.0, _parse_number(float, 0, _MOST_SECONDS), "serve", "seconds a transcription may take; 504 past it "
-       "(and the most a request's body may take to arrive: 408)"),
-    _O("client_timeout", 30.0, _parse_number(float, 0, _MOST_SECONDS), "serve", "seconds a client may take to send a request's "
-       "headers, or stay silent mid-body or idle on a kept-alive connection, before it is closed"),
-    _O("max_connections", 64, _parse_number(int, 1), "serve", "open client connections at most; past it a new one "
-       "is answered 503 and closed"),
-    _O("grace", 30.0, _parse_number(float, 0, _MOST_SECONDS), "serve", "seconds to finish requests in flight on SIGTERM"),
+    _O("max_upload_mb", 25.0, _parse_number(float, 0, _MOST_MB), "serve",
+       "largest upload (MiB); 413 above it"),
+    _O("request_timeout", 300.0, _parse_number(float, 0, _MOST_SECONDS), "serve",
+       "seconds a transcription may take; 504 past it (and the most a request's body may take "
+       "to arrive: 408)"),
+    _O("client_timeout", 30.0, _parse_number(float, 0, _MOST_SECONDS), "serve",
+       "seconds a client may take to send a request's headers, or stay silent mid-body or idle "
+       "on a kept-alive connection, before it is closed"),
+    _O("max_connections", 64, _parse_number(int, 1), "serve",
+       "open client connections at most; past it a new one is answered 503 and closed"),
+    _O("grace", 30.0, _parse_number(float, 0, _MOST_SECONDS), "serve",
+       "seconds to finish requests in flight on SIGTERM"),
 )
 SETTINGS: dict[str, Option] = {o.name: o for o in OPTIONS}
 
@@ -4172,7 +4177,8 @@ class Model:
         the copy is 7.7 MB a window at large-v3's width).
         """
         mel, most = np.asarray(mel, np.float32), 2 * self.dims["n_audio_ctx"]
-        if mel.ndim != 3 or mel.shape[1] != self.dims["n_mels"] or mel.shape[2] % 2 or not 0 < mel.shape[2] <= most:
+        frames = mel.shape[-1] if mel.ndim else 0
+        if mel.ndim != 3 or mel.shape[1] != self.dims["n_mels"] or frames % 2 or not 0 < frames <= most:
             raise ConfigError(f"encode: log-mel of shape {mel.shape}; give [batch, {self.dims['n_mels']}, frames] "
                               f"with an even number of frames up to {most}")
         out = self.runner.run("encoder", self.put(mel), *self.device_weights.encoder)
@@ -6244,8 +6250,9 @@ class StreamingTranscriber:
         half_ctx = model.dims["n_text_ctx"] // 2 - 1                  # a prompt's most tokens
         step, pause, trim, silence_db, prompt_tokens = (
             _parsed(arg, value, parse, "stream()") for arg, value, parse in (   # (not the stream's name)
-                ("step", step, _STREAM_SECONDS), ("pause", pause, _STREAM_SECONDS), ("trim", trim, _parse_number(float, 1, 25)),
-                ("silence_db", silence_db, _number), ("prompt_tokens", prompt_tokens, _parse_number(int, 0, half_ctx))))
+                ("step", step, _STREAM_SECONDS), ("pause", pause, _STREAM_SECONDS),
+                ("trim", trim, _parse_number(float, 1, 25)), ("silence_db", silence_db, _number),
+                ("prompt_tokens", prompt_tokens, _parse_number(int, 0, half_ctx))))
         self.model, self.name, self.step, self.pause, self.trim = model, name, step, pause, trim
         self.prompt_tokens = prompt_tokens
         self.silence_db = silence_db
