@@ -5892,7 +5892,8 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
 def _check_batch(name: str, size, audios=()) -> None:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ConfigError(f"{name}={size!r}: use a whole number, 1 or more")
-    if isinstance(audios, (str, bytes, os.PathLike)):          # not its characters, one by one
+    # one path is not a list of its letters, and a number or None not a list at all
+    if isinstance(audios, (str, bytes, os.PathLike)) or not hasattr(audios, "__iter__"):
         raise ConfigError(f"audios={str(audios)[:100]!r}: pass a list of audios (transcribe() takes one)")
 
 

@@ -248,9 +248,10 @@ class TranscribeBatchTest(unittest.TestCase):
         self.assertIn("/no/such.wav", str(ctx.exception))
         one = str(support.samples("en")[0][0])              # one path, not a list of its characters
         for batch in (mw.transcribe_batch, lambda *a: list(mw.transcribe_each(*a))):
-            with self.assertRaises(mw.ConfigError) as ctx:
-                batch(support.model("tiny.en"), one)
-            self.assertIn("list of audios", str(ctx.exception))
+            for audios in (one, None, 5):
+                with self.subTest(audios=audios), self.assertRaises(mw.ConfigError) as ctx:
+                    batch(support.model("tiny.en"), audios)
+                self.assertIn("list of audios", str(ctx.exception))
 
 
 class ChunkedTest(unittest.TestCase):
