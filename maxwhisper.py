@@ -337,9 +337,9 @@ _float, _str = _parse_optional(_number), _parse_optional(_parse_text)
 _MOST_MB, _MOST_SECONDS = 1e6, 1e6
 
 
-def _at_least(kind: type, low: float):
-    """An optional number of ``kind``, at least ``low``."""
-    return _parse_optional(_parse_number(kind, low))
+def _at_least(kind: type, low: float, high: float | None = None):
+    """An optional number of ``kind``, at least ``low`` (and at most ``high``)."""
+    return _parse_optional(_parse_number(kind, low, high))
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -368,7 +368,7 @@ OPTIONS: tuple[Option, ...] = (
        "temperature schedule for fallback, comma-separated", form="temperature"),
     _O("best_of", None, _at_least(int, 1), "transcribe", "samples per temperature > 0"),
     _O("beam_size", None, _at_least(int, 1), "transcribe", "beams at temperature 0; none is greedy"),
-    _O("patience", None, _parse_optional(_parse_number(float, 0, 1e6)), "transcribe",
+    _O("patience", None, _at_least(float, 0, 1e6), "transcribe",
        "beam search patience (finished beams / beam_size)"),
     _O("length_penalty", None, _float, "transcribe",
        "length penalty alpha for ranking candidates; none = length normalisation"),
@@ -379,7 +379,7 @@ OPTIONS: tuple[Option, ...] = (
        "comma-separated token ids never to emit; -1 = the non-speech symbols"),
     _O("suppress_blank", True, _parse_bool, "transcribe", "no blank or end at a window's start"),
     _O("without_timestamps", False, _parse_bool, "transcribe", "decode text tokens only"),
-    _O("max_initial_timestamp", 1.0, _parse_optional(_parse_number(float, 0, 1e6)), "transcribe",
+    _O("max_initial_timestamp", 1.0, _at_least(float, 0, _MOST_SECONDS), "transcribe",
        "latest first timestamp of a window (s); none: any"),
     _O("compression_ratio_threshold", 2.4, _float, "transcribe", "gzip ratio that triggers fallback"),
     _O("logprob_threshold", -1.0, _float, "transcribe", "mean log-prob that triggers fallback"),
@@ -4340,11 +4340,12 @@ class Model:
             raise ConfigError(f"alignment: cross K/V of {cross[0][0].shape[0]} windows; give one window's")
         if n > self.dims["n_text_ctx"]:
             raise CapacityError(f"alignment: {n} tokens; the decoder context is {self.dims['n_text_ctx']}")
-        _check_ids("tokens", np.asarray(tokens, np.int64), self.dims["n_vocab"])
+        tokens = np.asarray(tokens, np.int64)
+        _check_ids("tokens", tokens, self.dims["n_vocab"])
         mask = np.triu(np.full((n, n), -np.inf, np.float32), 1)
         heads = np.array([i * self.dims["n_text_head"] + j for i, j in self.alignment_heads], np.int64)
         put = self.put
-        out = self.runner.run("alignment", put(np.array([tokens], np.int64)), put(np.arange(n, dtype=np.int64)),
+        out = self.runner.run("alignment", put(tokens[None]), put(np.arange(n, dtype=np.int64)),
                         put(mask), put(heads), *self.device_weights.decoder, *(b for kv in cross for b in kv))
         return out[0].to_numpy()[0], out[1].to_numpy()[0]
 
@@ -5892,9 +5893,14 @@ def transcribe_batch(model: Model, audios: Sequence, batch_size: int = 8, **opti
 def _check_batch(name: str, size, audios=()) -> None:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ConfigError(f"{name}={size!r}: use a whole number, 1 or more")
-    # one path is not a list of its letters, and a number or None not a list at all
-    if isinstance(audios, (str, bytes, os.PathLike)) or not hasattr(audios, "__iter__"):
-        raise ConfigError(f"audios={str(audios)[:100]!r}: pass a list of audios (transcribe() takes one)")
+    _check_list("audios", audios, "audios (transcribe() takes one)")
+
+
+def _check_list(name: str, value, what: str) -> None:
+    """``ConfigError`` unless ``value`` is a collection: one path is not a list of its letters,
+    and a number or None not a list at all."""
+    if isinstance(value, (str, bytes, os.PathLike)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{name}={str(value)[:100]!r}: pass a list of {what}")
 
 
 def _transcribe_all(model: Model, jobs: list[_Transcription], batch_size: int) -> list[dict]:
@@ -6752,8 +6758,7 @@ def batch_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
     """(audio path, output name) of every input: a file, a folder (its audio files, recursively,
     named by their path under it), or a manifest (``.txt``/``.lst``/``.csv``/``.jsonl``). A file
     is named by its stem. Two audios with one output name are a ``ConfigError``."""
-    if isinstance(inputs, (str, bytes, os.PathLike)):           # not its characters, one by one
-        raise ConfigError(f"inputs={str(inputs)[:100]!r}: pass a list of files, folders or manifests")
+    _check_list("inputs", inputs, "files, folders or manifests")
     found: list[tuple[str, str]] = []
     for given in map(Path, inputs):
         if given.is_dir():
